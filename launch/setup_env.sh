@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Create (if missing) a virtual environment and install mtl-dist with the right torch stack.
+#
+#   bash launch/setup_env.sh [VENV_DIR] [EXTRAS]      (defaults: .venv, "dev")
+#
+# CUDA present (nvidia-smi answers): PyPI's CUDA torch, fbgemm-gpu and torchrec with its deps.
+# No CUDA: torch's CPU build — from PyTorch's CPU wheel index when reachable, otherwise whatever
+# pip is configured with (a local wheel directory) — then fbgemm-gpu-cpu, and torchrec --no-deps
+# (it declares the CUDA fbgemm-gpu) plus the few packages it imports.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${1:-.venv}
+EXTRAS=${2:-dev}
+TORCH=2.13.0
+FBGEMM=1.8.0
+TORCHREC=1.8.0
+CPU_INDEX=https://download.pytorch.org/whl/cpu
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "[setup] creating virtual environment $VENV"
+  python3 -m venv "$VENV"
+fi
+PY="$VENV/bin/python"
+PIP=("$PY" -m pip install --disable-pip-version-check -q)
+
+stack_ok() {
+  "$PY" - <<PYEOF 2>/dev/null
+import importlib.metadata as md, sys
+want = {"torch": "$TORCH", "torchrec": "$TORCHREC"}
+for name, ver in want.items():
+    if not md.version(name).startswith(ver):
+        sys.exit(1)
+import torchrec, fbgemm_gpu  # noqa: F401  (fbgemm must load against this torch)
+PYEOF
+}
+
+if stack_ok; then
+  echo "[setup] torch $TORCH / torchrec $TORCHREC already installed in $VENV"
+elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+  echo "[setup] CUDA detected: installing CUDA builds of torch, fbgemm-gpu, torchrec"
+  "${PIP[@]}" "torch==$TORCH" "fbgemm-gpu==$FBGEMM" "torchrec==$TORCHREC"
+else
+  if "$PY" -c "import urllib.request as u; u.urlopen('$CPU_INDEX/torch/', timeout=5)" 2>/dev/null; then
+    echo "[setup] no CUDA: torch $TORCH from PyTorch's CPU index"
+    "${PIP[@]}" "torch==$TORCH" --index-url "$CPU_INDEX"
+  else
+    echo "[setup] no CUDA, CPU index unreachable: torch $TORCH from pip's configured sources"
+    "${PIP[@]}" "torch==$TORCH"
+  fi
+  "${PIP[@]}" "fbgemm-gpu-cpu==$FBGEMM"
+  "${PIP[@]}" --no-deps "torchrec==$TORCHREC"
+  "${PIP[@]}" tensordict pyre-extensions iopath "torchmetrics==1.0.3"
+fi
+
+echo "[setup] installing mtl-dist[$EXTRAS]"
+"${PIP[@]}" -e ".[$EXTRAS]"
