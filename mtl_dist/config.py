@@ -1,0 +1,426 @@
+"""One typed config tree: dataclasses, loaded from TOML, overridden from the command line.
+
+A job is described by :class:`JobConfig`. Values come from, in order: the dataclass defaults,
+a TOML file (``--config configs/X.toml``), then ``--section.key value`` overrides. Unknown keys
+and values of the wrong type are rejected at startup with a message naming the key (and the
+closest valid key), so a typo never silently trains the wrong model.
+
+Example::
+
+    cfg = load_config(["--config", "configs/default.toml", "--model.num_experts", "8"])
+    cfg.model.num_experts  # 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the key at fault."""
+
+
+def opt(default: Any, help: str) -> Any:
+    """A dataclass field with a default and a one-line meaning shown by ``--help``."""
+    if isinstance(default, list):
+        return field(default_factory=lambda d=default: list(d), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+# --------------------------------------------------------------------------- feature schema
+
+
+@dataclass
+class SparseFeature:
+    """A categorical column looked up in an embedding table (one row of ``[[features.sparse]]``)."""
+
+    name: str = opt("", "Parquet column: int64 ids (single-hot) or list<int64> (multi-hot)")
+    vocab_size: int = opt(0, "ids lie in [0, vocab_size); rows of the table")
+    hash_buckets: int = opt(
+        0, "if > 0, ids are hashed into this many rows instead (id mod buckets)"
+    )
+    embedding_dim: int = opt(16, "embedding width D")
+    table: str = opt("", "table name; features naming the same table share it (default: name)")
+    multi_hot: bool = opt(False, "column holds variable-length id lists")
+    pooling: str = opt("sum", "pooling of a multi-hot list: sum | mean")
+
+    @property
+    def table_name(self) -> str:
+        return self.table or self.name
+
+    @property
+    def num_rows(self) -> int:
+        return self.hash_buckets or self.vocab_size
+
+
+@dataclass
+class TaskSpec:
+    """One prediction task (one row of ``[[tasks]]``)."""
+
+    name: str = opt("", "task name, used in logs and metric tags")
+    kind: str = opt("binary", "binary (logit, BCE loss) | regression (value, MSE loss)")
+    label: str = opt("", "label column; null values are masked out of loss and metrics")
+    truth: str = opt("", "optional column with the true probability / expected value (oracle)")
+    transform: str = opt("none", "regression target transform: none | log1p")
+    weight: float = opt(1.0, "fixed loss weight")
+
+
+@dataclass
+class FeaturesConfig:
+    sparse: list[SparseFeature] = opt([], "sparse features ([[features.sparse]] tables in TOML)")
+    dense: list[str] = opt([], "dense float columns fed beside the pooled embeddings")
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass
+class DataConfig:
+    train_path: str = opt(
+        "data/synth/train", "training Parquet: directory, glob or comma-separated files"
+    )
+    val_path: str = opt(
+        "data/synth/val", "validation Parquet: directory, glob or comma-separated files"
+    )
+    num_workers: int = opt(0, "loader worker processes per rank (0 reads in the training process)")
+    prefetch_batches: int = opt(2, "batches each worker reads ahead (memory bound: batch x this)")
+
+
+@dataclass
+class ModelConfig:
+    head: str = opt("mmoe", "multi-task head: mmoe")
+    num_experts: int = opt(4, "experts E")
+    expert_hidden: list[int] = opt([256, 128], "expert MLP widths; the last is the expert output H")
+    tower_hidden: list[int] = opt([64], "per-task tower MLP widths before the output unit")
+    gate_temperature: float = opt(1.0, "softmax temperature of the gates (>1 flattens)")
+    dense_batch_norm: bool = opt(True, "batch-normalise the dense features at the input")
+
+
+@dataclass
+class OptimConfig:
+    dense_optimizer: str = opt("adam", "optimizer for the dense part: adam | adamw | sgd | adagrad")
+    dense_lr: float = opt(1e-3, "learning rate of the dense part")
+    weight_decay: float = opt(0.0, "weight decay of the dense part")
+    embedding_optimizer: str = opt(
+        "rowwise_adagrad", "fused embedding optimizer: rowwise_adagrad | adagrad | sgd"
+    )
+    embedding_lr: float = opt(0.05, "learning rate of the embedding tables")
+    embedding_eps: float = opt(1e-8, "epsilon of the (row-wise) Adagrad embedding optimizer")
+
+
+@dataclass
+class ShardingConfig:
+    sharding_types: list[str] = opt(
+        [
+            "data_parallel",
+            "table_wise",
+            "column_wise",
+            "table_column_wise",
+            "row_wise",
+            "table_row_wise",
+        ],
+        "sharding types the planner may choose from (row_wise / table_row_wise included on CPU too)",
+    )
+    force: str = opt(
+        "", "if set, every table uses this sharding type (overrides the planner's choice)"
+    )
+    pipeline: bool = opt(
+        True, "train with TorchRec's TrainPipelineSparseDist (overlaps input dist)"
+    )
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = opt(2048, "per-rank batch size B")
+    epochs: int = opt(1, "passes over the training data")
+    max_steps: int = opt(0, "stop after this many steps (0: run all epochs)")
+    val_every: int = opt(0, "validate every N steps (0: at the end of each epoch)")
+    val_max_batches: int = opt(0, "cap validation batches per rank (0: whole validation set)")
+    log_every: int = opt(50, "write training scalars every N steps")
+    seed: int = opt(
+        0, "seed of parameter init and data order; same seed + world size => same numbers"
+    )
+    output_dir: str = opt("runs/default", "run directory: TensorBoard logs and metrics.json")
+    device: str = opt("auto", "auto (cuda when present, else cpu) | cpu | cuda")
+    threads: int = opt(0, "torch intra-op threads per rank (0: cores / local ranks)")
+    progress_bar: bool = opt(True, "tqdm bar on rank 0")
+
+
+@dataclass
+class JobConfig:
+    """The whole job. Each field is a TOML section and a ``--section.key`` override prefix."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    tasks: list[TaskSpec] = opt([], "tasks ([[tasks]] tables in TOML)")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sharding: ShardingConfig = field(default_factory=ShardingConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# --------------------------------------------------------------------------- building from dicts
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _suggest(key: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(key, choices, n=1)
+    return f" (did you mean '{close[0]}'?)" if close else f" (valid: {', '.join(sorted(choices))})"
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` (from TOML) against type ``tp``; ints are accepted where floats are."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a table, got {type(value).__name__} {value!r}")
+        return _build(tp, value, where)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
+        return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        raise ConfigError(f"{where}: unsupported union type")  # pragma: no cover - not used
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is bool and not isinstance(value, bool):
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if not isinstance(value, tp):
+        raise ConfigError(f"{where}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], where: str = "") -> Any:
+    hints = _hints(cls)
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else key
+        if key not in hints:
+            raise ConfigError(f"unknown config key '{path}'" + _suggest(key, list(hints)))
+        kwargs[key] = _coerce(value, hints[key], path)
+    return cls(**kwargs)
+
+
+def _parse_cli_value(text: str, tp: Any, key: str) -> Any:
+    """Turn a command-line string into a value of ``tp`` (``256,128`` is a list of ints)."""
+    origin = typing.get_origin(tp)
+    try:
+        if tp is bool:
+            low = text.lower()
+            if low not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError
+            return low in ("true", "1", "yes")
+        if tp is int:
+            return int(text)
+        if tp is float:
+            return float(text)
+        if tp is str:
+            return text
+        if origin is list:
+            (item_tp,) = typing.get_args(tp)
+            if dataclasses.is_dataclass(item_tp):
+                raise ConfigError(
+                    f"--{key}: a list of tables is set in the TOML file, not on the command line"
+                )
+            parts = [p.strip() for p in text.strip("[]").split(",") if p.strip()]
+            return [_parse_cli_value(p, item_tp, key) for p in parts]
+    except ValueError:
+        name = getattr(tp, "__name__", str(tp))
+        raise ConfigError(f"--{key}: expected {name}, got {text!r}") from None
+    raise ConfigError(f"--{key}: cannot be set from the command line")  # pragma: no cover
+
+
+def apply_override(cfg: JobConfig, dotted: str, text: str) -> None:
+    """Set ``cfg.<dotted>`` from a command-line string, checking key and type."""
+    obj: Any = cfg
+    parts = dotted.split(".")
+    for i, part in enumerate(parts):
+        hints = _hints(type(obj))
+        prefix = ".".join(parts[:i])
+        if part not in hints:
+            full = [f"{prefix}.{k}" if prefix else k for k in hints]
+            raise ConfigError(f"unknown config key '--{dotted}'" + _suggest(dotted, full))
+        tp = hints[part]
+        if i == len(parts) - 1:
+            if dataclasses.is_dataclass(tp):
+                raise ConfigError(
+                    f"--{dotted} is a section; set one of its keys, e.g. --{dotted}.<key>"
+                )
+            setattr(obj, part, _parse_cli_value(text, tp, dotted))
+        else:
+            obj = getattr(obj, part)
+            if not dataclasses.is_dataclass(obj):
+                raise ConfigError(f"--{dotted}: '{part}' has no sub-keys")
+
+
+def validate(cfg: JobConfig) -> None:
+    """Cross-field checks that types alone cannot express."""
+    if cfg.model.head != "mmoe":
+        raise ConfigError(f"model.head: unknown head {cfg.model.head!r} (available: mmoe)")
+    if not cfg.features.sparse and not cfg.features.dense:
+        raise ConfigError("features: no sparse or dense features configured")
+    if len(cfg.tasks) < 1:
+        raise ConfigError("tasks: at least one [[tasks]] entry is required")
+    names = set()
+    for i, f in enumerate(cfg.features.sparse):
+        where = f"features.sparse[{i}] ({f.name or '?'})"
+        if not f.name:
+            raise ConfigError(f"{where}: 'name' is required")
+        if f.name in names:
+            raise ConfigError(f"{where}: duplicate feature name")
+        names.add(f.name)
+        if f.num_rows <= 0:
+            raise ConfigError(f"{where}: set vocab_size or hash_buckets > 0")
+        if f.embedding_dim <= 0:
+            raise ConfigError(f"{where}: embedding_dim must be > 0")
+        if f.pooling not in ("sum", "mean"):
+            raise ConfigError(f"{where}: pooling must be sum or mean, got {f.pooling!r}")
+    tables: dict[str, SparseFeature] = {}
+    for f in cfg.features.sparse:
+        other = tables.setdefault(f.table_name, f)
+        if (other.num_rows, other.embedding_dim, other.pooling) != (f.num_rows, f.embedding_dim, f.pooling):
+            raise ConfigError(
+                f"features.sparse: '{f.name}' and '{other.name}' share table '{f.table_name}' but differ "
+                f"in rows/dim/pooling ({f.num_rows}x{f.embedding_dim} {f.pooling} vs "
+                f"{other.num_rows}x{other.embedding_dim} {other.pooling})"
+            )
+    for i, t in enumerate(cfg.tasks):
+        where = f"tasks[{i}] ({t.name or '?'})"
+        if not t.name or not t.label:
+            raise ConfigError(f"{where}: 'name' and 'label' are required")
+        if t.kind not in ("binary", "regression"):
+            raise ConfigError(f"{where}: kind must be binary or regression, got {t.kind!r}")
+        if t.transform not in ("none", "log1p"):
+            raise ConfigError(f"{where}: transform must be none or log1p, got {t.transform!r}")
+    if cfg.optim.embedding_optimizer not in ("rowwise_adagrad", "adagrad", "sgd"):
+        raise ConfigError(
+            f"optim.embedding_optimizer: {cfg.optim.embedding_optimizer!r} is not a fused CPU/GPU "
+            "optimizer (rowwise_adagrad | adagrad | sgd)"
+        )
+    if cfg.optim.dense_optimizer not in ("adam", "adamw", "sgd", "adagrad"):
+        raise ConfigError(f"optim.dense_optimizer: unknown optimizer {cfg.optim.dense_optimizer!r}")
+    valid_types = ShardingConfig().sharding_types
+    for st in [*cfg.sharding.sharding_types, *([cfg.sharding.force] if cfg.sharding.force else [])]:
+        if st not in valid_types:
+            raise ConfigError(f"sharding: unknown sharding type {st!r}" + _suggest(st, valid_types))
+    if cfg.train.batch_size <= 0:
+        raise ConfigError("train.batch_size must be > 0")
+    if cfg.train.device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"train.device: expected auto | cpu | cuda, got {cfg.train.device!r}")
+
+
+def load_toml(path: str | Path) -> JobConfig:
+    """Load a config file; errors name the file and the key."""
+    path = Path(path)
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    try:
+        return _build(JobConfig, data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def _walk(cls: type, prefix: str = ""):
+    """Yield (dotted key, type, default, help) for every leaf key of a config dataclass."""
+    defaults = cls()
+    for f in dataclasses.fields(cls):
+        tp = _hints(cls)[f.name]
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(tp):
+            yield from _walk(tp, key + ".")
+        else:
+            yield key, tp, getattr(defaults, f.name), f.metadata.get("help", "")
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is list:
+        (item,) = typing.get_args(tp)
+        return f"list[{getattr(item, '__name__', item)}]"
+    return getattr(tp, "__name__", str(tp))
+
+
+def help_text(prog: str = "python -m mtl_dist.train") -> str:
+    """Every config key with its type, default and meaning (what ``--help`` prints)."""
+    lines = [
+        "usage: torchrun --nproc_per_node N -m mtl_dist.train [--config FILE.toml] [--section.key VALUE ...]",
+        "",
+        "Values: dataclass defaults < TOML file < command-line overrides. Lists: --model.expert_hidden 256,128",
+        "",
+        "config keys:",
+    ]
+    for key, tp, default, help_ in _walk(JobConfig):
+        shown = (
+            "[]"
+            if isinstance(default, list) and default and dataclasses.is_dataclass(default[0])
+            else default
+        )
+        if isinstance(default, list) and default and dataclasses.is_dataclass(default[0]):
+            shown = f"[{len(default)} entries]"
+        lines.append(f"  --{key:<32} {_type_name(tp):<12} default={shown!r}")
+        lines.append(f"      {help_}")
+    for cls, name in ((SparseFeature, "features.sparse[]"), (TaskSpec, "tasks[]")):
+        lines.append(f"\n  {name} entries (TOML only):")
+        for key, tp, default, help_ in _walk(cls):
+            lines.append(f"    {key:<18} {_type_name(tp):<8} default={default!r}  {help_}")
+    return "\n".join(lines)
+
+
+def load_config(argv: list[str] | None = None) -> JobConfig:
+    """Parse ``[--config FILE] [--section.key VALUE ...]`` into a validated :class:`JobConfig`.
+
+    ``--help`` prints :func:`help_text` and exits.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        print(help_text())
+        raise SystemExit(0)
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--config", default=None)
+    known, rest = parser.parse_known_args(argv)
+    cfg = load_toml(known.config) if known.config else JobConfig()
+    i = 0
+    while i < len(rest):
+        arg = rest[i]
+        if not arg.startswith("--"):
+            raise ConfigError(
+                f"unexpected argument {arg!r}: overrides look like --section.key value"
+            )
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(rest):
+                raise ConfigError(f"--{key}: missing value")
+            i += 1
+            value = rest[i]
+        apply_override(cfg, key, value)
+        i += 1
+    validate(cfg)
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """The config as plain data (written beside the run's outputs)."""
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,1 @@
+"""Distributed setup (process group, devices) and TorchRec sharding; the only torch.distributed users."""

@@ -1,0 +1,97 @@
+"""Per-task validation metrics over the whole validation set, gathered from every rank.
+
+Binary tasks: AUC and log-loss; regression tasks: MSE and MAE. When the data carries the true
+probability / expected value, the same metric of the truth (the oracle: the best any model can
+reach on this data) is reported beside it. Rows whose label is missing or that are padding
+(mask 0) are excluded.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torchmetrics.functional.classification import binary_auroc
+
+from mtl_dist.config import TaskSpec
+
+
+def gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` ``[N, ...]`` from every rank (N is equal on all ranks) in rank order."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+def _logloss(p: torch.Tensor, y: torch.Tensor) -> float:
+    p = p.double().clamp(1e-7, 1 - 1e-7)
+    return float(-(y * p.log() + (1 - y) * (1 - p).log()).mean())
+
+
+def task_metrics(
+    task: TaskSpec, pred: torch.Tensor, label: torch.Tensor, truth: torch.Tensor
+) -> dict[str, float]:
+    """Metrics of one task on its labelled rows (1-D tensors of equal length)."""
+    out: dict[str, float] = {"count": float(label.numel())}
+    if label.numel() == 0:
+        return out
+    has_truth = not torch.isnan(truth).any()
+    if task.kind == "binary":
+        y = label.double()
+        out["auc"] = float(binary_auroc(pred.double(), label.long()))
+        out["logloss"] = _logloss(pred, y)
+        out["label_mean"] = float(y.mean())
+        out["pred_mean"] = float(pred.double().mean())
+        if has_truth:
+            out["oracle_auc"] = float(binary_auroc(truth.double(), label.long()))
+            out["oracle_logloss"] = _logloss(truth, y)
+    else:
+        err = pred.double() - label.double()
+        out["mse"] = float(err.square().mean())
+        out["mae"] = float(err.abs().mean())
+        if has_truth:
+            terr = truth.double() - label.double()
+            out["oracle_mse"] = float(terr.square().mean())
+            out["oracle_mae"] = float(terr.abs().mean())
+    return out
+
+
+def compute_metrics(
+    tasks: list[TaskSpec],
+    preds: torch.Tensor,
+    labels: torch.Tensor,
+    mask: torch.Tensor,
+    truth: torch.Tensor,
+) -> dict[str, dict[str, float]]:
+    """``preds, labels, mask, truth``: this rank's ``[N, T]``; returns ``{task: {metric: value}}``
+    computed over all ranks' rows (every rank gets the same numbers)."""
+    preds, labels, mask, truth = (gather_rows(t) for t in (preds, labels, mask, truth))
+    result = {}
+    for j, task in enumerate(tasks):
+        keep = mask[:, j] > 0
+        result[task.name] = task_metrics(task, preds[keep, j], labels[keep, j], truth[keep, j])
+    return result
+
+
+def format_table(tasks: list[TaskSpec], metrics: dict[str, dict[str, float]]) -> str:
+    """Human-readable per-task table: model vs oracle."""
+    lines = [
+        f"{'task':<14}{'kind':<12}{'rows':>9}  {'metric':<8}{'model':>9}{'oracle':>9}{'gap':>9}"
+    ]
+    for t in tasks:
+        m = metrics[t.name]
+        pairs = (
+            [("auc", "oracle_auc"), ("logloss", "oracle_logloss")]
+            if t.kind == "binary"
+            else [("mse", "oracle_mse"), ("mae", "oracle_mae")]
+        )
+        for i, (k, ok) in enumerate(pairs):
+            if k not in m:
+                continue
+            head = f"{t.name:<14}{t.kind:<12}{int(m['count']):>9}" if i == 0 else " " * 35
+            oracle = m.get(ok)
+            o = f"{oracle:>9.4f}" if oracle is not None else f"{'-':>9}"
+            gap = f"{abs(oracle - m[k]):>9.4f}" if oracle is not None else f"{'-':>9}"
+            lines.append(f"{head}  {k:<8}{m[k]:>9.4f}{o}{gap}")
+    return "\n".join(lines)

@@ -1,0 +1,239 @@
+"""Train a multi-task ranker: ``torchrun --nproc_per_node N -m mtl_dist.train --config X.toml``.
+
+The recipe: config → process group → data → model → sharding (DMP) → optimizers → train loop
+with periodic validation → metrics out → clean exit. ``--help`` lists every config key.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import random
+import sys
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from torchdata.stateful_dataloader import StatefulDataLoader
+from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+
+from mtl_dist.config import DataConfig, JobConfig, load_config, to_dict
+from mtl_dist.data.batch import ArrowBatchConverter, Batch
+from mtl_dist.data.reader import ParquetBatchReader, describe, list_parquet_files
+from mtl_dist.distributed.setup import DistInfo, destroy, init_distributed
+from mtl_dist.distributed.sharding import describe_plan, shard_model
+from mtl_dist.losses import ModelWithLoss, StepOutput
+from mtl_dist.metrics import compute_metrics, format_table
+from mtl_dist.models.ranker import build_ranker
+from mtl_dist.monitoring import Monitor
+from mtl_dist.optim import build_optimizer
+
+
+def seed_everything(seed: int) -> None:
+    """Same seed on every rank: dense init is identical (DDP also broadcasts rank 0's weights)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_loader(reader: ParquetBatchReader, cfg: DataConfig) -> StatefulDataLoader:
+    """Batches come pre-built from the reader (``batch_size=None``)."""
+    workers = cfg.num_workers
+    return StatefulDataLoader(
+        reader,
+        batch_size=None,
+        num_workers=workers,
+        prefetch_factor=cfg.prefetch_batches if workers else None,
+        persistent_workers=False,
+    )
+
+
+class StepRunner:
+    """Runs training steps, through TorchRec's ``TrainPipelineSparseDist`` or plainly.
+
+    The pipeline overlaps the next batch's sparse input distribution with this batch's
+    forward/backward (and host→device copies on GPU). It holds batches in flight, so the reader
+    position of the batch just trained is tracked here (``trained_position``), not the reader's.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        device: torch.device,
+        pipelined: bool,
+    ) -> None:
+        self.model = model
+        self.optimizer = optimizer
+        self.device = device
+        self.pipeline = (
+            TrainPipelineSparseDist(model, optimizer, device, execute_all_batches=True)
+            if pipelined
+            else None
+        )
+        self._in_flight: list[tuple[int, int]] = []
+        self.trained_position: tuple[int, int] | None = None
+
+    def _track(self, batches: Iterator[Batch]) -> Iterator[Batch]:
+        for b in batches:
+            self._in_flight.append(b.position)
+            yield b
+
+    def run(self, batches: Iterator[Batch]) -> Iterator[StepOutput]:
+        """Train on every batch of ``batches``; yields each step's output."""
+        tracked = self._track(batches)
+        if self.pipeline is not None:
+            self.pipeline.attach(self.model)
+            while True:
+                try:
+                    out = self.pipeline.progress(tracked)
+                except StopIteration:
+                    break
+                self.trained_position = self._in_flight.pop(0)
+                yield out
+            self.pipeline.detach()  # restore plain forwards (validation calls the model directly)
+            self.pipeline.reset()
+        else:
+            for batch in tracked:
+                self.optimizer.zero_grad()
+                loss, out = self.model(batch.to(self.device, non_blocking=True))
+                loss.backward()
+                self.optimizer.step()
+                self.trained_position = self._in_flight.pop(0)
+                yield out
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module, cfg: JobConfig, loader: StatefulDataLoader, device: torch.device
+) -> dict[str, dict[str, float]]:
+    """Whole validation set on every rank (equal, padded batch counts) → metrics over all ranks."""
+    model.eval()
+    outs = []
+    batches = itertools.islice(loader, cfg.train.val_max_batches or None)
+    for batch in batches:
+        _, out = model(batch.to(device, non_blocking=True))
+        outs.append(out)
+    model.train()
+    cat = lambda name: torch.cat([getattr(o, name) for o in outs]).cpu()  # noqa: E731
+    return compute_metrics(cfg.tasks, cat("preds"), cat("labels"), cat("mask"), cat("truth"))
+
+
+def flat_metrics(metrics: dict[str, dict[str, float]], prefix: str = "val") -> dict[str, float]:
+    return {f"{prefix}/{task}/{k}": v for task, m in metrics.items() for k, v in m.items()}
+
+
+def train(cfg: JobConfig, info: DistInfo) -> dict[str, object]:
+    """Train per ``cfg`` on this rank; returns the final validation metrics (same on all ranks)."""
+    seed_everything(cfg.train.seed)
+    log = print if info.is_main else (lambda *a, **k: None)
+    os.makedirs(cfg.train.output_dir, exist_ok=True)
+
+    # --- data: each rank reads its own contiguous share of the rows
+    converter = ArrowBatchConverter(cfg.features.sparse, cfg.features.dense, cfg.tasks)
+    B, workers = cfg.train.batch_size, cfg.data.num_workers
+    train_reader = ParquetBatchReader(
+        list_parquet_files(cfg.data.train_path),
+        converter,
+        B,
+        info.rank,
+        info.world_size,
+        workers,
+        drop_last=True,
+    )
+    val_reader = ParquetBatchReader(
+        list_parquet_files(cfg.data.val_path),
+        converter,
+        B,
+        info.rank,
+        info.world_size,
+        workers,
+        drop_last=False,
+    )
+    log(f"[data] train: {describe(train_reader)}\n[data] val:   {describe(val_reader)}")
+
+    # --- model: tables on meta, sharded by the planner; dense part under DDP
+    model = ModelWithLoss(build_ranker(cfg, device="meta"), cfg.tasks)
+    model, plan = shard_model(model, model.model.ebc, cfg.sharding, cfg.optim, info)
+    log(
+        f"[model] world {info.world_size} on {info.device} ({info.backend}); sharding plan:\n{describe_plan(plan)}"
+    )
+    optimizer = build_optimizer(cfg.optim, model)
+    runner = StepRunner(model, optimizer, info.device, cfg.sharding.pipeline)
+
+    # --- loop: segments of `val_every` steps, validation after each
+    steps_per_epoch = len(train_reader)
+    total = steps_per_epoch * cfg.train.epochs
+    if cfg.train.max_steps:
+        total = min(total, cfg.train.max_steps)
+    if total == 0:
+        raise ValueError(
+            f"{cfg.data.train_path}: fewer rows than one batch per rank ({train_reader.total_rows} rows, batch {B}, world {info.world_size})"
+        )
+    val_every = cfg.train.val_every or steps_per_epoch
+    monitor = Monitor(cfg.train.output_dir, info.rank, total, cfg.train.progress_bar)
+    step, metrics, history = 0, {}, []
+    t0 = time.perf_counter()
+    loss_sum, loss_steps = torch.zeros(len(cfg.tasks)), 0
+    for _epoch in range(cfg.train.epochs):
+        batches = iter(build_loader(train_reader, cfg.data))
+        epoch_end = min(step + steps_per_epoch, total)
+        while step < epoch_end:
+            segment_end = min(epoch_end, (step // val_every + 1) * val_every)
+            for out in runner.run(itertools.islice(batches, segment_end - step)):
+                step += 1
+                loss_sum += out.losses.cpu()
+                loss_steps += 1
+                if step % cfg.train.log_every == 0 or step == segment_end:
+                    losses = (loss_sum / loss_steps).tolist()
+                    rate = step * B * info.world_size / (time.perf_counter() - t0)
+                    scalars = {f"train/loss/{t.name}": v for t, v in zip(cfg.tasks, losses)}
+                    scalars.update({"train/loss": sum(losses), "train/samples_per_s": rate})
+                    monitor.scalars(step, scalars)
+                    monitor.advance(loss_steps, {"loss": sum(losses), "samples/s": rate})
+                    loss_sum.zero_()
+                    loss_steps = 0
+            metrics = evaluate(model, cfg, build_loader(val_reader, cfg.data), info.device)
+            monitor.scalars(step, flat_metrics(metrics))
+            history.append({"step": step, "metrics": metrics})
+        if step >= total:
+            break
+    elapsed = time.perf_counter() - t0
+    monitor.close()
+
+    result = {
+        "steps": step,
+        "world_size": info.world_size,
+        "samples_per_s": step * B * info.world_size / elapsed,
+        "elapsed_s": elapsed,
+        "metrics": metrics,
+        "history": history,
+        "plan": describe_plan(plan),
+        "config": to_dict(cfg),
+    }
+    if info.is_main:
+        with open(os.path.join(cfg.train.output_dir, "metrics.json"), "w") as fh:
+            json.dump(result, fh, indent=2)
+        log(
+            f"\n[done] {step} steps in {elapsed:.1f}s ({result['samples_per_s']:.0f} samples/s over {info.world_size} ranks)"
+        )
+        log(
+            f"validation (model vs oracle, the best achievable on this data):\n{format_table(cfg.tasks, metrics)}"
+        )
+        log(f"TensorBoard: tensorboard --logdir {os.path.join(cfg.train.output_dir, 'tb')}")
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = load_config(argv)
+    info = init_distributed(cfg.train.device, cfg.train.threads)
+    try:
+        train(cfg, info)
+    finally:
+        destroy()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
