@@ -240,6 +240,8 @@ def _parse_cli_value(text: str, tp: Any, key: str) -> Any:
                 )
             parts = [p.strip() for p in text.strip("[]").split(",") if p.strip()]
             return [_parse_cli_value(p, item_tp, key) for p in parts]
+    except ConfigError:
+        raise
     except ValueError:
         name = getattr(tp, "__name__", str(tp))
         raise ConfigError(f"--{key}: expected {name}, got {text!r}") from None
@@ -254,8 +256,10 @@ def apply_override(cfg: JobConfig, dotted: str, text: str) -> None:
         hints = _hints(type(obj))
         prefix = ".".join(parts[:i])
         if part not in hints:
-            full = [f"{prefix}.{k}" if prefix else k for k in hints]
-            raise ConfigError(f"unknown config key '--{dotted}'" + _suggest(dotted, full))
+            leaves = [key for key, *_ in _walk(JobConfig)]
+            close = difflib.get_close_matches(dotted, leaves, n=1, cutoff=0.5)
+            hint = f" (did you mean '{close[0]}'?)" if close else _suggest(part, [f"{prefix}.{k}" if prefix else k for k in hints])
+            raise ConfigError(f"unknown config key '--{dotted}'{hint}")
         tp = hints[part]
         if i == len(parts) - 1:
             if dataclasses.is_dataclass(tp):
@@ -380,7 +384,7 @@ def help_text(prog: str = "python -m mtl_dist.train") -> str:
         )
         if isinstance(default, list) and default and dataclasses.is_dataclass(default[0]):
             shown = f"[{len(default)} entries]"
-        lines.append(f"  --{key:<32} {_type_name(tp):<12} default={shown!r}")
+        lines.append(f"  --{key:<32} {_type_name(tp):<12} default={default!r}")
         lines.append(f"      {help_}")
     for cls, name in ((SparseFeature, "features.sparse[]"), (TaskSpec, "tasks[]")):
         lines.append(f"\n  {name} entries (TOML only):")

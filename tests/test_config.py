@@ -1,0 +1,105 @@
+"""Config tree: TOML + CLI overrides, type and key errors that name the key."""
+
+import re
+
+import pytest
+
+from mtl_dist.config import ConfigError, JobConfig, help_text, load_config
+
+DEFAULT = "configs/default.toml"
+
+
+def test_toml_then_overrides():
+    cfg = load_config(["--config", DEFAULT, "--model.num_experts", "8", "--train.batch_size=4096",
+                       "--model.expert_hidden", "64,32", "--sharding.pipeline", "false", "--optim.dense_lr", "0.01"])
+    assert cfg.model.num_experts == 8
+    assert cfg.train.batch_size == 4096
+    assert cfg.model.expert_hidden == [64, 32]
+    assert cfg.sharding.pipeline is False
+    assert cfg.optim.dense_lr == pytest.approx(0.01)
+    # untouched values come from the TOML file, not the dataclass defaults
+    assert cfg.train.log_every == 20
+    assert [t.name for t in cfg.tasks] == ["click", "conversion", "watch_time"]
+    shared = [f.name for f in cfg.features.sparse if f.table_name == "item_id"]
+    assert shared == ["item_id", "hist_item_ids"]
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--model.num_expert", "8"], "did you mean 'model.num_experts'"),
+        (["--modle.num_experts", "8"], "did you mean 'model"),
+        (["--model.num_experts", "eight"], "--model.num_experts: expected int"),
+        (["--sharding.pipeline", "maybe"], "--sharding.pipeline: expected bool"),
+        (["--model.expert_hidden", "64,x"], "--model.expert_hidden: expected int"),
+        (["--model", "3"], "is a section"),
+        (["--model.head", "transformer"], "model.head: unknown head 'transformer'"),
+        (["--sharding.force", "row_wsie"], "did you mean 'row_wise'"),
+        (["--optim.embedding_optimizer", "adam"], "not a fused CPU/GPU optimizer"),
+        (["--train.batch_size"], "missing value"),
+    ],
+)
+def test_cli_errors_name_the_key(args, needle):
+    with pytest.raises(ConfigError) as e:
+        load_config(["--config", DEFAULT, *args])
+    assert needle in str(e.value)
+
+
+def _write(tmp_path, text):
+    p = tmp_path / "c.toml"
+    p.write_text(open(DEFAULT).read() + "\n" + text)
+    return str(p)
+
+
+def test_toml_unknown_key_and_wrong_type(tmp_path):
+    p = tmp_path / "u.toml"
+    p.write_text("[optim]\ndense_lrr = 0.1\n")
+    with pytest.raises(ConfigError, match=r"u.toml: unknown config key 'optim.dense_lrr' \(did you mean 'dense_lr'"):
+        load_config(["--config", str(p)])
+    p = tmp_path / "t.toml"
+    p.write_text('[train]\nbatch_size = "big"\n')
+    with pytest.raises(ConfigError, match=r"t.toml: train.batch_size: expected an integer, got 'big'"):
+        load_config(["--config", str(p)])
+    p.write_text('[[tasks]]\nname = "click"\nlabel = "click"\nkind = 3\n')
+    with pytest.raises(ConfigError, match=r"tasks\[0\].kind: expected str"):
+        load_config(["--config", str(p)])
+
+
+def test_schema_checks(tmp_path):
+    bad = _write(tmp_path, '[[features.sparse]]\nname = "x"\nvocab_size = 10\ntable = "item_id"\n')
+    with pytest.raises(ConfigError, match="'x' and 'item_id' share table 'item_id'"):
+        load_config(["--config", bad])
+    dup = _write(tmp_path, '[[features.sparse]]\nname = "user_id"\nvocab_size = 10\n')
+    with pytest.raises(ConfigError, match="duplicate feature name"):
+        load_config(["--config", dup])
+    kind = _write(tmp_path, '[[tasks]]\nname = "t"\nlabel = "t"\nkind = "ranking"\n')
+    with pytest.raises(ConfigError, match=r"tasks\[3\] \(t\): kind must be binary or regression"):
+        load_config(["--config", kind])
+
+
+def test_missing_file_and_bad_toml(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(["--config", str(tmp_path / "nope.toml")])
+    p = tmp_path / "b.toml"
+    p.write_text("[train\n")
+    with pytest.raises(ConfigError, match="b.toml: not valid TOML"):
+        load_config(["--config", str(p)])
+
+
+def test_help_lists_every_key_with_type_default_and_meaning(capsys):
+    text = help_text()
+    for key in ["--train.batch_size", "--model.num_experts", "--model.expert_hidden", "--sharding.sharding_types",
+                "--optim.embedding_optimizer", "--data.train_path"]:
+        assert key in text
+    assert re.search(r"--model.num_experts +int +default=4\n +experts E", text)
+    assert "vocab_size" in text and "hash_buckets" in text  # schema entries documented too
+    with pytest.raises(SystemExit) as e:
+        load_config(["--help"])
+    assert e.value.code == 0
+    assert "--train.seed" in capsys.readouterr().out
+
+
+def test_defaults_are_a_valid_tree():
+    cfg = JobConfig()
+    assert cfg.model.expert_hidden == [256, 128]
+    assert cfg.model.expert_hidden is not JobConfig().model.expert_hidden  # no shared mutable default
