@@ -43,6 +43,7 @@ seed give identical values, with memory bounded for any size.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -167,7 +168,9 @@ def _norm_cdf(x: np.ndarray) -> np.ndarray:
     """Standard normal CDF (Abramowitz-Stegun 7.1.26 erf, |error| < 2e-7); numpy has no erf."""
     ax = np.abs(x) / math.sqrt(2.0)
     t = 1.0 / (1.0 + 0.3275911 * ax)
-    poly = ((((1.061405429 * t - 1.453152027) * t + 1.421413741) * t - 0.284496736) * t + 0.254829592) * t
+    poly = (
+        (((1.061405429 * t - 1.453152027) * t + 1.421413741) * t - 0.284496736) * t + 0.254829592
+    ) * t
     erf = 1.0 - poly * np.exp(-ax * ax)
     return 0.5 * (1.0 + np.sign(x) * erf)
 
@@ -179,7 +182,9 @@ def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
     n_neg = y.size - n_pos
     if n_pos == 0 or n_neg == 0:
         return float("nan")
-    _, inv, counts = np.unique(np.asarray(scores, dtype=np.float64), return_inverse=True, return_counts=True)
+    _, inv, counts = np.unique(
+        np.asarray(scores, dtype=np.float64), return_inverse=True, return_counts=True
+    )
     avg_rank = np.cumsum(counts) - (counts - 1) / 2.0  # 1-based mean rank of each tie group
     rank_sum = float(avg_rank[inv.ravel()][y].sum())
     return (rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg)
@@ -246,8 +251,12 @@ def _calibrate(s: np.ndarray, weight: np.ndarray, rate: float, auc: float) -> tu
 # --------------------------------------------------------------------------- generator
 
 
+@functools.lru_cache(maxsize=4)
 def _build_model(seed: int, task_correlation: float) -> _Model:
-    """Draw every latent parameter from ``seed`` and calibrate on a seeded sample."""
+    """Draw every latent parameter from ``seed`` and calibrate on a seeded sample.
+
+    Cached: a pure function of its arguments (about a second), reused by repeated calls.
+    """
     rng = np.random.default_rng([seed, 1])
     k = LATENT_DIM
     perm: dict[str, np.ndarray] = {}
@@ -286,8 +295,15 @@ def _build_model(seed: int, task_correlation: float) -> _Model:
     ones = np.ones(CALIBRATION_ROWS)
     cs, cb = _calibrate(s["click"], ones, TARGETS["click_rate"], TARGETS["click_auc"])
     p_click = _sigmoid(cs * s["click"] + cb)
-    vs, vb = _calibrate(s["conversion"], p_click, TARGETS["conversion_rate"], TARGETS["conversion_auc"])
-    model.calib = {"click_scale": cs, "click_offset": cb, "conversion_scale": vs, "conversion_offset": vb}
+    vs, vb = _calibrate(
+        s["conversion"], p_click, TARGETS["conversion_rate"], TARGETS["conversion_auc"]
+    )
+    model.calib = {
+        "click_scale": cs,
+        "click_offset": cb,
+        "conversion_scale": vs,
+        "conversion_offset": vb,
+    }
     return model
 
 
@@ -296,7 +312,9 @@ def _sample_ids(model: _Model, f: SparseFeature, rng: np.random.Generator, n: in
     return model.perm[f.table][np.minimum(ranks, f.vocab - 1)]
 
 
-def _sample_features(model: _Model, rng: np.random.Generator, n: int) -> tuple[dict[str, Any], np.ndarray]:
+def _sample_features(
+    model: _Model, rng: np.random.Generator, n: int
+) -> tuple[dict[str, Any], np.ndarray]:
     """Sparse columns (ids, or (int32 offsets, ids) for multi-hot) and dense [n, 12] float32."""
     cols: dict[str, Any] = {}
     cold = rng.random(n) < COLD_USER_RATE
@@ -353,7 +371,9 @@ def _raw_scores(model: _Model, z: np.ndarray, cols: dict[str, Any]) -> dict[str,
     return out
 
 
-def _make_chunk(model: _Model, rng: np.random.Generator, n: int) -> tuple[pa.Table, dict[str, np.ndarray]]:
+def _make_chunk(
+    model: _Model, rng: np.random.Generator, n: int
+) -> tuple[pa.Table, dict[str, np.ndarray]]:
     """``n`` rows as an Arrow table plus the arrays the oracle metrics need."""
     cols, dense = _sample_features(model, rng, n)
     z = (_raw_z(model, cols, dense) - model.z_mean) / model.z_std
@@ -361,7 +381,9 @@ def _make_chunk(model: _Model, rng: np.random.Generator, n: int) -> tuple[pa.Tab
     s = {t: (raw[t] - model.s_mean[t]) / model.s_std[t] for t in TASKS}
     c = model.calib
     p_click = _sigmoid(c["click_scale"] * s["click"] + c["click_offset"]).astype(np.float32)
-    p_conv = _sigmoid(c["conversion_scale"] * s["conversion"] + c["conversion_offset"]).astype(np.float32)
+    p_conv = _sigmoid(c["conversion_scale"] * s["conversion"] + c["conversion_offset"]).astype(
+        np.float32
+    )
     mu = WATCH_BASE + WATCH_SCALE * s["watch_time"]
     # log1p(watch_time) = max(0, N(mu, sigma)); its exact mean is the truncated-normal mean.
     ratio = mu / WATCH_SIGMA
@@ -376,7 +398,9 @@ def _make_chunk(model: _Model, rng: np.random.Generator, n: int) -> tuple[pa.Tab
     arrays: list[pa.Array] = [pa.array(cols[name], pa.int64()) for name in SPARSE_SINGLE]
     for name in MULTI_HOT:
         offsets, ids = cols[name]
-        arrays.append(pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(ids, pa.int64())))
+        arrays.append(
+            pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(ids, pa.int64()))
+        )
     arrays += [pa.array(dense[:, i]) for i in range(dense.shape[1])]
     arrays += [
         pa.array(click.astype(np.int8)),
@@ -403,7 +427,13 @@ def _split_sizes(rows: int, parts: int) -> list[int]:
 
 
 def _write_split(
-    model: _Model, seed: int, split_index: int, split_dir: Path, rows: int, files: int, row_group_size: int
+    model: _Model,
+    seed: int,
+    split_index: int,
+    split_dir: Path,
+    rows: int,
+    files: int,
+    row_group_size: int,
 ) -> tuple[list[str], dict[str, np.ndarray]]:
     """Write one split as ``files`` Parquet files of exact ``row_group_size`` row groups."""
     split_dir.mkdir(parents=True, exist_ok=True)
@@ -417,7 +447,9 @@ def _write_split(
             pending_rows = 0
             for ci, start in enumerate(range(0, nrows, CHUNK_ROWS)):
                 n = min(CHUNK_ROWS, nrows - start)
-                table, stats = _make_chunk(model, np.random.default_rng([seed, 3, split_index, fi, ci]), n)
+                table, stats = _make_chunk(
+                    model, np.random.default_rng([seed, 3, split_index, fi, ci]), n
+                )
                 for key, arr in stats.items():
                     parts.setdefault(key, []).append(arr)
                 pending.append(table)
@@ -455,7 +487,9 @@ def _oracle_metrics(st: dict[str, np.ndarray]) -> dict[str, Any]:
             "click_auc": _none_if_nan(roc_auc(st["click"], st["p_click"])),
             "click_logloss": log_loss(st["click"], st["p_click"]),
             "conversion_auc": _none_if_nan(roc_auc(st["conversion"], st["p_conversion"])),
-            "conversion_logloss": log_loss(st["conversion"], st["p_conversion"]) if clicks else None,
+            "conversion_logloss": log_loss(st["conversion"], st["p_conversion"])
+            if clicks
+            else None,
             "watch_mse": mse,
             "watch_r2": 1.0 - mse / var if var > 0 else None,
         },
@@ -519,7 +553,9 @@ def generate(
             old = json.loads(meta_path.read_text())
         except (OSError, ValueError):
             old = {}
-        files_there = all((out / f).exists() for s in old.get("splits", {}).values() for f in s["files"])
+        files_there = all(
+            (out / f).exists() for s in old.get("splits", {}).values() for f in s["files"]
+        )
         if old.get("params") == params and files_there:
             if verbose:
                 print(f"reusing {out} (meta.json parameters match): {_summary(old)}")
@@ -532,21 +568,37 @@ def generate(
             stale.unlink()
     model = _build_model(seed, task_correlation)
     splits: dict[str, Any] = {}
-    for index, (split, rows, n_files) in enumerate((("train", train_rows, files), ("val", val_rows, val_files))):
+    for index, (split, rows, n_files) in enumerate(
+        (("train", train_rows, files), ("val", val_rows, val_files))
+    ):
         names, stats = _write_split(model, seed, index, out / split, rows, n_files, row_group_size)
         splits[split] = {"files": names, **_oracle_metrics(stats)}
     meta = {
         "generator": "data_tools.synth",
         "params": params,
         "columns": {
-            "sparse": [{"name": f.name, "vocab": f.vocab, "table": f.table} for f in SPARSE_FEATURES if not f.multi_hot],
+            "sparse": [
+                {"name": f.name, "vocab": f.vocab, "table": f.table}
+                for f in SPARSE_FEATURES
+                if not f.multi_hot
+            ],
             "multi_hot": [
-                {"name": f.name, "vocab": f.vocab, "table": f.table, "min_len": f.min_len, "max_len": f.max_len}
+                {
+                    "name": f.name,
+                    "vocab": f.vocab,
+                    "table": f.table,
+                    "min_len": f.min_len,
+                    "max_len": f.max_len,
+                }
                 for f in SPARSE_FEATURES
                 if f.multi_hot
             ],
             "dense": DENSE_FEATURES,
-            "labels": {"click": "int8", "conversion": "int8 (null where click == 0)", "watch_time": "float32"},
+            "labels": {
+                "click": "int8",
+                "conversion": "int8 (null where click == 0)",
+                "watch_time": "float32",
+            },
             "truth": {t: TASK_TRUTH[t] for t in TASKS},
         },
         "calibration": {**model.calib, "targets": TARGETS},
@@ -568,7 +620,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--train-rows", type=int, default=300_000)
     ap.add_argument("--val-rows", type=int, default=50_000)
     ap.add_argument("--files", type=int, default=4, help="train files")
-    ap.add_argument("--val-files", type=int, default=None, help="val files (default max(1, files // 2))")
+    ap.add_argument(
+        "--val-files", type=int, default=None, help="val files (default max(1, files // 2))"
+    )
     ap.add_argument("--row-group-size", type=int, default=16_384)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--task-correlation", type=float, default=0.6, help="rho in [0, 1]")
@@ -576,8 +630,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     a = ap.parse_args(argv)
     try:
         generate(
-            a.out, a.train_rows, a.val_rows, a.files, a.row_group_size, a.seed, a.task_correlation,
-            a.val_files, force=a.force,
+            a.out,
+            a.train_rows,
+            a.val_rows,
+            a.files,
+            a.row_group_size,
+            a.seed,
+            a.task_correlation,
+            a.val_files,
+            force=a.force,
         )
     except ValueError as e:
         ap.error(str(e))

@@ -1,0 +1,33 @@
+"""Shared fixtures: generated Parquet data and a torchrun launcher (the way users run the code)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def torchrun(args: list[str], nproc: int = 2, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node N <args>`` from the repo root; output captured."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **(env or {})}
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=full_env)
+    if proc.returncode != 0:
+        print(proc.stdout[-5000:])
+        print(proc.stderr[-5000:], file=sys.stderr)
+    return proc
+
+
+@pytest.fixture(scope="session")
+def synth_data(tmp_path_factory) -> Path:
+    """A small synthetic funnel dataset (several files and row groups), generated once."""
+    from data_tools.synth import generate
+
+    out = tmp_path_factory.mktemp("synth")
+    generate(out, train_rows=160_000, val_rows=40_000, files=4, row_group_size=8192, seed=0, task_correlation=0.6)
+    return out
