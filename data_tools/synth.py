@@ -236,16 +236,16 @@ def _calibrate(s: np.ndarray, weight: np.ndarray, rate: float, auc: float) -> tu
         return _expected_auc(_sigmoid(scale * s_sorted + b), w_sorted), b
 
     lo, hi = 0.05, 10.0
-    if auc_at(hi)[0] <= auc:
-        return hi, auc_at(hi)[1]
-    for _ in range(25):
-        mid = 0.5 * (lo + hi)
-        if auc_at(mid)[0] < auc:
-            lo = mid
-        else:
-            hi = mid
-    scale = 0.5 * (lo + hi)
-    return scale, auc_at(scale)[1]
+    best, best_offset = auc_at(hi)
+    if best <= auc:  # target unreachable: use the sharpest scale allowed
+        return hi, best_offset
+    for _ in range(30):  # bisection on log(scale); AUC rises with the scale
+        mid = math.sqrt(lo * hi)
+        got, offset = auc_at(mid)
+        if abs(got - auc) < 1e-4:
+            break
+        lo, hi = (mid, hi) if got < auc else (lo, mid)
+    return mid, offset
 
 
 # --------------------------------------------------------------------------- generator
