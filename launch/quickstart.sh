@@ -5,5 +5,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/setup_env.sh .venv dev
-.venv/bin/python -m data_tools.synth --out data/synth
+.venv/bin/python -m data_tools.synth --out data/synth --train-rows 1000000 --val-rows 100000
 bash launch/local.sh --nproc 2 --config configs/default.toml "$@"

@@ -258,7 +258,11 @@ def apply_override(cfg: JobConfig, dotted: str, text: str) -> None:
         if part not in hints:
             leaves = [key for key, *_ in _walk(JobConfig)]
             close = difflib.get_close_matches(dotted, leaves, n=1, cutoff=0.5)
-            hint = f" (did you mean '{close[0]}'?)" if close else _suggest(part, [f"{prefix}.{k}" if prefix else k for k in hints])
+            hint = (
+                f" (did you mean '{close[0]}'?)"
+                if close
+                else _suggest(part, [f"{prefix}.{k}" if prefix else k for k in hints])
+            )
             raise ConfigError(f"unknown config key '--{dotted}'{hint}")
         tp = hints[part]
         if i == len(parts) - 1:
@@ -298,7 +302,11 @@ def validate(cfg: JobConfig) -> None:
     tables: dict[str, SparseFeature] = {}
     for f in cfg.features.sparse:
         other = tables.setdefault(f.table_name, f)
-        if (other.num_rows, other.embedding_dim, other.pooling) != (f.num_rows, f.embedding_dim, f.pooling):
+        if (other.num_rows, other.embedding_dim, other.pooling) != (
+            f.num_rows,
+            f.embedding_dim,
+            f.pooling,
+        ):
             raise ConfigError(
                 f"features.sparse: '{f.name}' and '{other.name}' share table '{f.table_name}' but differ "
                 f"in rows/dim/pooling ({f.num_rows}x{f.embedding_dim} {f.pooling} vs "
@@ -377,13 +385,6 @@ def help_text(prog: str = "python -m mtl_dist.train") -> str:
         "config keys:",
     ]
     for key, tp, default, help_ in _walk(JobConfig):
-        shown = (
-            "[]"
-            if isinstance(default, list) and default and dataclasses.is_dataclass(default[0])
-            else default
-        )
-        if isinstance(default, list) and default and dataclasses.is_dataclass(default[0]):
-            shown = f"[{len(default)} entries]"
         lines.append(f"  --{key:<32} {_type_name(tp):<12} default={default!r}")
         lines.append(f"      {help_}")
     for cls, name in ((SparseFeature, "features.sparse[]"), (TaskSpec, "tasks[]")):

@@ -176,26 +176,34 @@ def train(cfg: JobConfig, info: DistInfo) -> dict[str, object]:
     monitor = Monitor(cfg.train.output_dir, info.rank, total, cfg.train.progress_bar)
     step, metrics, history = 0, {}, []
     t0 = time.perf_counter()
+    eval_s = 0.0  # validation time, excluded from training throughput
     loss_sum, loss_steps = torch.zeros(len(cfg.tasks)), 0
     for _epoch in range(cfg.train.epochs):
         batches = iter(build_loader(train_reader, cfg.data))
         epoch_end = min(step + steps_per_epoch, total)
         while step < epoch_end:
             segment_end = min(epoch_end, (step // val_every + 1) * val_every)
+            segment_start = step
             for out in runner.run(itertools.islice(batches, segment_end - step)):
                 step += 1
                 loss_sum += out.losses.cpu()
                 loss_steps += 1
                 if step % cfg.train.log_every == 0 or step == segment_end:
                     losses = (loss_sum / loss_steps).tolist()
-                    rate = step * B * info.world_size / (time.perf_counter() - t0)
+                    rate = step * B * info.world_size / (time.perf_counter() - t0 - eval_s)
                     scalars = {f"train/loss/{t.name}": v for t, v in zip(cfg.tasks, losses)}
                     scalars.update({"train/loss": sum(losses), "train/samples_per_s": rate})
                     monitor.scalars(step, scalars)
                     monitor.advance(loss_steps, {"loss": sum(losses), "samples/s": rate})
                     loss_sum.zero_()
                     loss_steps = 0
+            if step == segment_start:
+                raise RuntimeError(
+                    f"training data ended early at step {step} (expected {segment_end})"
+                )
+            t_eval = time.perf_counter()
             metrics = evaluate(model, cfg, build_loader(val_reader, cfg.data), info.device)
+            eval_s += time.perf_counter() - t_eval
             monitor.scalars(step, flat_metrics(metrics))
             history.append({"step": step, "metrics": metrics})
         if step >= total:
@@ -206,8 +214,9 @@ def train(cfg: JobConfig, info: DistInfo) -> dict[str, object]:
     result = {
         "steps": step,
         "world_size": info.world_size,
-        "samples_per_s": step * B * info.world_size / elapsed,
+        "samples_per_s": step * B * info.world_size / (elapsed - eval_s),
         "elapsed_s": elapsed,
+        "train_s": elapsed - eval_s,
         "metrics": metrics,
         "history": history,
         "plan": describe_plan(plan),
@@ -217,7 +226,8 @@ def train(cfg: JobConfig, info: DistInfo) -> dict[str, object]:
         with open(os.path.join(cfg.train.output_dir, "metrics.json"), "w") as fh:
             json.dump(result, fh, indent=2)
         log(
-            f"\n[done] {step} steps in {elapsed:.1f}s ({result['samples_per_s']:.0f} samples/s over {info.world_size} ranks)"
+            f"\n[done] {step} steps in {elapsed:.1f}s ({elapsed - eval_s:.1f}s training, {result['samples_per_s']:.0f} "
+            f"samples/s over {info.world_size} ranks)"
         )
         log(
             f"validation (model vs oracle, the best achievable on this data):\n{format_table(cfg.tasks, metrics)}"

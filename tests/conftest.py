@@ -12,11 +12,22 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def torchrun(args: list[str], nproc: int = 2, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+def torchrun(
+    args: list[str], nproc: int = 2, timeout: int = 600, env: dict | None = None
+) -> subprocess.CompletedProcess:
     """``torchrun --standalone --nproc_per_node N <args>`` from the repo root; output captured."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        *args,
+    ]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **(env or {})}
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=full_env)
+    proc = subprocess.run(
+        cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=full_env
+    )
     if proc.returncode != 0:
         print(proc.stdout[-5000:])
         print(proc.stderr[-5000:], file=sys.stderr)
@@ -29,5 +40,13 @@ def synth_data(tmp_path_factory) -> Path:
     from data_tools.synth import generate
 
     out = tmp_path_factory.mktemp("synth")
-    generate(out, train_rows=160_000, val_rows=40_000, files=4, row_group_size=8192, seed=0, task_correlation=0.6)
+    generate(
+        out,
+        train_rows=160_000,
+        val_rows=40_000,
+        files=4,
+        row_group_size=8192,
+        seed=0,
+        task_correlation=0.6,
+    )
     return out

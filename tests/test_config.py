@@ -1,6 +1,7 @@
 """Config tree: TOML + CLI overrides, type and key errors that name the key."""
 
 import re
+from pathlib import Path
 
 import pytest
 
@@ -10,8 +11,21 @@ DEFAULT = "configs/default.toml"
 
 
 def test_toml_then_overrides():
-    cfg = load_config(["--config", DEFAULT, "--model.num_experts", "8", "--train.batch_size=4096",
-                       "--model.expert_hidden", "64,32", "--sharding.pipeline", "false", "--optim.dense_lr", "0.01"])
+    cfg = load_config(
+        [
+            "--config",
+            DEFAULT,
+            "--model.num_experts",
+            "8",
+            "--train.batch_size=4096",
+            "--model.expert_hidden",
+            "64,32",
+            "--sharding.pipeline",
+            "false",
+            "--optim.dense_lr",
+            "0.01",
+        ]
+    )
     assert cfg.model.num_experts == 8
     assert cfg.train.batch_size == 4096
     assert cfg.model.expert_hidden == [64, 32]
@@ -47,18 +61,22 @@ def test_cli_errors_name_the_key(args, needle):
 
 def _write(tmp_path, text):
     p = tmp_path / "c.toml"
-    p.write_text(open(DEFAULT).read() + "\n" + text)
+    p.write_text(Path(DEFAULT).read_text() + "\n" + text)
     return str(p)
 
 
 def test_toml_unknown_key_and_wrong_type(tmp_path):
     p = tmp_path / "u.toml"
     p.write_text("[optim]\ndense_lrr = 0.1\n")
-    with pytest.raises(ConfigError, match=r"u.toml: unknown config key 'optim.dense_lrr' \(did you mean 'dense_lr'"):
+    with pytest.raises(
+        ConfigError, match=r"u.toml: unknown config key 'optim.dense_lrr' \(did you mean 'dense_lr'"
+    ):
         load_config(["--config", str(p)])
     p = tmp_path / "t.toml"
     p.write_text('[train]\nbatch_size = "big"\n')
-    with pytest.raises(ConfigError, match=r"t.toml: train.batch_size: expected an integer, got 'big'"):
+    with pytest.raises(
+        ConfigError, match=r"t.toml: train.batch_size: expected an integer, got 'big'"
+    ):
         load_config(["--config", str(p)])
     p.write_text('[[tasks]]\nname = "click"\nlabel = "click"\nkind = 3\n')
     with pytest.raises(ConfigError, match=r"tasks\[0\].kind: expected str"):
@@ -88,8 +106,14 @@ def test_missing_file_and_bad_toml(tmp_path):
 
 def test_help_lists_every_key_with_type_default_and_meaning(capsys):
     text = help_text()
-    for key in ["--train.batch_size", "--model.num_experts", "--model.expert_hidden", "--sharding.sharding_types",
-                "--optim.embedding_optimizer", "--data.train_path"]:
+    for key in [
+        "--train.batch_size",
+        "--model.num_experts",
+        "--model.expert_hidden",
+        "--sharding.sharding_types",
+        "--optim.embedding_optimizer",
+        "--data.train_path",
+    ]:
         assert key in text
     assert re.search(r"--model.num_experts +int +default=4\n +experts E", text)
     assert "vocab_size" in text and "hash_buckets" in text  # schema entries documented too
@@ -102,4 +126,6 @@ def test_help_lists_every_key_with_type_default_and_meaning(capsys):
 def test_defaults_are_a_valid_tree():
     cfg = JobConfig()
     assert cfg.model.expert_hidden == [256, 128]
-    assert cfg.model.expert_hidden is not JobConfig().model.expert_hidden  # no shared mutable default
+    assert (
+        cfg.model.expert_hidden is not JobConfig().model.expert_hidden
+    )  # no shared mutable default

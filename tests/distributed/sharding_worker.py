@@ -25,7 +25,14 @@ from mtl_dist.distributed.sharding import shard_model
 from mtl_dist.losses import ModelWithLoss
 from mtl_dist.models.ranker import build_ranker
 
-TYPES = ["data_parallel", "table_wise", "column_wise", "table_column_wise", "row_wise", "table_row_wise"]
+TYPES = [
+    "data_parallel",
+    "table_wise",
+    "column_wise",
+    "table_column_wise",
+    "row_wise",
+    "table_row_wise",
+]
 LR = 0.5
 
 
@@ -33,8 +40,15 @@ def make_cfg(force: str) -> JobConfig:
     cfg = JobConfig()
     cfg.features.sparse = [
         SparseFeature(name="user", vocab_size=3000, embedding_dim=16),
-        SparseFeature(name="item", vocab_size=40, embedding_dim=16),
-        SparseFeature(name="hist", vocab_size=40, embedding_dim=16, table="item", multi_hot=True),
+        SparseFeature(name="item", vocab_size=40, embedding_dim=16, pooling="mean"),
+        SparseFeature(
+            name="hist",
+            vocab_size=40,
+            embedding_dim=16,
+            table="item",
+            multi_hot=True,
+            pooling="mean",
+        ),
     ]
     cfg.features.dense = ["d0", "d1"]
     cfg.tasks = [TaskSpec(name="a", label="a"), TaskSpec(name="b", label="b", kind="regression")]
@@ -51,16 +65,21 @@ def make_batch(cfg: JobConfig, rank: int, n: int = 64):
     import pyarrow as pa
 
     g = torch.Generator().manual_seed(100 + rank)
-    hist = [torch.randint(0, 40, (int(k),), generator=g).tolist() for k in torch.randint(0, 4, (n,), generator=g)]
-    t = pa.table({
-        "user": pa.array(torch.randint(0, 3000, (n,), generator=g).tolist(), pa.int64()),
-        "item": pa.array(torch.randint(0, 40, (n,), generator=g).tolist(), pa.int64()),
-        "hist": pa.array(hist, pa.list_(pa.int64())),
-        "d0": pa.array(torch.randn(n, generator=g).tolist(), pa.float32()),
-        "d1": pa.array(torch.randn(n, generator=g).tolist(), pa.float32()),
-        "a": pa.array(torch.randint(0, 2, (n,), generator=g).tolist(), pa.int8()),
-        "b": pa.array(torch.randn(n, generator=g).tolist(), pa.float32()),
-    })
+    hist = [
+        torch.randint(0, 40, (int(k),), generator=g).tolist()
+        for k in torch.randint(0, 4, (n,), generator=g)
+    ]
+    t = pa.table(
+        {
+            "user": pa.array(torch.randint(0, 3000, (n,), generator=g).tolist(), pa.int64()),
+            "item": pa.array(torch.randint(0, 40, (n,), generator=g).tolist(), pa.int64()),
+            "hist": pa.array(hist, pa.list_(pa.int64())),
+            "d0": pa.array(torch.randn(n, generator=g).tolist(), pa.float32()),
+            "d1": pa.array(torch.randn(n, generator=g).tolist(), pa.float32()),
+            "a": pa.array(torch.randint(0, 2, (n,), generator=g).tolist(), pa.int8()),
+            "b": pa.array(torch.randn(n, generator=g).tolist(), pa.float32()),
+        }
+    )
     return ArrowBatchConverter(cfg.features.sparse, cfg.features.dense, cfg.tasks)(t)
 
 
@@ -90,7 +109,9 @@ def local_shards_match(sharded_sd, ref_sd, atol=1e-5) -> float:
         for shard in t.local_shards():
             r0, c0 = shard.metadata.shard_offsets
             rows, cols = shard.tensor.shape
-            worst = max(worst, (shard.tensor - ref[r0 : r0 + rows, c0 : c0 + cols]).abs().max().item())
+            worst = max(
+                worst, (shard.tensor - ref[r0 : r0 + rows, c0 : c0 + cols]).abs().max().item()
+            )
     return worst
 
 
@@ -131,6 +152,7 @@ def main(out_dir: str) -> None:
         for group in dmp.fused_optimizer.param_groups:
             group["lr"] = 0.05
         dense = torch.optim.SGD([p for n, p in dmp.named_parameters() if ".ebc." not in n], lr=0.1)
+
         def mean_over_ranks(x: torch.Tensor) -> float:
             x = x.detach().clone()
             dist.all_reduce(x)

@@ -15,5 +15,8 @@ def test_every_sharding_type_matches_unsharded_reference(tmp_path):
         for st, r in results.items():
             assert r["planned"] == [st], f"planner did not use {st}: {r['planned']}"
             assert r["forward_max_abs_diff"] < 1e-5, (st, r)
-            assert r["step_max_abs_diff"] < 2e-5, (st, r)  # fused optimizer update == reference update
+            assert r["step_max_abs_diff"] < 2e-5, (
+                st,
+                r,
+            )  # fused optimizer update == reference update
             assert r["loss_last"] < r["loss_first"] - 0.02, (st, r)

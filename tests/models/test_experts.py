@@ -52,7 +52,14 @@ def loop_mmoe(head: MMoE, x: torch.Tensor) -> torch.Tensor:
 
 def test_mmoe_matches_loop_reference_and_gates_are_distributions():
     torch.manual_seed(2)
-    head = MMoE(in_dim=10, num_tasks=3, num_experts=4, expert_hidden=[16, 8], tower_hidden=[6], gate_temperature=2.0)
+    head = MMoE(
+        in_dim=10,
+        num_tasks=3,
+        num_experts=4,
+        expert_hidden=[16, 8],
+        tower_hidden=[6],
+        gate_temperature=2.0,
+    )
     x = torch.randn(11, 10)
     out, gates = head(x)
     assert out.shape == (11, 3) and gates.shape == (11, 3, 4)

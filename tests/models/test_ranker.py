@@ -10,7 +10,16 @@ from mtl_dist.models.ranker import build_ranker
 
 
 def small_cfg():
-    return load_config(["--config", "configs/default.toml", "--model.expert_hidden", "16,8", "--model.tower_hidden", "4"])
+    return load_config(
+        [
+            "--config",
+            "configs/default.toml",
+            "--model.expert_hidden",
+            "16,8",
+            "--model.tower_hidden",
+            "4",
+        ]
+    )
 
 
 def random_table(cfg, n, seed=0):
@@ -34,7 +43,9 @@ def test_forward_shapes_and_gradients_reach_embedding_tables():
     cfg = small_cfg()
     torch.manual_seed(0)
     model = ModelWithLoss(build_ranker(cfg, device="cpu"), cfg.tasks)
-    batch = ArrowBatchConverter(cfg.features.sparse, cfg.features.dense, cfg.tasks)(random_table(cfg, 32))
+    batch = ArrowBatchConverter(cfg.features.sparse, cfg.features.dense, cfg.tasks)(
+        random_table(cfg, 32)
+    )
     loss, out = model(batch)
     assert out.preds.shape == (32, 3) and out.gates.shape == (32, 3, 4)
     assert torch.isfinite(loss)

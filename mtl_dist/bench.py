@@ -1,0 +1,115 @@
+"""Benchmark: the reader alone against a plain pyarrow read, and the training loop end to end.
+
+``python -m mtl_dist.bench --config configs/default.toml`` (or ``mtl-bench``) prints, from one
+run on one machine:
+
+* reader rows/s (Parquet → KJT + dense + labels batches) beside pyarrow's own read + decode of
+  the same files and columns (the baseline);
+* training samples/s under ``torchrun`` for each ``--nproc`` (validation time excluded);
+* the ratio reader rows/s ÷ the rows/s one rank consumes while training — the reader keeps up
+  when this is well above 1 (target ≥ 5).
+
+Figures are printed and written as JSON; nothing here asserts a speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import pyarrow.dataset as ds
+import torch
+
+from mtl_dist.config import load_config
+from mtl_dist.data.batch import ArrowBatchConverter
+from mtl_dist.data.reader import ParquetBatchReader, list_parquet_files
+
+
+def bench_reader(config: str, overrides: list[str], repeats: int = 3) -> dict[str, float]:
+    """Best-of-``repeats`` rows/s of our reader and of a plain pyarrow.dataset scan."""
+    cfg = load_config(["--config", config, *overrides])
+    files = list_parquet_files(cfg.data.train_path)
+    conv = ArrowBatchConverter(cfg.features.sparse, cfg.features.dense, cfg.tasks)
+    B = cfg.train.batch_size
+    ours, base, rows = 0.0, 0.0, 0
+    for _ in range(repeats):
+        t = time.perf_counter()
+        n = sum(b.batch_size for b in ParquetBatchReader(files, conv, B, drop_last=False))
+        ours = max(ours, n / (time.perf_counter() - t))
+        t = time.perf_counter()
+        scan = ds.dataset(files, format="parquet").to_batches(columns=conv.columns, batch_size=B)
+        rows = sum(rb.num_rows for rb in scan)
+        base = max(base, rows / (time.perf_counter() - t))
+    return {"rows": rows, "reader_rows_per_s": ours, "pyarrow_rows_per_s": base}
+
+
+def bench_training(
+    config: str, overrides: list[str], nproc: int, max_steps: int
+) -> dict[str, float]:
+    """Run the real entry point under torchrun and read its metrics.json."""
+    with tempfile.TemporaryDirectory() as out:
+        cores = os.cpu_count() or 1
+        cmd = [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            "-m", "mtl_dist.train", "--config", config, *overrides,
+            "--train.max_steps", str(max_steps), "--train.output_dir", out, "--train.progress_bar", "false",
+        ]  # fmt: skip
+        env = {
+            **os.environ,
+            "OMP_NUM_THREADS": str(max(1, cores // nproc)),
+            "PYTHONWARNINGS": "ignore",
+        }
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if proc.returncode != 0:
+            raise RuntimeError(f"training run failed ({nproc} procs):\n{proc.stderr[-3000:]}")
+        with open(os.path.join(out, "metrics.json")) as fh:
+            result = json.load(fh)
+    return {"nproc": nproc, "samples_per_s": result["samples_per_s"], "steps": result["steps"]}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--config", default="configs/default.toml")
+    p.add_argument(
+        "--nproc", default="1,2", help="comma-separated process counts for the training runs"
+    )
+    p.add_argument("--max-steps", type=int, default=100, help="training steps per run")
+    p.add_argument("--json", default="", help="also write the figures here")
+    args, overrides = p.parse_known_args(argv)
+
+    reader = bench_reader(args.config, overrides)
+    runs = [
+        bench_training(args.config, overrides, int(n), args.max_steps)
+        for n in args.nproc.split(",")
+    ]
+    print(
+        f"device: {'cuda' if torch.cuda.is_available() else 'cpu'}, {os.cpu_count()} cores, torch {torch.__version__}"
+    )
+    print(
+        f"reader (1 process):  {reader['reader_rows_per_s']:>10,.0f} rows/s  (Parquet -> KJT batches)"
+    )
+    print(
+        f"pyarrow baseline:    {reader['pyarrow_rows_per_s']:>10,.0f} rows/s  (read + decode only)"
+    )
+    print(f"  reader / pyarrow = {reader['reader_rows_per_s'] / reader['pyarrow_rows_per_s']:.2f}")
+    for r in runs:
+        per_rank = r["samples_per_s"] / r["nproc"]
+        r["reader_headroom"] = reader["reader_rows_per_s"] / per_rank
+        print(
+            f"training, {r['nproc']} proc(s): {r['samples_per_s']:>10,.0f} samples/s "
+            f"({per_rank:,.0f} per rank); reader / rank consumption = {r['reader_headroom']:.1f}x (target >= 5x)"
+        )
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"reader": reader, "training": runs}, fh, indent=2)
+
+
+if __name__ == "__main__":
+    main()

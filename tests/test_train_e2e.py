@@ -1,0 +1,78 @@
+"""The whole path under torchrun with 2 processes on CPU: Parquet → sharded EBC → MMoE → metrics."""
+
+import json
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from tests.conftest import torchrun
+
+
+def train(synth_data, out, *extra):
+    args = [
+        "-m", "mtl_dist.train", "--config", "configs/default.toml",
+        "--data.train_path", str(synth_data / "train"), "--data.val_path", str(synth_data / "val"),
+        "--train.output_dir", str(out), "--train.progress_bar", "false", *extra,
+    ]  # fmt: skip
+    proc = torchrun(args, nproc=2)
+    assert proc.returncode == 0
+    return json.loads((out / "metrics.json").read_text()), proc
+
+
+@pytest.fixture(scope="module")
+def trained(synth_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    # 160k rows / 2 ranks / batch 256 = 312 steps per rank, validation mid-way and at the end
+    result, proc = train(synth_data, out, "--train.batch_size", "256", "--train.val_every", "150")
+    return result, out, proc
+
+
+def test_auc_close_to_oracle(trained):
+    result, _, proc = trained
+    m = result["metrics"]
+    assert result["world_size"] == 2 and result["steps"] == 312
+    for task, max_gap in (("click", 0.07), ("conversion", 0.09)):
+        auc, oracle = m[task]["auc"], m[task]["oracle_auc"]
+        assert auc > 0.68, (task, auc)
+        assert oracle - auc < max_gap, (task, auc, oracle)
+    # conversion is only labelled after a click: its metrics count the clicked rows only
+    assert 0.1 * 40_000 < m["conversion"]["count"] < 0.25 * 40_000
+    assert m["click"]["count"] == 40_000
+    assert m["watch_time"]["mse"] < m["watch_time"]["oracle_mse"] + 0.08
+    assert "validation (model vs oracle" in proc.stdout and "oracle" in proc.stdout
+
+
+def test_tensorboard_events_written_and_readable(trained):
+    result, out, _ = trained
+    acc = EventAccumulator(str(out / "tb" / "rank_0"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    for tag in [
+        "train/loss",
+        "train/loss/click",
+        "train/samples_per_s",
+        "val/click/auc",
+        "val/click/oracle_auc",
+        "val/watch_time/mse",
+    ]:
+        assert tag in tags, tag
+    aucs = acc.Scalars("val/click/auc")
+    assert [e.step for e in aucs] == [150, 300, 312]
+    assert aucs[-1].value == pytest.approx(result["metrics"]["click"]["auc"], abs=1e-6)
+
+
+def test_same_seed_same_numbers(synth_data, tmp_path):
+    a, _ = train(synth_data, tmp_path / "a", "--train.max_steps", "20", "--train.batch_size", "256")
+    b, _ = train(synth_data, tmp_path / "b", "--train.max_steps", "20", "--train.batch_size", "256")
+    assert a["metrics"] == b["metrics"]
+    c, _ = train(
+        synth_data,
+        tmp_path / "c",
+        "--train.max_steps",
+        "20",
+        "--train.batch_size",
+        "256",
+        "--train.seed",
+        "1",
+    )
+    assert c["metrics"]["click"]["auc"] != a["metrics"]["click"]["auc"]
