@@ -36,9 +36,11 @@ PYEOF
 
 if stack_ok; then
   echo "[setup] torch $TORCH / torchrec $TORCHREC already installed in $VENV"
+  "${PIP[@]}" -e ".[$EXTRAS]"
 elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
   echo "[setup] CUDA detected: installing CUDA builds of torch, fbgemm-gpu, torchrec"
   "${PIP[@]}" "torch==$TORCH" "fbgemm-gpu==$FBGEMM" "torchrec==$TORCHREC"
+  "${PIP[@]}" -e ".[$EXTRAS]"
 else
   if "$PY" -c "import urllib.request as u; u.urlopen('$CPU_INDEX/torch/', timeout=5)" 2>/dev/null; then
     echo "[setup] no CUDA: torch $TORCH from PyTorch's CPU index"
@@ -48,9 +50,9 @@ else
     "${PIP[@]}" "torch==$TORCH"
   fi
   "${PIP[@]}" "fbgemm-gpu-cpu==$FBGEMM"
+  # the package's own dependencies (tensordict, pyre-extensions, torchmetrics) cover torchrec's
+  # imports; torchrec goes last with --no-deps so pip never pulls the CUDA fbgemm-gpu
+  "${PIP[@]}" -e ".[$EXTRAS]"
   "${PIP[@]}" --no-deps "torchrec==$TORCHREC"
-  "${PIP[@]}" tensordict pyre-extensions iopath "torchmetrics==1.0.3"
 fi
-
-echo "[setup] installing mtl-dist[$EXTRAS]"
-"${PIP[@]}" -e ".[$EXTRAS]"
+"$PY" -c "import torchrec, fbgemm_gpu, mtl_dist" && echo "[setup] ready: $VENV ($("$PY" -c 'import torch; print("torch", torch.__version__)'))"

@@ -66,7 +66,8 @@ def compute_metrics(
 ) -> dict[str, dict[str, float]]:
     """``preds, labels, mask, truth``: this rank's ``[N, T]``; returns ``{task: {metric: value}}``
     computed over all ranks' rows (every rank gets the same numbers)."""
-    preds, labels, mask, truth = (gather_rows(t) for t in (preds, labels, mask, truth))
+    # gathered on their device (nccl needs CUDA tensors), measured on the CPU
+    preds, labels, mask, truth = (gather_rows(t).cpu() for t in (preds, labels, mask, truth))
     result = {}
     for j, task in enumerate(tasks):
         keep = mask[:, j] > 0

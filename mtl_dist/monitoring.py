@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import warnings
 
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
@@ -45,3 +47,15 @@ class Monitor:
         if self.writer is not None:
             self.writer.flush()
             self.writer.close()
+
+
+def quiet_third_party_logs() -> None:
+    """Silence known, harmless start-up chatter of torchrec / torch.fx / torchdata.
+
+    Our own output (plan, progress, metrics) stays; real errors still surface.
+    """
+    for name in ("torchrec", "torch.fx._symbolic_trace", "fbgemm_gpu"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torchrec\.")
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", message=".*set_vital.*")

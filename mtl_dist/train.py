@@ -27,7 +27,7 @@ from mtl_dist.distributed.sharding import describe_plan, shard_model
 from mtl_dist.losses import ModelWithLoss, StepOutput
 from mtl_dist.metrics import compute_metrics, format_table
 from mtl_dist.models.ranker import build_ranker
-from mtl_dist.monitoring import Monitor
+from mtl_dist.monitoring import Monitor, quiet_third_party_logs
 from mtl_dist.optim import build_optimizer
 
 
@@ -117,7 +117,7 @@ def evaluate(
         _, out = model(batch.to(device, non_blocking=True))
         outs.append(out)
     model.train()
-    cat = lambda name: torch.cat([getattr(o, name) for o in outs]).cpu()  # noqa: E731
+    cat = lambda name: torch.cat([getattr(o, name) for o in outs])  # noqa: E731
     return compute_metrics(cfg.tasks, cat("preds"), cat("labels"), cat("mask"), cat("truth"))
 
 
@@ -177,7 +177,7 @@ def train(cfg: JobConfig, info: DistInfo) -> dict[str, object]:
     step, metrics, history = 0, {}, []
     t0 = time.perf_counter()
     eval_s = 0.0  # validation time, excluded from training throughput
-    loss_sum, loss_steps = torch.zeros(len(cfg.tasks)), 0
+    loss_sum, loss_steps = torch.zeros(len(cfg.tasks), device=info.device), 0  # no per-step host sync
     for _epoch in range(cfg.train.epochs):
         batches = iter(build_loader(train_reader, cfg.data))
         epoch_end = min(step + steps_per_epoch, total)
@@ -186,7 +186,7 @@ def train(cfg: JobConfig, info: DistInfo) -> dict[str, object]:
             segment_start = step
             for out in runner.run(itertools.islice(batches, segment_end - step)):
                 step += 1
-                loss_sum += out.losses.cpu()
+                loss_sum += out.losses
                 loss_steps += 1
                 if step % cfg.train.log_every == 0 or step == segment_end:
                     losses = (loss_sum / loss_steps).tolist()
@@ -237,6 +237,7 @@ def train(cfg: JobConfig, info: DistInfo) -> dict[str, object]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    quiet_third_party_logs()
     cfg = load_config(argv)
     info = init_distributed(cfg.train.device, cfg.train.threads)
     try:

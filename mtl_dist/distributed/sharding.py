@@ -87,10 +87,10 @@ def shard_model(
 
 
 def describe_plan(plan: ShardingPlan) -> str:
-    """``table: sharding_type on ranks [..]`` per table."""
-    lines = []
-    for module_path, module_plan in plan.plan.items():
+    """One line per (sharding type, ranks): the tables placed that way."""
+    groups: dict[tuple[str, tuple[int, ...]], list[str]] = {}
+    for module_plan in plan.plan.values():
         for table, ps in module_plan.items():  # type: ignore[union-attr]
-            ranks = sorted({r for r in (ps.ranks or [])})
-            lines.append(f"{module_path}.{table}: {ps.sharding_type} on ranks {ranks}")
-    return "\n".join(lines)
+            key = (ps.sharding_type, tuple(sorted(set(ps.ranks or []))))
+            groups.setdefault(key, []).append(table)
+    return "\n".join(f"  {st} on ranks {list(ranks)}: {', '.join(tables)}" for (st, ranks), tables in groups.items())

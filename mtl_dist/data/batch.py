@@ -1,0 +1,177 @@
+"""The model's input: one batch of dense features, sparse ids (a KJT) and per-task labels.
+
+Shapes (legend: B batch, Dd dense features, T tasks)::
+
+    dense   [B, Dd] float32
+    sparse  KeyedJaggedTensor, keys = sparse feature names, one bag per (feature, row)
+    labels  [B, T]  float32, 0 where missing
+    mask    [B, T]  float32, 1 where the label exists (0 for missing labels and padding rows)
+    truth   [B, T]  float32, the true probability / expected value where the data has it, else NaN
+
+:class:`ArrowBatchConverter` turns a ``pyarrow.Table`` of B rows into a :class:`Batch`, checking
+ids against the schema so bad data fails with the column named.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from torchrec.streamable import Pipelineable
+
+from mtl_dist.config import SparseFeature, TaskSpec
+
+
+@dataclass
+class Batch(Pipelineable):
+    """One training / validation batch; ``position`` is the reader position after it.
+
+    ``position`` is ``(global_worker, rows_consumed)``: saving the position of the last batch
+    actually trained (not the last one read) is what makes resume exact under a pipelined trainer.
+    """
+
+    dense: torch.Tensor
+    sparse: KeyedJaggedTensor
+    labels: torch.Tensor
+    mask: torch.Tensor
+    truth: torch.Tensor
+    position: tuple[int, int] = field(default=(0, 0))
+
+    @property
+    def batch_size(self) -> int:
+        return self.dense.shape[0]
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> Batch:
+        return Batch(
+            dense=self.dense.to(device, non_blocking=non_blocking),
+            sparse=self.sparse.to(device, non_blocking=non_blocking),
+            labels=self.labels.to(device, non_blocking=non_blocking),
+            mask=self.mask.to(device, non_blocking=non_blocking),
+            truth=self.truth.to(device, non_blocking=non_blocking),
+            position=self.position,
+        )
+
+    def record_stream(self, stream: torch.Stream) -> None:
+        for t in (self.dense, self.labels, self.mask, self.truth):
+            t.record_stream(stream)
+        self.sparse.record_stream(stream)
+
+    def pin_memory(self) -> Batch:
+        return Batch(
+            dense=self.dense.pin_memory(),
+            sparse=self.sparse.pin_memory(),
+            labels=self.labels.pin_memory(),
+            mask=self.mask.pin_memory(),
+            truth=self.truth.pin_memory(),
+            position=self.position,
+        )
+
+
+class ArrowBatchConverter:
+    """Turns Arrow rows into a :class:`Batch` following the configured schema.
+
+    Single-hot columns hold int64 ids (a null is an empty bag); multi-hot columns hold
+    ``list<int64>``. With ``hash_buckets`` ids are taken modulo the bucket count; otherwise an
+    id outside ``[0, vocab_size)`` raises ``ValueError`` naming the column and the value.
+
+    Example::
+
+        conv = ArrowBatchConverter([SparseFeature("item", vocab_size=10)], ["price"],
+                                   [TaskSpec("click", label="click")])
+        batch = conv(pa.table({"item": [1, 2], "price": [0.5, 1.0], "click": [0, 1]}))
+        batch.dense.shape  # torch.Size([2, 1])
+    """
+
+    def __init__(self, sparse: list[SparseFeature], dense: list[str], tasks: list[TaskSpec]) -> None:
+        self.sparse = sparse
+        self.dense = dense
+        self.tasks = tasks
+        self.keys = [f.name for f in sparse]
+
+    @property
+    def columns(self) -> list[str]:
+        """The Parquet columns this converter reads."""
+        cols = [f.name for f in self.sparse] + list(self.dense)
+        for t in self.tasks:
+            cols += [t.label] + ([t.truth] if t.truth else [])
+        return list(dict.fromkeys(cols))
+
+    def _ids(self, f: SparseFeature, col: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+        """Flat ids and per-row bag lengths of one sparse column."""
+        arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+        if pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type):
+            lengths = pc.fill_null(pc.list_value_length(arr), 0).to_numpy().astype(np.int32)
+            flat = arr.flatten()
+            if flat.null_count:
+                raise ValueError(f"column '{f.name}': null id inside a list")
+            ids = flat.to_numpy(zero_copy_only=False)
+        elif pa.types.is_integer(arr.type):
+            if arr.null_count:
+                valid = arr.is_valid().to_numpy(zero_copy_only=False)
+                ids = arr.drop_null().to_numpy()
+                lengths = valid.astype(np.int32)
+            else:
+                ids = arr.to_numpy()
+                lengths = np.ones(len(arr), dtype=np.int32)
+        else:
+            raise ValueError(f"column '{f.name}': expected integer ids or a list of them, got {arr.type}")
+        ids = ids.astype(np.int64, copy=False)
+        if f.hash_buckets:
+            ids = np.mod(ids, f.hash_buckets)
+        elif ids.size:
+            lo, hi = int(ids.min()), int(ids.max())
+            if lo < 0 or hi >= f.vocab_size:
+                bad = lo if lo < 0 else hi
+                raise ValueError(
+                    f"column '{f.name}': id {bad} outside [0, {f.vocab_size}) "
+                    "(raise vocab_size or set hash_buckets)"
+                )
+        return ids, lengths
+
+    def __call__(self, table: pa.Table, pad_to: int = 0, position: tuple[int, int] = (0, 0)) -> Batch:
+        """Convert ``table`` (n rows) into a Batch of ``max(n, pad_to)`` rows; pad rows are masked."""
+        n = table.num_rows
+        size = max(n, pad_to)
+        pad = size - n
+        values, lengths = [], []
+        for f in self.sparse:
+            ids, lens = self._ids(f, table.column(f.name))
+            values.append(ids)
+            lengths.append(np.pad(lens, (0, pad)) if pad else lens)
+        sparse = KeyedJaggedTensor(
+            keys=self.keys,
+            values=torch.from_numpy(np.concatenate(values) if values else np.zeros(0, np.int64)),
+            lengths=torch.from_numpy(np.concatenate(lengths) if lengths else np.zeros(0, np.int32)),
+        )
+        dense = np.zeros((size, len(self.dense)), dtype=np.float32)
+        for j, name in enumerate(self.dense):
+            col = table.column(name)
+            if not (pa.types.is_floating(col.type) or pa.types.is_integer(col.type)):
+                raise ValueError(f"column '{name}': expected a number, got {col.type}")
+            dense[:n, j] = pc.fill_null(col, 0).to_numpy()
+        t = len(self.tasks)
+        labels = np.zeros((size, t), dtype=np.float32)
+        mask = np.zeros((size, t), dtype=np.float32)
+        truth = np.full((size, t), np.nan, dtype=np.float32)
+        for j, task in enumerate(self.tasks):
+            col = table.column(task.label)
+            present = col.is_valid().to_numpy(zero_copy_only=False) if col.null_count else np.ones(n, bool)
+            y = pc.fill_null(col, 0).to_numpy(zero_copy_only=False).astype(np.float32)
+            if task.kind == "regression" and task.transform == "log1p":
+                y = np.log1p(y)
+            labels[:n, j] = y
+            mask[:n, j] = present
+            if task.truth:
+                truth[:n, j] = pc.fill_null(table.column(task.truth), np.nan).to_numpy(zero_copy_only=False)
+        return Batch(
+            dense=torch.from_numpy(dense),
+            sparse=sparse,
+            labels=torch.from_numpy(labels),
+            mask=torch.from_numpy(mask),
+            truth=torch.from_numpy(truth),
+            position=position,
+        )

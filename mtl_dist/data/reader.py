@@ -1,0 +1,297 @@
+"""Stream Parquet as batches: each rank × loader worker reads its own contiguous row range.
+
+The dataset's rows (all files, in sorted order, all row groups) form one global row index. It is
+cut into ``world_size × num_workers`` contiguous ranges whose sizes differ by at most one row —
+cut across file and row-group boundaries, so ranks stay balanced however the files are laid out
+(whole files or row groups per rank would leave ranks unequal). Each worker streams its range
+row group by row group with ``pyarrow``'s batch iterator, so memory is bounded by the batch size
+× prefetch depth plus one row group's column chunks, never by the file size.
+
+Every rank must run the same number of steps (the sharded embedding lookups are collectives), so
+the step count per rank is computed from the Parquet metadata alone, identically on every rank:
+
+* ``drop_last=True`` (training): each worker yields only full batches; ranks with more batches
+  than the poorest rank drop their surplus (at most ``num_workers`` batches per rank).
+* ``drop_last=False`` (validation): partial batches are padded to ``batch_size`` with masked rows,
+  and ranks with fewer batches yield fully masked padding batches, so every real row is seen
+  exactly once and metrics stay exact.
+
+The position — rows consumed per global worker — is state: :meth:`ParquetBatchReader.state_dict`
+and ``load_state_dict`` save and restore it, and every :class:`Batch` carries the position after
+it, so a pipelined trainer can save the position of the last batch it actually trained.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from mtl_dist.data.batch import ArrowBatchConverter, Batch
+
+
+def list_parquet_files(spec: str) -> list[str]:
+    """Resolve a directory, a glob or a comma-separated list of files into sorted file paths."""
+    files: list[str] = []
+    for part in [p.strip() for p in spec.split(",") if p.strip()]:
+        if os.path.isdir(part):
+            found = sorted(glob.glob(os.path.join(part, "**", "*.parquet"), recursive=True))
+        elif any(ch in part for ch in "*?["):
+            found = sorted(glob.glob(part, recursive=True))
+        elif os.path.exists(part):
+            found = [part]
+        else:
+            raise FileNotFoundError(f"Parquet path not found: {part}")
+        if not found:
+            raise FileNotFoundError(f"no Parquet files under: {part}")
+        files += found
+    return files
+
+
+@dataclass(frozen=True)
+class RowGroup:
+    """One row group and its place in the global row index."""
+
+    file: str
+    index: int
+    start: int  # global row index of its first row
+    num_rows: int
+
+
+def index_row_groups(files: list[str]) -> list[RowGroup]:
+    """Global row index from Parquet footers only (no data read).
+
+    Counts come from row-group metadata: ``fragment.count_rows()`` on a row-group subset is
+    known to return the whole file's count on pyarrow 26.
+    """
+    groups: list[RowGroup] = []
+    start = 0
+    for path in files:
+        try:
+            meta = pq.ParquetFile(path).metadata
+        except (pa.ArrowInvalid, OSError) as e:
+            raise ValueError(f"{path}: not a readable Parquet file ({e})") from None
+        for i in range(meta.num_row_groups):
+            n = meta.row_group(i).num_rows
+            if n:
+                groups.append(RowGroup(path, i, start, n))
+                start += n
+    return groups
+
+
+def split_range(total: int, parts: int, index: int) -> tuple[int, int]:
+    """Contiguous range ``[begin, end)`` of part ``index`` when ``total`` rows are cut in ``parts``.
+
+    Sizes differ by at most one row.
+    """
+    q, r = divmod(total, parts)
+    begin = index * q + min(index, r)
+    return begin, begin + q + (1 if index < r else 0)
+
+
+def batches_per_worker(
+    total: int, world_size: int, num_workers: int, batch_size: int, drop_last: bool
+) -> list[list[int]]:
+    """``[rank][worker]`` → batches that worker yields, equal in sum over every rank.
+
+    See the module docstring for the drop / pad rule.
+    """
+    parts = world_size * num_workers
+    counts = []
+    for rank in range(world_size):
+        row = []
+        for w in range(num_workers):
+            b, e = split_range(total, parts, rank * num_workers + w)
+            row.append((e - b) // batch_size if drop_last else -(-(e - b) // batch_size))
+        counts.append(row)
+    sums = [sum(r) for r in counts]
+    target = min(sums) if drop_last else max(sums)
+    for row in counts:
+        excess = sum(row) - target  # > 0 only when dropping, < 0 only when padding
+        for w in reversed(range(num_workers)):
+            if excess > 0:
+                cut = min(excess, row[w])
+                row[w] -= cut
+                excess -= cut
+        if excess < 0:
+            row[-1] -= excess
+    return counts
+
+
+class ParquetBatchReader(IterableDataset):
+    """Yields :class:`Batch` es of this rank's share of the rows (see module docstring).
+
+    Use with ``torchdata.stateful_dataloader.StatefulDataLoader(reader, batch_size=None,
+    num_workers=W)`` where ``W`` equals ``num_workers`` here (0 and 1 both mean one reader).
+
+    Args:
+        files: Parquet files, read in this order.
+        converter: turns Arrow rows into a Batch.
+        batch_size: rows per batch B.
+        rank, world_size: this process's share.
+        num_workers: loader workers per rank.
+        drop_last: drop ragged batches (training) or pad them (validation).
+
+    Example::
+
+        reader = ParquetBatchReader(list_parquet_files("data/train"), conv, 1024, rank=0,
+                                    world_size=2, num_workers=1, drop_last=True)
+        for batch in reader: ...
+    """
+
+    def __init__(
+        self,
+        files: list[str],
+        converter: ArrowBatchConverter,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        num_workers: int = 0,
+        drop_last: bool = True,
+    ) -> None:
+        super().__init__()
+        self.files = files
+        self.converter = converter
+        self.batch_size = batch_size
+        self.rank = rank
+        self.world_size = world_size
+        self.num_workers = max(1, num_workers)
+        self.drop_last = drop_last
+        self.groups = index_row_groups(files)
+        self.total_rows = self.groups[-1].start + self.groups[-1].num_rows if self.groups else 0
+        self._check_columns()
+        self.quota = batches_per_worker(
+            self.total_rows, world_size, self.num_workers, batch_size, drop_last
+        )[rank]
+        # rows already consumed in each of this rank's worker ranges (resume position)
+        self.offsets = [0] * self.num_workers
+
+    def _check_columns(self) -> None:
+        need = set(self.converter.columns)
+        for path in self.files:
+            names = set(pq.read_schema(path).names)
+            missing = sorted(need - names)
+            if missing:
+                raise ValueError(f"{path}: missing column(s) {', '.join(missing)}")
+
+    def __len__(self) -> int:
+        """Batches this rank yields per pass (the same on every rank)."""
+        return sum(self.quota)
+
+    # --- state -------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, object]:
+        return {"offsets": list(self.offsets)}
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        self.offsets = list(state["offsets"])  # type: ignore[arg-type]
+
+    # --- reading -----------------------------------------------------------------------
+
+    def worker_range(self, worker: int) -> tuple[int, int]:
+        """Global row range of this rank's ``worker``."""
+        return split_range(self.total_rows, self.world_size * self.num_workers, self.rank * self.num_workers + worker)
+
+    def _tables(self, begin: int, end: int) -> Iterator[tuple[str, pa.Table]]:
+        """(file, Arrow table of at most ``batch_size`` rows) covering global rows ``[begin, end)``."""
+        cols = self.converter.columns
+        for g in self.groups:
+            lo, hi = max(begin, g.start), min(end, g.start + g.num_rows)
+            if lo >= hi:
+                continue
+            try:
+                pf = pq.ParquetFile(g.file)
+                pos = g.start
+                for rb in pf.iter_batches(batch_size=self.batch_size, row_groups=[g.index], columns=cols):
+                    b0, b1 = max(lo, pos), min(hi, pos + rb.num_rows)
+                    if b0 < b1:
+                        yield g.file, pa.Table.from_batches([rb.slice(b0 - pos, b1 - b0)])
+                    pos += rb.num_rows
+                    if pos >= hi:
+                        break
+            except (pa.ArrowInvalid, OSError) as e:
+                raise ValueError(f"{g.file}: failed to read row group {g.index} ({e})") from None
+
+    def _convert(self, tables: list[tuple[str, pa.Table]], worker: int, consumed: int) -> Batch:
+        table = pa.concat_tables([t for _, t in tables]) if tables else self._empty
+        try:
+            return self.converter(table, pad_to=self.batch_size, position=(self.rank * self.num_workers + worker, consumed))
+        except ValueError as e:
+            files = ", ".join(dict.fromkeys(f for f, _ in tables))
+            raise ValueError(f"{files}: {e}") from None
+
+    def __iter__(self) -> Iterator[Batch]:
+        info = get_worker_info()
+        workers = [info.id] if info is not None else list(range(self.num_workers))
+        if info is not None and info.num_workers != self.num_workers:
+            raise ValueError(
+                f"reader built for {self.num_workers} workers but the loader runs {info.num_workers}"
+            )
+        # a finished pass (every range read to its quota) starts the next one from the beginning
+        if all(self._remaining(w) <= 0 for w in workers):
+            for w in workers:
+                self.offsets[w] = 0
+        # in-process reading of several worker ranges: one after another
+        for w in workers:
+            yield from self._iter_worker(w)
+
+    def _remaining(self, worker: int) -> int:
+        """Batches ``worker`` has still to yield in this pass (those before a resume count)."""
+        consumed, B = self.offsets[worker], self.batch_size
+        return self.quota[worker] - (consumed // B if self.drop_last else -(-consumed // B))
+
+    def _iter_worker(self, worker: int) -> Iterator[Batch]:
+        begin, end = self.worker_range(worker)
+        consumed = self.offsets[worker]
+        B = self.batch_size
+        remaining = self._remaining(worker)
+        pending: list[tuple[str, pa.Table]] = []
+        pending_rows = 0
+        for file, table in self._tables(begin + consumed, end):
+            if remaining <= 0:
+                break
+            pending.append((file, table))
+            pending_rows += table.num_rows
+            if pending_rows < B:
+                continue
+            # a full batch: the head of `pending`, the rest (< B rows) stays pending
+            head, rest, need = [], [], B
+            for f, t in pending:
+                take = min(need, t.num_rows)
+                if take:
+                    head.append((f, t.slice(0, take)))
+                if t.num_rows > take:
+                    rest.append((f, t.slice(take)))
+                need -= take
+            consumed += B
+            self.offsets[worker] = consumed
+            remaining -= 1
+            yield self._convert(head, worker, consumed)
+            pending, pending_rows = rest, pending_rows - B
+        if remaining > 0 and pending_rows and not self.drop_last:
+            consumed += pending_rows
+            self.offsets[worker] = consumed
+            remaining -= 1
+            yield self._convert(pending, worker, consumed)
+        # padding batches keep every rank at the same step count (validation only)
+        for _ in range(max(0, remaining)):
+            yield self._convert([], worker, consumed)
+
+    @property
+    def _empty(self) -> pa.Table:
+        return pq.read_schema(self.files[0]).empty_table().select(self.converter.columns)
+
+
+def describe(reader: ParquetBatchReader) -> str:
+    """One line: files, rows, this rank's range and batches per pass."""
+    ranges = [reader.worker_range(w) for w in range(reader.num_workers)]
+    return (
+        f"{len(reader.files)} files, {reader.total_rows} rows; rank {reader.rank}/{reader.world_size} "
+        f"reads {sum(e - b for b, e in ranges)} rows in {len(reader)} batches of {reader.batch_size}"
+    )
