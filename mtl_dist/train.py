@@ -50,6 +50,19 @@ def build_loader(reader: ParquetBatchReader, cfg: DataConfig) -> StatefulDataLoa
     )
 
 
+def build_readers(cfg: JobConfig, info: DistInfo) -> tuple[ParquetBatchReader, ParquetBatchReader]:
+    """Training reader (drops ragged batches) and validation reader (pads them: every row counts)."""
+    converter = ArrowBatchConverter(cfg.features.sparse, cfg.features.dense, cfg.tasks)
+
+    def reader(path: str, drop_last: bool) -> ParquetBatchReader:
+        return ParquetBatchReader(
+            list_parquet_files(path), converter, cfg.train.batch_size, info.rank, info.world_size,
+            cfg.data.num_workers, drop_last=drop_last,
+        )  # fmt: skip
+
+    return reader(cfg.data.train_path, True), reader(cfg.data.val_path, False)
+
+
 class StepRunner:
     """Runs training steps, through TorchRec's ``TrainPipelineSparseDist`` or plainly.
 
@@ -132,26 +145,7 @@ def train(cfg: JobConfig, info: DistInfo) -> dict[str, object]:
     os.makedirs(cfg.train.output_dir, exist_ok=True)
 
     # --- data: each rank reads its own contiguous share of the rows
-    converter = ArrowBatchConverter(cfg.features.sparse, cfg.features.dense, cfg.tasks)
-    B, workers = cfg.train.batch_size, cfg.data.num_workers
-    train_reader = ParquetBatchReader(
-        list_parquet_files(cfg.data.train_path),
-        converter,
-        B,
-        info.rank,
-        info.world_size,
-        workers,
-        drop_last=True,
-    )
-    val_reader = ParquetBatchReader(
-        list_parquet_files(cfg.data.val_path),
-        converter,
-        B,
-        info.rank,
-        info.world_size,
-        workers,
-        drop_last=False,
-    )
+    train_reader, val_reader = build_readers(cfg, info)
     log(f"[data] train: {describe(train_reader)}\n[data] val:   {describe(val_reader)}")
 
     # --- model: tables on meta, sharded by the planner; dense part under DDP
@@ -164,20 +158,25 @@ def train(cfg: JobConfig, info: DistInfo) -> dict[str, object]:
     runner = StepRunner(model, optimizer, info.device, cfg.sharding.pipeline)
 
     # --- loop: segments of `val_every` steps, validation after each
+    B = cfg.train.batch_size
     steps_per_epoch = len(train_reader)
     total = steps_per_epoch * cfg.train.epochs
     if cfg.train.max_steps:
         total = min(total, cfg.train.max_steps)
     if total == 0:
         raise ValueError(
-            f"{cfg.data.train_path}: fewer rows than one batch per rank ({train_reader.total_rows} rows, batch {B}, world {info.world_size})"
+            f"{cfg.data.train_path}: fewer rows than one batch per rank "
+            f"({train_reader.total_rows} rows, batch {cfg.train.batch_size}, world {info.world_size})"
         )
     val_every = cfg.train.val_every or steps_per_epoch
     monitor = Monitor(cfg.train.output_dir, info.rank, total, cfg.train.progress_bar)
     step, metrics, history = 0, {}, []
     t0 = time.perf_counter()
     eval_s = 0.0  # validation time, excluded from training throughput
-    loss_sum, loss_steps = torch.zeros(len(cfg.tasks), device=info.device), 0  # no per-step host sync
+    loss_sum, loss_steps = (
+        torch.zeros(len(cfg.tasks), device=info.device),
+        0,
+    )  # no per-step host sync
     for _epoch in range(cfg.train.epochs):
         batches = iter(build_loader(train_reader, cfg.data))
         epoch_end = min(step + steps_per_epoch, total)
@@ -220,6 +219,7 @@ def train(cfg: JobConfig, info: DistInfo) -> dict[str, object]:
         "metrics": metrics,
         "history": history,
         "plan": describe_plan(plan),
+        "last_trained_position": runner.trained_position,  # (global worker, rows consumed) of rank 0
         "config": to_dict(cfg),
     }
     if info.is_main:

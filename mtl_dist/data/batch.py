@@ -86,7 +86,9 @@ class ArrowBatchConverter:
         batch.dense.shape  # torch.Size([2, 1])
     """
 
-    def __init__(self, sparse: list[SparseFeature], dense: list[str], tasks: list[TaskSpec]) -> None:
+    def __init__(
+        self, sparse: list[SparseFeature], dense: list[str], tasks: list[TaskSpec]
+    ) -> None:
         self.sparse = sparse
         self.dense = dense
         self.tasks = tasks
@@ -118,7 +120,9 @@ class ArrowBatchConverter:
                 ids = arr.to_numpy()
                 lengths = np.ones(len(arr), dtype=np.int32)
         else:
-            raise ValueError(f"column '{f.name}': expected integer ids or a list of them, got {arr.type}")
+            raise ValueError(
+                f"column '{f.name}': expected integer ids or a list of them, got {arr.type}"
+            )
         ids = ids.astype(np.int64, copy=False)
         if f.hash_buckets:
             ids = np.mod(ids, f.hash_buckets)
@@ -132,7 +136,9 @@ class ArrowBatchConverter:
                 )
         return ids, lengths
 
-    def __call__(self, table: pa.Table, pad_to: int = 0, position: tuple[int, int] = (0, 0)) -> Batch:
+    def __call__(
+        self, table: pa.Table, pad_to: int = 0, position: tuple[int, int] = (0, 0)
+    ) -> Batch:
         """Convert ``table`` (n rows) into a Batch of ``max(n, pad_to)`` rows; pad rows are masked."""
         n = table.num_rows
         size = max(n, pad_to)
@@ -159,14 +165,20 @@ class ArrowBatchConverter:
         truth = np.full((size, t), np.nan, dtype=np.float32)
         for j, task in enumerate(self.tasks):
             col = table.column(task.label)
-            present = col.is_valid().to_numpy(zero_copy_only=False) if col.null_count else np.ones(n, bool)
+            present = (
+                col.is_valid().to_numpy(zero_copy_only=False)
+                if col.null_count
+                else np.ones(n, bool)
+            )
             y = pc.fill_null(col, 0).to_numpy(zero_copy_only=False).astype(np.float32)
             if task.kind == "regression" and task.transform == "log1p":
                 y = np.log1p(y)
             labels[:n, j] = y
             mask[:n, j] = present
             if task.truth:
-                truth[:n, j] = pc.fill_null(table.column(task.truth), np.nan).to_numpy(zero_copy_only=False)
+                truth[:n, j] = pc.fill_null(table.column(task.truth), np.nan).to_numpy(
+                    zero_copy_only=False
+                )
         return Batch(
             dense=torch.from_numpy(dense),
             sparse=sparse,

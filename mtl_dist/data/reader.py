@@ -30,7 +30,6 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from mtl_dist.data.batch import ArrowBatchConverter, Batch
@@ -196,7 +195,11 @@ class ParquetBatchReader(IterableDataset):
 
     def worker_range(self, worker: int) -> tuple[int, int]:
         """Global row range of this rank's ``worker``."""
-        return split_range(self.total_rows, self.world_size * self.num_workers, self.rank * self.num_workers + worker)
+        return split_range(
+            self.total_rows,
+            self.world_size * self.num_workers,
+            self.rank * self.num_workers + worker,
+        )
 
     def _tables(self, begin: int, end: int) -> Iterator[tuple[str, pa.Table]]:
         """(file, Arrow table of at most ``batch_size`` rows) covering global rows ``[begin, end)``."""
@@ -208,7 +211,9 @@ class ParquetBatchReader(IterableDataset):
             try:
                 pf = pq.ParquetFile(g.file)
                 pos = g.start
-                for rb in pf.iter_batches(batch_size=self.batch_size, row_groups=[g.index], columns=cols):
+                for rb in pf.iter_batches(
+                    batch_size=self.batch_size, row_groups=[g.index], columns=cols
+                ):
                     b0, b1 = max(lo, pos), min(hi, pos + rb.num_rows)
                     if b0 < b1:
                         yield g.file, pa.Table.from_batches([rb.slice(b0 - pos, b1 - b0)])
@@ -221,7 +226,11 @@ class ParquetBatchReader(IterableDataset):
     def _convert(self, tables: list[tuple[str, pa.Table]], worker: int, consumed: int) -> Batch:
         table = pa.concat_tables([t for _, t in tables]) if tables else self._empty
         try:
-            return self.converter(table, pad_to=self.batch_size, position=(self.rank * self.num_workers + worker, consumed))
+            return self.converter(
+                table,
+                pad_to=self.batch_size,
+                position=(self.rank * self.num_workers + worker, consumed),
+            )
         except ValueError as e:
             files = ", ".join(dict.fromkeys(f for f, _ in tables))
             raise ValueError(f"{files}: {e}") from None

@@ -93,4 +93,7 @@ def describe_plan(plan: ShardingPlan) -> str:
         for table, ps in module_plan.items():  # type: ignore[union-attr]
             key = (ps.sharding_type, tuple(sorted(set(ps.ranks or []))))
             groups.setdefault(key, []).append(table)
-    return "\n".join(f"  {st} on ranks {list(ranks)}: {', '.join(tables)}" for (st, ranks), tables in groups.items())
+    return "\n".join(
+        f"  {st} on ranks {list(ranks)}: {', '.join(tables)}"
+        for (st, ranks), tables in groups.items()
+    )

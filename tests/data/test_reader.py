@@ -8,7 +8,12 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from mtl_dist.config import SparseFeature, TaskSpec
 from mtl_dist.data.batch import ArrowBatchConverter
-from mtl_dist.data.reader import ParquetBatchReader, batches_per_worker, list_parquet_files, split_range
+from mtl_dist.data.reader import (
+    ParquetBatchReader,
+    batches_per_worker,
+    list_parquet_files,
+    split_range,
+)
 
 SPARSE = [
     SparseFeature(name="item", vocab_size=1000),
@@ -24,13 +29,15 @@ def table(start: int, n: int) -> pa.Table:
     lens = rid % 4  # 0..3 tags
     offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
     tags = np.concatenate([np.arange(k) + r % 7 for r, k in zip(rid, lens)]).astype(np.int64)
-    return pa.table({
-        "rid": pa.array(rid.astype(np.float32)),
-        "item": pa.array(rid % 1000, pa.int64()),
-        "tags": pa.ListArray.from_arrays(pa.array(offsets), pa.array(tags, pa.int64())),
-        "click": pa.array((rid % 3 == 0).astype(np.int8)),
-        "conv": pa.array(np.where(rid % 3 == 0, rid % 2, 0).astype(np.int8), mask=rid % 3 != 0),
-    })
+    return pa.table(
+        {
+            "rid": pa.array(rid.astype(np.float32)),
+            "item": pa.array(rid % 1000, pa.int64()),
+            "tags": pa.ListArray.from_arrays(pa.array(offsets), pa.array(tags, pa.int64())),
+            "click": pa.array((rid % 3 == 0).astype(np.int8)),
+            "conv": pa.array(np.where(rid % 3 == 0, rid % 2, 0).astype(np.int8), mask=rid % 3 != 0),
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +56,9 @@ def read_all(files, world, workers, batch, drop_last):
     per_rank = []
     for rank in range(world):
         reader = ParquetBatchReader(files, CONVERTER, batch, rank, world, workers, drop_last)
-        loader = StatefulDataLoader(reader, batch_size=None, num_workers=workers if workers > 1 else 0)
+        loader = StatefulDataLoader(
+            reader, batch_size=None, num_workers=workers if workers > 1 else 0
+        )
         per_rank.append(list(loader))
     return per_rank
 
@@ -73,7 +82,9 @@ def test_every_row_exactly_once_and_ranks_balanced(files, world, workers):
         rows_per_rank.append(n)
     seen = np.concatenate(seen)
     assert len(seen) == total and np.array_equal(np.sort(seen), np.arange(total))
-    assert max(rows_per_rank) - min(rows_per_rank) <= workers  # within one batch (each range ±1 row)
+    assert (
+        max(rows_per_rank) - min(rows_per_rank) <= workers
+    )  # within one batch (each range ±1 row)
 
 
 @pytest.mark.parametrize(("world", "workers"), [(2, 1), (3, 2)])
@@ -123,17 +134,23 @@ def test_memory_bounded_by_batch_not_file(tmp_path):
     """A 2M-row file streams with peak Arrow memory far below the file's decoded size."""
     n = 2_000_000
     rid = np.arange(n)
-    big = pa.table({
-        "rid": pa.array(rid.astype(np.float32)),
-        "item": pa.array(rid % 1000, pa.int64()),
-        "tags": pa.ListArray.from_arrays(pa.array(np.arange(n + 1, dtype=np.int32)), pa.array(rid % 50, pa.int64())),
-        "click": pa.array((rid % 2).astype(np.int8)),
-        "conv": pa.array((rid % 2).astype(np.int8)),
-    })
+    big = pa.table(
+        {
+            "rid": pa.array(rid.astype(np.float32)),
+            "item": pa.array(rid % 1000, pa.int64()),
+            "tags": pa.ListArray.from_arrays(
+                pa.array(np.arange(n + 1, dtype=np.int32)), pa.array(rid % 50, pa.int64())
+            ),
+            "click": pa.array((rid % 2).astype(np.int8)),
+            "conv": pa.array((rid % 2).astype(np.int8)),
+        }
+    )
     decoded = big.nbytes
     pq.write_table(big, tmp_path / "big.parquet", row_group_size=65536)
     del big
-    reader = ParquetBatchReader([str(tmp_path / "big.parquet")], CONVERTER, 1024, 0, 1, 1, drop_last=True)
+    reader = ParquetBatchReader(
+        [str(tmp_path / "big.parquet")], CONVERTER, 1024, 0, 1, 1, drop_last=True
+    )
     base = pa.total_allocated_bytes()
     peak, rows = 0, 0
     for b in reader:
@@ -148,14 +165,19 @@ def test_split_and_quota_arithmetic():
     q = batches_per_worker(1000, 3, 2, 64, drop_last=True)
     assert len({sum(r) for r in q}) == 1
     q = batches_per_worker(1000, 3, 2, 64, drop_last=False)
-    assert len({sum(r) for r in q}) == 1 and q[0] == [3, 3]  # 167 rows per worker → 3 padded batches
+    assert len({sum(r) for r in q}) == 1 and q[0] == [
+        3,
+        3,
+    ]  # 167 rows per worker → 3 padded batches
 
 
 def test_bad_input_names_file_and_column(tmp_path):
     t = table(0, 50).set_column(1, "item", pa.array(np.full(50, 5000), pa.int64()))
     pq.write_table(t, tmp_path / "bad.parquet")
     reader = ParquetBatchReader([str(tmp_path / "bad.parquet")], CONVERTER, 16, 0, 1, 1, True)
-    with pytest.raises(ValueError, match=r"bad.parquet: column 'item': id 4999|bad.parquet: column 'item': id 5000"):
+    with pytest.raises(
+        ValueError, match=r"bad.parquet: column 'item': id 4999|bad.parquet: column 'item': id 5000"
+    ):
         next(iter(reader))
     pq.write_table(table(0, 50).drop_columns(["conv"]), tmp_path / "nocol.parquet")
     with pytest.raises(ValueError, match=r"nocol.parquet: missing column\(s\) conv"):
