@@ -118,17 +118,13 @@ class OptimConfig:
     embedding_eps: float = opt(1e-8, "epsilon of the (row-wise) Adagrad embedding optimizer")
 
 
+SHARDING_TYPES = ["data_parallel", "table_wise", "column_wise", "table_column_wise", "row_wise", "table_row_wise"]
+
+
 @dataclass
 class ShardingConfig:
     sharding_types: list[str] = opt(
-        [
-            "data_parallel",
-            "table_wise",
-            "column_wise",
-            "table_column_wise",
-            "row_wise",
-            "table_row_wise",
-        ],
+        SHARDING_TYPES,
         "sharding types the planner may choose from (row_wise / table_row_wise included on CPU too)",
     )
     force: str = opt(
@@ -327,10 +323,9 @@ def validate(cfg: JobConfig) -> None:
         )
     if cfg.optim.dense_optimizer not in ("adam", "adamw", "sgd", "adagrad"):
         raise ConfigError(f"optim.dense_optimizer: unknown optimizer {cfg.optim.dense_optimizer!r}")
-    valid_types = ShardingConfig().sharding_types
     for st in [*cfg.sharding.sharding_types, *([cfg.sharding.force] if cfg.sharding.force else [])]:
-        if st not in valid_types:
-            raise ConfigError(f"sharding: unknown sharding type {st!r}" + _suggest(st, valid_types))
+        if st not in SHARDING_TYPES:
+            raise ConfigError(f"sharding: unknown sharding type {st!r}" + _suggest(st, SHARDING_TYPES))
     if cfg.train.batch_size <= 0:
         raise ConfigError("train.batch_size must be > 0")
     if cfg.train.device not in ("auto", "cpu", "cuda"):

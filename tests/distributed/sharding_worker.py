@@ -18,21 +18,14 @@ import torch
 import torch.distributed as dist
 from torchrec.distributed.types import ShardedTensor
 
-from mtl_dist.config import JobConfig, SparseFeature, TaskSpec
+from mtl_dist.config import SHARDING_TYPES, JobConfig, SparseFeature, TaskSpec
 from mtl_dist.data.batch import ArrowBatchConverter
 from mtl_dist.distributed.setup import init_distributed
 from mtl_dist.distributed.sharding import shard_model
 from mtl_dist.losses import ModelWithLoss
 from mtl_dist.models.ranker import build_ranker
 
-TYPES = [
-    "data_parallel",
-    "table_wise",
-    "column_wise",
-    "table_column_wise",
-    "row_wise",
-    "table_row_wise",
-]
+TYPES = SHARDING_TYPES
 LR = 0.5
 
 
