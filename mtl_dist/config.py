@@ -118,7 +118,14 @@ class OptimConfig:
     embedding_eps: float = opt(1e-8, "epsilon of the (row-wise) Adagrad embedding optimizer")
 
 
-SHARDING_TYPES = ["data_parallel", "table_wise", "column_wise", "table_column_wise", "row_wise", "table_row_wise"]
+SHARDING_TYPES = [
+    "data_parallel",
+    "table_wise",
+    "column_wise",
+    "table_column_wise",
+    "row_wise",
+    "table_row_wise",
+]
 
 
 @dataclass
@@ -325,7 +332,9 @@ def validate(cfg: JobConfig) -> None:
         raise ConfigError(f"optim.dense_optimizer: unknown optimizer {cfg.optim.dense_optimizer!r}")
     for st in [*cfg.sharding.sharding_types, *([cfg.sharding.force] if cfg.sharding.force else [])]:
         if st not in SHARDING_TYPES:
-            raise ConfigError(f"sharding: unknown sharding type {st!r}" + _suggest(st, SHARDING_TYPES))
+            raise ConfigError(
+                f"sharding: unknown sharding type {st!r}" + _suggest(st, SHARDING_TYPES)
+            )
     if cfg.train.batch_size <= 0:
         raise ConfigError("train.batch_size must be > 0")
     if cfg.train.device not in ("auto", "cpu", "cuda"):

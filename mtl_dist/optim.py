@@ -23,8 +23,11 @@ def build_optimizer(cfg: OptimConfig, model: nn.Module) -> CombinedOptimizer:
     ``step()`` on the result steps the dense optimizer (the fused one has already run).
     """
     cls = _DENSE[cfg.dense_optimizer]
+    # Adam/AdamW: the fused kernel (CPU and CUDA) updates all tensors in one pass
+    extra = {"fused": True} if cfg.dense_optimizer in ("adam", "adamw") else {}
     dense_params = dict(in_backward_optimizer_filter(model.named_parameters()))
     dense = KeyedOptimizerWrapper(
-        dense_params, lambda params: cls(params, lr=cfg.dense_lr, weight_decay=cfg.weight_decay)
+        dense_params,
+        lambda params: cls(params, lr=cfg.dense_lr, weight_decay=cfg.weight_decay, **extra),
     )
     return CombinedOptimizer([model.fused_optimizer, dense])

@@ -71,6 +71,52 @@ class Batch(Pipelineable):
         )
 
 
+@dataclass
+class Columns:
+    """Decoded host columns of n rows, cut into batches by :meth:`slice` without copying.
+
+    ``ids[f]`` holds feature f's flat ids and ``offsets[f]`` ``[n + 1]`` indexes into it (row i's
+    bag is ``ids[f][offsets[f][i]:offsets[f][i + 1]]``); dense ``[n, Dd]``; labels, mask, truth
+    ``[n, T]``. Decoding a chunk of many batches at once pays Arrow's per-call costs once.
+    """
+
+    ids: list[np.ndarray]
+    offsets: list[np.ndarray]
+    dense: np.ndarray
+    labels: np.ndarray
+    mask: np.ndarray
+    truth: np.ndarray
+
+    @property
+    def num_rows(self) -> int:
+        return self.dense.shape[0]
+
+    def slice(self, start: int, stop: int) -> Columns:
+        """Rows ``[start, stop)`` as views (offsets keep pointing into the same id arrays)."""
+        return Columns(
+            self.ids,
+            [off[start : stop + 1] for off in self.offsets],
+            self.dense[start:stop],
+            self.labels[start:stop],
+            self.mask[start:stop],
+            self.truth[start:stop],
+        )
+
+    @staticmethod
+    def concat(parts: list[Columns]) -> Columns:
+        """Rows of ``parts`` one after another (copies)."""
+        if len(parts) == 1:
+            return parts[0]
+        ids, offsets = [], []
+        for f in range(len(parts[0].ids)):
+            chunks = [p.ids[f][p.offsets[f][0] : p.offsets[f][-1]] for p in parts]
+            lens = np.concatenate([np.diff(p.offsets[f]) for p in parts])
+            ids.append(np.concatenate(chunks))
+            offsets.append(np.concatenate([[0], np.cumsum(lens, dtype=np.int64)]))
+        cat = lambda name: np.concatenate([getattr(p, name) for p in parts])  # noqa: E731
+        return Columns(ids, offsets, cat("dense"), cat("labels"), cat("mask"), cat("truth"))
+
+
 class ArrowBatchConverter:
     """Turns Arrow rows into a :class:`Batch` following the configured schema.
 
@@ -136,54 +182,72 @@ class ArrowBatchConverter:
                 )
         return ids, lengths
 
-    def __call__(
-        self, table: pa.Table, pad_to: int = 0, position: tuple[int, int] = (0, 0)
-    ) -> Batch:
-        """Convert ``table`` (n rows) into a Batch of ``max(n, pad_to)`` rows; pad rows are masked."""
+    def decode(self, table: pa.Table) -> Columns:
+        """Arrow rows → host :class:`Columns` (one pass per column; errors name the column)."""
         n = table.num_rows
-        size = max(n, pad_to)
-        pad = size - n
-        values, lengths = [], []
+        ids, offsets = [], []
         for f in self.sparse:
-            ids, lens = self._ids(f, table.column(f.name))
-            values.append(ids)
+            flat, lens = self._ids(f, table.column(f.name))
+            ids.append(flat)
+            offsets.append(np.concatenate([[0], np.cumsum(lens, dtype=np.int64)]))
+        dense = np.zeros((n, len(self.dense)), dtype=np.float32)
+        for j, name in enumerate(self.dense):
+            col = table.column(name)
+            if not (pa.types.is_floating(col.type) or pa.types.is_integer(col.type)):
+                raise ValueError(f"column '{name}': expected a number, got {col.type}")
+            dense[:, j] = pc.fill_null(col, 0).to_numpy()
+        t = len(self.tasks)
+        labels = np.zeros((n, t), dtype=np.float32)
+        mask = np.ones((n, t), dtype=np.float32)
+        truth = np.full((n, t), np.nan, dtype=np.float32)
+        for j, task in enumerate(self.tasks):
+            col = table.column(task.label)
+            if col.null_count:
+                mask[:, j] = col.is_valid().to_numpy(zero_copy_only=False)
+            y = pc.fill_null(col, 0).to_numpy(zero_copy_only=False).astype(np.float32)
+            labels[:, j] = (
+                np.log1p(y) if task.kind == "regression" and task.transform == "log1p" else y
+            )
+            if task.truth:
+                truth[:, j] = pc.fill_null(table.column(task.truth), np.nan).to_numpy(
+                    zero_copy_only=False
+                )
+        return Columns(ids, offsets, dense, labels, mask, truth)
+
+    def to_batch(self, cols: Columns, pad_to: int = 0, position: tuple[int, int] = (0, 0)) -> Batch:
+        """Columns of n rows → a Batch of ``max(n, pad_to)`` rows; pad rows are masked empty bags."""
+        n = cols.num_rows
+        pad = max(n, pad_to) - n
+        values, lengths = [], []
+        for flat, off in zip(cols.ids, cols.offsets):
+            values.append(flat[off[0] : off[-1]])
+            lens = np.diff(off).astype(np.int32)
             lengths.append(np.pad(lens, (0, pad)) if pad else lens)
         sparse = KeyedJaggedTensor(
             keys=self.keys,
             values=torch.from_numpy(np.concatenate(values) if values else np.zeros(0, np.int64)),
             lengths=torch.from_numpy(np.concatenate(lengths) if lengths else np.zeros(0, np.int32)),
         )
-        dense = np.zeros((size, len(self.dense)), dtype=np.float32)
-        for j, name in enumerate(self.dense):
-            col = table.column(name)
-            if not (pa.types.is_floating(col.type) or pa.types.is_integer(col.type)):
-                raise ValueError(f"column '{name}': expected a number, got {col.type}")
-            dense[:n, j] = pc.fill_null(col, 0).to_numpy()
-        t = len(self.tasks)
-        labels = np.zeros((size, t), dtype=np.float32)
-        mask = np.zeros((size, t), dtype=np.float32)
-        truth = np.full((size, t), np.nan, dtype=np.float32)
-        for j, task in enumerate(self.tasks):
-            col = table.column(task.label)
-            present = (
-                col.is_valid().to_numpy(zero_copy_only=False)
-                if col.null_count
-                else np.ones(n, bool)
+
+        def rows(x: np.ndarray, fill: float) -> torch.Tensor:
+            x = (
+                np.pad(x, ((0, pad), (0, 0)), constant_values=fill)
+                if pad
+                else np.ascontiguousarray(x)
             )
-            y = pc.fill_null(col, 0).to_numpy(zero_copy_only=False).astype(np.float32)
-            if task.kind == "regression" and task.transform == "log1p":
-                y = np.log1p(y)
-            labels[:n, j] = y
-            mask[:n, j] = present
-            if task.truth:
-                truth[:n, j] = pc.fill_null(table.column(task.truth), np.nan).to_numpy(
-                    zero_copy_only=False
-                )
+            return torch.from_numpy(x)
+
         return Batch(
-            dense=torch.from_numpy(dense),
+            dense=rows(cols.dense, 0.0),
             sparse=sparse,
-            labels=torch.from_numpy(labels),
-            mask=torch.from_numpy(mask),
-            truth=torch.from_numpy(truth),
+            labels=rows(cols.labels, 0.0),
+            mask=rows(cols.mask, 0.0),
+            truth=rows(cols.truth, np.nan),
             position=position,
         )
+
+    def __call__(
+        self, table: pa.Table, pad_to: int = 0, position: tuple[int, int] = (0, 0)
+    ) -> Batch:
+        """Convert ``table`` (n rows) into a Batch of ``max(n, pad_to)`` rows; pad rows are masked."""
+        return self.to_batch(self.decode(table), pad_to, position)

@@ -4,8 +4,10 @@ The dataset's rows (all files, in sorted order, all row groups) form one global 
 cut into ``world_size × num_workers`` contiguous ranges whose sizes differ by at most one row —
 cut across file and row-group boundaries, so ranks stay balanced however the files are laid out
 (whole files or row groups per rank would leave ranks unequal). Each worker streams its range
-row group by row group with ``pyarrow``'s batch iterator, so memory is bounded by the batch size
-× prefetch depth plus one row group's column chunks, never by the file size.
+row group by row group with ``pyarrow``'s batch iterator, decoding ``chunk_rows`` rows at a time
+(one Arrow→numpy pass per column per chunk, then batches are cut as views), so memory is bounded
+by the chunk and batch sizes × prefetch depth plus one row group's column chunks, never by the
+file size.
 
 Every rank must run the same number of steps (the sharded embedding lookups are collectives), so
 the step count per rank is computed from the Parquet metadata alone, identically on every rank:
@@ -32,7 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from torch.utils.data import IterableDataset, get_worker_info
 
-from mtl_dist.data.batch import ArrowBatchConverter, Batch
+from mtl_dist.data.batch import ArrowBatchConverter, Batch, Columns
 
 
 def list_parquet_files(spec: str) -> list[str]:
@@ -136,6 +138,8 @@ class ParquetBatchReader(IterableDataset):
         rank, world_size: this process's share.
         num_workers: loader workers per rank.
         drop_last: drop ragged batches (training) or pad them (validation).
+        chunk_rows: rows read and decoded at once (≥ batch_size), then cut into batches; with the
+            loader's prefetch this bounds the reader's memory.
 
     Example::
 
@@ -153,6 +157,7 @@ class ParquetBatchReader(IterableDataset):
         world_size: int = 1,
         num_workers: int = 0,
         drop_last: bool = True,
+        chunk_rows: int = 16384,
     ) -> None:
         super().__init__()
         self.files = files
@@ -162,6 +167,7 @@ class ParquetBatchReader(IterableDataset):
         self.world_size = world_size
         self.num_workers = max(1, num_workers)
         self.drop_last = drop_last
+        self.chunk_rows = max(chunk_rows, batch_size)
         self.groups = index_row_groups(files)
         self.total_rows = self.groups[-1].start + self.groups[-1].num_rows if self.groups else 0
         self._check_columns()
@@ -201,8 +207,8 @@ class ParquetBatchReader(IterableDataset):
             self.rank * self.num_workers + worker,
         )
 
-    def _tables(self, begin: int, end: int) -> Iterator[tuple[str, pa.Table]]:
-        """(file, Arrow table of at most ``batch_size`` rows) covering global rows ``[begin, end)``."""
+    def _chunks(self, begin: int, end: int) -> Iterator[Columns]:
+        """Decoded chunks of at most ``chunk_rows`` rows covering global rows ``[begin, end)``."""
         cols = self.converter.columns
         for g in self.groups:
             lo, hi = max(begin, g.start), min(end, g.start + g.num_rows)
@@ -212,28 +218,20 @@ class ParquetBatchReader(IterableDataset):
                 pf = pq.ParquetFile(g.file)
                 pos = g.start
                 for rb in pf.iter_batches(
-                    batch_size=self.batch_size, row_groups=[g.index], columns=cols
+                    batch_size=self.chunk_rows, row_groups=[g.index], columns=cols
                 ):
                     b0, b1 = max(lo, pos), min(hi, pos + rb.num_rows)
                     if b0 < b1:
-                        yield g.file, pa.Table.from_batches([rb.slice(b0 - pos, b1 - b0)])
+                        yield self.converter.decode(
+                            pa.Table.from_batches([rb.slice(b0 - pos, b1 - b0)])
+                        )
                     pos += rb.num_rows
                     if pos >= hi:
                         break
             except (pa.ArrowInvalid, OSError) as e:
                 raise ValueError(f"{g.file}: failed to read row group {g.index} ({e})") from None
-
-    def _convert(self, tables: list[tuple[str, pa.Table]], worker: int, consumed: int) -> Batch:
-        table = pa.concat_tables([t for _, t in tables]) if tables else self._empty
-        try:
-            return self.converter(
-                table,
-                pad_to=self.batch_size,
-                position=(self.rank * self.num_workers + worker, consumed),
-            )
-        except ValueError as e:
-            files = ", ".join(dict.fromkeys(f for f, _ in tables))
-            raise ValueError(f"{files}: {e}") from None
+            except ValueError as e:  # bad values: name the file (the converter names the column)
+                raise ValueError(f"{g.file}: {e}") from None
 
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
@@ -260,41 +258,32 @@ class ParquetBatchReader(IterableDataset):
         consumed = self.offsets[worker]
         B = self.batch_size
         remaining = self._remaining(worker)
-        pending: list[tuple[str, pa.Table]] = []
-        pending_rows = 0
-        for file, table in self._tables(begin + consumed, end):
+        gid = self.rank * self.num_workers + worker
+        pending: Columns | None = None  # decoded rows not yet batched
+        for chunk in self._chunks(begin + consumed, end):
             if remaining <= 0:
                 break
-            pending.append((file, table))
-            pending_rows += table.num_rows
-            if pending_rows < B:
-                continue
-            # a full batch: the head of `pending`, the rest (< B rows) stays pending
-            head, rest, need = [], [], B
-            for f, t in pending:
-                take = min(need, t.num_rows)
-                if take:
-                    head.append((f, t.slice(0, take)))
-                if t.num_rows > take:
-                    rest.append((f, t.slice(take)))
-                need -= take
-            consumed += B
+            pending = chunk if pending is None else Columns.concat([pending, chunk])
+            start = 0
+            while pending.num_rows - start >= B and remaining > 0:
+                consumed += B
+                self.offsets[worker] = consumed
+                remaining -= 1
+                yield self.converter.to_batch(pending.slice(start, start + B), B, (gid, consumed))
+                start += B
+            pending = pending.slice(start, pending.num_rows) if start < pending.num_rows else None
+        if remaining > 0 and pending is not None and not self.drop_last:
+            consumed += pending.num_rows
             self.offsets[worker] = consumed
             remaining -= 1
-            yield self._convert(head, worker, consumed)
-            pending, pending_rows = rest, pending_rows - B
-        if remaining > 0 and pending_rows and not self.drop_last:
-            consumed += pending_rows
-            self.offsets[worker] = consumed
-            remaining -= 1
-            yield self._convert(pending, worker, consumed)
+            yield self.converter.to_batch(pending, B, (gid, consumed))
         # padding batches keep every rank at the same step count (validation only)
-        for _ in range(max(0, remaining)):
-            yield self._convert([], worker, consumed)
-
-    @property
-    def _empty(self) -> pa.Table:
-        return pq.read_schema(self.files[0]).empty_table().select(self.converter.columns)
+        if remaining > 0:
+            empty = self.converter.decode(
+                pq.read_schema(self.files[0]).empty_table().select(self.converter.columns)
+            )
+            for _ in range(remaining):
+                yield self.converter.to_batch(empty, B, (gid, consumed))
 
 
 def describe(reader: ParquetBatchReader) -> str:
