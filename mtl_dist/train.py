@@ -47,6 +47,7 @@ def build_loader(reader: ParquetBatchReader, cfg: DataConfig) -> StatefulDataLoa
         num_workers=workers,
         prefetch_factor=cfg.prefetch_batches if workers else None,
         persistent_workers=False,
+        pin_memory=torch.cuda.is_available(),  # pinned host batches copy to the GPU asynchronously
     )
 
 

@@ -212,3 +212,20 @@ def test_chunked_decoding_gives_the_same_batches(files, chunk_rows):
         assert (a.sparse.values() == b.sparse.values()).all()
         assert (a.sparse.lengths() == b.sparse.lengths()).all()
         assert a.position == b.position
+
+
+def test_hash_buckets_and_null_single_hot_ids():
+    conv = ArrowBatchConverter(
+        [SparseFeature(name="u", hash_buckets=7), SparseFeature(name="v", vocab_size=5)],
+        [],
+        TASKS[:1],
+    )
+    t = pa.table({
+        "u": pa.array([3, 10, -1, 123456789], pa.int64()),
+        "v": pa.array([1, None, 4, None], pa.int64()),
+        "click": pa.array([0, 1, 0, 1], pa.int8()),
+    })  # fmt: skip
+    b = conv(t)
+    assert b.sparse["u"].values().tolist() == [3, 3, 6, 123456789 % 7]
+    assert b.sparse["v"].lengths().tolist() == [1, 0, 1, 0]  # a null id is an empty bag
+    assert b.sparse["v"].values().tolist() == [1, 4]
