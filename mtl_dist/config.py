@@ -98,11 +98,48 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    head: str = opt("mmoe", "multi-task head: mmoe")
-    num_experts: int = opt(4, "experts E")
+    head: str = opt("mmoe", "multi-task head: shared_bottom | omoe | mmoe | ple")
+    num_experts: int = opt(4, "experts E (omoe, mmoe)")
     expert_hidden: list[int] = opt([256, 128], "expert MLP widths; the last is the expert output H")
+    bottom_hidden: list[int] = opt([256, 128], "shared_bottom: the shared MLP's widths")
     tower_hidden: list[int] = opt([64], "per-task tower MLP widths before the output unit")
-    gate_temperature: float = opt(1.0, "softmax temperature of the gates (>1 flattens)")
+    tower_dropout: float = opt(0.0, "dropout after each tower hidden layer")
+    ple_levels: int = opt(2, "ple: extraction levels (1 = CGC)")
+    ple_shared_experts: int = opt(2, "ple: shared experts per level")
+    ple_task_experts: int = opt(2, "ple: experts per task per level")
+    gate_temperature: float = opt(
+        1.0, "softmax temperature of the gates (>1 flattens: a polarization cure)"
+    )
+    gate_hidden: list[int] = opt([], "gate MLP hidden widths ([]: a linear gate)")
+    gate_top_k: int = opt(
+        0, "keep each sample's k largest gate logits, renormalised (0: dense softmax)"
+    )
+    gate_noisy: bool = opt(
+        False, "noisy top-k: learned Gaussian noise on the gate logits in training"
+    )
+    gate_gumbel: bool = opt(False, "Gumbel-softmax straight-through one-hot gate")
+    gate_uniform_init: bool = opt(
+        False, "near-uniform gate init: zero weights + tiny noise (a cure)"
+    )
+    expert_dropout: float = opt(
+        0.0,
+        "drop each gate weight with this probability in training, renormalise (a cure; 0.1 typical)",
+    )
+    gate_entropy_coef: float = opt(
+        0.0, "weight of the gate-entropy regulariser (a cure; 0.005-0.02 typical)"
+    )
+    load_balance_coef: float = opt(0.0, "weight of the top-k load-balancing auxiliary loss")
+    sparse_max_fraction: float = opt(
+        0.5,
+        "top-k: run experts only on routed rows when at most this share of (sample, expert) pairs is selected",
+    )
+    esmm: bool = opt(
+        False, "ESMM: train the CVR task through pCTCVR = pCTR x pCVR on all exposures"
+    )
+    esmm_ctr_task: str = opt("click", "esmm: the CTR task")
+    esmm_cvr_task: str = opt(
+        "conversion", "esmm: the CVR task (its label must be null or 0 where there is no click)"
+    )
     dense_batch_norm: bool = opt(True, "batch-normalise the dense features at the input")
 
 
@@ -282,8 +319,23 @@ def apply_override(cfg: JobConfig, dotted: str, text: str) -> None:
 
 def validate(cfg: JobConfig) -> None:
     """Cross-field checks that types alone cannot express."""
-    if cfg.model.head != "mmoe":
-        raise ConfigError(f"model.head: unknown head {cfg.model.head!r} (available: mmoe)")
+    heads = ["shared_bottom", "omoe", "mmoe", "ple"]
+    if cfg.model.head not in heads:
+        raise ConfigError(
+            f"model.head: unknown head {cfg.model.head!r}" + _suggest(cfg.model.head, heads)
+        )
+    task_names = [t.name for t in cfg.tasks]
+    if cfg.model.esmm:
+        for key in ("esmm_ctr_task", "esmm_cvr_task"):
+            name = getattr(cfg.model, key)
+            if name not in task_names:
+                raise ConfigError(
+                    f"model.{key}: no task named {name!r}" + _suggest(name, task_names)
+                )
+            if next(t for t in cfg.tasks if t.name == name).kind != "binary":
+                raise ConfigError(f"model.{key}: task {name!r} must be binary")
+    if cfg.model.gate_top_k < 0 or cfg.model.gate_top_k > max(cfg.model.num_experts, 1):
+        raise ConfigError(f"model.gate_top_k: {cfg.model.gate_top_k} must lie in [0, num_experts]")
     if not cfg.features.sparse and not cfg.features.dense:
         raise ConfigError("features: no sparse or dense features configured")
     if len(cfg.tasks) < 1:

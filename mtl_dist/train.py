@@ -24,7 +24,7 @@ from mtl_dist.data.batch import ArrowBatchConverter, Batch
 from mtl_dist.data.reader import ParquetBatchReader, describe, list_parquet_files
 from mtl_dist.distributed.setup import DistInfo, destroy, init_distributed
 from mtl_dist.distributed.sharding import describe_plan, shard_model
-from mtl_dist.losses import ModelWithLoss, StepOutput
+from mtl_dist.losses import StepOutput, build_model_with_loss
 from mtl_dist.metrics import compute_metrics, format_table
 from mtl_dist.models.ranker import build_ranker
 from mtl_dist.monitoring import Monitor, quiet_third_party_logs
@@ -150,7 +150,8 @@ def train(cfg: JobConfig, info: DistInfo) -> dict[str, object]:
     log(f"[data] train: {describe(train_reader)}\n[data] val:   {describe(val_reader)}")
 
     # --- model: tables on meta, sharded by the planner; dense part under DDP
-    model = ModelWithLoss(build_ranker(cfg, device="meta"), cfg.tasks)
+    model = build_model_with_loss(build_ranker(cfg, device="meta"), cfg)
+    aux_names = list(model.model.head.aux_names)
     model, plan = shard_model(model, model.model.ebc, cfg.sharding, cfg.optim, info)
     log(
         f"[model] world {info.world_size} on {info.device} ({info.backend}); sharding plan:\n{describe_plan(plan)}"
@@ -174,10 +175,9 @@ def train(cfg: JobConfig, info: DistInfo) -> dict[str, object]:
     step, metrics, history = 0, {}, []
     t0 = time.perf_counter()
     eval_s = 0.0  # validation time, excluded from training throughput
-    loss_sum, loss_steps = (
-        torch.zeros(len(cfg.tasks), device=info.device),
-        0,
-    )  # no per-step host sync
+    # per-task losses then the head's auxiliary losses, summed on the device (no per-step sync)
+    loss_tags = [f"train/loss/{t.name}" for t in cfg.tasks] + [f"train/aux/{n}" for n in aux_names]
+    loss_sum, loss_steps = torch.zeros(len(loss_tags), device=info.device), 0
     for _epoch in range(cfg.train.epochs):
         batches = iter(build_loader(train_reader, cfg.data))
         epoch_end = min(step + steps_per_epoch, total)
@@ -186,15 +186,15 @@ def train(cfg: JobConfig, info: DistInfo) -> dict[str, object]:
             segment_start = step
             for out in runner.run(itertools.islice(batches, segment_end - step)):
                 step += 1
-                loss_sum += out.losses
+                loss_sum += torch.cat([out.losses, out.aux])
                 loss_steps += 1
                 if step % cfg.train.log_every == 0 or step == segment_end:
-                    losses = (loss_sum / loss_steps).tolist()
+                    means = (loss_sum / loss_steps).tolist()
                     rate = step * B * info.world_size / (time.perf_counter() - t0 - eval_s)
-                    scalars = {f"train/loss/{t.name}": v for t, v in zip(cfg.tasks, losses)}
-                    scalars.update({"train/loss": sum(losses), "train/samples_per_s": rate})
+                    scalars = dict(zip(loss_tags, means))
+                    scalars.update({"train/loss": sum(means), "train/samples_per_s": rate})
                     monitor.scalars(step, scalars)
-                    monitor.advance(loss_steps, {"loss": sum(losses), "samples/s": rate})
+                    monitor.advance(loss_steps, {"loss": sum(means), "samples/s": rate})
                     loss_sum.zero_()
                     loss_steps = 0
             if step == segment_start:

@@ -77,3 +77,12 @@ class StackedMLP(nn.Module):
             if i < last or self.activate_last:
                 x = self.dropout(torch.relu(x))
         return x
+
+    def forward_group(self, g: int, x: torch.Tensor) -> torch.Tensor:
+        """Group ``g`` alone on rows ``x`` ``[n, Din]`` → ``[n, H]`` (sparse top-k dispatch)."""
+        last = len(self.weights) - 1
+        for i, (w, b) in enumerate(zip(self.weights, self.biases)):
+            x = torch.addmm(b[g], x, w[g])
+            if i < last or self.activate_last:
+                x = self.dropout(torch.relu(x))
+        return x

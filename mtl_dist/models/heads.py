@@ -1,4 +1,13 @@
-"""Multi-task heads: from the shared input ``[B, Din]`` to one output per task ``[B, T]``."""
+"""Multi-task heads: from the shared input ``[B, Din]`` to one output per task ``[B, T]``.
+
+Every head returns ``(outputs [B, T], aux [A])``: task logits (binary) or values (regression),
+and its auxiliary losses stacked in the order of ``head.aux_names`` (empty when none is on). The
+gate weights of the last forward are kept in ``head.last_gates`` (``{name: [B, E]}``) for
+monitoring, at no extra cost.
+
+Heads: :class:`SharedBottom`, :class:`MoE` (MMoE, or OMoE with one shared gate) and :class:`PLE`
+(CGC with one level). Experts and towers are :class:`StackedMLP` s: one batched op per layer.
+"""
 
 from __future__ import annotations
 
@@ -6,49 +15,213 @@ import torch
 from torch import nn
 
 from mtl_dist.models.experts import StackedMLP
-from mtl_dist.models.gates import SoftmaxGates
+from mtl_dist.models.gates import GateConfig, Gates
 
 
-class MMoE(nn.Module):
-    """Multi-gate Mixture-of-Experts (Ma et al., KDD 2018).
+def _aux_names(cfg: GateConfig) -> list[str]:
+    return [
+        n
+        for n, c in (("gate_entropy", cfg.entropy_coef), ("load_balance", cfg.load_balance_coef))
+        if c > 0
+    ]
 
-    E experts run as one :class:`StackedMLP`; each task's softmax gate mixes them (one einsum for
-    all tasks), and T towers — also one StackedMLP — map each task's mix to a logit or value.
 
-    Args:
-        in_dim: Din.
-        num_tasks: T.
-        num_experts: E.
-        expert_hidden: expert widths; the last is H.
-        tower_hidden: tower widths before the output unit.
-        gate_temperature: softmax temperature.
+def _stack_aux(
+    names: list[str], parts: list[dict[str, torch.Tensor]], like: torch.Tensor
+) -> torch.Tensor:
+    """Sum each named auxiliary loss over ``parts`` (one dict per gate module) → ``[A]``."""
+    if not names:
+        return like.new_zeros(0)
+    return torch.stack([sum(p[n] for p in parts if n in p) for n in names])
+
+
+class Towers(nn.Module):
+    """T task towers as one :class:`StackedMLP`: ``[T, B, H]`` → ``[B, T]`` (logit or value)."""
+
+    def __init__(
+        self, num_tasks: int, in_dim: int, hidden: list[int], dropout: float = 0.0
+    ) -> None:
+        super().__init__()
+        self.mlp = StackedMLP(num_tasks, in_dim, [*hidden, 1], activate_last=False, dropout=dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(x).squeeze(-1).t()
+
+
+class SharedBottom(nn.Module):
+    """One shared MLP, one tower per task.
 
     Example::
 
-        head = MMoE(in_dim=32, num_tasks=3, num_experts=4, expert_hidden=[64, 16], tower_hidden=[8])
-        out, gates = head(torch.randn(5, 32))   # out [5, 3], gates [5, 3, 4]
+        head = SharedBottom(in_dim=32, num_tasks=2, bottom_hidden=[64, 16], tower_hidden=[8])
+        out, aux = head(torch.randn(5, 32))   # [5, 2], []
     """
+
+    aux_names: list[str] = []
 
     def __init__(
         self,
         in_dim: int,
         num_tasks: int,
+        bottom_hidden: list[int],
+        tower_hidden: list[int],
+        tower_dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.num_tasks = num_tasks
+        self.bottom = StackedMLP(1, in_dim, bottom_hidden)
+        self.towers = Towers(num_tasks, bottom_hidden[-1], tower_hidden, tower_dropout)
+        self.last_gates: dict[str, torch.Tensor] = {}
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        shared = self.bottom(x)  # [1, B, H]
+        return self.towers(shared.expand(self.num_tasks, -1, -1)), x.new_zeros(0)
+
+
+class MoE(nn.Module):
+    """MMoE (one gate per task; Ma et al., KDD 2018) or OMoE (``shared_gate=True``: one gate).
+
+    E experts run as one StackedMLP; the per-task mix is one einsum ``[B,T,E] × [E,B,H]``. With
+    top-k gating the experts run only on the rows some task routed to them (sparse dispatch),
+    unless more than ``sparse_max_fraction`` of the (sample, expert) pairs are selected, where a
+    dense compute with zeroed weights is faster; ``last_dispatch`` says which ran.
+
+    Example::
+
+        head = MoE(in_dim=32, num_tasks=3, num_experts=4, expert_hidden=[64, 16], tower_hidden=[8])
+        out, aux = head(torch.randn(5, 32))   # out [5, 3]; head.last_gates["click"] ...
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        task_names: list[str],
         num_experts: int,
         expert_hidden: list[int],
         tower_hidden: list[int],
-        gate_temperature: float = 1.0,
+        gate: GateConfig | None = None,
+        shared_gate: bool = False,
+        tower_dropout: float = 0.0,
+        sparse_max_fraction: float = 0.5,
     ) -> None:
         super().__init__()
+        gate = gate or GateConfig()
+        self.task_names = list(task_names)
+        self.num_tasks = len(task_names)
+        self.shared_gate = shared_gate
+        self.sparse_max_fraction = sparse_max_fraction
         self.experts = StackedMLP(num_experts, in_dim, expert_hidden)
-        self.gates = SoftmaxGates(in_dim, num_tasks, num_experts, gate_temperature)
-        self.towers = StackedMLP(
-            num_tasks, expert_hidden[-1], [*tower_hidden, 1], activate_last=False
-        )
+        self.gates = Gates(in_dim, 1 if shared_gate else self.num_tasks, num_experts, gate)
+        self.towers = Towers(self.num_tasks, expert_hidden[-1], tower_hidden, tower_dropout)
+        self.aux_names = _aux_names(gate)
+        self.sparse = 0 < gate.top_k < num_experts or gate.gumbel
+        self.last_gates: dict[str, torch.Tensor] = {}
+        self.last_dispatch = "dense"
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``x``: ``[B, Din]``. Returns task outputs ``[B, T]`` and gate weights ``[B, T, E]``."""
-        experts = self.experts(x)  # [E, B, H]
-        gates = self.gates(x)  # [B, T, E]
-        mixed = torch.einsum("bte,ebh->tbh", gates, experts)  # [T, B, H]
-        out = self.towers(mixed).squeeze(-1).t()  # [B, T]
-        return out, gates
+        weights, aux = self.gates(x)  # [B, G, E]
+        if self.shared_gate:
+            weights = weights.expand(-1, self.num_tasks, -1)
+        self.last_gates = {t: weights[:, i].detach() for i, t in enumerate(self.task_names)}
+        mixed = None
+        if self.sparse:
+            selected = (weights > 0).any(1)  # [B, E]
+            if selected.float().mean().item() <= self.sparse_max_fraction:
+                mixed = self._sparse_mix(x, weights, selected)
+                self.last_dispatch = "sparse"
+        if mixed is None:
+            mixed = torch.einsum("bte,ebh->tbh", weights, self.experts(x))  # [T, B, H]
+            self.last_dispatch = "dense"
+        return self.towers(mixed), _stack_aux(self.aux_names, [aux], x)
+
+    def _sparse_mix(
+        self, x: torch.Tensor, weights: torch.Tensor, selected: torch.Tensor
+    ) -> torch.Tensor:
+        """Each expert on its routed rows only, weighted results scattered back: ``[T, B, H]``."""
+        out_dim = self.experts.widths[-1]
+        mixed = x.new_zeros(self.num_tasks, x.shape[0], out_dim)
+        for e in range(selected.shape[1]):  # short loop over gathered row blocks
+            rows = selected[:, e].nonzero().squeeze(1)
+            if rows.numel() == 0:
+                continue
+            h = self.experts.forward_group(e, x.index_select(0, rows))  # [n, H]
+            w = weights.index_select(0, rows)[:, :, e].t().unsqueeze(-1)  # [T, n, 1]
+            mixed = mixed.index_add(1, rows, w * h)
+        return mixed
+
+
+class PLE(nn.Module):
+    """Progressive Layered Extraction (Tang et al., RecSys 2020); one level is CGC.
+
+    Each level has ``shared_experts`` shared and ``task_experts`` per-task experts, all run as one
+    StackedMLP (a group per expert, each reading its own input). Task t's gate mixes its own
+    experts with the shared ones; every level but the last has a shared gate over all experts that
+    feeds the next level's shared input.
+
+    Example::
+
+        head = PLE(32, ["a", "b"], levels=2, shared_experts=2, task_experts=1,
+                   expert_hidden=[16], tower_hidden=[8])
+        out, aux = head(torch.randn(5, 32))   # [5, 2]
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        task_names: list[str],
+        levels: int,
+        shared_experts: int,
+        task_experts: int,
+        expert_hidden: list[int],
+        tower_hidden: list[int],
+        gate: GateConfig | None = None,
+        tower_dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        gate = gate or GateConfig()
+        self.task_names = list(task_names)
+        T, Es, Et = len(task_names), shared_experts, task_experts
+        self.num_tasks, self.shared_experts, self.task_experts = T, Es, Et
+        self.levels = nn.ModuleList()
+        dim = in_dim
+        for level in range(levels):
+            mods = nn.ModuleDict(
+                {
+                    "experts": StackedMLP(Es + T * Et, dim, expert_hidden),
+                    "task_gates": Gates(dim, T, Es + Et, gate),
+                }
+            )
+            if level < levels - 1:
+                mods["shared_gate"] = Gates(dim, 1, Es + T * Et, gate)
+            self.levels.append(mods)
+            dim = expert_hidden[-1]
+        # task t mixes experts [shared..., own...]: rows of this index select them from [G, B, H]
+        index = [list(range(Es)) + [Es + t * Et + j for j in range(Et)] for t in range(T)]
+        self.register_buffer("task_index", torch.tensor(index), persistent=False)
+        self.towers = Towers(T, dim, tower_hidden, tower_dropout)
+        self.aux_names = _aux_names(gate)
+        self.last_gates: dict[str, torch.Tensor] = {}
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        Es, Et = self.shared_experts, self.task_experts
+        task_in, shared_in = x, x  # level 0: every expert and gate reads x ([B, Din])
+        auxes, gates = [], {}
+        for level, mods in enumerate(self.levels):
+            if task_in.dim() == 2:
+                out = mods["experts"](task_in)  # [G, B, H], shared input: one matmul
+            else:  # shared experts read the shared input, task t's experts read task t's
+                inputs = torch.cat([shared_in.expand(Es, -1, -1), task_in.repeat_interleave(Et, 0)])
+                out = mods["experts"](inputs)
+            w, aux = mods["task_gates"](task_in)  # [B, T, Es+Et]
+            auxes.append(aux)
+            next_task = torch.einsum("bte,tebh->tbh", w, out[self.task_index])  # [T, B, H]
+            for i, t in enumerate(self.task_names):
+                gates[f"{t}/level{level}"] = w[:, i].detach()
+            if "shared_gate" in mods:
+                ws, aux = mods["shared_gate"](shared_in if shared_in.dim() == 2 else shared_in[0])
+                auxes.append(aux)
+                gates[f"shared/level{level}"] = ws[:, 0].detach()
+                shared_in = torch.einsum("be,ebh->bh", ws[:, 0], out).unsqueeze(0)  # [1, B, H]
+            task_in = next_task
+        self.last_gates = gates
+        return self.towers(task_in), _stack_aux(self.aux_names, auxes, x)

@@ -14,9 +14,10 @@ from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
-from mtl_dist.config import JobConfig, SparseFeature
+from mtl_dist.config import JobConfig, ModelConfig, SparseFeature
 from mtl_dist.data.batch import Batch
-from mtl_dist.models.heads import MMoE
+from mtl_dist.models.gates import GateConfig
+from mtl_dist.models.heads import PLE, MoE, SharedBottom
 
 
 def embedding_bag_configs(
@@ -41,19 +42,19 @@ def embedding_bag_configs(
 
 
 class Ranker(nn.Module):
-    """Pooled embeddings ``[B, F·D]`` ⊕ dense ``[B, Dd]`` → head → outputs ``[B, T]``.
+    """Pooled embeddings ``[B, F·D]`` ⊕ dense ``[B, Dd]`` → head → outputs ``[B, T]`` + aux ``[A]``.
 
     Args:
         ebc: the EmbeddingBagCollection (plain, or sharded by DMP).
         num_dense: Dd.
-        head: maps ``[B, Din]`` to ``([B, T], gates [B, T, E])``.
+        head: maps ``[B, Din]`` to ``(outputs [B, T], aux losses [A])`` (see ``models/heads.py``).
         dense_batch_norm: batch-normalise raw dense features.
 
     Example::
 
         cfg = load_config(["--config", "configs/default.toml"])
         model = build_ranker(cfg, device=torch.device("cpu"))
-        out, gates = model(batch)   # [B, T], [B, T, E]
+        out, aux = model(batch)   # [B, T], [A]
     """
 
     def __init__(
@@ -88,13 +89,33 @@ def build_ranker(cfg: JobConfig, device: torch.device | str = "meta") -> Ranker:
     )
     emb_dim = sum(f.embedding_dim for f in cfg.features.sparse)
     in_dim = emb_dim + len(cfg.features.dense)
-    m = cfg.model
-    head = MMoE(
-        in_dim=in_dim,
-        num_tasks=len(cfg.tasks),
-        num_experts=m.num_experts,
-        expert_hidden=m.expert_hidden,
-        tower_hidden=m.tower_hidden,
-        gate_temperature=m.gate_temperature,
+    head = build_head(cfg.model, in_dim, [t.name for t in cfg.tasks])
+    return Ranker(ebc, len(cfg.features.dense), head, cfg.model.dense_batch_norm)
+
+
+def build_head(m: ModelConfig, in_dim: int, task_names: list[str]) -> nn.Module:
+    """The configured multi-task head over inputs of width ``in_dim``."""
+    gate = GateConfig(
+        temperature=m.gate_temperature,
+        hidden=tuple(m.gate_hidden),
+        top_k=m.gate_top_k,
+        noisy=m.gate_noisy,
+        gumbel=m.gate_gumbel,
+        expert_dropout=m.expert_dropout,
+        entropy_coef=m.gate_entropy_coef,
+        load_balance_coef=m.load_balance_coef,
+        uniform_init=m.gate_uniform_init,
     )
-    return Ranker(ebc, len(cfg.features.dense), head, m.dense_batch_norm)
+    if m.head == "shared_bottom":
+        return SharedBottom(
+            in_dim, len(task_names), m.bottom_hidden, m.tower_hidden, m.tower_dropout
+        )
+    if m.head == "ple":
+        return PLE(
+            in_dim, task_names, m.ple_levels, m.ple_shared_experts, m.ple_task_experts,
+            m.expert_hidden, m.tower_hidden, gate, m.tower_dropout,
+        )  # fmt: skip
+    return MoE(
+        in_dim, task_names, m.num_experts, m.expert_hidden, m.tower_hidden, gate,
+        shared_gate=m.head == "omoe", tower_dropout=m.tower_dropout, sparse_max_fraction=m.sparse_max_fraction,
+    )  # fmt: skip
