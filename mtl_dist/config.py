@@ -98,15 +98,17 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    head: str = opt("mmoe", "multi-task head: shared_bottom | omoe | mmoe | ple")
+    head: str = opt("mmoe", "multi-task head: shared_bottom | omoe | mmoe | ple | stem")
     num_experts: int = opt(4, "experts E (omoe, mmoe)")
     expert_hidden: list[int] = opt([256, 128], "expert MLP widths; the last is the expert output H")
     bottom_hidden: list[int] = opt([256, 128], "shared_bottom: the shared MLP's widths")
     tower_hidden: list[int] = opt([64], "per-task tower MLP widths before the output unit")
     tower_dropout: float = opt(0.0, "dropout after each tower hidden layer")
     ple_levels: int = opt(2, "ple: extraction levels (1 = CGC)")
-    ple_shared_experts: int = opt(2, "ple: shared experts per level")
-    ple_task_experts: int = opt(2, "ple: experts per task per level")
+    ple_shared_experts: int = opt(2, "ple, stem: shared experts (per level)")
+    ple_task_experts: int = opt(2, "ple, stem: experts per task (per level)")
+    stem_features: list[str] = opt([], "stem: sparse features that get a table per task ([]: all)")
+    stem_dim: int = opt(8, "stem: embedding dim of the task-specific tables")
     gate_temperature: float = opt(
         1.0, "softmax temperature of the gates (>1 flattens: a polarization cure)"
     )
@@ -319,12 +321,18 @@ def apply_override(cfg: JobConfig, dotted: str, text: str) -> None:
 
 def validate(cfg: JobConfig) -> None:
     """Cross-field checks that types alone cannot express."""
-    heads = ["shared_bottom", "omoe", "mmoe", "ple"]
+    heads = ["shared_bottom", "omoe", "mmoe", "ple", "stem"]
     if cfg.model.head not in heads:
         raise ConfigError(
             f"model.head: unknown head {cfg.model.head!r}" + _suggest(cfg.model.head, heads)
         )
     task_names = [t.name for t in cfg.tasks]
+    feature_names = [f.name for f in cfg.features.sparse]
+    for name in cfg.model.stem_features:
+        if name not in feature_names:
+            raise ConfigError(
+                f"model.stem_features: no sparse feature {name!r}" + _suggest(name, feature_names)
+            )
     if cfg.model.esmm:
         for key in ("esmm_ctr_task", "esmm_cvr_task"):
             name = getattr(cfg.model, key)

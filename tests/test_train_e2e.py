@@ -96,8 +96,16 @@ def test_same_seed_same_numbers(synth_data, tmp_path):
         ],
         ["--model.head", "ple", "--model.ple_levels", "2", "--model.gate_entropy_coef", "0.01"],
         ["--model.head", "mmoe", "--model.esmm", "true"],
+        [
+            "--model.head",
+            "stem",
+            "--model.stem_features",
+            "user_id,item_id,author_id",
+            "--model.ple_task_experts",
+            "1",
+        ],
     ],
-    ids=["shared_bottom", "omoe", "mmoe_top2", "ple", "mmoe_esmm"],
+    ids=["shared_bottom", "omoe", "mmoe_top2", "ple", "mmoe_esmm", "stem"],
 )
 def test_every_head_trains_sharded_under_torchrun(synth_data, tmp_path, head_args):
     """Each head trains on the sharded-embedding path with 2 processes and learns something."""
@@ -115,3 +123,6 @@ def test_every_head_trains_sharded_under_torchrun(synth_data, tmp_path, head_arg
         assert "train/aux/load_balance" in tags
     if "--model.gate_entropy_coef" in head_args:
         assert "train/aux/gate_entropy" in tags
+    if "stem" in head_args:  # the task-specific tables are planned and sharded like the rest
+        for table in ("user_id__click", "item_id__conversion", "author_id__watch_time"):
+            assert table in result["plan"], result["plan"]

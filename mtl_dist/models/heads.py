@@ -225,3 +225,61 @@ class PLE(nn.Module):
             task_in = next_task
         self.last_gates = gates
         return self.towers(task_in), _stack_aux(self.aux_names, auxes, x)
+
+
+class STEM(nn.Module):
+    """Shared and task-specific embeddings (Su et al., AAAI 2024: "all forward, task-specific backward").
+
+    Every task has its own embedding tables beside the shared ones (``own`` ``[T, B, Dt]``, looked
+    up by the ranker). Task t's experts and gate read ``[x, e_1 … e_T]`` where every other task's
+    embedding has its gradient stopped, so task t's loss trains only its own and the shared tables.
+    Shared experts read the shared input x; the gate mixes shared and task t's experts.
+
+    Example::
+
+        head = STEM(32, 4, ["a", "b"], shared_experts=1, task_experts=1, expert_hidden=[16],
+                    tower_hidden=[8])
+        out, aux = head(torch.randn(5, 32), torch.randn(2, 5, 4))   # [5, 2]
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        task_dim: int,
+        task_names: list[str],
+        shared_experts: int,
+        task_experts: int,
+        expert_hidden: list[int],
+        tower_hidden: list[int],
+        gate: GateConfig | None = None,
+        tower_dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        gate = gate or GateConfig()
+        self.task_names = list(task_names)
+        T, Es, Et = len(task_names), shared_experts, task_experts
+        self.task_experts = Et
+        z_dim = in_dim + T * task_dim
+        self.shared = StackedMLP(Es, in_dim, expert_hidden) if Es else None
+        self.task = StackedMLP(T * Et, z_dim, expert_hidden)
+        self.gates = Gates(z_dim, T, Es + Et, gate)
+        self.towers = Towers(T, expert_hidden[-1], tower_hidden, tower_dropout)
+        index = [list(range(Es)) + [Es + t * Et + j for j in range(Et)] for t in range(T)]
+        self.register_buffer("task_index", torch.tensor(index), persistent=False)
+        self.register_buffer("own_mask", torch.eye(T).view(T, T, 1, 1), persistent=False)
+        self.aux_names = _aux_names(gate)
+        self.last_gates: dict[str, torch.Tensor] = {}
+
+    def forward(self, x: torch.Tensor, own: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x``: shared input ``[B, Din]``; ``own``: task embeddings ``[T, B, Dt]``."""
+        T, B, Dt = own.shape
+        stopped = own.detach()
+        # every[t, s] = e_s in value; the gradient reaches e_s only from task s (t == s)
+        every = stopped.unsqueeze(0) + self.own_mask * (own - stopped).unsqueeze(0)  # [T, T, B, Dt]
+        z = torch.cat([x.expand(T, -1, -1), every.permute(0, 2, 1, 3).reshape(T, B, T * Dt)], -1)
+        task_out = self.task(z.repeat_interleave(self.task_experts, 0))  # [T*Et, B, H]
+        out = task_out if self.shared is None else torch.cat([self.shared(x), task_out])
+        w, aux = self.gates(z)  # [B, T, Es+Et], gate t reads z_t
+        self.last_gates = {t: w[:, i].detach() for i, t in enumerate(self.task_names)}
+        mixed = torch.einsum("bte,tebh->tbh", w, out[self.task_index])
+        return self.towers(mixed), _stack_aux(self.aux_names, [aux], x)

@@ -7,6 +7,7 @@ until the planner has placed their shards.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import defaultdict
 
 import torch
@@ -17,11 +18,11 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from mtl_dist.config import JobConfig, ModelConfig, SparseFeature
 from mtl_dist.data.batch import Batch
 from mtl_dist.models.gates import GateConfig
-from mtl_dist.models.heads import PLE, MoE, SharedBottom
+from mtl_dist.models.heads import PLE, STEM, MoE, SharedBottom
 
 
 def embedding_bag_configs(
-    features: list[SparseFeature], init_scale: float = 0.05
+    features: list[SparseFeature], init_scale: float = 0.05, table_suffix: str = ""
 ) -> list[EmbeddingBagConfig]:
     """One ``EmbeddingBagConfig`` per table; features naming the same table share it."""
     by_table: dict[str, list[SparseFeature]] = defaultdict(list)
@@ -29,7 +30,7 @@ def embedding_bag_configs(
         by_table[f.table_name].append(f)
     return [
         EmbeddingBagConfig(
-            name=table,
+            name=table + table_suffix,
             num_embeddings=fs[0].num_rows,
             embedding_dim=fs[0].embedding_dim,
             feature_names=[f.name for f in fs],
@@ -49,6 +50,8 @@ class Ranker(nn.Module):
         num_dense: Dd.
         head: maps ``[B, Din]`` to ``(outputs [B, T], aux losses [A])`` (see ``models/heads.py``).
         dense_batch_norm: batch-normalise raw dense features.
+        task_ebcs: STEM only: one EBC of task-specific tables per task (in task order); the
+            head then also gets their pooled outputs ``[T, B, Dt]``.
 
     Example::
 
@@ -63,9 +66,11 @@ class Ranker(nn.Module):
         num_dense: int,
         head: nn.Module,
         dense_batch_norm: bool = True,
+        task_ebcs: nn.ModuleDict | None = None,
     ) -> None:
         super().__init__()
         self.ebc = ebc
+        self.task_ebcs = task_ebcs
         self.dense_norm = (
             nn.BatchNorm1d(num_dense) if dense_batch_norm and num_dense else nn.Identity()
         )
@@ -74,8 +79,12 @@ class Ranker(nn.Module):
     def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         pooled = self.ebc(batch.sparse).values()  # [B, sum of table dims per feature]
         x = torch.cat([pooled, self.dense_norm(batch.dense)], dim=1)  # [B, Din]
-        out = self.head(x)  # indexed, not unpacked: TorchRec's pipeline FX-traces this forward
-        return out[0], out[1]
+        if self.task_ebcs is None:
+            out = self.head(x)
+        else:  # STEM: each task's own tables, [T, B, Dt]
+            own = torch.stack([ebc(batch.sparse).values() for ebc in self.task_ebcs.values()])
+            out = self.head(x, own)
+        return out[0], out[1]  # indexed, not unpacked: TorchRec's pipeline FX-traces this forward
 
 
 def build_ranker(cfg: JobConfig, device: torch.device | str = "meta") -> Ranker:
@@ -89,12 +98,31 @@ def build_ranker(cfg: JobConfig, device: torch.device | str = "meta") -> Ranker:
     )
     emb_dim = sum(f.embedding_dim for f in cfg.features.sparse)
     in_dim = emb_dim + len(cfg.features.dense)
-    head = build_head(cfg.model, in_dim, [t.name for t in cfg.tasks])
-    return Ranker(ebc, len(cfg.features.dense), head, cfg.model.dense_batch_norm)
+    task_names = [t.name for t in cfg.tasks]
+    task_ebcs, task_dim = None, 0
+    if cfg.model.head == "stem":
+        names = cfg.model.stem_features or [f.name for f in cfg.features.sparse]
+        own = [
+            dataclasses.replace(f, embedding_dim=cfg.model.stem_dim)
+            for f in cfg.features.sparse
+            if f.name in names
+        ]
+        task_ebcs = nn.ModuleDict(
+            {
+                t: EmbeddingBagCollection(
+                    tables=embedding_bag_configs(own, table_suffix=f"__{t}"),
+                    device=torch.device(device),
+                )
+                for t in task_names
+            }
+        )
+        task_dim = cfg.model.stem_dim * len(own)
+    head = build_head(cfg.model, in_dim, task_names, task_dim)
+    return Ranker(ebc, len(cfg.features.dense), head, cfg.model.dense_batch_norm, task_ebcs)
 
 
-def build_head(m: ModelConfig, in_dim: int, task_names: list[str]) -> nn.Module:
-    """The configured multi-task head over inputs of width ``in_dim``."""
+def build_head(m: ModelConfig, in_dim: int, task_names: list[str], task_dim: int = 0) -> nn.Module:
+    """The configured multi-task head over inputs of width ``in_dim`` (STEM: + ``task_dim`` per task)."""
     gate = GateConfig(
         temperature=m.gate_temperature,
         hidden=tuple(m.gate_hidden),
@@ -110,6 +138,11 @@ def build_head(m: ModelConfig, in_dim: int, task_names: list[str]) -> nn.Module:
         return SharedBottom(
             in_dim, len(task_names), m.bottom_hidden, m.tower_hidden, m.tower_dropout
         )
+    if m.head == "stem":
+        return STEM(
+            in_dim, task_dim, task_names, m.ple_shared_experts, m.ple_task_experts,
+            m.expert_hidden, m.tower_hidden, gate, m.tower_dropout,
+        )  # fmt: skip
     if m.head == "ple":
         return PLE(
             in_dim, task_names, m.ple_levels, m.ple_shared_experts, m.ple_task_experts,

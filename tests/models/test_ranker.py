@@ -71,3 +71,31 @@ def test_missing_labels_are_masked_and_empty_task_gives_zero_not_nan():
     torch.testing.assert_close(losses[0], expected)
     reg = task_losses(outputs, labels, torch.ones(2, 2), torch.tensor([True, False]))
     torch.testing.assert_close(reg[1], (outputs[:, 1] - labels[:, 1]).square().mean())
+
+
+def test_stem_task_loss_trains_only_its_own_and_the_shared_tables():
+    cfg = load_config(
+        ["--config", "configs/default.toml", "--model.head", "stem", "--model.stem_features", "user_id,item_id",
+         "--model.stem_dim", "4", "--model.expert_hidden", "16,8", "--model.tower_hidden", "4"]
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = build_ranker(cfg, device="cpu")
+    assert list(model.task_ebcs) == ["click", "conversion", "watch_time"]
+    batch = ArrowBatchConverter(cfg.features.sparse, cfg.features.dense, cfg.tasks)(
+        random_table(cfg, 32)
+    )
+    out, _ = model(batch)
+    assert out.shape == (32, 3)
+    out[:, 0].sum().backward()  # the click task alone
+
+    def grad(ebc, table):
+        g = ebc.embedding_bags[table].weight.grad
+        return 0.0 if g is None else g.abs().sum().item()
+
+    assert grad(model.task_ebcs["click"], "user_id__click") > 0  # its own table
+    assert grad(model.task_ebcs["conversion"], "user_id__conversion") == 0  # others': stopped
+    assert grad(model.task_ebcs["watch_time"], "item_id__watch_time") == 0
+    assert grad(model.ebc, "user_id") > 0  # the shared table
+    model.zero_grad()
+    model(batch)[0][:, 2].sum().backward()  # watch time reaches the shared tables too
+    assert grad(model.ebc, "user_id") > 0 and grad(model.task_ebcs["click"], "user_id__click") == 0
