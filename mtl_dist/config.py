@@ -104,6 +104,7 @@ class ModelConfig:
     bottom_hidden: list[int] = opt([256, 128], "shared_bottom: the shared MLP's widths")
     tower_hidden: list[int] = opt([64], "per-task tower MLP widths before the output unit")
     tower_dropout: float = opt(0.0, "dropout after each tower hidden layer")
+    tower_batch_norm: bool = opt(False, "batch-normalise each tower hidden layer")
     ple_levels: int = opt(2, "ple: extraction levels (1 = CGC)")
     ple_shared_experts: int = opt(2, "ple, stem: shared experts (per level)")
     ple_task_experts: int = opt(2, "ple, stem: experts per task (per level)")

@@ -26,6 +26,7 @@ class StackedMLP(nn.Module):
         activate_last: apply the activation after the last layer (experts: yes; towers whose
             last layer is the output unit: no).
         dropout: dropout after each hidden activation.
+        batch_norm: batch-normalise each hidden layer (per group) before its activation.
 
     Example::
 
@@ -41,6 +42,7 @@ class StackedMLP(nn.Module):
         widths: list[int],
         activate_last: bool = True,
         dropout: float = 0.0,
+        batch_norm: bool = False,
     ) -> None:
         super().__init__()
         self.groups = groups
@@ -54,6 +56,12 @@ class StackedMLP(nn.Module):
             nn.Parameter(torch.empty(groups, 1, d_out)) for d_out in dims[1:]
         )
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        # per-group batch norm before each hidden activation (one BatchNorm1d over G·H features)
+        self.norms = (
+            nn.ModuleList(nn.BatchNorm1d(groups * d_out) for d_out in widths[:-1])
+            if batch_norm
+            else None
+        )
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -74,12 +82,17 @@ class StackedMLP(nn.Module):
                 x = y.view(-1, g, d_out).transpose(0, 1) + b
             else:
                 x = torch.baddbmm(b, x, w)
+            if self.norms is not None and i < last:
+                g, n, h = x.shape
+                x = self.norms[i](x.transpose(0, 1).reshape(n, g * h)).view(n, g, h).transpose(0, 1)
             if i < last or self.activate_last:
                 x = self.dropout(torch.relu(x))
         return x
 
     def forward_group(self, g: int, x: torch.Tensor) -> torch.Tensor:
         """Group ``g`` alone on rows ``x`` ``[n, Din]`` → ``[n, H]`` (sparse top-k dispatch)."""
+        if self.norms is not None:
+            raise ValueError("forward_group does not support batch_norm")
         last = len(self.weights) - 1
         for i, (w, b) in enumerate(zip(self.weights, self.biases)):
             x = torch.addmm(b[g], x, w[g])

@@ -39,10 +39,22 @@ class Towers(nn.Module):
     """T task towers as one :class:`StackedMLP`: ``[T, B, H]`` → ``[B, T]`` (logit or value)."""
 
     def __init__(
-        self, num_tasks: int, in_dim: int, hidden: list[int], dropout: float = 0.0
+        self,
+        num_tasks: int,
+        in_dim: int,
+        hidden: list[int],
+        dropout: float = 0.0,
+        batch_norm: bool = False,
     ) -> None:
         super().__init__()
-        self.mlp = StackedMLP(num_tasks, in_dim, [*hidden, 1], activate_last=False, dropout=dropout)
+        self.mlp = StackedMLP(
+            num_tasks,
+            in_dim,
+            [*hidden, 1],
+            activate_last=False,
+            dropout=dropout,
+            batch_norm=batch_norm,
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.mlp(x).squeeze(-1).t()
@@ -66,11 +78,14 @@ class SharedBottom(nn.Module):
         bottom_hidden: list[int],
         tower_hidden: list[int],
         tower_dropout: float = 0.0,
+        tower_batch_norm: bool = False,
     ) -> None:
         super().__init__()
         self.num_tasks = num_tasks
         self.bottom = StackedMLP(1, in_dim, bottom_hidden)
-        self.towers = Towers(num_tasks, bottom_hidden[-1], tower_hidden, tower_dropout)
+        self.towers = Towers(
+            num_tasks, bottom_hidden[-1], tower_hidden, tower_dropout, tower_batch_norm
+        )
         self.last_gates: dict[str, torch.Tensor] = {}
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,6 +117,7 @@ class MoE(nn.Module):
         gate: GateConfig | None = None,
         shared_gate: bool = False,
         tower_dropout: float = 0.0,
+        tower_batch_norm: bool = False,
         sparse_max_fraction: float = 0.5,
     ) -> None:
         super().__init__()
@@ -112,7 +128,9 @@ class MoE(nn.Module):
         self.sparse_max_fraction = sparse_max_fraction
         self.experts = StackedMLP(num_experts, in_dim, expert_hidden)
         self.gates = Gates(in_dim, 1 if shared_gate else self.num_tasks, num_experts, gate)
-        self.towers = Towers(self.num_tasks, expert_hidden[-1], tower_hidden, tower_dropout)
+        self.towers = Towers(
+            self.num_tasks, expert_hidden[-1], tower_hidden, tower_dropout, tower_batch_norm
+        )
         self.aux_names = _aux_names(gate)
         self.sparse = 0 < gate.top_k < num_experts or gate.gumbel
         self.last_gates: dict[str, torch.Tensor] = {}
@@ -176,6 +194,7 @@ class PLE(nn.Module):
         tower_hidden: list[int],
         gate: GateConfig | None = None,
         tower_dropout: float = 0.0,
+        tower_batch_norm: bool = False,
     ) -> None:
         super().__init__()
         gate = gate or GateConfig()
@@ -198,7 +217,7 @@ class PLE(nn.Module):
         # task t mixes experts [shared..., own...]: rows of this index select them from [G, B, H]
         index = [list(range(Es)) + [Es + t * Et + j for j in range(Et)] for t in range(T)]
         self.register_buffer("task_index", torch.tensor(index), persistent=False)
-        self.towers = Towers(T, dim, tower_hidden, tower_dropout)
+        self.towers = Towers(T, dim, tower_hidden, tower_dropout, tower_batch_norm)
         self.aux_names = _aux_names(gate)
         self.last_gates: dict[str, torch.Tensor] = {}
 
@@ -253,6 +272,7 @@ class STEM(nn.Module):
         tower_hidden: list[int],
         gate: GateConfig | None = None,
         tower_dropout: float = 0.0,
+        tower_batch_norm: bool = False,
     ) -> None:
         super().__init__()
         gate = gate or GateConfig()
@@ -263,7 +283,7 @@ class STEM(nn.Module):
         self.shared = StackedMLP(Es, in_dim, expert_hidden) if Es else None
         self.task = StackedMLP(T * Et, z_dim, expert_hidden)
         self.gates = Gates(z_dim, T, Es + Et, gate)
-        self.towers = Towers(T, expert_hidden[-1], tower_hidden, tower_dropout)
+        self.towers = Towers(T, expert_hidden[-1], tower_hidden, tower_dropout, tower_batch_norm)
         index = [list(range(Es)) + [Es + t * Et + j for j in range(Et)] for t in range(T)]
         self.register_buffer("task_index", torch.tensor(index), persistent=False)
         self.register_buffer("own_mask", torch.eye(T).view(T, T, 1, 1), persistent=False)

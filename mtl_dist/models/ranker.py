@@ -141,14 +141,14 @@ def build_head(m: ModelConfig, in_dim: int, task_names: list[str], task_dim: int
     if m.head == "stem":
         return STEM(
             in_dim, task_dim, task_names, m.ple_shared_experts, m.ple_task_experts,
-            m.expert_hidden, m.tower_hidden, gate, m.tower_dropout,
+            m.expert_hidden, m.tower_hidden, gate, m.tower_dropout, m.tower_batch_norm,
         )  # fmt: skip
     if m.head == "ple":
         return PLE(
             in_dim, task_names, m.ple_levels, m.ple_shared_experts, m.ple_task_experts,
-            m.expert_hidden, m.tower_hidden, gate, m.tower_dropout,
+            m.expert_hidden, m.tower_hidden, gate, m.tower_dropout, m.tower_batch_norm,
         )  # fmt: skip
     return MoE(
         in_dim, task_names, m.num_experts, m.expert_hidden, m.tower_hidden, gate,
-        shared_gate=m.head == "omoe", tower_dropout=m.tower_dropout, sparse_max_fraction=m.sparse_max_fraction,
+        shared_gate=m.head == "omoe", tower_dropout=m.tower_dropout, tower_batch_norm=m.tower_batch_norm, sparse_max_fraction=m.sparse_max_fraction,
     )  # fmt: skip

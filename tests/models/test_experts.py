@@ -45,3 +45,15 @@ def test_experts_start_different():
         flat = w.reshape(8, -1)
         dist = torch.cdist(flat, flat) + torch.eye(8) * 1e9
         assert dist.min() > 1e-3
+
+
+def test_per_group_batch_norm_matches_each_groups_own_norm():
+    torch.manual_seed(3)
+    mlp = StackedMLP(groups=3, in_dim=6, widths=[5, 1], activate_last=False, batch_norm=True)
+    x = torch.randn(3, 40, 6)
+    out = mlp(x)  # training mode: batch statistics per group and feature
+    for g in range(3):
+        h = F.linear(x[g], mlp.weights[0][g].t(), mlp.biases[0][g, 0])
+        h = (h - h.mean(0)) / torch.sqrt(h.var(0, unbiased=False) + 1e-5)
+        ref = F.linear(torch.relu(h), mlp.weights[1][g].t(), mlp.biases[1][g, 0])
+        torch.testing.assert_close(out[g], ref, rtol=1e-4, atol=1e-5)
