@@ -35,6 +35,17 @@ def _stack_aux(
     return torch.stack([sum(p[n] for p in parts if n in p) for n in names])
 
 
+def task_expert_index(tasks: int, shared: int, per_task: int) -> torch.Tensor:
+    """``[T, Es + Et]``: the experts task t mixes — the shared ones, then its own — as rows of an
+    expert output ``[Es + T·Et, B, H]`` laid out shared first, then task by task."""
+    return torch.tensor(
+        [
+            list(range(shared)) + [shared + t * per_task + j for j in range(per_task)]
+            for t in range(tasks)
+        ]
+    )
+
+
 class Towers(nn.Module):
     """T task towers as one :class:`StackedMLP`: ``[T, B, H]`` → ``[B, T]`` (logit or value)."""
 
@@ -214,9 +225,7 @@ class PLE(nn.Module):
                 mods["shared_gate"] = Gates(dim, 1, Es + T * Et, gate)
             self.levels.append(mods)
             dim = expert_hidden[-1]
-        # task t mixes experts [shared..., own...]: rows of this index select them from [G, B, H]
-        index = [list(range(Es)) + [Es + t * Et + j for j in range(Et)] for t in range(T)]
-        self.register_buffer("task_index", torch.tensor(index), persistent=False)
+        self.register_buffer("task_index", task_expert_index(T, Es, Et), persistent=False)
         self.towers = Towers(T, dim, tower_hidden, tower_dropout, tower_batch_norm)
         self.aux_names = _aux_names(gate)
         self.last_gates: dict[str, torch.Tensor] = {}
@@ -284,8 +293,7 @@ class STEM(nn.Module):
         self.task = StackedMLP(T * Et, z_dim, expert_hidden)
         self.gates = Gates(z_dim, T, Es + Et, gate)
         self.towers = Towers(T, expert_hidden[-1], tower_hidden, tower_dropout, tower_batch_norm)
-        index = [list(range(Es)) + [Es + t * Et + j for j in range(Et)] for t in range(T)]
-        self.register_buffer("task_index", torch.tensor(index), persistent=False)
+        self.register_buffer("task_index", task_expert_index(T, Es, Et), persistent=False)
         self.register_buffer("own_mask", torch.eye(T).view(T, T, 1, 1), persistent=False)
         self.aux_names = _aux_names(gate)
         self.last_gates: dict[str, torch.Tensor] = {}
