@@ -114,8 +114,9 @@ class MoE(nn.Module):
 
     Example::
 
-        head = MoE(in_dim=32, num_tasks=3, num_experts=4, expert_hidden=[64, 16], tower_hidden=[8])
-        out, aux = head(torch.randn(5, 32))   # out [5, 3]; head.last_gates["click"] ...
+        head = MoE(in_dim=32, task_names=["click", "conv", "watch"], num_experts=4,
+                   expert_hidden=[64, 16], tower_hidden=[8])
+        out, aux = head(torch.randn(5, 32))   # out [5, 3]; head.last_gates["click"]: [5, 4]
     """
 
     def __init__(
