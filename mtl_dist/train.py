@@ -152,7 +152,7 @@ def train(cfg: JobConfig, info: DistInfo) -> dict[str, object]:
     # --- model: tables on meta, sharded by the planner; dense part under DDP
     model = build_model_with_loss(build_ranker(cfg, device="meta"), cfg)
     aux_names = list(model.model.head.aux_names)
-    model, plan = shard_model(model, model.model.ebc, cfg.sharding, cfg.optim, info)
+    model, plan = shard_model(model, cfg.sharding, cfg.optim, info)
     log(
         f"[model] world {info.world_size} on {info.device} ({info.backend}); sharding plan:\n{describe_plan(plan)}"
     )

@@ -48,9 +48,13 @@ def apply_embedding_optimizer(ebc: EmbeddingBagCollection, cfg: OptimConfig) -> 
     apply_optimizer_in_backward(cls, ebc.parameters(), kwargs)
 
 
+def embedding_collections(model: nn.Module) -> list[EmbeddingBagCollection]:
+    """Every EBC in ``model`` (the shared one, and STEM's per-task ones)."""
+    return [m for m in model.modules() if isinstance(m, EmbeddingBagCollection)]
+
+
 def plan_sharding(
     model: nn.Module,
-    ebc: EmbeddingBagCollection,
     cfg: ShardingConfig,
     info: DistInfo,
     sharders: list[ModuleSharder],
@@ -60,6 +64,7 @@ def plan_sharding(
     if cfg.force:
         constraints = {
             t.name: ParameterConstraints(sharding_types=[cfg.force])
+            for ebc in embedding_collections(model)
             for t in ebc.embedding_bag_configs()
         }
     topology = Topology(
@@ -73,15 +78,16 @@ def plan_sharding(
 
 def shard_model(
     model: nn.Module,
-    ebc: EmbeddingBagCollection,
     sharding: ShardingConfig,
     optim: OptimConfig,
     info: DistInfo,
 ) -> tuple[DistributedModelParallel, ShardingPlan]:
-    """Attach the fused embedding optimizer, plan, and wrap ``model`` in DMP (DDP for the dense part)."""
-    apply_embedding_optimizer(ebc, optim)
+    """Attach the fused embedding optimizer to every EBC, plan, and wrap ``model`` in DMP (DDP for
+    the dense part). A table without it would silently train with TorchRec's default optimizer."""
+    for ebc in embedding_collections(model):
+        apply_embedding_optimizer(ebc, optim)
     sharders: list[ModuleSharder] = [ConfiguredEBCSharder(sharding.sharding_types)]
-    plan = plan_sharding(model, ebc, sharding, info, sharders)
+    plan = plan_sharding(model, sharding, info, sharders)
     dmp = DistributedModelParallel(module=model, device=info.device, plan=plan, sharders=sharders)
     return dmp, plan
 

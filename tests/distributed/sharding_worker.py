@@ -119,7 +119,7 @@ def main(out_dir: str) -> None:
         ref_sd = {k: v.detach().clone() for k, v in ref.state_dict().items()}
         torch.manual_seed(0)
         model = ModelWithLoss(build_ranker(cfg, device="meta"), cfg.tasks)
-        dmp, plan = shard_model(model, model.model.ebc, cfg.sharding, cfg.optim, info)
+        dmp, plan = shard_model(model, cfg.sharding, cfg.optim, info)
         types = {ps.sharding_type for mp in plan.plan.values() for ps in mp.values()}
         copy_state_dict(dmp.state_dict(), ref_sd)
 
@@ -166,6 +166,17 @@ def main(out_dir: str) -> None:
             "loss_last": losses[-1],
         }
         dist.barrier()
+    # STEM's per-task tables live in their own EBCs: they must get the configured fused
+    # optimizer too (not TorchRec's default), and be planned like the shared tables
+    cfg = make_cfg("")
+    cfg.model.head, cfg.model.stem_features, cfg.optim.embedding_lr = "stem", ["user"], 0.3
+    torch.manual_seed(0)
+    stem = ModelWithLoss(build_ranker(cfg, device="meta"), cfg.tasks)
+    dmp, plan = shard_model(stem, cfg.sharding, cfg.optim, info)
+    results["stem"] = {
+        "fused_lrs": sorted({round(g["lr"], 6) for g in dmp.fused_optimizer.param_groups}),
+        "planned_tables": sorted(t for mp in plan.plan.values() for t in mp),
+    }
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, f"rank_{info.rank}.json"), "w") as fh:
         json.dump(results, fh, indent=1)

@@ -11,6 +11,9 @@ def test_every_sharding_type_matches_unsharded_reference(tmp_path):
     assert proc.returncode == 0
     for rank in (0, 1):
         results = json.loads((tmp_path / f"rank_{rank}.json").read_text())
+        stem = results.pop("stem")
+        assert stem["fused_lrs"] == [0.3], stem  # every table, task-specific ones included
+        assert {"user__a", "user__b", "user", "item"} <= set(stem["planned_tables"]), stem
         assert sorted(results) == sorted(TYPES)
         for st, r in results.items():
             assert r["planned"] == [st], f"planner did not use {st}: {r['planned']}"
