@@ -45,30 +45,26 @@ class Batch(Pipelineable):
     def batch_size(self) -> int:
         return self.dense.shape[0]
 
-    def to(self, device: torch.device, non_blocking: bool = False) -> Batch:
+    def _map(self, fn) -> Batch:
+        """A Batch with ``fn`` applied to every tensor (and the KJT); the position is kept."""
         return Batch(
-            dense=self.dense.to(device, non_blocking=non_blocking),
-            sparse=self.sparse.to(device, non_blocking=non_blocking),
-            labels=self.labels.to(device, non_blocking=non_blocking),
-            mask=self.mask.to(device, non_blocking=non_blocking),
-            truth=self.truth.to(device, non_blocking=non_blocking),
+            dense=fn(self.dense),
+            sparse=fn(self.sparse),
+            labels=fn(self.labels),
+            mask=fn(self.mask),
+            truth=fn(self.truth),
             position=self.position,
         )
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> Batch:
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
 
     def record_stream(self, stream: torch.Stream) -> None:
-        for t in (self.dense, self.labels, self.mask, self.truth):
+        for t in (self.dense, self.sparse, self.labels, self.mask, self.truth):
             t.record_stream(stream)
-        self.sparse.record_stream(stream)
 
     def pin_memory(self) -> Batch:
-        return Batch(
-            dense=self.dense.pin_memory(),
-            sparse=self.sparse.pin_memory(),
-            labels=self.labels.pin_memory(),
-            mask=self.mask.pin_memory(),
-            truth=self.truth.pin_memory(),
-            position=self.position,
-        )
+        return self._map(lambda t: t.pin_memory())
 
 
 @dataclass
