@@ -14,7 +14,9 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
+from mtl_dist.distributed.setup import keep_large_buffers
 from mtl_dist.models.gates import GateConfig
 from mtl_dist.models.heads import PLE, MoE, SharedBottom
 
@@ -56,16 +58,25 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def timeit(fn: Callable[[], None], device: torch.device, reps: int) -> float:
-    """Seconds per call, after warm-up, synchronised."""
-    for _ in range(3):
+def interleaved(
+    fns: dict[str, Callable[[], None]], device: torch.device, reps: int, rounds: int
+) -> dict[str, float]:
+    """Seconds per call of each function: the best over ``rounds`` of the mean of ``reps`` calls,
+    the functions taking turns within each round so that a noisy neighbour on a shared machine
+    slows them alike (noise only ever adds time, hence best-of). Warmed up, synchronised."""
+    for fn in fns.values():
         fn()
-    sync(device)
-    t = time.perf_counter()
-    for _ in range(reps):
         fn()
-    sync(device)
-    return (time.perf_counter() - t) / reps
+    best = dict.fromkeys(fns, float("inf"))
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            sync(device)
+            t = time.perf_counter()
+            for _ in range(reps):
+                fn()
+            sync(device)
+            best[name] = min(best[name], (time.perf_counter() - t) / reps)
+    return best
 
 
 def fwd_bwd(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
@@ -86,23 +97,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--experts", type=int, default=8)
     p.add_argument("--hidden", default="256,128")
     p.add_argument("--tasks", type=int, default=3)
-    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--reps", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=7)
     a = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tuned = device.type == "cpu" and keep_large_buffers()  # as training does on CPU
     hidden = [int(h) for h in a.hidden.split(",")]
     B, D, E, T = a.batch, a.in_dim, a.experts, a.tasks
     names = [f"t{i}" for i in range(T)]
-    x = torch.randn(B, D, device=device)
+    x = torch.randn(B, D, device=device, requires_grad=True)  # as embeddings are in training
     torch.manual_seed(0)
-
-    # the machine's plain matmul rate, same device, same run
-    n = 4096 if device.type == "cuda" else 2048
-    m1, m2 = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-    mm_rate = 2 * n**3 / timeit(lambda: m1 @ m2, device, a.reps) / 1e9
-    print(
-        f"device: {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else f'{torch.get_num_threads()} threads'})"
-    )
-    print(f"plain {n}x{n} matmul: {mm_rate:,.1f} GFLOP/s")
 
     heads: dict[str, nn.Module] = {
         "loop MMoE (baseline)": LoopMMoE(D, T, E, hidden, [64]),
@@ -115,38 +119,58 @@ def main(argv: list[str] | None = None) -> None:
             D, names, E, hidden, [64], GateConfig(top_k=2), shared_gate=True
         ),
     }
-    rates = {}
-    print(f"\nforward+backward, batch {B}, input {D}, {E} experts of {hidden}, {T} tasks")
-    for name, model in heads.items():
-        model.to(device)
-        s = timeit(fwd_bwd(model, x), device, a.reps)
-        rates[name] = B / s
-        note = f"  dispatch={model.last_dispatch}" if isinstance(model, MoE) else ""
-        print(f"  {name:<30}{B / s:>12,.0f} samples/s{note}")
-    print(
-        f"  batched MMoE / loop = {rates['mmoe'] / rates['loop MMoE (baseline)']:.2f}x (target >= 1.4x)"
-    )
+    fns = {name: fwd_bwd(model.to(device), x) for name, model in heads.items()}
 
+    # the machine's plain matmul rate, same device, same run
+    n = 4096 if device.type == "cuda" else 2048
+    m1, m2 = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    fns["matmul"] = lambda: m1 @ m2
     # expert compute alone: dense stacked experts vs top-2-of-E sparse dispatch with one gate
-    dense_experts = heads["mmoe"].experts
-    flops = 3 * 2 * B * E * sum(i * o for i, o in zip([D, *hidden], hidden))  # fwd + bwd
-    t_dense = timeit(fwd_bwd(dense_experts, x), device, a.reps)
-    print(
-        f"\ndense expert compute: {flops / t_dense / 1e9:,.1f} GFLOP/s = {flops / t_dense / 1e9 / mm_rate:.0%} of matmul (target >= 60%)"
-    )
+    fns["dense experts"] = fwd_bwd(heads["mmoe"].experts, x)
     sparse = heads["omoe top-2 (one gate)"]
     with torch.no_grad():
         weights, _ = sparse.gates(x)
     selected = (weights > 0).any(1)
-    f = selected.float().mean().item()
+    fns["top-2 experts"] = lambda: sparse._sparse_mix(x, weights, selected).sum().backward()
 
-    def sparse_experts() -> None:
-        sparse._sparse_mix(x, weights.expand(-1, T, -1), selected).sum().backward()
-
-    t_sparse = timeit(sparse_experts, device, a.reps)
+    secs = interleaved(fns, device, a.reps, a.rounds)
+    mm_rate = 2 * n**3 / secs["matmul"] / 1e9
+    where = (
+        torch.cuda.get_device_name()
+        if device.type == "cuda"
+        else f"{torch.get_num_threads()} threads"
+    )
+    print(f"device: {device} ({where}); plain {n}x{n} matmul: {mm_rate:,.1f} GFLOP/s")
+    if tuned:
+        print("malloc: large blocks kept in the heap (keep_large_buffers), for every model below")
+    print(f"\nforward+backward, batch {B}, input {D}, {E} experts of {hidden}, {T} tasks")
+    for name, model in heads.items():
+        note = f"  dispatch={model.last_dispatch}" if isinstance(model, MoE) else ""
+        print(f"  {name:<30}{B / secs[name]:>12,.0f} samples/s{note}")
+    ratio = secs["loop MMoE (baseline)"] / secs["mmoe"]
+    print(f"  batched MMoE / loop = {ratio:.2f}x (target >= 1.4x)")
+    # roofline: every FLOP of the MMoE at the plain matmul rate; no implementation beats it
+    with FlopCounterMode(display=False) as counter:
+        fns["mmoe"]()
+    roof = counter.get_total_flops() / (mm_rate * 1e9)
     print(
-        f"top-2 of {E}, one gate: computed fraction f = {f:.3f}; expert time {t_sparse / t_dense:.2f} of dense "
-        f"(target <= 1.5 f = {1.5 * f:.2f}); speed-up {t_dense / t_sparse:.2f}x"
+        f"  roofline (all {counter.get_total_flops() / 1e9:.1f} GFLOP at the matmul rate): "
+        f"{B / roof:,.0f} samples/s; loop at {roof / secs['loop MMoE (baseline)']:.0%} of it, "
+        f"batched at {roof / secs['mmoe']:.0%}; the most any batching can gain over this loop: "
+        f"{secs['loop MMoE (baseline)'] / roof:.2f}x"
+    )
+
+    flops = 3 * 2 * B * E * sum(i * o for i, o in zip([D, *hidden], hidden))  # fwd + bwd
+    t_dense, t_sparse = secs["dense experts"], secs["top-2 experts"]
+    rate = flops / t_dense / 1e9
+    print(
+        f"\ndense expert compute: {rate:,.1f} GFLOP/s = {rate / mm_rate:.0%} of matmul (target >= 60%)"
+    )
+    f = selected.float().mean().item()
+    print(
+        f"top-2 of {E}, one gate ({sparse.experts.last_grouped}): computed fraction f = {f:.3f}; "
+        f"expert time {t_sparse / t_dense:.2f} of dense (target <= 1.5 f = {1.5 * f:.2f}); "
+        f"speed-up {t_dense / t_sparse:.2f}x"
     )
 
 

@@ -5,8 +5,10 @@ Same code on CPU and GPU: CUDA present → ``nccl`` and ``cuda:LOCAL_RANK``; els
 
 from __future__ import annotations
 
+import ctypes
 import datetime
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +39,26 @@ def pick_device(requested: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+def keep_large_buffers() -> bool:
+    """Let glibc's malloc reuse freed large blocks instead of unmapping them (Linux, CPU).
+
+    glibc serves blocks above its mmap threshold (at most 32 MiB) with fresh ``mmap`` s and
+    unmaps them on free, so every step's large activations (``[E, B, H]`` experts at B = 4096 is
+    32 MiB) pay page faults on first touch: measured 3-4x slower ReLU / bias passes. Raising
+    the mmap and trim thresholds keeps them in the heap (what jemalloc / tcmalloc do, without
+    an LD_PRELOAD); memory stays bounded by the step's peak. Returns whether it took effect.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # mallopt parameters from <malloc.h>
+    big = 1 << 30
+    return bool(libc.mallopt(m_mmap_threshold, big)) and bool(libc.mallopt(m_trim_threshold, big))
+
+
 def init_distributed(device: str = "auto", threads: int = 0, timeout_s: int = 600) -> DistInfo:
     """Initialise the default process group (a group of one without torchrun) and set threads.
 
@@ -52,6 +74,8 @@ def init_distributed(device: str = "auto", threads: int = 0, timeout_s: int = 60
     if threads <= 0:
         threads = max(1, (os.cpu_count() or 1) // local_world)
     torch.set_num_threads(threads)
+    if dev.type == "cpu":
+        keep_large_buffers()
     if not dist.is_initialized():
         if "MASTER_ADDR" not in os.environ:  # plain `python -m ...`: a one-process group
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")

@@ -2,7 +2,10 @@
 
 Weights of layer l are stacked as ``[G, in_l, out_l]``; a layer is one ``baddbmm`` over the
 group dimension, so G experts cost one kernel, not G. With a shared input ``[B, Din]`` the first
-layer of all groups is a single ``[B, Din] @ [Din, G*H]`` matmul.
+layer of all groups is a single ``addmm`` ``[B, Din] @ [Din, G*H]``, and
+:func:`fused_first_layer` widens that one matmul to every module reading the same input (the
+experts' first layers and all gates' logits side by side). Sparse (top-k) dispatch runs each
+group on its own rows with :func:`torch.nn.functional.grouped_mm`, one call per layer.
 
 Shapes: G groups, B batch, Din input, H output width. Output is ``[G, B, H]`` (group-major,
 so the next layer's ``bmm`` needs no copy).
@@ -13,6 +16,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -48,6 +52,7 @@ class StackedMLP(nn.Module):
         self.groups = groups
         self.widths = list(widths)
         self.activate_last = activate_last
+        self.last_grouped = ""  # which kernel forward_grouped last ran: grouped_mm or loop
         dims = [in_dim, *widths]
         self.weights = nn.ParameterList(
             nn.Parameter(torch.empty(groups, d_in, d_out)) for d_in, d_out in zip(dims, dims[1:])
@@ -71,15 +76,25 @@ class StackedMLP(nn.Module):
             nn.init.uniform_(w, -bound, bound)
             nn.init.uniform_(b, -bound, bound)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x``: ``[B, Din]`` (shared by all groups) or ``[G, B, Din]``. Returns ``[G, B, H]``."""
+    def first_layer(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer 0 of all groups as one matrix ``[Din, G*H1]`` and bias ``[G*H1]``."""
+        w, b = self.weights[0], self.biases[0]
+        g, d_in, d_out = w.shape
+        return w.permute(1, 0, 2).reshape(d_in, g * d_out), b.reshape(g * d_out)
+
+    def forward(self, x: torch.Tensor, first: torch.Tensor | None = None) -> torch.Tensor:
+        """``x``: ``[B, Din]`` (shared by all groups) or ``[G, B, Din]``. Returns ``[G, B, H]``.
+
+        ``first``: layer 0's pre-activation ``[B, G*H1]`` when a fused matmul already computed it
+        (:func:`fused_first_layer`).
+        """
         last = len(self.weights) - 1
         for i, (w, b) in enumerate(zip(self.weights, self.biases)):
-            if x.dim() == 2:
-                # shared input: all groups' first layer in one matmul [B, Din] @ [Din, G*H]
-                g, d_in, d_out = w.shape
-                y = x @ w.permute(1, 0, 2).reshape(d_in, g * d_out)
-                x = y.view(-1, g, d_out).transpose(0, 1) + b
+            if i == 0 and (first is not None or x.dim() == 2):
+                if first is None:  # shared input: all groups' first layer in one addmm
+                    w_all, b_all = self.first_layer()
+                    first = torch.addmm(b_all, x, w_all)
+                x = first.view(first.shape[0], self.groups, -1).transpose(0, 1)
             else:
                 x = torch.baddbmm(b, x, w)
             if self.norms is not None and i < last:
@@ -89,8 +104,33 @@ class StackedMLP(nn.Module):
                 x = self.dropout(torch.relu(x))
         return x
 
+    def forward_grouped(self, x: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+        """Each row through its own group's MLP (sparse top-k dispatch): ``[N, Din]`` → ``[N, H]``.
+
+        ``group`` ``[N]`` is each row's group, sorted ascending. One ``grouped_mm`` per layer
+        where torch has it for this device and dtype, else a loop over the contiguous row blocks.
+        """
+        if self.norms is not None:
+            raise ValueError("grouped dispatch does not support batch_norm")
+        counts = torch.bincount(group, minlength=self.groups)
+        use_grouped_mm = grouped_mm_supported(x, [x.shape[1], *self.widths])
+        self.last_grouped = "grouped_mm" if use_grouped_mm else "loop"
+        if not use_grouped_mm:
+            bounds = [0, *counts.cumsum(0).tolist()]
+            blocks = [
+                self.forward_group(g, x[s:e]) for g, (s, e) in enumerate(zip(bounds, bounds[1:]))
+            ]
+            return torch.cat(blocks)
+        offs = counts.cumsum(0).to(torch.int32)
+        last = len(self.weights) - 1
+        for i, (w, b) in enumerate(zip(self.weights, self.biases)):
+            x = F.grouped_mm(x, w, offs=offs) + b.squeeze(1).index_select(0, group)
+            if i < last or self.activate_last:
+                x = self.dropout(torch.relu(x))
+        return x
+
     def forward_group(self, g: int, x: torch.Tensor) -> torch.Tensor:
-        """Group ``g`` alone on rows ``x`` ``[n, Din]`` → ``[n, H]`` (sparse top-k dispatch)."""
+        """Group ``g`` alone on rows ``x`` ``[n, Din]`` → ``[n, H]``."""
         if self.norms is not None:
             raise ValueError("forward_group does not support batch_norm")
         last = len(self.weights) - 1
@@ -99,3 +139,29 @@ class StackedMLP(nn.Module):
             if i < last or self.activate_last:
                 x = self.dropout(torch.relu(x))
         return x
+
+
+def grouped_mm_supported(x: torch.Tensor, widths: list[int]) -> bool:
+    """Whether ``F.grouped_mm`` runs for ``x``'s device and dtype and these layer widths: on CPU
+    (torch 2.13 has a kernel with autograd), on CUDA for bf16 on SM ≥ 8.0 (torch documents no
+    fp32 kernel); every width must span a multiple of 16 bytes (the kernels' stride rule)."""
+    if not hasattr(F, "grouped_mm") or any(w * x.element_size() % 16 for w in widths):
+        return False
+    if x.device.type == "cpu":
+        return True
+    return (
+        x.device.type == "cuda"
+        and x.dtype == torch.bfloat16
+        and torch.cuda.get_device_capability(x.device) >= (8, 0)
+    )
+
+
+def fused_first_layer(x: torch.Tensor, mlps: list[StackedMLP]) -> list[torch.Tensor]:
+    """Layer 0 of several StackedMLPs that read the same ``x`` ``[B, Din]`` as ONE ``addmm``.
+
+    Returns each module's pre-activation ``[B, G_i*H_i]`` (column slices of one output), to pass
+    as ``first=`` to its forward.
+    """
+    ws, bs = zip(*(m.first_layer() for m in mlps))
+    y = torch.addmm(torch.cat(bs), x, torch.cat(ws, 1))
+    return list(y.split([w.shape[1] for w in ws], 1))

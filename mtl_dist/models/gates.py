@@ -76,9 +76,12 @@ class Gates(nn.Module):
                 last_w.normal_(0.0, 1e-3)
                 last_b.zero_()
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """``x``: ``[B, Din]`` or ``[G, B, Din]``."""
-        logits = self.logits(x).transpose(0, 1)  # [B, G, E]
+    def forward(
+        self, x: torch.Tensor, first: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``x``: ``[B, Din]`` or ``[G, B, Din]``; ``first``: the logits MLP's layer-0
+        pre-activation when a fused matmul computed it (see ``fused_first_layer``)."""
+        logits = self.logits(x, first).transpose(0, 1)  # [B, G, E]
         cfg = self.cfg
         if self.noise is not None and self.training:
             std = F.softplus(self.noise(x).transpose(0, 1))

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mtl_dist.models.experts import StackedMLP
+from mtl_dist.models.experts import StackedMLP, fused_first_layer
 from mtl_dist.models.gates import GateConfig, Gates
 
 
@@ -107,10 +107,12 @@ class SharedBottom(nn.Module):
 class MoE(nn.Module):
     """MMoE (one gate per task; Ma et al., KDD 2018) or OMoE (``shared_gate=True``: one gate).
 
-    E experts run as one StackedMLP; the per-task mix is one einsum ``[B,T,E] × [E,B,H]``. With
-    top-k gating the experts run only on the rows some task routed to them (sparse dispatch),
-    unless more than ``sparse_max_fraction`` of the (sample, expert) pairs are selected, where a
-    dense compute with zeroed weights is faster; ``last_dispatch`` says which ran.
+    E experts run as one StackedMLP whose first layer shares one matmul with the gates' logits;
+    the per-task mix is one einsum ``[B,T,E] × [E,B,H]``. With top-k gating the experts run only
+    on the rows some task routed to them (sparse dispatch: one grouped GEMM per layer), unless
+    more than ``sparse_max_fraction`` of the (sample, expert) pairs are selected, where a dense
+    compute with zeroed weights is faster; ``last_dispatch`` says which ran (``dense``,
+    ``sparse/grouped_mm`` or ``sparse/loop`` where the device has no grouped GEMM).
 
     Example::
 
@@ -149,35 +151,44 @@ class MoE(nn.Module):
         self.last_dispatch = "dense"
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        weights, aux = self.gates(x)  # [B, G, E]
-        if self.shared_gate:
-            weights = weights.expand(-1, self.num_tasks, -1)
-        self.last_gates = {t: weights[:, i].detach() for i, t in enumerate(self.task_names)}
+        experts = None
+        if self.sparse:  # gates first: they decide which experts run on which rows
+            weights, aux = self.gates(x)  # [B, G, E]
+        else:  # experts' first layer and the gate logits: one matmul
+            first_e, first_g = fused_first_layer(x, [self.experts, self.gates.logits])
+            weights, aux = self.gates(x, first_g)
+            experts = self.experts(x, first_e)  # [E, B, H]
+        self.last_gates = {
+            t: weights[:, 0 if self.shared_gate else i].detach()
+            for i, t in enumerate(self.task_names)
+        }
         mixed = None
         if self.sparse:
             selected = (weights > 0).any(1)  # [B, E]
             if selected.float().mean().item() <= self.sparse_max_fraction:
                 mixed = self._sparse_mix(x, weights, selected)
-                self.last_dispatch = "sparse"
+                self.last_dispatch = f"sparse/{self.experts.last_grouped}"
         if mixed is None:
-            mixed = torch.einsum("bte,ebh->tbh", weights, self.experts(x))  # [T, B, H]
+            experts = self.experts(x) if experts is None else experts
+            mixed = torch.einsum("bge,ebh->gbh", weights, experts)  # [G, B, H]
             self.last_dispatch = "dense"
+        if self.shared_gate:  # OMoE: one mix, read by every tower
+            mixed = mixed.expand(self.num_tasks, -1, -1)
         return self.towers(mixed), _stack_aux(self.aux_names, [aux], x)
 
     def _sparse_mix(
         self, x: torch.Tensor, weights: torch.Tensor, selected: torch.Tensor
     ) -> torch.Tensor:
-        """Each expert on its routed rows only, weighted results scattered back: ``[T, B, H]``."""
-        out_dim = self.experts.widths[-1]
-        mixed = x.new_zeros(self.num_tasks, x.shape[0], out_dim)
-        for e in range(selected.shape[1]):  # short loop over gathered row blocks
-            rows = selected[:, e].nonzero().squeeze(1)
-            if rows.numel() == 0:
-                continue
-            h = self.experts.forward_group(e, x.index_select(0, rows))  # [n, H]
-            w = weights.index_select(0, rows)[:, :, e].t().unsqueeze(-1)  # [T, n, 1]
-            mixed = mixed.index_add(1, rows, w * h)
-        return mixed
+        """Each expert on its routed rows only, weighted results scattered back: ``[G, B, H]``.
+
+        ``weights`` ``[B, G, E]``, ``selected`` ``[B, E]`` (some gate routed row b to expert e).
+        """
+        expert, row = selected.t().nonzero(as_tuple=True)  # [N] pairs, sorted by expert
+        h = self.experts.forward_grouped(x.index_select(0, row), expert)  # [N, H]
+        w = weights[row, :, expert]  # [N, G]
+        mixed = x.new_zeros(x.shape[0], weights.shape[1], h.shape[1])
+        mixed = mixed.index_add(0, row, w.unsqueeze(-1) * h.unsqueeze(1))  # [B, G, H]
+        return mixed.transpose(0, 1)
 
 
 class PLE(nn.Module):
@@ -236,18 +247,25 @@ class PLE(nn.Module):
         task_in, shared_in = x, x  # level 0: every expert and gate reads x ([B, Din])
         auxes, gates = [], {}
         for level, mods in enumerate(self.levels):
-            if task_in.dim() == 2:
-                out = mods["experts"](task_in)  # [G, B, H], shared input: one matmul
+            first: list[torch.Tensor | None] = [None, None, None]  # experts, task / shared gates
+            if task_in.dim() == 2:  # level 0: all experts and gates read x, one first matmul
+                readers = [mods["experts"], mods["task_gates"].logits]
+                if "shared_gate" in mods:
+                    readers.append(mods["shared_gate"].logits)
+                first[: len(readers)] = fused_first_layer(task_in, readers)
+                out = mods["experts"](task_in, first[0])  # [G, B, H]
             else:  # shared experts read the shared input, task t's experts read task t's
                 inputs = torch.cat([shared_in.expand(Es, -1, -1), task_in.repeat_interleave(Et, 0)])
                 out = mods["experts"](inputs)
-            w, aux = mods["task_gates"](task_in)  # [B, T, Es+Et]
+            w, aux = mods["task_gates"](task_in, first[1])  # [B, T, Es+Et]
             auxes.append(aux)
             next_task = torch.einsum("bte,tebh->tbh", w, out[self.task_index])  # [T, B, H]
             for i, t in enumerate(self.task_names):
                 gates[f"{t}/level{level}"] = w[:, i].detach()
             if "shared_gate" in mods:
-                ws, aux = mods["shared_gate"](shared_in if shared_in.dim() == 2 else shared_in[0])
+                ws, aux = mods["shared_gate"](
+                    shared_in if shared_in.dim() == 2 else shared_in[0], first[2]
+                )
                 auxes.append(aux)
                 gates[f"shared/level{level}"] = ws[:, 0].detach()
                 shared_in = torch.einsum("be,ebh->bh", ws[:, 0], out).unsqueeze(0)  # [1, B, H]

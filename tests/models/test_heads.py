@@ -73,12 +73,14 @@ def test_omoe_equals_mmoe_with_tied_gates():
 
 
 @pytest.mark.parametrize("k", [1, 2, 3])
-def test_top_k_sparse_dispatch_equals_masked_dense(k):
+@pytest.mark.parametrize("in_dim,kernel", [(16, "grouped_mm"), (10, "loop")])
+def test_top_k_sparse_dispatch_equals_masked_dense(k, in_dim, kernel):
+    """Grouped GEMM where widths are 16-byte aligned, else the loop over row blocks."""
     torch.manual_seed(2)
-    head = MoE(10, TASKS, 6, [16, 8], [4], GateConfig(top_k=k), sparse_max_fraction=1.0)
-    x = torch.randn(32, 10, requires_grad=True)
+    head = MoE(in_dim, TASKS, 6, [16, 8], [4], GateConfig(top_k=k), sparse_max_fraction=1.0)
+    x = torch.randn(32, in_dim, requires_grad=True)
     sparse, _ = head(x)
-    assert head.last_dispatch == "sparse"
+    assert head.last_dispatch == f"sparse/{kernel}"
     ref = loop_moe(head, x, top_k=k)
     torch.testing.assert_close(sparse, ref, rtol=1e-5, atol=1e-5)
     gs = torch.autograd.grad(sparse.sum(), [x, *head.parameters()])
@@ -186,3 +188,14 @@ def test_esmm_ctcvr_is_product_and_uses_every_exposure():
     unclicked = click == 0
     # non-clicked exposures still train both towers (entire space), not only clicked rows
     assert a.grad[unclicked].abs().sum() > 0 and b.grad[unclicked].abs().sum() > 0
+
+
+def test_mmoe_experts_and_gates_share_one_first_matmul():
+    """Dense MMoE: the experts' first layers and every gate's logits come from ONE addmm."""
+    from torch.profiler import profile
+
+    head = MoE(16, TASKS, 4, [8, 8], [4])
+    with profile() as prof:
+        head(torch.randn(5, 16))
+    counts = {e.key: e.count for e in prof.key_averages()}
+    assert counts.get("aten::addmm") == 1 and "aten::mm" not in counts, counts
