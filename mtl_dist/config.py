@@ -69,10 +69,25 @@ class TaskSpec:
 
     name: str = opt("", "task name, used in logs and metric tags")
     kind: str = opt("binary", "binary (logit, BCE loss) | regression (value, MSE loss)")
-    label: str = opt("", "label column; null values are masked out of loss and metrics")
+    label: str = opt("", "label column; null / NaN values are masked out of loss and metrics")
     truth: str = opt("", "optional column with the true probability / expected value (oracle)")
     transform: str = opt("none", "regression target transform: none | log1p")
-    weight: float = opt(1.0, "fixed loss weight")
+    weight: float = opt(1.0, "fixed loss weight (the fixed balancer; initial weight of others)")
+    missing_values: list[float] = opt(
+        [], "label values that mean 'no label', e.g. [-1] (null and NaN always do)"
+    )
+    condition: str = opt(
+        "", "a binary task whose label must be 1 for this label to count (conversion: 'click')"
+    )
+    sample_weight: str = opt("", "column of per-row loss weights (finite, >= 0)")
+    on_invalid: str = opt(
+        "error", "label outside the task's domain (binary not 0/1, infinite target): error | mask"
+    )
+    negative_rate: float = opt(
+        1.0,
+        "binary: keep each negative with this rate in training (downsampling); predictions and "
+        "metrics are corrected back: p' = p / (p + (1 - p) / rate)",
+    )
 
 
 @dataclass
@@ -158,6 +173,24 @@ class OptimConfig:
     embedding_eps: float = opt(1e-8, "epsilon of the (row-wise) Adagrad embedding optimizer")
 
 
+BALANCERS = ["fixed", "uncertainty", "gradnorm", "dwa"]
+
+
+@dataclass
+class LossConfig:
+    """How the per-task losses are combined: ``loss = Σ_t w_t · loss_t + Σ aux``."""
+
+    balancer: str = opt(
+        "fixed",
+        "fixed (tasks[].weight) | uncertainty (Kendall et al. 2018) | gradnorm (Chen et al. "
+        "2018) | dwa (dynamic weight average, Liu et al. 2019)",
+    )
+    gradnorm_alpha: float = opt(1.5, "gradnorm: asymmetry alpha (0: equal gradient norms)")
+    gradnorm_lr: float = opt(0.025, "gradnorm: step size of the task-weight update")
+    dwa_temperature: float = opt(2.0, "dwa: softmax temperature over the loss ratios")
+    dwa_period: int = opt(100, "dwa: steps per period (the paper's epoch) whose mean loss counts")
+
+
 SHARDING_TYPES = [
     "data_parallel",
     "table_wise",
@@ -194,6 +227,7 @@ class TrainConfig:
         0, "seed of parameter init and data order; same seed + world size => same numbers"
     )
     output_dir: str = opt("runs/default", "run directory: TensorBoard logs and metrics.json")
+    gauc_by: str = opt("", "validation: also report group AUC (GAUC) grouped by this id column")
     device: str = opt("auto", "auto (cuda when present, else cpu) | cpu | cuda")
     threads: int = opt(0, "torch intra-op threads per rank (0: cores / local ranks)")
     progress_bar: bool = opt(True, "tqdm bar on rank 0")
@@ -208,6 +242,7 @@ class JobConfig:
     tasks: list[TaskSpec] = opt([], "tasks ([[tasks]] tables in TOML)")
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     sharding: ShardingConfig = field(default_factory=ShardingConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -384,6 +419,28 @@ def validate(cfg: JobConfig) -> None:
             raise ConfigError(f"{where}: kind must be binary or regression, got {t.kind!r}")
         if t.transform not in ("none", "log1p"):
             raise ConfigError(f"{where}: transform must be none or log1p, got {t.transform!r}")
+        if t.on_invalid not in ("error", "mask"):
+            raise ConfigError(f"{where}: on_invalid must be error or mask, got {t.on_invalid!r}")
+        if not 0 < t.negative_rate <= 1:
+            raise ConfigError(f"{where}: negative_rate must lie in (0, 1], got {t.negative_rate}")
+        if t.negative_rate < 1 and t.kind != "binary":
+            raise ConfigError(f"{where}: negative_rate applies to binary tasks only")
+        if t.condition:
+            others = {o.name: o for o in cfg.tasks if o is not t}
+            if t.condition not in others or others[t.condition].kind != "binary":
+                raise ConfigError(
+                    f"{where}: condition {t.condition!r} must name another binary task"
+                    + _suggest(t.condition, list(others))
+                )
+    if len({t.name for t in cfg.tasks}) != len(cfg.tasks):
+        raise ConfigError("tasks: task names must be unique")
+    if cfg.loss.balancer not in BALANCERS:
+        raise ConfigError(
+            f"loss.balancer: unknown balancer {cfg.loss.balancer!r}"
+            + _suggest(cfg.loss.balancer, BALANCERS)
+        )
+    if cfg.loss.balancer == "dwa" and cfg.loss.dwa_period <= 0:
+        raise ConfigError("loss.dwa_period must be > 0")
     if cfg.optim.embedding_optimizer not in ("rowwise_adagrad", "adagrad", "sgd"):
         raise ConfigError(
             f"optim.embedding_optimizer: {cfg.optim.embedding_optimizer!r} is not a fused CPU/GPU "

@@ -1,7 +1,8 @@
 """Per-task losses with label masks, and the model-with-loss that trainers call.
 
-Binary tasks: BCE on logits; regression tasks: MSE. A missing label (mask 0) contributes
-nothing; a task with no label in the batch contributes 0, not NaN.
+Binary tasks: BCE on logits; regression tasks: MSE. The mask is each row's weight for a task:
+a missing label (mask 0) contributes nothing, a task with no label in the batch contributes 0,
+not NaN, and sample weights make the mean a weighted one.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mtl_dist.config import JobConfig, TaskSpec
+from mtl_dist.balancing import build_balancer
+from mtl_dist.config import JobConfig, LossConfig, TaskSpec
 from mtl_dist.data.batch import Batch
 
 
@@ -49,9 +51,30 @@ def esmm_ctcvr_loss(
     return per_row.sum() / mask.sum().clamp_min(1.0)
 
 
-def predictions(outputs: torch.Tensor, is_binary: torch.Tensor) -> torch.Tensor:
-    """Probabilities for binary tasks, values for regression: ``[B, T]``."""
-    return torch.where(is_binary, torch.sigmoid(outputs), outputs)
+def predictions(
+    outputs: torch.Tensor, is_binary: torch.Tensor, negative_rate: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Probabilities for binary tasks, values for regression: ``[B, T]``.
+
+    A task trained with its negatives kept at rate r predicts p on the sampled scale; the
+    true-scale probability is ``p / (p + (1 − p) / r)`` (``negative_rate`` ``[T]``, 1 = none).
+    """
+    p = torch.sigmoid(outputs)
+    if negative_rate is not None:
+        p = p / (p + (1 - p) / negative_rate)
+    return torch.where(is_binary, p, outputs)
+
+
+def downsample_negatives(
+    labels: torch.Tensor, mask: torch.Tensor, negative_rate: torch.Tensor
+) -> torch.Tensor:
+    """Training mask ``[B, T]`` keeping each task's negatives (label 0) with its rate ``[T]``.
+
+    Per task, not per row: a click negative dropped from the click loss still trains the
+    other tasks. Draws from the global RNG (seeded; part of a checkpoint's RNG state).
+    """
+    keep = (labels > 0) | (torch.rand_like(mask) < negative_rate)
+    return mask * keep
 
 
 @dataclass
@@ -59,70 +82,86 @@ class StepOutput:
     """What a train / eval step returns besides the loss (all detached).
 
     losses ``[T]`` (task losses, unweighted; the CVR task's is the CTCVR loss under ESMM);
-    aux ``[A]`` (the head's auxiliary losses, see ``head.aux_names``); preds, labels, mask,
-    truth ``[B, T]`` (preds: pCTR / pCVR / values — pCVR stays available under ESMM).
+    weights ``[T]`` (the balancer's task weights this step); aux ``[A]`` (the head's auxiliary
+    losses, see ``head.aux_names``); preds, labels, mask, truth ``[B, T]`` (preds: pCTR / pCVR /
+    values on the true scale — pCVR stays available under ESMM); group ``[B]`` (GAUC ids).
     """
 
     losses: torch.Tensor
+    weights: torch.Tensor
     aux: torch.Tensor
     preds: torch.Tensor
     labels: torch.Tensor
     mask: torch.Tensor
     truth: torch.Tensor
+    group: torch.Tensor
 
 
 class ModelWithLoss(nn.Module):
     """``forward(batch) -> (loss, StepOutput)``, the contract of TorchRec's train pipelines.
 
-    loss = Σ_t weight_t · loss_t + Σ aux. ``esmm=(ctr_index, cvr_index)`` trains the CVR task
-    through pCTCVR on all exposures (see :func:`esmm_ctcvr_loss`).
+    loss = balancer(losses) + Σ aux, where the balancer (``mtl_dist.balancing``) weighs the
+    task losses. ``esmm=(ctr_index, cvr_index)`` trains the CVR task through pCTCVR on all
+    exposures (see :func:`esmm_ctcvr_loss`). Tasks with ``negative_rate < 1`` see their
+    negatives downsampled in training; predictions are corrected back to the true scale.
     """
 
     def __init__(
-        self, model: nn.Module, tasks: list[TaskSpec], esmm: tuple[int, int] | None = None
+        self,
+        model: nn.Module,
+        tasks: list[TaskSpec],
+        esmm: tuple[int, int] | None = None,
+        loss: LossConfig | None = None,
     ) -> None:
         super().__init__()
         self.model = model
         self.esmm = esmm
+        self.balancer = build_balancer(
+            loss or LossConfig(), tasks, lambda: self.model.head.shared_layer()
+        )
         self.register_buffer(
             "is_binary", torch.tensor([t.kind == "binary" for t in tasks]), persistent=False
         )
+        rates = [t.negative_rate for t in tasks]
         self.register_buffer(
-            "weights",
-            torch.tensor([t.weight for t in tasks], dtype=torch.float32),
+            "negative_rate",
+            torch.tensor(rates) if min(rates) < 1 else None,
             persistent=False,
         )
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, StepOutput]:
         outputs, aux = self.model(batch)
-        losses = task_losses(outputs, batch.labels, batch.mask, self.is_binary)
+        mask = batch.mask
+        if self.training and self.negative_rate is not None:
+            mask = downsample_negatives(batch.labels, mask, self.negative_rate)
+        losses = task_losses(outputs, batch.labels, mask, self.is_binary)
         if self.esmm is not None:
             c, v = self.esmm
             ctcvr = esmm_ctcvr_loss(
-                outputs[:, c],
-                outputs[:, v],
-                batch.labels[:, c] * batch.labels[:, v],
-                batch.mask[:, c],
+                outputs[:, c], outputs[:, v], batch.labels[:, c] * batch.labels[:, v], mask[:, c]
             )
             losses = torch.cat([losses[:v], ctcvr.unsqueeze(0), losses[v + 1 :]])
-        loss = (losses * self.weights).sum() + aux.sum()
+        weighted, weights = self.balancer(losses)
+        loss = weighted + aux.sum()
         out = StepOutput(
             losses=losses.detach(),
+            weights=weights,
             aux=aux.detach(),
-            preds=predictions(outputs.detach(), self.is_binary),
+            preds=predictions(outputs.detach(), self.is_binary, self.negative_rate),
             labels=batch.labels,
             mask=batch.mask,
             truth=batch.truth,
+            group=batch.group,
         )
         return loss, out
 
 
 def build_model_with_loss(model: nn.Module, cfg: JobConfig) -> ModelWithLoss:
-    """Wrap ``model`` with the task losses of ``cfg`` (ESMM when ``model.esmm``)."""
+    """Wrap ``model`` with the task losses and balancer of ``cfg`` (ESMM when ``model.esmm``)."""
     names = [t.name for t in cfg.tasks]
     esmm = (
         (names.index(cfg.model.esmm_ctr_task), names.index(cfg.model.esmm_cvr_task))
         if cfg.model.esmm
         else None
     )
-    return ModelWithLoss(model, cfg.tasks, esmm)
+    return ModelWithLoss(model, cfg.tasks, esmm, cfg.loss)

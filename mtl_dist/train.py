@@ -25,7 +25,7 @@ from mtl_dist.data.reader import ParquetBatchReader, describe, list_parquet_file
 from mtl_dist.distributed.setup import DistInfo, destroy, init_distributed
 from mtl_dist.distributed.sharding import describe_plan, shard_model
 from mtl_dist.losses import StepOutput, build_model_with_loss
-from mtl_dist.metrics import compute_metrics, format_table
+from mtl_dist.metrics import compute_metrics, format_table, gather_rows
 from mtl_dist.models.ranker import build_ranker
 from mtl_dist.monitoring import Monitor, quiet_third_party_logs
 from mtl_dist.optim import build_optimizer
@@ -52,16 +52,22 @@ def build_loader(reader: ParquetBatchReader, cfg: DataConfig) -> StatefulDataLoa
 
 
 def build_readers(cfg: JobConfig, info: DistInfo) -> tuple[ParquetBatchReader, ParquetBatchReader]:
-    """Training reader (drops ragged batches) and validation reader (pads them: every row counts)."""
-    converter = ArrowBatchConverter(cfg.features.sparse, cfg.features.dense, cfg.tasks)
+    """Training reader (drops ragged batches) and validation reader (pads them: every row counts;
+    it also reads the GAUC group column)."""
 
-    def reader(path: str, drop_last: bool) -> ParquetBatchReader:
+    def reader(path: str, drop_last: bool, group_by: str = "") -> ParquetBatchReader:
+        converter = ArrowBatchConverter(
+            cfg.features.sparse, cfg.features.dense, cfg.tasks, group_by
+        )
         return ParquetBatchReader(
             list_parquet_files(path), converter, cfg.train.batch_size, info.rank, info.world_size,
             cfg.data.num_workers, drop_last=drop_last,
         )  # fmt: skip
 
-    return reader(cfg.data.train_path, True), reader(cfg.data.val_path, False)
+    return (
+        reader(cfg.data.train_path, True),
+        reader(cfg.data.val_path, False, cfg.train.gauc_by),
+    )
 
 
 class StepRunner:
@@ -132,7 +138,8 @@ def evaluate(
         outs.append(out)
     model.train()
     cat = lambda name: torch.cat([getattr(o, name) for o in outs])  # noqa: E731
-    return compute_metrics(cfg.tasks, cat("preds"), cat("labels"), cat("mask"), cat("truth"))
+    group = cat("group") if cfg.train.gauc_by else None
+    return compute_metrics(cfg.tasks, cat("preds"), cat("labels"), cat("mask"), cat("truth"), group)
 
 
 def flat_metrics(metrics: dict[str, dict[str, float]], prefix: str = "val") -> dict[str, float]:
@@ -178,6 +185,8 @@ def train(cfg: JobConfig, info: DistInfo) -> dict[str, object]:
     # per-task losses then the head's auxiliary losses, summed on the device (no per-step sync)
     loss_tags = [f"train/loss/{t.name}" for t in cfg.tasks] + [f"train/aux/{n}" for n in aux_names]
     loss_sum, loss_steps = torch.zeros(len(loss_tags), device=info.device), 0
+    weight_tags = [f"train/weight/{t.name}" for t in cfg.tasks]
+    weights: list[float] = []  # the balancer's task weights, logged whenever they change
     for _epoch in range(cfg.train.epochs):
         batches = iter(build_loader(train_reader, cfg.data))
         epoch_end = min(step + steps_per_epoch, total)
@@ -188,6 +197,10 @@ def train(cfg: JobConfig, info: DistInfo) -> dict[str, object]:
                 step += 1
                 loss_sum += torch.cat([out.losses, out.aux])
                 loss_steps += 1
+                changing = cfg.loss.balancer != "fixed" or not weights  # fixed: log them once
+                if changing and (now := out.weights.tolist()) != weights:
+                    weights = now
+                    monitor.scalars(step, dict(zip(weight_tags, weights)))
                 if step % cfg.train.log_every == 0 or step == segment_end:
                     means = (loss_sum / loss_steps).tolist()
                     rate = step * B * info.world_size / (time.perf_counter() - t0 - eval_s)
@@ -221,6 +234,8 @@ def train(cfg: JobConfig, info: DistInfo) -> dict[str, object]:
         "history": history,
         "plan": describe_plan(plan),
         "last_trained_position": runner.trained_position,  # (global worker, rows consumed) of rank 0
+        # the balancer's final task weights as each rank holds them (they must agree)
+        "task_weights_by_rank": gather_rows(torch.tensor([weights], device=info.device)).tolist(),
         "config": to_dict(cfg),
     }
     if info.is_main:

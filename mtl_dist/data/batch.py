@@ -5,8 +5,10 @@ Shapes (legend: B batch, Dd dense features, T tasks)::
     dense   [B, Dd] float32
     sparse  KeyedJaggedTensor, keys = sparse feature names, one bag per (feature, row)
     labels  [B, T]  float32, 0 where missing
-    mask    [B, T]  float32, 1 where the label exists (0 for missing labels and padding rows)
+    mask    [B, T]  float32, the row's loss weight for the task: 1 (or its sample weight) where
+                    the label counts, 0 for missing / invalid / unconditioned labels and padding
     truth   [B, T]  float32, the true probability / expected value where the data has it, else NaN
+    group   [B]     int64, the GAUC group id (``train.gauc_by``), else 0
 
 :class:`ArrowBatchConverter` turns a ``pyarrow.Table`` of B rows into a :class:`Batch`, checking
 ids against the schema so bad data fails with the column named.
@@ -39,6 +41,7 @@ class Batch(Pipelineable):
     labels: torch.Tensor
     mask: torch.Tensor
     truth: torch.Tensor
+    group: torch.Tensor
     position: tuple[int, int] = field(default=(0, 0))
 
     @property
@@ -53,6 +56,7 @@ class Batch(Pipelineable):
             labels=fn(self.labels),
             mask=fn(self.mask),
             truth=fn(self.truth),
+            group=fn(self.group),
             position=self.position,
         )
 
@@ -60,7 +64,7 @@ class Batch(Pipelineable):
         return self._map(lambda t: t.to(device, non_blocking=non_blocking))
 
     def record_stream(self, stream: torch.Stream) -> None:
-        for t in (self.dense, self.sparse, self.labels, self.mask, self.truth):
+        for t in (self.dense, self.sparse, self.labels, self.mask, self.truth, self.group):
             t.record_stream(stream)
 
     def pin_memory(self) -> Batch:
@@ -73,7 +77,7 @@ class Columns:
 
     ``ids[f]`` holds feature f's flat ids and ``offsets[f]`` ``[n + 1]`` indexes into it (row i's
     bag is ``ids[f][offsets[f][i]:offsets[f][i + 1]]``); dense ``[n, Dd]``; labels, mask, truth
-    ``[n, T]``. Decoding a chunk of many batches at once pays Arrow's per-call costs once.
+    ``[n, T]``; group ``[n]``. Decoding a chunk of many batches at once pays Arrow's per-call costs once.
     """
 
     ids: list[np.ndarray]
@@ -82,6 +86,7 @@ class Columns:
     labels: np.ndarray
     mask: np.ndarray
     truth: np.ndarray
+    group: np.ndarray
 
     @property
     def num_rows(self) -> int:
@@ -96,6 +101,7 @@ class Columns:
             self.labels[start:stop],
             self.mask[start:stop],
             self.truth[start:stop],
+            self.group[start:stop],
         )
 
     @staticmethod
@@ -110,7 +116,9 @@ class Columns:
             ids.append(np.concatenate(chunks))
             offsets.append(np.concatenate([[0], np.cumsum(lens, dtype=np.int64)]))
         cat = lambda name: np.concatenate([getattr(p, name) for p in parts])  # noqa: E731
-        return Columns(ids, offsets, cat("dense"), cat("labels"), cat("mask"), cat("truth"))
+        return Columns(
+            ids, offsets, cat("dense"), cat("labels"), cat("mask"), cat("truth"), cat("group")
+        )
 
 
 class ArrowBatchConverter:
@@ -119,6 +127,11 @@ class ArrowBatchConverter:
     Single-hot columns hold int64 ids (a null is an empty bag); multi-hot columns hold
     ``list<int64>``. With ``hash_buckets`` ids are taken modulo the bucket count; otherwise an
     id outside ``[0, vocab_size)`` raises ``ValueError`` naming the column and the value.
+
+    Labels: null, NaN and the task's ``missing_values`` are masked; a label outside the task's
+    domain (binary not 0/1, an infinite target, log1p of a value ≤ -1) raises ``ValueError``
+    naming the column, or is masked with ``on_invalid = "mask"``. A task with a ``condition``
+    counts only where that task's label is 1; ``sample_weight`` scales the row's mask.
 
     Example::
 
@@ -129,19 +142,27 @@ class ArrowBatchConverter:
     """
 
     def __init__(
-        self, sparse: list[SparseFeature], dense: list[str], tasks: list[TaskSpec]
+        self,
+        sparse: list[SparseFeature],
+        dense: list[str],
+        tasks: list[TaskSpec],
+        group_by: str = "",
     ) -> None:
         self.sparse = sparse
         self.dense = dense
         self.tasks = tasks
+        self.group_by = group_by
         self.keys = [f.name for f in sparse]
+        names = [t.name for t in tasks]
+        self.conditions = [names.index(t.condition) if t.condition else -1 for t in tasks]
 
     @property
     def columns(self) -> list[str]:
         """The Parquet columns this converter reads."""
         cols = [f.name for f in self.sparse] + list(self.dense)
         for t in self.tasks:
-            cols += [t.label] + ([t.truth] if t.truth else [])
+            cols += [t.label] + [c for c in (t.truth, t.sample_weight) if c]
+        cols += [self.group_by] if self.group_by else []
         return list(dict.fromkeys(cols))
 
     def _ids(self, f: SparseFeature, col: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
@@ -188,27 +209,68 @@ class ArrowBatchConverter:
             offsets.append(np.concatenate([[0], np.cumsum(lens, dtype=np.int64)]))
         dense = np.zeros((n, len(self.dense)), dtype=np.float32)
         for j, name in enumerate(self.dense):
-            col = table.column(name)
-            if not (pa.types.is_floating(col.type) or pa.types.is_integer(col.type)):
-                raise ValueError(f"column '{name}': expected a number, got {col.type}")
-            dense[:, j] = pc.fill_null(col, 0).to_numpy()
+            dense[:, j] = _numbers(table.column(name), name, 0.0)
         t = len(self.tasks)
         labels = np.zeros((n, t), dtype=np.float32)
-        mask = np.ones((n, t), dtype=np.float32)
+        observed = np.zeros((n, t), dtype=bool)
         truth = np.full((n, t), np.nan, dtype=np.float32)
         for j, task in enumerate(self.tasks):
-            col = table.column(task.label)
-            if col.null_count:
-                mask[:, j] = col.is_valid().to_numpy(zero_copy_only=False)
-            y = pc.fill_null(col, 0).to_numpy(zero_copy_only=False).astype(np.float32)
-            labels[:, j] = (
-                np.log1p(y) if task.kind == "regression" and task.transform == "log1p" else y
-            )
+            labels[:, j], observed[:, j] = self._labels(task, table.column(task.label))
             if task.truth:
-                truth[:, j] = pc.fill_null(table.column(task.truth), np.nan).to_numpy(
-                    zero_copy_only=False
+                truth[:, j] = _numbers(table.column(task.truth), task.truth, np.nan)
+        mask = observed.astype(np.float32)
+        for j, (task, c) in enumerate(zip(self.tasks, self.conditions)):
+            if c >= 0:  # e.g. conversion counts only where click == 1
+                mask[:, j] *= observed[:, c] & (labels[:, c] == 1)
+            if task.sample_weight:
+                mask[:, j] *= self._sample_weights(table.column(task.sample_weight), task)
+        group = (
+            _numbers(table.column(self.group_by), self.group_by, 0, np.int64, integer=True)
+            if self.group_by
+            else np.zeros(n, dtype=np.int64)
+        )
+        return Columns(ids, offsets, dense, labels, mask, truth, group)
+
+    @staticmethod
+    def _labels(task: TaskSpec, col: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+        """One task's labels ``[n]`` (0 where not observed, log1p applied) and observed ``[n]``."""
+        y = _numbers(col, task.label, np.nan, np.float64)
+        observed = ~np.isnan(y)
+        for v in task.missing_values:
+            observed &= y != v
+        if task.kind == "binary":
+            invalid = observed & (y != 0) & (y != 1)
+        else:
+            invalid = observed & ~np.isfinite(y)
+            if task.transform == "log1p":
+                invalid |= observed & (y <= -1)
+        if invalid.any():
+            if task.on_invalid == "error":
+                bad = y[invalid]
+                domain = "0 or 1" if task.kind == "binary" else "a finite number"
+                if task.kind == "regression" and task.transform == "log1p":
+                    domain += " > -1 (log1p)"
+                raise ValueError(
+                    f"column '{task.label}' (task {task.name}): {bad.size} label(s) are not "
+                    f"{domain}, e.g. {bad[0]!r} (fix the data, list the value in "
+                    "missing_values, or set on_invalid = 'mask')"
                 )
-        return Columns(ids, offsets, dense, labels, mask, truth)
+            observed &= ~invalid
+        y = np.where(observed, y, 0.0)
+        if task.kind == "regression" and task.transform == "log1p":
+            y = np.log1p(y)
+        return y.astype(np.float32), observed
+
+    @staticmethod
+    def _sample_weights(col: pa.ChunkedArray, task: TaskSpec) -> np.ndarray:
+        w = _numbers(col, task.sample_weight, np.nan, np.float32)
+        bad = ~(np.isfinite(w) & (w >= 0))
+        if bad.any():
+            raise ValueError(
+                f"column '{task.sample_weight}' (sample weights of task {task.name}): "
+                f"{int(bad.sum())} value(s) null, negative or not finite, e.g. {w[bad][0]!r}"
+            )
+        return w
 
     def to_batch(self, cols: Columns, pad_to: int = 0, position: tuple[int, int] = (0, 0)) -> Batch:
         """Columns of n rows → a Batch of ``max(n, pad_to)`` rows; pad rows are masked empty bags."""
@@ -239,6 +301,7 @@ class ArrowBatchConverter:
             labels=rows(cols.labels, 0.0),
             mask=rows(cols.mask, 0.0),
             truth=rows(cols.truth, np.nan),
+            group=torch.from_numpy(np.pad(cols.group, (0, pad)) if pad else cols.group.copy()),
             position=position,
         )
 
@@ -247,3 +310,24 @@ class ArrowBatchConverter:
     ) -> Batch:
         """Convert ``table`` (n rows) into a Batch of ``max(n, pad_to)`` rows; pad rows are masked."""
         return self.to_batch(self.decode(table), pad_to, position)
+
+
+def _numbers(
+    col: pa.ChunkedArray,
+    name: str,
+    null: float,
+    dtype: type = np.float32,
+    integer: bool = False,
+) -> np.ndarray:
+    """A numeric column as a numpy array ``[n]``, nulls as ``null``; other types name the column."""
+    ok = pa.types.is_integer(col.type) or pa.types.is_boolean(col.type)
+    if not (ok or (pa.types.is_floating(col.type) and not integer)):
+        kind = "an integer" if integer else "a number"
+        raise ValueError(f"column '{name}': expected {kind}, got {col.type}")
+    if pa.types.is_boolean(col.type):
+        col = col.cast(pa.int8())
+    out = pc.fill_null(col, 0).to_numpy(zero_copy_only=False).astype(dtype, copy=False)
+    if col.null_count:
+        out = out.copy()
+        out[~col.is_valid().to_numpy(zero_copy_only=False)] = null
+    return out

@@ -99,6 +99,10 @@ class SharedBottom(nn.Module):
         )
         self.last_gates: dict[str, torch.Tensor] = {}
 
+    def shared_layer(self) -> torch.Tensor:
+        """The last layer every task reads (GradNorm measures task gradients on it)."""
+        return self.bottom.weights[-1]
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         shared = self.bottom(x)  # [1, B, H]
         return self.towers(shared.expand(self.num_tasks, -1, -1)), x.new_zeros(0)
@@ -149,6 +153,10 @@ class MoE(nn.Module):
         self.sparse = 0 < gate.top_k < num_experts or gate.gumbel
         self.last_gates: dict[str, torch.Tensor] = {}
         self.last_dispatch = "dense"
+
+    def shared_layer(self) -> torch.Tensor:
+        """The experts' last layer ``[E, H', H]``, shared by every task's mix."""
+        return self.experts.weights[-1]
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         experts = None
@@ -242,6 +250,10 @@ class PLE(nn.Module):
         self.aux_names = _aux_names(gate)
         self.last_gates: dict[str, torch.Tensor] = {}
 
+    def shared_layer(self) -> torch.Tensor:
+        """The last level's experts' last layer (shared experts first)."""
+        return self.levels[-1]["experts"].weights[-1]
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         Es, Et = self.shared_experts, self.task_experts
         task_in, shared_in = x, x  # level 0: every expert and gate reads x ([B, Din])
@@ -316,6 +328,10 @@ class STEM(nn.Module):
         self.register_buffer("own_mask", torch.eye(T).view(T, T, 1, 1), persistent=False)
         self.aux_names = _aux_names(gate)
         self.last_gates: dict[str, torch.Tensor] = {}
+
+    def shared_layer(self) -> torch.Tensor:
+        """The shared experts' last layer (the task experts' when there are none)."""
+        return (self.shared or self.task).weights[-1]
 
     def forward(self, x: torch.Tensor, own: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``x``: shared input ``[B, Din]``; ``own``: task embeddings ``[T, B, Dt]``."""
