@@ -252,7 +252,7 @@ class ArrowBatchConverter:
                     domain += " > -1 (log1p)"
                 raise ValueError(
                     f"column '{task.label}' (task {task.name}): {bad.size} label(s) are not "
-                    f"{domain}, e.g. {bad[0]!r} (fix the data, list the value in "
+                    f"{domain}, e.g. {float(bad[0])} (fix the data, list the value in "
                     "missing_values, or set on_invalid = 'mask')"
                 )
             observed &= ~invalid
@@ -268,7 +268,7 @@ class ArrowBatchConverter:
         if bad.any():
             raise ValueError(
                 f"column '{task.sample_weight}' (sample weights of task {task.name}): "
-                f"{int(bad.sum())} value(s) null, negative or not finite, e.g. {w[bad][0]!r}"
+                f"{int(bad.sum())} value(s) null, negative or not finite, e.g. {float(w[bad][0])}"
             )
         return w
 

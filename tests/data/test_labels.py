@@ -1,0 +1,115 @@
+"""Labels: missing values masked row by row, conditions, sample weights, bad labels rejected."""
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from mtl_dist.config import SparseFeature, TaskSpec
+from mtl_dist.data.batch import ArrowBatchConverter
+from mtl_dist.data.reader import ParquetBatchReader
+from mtl_dist.losses import task_losses
+
+SPARSE = [SparseFeature(name="item", vocab_size=10)]
+
+
+def convert(tasks: list[TaskSpec], **cols) -> tuple[torch.Tensor, torch.Tensor]:
+    n = len(next(iter(cols.values())))
+    batch = ArrowBatchConverter(SPARSE, [], tasks)(
+        pa.table({"item": pa.array(np.zeros(n, np.int64)), **cols})
+    )
+    return batch.labels, batch.mask
+
+
+def test_null_nan_and_sentinel_labels_are_masked_row_by_row():
+    tasks = [
+        TaskSpec(name="click", label="click", missing_values=[-1]),
+        TaskSpec(name="watch", kind="regression", label="watch", transform="log1p"),
+    ]
+    labels, mask = convert(
+        tasks,
+        click=pa.array([1, 0, -1, None, 1], pa.int8()),
+        watch=pa.array([3.0, float("nan"), None, 0.0, 7.0], pa.float32()),
+    )
+    assert mask[:, 0].tolist() == [1, 1, 0, 0, 1]
+    assert mask[:, 1].tolist() == [1, 0, 0, 1, 1]
+    np.testing.assert_allclose(labels[:, 1].numpy(), np.log1p([3.0, 0, 0, 0, 7.0]), rtol=1e-6)
+    assert labels[mask == 0].abs().sum() == 0  # no NaN or sentinel leaks into the loss
+
+
+def test_condition_and_sample_weights_shape_the_mask():
+    tasks = [
+        TaskSpec(name="click", label="click"),
+        TaskSpec(name="conv", label="conv", condition="click", sample_weight="w"),
+    ]
+    # conversion logged as 0 (not null) on unclicked rows: the condition must mask them
+    labels, mask = convert(
+        tasks,
+        click=pa.array([1, 0, 1, None], pa.int8()),
+        conv=pa.array([1, 0, 0, 1], pa.int8()),
+        w=pa.array([2.0, 1.0, 0.5, 1.0], pa.float32()),
+    )
+    assert mask[:, 0].tolist() == [1, 1, 1, 0]
+    assert mask[:, 1].tolist() == [2.0, 0.0, 0.5, 0.0]
+    # the loss is the weighted mean over counted rows: (2·bce(x,1) + 0.5·bce(x,0)) / 2.5
+    out = torch.zeros(4, 2)
+    losses = task_losses(out, labels, mask, torch.tensor([True, True]))
+    torch.testing.assert_close(losses[1], torch.tensor(np.log(2.0), dtype=torch.float32))
+
+
+def test_batch_without_any_label_gives_zero_loss_not_nan():
+    labels, mask = convert(
+        [TaskSpec(name="click", label="click"), TaskSpec(name="conv", label="conv")],
+        click=pa.array([1, 0], pa.int8()),
+        conv=pa.array([None, None], pa.int8()),
+    )
+    out = torch.randn(2, 2, requires_grad=True)
+    losses = task_losses(out, labels, mask, torch.tensor([True, True]))
+    assert losses[1].item() == 0.0 and torch.isfinite(losses).all()
+    (g,) = torch.autograd.grad(losses.sum(), out)
+    assert torch.isfinite(g).all() and g[:, 1].abs().sum() == 0
+
+
+@pytest.mark.parametrize(
+    "task,values,message",
+    [
+        (
+            TaskSpec(name="click", label="y"),
+            pa.array([0, 3, 1], pa.int64()),
+            "not 0 or 1, e.g. 3.0",
+        ),
+        (
+            TaskSpec(name="watch", kind="regression", label="y"),
+            pa.array([1.0, float("inf")]),
+            "not a finite number",
+        ),
+        (
+            TaskSpec(name="watch", kind="regression", label="y", transform="log1p"),
+            pa.array([1.0, -2.0]),
+            "> -1 (log1p)",
+        ),
+        (TaskSpec(name="click", label="y"), pa.array(["a", "b"]), "expected a number, got string"),
+    ],
+)
+def test_labels_outside_the_domain_are_rejected_naming_file_and_column(
+    tmp_path, task, values, message
+):
+    path = tmp_path / "bad.parquet"
+    pq.write_table(pa.table({"item": pa.array([0] * len(values), pa.int64()), "y": values}), path)
+    reader = ParquetBatchReader([str(path)], ArrowBatchConverter(SPARSE, [], [task]), 2)
+    with pytest.raises(ValueError, match="column 'y'") as err:
+        list(reader)
+    assert str(path) in str(err.value) and message in str(err.value)
+
+
+def test_invalid_labels_masked_when_configured():
+    task = TaskSpec(name="click", label="click", on_invalid="mask")
+    labels, mask = convert([task], click=pa.array([0, 3, 1, 2], pa.int64()))
+    assert mask[:, 0].tolist() == [1, 0, 1, 0] and labels[:, 0].tolist() == [0, 0, 1, 0]
+
+
+def test_bad_sample_weights_rejected():
+    task = TaskSpec(name="click", label="click", sample_weight="w")
+    with pytest.raises(ValueError, match="column 'w'.*negative or not finite"):
+        convert([task], click=pa.array([0, 1], pa.int8()), w=pa.array([1.0, -1.0]))

@@ -1,0 +1,63 @@
+"""Validation metrics over all ranks equal scikit-learn's on the concatenated rows (1e-6)."""
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import log_loss, mean_absolute_error, mean_squared_error, roc_auc_score
+
+from mtl_dist.metrics import group_auc
+from tests.conftest import torchrun
+
+
+def sk_gauc(pred: np.ndarray, label: np.ndarray, group: np.ndarray) -> float:
+    """The plain definition: per group with both classes, sklearn AUC, weighted by rows."""
+    num = den = 0.0
+    for gid in np.unique(group):
+        sel = group == gid
+        if 0 < label[sel].sum() < sel.sum():
+            num += roc_auc_score(label[sel], pred[sel]) * sel.sum()
+            den += sel.sum()
+    return num / den
+
+
+def test_metrics_with_two_processes_equal_sklearn(tmp_path):
+    proc = torchrun(["tests/metrics_worker.py", str(tmp_path)], nproc=2, timeout=300)
+    assert proc.returncode == 0
+    parts = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    assert parts[0]["metrics"] == parts[1]["metrics"]  # every rank reports the same figures
+    m = parts[0]["metrics"]
+    cat = {
+        k: torch.cat([p[k] for p in parts]).numpy()
+        for k in ("preds", "labels", "mask", "truth", "group")
+    }
+
+    keep = cat["mask"][:, 0] > 0
+    p, y, t, grp = (
+        cat["preds"][keep, 0],
+        cat["labels"][keep, 0],
+        cat["truth"][keep, 0],
+        cat["group"][keep],
+    )
+    click = m["click"]
+    assert click["count"] == keep.sum()
+    assert click["auc"] == pytest.approx(roc_auc_score(y, p), abs=1e-6)
+    assert click["logloss"] == pytest.approx(log_loss(y, p), abs=1e-6)
+    assert click["calibration"] == pytest.approx(p.astype(np.float64).mean() / y.mean(), abs=1e-6)
+    assert click["gauc"] == pytest.approx(sk_gauc(p, y, grp), abs=1e-6)
+    assert click["oracle_auc"] == pytest.approx(roc_auc_score(y, t), abs=1e-6)
+    assert click["oracle_logloss"] == pytest.approx(log_loss(y, t), abs=1e-6)
+
+    keep = cat["mask"][:, 1] > 0
+    p, y = cat["preds"][keep, 1].astype(np.float64), cat["labels"][keep, 1].astype(np.float64)
+    assert m["watch"]["mse"] == pytest.approx(mean_squared_error(y, p), abs=1e-6)
+    assert m["watch"]["mae"] == pytest.approx(mean_absolute_error(y, p), abs=1e-6)
+
+
+def test_group_auc_with_ties_and_one_class_groups():
+    rng = np.random.default_rng(0)
+    group = rng.integers(0, 30, 2000)
+    label = (rng.random(2000) < 0.3).astype(np.float32)
+    pred = np.round(rng.random(2000) + label * 0.3, 1)  # coarse: many ties within groups
+    label[group == 7] = 1  # a group with one class only: left out
+    assert group_auc(pred, label, group) == pytest.approx(sk_gauc(pred, label, group), abs=1e-9)
+    assert np.isnan(group_auc(pred[:3], np.ones(3), group[:3]))
