@@ -240,8 +240,9 @@ def render(spec: SubmitSpec, argv: list[str] | None = None) -> str:
 
 
 def submit(script: str, path: str) -> str:
-    """Write ``script`` to ``path`` and ``sbatch`` it; returns the job id."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    """Write ``script`` to ``path`` and ``sbatch`` it; returns the job id. The log dir
+    (``logs/`` beside it) is made first: Slurm does not create it."""
+    os.makedirs(os.path.join(os.path.dirname(path), "logs"), exist_ok=True)
     with open(path, "w") as fh:
         fh.write(script)
     out = subprocess.run(
