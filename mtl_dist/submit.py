@@ -38,8 +38,9 @@ _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
 def safe_name(text: str) -> str:
-    """A file-name-safe version of ``text`` (runs of other characters become ``_``)."""
-    return _SAFE.sub("_", text).strip("_") or "job"
+    """A file-name-safe version of ``text`` (runs of other characters become ``_``), at most
+    100 characters."""
+    return _SAFE.sub("_", text).strip("_")[:100] or "job"
 
 
 @dataclass
