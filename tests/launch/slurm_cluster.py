@@ -54,18 +54,21 @@ class LocalSlurm:
                 f"not installed: {', '.join(missing)} (run `bash launch/slurm_local.sh`)"
             )
         if os.geteuid() != 0:
-            raise SlurmUnavailable("the local Slurm runs its daemons as root; run the tests as root")
+            raise SlurmUnavailable(
+                "the local Slurm runs its daemons as root; run the tests as root"
+            )
         self.root.mkdir(parents=True, exist_ok=True)
         os.chmod(self.root, 0o755)  # munged wants its socket dir searchable
         self._start_munge()
         self._write_conf()
         for name in ("slurmctld", "slurmd"):
-            self.procs[name] = subprocess.Popen(
-                [name, "-D", "-f", str(self.conf)],
-                stdout=open(self.root / f"{name}.out", "w"),
-                stderr=subprocess.STDOUT,
-                env=self.env,
-            )
+            with open(self.root / f"{name}.out", "w") as log:  # the child keeps its own copy
+                self.procs[name] = subprocess.Popen(
+                    [name, "-D", "-f", str(self.conf)],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=self.env,
+                )
         self._wait_idle(timeout)
 
     def _start_munge(self) -> None:
@@ -73,15 +76,13 @@ class LocalSlurm:
         key.write_bytes(os.urandom(1024))
         os.chmod(key, 0o400)
         self.socket = self.root / "munge.sock"
-        self.procs["munged"] = subprocess.Popen(
-            [
-                "munged", "--foreground", "--force", f"--key-file={key}",
-                f"--socket={self.socket}", f"--pid-file={self.root / 'munged.pid'}",
-                f"--log-file={self.root / 'munged.log'}", f"--seed-file={self.root / 'munged.seed'}",
-            ],  # fmt: skip
-            stdout=open(self.root / "munged.out", "w"),
-            stderr=subprocess.STDOUT,
-        )
+        cmd = [
+            "munged", "--foreground", "--force", f"--key-file={key}", f"--socket={self.socket}",
+            f"--pid-file={self.root / 'munged.pid'}", f"--log-file={self.root / 'munged.log'}",
+            f"--seed-file={self.root / 'munged.seed'}",
+        ]  # fmt: skip
+        with open(self.root / "munged.out", "w") as log:
+            self.procs["munged"] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.time() + 15
         while not self.socket.exists():
             if self.procs["munged"].poll() is not None or time.time() > deadline:
@@ -138,7 +139,9 @@ PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
             if state.startswith("idle"):
                 return
             time.sleep(0.5)
-        raise SlurmUnavailable(f"node not idle after {timeout:.0f}s (state {state!r})\n" + self.logs())
+        raise SlurmUnavailable(
+            f"node not idle after {timeout:.0f}s (state {state!r})\n" + self.logs()
+        )
 
     def logs(self) -> str:
         names = ("munged.out", "slurmctld.out", "slurmctld.log", "slurmd.out", "slurmd.log")
