@@ -92,12 +92,16 @@ def test_sigterm_requeues_into_the_same_run_dir(slurm, synth_data, tmp_path):
         time.sleep(0.5)
     time.sleep(2)  # the batch shell has set its trap
     slurm.run(["scancel", "--batch", "--signal=TERM", job])
-    deadline = time.time() + 60
-    while slurm.jobs(job)[0].get("Restarts") != "1":
-        assert time.time() < deadline, slurm.jobs(job)
+    # Slurm holds a requeued job back (Reason=BeginTime, ~2 min): release it once it is pending
+    deadline = time.time() + 90
+    while True:
+        info = slurm.jobs(job)[0]
+        if info.get("Restarts") == "1" and info["JobState"] in ("RUNNING", "COMPLETED", "FAILED"):
+            break  # running again (or done)
+        if info["JobState"] == "PENDING" and info.get("Reason") == "BeginTime":
+            slurm.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=False)
+        assert time.time() < deadline, info
         time.sleep(0.5)
-    # Slurm holds a requeued job back (BeginTime); release it now
-    slurm.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=False)
     (info,) = slurm.wait(job, timeout=240)
     log = (tmp_path / "pre" / "logs" / f"pre-{job}.out").read_text()
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", (info, log)
