@@ -7,7 +7,9 @@ run on one machine:
   the same files and columns (the baseline);
 * training samples/s under ``torchrun`` for each ``--nproc`` (validation time excluded);
 * the ratio reader rows/s ÷ the rows/s one rank consumes while training — the reader keeps up
-  when this is well above 1 (target ≥ 5).
+  when this is well above 1 (target ≥ 5);
+* with ``--monitor-cost``: training samples/s with gate health every step (plus step timing)
+  against monitoring off, alternated over ``--repeats`` pairs of runs (target: within 5%).
 
 Figures are printed and written as JSON; nothing here asserts a speed.
 """
@@ -72,6 +74,27 @@ def bench_training(
     return {"nproc": nproc, "samples_per_s": result["samples_per_s"], "steps": result["steps"]}
 
 
+def monitor_cost(args: argparse.Namespace, overrides: list[str]) -> None:
+    """Samples/s with gate health every step vs monitoring off, runs alternated (best of each)."""
+    nproc = int(args.nproc.split(",")[-1])
+    on = ["--monitor.gate_every", "1", "--monitor.step_timing", "true"]
+    off = ["--monitor.gate_every", "0", "--monitor.step_timing", "false"]
+    common = [*overrides, "--monitor.attribution", "false", "--monitor.heatmap_every", "0"]
+    rates: dict[str, list[float]] = {"on": [], "off": []}
+    for _ in range(args.repeats):
+        for name, flags in (("off", off), ("on", on)):
+            r = bench_training(args.config, [*common, *flags], nproc, args.max_steps)
+            rates[name].append(r["samples_per_s"])
+    best = {k: max(v) for k, v in rates.items()}
+    print(
+        f"training, {nproc} procs, {args.max_steps} steps; runs alternated, best of {args.repeats}"
+    )
+    for k in ("off", "on"):
+        runs = ", ".join(f"{x:,.0f}" for x in rates[k])
+        print(f"  monitoring {k:<4}{best[k]:>10,.0f} samples/s  (runs: {runs})")
+    print(f"  gate health every step costs {1 - best['on'] / best['off']:.1%} (target <= 5%)")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -82,7 +105,14 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--max-steps", type=int, default=100, help="training steps per run")
     p.add_argument("--json", default="", help="also write the figures here")
+    p.add_argument(
+        "--monitor-cost", action="store_true", help="only: gate monitoring every step vs off"
+    )
+    p.add_argument("--repeats", type=int, default=3, help="--monitor-cost: pairs of runs")
     args, overrides = p.parse_known_args(argv)
+    if args.monitor_cost:
+        monitor_cost(args, overrides)
+        return
 
     reader = bench_reader(args.config, overrides)
     runs = [

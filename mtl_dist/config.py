@@ -191,6 +191,35 @@ class LossConfig:
     dwa_period: int = opt(100, "dwa: steps per period (the paper's epoch) whose mean loss counts")
 
 
+@dataclass
+class MonitorConfig:
+    """Gate health, alarms, probes and step telemetry (see ``mtl_dist/gate_health.py``)."""
+
+    gate_every: int = opt(50, "gate health every N steps on every rank (0: off)")
+    heatmap_every: int = opt(500, "task x expert gate-weight heatmap image every N steps (0: off)")
+    polarized_threshold: float = opt(
+        0.9, "a gate is polarised when its mean max weight exceeds this (per sample likewise)"
+    )
+    dead_threshold: float = opt(
+        0.05, "an expert is unused when its utilisation is below this in every gate"
+    )
+    on_polarization: str = opt(
+        "warn",
+        "when a gate polarises or an expert dies: warn | stop (end the run) | strengthen (raise "
+        "the gates' expert dropout by 0.1, up to 0.5)",
+    )
+    conflict_every: int = opt(
+        0, "cosine similarity of task gradients on the shared experts every N steps (0: off)"
+    )
+    attribution: bool = opt(
+        True, "per-task feature attribution (mean |grad x input|) at each validation"
+    )
+    attribution_batches: int = opt(4, "validation batches per rank used for attribution")
+    step_timing: bool = opt(
+        True, "split step time into data / forward / backward / optimizer (syncs on CUDA)"
+    )
+
+
 SHARDING_TYPES = [
     "data_parallel",
     "table_wise",
@@ -243,6 +272,7 @@ class JobConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
     sharding: ShardingConfig = field(default_factory=ShardingConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -438,6 +468,11 @@ def validate(cfg: JobConfig) -> None:
         raise ConfigError(
             f"loss.balancer: unknown balancer {cfg.loss.balancer!r}"
             + _suggest(cfg.loss.balancer, BALANCERS)
+        )
+    if cfg.monitor.on_polarization not in ("warn", "stop", "strengthen"):
+        raise ConfigError(
+            f"monitor.on_polarization: expected warn | stop | strengthen, got "
+            f"{cfg.monitor.on_polarization!r}"
         )
     if cfg.loss.balancer == "dwa" and cfg.loss.dwa_period <= 0:
         raise ConfigError("loss.dwa_period must be > 0")

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mtl_dist.balancing import build_balancer
+from mtl_dist.balancing import all_mean, build_balancer
 from mtl_dist.config import JobConfig, LossConfig, TaskSpec
 from mtl_dist.data.batch import Batch
 
@@ -84,7 +84,8 @@ class StepOutput:
     losses ``[T]`` (task losses, unweighted; the CVR task's is the CTCVR loss under ESMM);
     weights ``[T]`` (the balancer's task weights this step); aux ``[A]`` (the head's auxiliary
     losses, see ``head.aux_names``); preds, labels, mask, truth ``[B, T]`` (preds: pCTR / pCVR /
-    values on the true scale — pCVR stays available under ESMM); group ``[B]`` (GAUC ids).
+    values on the true scale — pCVR stays available under ESMM); group ``[B]`` (GAUC ids);
+    conflict ``[T, T]`` (see :meth:`ModelWithLoss.gradient_conflict`) on probe steps.
     """
 
     losses: torch.Tensor
@@ -95,6 +96,7 @@ class StepOutput:
     mask: torch.Tensor
     truth: torch.Tensor
     group: torch.Tensor
+    conflict: torch.Tensor | None = None  # [T, T] task-gradient cosines, on probe steps
 
 
 class ModelWithLoss(nn.Module):
@@ -128,6 +130,21 @@ class ModelWithLoss(nn.Module):
             torch.tensor(rates) if min(rates) < 1 else None,
             persistent=False,
         )
+        self.probe_conflict = False  # set: the next training forward measures gradient conflict
+
+    def gradient_conflict(self, losses: torch.Tensor) -> torch.Tensor:
+        """Cosine similarity ``[T, T]`` of the task losses' gradients on the head's shared
+        parameters (gradients averaged over ranks first): negative = the tasks pull apart."""
+        params = self.model.head.shared_parameters()
+        rows = []
+        for loss in losses:
+            grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+            rows.append(
+                torch.cat([(g if g is not None else torch.zeros_like(p)).flatten()
+                           for g, p in zip(grads, params)])
+            )  # fmt: skip
+        g = torch.nn.functional.normalize(all_mean(torch.stack(rows)), dim=1)
+        return g @ g.t()
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, StepOutput]:
         outputs, aux = self.model(batch)
@@ -141,6 +158,10 @@ class ModelWithLoss(nn.Module):
                 outputs[:, c], outputs[:, v], batch.labels[:, c] * batch.labels[:, v], mask[:, c]
             )
             losses = torch.cat([losses[:v], ctcvr.unsqueeze(0), losses[v + 1 :]])
+        conflict = None
+        if self.probe_conflict and self.training and torch.is_grad_enabled():
+            self.probe_conflict = False
+            conflict = self.gradient_conflict(losses)
         weighted, weights = self.balancer(losses)
         loss = weighted + aux.sum()
         out = StepOutput(
@@ -152,6 +173,7 @@ class ModelWithLoss(nn.Module):
             mask=batch.mask,
             truth=batch.truth,
             group=batch.group,
+            conflict=conflict,
         )
         return loss, out
 

@@ -1,39 +1,69 @@
-"""Training telemetry: TensorBoard scalars and the rank-0 progress bar."""
+"""Training telemetry: one TensorBoard run per rank, step-time phases, the rank-0 progress bar.
+
+Tags (every rank writes its own values to ``<output_dir>/tb/rank_<r>``; ``val/*`` and the
+cross-rank ``gates_ranks/*`` / ``perf/global_*`` only on rank 0):
+
+* ``train/loss``, ``train/loss/<task>``, ``train/aux/<name>``, ``train/weight/<task>``
+  (the balancer's weights, whenever they change), ``train/lr/<group>``
+* ``perf/samples_per_s`` (this rank), ``perf/global_samples_per_s``,
+  ``perf/step_ms/{data,forward,backward,optimizer}`` and ``perf/share/...`` (fractions of the
+  step), ``perf/peak_memory_mb`` (CUDA: max allocated; CPU: max RSS)
+* ``gates/...`` gate health (see ``mtl_dist/gate_health.py``), ``conflict/<a>__<b>`` task
+  gradient cosines, ``val/<task>/<metric>``, images ``gates/<set>/heatmap``, ``attribution``.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+import resource
+import time
 import warnings
+from collections import defaultdict
+from collections.abc import Iterator
 
+import torch
+from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+from mtl_dist.balancing import all_mean
+from mtl_dist.config import JobConfig
+from mtl_dist.distributed.setup import DistInfo
+from mtl_dist.gate_health import Alarm, GateHealth, heatmaps
+from mtl_dist.losses import StepOutput
+from mtl_dist.models.gates import Gates
+from mtl_dist.optim import learning_rates
+
+PHASES = ("data", "forward", "backward", "optimizer")
+
 
 class Monitor:
-    """Writes scalars to ``<output_dir>/tb/rank_<r>`` (rank 0 only for now) and drives a tqdm bar.
-
-    Tags: ``train/loss``, ``train/loss/<task>``, ``train/samples_per_s``,
-    ``val/<task>/<metric>`` (incl. ``oracle_*``).
-    """
+    """This rank's TensorBoard writer and, on rank 0, a tqdm bar (loss, samples/s, ETA)."""
 
     def __init__(
         self, output_dir: str, rank: int, total_steps: int, progress_bar: bool = True
     ) -> None:
         self.rank = rank
-        self.writer = (
-            SummaryWriter(os.path.join(output_dir, "tb", f"rank_{rank}")) if rank == 0 else None
-        )
+        self.writer = SummaryWriter(os.path.join(output_dir, "tb", f"rank_{rank}"))
         self.bar = (
             tqdm(total=total_steps, desc="train", unit="step", dynamic_ncols=True)
             if rank == 0 and progress_bar
             else None
         )
 
-    def scalars(self, step: int, values: dict[str, float]) -> None:
-        if self.writer is not None:
-            for tag, v in values.items():
-                self.writer.add_scalar(tag, v, step)
+    def scalars(self, step: int, values: dict[str, float], main_only: bool = False) -> None:
+        if main_only and self.rank != 0:
+            return
+        for tag, v in values.items():
+            self.writer.add_scalar(tag, v, step)
+
+    def figure(self, tag: str, fig, step: int) -> None:
+        self.writer.add_figure(tag, fig, step, close=True)
+
+    def layout(self, layout: dict) -> None:
+        """A custom-scalars layout (TensorBoard's CUSTOM SCALARS tab)."""
+        self.writer.add_custom_scalars(layout)
 
     def advance(self, steps: int, postfix: dict[str, float] | None = None) -> None:
         if self.bar is not None:
@@ -44,9 +74,82 @@ class Monitor:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-        if self.writer is not None:
-            self.writer.flush()
-            self.writer.close()
+        self.writer.flush()
+        self.writer.close()
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this process: CUDA max allocated, else max resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+class StepTimer:
+    """Wall time per step split into data wait, forward, optimizer and (the rest) backward.
+
+    Data: time spent pulling batches (:meth:`batches`); forward: the model's forward (hooks);
+    optimizer: ``optimizer.step``; backward = step − the others (it includes the gradient
+    collectives). On CUDA each boundary synchronises the device, so the split is exact but the
+    host cannot run ahead — turn it off (``monitor.step_timing``) for peak GPU throughput.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device):
+        self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        self.ms: dict[str, float] = defaultdict(float)
+        self.steps = 0
+        self._last = time.perf_counter()
+        self._t0 = 0.0
+        model.register_forward_pre_hook(lambda *_: self._start())
+        model.register_forward_hook(lambda *_: self._stop("forward"))
+        optimizer.register_step_pre_hook(lambda *_: self._start())
+        optimizer.register_step_post_hook(lambda *_: self._stop("optimizer"))
+
+    def _start(self) -> None:
+        self.sync()
+        self._t0 = time.perf_counter()
+
+    def _stop(self, phase: str) -> None:
+        self.sync()
+        self.ms[phase] += (time.perf_counter() - self._t0) * 1e3
+
+    def batches(self, it: Iterator) -> Iterator:
+        """``it``, timing each ``next`` as data wait."""
+        while True:
+            self._start()
+            try:
+                b = next(it)
+            except StopIteration:
+                return
+            finally:
+                self._stop("data")
+            yield b
+
+    def step_done(self) -> None:
+        now = time.perf_counter()
+        self.ms["step"] += (now - self._last) * 1e3
+        self._last = now
+        self.steps += 1
+
+    def restart(self) -> None:
+        """Forget time since the last step (validation ran in between)."""
+        self._last = time.perf_counter()
+
+    def take(self) -> dict[str, float]:
+        """Mean ms per step of each phase and its share of the step, since the last call."""
+        if not self.steps:
+            return {}
+        per = {k: v / self.steps for k, v in self.ms.items()}
+        step = per.pop("step", 0.0)
+        per["backward"] = max(
+            0.0, step - sum(per.get(p, 0.0) for p in ("data", "forward", "optimizer"))
+        )
+        out = {f"perf/step_ms/{p}": per.get(p, 0.0) for p in PHASES}
+        out.update({f"perf/share/{p}": per.get(p, 0.0) / step if step else 0.0 for p in PHASES})
+        out["perf/step_ms/total"] = step
+        self.ms.clear()
+        self.steps = 0
+        return out
 
 
 def quiet_third_party_logs() -> None:
@@ -63,3 +166,140 @@ def quiet_third_party_logs() -> None:
     warnings.filterwarnings("ignore", message=".*set_vital.*")
     # fbgemm's dense (data_parallel) lookup; its gradients are checked in tests/distributed
     warnings.filterwarnings("ignore", message=".*an autograd kernel was not registered.*")
+
+
+class Telemetry:
+    """What the train loop reports each step, in one place: losses, the balancer's task
+    weights, learning rates, samples/s (per rank and global), step phases, peak memory, gate
+    health and its alarms (with the configured reaction), and the gradient-conflict probe.
+
+    Every rank calls :meth:`step` at the same steps (gate health and throughput all-gather).
+    """
+
+    def __init__(
+        self,
+        cfg: JobConfig,
+        info: DistInfo,
+        total_steps: int,
+        model: nn.Module,
+        loss_module: nn.Module,
+        optimizer: torch.optim.Optimizer,
+    ) -> None:
+        self.cfg, self.info = cfg, info
+        self.log = print if info.is_main else (lambda *a, **k: None)
+        self.monitor = Monitor(cfg.train.output_dir, info.rank, total_steps, cfg.train.progress_bar)
+        self.loss_module, self.optimizer = loss_module, optimizer
+        self.head = loss_module.model.head
+        self.timer = StepTimer(model, optimizer, info.device) if cfg.monitor.step_timing else None
+        m = cfg.model
+        self.gates = (
+            GateHealth(
+                self.head.gate_experts,
+                cfg.monitor.polarized_threshold,
+                cfg.monitor.dead_threshold,
+                top_k=m.gate_top_k > 0 or m.gate_gumbel,
+            )
+            if cfg.monitor.gate_every and self.head.gate_experts
+            else None
+        )
+        if self.gates is not None:
+            self.monitor.layout(self.gates.layout())
+        self.loss_tags = [f"train/loss/{t.name}" for t in cfg.tasks]
+        self.loss_tags += [f"train/aux/{n}" for n in self.head.aux_names]
+        self.loss_sum = torch.zeros(len(self.loss_tags), device=info.device)
+        self.loss_steps = 0
+        self.weights: list[float] = []
+        self.train_s = 0.0  # training wall time (validation excluded)
+        self.global_rate = 0.0  # samples/s over all ranks, as of the last write
+        self._since = time.perf_counter()
+
+    def batches(self, it: Iterator) -> Iterator:
+        return self.timer.batches(it) if self.timer is not None else it
+
+    def step(self, step: int, out: StepOutput, flush: bool = False) -> None:
+        """Record the step just trained; write scalars every ``log_every`` steps (or ``flush``)."""
+        cfg, mon = self.cfg, self.monitor
+        if self.timer is not None:
+            self.timer.step_done()
+        self.loss_sum += torch.cat([out.losses, out.aux])
+        self.loss_steps += 1
+        changing = cfg.loss.balancer != "fixed" or not self.weights  # fixed: log them once
+        if changing and (now := out.weights.tolist()) != self.weights:
+            self.weights = now
+            mon.scalars(step, {f"train/weight/{t.name}": w for t, w in zip(cfg.tasks, now)})
+        if out.conflict is not None:
+            names = [t.name for t in cfg.tasks]
+            c = out.conflict.tolist()
+            pairs = {
+                f"conflict/{a}__{b}": c[i][j]
+                for i, a in enumerate(names)
+                for j, b in enumerate(names)
+                if i < j
+            }
+            mon.scalars(step, pairs, main_only=True)
+        if cfg.monitor.conflict_every and step % cfg.monitor.conflict_every == 0:
+            self.loss_module.probe_conflict = True  # measured in the next training forward
+        if self.gates is not None and step % cfg.monitor.gate_every == 0:
+            own, across, alarms = self.gates.update(step, self.head.last_gates)
+            mon.scalars(step, own)
+            mon.scalars(step, across, main_only=True)
+            self._react(alarms)
+        every = cfg.monitor.heatmap_every
+        if every and step % every == 0 and self.head.gate_experts:
+            for name, fig in heatmaps(self.head.gate_experts, self.head.last_gates).items():
+                mon.figure(f"gates/{name}/heatmap", fig, step)
+        if step % cfg.train.log_every == 0 or flush:
+            self._write(step)
+
+    def _write(self, step: int) -> None:
+        now = time.perf_counter()
+        self.train_s += now - self._since
+        self._since = now
+        means = (self.loss_sum / self.loss_steps).tolist()
+        rate = step * self.cfg.train.batch_size / self.train_s
+        total_rate = float(all_mean(torch.tensor([rate], device=self.info.device))) * (
+            self.info.world_size
+        )
+        scalars = dict(zip(self.loss_tags, means))
+        scalars["train/loss"] = sum(means)
+        scalars["perf/samples_per_s"] = rate
+        scalars["perf/peak_memory_mb"] = peak_memory_mb(self.info.device)
+        scalars.update({f"train/lr/{k}": v for k, v in learning_rates(self.optimizer).items()})
+        if self.timer is not None:
+            scalars.update(self.timer.take())
+        self.monitor.scalars(step, scalars)
+        self.monitor.scalars(step, {"perf/global_samples_per_s": total_rate}, main_only=True)
+        self.monitor.advance(self.loss_steps, {"loss": sum(means), "samples/s": total_rate})
+        self.loss_sum.zero_()
+        self.loss_steps = 0
+        self.global_rate = total_rate
+
+    def _react(self, alarms: list[Alarm]) -> None:
+        """Warn (rank 0; alarms are identical on every rank), then stop or strengthen."""
+        for a in alarms:
+            self.log(a.message())
+        if not alarms:
+            return
+        action = self.cfg.monitor.on_polarization
+        if action == "stop":
+            raise RuntimeError(f"stopping (monitor.on_polarization = stop): {alarms[0].message()}")
+        if action == "strengthen":
+            cfgs = {id(g.cfg): g.cfg for g in self.head.modules() if isinstance(g, Gates)}
+            for gc in cfgs.values():
+                gc.expert_dropout = min(0.5, gc.expert_dropout + 0.1)
+            drops = sorted({gc.expert_dropout for gc in cfgs.values()})
+            self.log(f"[gates] strengthening the cure: expert dropout now {drops}")
+
+    def pause(self) -> None:
+        """Validation starts: its time is not training time."""
+        now = time.perf_counter()
+        self.train_s += now - self._since
+        self._since = now
+
+    def resume(self) -> None:
+        self._since = time.perf_counter()
+        if self.timer is not None:
+            self.timer.restart()
+
+    def close(self) -> None:
+        self.monitor.close()

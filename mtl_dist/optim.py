@@ -30,4 +30,13 @@ def build_optimizer(cfg: OptimConfig, model: nn.Module) -> CombinedOptimizer:
         dense_params,
         lambda params: cls(params, lr=cfg.dense_lr, weight_decay=cfg.weight_decay, **extra),
     )
-    return CombinedOptimizer([model.fused_optimizer, dense])
+    return CombinedOptimizer([("embedding", model.fused_optimizer), ("dense", dense)])
+
+
+def learning_rates(optimizer: CombinedOptimizer) -> dict[str, float]:
+    """``{"embedding": lr, "dense": lr}``: each part's (first group's) current learning rate."""
+    return {
+        key: float(opt.param_groups[0]["lr"])
+        for key, opt in optimizer.optimizers
+        if opt.param_groups and "lr" in opt.param_groups[0]
+    }

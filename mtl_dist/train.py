@@ -13,12 +13,14 @@ import random
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
+from mtl_dist.attribution import attribution_figure, feature_attribution, write_attribution
 from mtl_dist.config import DataConfig, JobConfig, load_config, to_dict
 from mtl_dist.data.batch import ArrowBatchConverter, Batch
 from mtl_dist.data.reader import ParquetBatchReader, describe, list_parquet_files
@@ -27,7 +29,7 @@ from mtl_dist.distributed.sharding import describe_plan, shard_model
 from mtl_dist.losses import StepOutput, build_model_with_loss
 from mtl_dist.metrics import compute_metrics, format_table, gather_rows
 from mtl_dist.models.ranker import build_ranker
-from mtl_dist.monitoring import Monitor, quiet_third_party_logs
+from mtl_dist.monitoring import Monitor, Telemetry, quiet_third_party_logs
 from mtl_dist.optim import build_optimizer
 
 
@@ -146,6 +148,24 @@ def flat_metrics(metrics: dict[str, dict[str, float]], prefix: str = "val") -> d
     return {f"{prefix}/{task}/{k}": v for task, m in metrics.items() for k, v in m.items()}
 
 
+def report_attribution(
+    cfg: JobConfig,
+    ranker: torch.nn.Module,
+    val_reader: ParquetBatchReader,
+    info: DistInfo,
+    monitor: Monitor,
+    step: int,
+) -> None:
+    """Per-task feature attribution on the first validation batches: ``attribution.csv`` and a
+    heatmap image ``attribution`` in TensorBoard (rank 0)."""
+    batches = itertools.islice(build_loader(val_reader, cfg.data), cfg.monitor.attribution_batches)
+    features, attr = feature_attribution(ranker, batches, info.device)
+    if info.is_main:
+        tasks = [t.name for t in cfg.tasks]
+        write_attribution(Path(cfg.train.output_dir) / "attribution.csv", features, tasks, attr)
+        monitor.figure("attribution", attribution_figure(features, tasks, attr), step)
+
+
 def train(cfg: JobConfig, info: DistInfo) -> dict[str, object]:
     """Train per ``cfg`` on this rank; returns the final validation metrics (same on all ranks)."""
     seed_everything(cfg.train.seed)
@@ -157,9 +177,8 @@ def train(cfg: JobConfig, info: DistInfo) -> dict[str, object]:
     log(f"[data] train: {describe(train_reader)}\n[data] val:   {describe(val_reader)}")
 
     # --- model: tables on meta, sharded by the planner; dense part under DDP
-    model = build_model_with_loss(build_ranker(cfg, device="meta"), cfg)
-    aux_names = list(model.model.head.aux_names)
-    model, plan = shard_model(model, cfg.sharding, cfg.optim, info)
+    loss_module = build_model_with_loss(build_ranker(cfg, device="meta"), cfg)
+    model, plan = shard_model(loss_module, cfg.sharding, cfg.optim, info)
     log(
         f"[model] world {info.world_size} on {info.device} ({info.backend}); sharding plan:\n{describe_plan(plan)}"
     )
@@ -167,7 +186,6 @@ def train(cfg: JobConfig, info: DistInfo) -> dict[str, object]:
     runner = StepRunner(model, optimizer, info.device, cfg.sharding.pipeline)
 
     # --- loop: segments of `val_every` steps, validation after each
-    B = cfg.train.batch_size
     steps_per_epoch = len(train_reader)
     total = steps_per_epoch * cfg.train.epochs
     if cfg.train.max_steps:
@@ -178,71 +196,58 @@ def train(cfg: JobConfig, info: DistInfo) -> dict[str, object]:
             f"({train_reader.total_rows} rows, batch {cfg.train.batch_size}, world {info.world_size})"
         )
     val_every = cfg.train.val_every or steps_per_epoch
-    monitor = Monitor(cfg.train.output_dir, info.rank, total, cfg.train.progress_bar)
+    telemetry = Telemetry(cfg, info, total, model, loss_module, optimizer)
     step, metrics, history = 0, {}, []
     t0 = time.perf_counter()
-    eval_s = 0.0  # validation time, excluded from training throughput
-    # per-task losses then the head's auxiliary losses, summed on the device (no per-step sync)
-    loss_tags = [f"train/loss/{t.name}" for t in cfg.tasks] + [f"train/aux/{n}" for n in aux_names]
-    loss_sum, loss_steps = torch.zeros(len(loss_tags), device=info.device), 0
-    weight_tags = [f"train/weight/{t.name}" for t in cfg.tasks]
-    weights: list[float] = []  # the balancer's task weights, logged whenever they change
     for _epoch in range(cfg.train.epochs):
         batches = iter(build_loader(train_reader, cfg.data))
         epoch_end = min(step + steps_per_epoch, total)
         while step < epoch_end:
             segment_end = min(epoch_end, (step // val_every + 1) * val_every)
             segment_start = step
-            for out in runner.run(itertools.islice(batches, segment_end - step)):
+            segment = telemetry.batches(itertools.islice(batches, segment_end - step))
+            for out in runner.run(segment):
                 step += 1
-                loss_sum += torch.cat([out.losses, out.aux])
-                loss_steps += 1
-                changing = cfg.loss.balancer != "fixed" or not weights  # fixed: log them once
-                if changing and (now := out.weights.tolist()) != weights:
-                    weights = now
-                    monitor.scalars(step, dict(zip(weight_tags, weights)))
-                if step % cfg.train.log_every == 0 or step == segment_end:
-                    means = (loss_sum / loss_steps).tolist()
-                    rate = step * B * info.world_size / (time.perf_counter() - t0 - eval_s)
-                    scalars = dict(zip(loss_tags, means))
-                    scalars.update({"train/loss": sum(means), "train/samples_per_s": rate})
-                    monitor.scalars(step, scalars)
-                    monitor.advance(loss_steps, {"loss": sum(means), "samples/s": rate})
-                    loss_sum.zero_()
-                    loss_steps = 0
+                telemetry.step(step, out, flush=step == segment_end)
             if step == segment_start:
                 raise RuntimeError(
                     f"training data ended early at step {step} (expected {segment_end})"
                 )
-            t_eval = time.perf_counter()
+            telemetry.pause()
             metrics = evaluate(model, cfg, build_loader(val_reader, cfg.data), info.device)
-            eval_s += time.perf_counter() - t_eval
-            monitor.scalars(step, flat_metrics(metrics))
+            telemetry.monitor.scalars(step, flat_metrics(metrics), main_only=True)
             history.append({"step": step, "metrics": metrics})
+            if cfg.monitor.attribution:
+                report_attribution(
+                    cfg, loss_module.model, val_reader, info, telemetry.monitor, step
+                )
+            telemetry.resume()
         if step >= total:
             break
     elapsed = time.perf_counter() - t0
-    monitor.close()
+    telemetry.close()
 
     result = {
         "steps": step,
         "world_size": info.world_size,
-        "samples_per_s": step * B * info.world_size / (elapsed - eval_s),
+        "samples_per_s": telemetry.global_rate,
         "elapsed_s": elapsed,
-        "train_s": elapsed - eval_s,
+        "train_s": telemetry.train_s,
         "metrics": metrics,
         "history": history,
         "plan": describe_plan(plan),
         "last_trained_position": runner.trained_position,  # (global worker, rows consumed) of rank 0
         # the balancer's final task weights as each rank holds them (they must agree)
-        "task_weights_by_rank": gather_rows(torch.tensor([weights], device=info.device)).tolist(),
+        "task_weights_by_rank": gather_rows(
+            torch.tensor([telemetry.weights], device=info.device)
+        ).tolist(),
         "config": to_dict(cfg),
     }
     if info.is_main:
         with open(os.path.join(cfg.train.output_dir, "metrics.json"), "w") as fh:
             json.dump(result, fh, indent=2)
         log(
-            f"\n[done] {step} steps in {elapsed:.1f}s ({elapsed - eval_s:.1f}s training, {result['samples_per_s']:.0f} "
+            f"\n[done] {step} steps in {elapsed:.1f}s ({telemetry.train_s:.1f}s training, {result['samples_per_s']:.0f} "
             f"samples/s over {info.world_size} ranks)"
         )
         log(

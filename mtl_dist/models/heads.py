@@ -3,7 +3,9 @@
 Every head returns ``(outputs [B, T], aux [A])``: task logits (binary) or values (regression),
 and its auxiliary losses stacked in the order of ``head.aux_names`` (empty when none is on). The
 gate weights of the last forward are kept in ``head.last_gates`` (``{name: [B, E]}``) for
-monitoring, at no extra cost.
+monitoring, at no extra cost; ``head.gate_experts`` maps each gate to its expert set and the
+set's expert ids it mixes (``{name: (set, [ids])}``), and ``head.shared_parameters()`` are the
+parameters every task trains (for the gradient-conflict probe).
 
 Heads: :class:`SharedBottom`, :class:`MoE` (MMoE, or OMoE with one shared gate) and :class:`PLE`
 (CGC with one level). Experts and towers are :class:`StackedMLP` s: one batched op per layer.
@@ -98,10 +100,14 @@ class SharedBottom(nn.Module):
             num_tasks, bottom_hidden[-1], tower_hidden, tower_dropout, tower_batch_norm
         )
         self.last_gates: dict[str, torch.Tensor] = {}
+        self.gate_experts: dict[str, tuple[str, list[int]]] = {}
 
     def shared_layer(self) -> torch.Tensor:
         """The last layer every task reads (GradNorm measures task gradients on it)."""
         return self.bottom.weights[-1]
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        return list(self.bottom.parameters())
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         shared = self.bottom(x)  # [1, B, H]
@@ -152,11 +158,15 @@ class MoE(nn.Module):
         self.aux_names = _aux_names(gate)
         self.sparse = 0 < gate.top_k < num_experts or gate.gumbel
         self.last_gates: dict[str, torch.Tensor] = {}
+        self.gate_experts = {t: ("experts", list(range(num_experts))) for t in self.task_names}
         self.last_dispatch = "dense"
 
     def shared_layer(self) -> torch.Tensor:
         """The experts' last layer ``[E, H', H]``, shared by every task's mix."""
         return self.experts.weights[-1]
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        return list(self.experts.parameters())
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         experts = None
@@ -249,10 +259,25 @@ class PLE(nn.Module):
         self.towers = Towers(T, dim, tower_hidden, tower_dropout, tower_batch_norm)
         self.aux_names = _aux_names(gate)
         self.last_gates: dict[str, torch.Tensor] = {}
+        self.gate_experts = {}
+        for level in range(levels):
+            for i, t in enumerate(self.task_names):
+                self.gate_experts[f"{t}/level{level}"] = (
+                    f"level{level}",
+                    self.task_index[i].tolist(),
+                )
+            if level < levels - 1:
+                self.gate_experts[f"shared/level{level}"] = (
+                    f"level{level}",
+                    list(range(Es + T * Et)),
+                )
 
     def shared_layer(self) -> torch.Tensor:
         """The last level's experts' last layer (shared experts first)."""
         return self.levels[-1]["experts"].weights[-1]
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        return [p for mods in self.levels for p in mods["experts"].parameters()]
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         Es, Et = self.shared_experts, self.task_experts
@@ -328,10 +353,16 @@ class STEM(nn.Module):
         self.register_buffer("own_mask", torch.eye(T).view(T, T, 1, 1), persistent=False)
         self.aux_names = _aux_names(gate)
         self.last_gates: dict[str, torch.Tensor] = {}
+        self.gate_experts = {
+            t: ("experts", self.task_index[i].tolist()) for i, t in enumerate(self.task_names)
+        }
 
     def shared_layer(self) -> torch.Tensor:
         """The shared experts' last layer (the task experts' when there are none)."""
         return (self.shared or self.task).weights[-1]
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        return list((self.shared or self.task).parameters())
 
     def forward(self, x: torch.Tensor, own: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``x``: shared input ``[B, Din]``; ``own``: task embeddings ``[T, B, Dt]``."""

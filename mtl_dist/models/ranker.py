@@ -75,10 +75,17 @@ class Ranker(nn.Module):
             nn.BatchNorm1d(num_dense) if dense_batch_norm and num_dense else nn.Identity()
         )
         self.head = head
+        self.dense_names = [f"dense_{i}" for i in range(num_dense)]
+        self.keep_input = False  # set to keep the head's input of the next forward (attribution)
+        self.last_input: tuple[torch.Tensor, list[str], list[int]] | None = None
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        pooled = self.ebc(batch.sparse).values()  # [B, sum of table dims per feature]
+        kt = self.ebc(batch.sparse)
+        pooled = kt.values()  # [B, sum of table dims per feature]
         x = torch.cat([pooled, self.dense_norm(batch.dense)], dim=1)  # [B, Din]
+        if self.keep_input:  # x with the feature each column block belongs to
+            names = [*kt.keys(), *self.dense_names]
+            self.last_input = (x, names, [*kt.length_per_key(), *[1] * len(self.dense_names)])
         if self.task_ebcs is None:
             out = self.head(x)
         else:  # STEM: each task's own tables, [T, B, Dt]
@@ -118,7 +125,9 @@ def build_ranker(cfg: JobConfig, device: torch.device | str = "meta") -> Ranker:
         )
         task_dim = cfg.model.stem_dim * len(own)
     head = build_head(cfg.model, in_dim, task_names, task_dim)
-    return Ranker(ebc, len(cfg.features.dense), head, cfg.model.dense_batch_norm, task_ebcs)
+    model = Ranker(ebc, len(cfg.features.dense), head, cfg.model.dense_batch_norm, task_ebcs)
+    model.dense_names = list(cfg.features.dense)
+    return model
 
 
 def build_head(m: ModelConfig, in_dim: int, task_names: list[str], task_dim: int = 0) -> nn.Module:
