@@ -7,6 +7,7 @@ not NaN, and sample weights make the mean a weighted one.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -85,7 +86,7 @@ class StepOutput:
     weights ``[T]`` (the balancer's task weights this step); aux ``[A]`` (the head's auxiliary
     losses, see ``head.aux_names``); preds, labels, mask, truth ``[B, T]`` (preds: pCTR / pCVR /
     values on the true scale — pCVR stays available under ESMM); group ``[B]`` (GAUC ids);
-    conflict ``[T, T]`` (see :meth:`ModelWithLoss.gradient_conflict`) on probe steps.
+    conflict ``[T, T]`` (see :class:`GradientConflict`) on probe steps, else ``[0, 0]``.
     """
 
     losses: torch.Tensor
@@ -96,7 +97,38 @@ class StepOutput:
     mask: torch.Tensor
     truth: torch.Tensor
     group: torch.Tensor
-    conflict: torch.Tensor | None = None  # [T, T] task-gradient cosines, on probe steps
+    conflict: torch.Tensor  # [T, T] task-gradient cosines on probe steps, else [0, 0]
+
+
+class GradientConflict(nn.Module):
+    """Probe: cosine similarity ``[T, T]`` of the task losses' gradients on the head's shared
+    parameters (averaged over ranks first) — negative means the tasks pull the shared experts
+    apart (negative transfer). Runs in the training forward after :meth:`arm`, once; returns
+    ``[0, 0]`` otherwise. A module of its own so TorchRec's pipeline tracer keeps it a leaf.
+    """
+
+    def __init__(self, shared: Callable[[], list[nn.Parameter]]) -> None:
+        super().__init__()
+        self.shared = shared
+        self.armed = False
+
+    def arm(self) -> None:
+        self.armed = True
+
+    def forward(self, losses: torch.Tensor) -> torch.Tensor:
+        if not (self.armed and self.training and torch.is_grad_enabled()):
+            return losses.new_zeros(0, 0)
+        self.armed = False
+        params = self.shared()
+        rows = []
+        for loss in losses:
+            grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+            rows.append(
+                torch.cat([(g if g is not None else torch.zeros_like(p)).flatten()
+                           for g, p in zip(grads, params)])
+            )  # fmt: skip
+        g = F.normalize(all_mean(torch.stack(rows)), dim=1)
+        return g @ g.t()
 
 
 class ModelWithLoss(nn.Module):
@@ -130,21 +162,7 @@ class ModelWithLoss(nn.Module):
             torch.tensor(rates) if min(rates) < 1 else None,
             persistent=False,
         )
-        self.probe_conflict = False  # set: the next training forward measures gradient conflict
-
-    def gradient_conflict(self, losses: torch.Tensor) -> torch.Tensor:
-        """Cosine similarity ``[T, T]`` of the task losses' gradients on the head's shared
-        parameters (gradients averaged over ranks first): negative = the tasks pull apart."""
-        params = self.model.head.shared_parameters()
-        rows = []
-        for loss in losses:
-            grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
-            rows.append(
-                torch.cat([(g if g is not None else torch.zeros_like(p)).flatten()
-                           for g, p in zip(grads, params)])
-            )  # fmt: skip
-        g = torch.nn.functional.normalize(all_mean(torch.stack(rows)), dim=1)
-        return g @ g.t()
+        self.conflict = GradientConflict(lambda: self.model.head.shared_parameters())
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, StepOutput]:
         outputs, aux = self.model(batch)
@@ -158,10 +176,7 @@ class ModelWithLoss(nn.Module):
                 outputs[:, c], outputs[:, v], batch.labels[:, c] * batch.labels[:, v], mask[:, c]
             )
             losses = torch.cat([losses[:v], ctcvr.unsqueeze(0), losses[v + 1 :]])
-        conflict = None
-        if self.probe_conflict and self.training and torch.is_grad_enabled():
-            self.probe_conflict = False
-            conflict = self.gradient_conflict(losses)
+        conflict = self.conflict(losses)  # [T, T] when armed, else [0, 0]
         weighted, weights = self.balancer(losses)
         loss = weighted + aux.sum()
         out = StepOutput(

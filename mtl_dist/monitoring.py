@@ -98,6 +98,7 @@ class StepTimer:
         self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         self.ms: dict[str, float] = defaultdict(float)
         self.steps = 0
+        self.active = True
         self._last = time.perf_counter()
         self._t0 = 0.0
         model.register_forward_pre_hook(lambda *_: self._start())
@@ -110,8 +111,9 @@ class StepTimer:
         self._t0 = time.perf_counter()
 
     def _stop(self, phase: str) -> None:
-        self.sync()
-        self.ms[phase] += (time.perf_counter() - self._t0) * 1e3
+        if self.active:  # validation forwards do not count
+            self.sync()
+            self.ms[phase] += (time.perf_counter() - self._t0) * 1e3
 
     def batches(self, it: Iterator) -> Iterator:
         """``it``, timing each ``next`` as data wait."""
@@ -131,8 +133,12 @@ class StepTimer:
         self._last = now
         self.steps += 1
 
-    def restart(self) -> None:
-        """Forget time since the last step (validation ran in between)."""
+    def pause(self) -> None:
+        self.active = False
+
+    def resume(self) -> None:
+        """Training resumes: forget the time since the last step (validation ran)."""
+        self.active = True
         self._last = time.perf_counter()
 
     def take(self) -> dict[str, float]:
@@ -227,7 +233,7 @@ class Telemetry:
         if changing and (now := out.weights.tolist()) != self.weights:
             self.weights = now
             mon.scalars(step, {f"train/weight/{t.name}": w for t, w in zip(cfg.tasks, now)})
-        if out.conflict is not None:
+        if out.conflict.numel():
             names = [t.name for t in cfg.tasks]
             c = out.conflict.tolist()
             pairs = {
@@ -238,7 +244,7 @@ class Telemetry:
             }
             mon.scalars(step, pairs, main_only=True)
         if cfg.monitor.conflict_every and step % cfg.monitor.conflict_every == 0:
-            self.loss_module.probe_conflict = True  # measured in the next training forward
+            self.loss_module.conflict.arm()  # measured in the next training forward
         if self.gates is not None and step % cfg.monitor.gate_every == 0:
             own, across, alarms = self.gates.update(step, self.head.last_gates)
             mon.scalars(step, own)
@@ -295,11 +301,13 @@ class Telemetry:
         now = time.perf_counter()
         self.train_s += now - self._since
         self._since = now
+        if self.timer is not None:
+            self.timer.pause()
 
     def resume(self) -> None:
         self._since = time.perf_counter()
         if self.timer is not None:
-            self.timer.restart()
+            self.timer.resume()
 
     def close(self) -> None:
         self.monitor.close()

@@ -53,6 +53,12 @@ def build_loader(reader: ParquetBatchReader, cfg: DataConfig) -> StatefulDataLoa
     )
 
 
+def validation_loader(reader: ParquetBatchReader, cfg: DataConfig) -> StatefulDataLoader:
+    """A loader over the whole validation set, from its first row."""
+    reader.rewind()
+    return build_loader(reader, cfg)
+
+
 def build_readers(cfg: JobConfig, info: DistInfo) -> tuple[ParquetBatchReader, ParquetBatchReader]:
     """Training reader (drops ragged batches) and validation reader (pads them: every row counts;
     it also reads the GAUC group column)."""
@@ -158,7 +164,8 @@ def report_attribution(
 ) -> None:
     """Per-task feature attribution on the first validation batches: ``attribution.csv`` and a
     heatmap image ``attribution`` in TensorBoard (rank 0)."""
-    batches = itertools.islice(build_loader(val_reader, cfg.data), cfg.monitor.attribution_batches)
+    loader = validation_loader(val_reader, cfg.data)
+    batches = itertools.islice(loader, cfg.monitor.attribution_batches)
     features, attr = feature_attribution(ranker, batches, info.device)
     if info.is_main:
         tasks = [t.name for t in cfg.tasks]
@@ -214,7 +221,7 @@ def train(cfg: JobConfig, info: DistInfo) -> dict[str, object]:
                     f"training data ended early at step {step} (expected {segment_end})"
                 )
             telemetry.pause()
-            metrics = evaluate(model, cfg, build_loader(val_reader, cfg.data), info.device)
+            metrics = evaluate(model, cfg, validation_loader(val_reader, cfg.data), info.device)
             telemetry.monitor.scalars(step, flat_metrics(metrics), main_only=True)
             history.append({"step": step, "metrics": metrics})
             if cfg.monitor.attribution:

@@ -1,6 +1,7 @@
 """The whole path under torchrun with 2 processes on CPU: Parquet → sharded EBC → MMoE → metrics."""
 
 import json
+import math
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -23,7 +24,11 @@ def train(synth_data, out, *extra):
 def trained(synth_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     # 160k rows / 2 ranks / batch 256 = 312 steps per rank, validation mid-way and at the end
-    result, proc = train(synth_data, out, "--train.batch_size", "256", "--train.val_every", "150")
+    result, proc = train(
+        synth_data, out, "--train.batch_size", "256", "--train.val_every", "150",
+        "--monitor.gate_every", "25", "--monitor.heatmap_every", "100",
+        "--monitor.conflict_every", "50",
+    )  # fmt: skip
     return result, out, proc
 
 
@@ -44,22 +49,53 @@ def test_auc_close_to_oracle(trained):
 
 
 def test_tensorboard_events_written_and_readable(trained):
+    """Every rank's run directory holds its own documented tags with finite, in-range values;
+    rank 0 adds validation, cross-rank gate summaries and the gradient-conflict probe."""
     result, out, _ = trained
-    acc = EventAccumulator(str(out / "tb" / "rank_0"))
-    acc.Reload()
-    tags = set(acc.Tags()["scalars"])
-    for tag in [
-        "train/loss",
-        "train/loss/click",
-        "train/samples_per_s",
-        "val/click/auc",
-        "val/click/oracle_auc",
-        "val/watch_time/mse",
-    ]:
-        assert tag in tags, tag
-    aucs = acc.Scalars("val/click/auc")
-    assert [e.step for e in aucs] == [150, 300, 312]
-    assert aucs[-1].value == pytest.approx(result["metrics"]["click"]["auc"], abs=1e-6)
+    tasks = ("click", "conversion", "watch_time")
+    per_rank = [f"train/loss/{t}" for t in tasks] + [
+        "train/loss", "train/weight/click", "train/lr/dense", "train/lr/embedding",
+        "perf/samples_per_s", "perf/peak_memory_mb", "perf/step_ms/total",
+        *[f"perf/share/{p}" for p in ("data", "forward", "backward", "optimizer")],
+        "gates/experts/unused_expert_count",
+        *[f"gates/{t}/{m}" for t in tasks for m in (
+            "entropy_gating", "max_weight", "polarized_share", "load_imbalance", "load_cv",
+            "polarized", "utilization/expert_0", "utilization/expert_3")],
+    ]  # fmt: skip
+    rank0_only = [
+        "val/click/auc", "val/click/oracle_auc", "val/click/calibration", "val/watch_time/mse",
+        "perf/global_samples_per_s", "gates_ranks/click/max_weight/max",
+        "conflict/click__conversion", "conflict/conversion__watch_time",
+    ]  # fmt: skip
+    for rank in (0, 1):
+        acc = EventAccumulator(str(out / "tb" / f"rank_{rank}"), size_guidance={"images": 0})
+        acc.Reload()
+        tags = set(acc.Tags()["scalars"])
+        assert set(per_rank) <= tags, set(per_rank) - tags
+        assert (set(rank0_only) <= tags) == (rank == 0)
+        assert "gates/experts/heatmap" in acc.Tags()["images"]
+        values = {t: [e.value for e in acc.Scalars(t)] for t in tags}
+        assert all(math.isfinite(v) for vs in values.values() for v in vs)
+        assert [e.step for e in acc.Scalars("gates/click/max_weight")] == list(range(25, 301, 25))
+        for t, vs in values.items():
+            if t.startswith("gates/") and t.endswith(("entropy_gating", "polarized_share")):
+                assert all(0 <= v <= 1 for v in vs), t
+            if t.endswith("max_weight"):  # at least the fair share 1/E
+                assert all(0.25 - 1e-6 <= v <= 1 for v in vs), t
+            if t.startswith(("perf/share/", "conflict/")):
+                assert all(-1 - 1e-6 <= v <= 1 + 1e-6 for v in vs), t
+        shares = sum(
+            values[f"perf/share/{p}"][-1] for p in ("data", "forward", "backward", "optimizer")
+        )
+        assert shares == pytest.approx(1.0, abs=1e-6)
+        if rank == 0:
+            aucs = acc.Scalars("val/click/auc")
+            assert [e.step for e in aucs] == [150, 300, 312]
+            assert aucs[-1].value == pytest.approx(result["metrics"]["click"]["auc"], abs=1e-6)
+            assert "attribution" in acc.Tags()["images"]
+    attribution = (out / "attribution.csv").read_text().splitlines()
+    assert attribution[0].startswith("feature,click,conversion,watch_time,rank_click")
+    assert len(attribution) == 1 + 21 + 12  # a row per sparse and dense feature
 
 
 def test_same_seed_same_numbers(synth_data, tmp_path):

@@ -197,6 +197,10 @@ class ParquetBatchReader(IterableDataset):
     def load_state_dict(self, state: dict[str, object]) -> None:
         self.offsets = list(state["offsets"])  # type: ignore[arg-type]
 
+    def rewind(self) -> None:
+        """Start the next pass at the first row, even after a partly read one (validation)."""
+        self.offsets = [0] * len(self.offsets)
+
     # --- reading -----------------------------------------------------------------------
 
     def worker_range(self, worker: int) -> tuple[int, int]:

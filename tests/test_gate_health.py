@@ -1,0 +1,89 @@
+"""Gate health: hand-computed stats on a tiny batch; polarisation and dead experts raise alarms."""
+
+import math
+
+import pytest
+import torch
+
+from mtl_dist.gate_health import GateHealth, gate_stats, heatmaps
+from mtl_dist.models.heads import PLE, MoE
+
+
+def test_stats_match_hand_computation():
+    w = torch.tensor([[0.5, 0.5, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0], [0.25, 0.25, 0.25, 0.25]])
+    s = gate_stats(w, threshold=0.9)
+    # entropies / log 4: log 2 / log 4 = 0.5, 0, 1 → mean 0.5
+    assert s["entropy_gating"].item() == pytest.approx(0.5)
+    assert s["max_weight"].item() == pytest.approx((0.5 + 1.0 + 0.25) / 3)
+    assert s["polarized_share"].item() == pytest.approx(1 / 3)
+    # mean weights (0.5833, 0.25, 0.0833, 0.0833) × 4
+    util = [7 / 3, 1.0, 1 / 3, 1 / 3]
+    assert s["utilization"].tolist() == pytest.approx(util)
+    assert s["load_imbalance"].item() == pytest.approx(7 / 3)
+    mean = sum(util) / 4
+    cv = math.sqrt(sum((u - mean) ** 2 for u in util) / 4) / mean
+    assert s["load_cv"].item() == pytest.approx(cv)
+    assert s["load"].tolist() == pytest.approx([1.0, 2 / 3, 1 / 3, 1 / 3])
+
+
+def test_forced_polarisation_raises_alarm_and_flag_uniform_does_not():
+    torch.manual_seed(0)
+    head = MoE(8, ["click", "conv"], 4, [8], [4])
+    x = torch.randn(64, 8)
+    health = GateHealth(head.gate_experts, threshold=0.9, dead_threshold=0.05)
+    with torch.no_grad():  # near-uniform gates
+        for w in head.gates.logits.weights:
+            w.mul_(1e-4)
+    head(x)
+    own, across, alarms = health.update(10, head.last_gates)
+    assert alarms == [] and own["gates/click/polarized"] == 0.0
+    assert own["gates/click/entropy_gating"] > 0.99
+    assert own["gates/experts/unused_expert_count"] == 0.0
+    assert across["gates_ranks/click/max_weight/max"] == own["gates/click/max_weight"]
+
+    with torch.no_grad():  # a huge bias on expert 2 for the click gate
+        head.gates.logits.biases[0][0, 0, 2] = 50.0
+    head(x)
+    own, _, alarms = health.update(20, head.last_gates)
+    assert own["gates/click/polarized"] == 1.0 and own["gates/click/max_weight"] > 0.99
+    assert own["gates/conv/polarized"] == 0.0
+    (alarm,) = [a for a in alarms if a.kind == "polarized"]
+    assert (alarm.rank, alarm.where, alarm.expert, alarm.since) == (0, "click", 2, 20)
+    assert "rank 0: gate 'click' polarised since step 20" in alarm.message()
+    # still polarised at the next check: no new alarm, the 'since' step is kept
+    head(x)
+    assert [a for a in health.update(30, head.last_gates)[2] if a.kind == "polarized"] == []
+
+
+def test_dead_expert_needs_every_gate_to_ignore_it():
+    health = GateHealth({"a": ("experts", [0, 1, 2]), "b": ("experts", [0, 1, 2])})
+    ignore_2 = torch.tensor([[0.5, 0.5, 0.0]] * 4)
+    use_2 = torch.tensor([[0.2, 0.2, 0.6]] * 4)
+    own, _, alarms = health.update(5, {"a": ignore_2, "b": use_2})
+    assert own["gates/experts/unused_expert_count"] == 0.0 and alarms == []
+    own, _, alarms = health.update(6, {"a": ignore_2, "b": ignore_2})
+    assert own["gates/experts/unused_expert_count"] == 1.0
+    assert [(a.kind, a.expert, a.since) for a in alarms] == [("dead", 2, 6)]
+    assert "expert 2 of 'experts' unused since step 6" in alarms[0].message()
+
+
+def test_ple_gates_per_level_and_heatmaps():
+    torch.manual_seed(0)
+    head = PLE(8, ["a", "b"], 2, 2, 1, [8], [4])
+    head(torch.randn(16, 8))
+    health = GateHealth(head.gate_experts)
+    own, _, _ = health.update(1, head.last_gates)
+    assert {
+        "gates/a/level0/max_weight",
+        "gates/shared/level0/max_weight",
+        "gates/b/level1/load_cv",
+    } <= set(own)
+    assert "gates/level1/unused_expert_count" in own
+    assert (
+        "gates/a/level0/utilization/expert_2" in own
+        and "gates/a/level0/utilization/expert_3" not in own
+    )
+    figs = heatmaps(head.gate_experts, head.last_gates)
+    assert set(figs) == {"level0", "level1"}
+    layout = health.layout()
+    assert "gates a/level0" in layout and "polarisation" in layout["gates a/level0"]
