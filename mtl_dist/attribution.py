@@ -1,9 +1,10 @@
 """Per-task feature attribution: which input features each task's prediction leans on.
 
-For task t and feature f: the mean over rows of ``Σ_{columns of f} |∂ out_t / ∂x · x|``, where
-x ``[B, Din]`` is the head's input (each sparse feature's pooled embedding, each dense value).
-Gradient × input attributes the output to the input's magnitude in the direction the model is
-sensitive to; a feature a task ignores scores near 0 for that task. Averaged over ranks.
+For task t and feature f: the mean over rows of ``Σ_{columns of f} |∂ out_t / ∂x · (x − x̄)|``,
+where x ``[B, Din]`` is the head's input (each sparse feature's pooled embedding, each dense
+value) and x̄ its batch mean — gradient × input against the average input as the baseline, so
+a feature's constant offset (an embedding's common direction) earns nothing. A feature a task
+ignores scores near 0 for that task. Averaged over rows of every rank.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def feature_attribution(
                 per_task = []
                 for t in range(outputs.shape[1]):
                     (g,) = torch.autograd.grad(outputs[:, t].sum(), x, retain_graph=True)
-                    gx = (g * x).abs().detach()  # [B, Din]
+                    gx = (g * (x - x.mean(0))).abs().detach()  # [B, Din]
                     per_task.append(torch.stack([c.sum(1) for c in gx.split(widths, 1)], 1))
             keep = batch.mask.amax(1) > 0  # skip padding rows
             part = torch.stack(per_task)[:, keep].sum(1)  # [T, F]
