@@ -190,3 +190,25 @@ def test_balancers_train_with_equal_weights_on_every_rank(synth_data, tmp_path, 
     if balancer == "gradnorm":
         # trained on ~3x inflated positive rate; predictions are corrected to the true scale
         assert abs(click["calibration"] - 1) < 0.15, click
+
+
+@pytest.mark.parametrize("action", ["stop", "strengthen"])
+def test_polarising_gate_stops_the_run_or_strengthens_the_cure(synth_data, tmp_path, action):
+    """A near-hard gate (temperature 0.02) polarises; every rank reacts alike, none hangs."""
+    args = [
+        "-m", "mtl_dist.train", "--config", "configs/default.toml",
+        "--data.train_path", str(synth_data / "train"), "--data.val_path", str(synth_data / "val"),
+        "--train.output_dir", str(tmp_path), "--train.progress_bar", "false",
+        "--train.max_steps", "40", "--train.batch_size", "256", "--model.expert_hidden", "32,16",
+        "--model.gate_temperature", "0.02", "--monitor.gate_every", "10",
+        "--monitor.on_polarization", action,
+    ]  # fmt: skip
+    proc = torchrun(args, nproc=2, timeout=300)
+    assert "polarised since step 10" in proc.stdout + proc.stderr
+    if action == "stop":
+        assert proc.returncode != 0
+        assert "stopping (monitor.on_polarization = stop)" in proc.stderr
+        assert not (tmp_path / "metrics.json").exists()
+    else:
+        assert proc.returncode == 0
+        assert "strengthening the cure: expert dropout now [0.1]" in proc.stdout
