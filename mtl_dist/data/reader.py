@@ -21,6 +21,11 @@ the step count per rank is computed from the Parquet metadata alone, identically
 The position — rows consumed per global worker — is state: :meth:`ParquetBatchReader.state_dict`
 and ``load_state_dict`` save and restore it, and every :class:`Batch` carries the position after
 it, so a pipelined trainer can save the position of the last batch it actually trained.
+
+A pass need not cover the whole dataset: :meth:`ParquetBatchReader.resume_pass` takes the rows
+other ranks had not yet trained (global row intervals, from a checkpoint written under any
+world size) and re-splits exactly those across this job's ranks × workers, so a run resumed
+with a different number of processes still reads every remaining row once.
 """
 
 from __future__ import annotations
@@ -171,9 +176,19 @@ class ParquetBatchReader(IterableDataset):
         self.groups = index_row_groups(files)
         self.total_rows = self.groups[-1].start + self.groups[-1].num_rows if self.groups else 0
         self._check_columns()
+        self.start_pass()
+
+    def start_pass(self, ranges: list[tuple[int, int]] | None = None) -> None:
+        """Begin a pass over the global row ``ranges`` (default: every row), from their start.
+
+        Offsets and worker ranges are in pass coordinates: row i of the pass is the i-th row
+        of the concatenated ranges.
+        """
+        self.pass_ranges = [(0, self.total_rows)] if ranges is None else list(ranges)
+        self.pass_rows = sum(e - b for b, e in self.pass_ranges)
         self.quota = batches_per_worker(
-            self.total_rows, world_size, self.num_workers, batch_size, drop_last
-        )[rank]
+            self.pass_rows, self.world_size, self.num_workers, self.batch_size, self.drop_last
+        )[self.rank]
         # rows already consumed in each of this rank's worker ranges (resume position)
         self.offsets = [0] * self.num_workers
 
@@ -189,6 +204,10 @@ class ParquetBatchReader(IterableDataset):
         """Batches this rank yields per pass (the same on every rank)."""
         return sum(self.quota)
 
+    def steps_left(self) -> int:
+        """Batches this rank still yields in the current pass (the same on every rank)."""
+        return sum(max(0, self._remaining(w)) for w in range(self.num_workers))
+
     # --- state -------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, object]:
@@ -201,17 +220,71 @@ class ParquetBatchReader(IterableDataset):
         """Start the next pass at the first row, even after a partly read one (validation)."""
         self.offsets = [0] * len(self.offsets)
 
+    def position(self, consumed: dict[int, int]) -> dict[str, object]:
+        """This rank's place in the pass for a checkpoint: the pass ranges, and per global
+        worker its rows consumed (``consumed``: global worker → rows, e.g. of the last batch
+        trained; workers absent have consumed ``offsets``) and its untrained global rows."""
+        workers = []
+        for w in range(self.num_workers):
+            gid = self.rank * self.num_workers + w
+            done = consumed.get(gid, self.offsets[w])
+            begin, end = self.worker_range(w)
+            workers.append(
+                {"gid": gid, "consumed": done, "remaining": self._global(begin + done, end)}
+            )
+        return {
+            "world_size": self.world_size,
+            "num_workers": self.num_workers,
+            "pass_ranges": [list(r) for r in self.pass_ranges],
+            "workers": workers,
+        }
+
+    def resume_pass(self, positions: list[dict[str, object]]) -> bool:
+        """Continue the pass the ``positions`` of every rank (from :meth:`position`) describe.
+
+        Same world size and workers: each worker continues exactly where it was (the batches
+        an uninterrupted run would have read). Otherwise the rows no worker had trained yet
+        are re-split across this job's ranks × workers. Returns whether it was exact.
+        """
+        p0 = positions[0]
+        same = (p0["world_size"], p0["num_workers"]) == (self.world_size, self.num_workers)
+        if same:
+            self.start_pass([tuple(r) for r in p0["pass_ranges"]])
+            mine = positions[self.rank]["workers"]
+            self.offsets = [int(w["consumed"]) for w in mine]
+            return True
+        remaining = sorted(
+            (int(b), int(e)) for p in positions for w in p["workers"] for b, e in w["remaining"]
+        )
+        self.start_pass(remaining)
+        return False
+
+    def _global(self, begin: int, end: int) -> list[tuple[int, int]]:
+        """Pass rows ``[begin, end)`` as global row intervals."""
+        out, pos = [], 0
+        for b, e in self.pass_ranges:
+            lo, hi = max(begin, pos), min(end, pos + e - b)
+            if lo < hi:
+                out.append((b + lo - pos, b + hi - pos))
+            pos += e - b
+        return out
+
     # --- reading -----------------------------------------------------------------------
 
     def worker_range(self, worker: int) -> tuple[int, int]:
-        """Global row range of this rank's ``worker``."""
+        """Row range ``[begin, end)`` of this rank's ``worker``, in pass coordinates."""
         return split_range(
-            self.total_rows,
+            self.pass_rows,
             self.world_size * self.num_workers,
             self.rank * self.num_workers + worker,
         )
 
     def _chunks(self, begin: int, end: int) -> Iterator[Columns]:
+        """Decoded chunks covering pass rows ``[begin, end)``."""
+        for lo, hi in self._global(begin, end):
+            yield from self._global_chunks(lo, hi)
+
+    def _global_chunks(self, begin: int, end: int) -> Iterator[Columns]:
         """Decoded chunks of at most ``chunk_rows`` rows covering global rows ``[begin, end)``."""
         cols = self.converter.columns
         for g in self.groups:
@@ -244,8 +317,10 @@ class ParquetBatchReader(IterableDataset):
             raise ValueError(
                 f"reader built for {self.num_workers} workers but the loader runs {info.num_workers}"
             )
-        # a finished pass (every range read to its quota) starts the next one from the beginning
+        # a finished pass (every range read to its quota) starts the next one over all rows
         if all(self._remaining(w) <= 0 for w in workers):
+            if self.pass_rows != self.total_rows:
+                self.start_pass()
             for w in workers:
                 self.offsets[w] = 0
         # in-process reading of several worker ranges: one after another
@@ -293,7 +368,9 @@ class ParquetBatchReader(IterableDataset):
 def describe(reader: ParquetBatchReader) -> str:
     """One line: files, rows, this rank's range and batches per pass."""
     ranges = [reader.worker_range(w) for w in range(reader.num_workers)]
+    part = "" if reader.pass_rows == reader.total_rows else f" (this pass: {reader.pass_rows})"
     return (
-        f"{len(reader.files)} files, {reader.total_rows} rows; rank {reader.rank}/{reader.world_size} "
-        f"reads {sum(e - b for b, e in ranges)} rows in {len(reader)} batches of {reader.batch_size}"
+        f"{len(reader.files)} files, {reader.total_rows} rows{part}; rank {reader.rank}/"
+        f"{reader.world_size} reads {sum(e - b for b, e in ranges)} rows in {len(reader)} "
+        f"batches of {reader.batch_size}"
     )

@@ -229,3 +229,44 @@ def test_hash_buckets_and_null_single_hot_ids():
     assert b.sparse["u"].values().tolist() == [3, 3, 6, 123456789 % 7]
     assert b.sparse["v"].lengths().tolist() == [1, 0, 1, 0]  # a null id is an empty bag
     assert b.sparse["v"].values().tolist() == [1, 4]
+
+
+@pytest.mark.parametrize("new_world,new_workers", [(3, 1), (1, 2), (2, 2)])
+def test_position_reshards_remaining_rows_exactly_once(files, new_world, new_workers):
+    """2 ranks x 2 workers train part of a pass; the rows nobody trained are re-split over
+    another world size and read exactly once (the same world size continues exactly)."""
+    files, total = files
+    B = 50
+    old = [
+        ParquetBatchReader(files, CONVERTER, B, r, 2, num_workers=2, drop_last=False)
+        for r in range(2)
+    ]
+    seen, positions = [], []
+    for reader in old:
+        trained = {}
+        for w in range(2):  # worker w of rank r trains 3 + w batches
+            it = reader._iter_worker(w)
+            for _ in range(3 + w):
+                b = next(it)
+                seen += [int(x) for x in b.dense[:, 0]]
+                trained[b.position[0]] = b.position[1]
+        positions.append(reader.position(trained))
+    rest = []
+    readers = [
+        ParquetBatchReader(
+            files, CONVERTER, B, r, new_world, num_workers=new_workers, drop_last=False
+        )
+        for r in range(new_world)
+    ]
+    steps = []
+    for reader in readers:
+        exact = reader.resume_pass(positions)
+        assert exact == ((new_world, new_workers) == (2, 2))
+        steps.append(reader.steps_left())
+        for b in reader:
+            rest += [int(x) for x, m in zip(b.dense[:, 0], b.mask[:, 0]) if m > 0]
+    assert len(set(steps)) == 1  # every rank runs the same number of steps
+    assert sorted(seen + rest) == list(range(total))  # every row exactly once
+    # after the resumed pass, the next pass covers the whole dataset again
+    assert sum(1 for b in readers[0] for m in b.mask[:, 0] if m > 0) > 0
+    assert readers[0].pass_rows == total
