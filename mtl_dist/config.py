@@ -220,6 +220,21 @@ class MonitorConfig:
     )
 
 
+@dataclass
+class CheckpointConfig:
+    """When to save, what to keep, whether to resume (see ``mtl_dist/checkpoint.py``)."""
+
+    every: int = opt(0, "save every N steps (0: only at the end)")
+    at_end: bool = opt(True, "save when training ends")
+    keep: int = opt(3, "complete checkpoints kept (older ones are deleted)")
+    resume: str = opt(
+        "auto",
+        "auto (resume from the latest checkpoint if the run has one) | latest (must exist; "
+        "also --resume) | never | a checkpoint directory",
+    )
+    dir: str = opt("", "checkpoint directory (default: <train.output_dir>/checkpoints)")
+
+
 SHARDING_TYPES = [
     "data_parallel",
     "table_wise",
@@ -273,6 +288,7 @@ class JobConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     sharding: ShardingConfig = field(default_factory=ShardingConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -474,6 +490,8 @@ def validate(cfg: JobConfig) -> None:
             f"monitor.on_polarization: expected warn | stop | strengthen, got "
             f"{cfg.monitor.on_polarization!r}"
         )
+    if cfg.checkpoint.keep < 1 or cfg.checkpoint.every < 0:
+        raise ConfigError("checkpoint.keep must be >= 1 and checkpoint.every >= 0")
     if cfg.loss.balancer == "dwa" and cfg.loss.dwa_period <= 0:
         raise ConfigError("loss.dwa_period must be > 0")
     if cfg.optim.embedding_optimizer not in ("rowwise_adagrad", "adagrad", "sgd"):

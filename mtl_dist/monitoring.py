@@ -190,8 +190,10 @@ class Telemetry:
         model: nn.Module,
         loss_module: nn.Module,
         optimizer: torch.optim.Optimizer,
+        start_step: int = 0,
     ) -> None:
         self.cfg, self.info = cfg, info
+        self.start_step = start_step  # a resumed run's first step: throughput counts from here
         self.log = print if info.is_main else (lambda *a, **k: None)
         self.monitor = Monitor(cfg.train.output_dir, info.rank, total_steps, cfg.train.progress_bar)
         self.loss_module, self.optimizer = loss_module, optimizer
@@ -262,7 +264,7 @@ class Telemetry:
         self.train_s += now - self._since
         self._since = now
         means = (self.loss_sum / self.loss_steps).tolist()
-        rate = step * self.cfg.train.batch_size / self.train_s
+        rate = (step - self.start_step) * self.cfg.train.batch_size / self.train_s
         total_rate = float(all_mean(torch.tensor([rate], device=self.info.device))) * (
             self.info.world_size
         )

@@ -21,6 +21,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
 from mtl_dist.attribution import attribution_figure, feature_attribution, write_attribution
+from mtl_dist.checkpoint import checkpoint_dir, latest_checkpoint, load_checkpoint, save_checkpoint
 from mtl_dist.config import DataConfig, JobConfig, load_config, to_dict
 from mtl_dist.data.batch import ArrowBatchConverter, Batch
 from mtl_dist.data.reader import ParquetBatchReader, describe, list_parquet_files
@@ -103,11 +104,16 @@ class StepRunner:
         )
         self._in_flight: list[tuple[int, int]] = []
         self.trained_position: tuple[int, int] | None = None
+        self.trained: dict[int, int] = {}  # global worker → rows consumed, as of trained batches
 
     def _track(self, batches: Iterator[Batch]) -> Iterator[Batch]:
         for b in batches:
             self._in_flight.append(b.position)
             yield b
+
+    def _trained(self, position: tuple[int, int]) -> None:
+        self.trained_position = position
+        self.trained[position[0]] = position[1]
 
     def run(self, batches: Iterator[Batch]) -> Iterator[StepOutput]:
         """Train on every batch of ``batches``; yields each step's output."""
@@ -119,7 +125,7 @@ class StepRunner:
                     out = self.pipeline.progress(tracked)
                 except StopIteration:
                     break
-                self.trained_position = self._in_flight.pop(0)
+                self._trained(self._in_flight.pop(0))
                 yield out
             self.pipeline.detach()  # restore plain forwards (validation calls the model directly)
             self.pipeline.reset()
@@ -129,7 +135,7 @@ class StepRunner:
                 loss, out = self.model(batch.to(self.device, non_blocking=True))
                 loss.backward()
                 self.optimizer.step()
-                self.trained_position = self._in_flight.pop(0)
+                self._trained(self._in_flight.pop(0))
                 yield out
 
 
@@ -173,6 +179,22 @@ def report_attribution(
         monitor.figure("attribution", attribution_figure(features, tasks, attr), step)
 
 
+def find_resume(cfg: JobConfig, root: Path) -> Path | None:
+    """The checkpoint to resume from, per ``checkpoint.resume``."""
+    mode = cfg.checkpoint.resume
+    if mode == "never":
+        return None
+    if mode in ("auto", "latest"):
+        path = latest_checkpoint(root)
+        if path is None and mode == "latest":
+            raise FileNotFoundError(f"--resume: no complete checkpoint under {root}")
+        return path
+    path = Path(mode)
+    if not (path / "extra.pt").exists():
+        raise FileNotFoundError(f"checkpoint.resume: {path} is not a complete checkpoint")
+    return path
+
+
 def train(cfg: JobConfig, info: DistInfo) -> dict[str, object]:
     """Train per ``cfg`` on this rank; returns the final validation metrics (same on all ranks)."""
     seed_everything(cfg.train.seed)
@@ -192,25 +214,48 @@ def train(cfg: JobConfig, info: DistInfo) -> dict[str, object]:
     optimizer = build_optimizer(cfg.optim, model)
     runner = StepRunner(model, optimizer, info.device, cfg.sharding.pipeline)
 
-    # --- loop: segments of `val_every` steps, validation after each
-    steps_per_epoch = len(train_reader)
-    total = steps_per_epoch * cfg.train.epochs
+    # --- resume: the latest checkpoint of this run (or the one named), under any world size
+    ckpt_root = checkpoint_dir(cfg)
+    step, epoch0, resumed = 0, 0, find_resume(cfg, ckpt_root)
+    steps_per_epoch = len(train_reader)  # a full pass
+    if resumed is not None:
+        r = load_checkpoint(resumed, model, optimizer, cfg)
+        step, epoch0 = r.step, r.epoch
+        exact = train_reader.resume_pass(r.positions) if r.positions else True
+        log(
+            f"[resume] {resumed} at step {step}, epoch {epoch0}: saved by {r.saved_world_size} "
+            f"ranks, {'continuing each reader exactly' if exact else 're-splitting the rows not yet trained'}"
+        )
+        log(f"[data] train: {describe(train_reader)}")
+
+    # --- loop: segments end at validation / checkpoint steps and at epoch ends
+    total = step + (train_reader.steps_left() if resumed is not None else steps_per_epoch)
+    total += steps_per_epoch * (cfg.train.epochs - epoch0 - 1)
     if cfg.train.max_steps:
         total = min(total, cfg.train.max_steps)
-    if total == 0:
+    if steps_per_epoch == 0:
         raise ValueError(
             f"{cfg.data.train_path}: fewer rows than one batch per rank "
             f"({train_reader.total_rows} rows, batch {cfg.train.batch_size}, world {info.world_size})"
         )
     val_every = cfg.train.val_every or steps_per_epoch
-    telemetry = Telemetry(cfg, info, total, model, loss_module, optimizer)
-    step, metrics, history = 0, {}, []
+    ckpt_every = cfg.checkpoint.every
+    telemetry = Telemetry(cfg, info, total - step, model, loss_module, optimizer, step)
+    metrics, history = {}, []
     t0 = time.perf_counter()
-    for _epoch in range(cfg.train.epochs):
+    for epoch in range(epoch0, cfg.train.epochs):
+        if step >= total:
+            break
+        if epoch != epoch0 or resumed is None:
+            train_reader.start_pass()
+        pass_end = step + train_reader.steps_left()  # this epoch's last step
+        epoch_end = min(pass_end, total)
         batches = iter(build_loader(train_reader, cfg.data))
-        epoch_end = min(step + steps_per_epoch, total)
         while step < epoch_end:
-            segment_end = min(epoch_end, (step // val_every + 1) * val_every)
+            boundaries = [epoch_end, (step // val_every + 1) * val_every]
+            if ckpt_every:
+                boundaries.append((step // ckpt_every + 1) * ckpt_every)
+            segment_end = min(boundaries)
             segment_start = step
             segment = telemetry.batches(itertools.islice(batches, segment_end - step))
             for out in runner.run(segment):
@@ -221,16 +266,25 @@ def train(cfg: JobConfig, info: DistInfo) -> dict[str, object]:
                     f"training data ended early at step {step} (expected {segment_end})"
                 )
             telemetry.pause()
-            metrics = evaluate(model, cfg, validation_loader(val_reader, cfg.data), info.device)
-            telemetry.monitor.scalars(step, flat_metrics(metrics), main_only=True)
-            history.append({"step": step, "metrics": metrics})
-            if cfg.monitor.attribution:
-                report_attribution(
-                    cfg, loss_module.model, val_reader, info, telemetry.monitor, step
-                )
+            if step % val_every == 0 or step == epoch_end:
+                metrics = evaluate(model, cfg, validation_loader(val_reader, cfg.data), info.device)
+                telemetry.monitor.scalars(step, flat_metrics(metrics), main_only=True)
+                history.append({"step": step, "metrics": metrics})
+                if cfg.monitor.attribution:
+                    report_attribution(
+                        cfg, loss_module.model, val_reader, info, telemetry.monitor, step
+                    )
+            if (ckpt_every and step % ckpt_every == 0) or (step == total and cfg.checkpoint.at_end):
+                done = step == pass_end  # a finished epoch resumes at the next one's start
+                position = {} if done else train_reader.position(runner.trained)
+                path = save_checkpoint(
+                    ckpt_root, step, epoch + done, model, optimizer, position, cfg,
+                    cfg.checkpoint.keep,
+                )  # fmt: skip
+                log(f"[checkpoint] step {step}: {path}")
             telemetry.resume()
-        if step >= total:
-            break
+    if not metrics:  # resumed at the very end: report the final model all the same
+        metrics = evaluate(model, cfg, validation_loader(val_reader, cfg.data), info.device)
     elapsed = time.perf_counter() - t0
     telemetry.close()
 
@@ -266,6 +320,9 @@ def train(cfg: JobConfig, info: DistInfo) -> dict[str, object]:
 
 def main(argv: list[str] | None = None) -> None:
     quiet_third_party_logs()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # --resume: shorthand for --checkpoint.resume latest (a checkpoint must exist)
+    argv = [a for x in argv for a in (["--checkpoint.resume", "latest"] if x == "--resume" else [x])]
     cfg = load_config(argv)
     info = init_distributed(cfg.train.device, cfg.train.threads)
     try:
