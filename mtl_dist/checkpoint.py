@@ -73,6 +73,15 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def _flat(x: Any, prefix: str = "") -> list[str]:
+    """The keys ``torch.distributed.checkpoint`` flattens a nested state dict into."""
+    if isinstance(x, dict):
+        return [k for key, v in x.items() for k in _flat(v, f"{prefix}{key}.")]
+    if isinstance(x, list):
+        return [k for i, v in enumerate(x) for k in _flat(v, f"{prefix}{i}.")]
+    return [prefix[:-1]]
+
+
 def _plain(x: Any) -> Any:
     return [_plain(v) for v in x] if isinstance(x, tuple | list) else x
 
@@ -180,7 +189,17 @@ def load_checkpoint(
         if not opt.state:
             opt.init_state()
     state = {"model": model.state_dict(), "optim": optimizer.state_dict()}
-    dcp.load(state, checkpoint_id=path)
+    saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    missing = [k for k in _flat(state) if k not in saved]
+    if any(k.startswith("model.") for k in missing):
+        raise ValueError(
+            f"checkpoint {path} lacks model state {[k for k in missing if k.startswith('model.')][:5]}"
+        )
+    if missing and _is_main():  # a table that moved between data-parallel and sharded
+        tables = sorted({k.split(".weight.")[0].rsplit(".", 1)[-1] for k in missing})
+        print(f"[resume] optimizer state starts afresh for {len(missing)} entries ({tables}): "
+              "their tables changed between data-parallel and sharded in the new plan")  # fmt: skip
+    dcp.load(state, checkpoint_id=path, planner=dcp.DefaultLoadPlanner(allow_partial_load=True))
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optim"])
     ranks = extra["ranks"]

@@ -322,7 +322,9 @@ def main(argv: list[str] | None = None) -> None:
     quiet_third_party_logs()
     argv = list(sys.argv[1:] if argv is None else argv)
     # --resume: shorthand for --checkpoint.resume latest (a checkpoint must exist)
-    argv = [a for x in argv for a in (["--checkpoint.resume", "latest"] if x == "--resume" else [x])]
+    argv = [
+        a for x in argv for a in (["--checkpoint.resume", "latest"] if x == "--resume" else [x])
+    ]
     cfg = load_config(argv)
     info = init_distributed(cfg.train.device, cfg.train.threads)
     try:
