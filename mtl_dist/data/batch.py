@@ -189,9 +189,7 @@ class ArrowBatchConverter:
             lengths = pc.fill_null(pc.list_value_length(arr), 0).to_numpy().astype(np.int32)
             flat = arr.flatten()
             ids = pc.fill_null(flat, 0).to_numpy(zero_copy_only=False).astype(np.int64)
-            nulls = (
-                ~flat.is_valid().to_numpy(zero_copy_only=False) if flat.null_count else None
-            )
+            nulls = ~flat.is_valid().to_numpy(zero_copy_only=False) if flat.null_count else None
         elif pa.types.is_integer(arr.type):
             if arr.null_count:
                 valid = arr.is_valid().to_numpy(zero_copy_only=False)
@@ -374,7 +372,8 @@ def _numbers(
         raise ValueError(f"column '{name}': expected {kind}, got {col.type}")
     if pa.types.is_boolean(col.type):
         col = col.cast(pa.int8())
-    out = pc.fill_null(col, 0).to_numpy(zero_copy_only=False).astype(dtype, copy=False)
+    with np.errstate(over="ignore"):  # a float64 beyond float32 becomes inf: callers check
+        out = pc.fill_null(col, 0).to_numpy(zero_copy_only=False).astype(dtype, copy=False)
     if col.null_count:
         out = out.copy()
         out[~col.is_valid().to_numpy(zero_copy_only=False)] = null

@@ -184,6 +184,8 @@ def test_empty_files_and_row_groups_are_skipped(tmp_path):
     pq.write_table(good(40, 80), tmp_path / "d.parquet")
     files = sorted(str(p) for p in tmp_path.iterdir())
     assert pq.ParquetFile(files[0]).metadata.num_rows == 0
+    mixed = pq.ParquetFile(files[1]).metadata
+    assert [mixed.row_group(i).num_rows for i in range(mixed.num_row_groups)] == [40, 0, 40]
     reader = ParquetBatchReader(files, conv(), 8, drop_last=False)
     assert reader.total_rows == 120
     seen = [v for b in reader for v in bags(b, "item")]
