@@ -174,6 +174,29 @@ class ArrowBatchConverter:
         cols += [self.group_by] if self.group_by else []
         return list(dict.fromkeys(cols))
 
+    def check_schema(self, schema: pa.Schema) -> None:
+        """Raise ``ValueError`` naming the first column whose Arrow type this converter rejects.
+
+        Lets a reader fail on a wrong-typed file at start-up, from its footer, instead of when
+        (and on whichever rank) its rows are first decoded. Missing columns are not checked here.
+        """
+        for f in self.sparse:
+            if f.name in schema.names and not _is_ids(schema.field(f.name).type):
+                raise ValueError(
+                    f"column '{f.name}': expected integer ids or a list of them, "
+                    f"got {schema.field(f.name).type}"
+                )
+        numeric = [c for c in self.columns if c not in self.keys and c in schema.names]
+        for name in numeric:
+            tp = schema.field(name).type
+            integer = name == self.group_by
+            if not (pa.types.is_integer(tp) or pa.types.is_boolean(tp)) and (
+                integer or not pa.types.is_floating(tp)
+            ):
+                raise ValueError(
+                    f"column '{name}': expected {'an integer' if integer else 'a number'}, got {tp}"
+                )
+
     def _ids(self, f: SparseFeature, col: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
         """Flat ids and per-row bag lengths ``[n]`` of one sparse column, after ``invalid_ids``.
 
@@ -181,16 +204,16 @@ class ArrowBatchConverter:
         ``[0, vocab_size)``; a null single-hot id is an empty bag, never invalid.
         """
         arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+        if not _is_ids(arr.type):
+            raise ValueError(
+                f"column '{f.name}': expected integer ids or a list of them, got {arr.type}"
+            )
         if pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type):
-            if not pa.types.is_integer(arr.type.value_type):
-                raise ValueError(
-                    f"column '{f.name}': expected a list of integer ids, got {arr.type}"
-                )
             lengths = pc.fill_null(pc.list_value_length(arr), 0).to_numpy().astype(np.int32)
             flat = arr.flatten()
             ids = pc.fill_null(flat, 0).to_numpy(zero_copy_only=False).astype(np.int64)
             nulls = ~flat.is_valid().to_numpy(zero_copy_only=False) if flat.null_count else None
-        elif pa.types.is_integer(arr.type):
+        else:
             if arr.null_count:
                 valid = arr.is_valid().to_numpy(zero_copy_only=False)
                 ids = arr.drop_null().to_numpy()
@@ -199,10 +222,6 @@ class ArrowBatchConverter:
                 ids = arr.to_numpy()
                 lengths = np.ones(len(arr), dtype=np.int32)
             nulls = None
-        else:
-            raise ValueError(
-                f"column '{f.name}': expected integer ids or a list of them, got {arr.type}"
-            )
         ids = ids.astype(np.int64, copy=False)
         if nulls is not None:
             if f.invalid_ids == "error":
@@ -349,6 +368,13 @@ class ArrowBatchConverter:
     ) -> Batch:
         """Convert ``table`` (n rows) into a Batch of ``max(n, pad_to)`` rows; pad rows are masked."""
         return self.to_batch(self.decode(table), pad_to, position)
+
+
+def _is_ids(tp: pa.DataType) -> bool:
+    """Integer ids, or a list of them."""
+    if pa.types.is_list(tp) or pa.types.is_large_list(tp):
+        tp = tp.value_type
+    return pa.types.is_integer(tp)
 
 
 def _drop(ids: np.ndarray, lengths: np.ndarray, drop: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -99,17 +99,20 @@ def test_hash_buckets_hash_every_id_but_list_nulls_follow_the_policy():
         (pa.array([1.0, 2.5]), "column 'item': expected integer ids or a list of them, got double"),
         (
             pa.array([[1.0], [2.5]], pa.list_(pa.float64())),
-            r"column 'item': expected a list of integer ids, got list<item: double>",
+            r"column 'item': expected integer ids or a list of them, got list<item: double>",
         ),
         (
             pa.array([["1"], ["2"]], pa.list_(pa.string())),
-            r"column 'item': expected a list of integer ids, got list<item: string>",
+            r"column 'item': expected integer ids or a list of them, got list<item: string>",
         ),
     ],
 )
 def test_sparse_column_of_wrong_type(arr, match):
+    t = good(2).set_column(0, "item", arr)
     with pytest.raises(ValueError, match=match):
-        conv()(good(2).set_column(0, "item", arr))
+        conv()(t)
+    with pytest.raises(ValueError, match=match):  # from the schema alone (a file's footer)
+        conv().check_schema(t.schema)
 
 
 # --------------------------------------------------------------------------- dense values
@@ -126,10 +129,16 @@ def test_dense_nan_and_inf_error_names_column_or_become_zero():
         conv()(big)
 
 
-def test_dense_column_of_wrong_type():
+def test_dense_and_label_columns_of_wrong_type():
     t = good(2).set_column(2, "x", pa.array(["1.0", "2.0"]))
     with pytest.raises(ValueError, match=r"column 'x': expected a number, got string"):
         conv()(t)
+    with pytest.raises(ValueError, match=r"column 'x': expected a number, got string"):
+        conv().check_schema(t.schema)
+    t = good(2).set_column(3, "click", pa.array(["y", "n"]))
+    with pytest.raises(ValueError, match=r"column 'click': expected a number, got string"):
+        conv().check_schema(t.schema)
+    conv().check_schema(good(2).schema)  # the right types pass
 
 
 # --------------------------------------------------------------------------- config keys
