@@ -53,6 +53,11 @@ class SparseFeature:
     table: str = opt("", "table name; features naming the same table share it (default: name)")
     multi_hot: bool = opt(False, "column holds variable-length id lists")
     pooling: str = opt("sum", "pooling of a multi-hot list: sum | mean")
+    invalid_ids: str = opt(
+        "error",
+        "ids outside [0, vocab_size) and nulls inside lists: error | clip (into [0, vocab_size-1]) "
+        "| hash (id mod vocab_size) | drop (from the bag); clip/hash drop list nulls too",
+    )
 
     @property
     def table_name(self) -> str:
@@ -109,6 +114,9 @@ class DataConfig:
     )
     num_workers: int = opt(0, "loader worker processes per rank (0 reads in the training process)")
     prefetch_batches: int = opt(2, "batches each worker reads ahead (memory bound: batch x this)")
+    dense_nan: str = opt(
+        "error", "NaN / infinite dense values: error (names the column) | zero; nulls read as 0"
+    )
 
 
 @dataclass
@@ -401,6 +409,9 @@ def apply_override(cfg: JobConfig, dotted: str, text: str) -> None:
                 raise ConfigError(f"--{dotted}: '{part}' has no sub-keys")
 
 
+INVALID_IDS = ("error", "clip", "hash", "drop")
+
+
 def validate(cfg: JobConfig) -> None:
     """Cross-field checks that types alone cannot express."""
     heads = ["shared_bottom", "omoe", "mmoe", "ple", "stem"]
@@ -444,6 +455,11 @@ def validate(cfg: JobConfig) -> None:
             raise ConfigError(f"{where}: embedding_dim must be > 0")
         if f.pooling not in ("sum", "mean"):
             raise ConfigError(f"{where}: pooling must be sum or mean, got {f.pooling!r}")
+        if f.invalid_ids not in INVALID_IDS:
+            raise ConfigError(
+                f"{where}: invalid_ids must be {' | '.join(INVALID_IDS)}, got {f.invalid_ids!r}"
+                + _suggest(f.invalid_ids, list(INVALID_IDS))
+            )
     tables: dict[str, SparseFeature] = {}
     for f in cfg.features.sparse:
         other = tables.setdefault(f.table_name, f)
@@ -506,6 +522,8 @@ def validate(cfg: JobConfig) -> None:
             raise ConfigError(
                 f"sharding: unknown sharding type {st!r}" + _suggest(st, SHARDING_TYPES)
             )
+    if cfg.data.dense_nan not in ("error", "zero"):
+        raise ConfigError(f"data.dense_nan: expected error | zero, got {cfg.data.dense_nan!r}")
     if cfg.train.batch_size <= 0:
         raise ConfigError("train.batch_size must be > 0")
     if cfg.train.device not in ("auto", "cpu", "cuda"):

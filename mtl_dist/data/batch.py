@@ -124,9 +124,16 @@ class Columns:
 class ArrowBatchConverter:
     """Turns Arrow rows into a :class:`Batch` following the configured schema.
 
-    Single-hot columns hold int64 ids (a null is an empty bag); multi-hot columns hold
-    ``list<int64>``. With ``hash_buckets`` ids are taken modulo the bucket count; otherwise an
-    id outside ``[0, vocab_size)`` raises ``ValueError`` naming the column and the value.
+    Single-hot columns hold integer ids (a null is an empty bag); multi-hot columns hold
+    ``list<int64>``. With ``hash_buckets`` ids are taken modulo the bucket count. Otherwise an id
+    outside ``[0, vocab_size)`` (and, for every feature, a null inside a list) is handled by the
+    feature's ``invalid_ids``: ``error`` raises ``ValueError`` naming the column, an example and
+    the count; ``clip`` clamps into ``[0, vocab_size - 1]``; ``hash`` takes ``id mod vocab_size``;
+    ``drop`` removes the id from its bag. Nulls inside lists are dropped by all but ``error``.
+
+    Dense: nulls read as 0; NaN / ±inf raise ``ValueError`` naming the column, or read as 0 with
+    ``dense_nan = "zero"``. A column of the wrong type (strings as ids or dense values, floats as
+    ids) raises naming the column.
 
     Labels: null, NaN and the task's ``missing_values`` are masked; a label outside the task's
     domain (binary not 0/1, an infinite target, log1p of a value ≤ -1) raises ``ValueError``
@@ -147,9 +154,11 @@ class ArrowBatchConverter:
         dense: list[str],
         tasks: list[TaskSpec],
         group_by: str = "",
+        dense_nan: str = "error",
     ) -> None:
         self.sparse = sparse
         self.dense = dense
+        self.dense_nan = dense_nan
         self.tasks = tasks
         self.group_by = group_by
         self.keys = [f.name for f in sparse]
@@ -165,16 +174,46 @@ class ArrowBatchConverter:
         cols += [self.group_by] if self.group_by else []
         return list(dict.fromkeys(cols))
 
+    def check_schema(self, schema: pa.Schema) -> None:
+        """Raise ``ValueError`` naming the first column whose Arrow type this converter rejects.
+
+        Lets a reader fail on a wrong-typed file at start-up, from its footer, instead of when
+        (and on whichever rank) its rows are first decoded. Missing columns are not checked here.
+        """
+        for f in self.sparse:
+            if f.name in schema.names and not _is_ids(schema.field(f.name).type):
+                raise ValueError(
+                    f"column '{f.name}': expected integer ids or a list of them, "
+                    f"got {schema.field(f.name).type}"
+                )
+        numeric = [c for c in self.columns if c not in self.keys and c in schema.names]
+        for name in numeric:
+            tp = schema.field(name).type
+            integer = name == self.group_by
+            if not (pa.types.is_integer(tp) or pa.types.is_boolean(tp)) and (
+                integer or not pa.types.is_floating(tp)
+            ):
+                raise ValueError(
+                    f"column '{name}': expected {'an integer' if integer else 'a number'}, got {tp}"
+                )
+
     def _ids(self, f: SparseFeature, col: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
-        """Flat ids and per-row bag lengths of one sparse column."""
+        """Flat ids and per-row bag lengths ``[n]`` of one sparse column, after ``invalid_ids``.
+
+        Invalid ids are nulls inside a list and, without ``hash_buckets``, ids outside
+        ``[0, vocab_size)``; a null single-hot id is an empty bag, never invalid.
+        """
         arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+        if not _is_ids(arr.type):
+            raise ValueError(
+                f"column '{f.name}': expected integer ids or a list of them, got {arr.type}"
+            )
         if pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type):
             lengths = pc.fill_null(pc.list_value_length(arr), 0).to_numpy().astype(np.int32)
             flat = arr.flatten()
-            if flat.null_count:
-                raise ValueError(f"column '{f.name}': null id inside a list")
-            ids = flat.to_numpy(zero_copy_only=False)
-        elif pa.types.is_integer(arr.type):
+            ids = pc.fill_null(flat, 0).to_numpy(zero_copy_only=False).astype(np.int64)
+            nulls = ~flat.is_valid().to_numpy(zero_copy_only=False) if flat.null_count else None
+        else:
             if arr.null_count:
                 valid = arr.is_valid().to_numpy(zero_copy_only=False)
                 ids = arr.drop_null().to_numpy()
@@ -182,22 +221,31 @@ class ArrowBatchConverter:
             else:
                 ids = arr.to_numpy()
                 lengths = np.ones(len(arr), dtype=np.int32)
-        else:
-            raise ValueError(
-                f"column '{f.name}': expected integer ids or a list of them, got {arr.type}"
-            )
+            nulls = None
         ids = ids.astype(np.int64, copy=False)
-        if f.hash_buckets:
-            ids = np.mod(ids, f.hash_buckets)
-        elif ids.size:
-            lo, hi = int(ids.min()), int(ids.max())
-            if lo < 0 or hi >= f.vocab_size:
-                bad = lo if lo < 0 else hi
+        if nulls is not None:
+            if f.invalid_ids == "error":
                 raise ValueError(
-                    f"column '{f.name}': id {bad} outside [0, {f.vocab_size}) "
-                    "(raise vocab_size or set hash_buckets)"
+                    f"column '{f.name}': {int(nulls.sum())} null id(s) inside lists (drop them "
+                    "upstream or set invalid_ids = 'drop' | 'clip' | 'hash', which drop them)"
                 )
-        return ids, lengths
+            ids, lengths = _drop(ids, lengths, nulls)
+        if f.hash_buckets:
+            return np.mod(ids, f.hash_buckets), lengths
+        bad = (ids < 0) | (ids >= f.vocab_size)
+        if not bad.any():
+            return ids, lengths
+        if f.invalid_ids == "error":
+            raise ValueError(
+                f"column '{f.name}': id {int(ids[bad][0])} outside [0, {f.vocab_size}) "
+                f"({int(bad.sum())} of {ids.size} ids; raise vocab_size, set hash_buckets, or set "
+                "invalid_ids = 'clip' | 'hash' | 'drop')"
+            )
+        if f.invalid_ids == "clip":
+            return np.clip(ids, 0, f.vocab_size - 1), lengths
+        if f.invalid_ids == "hash":
+            return np.mod(ids, f.vocab_size), lengths
+        return _drop(ids, lengths, bad)
 
     def decode(self, table: pa.Table) -> Columns:
         """Arrow rows → host :class:`Columns` (one pass per column; errors name the column)."""
@@ -210,6 +258,16 @@ class ArrowBatchConverter:
         dense = np.zeros((n, len(self.dense)), dtype=np.float32)
         for j, name in enumerate(self.dense):
             dense[:, j] = _numbers(table.column(name), name, 0.0)
+        bad = ~np.isfinite(dense)
+        if bad.any():  # NaN, ±inf, or a float64 beyond float32's range
+            if self.dense_nan == "error":
+                j = int(bad.any(axis=0).argmax())
+                raise ValueError(
+                    f"column '{self.dense[j]}': {int(bad[:, j].sum())} dense value(s) not finite, "
+                    f"e.g. {float(dense[bad[:, j], j][0])} (fix the data or set "
+                    "data.dense_nan = 'zero')"
+                )
+            dense[bad] = 0.0
         t = len(self.tasks)
         labels = np.zeros((n, t), dtype=np.float32)
         observed = np.zeros((n, t), dtype=bool)
@@ -312,6 +370,20 @@ class ArrowBatchConverter:
         return self.to_batch(self.decode(table), pad_to, position)
 
 
+def _is_ids(tp: pa.DataType) -> bool:
+    """Integer ids, or a list of them."""
+    if pa.types.is_list(tp) or pa.types.is_large_list(tp):
+        tp = tp.value_type
+    return pa.types.is_integer(tp)
+
+
+def _drop(ids: np.ndarray, lengths: np.ndarray, drop: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Flat ``ids`` and bag ``lengths`` ``[n]`` without the ids where ``drop`` is set."""
+    rows = np.repeat(np.arange(lengths.size), lengths)
+    kept = np.bincount(rows[~drop], minlength=lengths.size).astype(np.int32)
+    return ids[~drop], kept
+
+
 def _numbers(
     col: pa.ChunkedArray,
     name: str,
@@ -326,7 +398,8 @@ def _numbers(
         raise ValueError(f"column '{name}': expected {kind}, got {col.type}")
     if pa.types.is_boolean(col.type):
         col = col.cast(pa.int8())
-    out = pc.fill_null(col, 0).to_numpy(zero_copy_only=False).astype(dtype, copy=False)
+    with np.errstate(over="ignore"):  # a float64 beyond float32 becomes inf: callers check
+        out = pc.fill_null(col, 0).to_numpy(zero_copy_only=False).astype(dtype, copy=False)
     if col.null_count:
         out = out.copy()
         out[~col.is_valid().to_numpy(zero_copy_only=False)] = null
