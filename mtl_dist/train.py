@@ -66,7 +66,7 @@ def build_readers(cfg: JobConfig, info: DistInfo) -> tuple[ParquetBatchReader, P
 
     def reader(path: str, drop_last: bool, group_by: str = "") -> ParquetBatchReader:
         converter = ArrowBatchConverter(
-            cfg.features.sparse, cfg.features.dense, cfg.tasks, group_by
+            cfg.features.sparse, cfg.features.dense, cfg.tasks, group_by, cfg.data.dense_nan
         )
         return ParquetBatchReader(
             list_parquet_files(path), converter, cfg.train.batch_size, info.rank, info.world_size,

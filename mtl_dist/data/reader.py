@@ -194,11 +194,15 @@ class ParquetBatchReader(IterableDataset):
 
     def _check_columns(self) -> None:
         need = set(self.converter.columns)
-        for path in self.files:
-            names = set(pq.read_schema(path).names)
-            missing = sorted(need - names)
+        for path in self.files:  # every rank checks every file: a bad one fails all at start
+            schema = pq.read_schema(path)
+            missing = sorted(need - set(schema.names))
             if missing:
                 raise ValueError(f"{path}: missing column(s) {', '.join(missing)}")
+            try:
+                self.converter.check_schema(schema)
+            except ValueError as e:
+                raise ValueError(f"{path}: {e}") from None
 
     def __len__(self) -> int:
         """Batches this rank yields per pass (the same on every rank)."""
