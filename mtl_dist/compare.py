@@ -127,9 +127,10 @@ def _error_line(log: str) -> str:
     return found[-1].strip() if found else "(no exception message in the log)"
 
 
-def execute(run: Run, nproc: int, force: bool = False) -> dict[str, Any]:
-    """Train ``run`` under ``torchrun --nproc_per_node nproc`` (or reuse its finished result);
-    returns its ``metrics.json``. Output goes to ``<run dir>/train.log``."""
+def execute(run: Run, nproc: int, force: bool = False) -> tuple[dict[str, Any], bool]:
+    """Train ``run`` under ``torchrun --nproc_per_node nproc``, its output in
+    ``<run dir>/train.log``; returns its ``metrics.json`` and whether a finished run with the
+    same config was reused instead (unless ``force``)."""
     metrics_path = run.dir / "metrics.json"
     if not force and metrics_path.exists():
         try:
@@ -137,7 +138,7 @@ def execute(run: Run, nproc: int, force: bool = False) -> dict[str, Any]:
         except ValueError:
             old = {}
         if old.get("config") == run.config:
-            return old
+            return old, True
     metrics_path.unlink(missing_ok=True)
     shutil.rmtree(run.dir / "tb", ignore_errors=True)  # no stale events beside the new ones
     run.dir.mkdir(parents=True, exist_ok=True)
@@ -157,7 +158,7 @@ def execute(run: Run, nproc: int, force: bool = False) -> dict[str, Any]:
             f"run {run.name} failed (exit code {proc.returncode}): "
             f"{_error_line(log.read_text(errors='replace'))}\n  full log: {log}"
         )
-    return json.loads(metrics_path.read_text())
+    return json.loads(metrics_path.read_text()), False
 
 
 def execute_all(runs: list[Run], nproc: int, force: bool = False) -> dict[str, list[dict]]:
@@ -166,9 +167,8 @@ def execute_all(runs: list[Run], nproc: int, force: bool = False) -> dict[str, l
     t_all = time.perf_counter()
     for i, run in enumerate(runs, 1):
         t = time.perf_counter()
-        result = execute(run, nproc, force)
-        took = time.perf_counter() - t
-        how = "reused" if took < 1.0 else f"trained in {took:.0f}s"
+        result, reused = execute(run, nproc, force)
+        how = "reused" if reused else f"trained in {time.perf_counter() - t:.0f}s"
         main = "  ".join(
             f"{task} {k} {m[k]:.4f}"
             for task, m in result["metrics"].items()

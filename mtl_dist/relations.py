@@ -21,6 +21,7 @@ Example::
 from __future__ import annotations
 
 import itertools
+import math
 
 import numpy as np
 import pyarrow.dataset as ds
@@ -109,8 +110,14 @@ def format_markdown(rows: list[dict[str, object]]) -> str:
         "| task_a | task_b | rows (both labelled) | Pearson | MI (nats) |",
         "|---|---|---:|---:|---:|",
     ]
+    fmt = lambda x: "n/a" if math.isnan(x) else f"{x:.4f}"  # noqa: E731
     for r in rows:
         lines.append(
-            f"| {r['task_a']} | {r['task_b']} | {r['rows']} | {r['pearson']:.4f} | {r['mutual_info']:.4f} |"
+            f"| {r['task_a']} | {r['task_b']} | {r['rows']} | {fmt(r['pearson'])} | {fmt(r['mutual_info'])} |"
+        )
+    if any(math.isnan(r["pearson"]) for r in rows):
+        lines.append(
+            "\nn/a: a label is constant (or < 2 rows) where both exist, e.g. click = 1 wherever"
+            " conversion is labelled."
         )
     return "\n".join(lines)
