@@ -428,7 +428,9 @@ def sweep_tables(
     return rows, "\n".join(md + adv_md) + "\n"
 
 
-def plot_sweep(path: Path, rows: list[dict[str, Any]], tasks: list[TaskSpec]) -> None:
+def plot_sweep(
+    path: Path, rows: list[dict[str, Any]], tasks: list[TaskSpec], baseline: str
+) -> None:
     """Per task: each head's advantage over the baseline against the task correlation."""
     import matplotlib
 
@@ -452,7 +454,7 @@ def plot_sweep(path: Path, rows: list[dict[str, Any]], tasks: list[TaskSpec]) ->
                 )
         ax.axhline(0.0, color="black", linewidth=0.8)
         ax.set_xlabel("task correlation")
-        ax.set_title(f"{t.name}: {k} advantage over baseline")
+        ax.set_title(f"{t.name}: {k} advantage over {baseline}")
         ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -561,7 +563,7 @@ def sweep(args: argparse.Namespace, overrides: list[str]) -> None:
     rows, md = sweep_tables(per_rho, cfg.tasks, args.baseline)
     write_csv(out / "sweep.csv", rows)
     (out / "sweep.md").write_text(md)
-    plot_sweep(out / "sweep.png", rows, cfg.tasks)
+    plot_sweep(out / "sweep.png", rows, cfg.tasks, args.baseline)
     print(f"\n{md}\nwritten: {out}/sweep.{{csv,md,png}} (per correlation: {out}/rho*/compare.*)")
 
 
