@@ -49,6 +49,7 @@ def read_labels(path: str, tasks: list[TaskSpec], max_rows: int = 0) -> dict[str
         col = table.column(t.label)
         # nulls become NaN: the one "missing" marker from here on
         y = col.cast("float64").to_numpy(zero_copy_only=False).astype(np.float64)
+        y[np.isin(y, t.missing_values)] = np.nan  # sentinels such as -1 mean "no label"
         if t.kind == "regression" and t.transform == "log1p":
             y = np.log1p(y)
         out[t.name] = y
