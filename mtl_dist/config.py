@@ -619,6 +619,13 @@ def load_config(argv: list[str] | None = None) -> JobConfig:
     return cfg
 
 
+def from_dict(data: dict[str, Any]) -> JobConfig:
+    """A validated :class:`JobConfig` from :func:`to_dict`'s plain data (e.g. a checkpoint's)."""
+    cfg = _build(JobConfig, data)
+    validate(cfg)
+    return cfg
+
+
 def to_dict(cfg: Any) -> dict[str, Any]:
     """The config as plain data (written beside the run's outputs)."""
     return dataclasses.asdict(cfg)

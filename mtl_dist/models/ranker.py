@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.sparse.jagged_tensor import KeyedTensor
 
 from mtl_dist.config import JobConfig, ModelConfig, SparseFeature
 from mtl_dist.data.batch import Batch
@@ -71,6 +72,12 @@ class Ranker(nn.Module):
         super().__init__()
         self.ebc = ebc
         self.task_ebcs = task_ebcs
+        # the head sees features in the unsharded collection's order: a sharded EBC returns them
+        # grouped by sharding type, an order that changes with the plan (and the world size)
+        self.feature_order = _embedding_names(ebc)
+        self.task_feature_order = (
+            [_embedding_names(e) for e in task_ebcs.values()] if task_ebcs is not None else []
+        )
         self.dense_norm = (
             nn.BatchNorm1d(num_dense) if dense_batch_norm and num_dense else nn.Identity()
         )
@@ -81,17 +88,28 @@ class Ranker(nn.Module):
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         kt = self.ebc(batch.sparse)
-        pooled = kt.values()  # [B, sum of table dims per feature]
+        pooled = KeyedTensor.regroup([kt], [self.feature_order])[0]  # [B, Σ dims], fixed order
         x = torch.cat([pooled, self.dense_norm(batch.dense)], dim=1)  # [B, Din]
         if self.keep_input:  # x with the feature each column block belongs to
-            names = [*kt.keys(), *self.dense_names]
-            self.last_input = (x, names, [*kt.length_per_key(), *[1] * len(self.dense_names)])
+            widths = [kt.length_per_key()[kt.keys().index(k)] for k in self.feature_order]
+            names = [*self.feature_order, *self.dense_names]
+            self.last_input = (x, names, [*widths, *[1] * len(self.dense_names)])
         if self.task_ebcs is None:
             out = self.head(x)
         else:  # STEM: each task's own tables, [T, B, Dt]
-            own = torch.stack([ebc(batch.sparse).values() for ebc in self.task_ebcs.values()])
+            own = torch.stack(
+                [
+                    KeyedTensor.regroup([ebc(batch.sparse)], [order])[0]
+                    for ebc, order in zip(self.task_ebcs.values(), self.task_feature_order)
+                ]
+            )
             out = self.head(x, own)
         return out[0], out[1]  # indexed, not unpacked: TorchRec's pipeline FX-traces this forward
+
+
+def _embedding_names(ebc: EmbeddingBagCollection) -> list[str]:
+    """Feature names in the order an unsharded EBC outputs them (table by table)."""
+    return [f for table in ebc.embedding_bag_configs() for f in table.feature_names]
 
 
 def build_ranker(cfg: JobConfig, device: torch.device | str = "meta") -> Ranker:
