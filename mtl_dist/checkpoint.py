@@ -129,7 +129,7 @@ def save_checkpoint(
     if _is_main():
         extra = {"step": step, "epoch": epoch, "config": to_dict(cfg), "ranks": ranks}
         torch.save(extra, partial / "extra.pt")
-        crash_point("before_commit")
+        crash_point("before_commit", step)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(partial, final)
         pointer = root / "latest.tmp"
@@ -210,8 +210,8 @@ def load_checkpoint(
     return Resumed(path, extra["step"], extra["epoch"], [r["reader"] for r in ranks], len(ranks))
 
 
-def crash_point(name: str) -> None:
-    """Fault injection for the crash-during-save test: ``MTL_CRASH_AT=<name>`` kills the
-    process here, as a node failure would (no cleanup, no exception handlers)."""
-    if os.environ.get("MTL_CRASH_AT") == name:
+def crash_point(name: str, step: int) -> None:
+    """Fault injection for the crash-during-save test: ``MTL_CRASH_AT=<name>:<step>`` kills
+    the process here, as a node failure would (no cleanup, no exception handlers)."""
+    if os.environ.get("MTL_CRASH_AT") == f"{name}:{step}":
         os._exit(17)

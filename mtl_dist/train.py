@@ -179,6 +179,17 @@ def report_attribution(
         monitor.figure("attribution", attribution_figure(features, tasks, attr), step)
 
 
+def check_writable(path: str) -> None:
+    """Fail at start-up, on every rank, when the run directory cannot be written."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = Path(path) / f".write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise PermissionError(f"train.output_dir {path!r} is not writable: {e}") from None
+
+
 def find_resume(cfg: JobConfig, root: Path) -> Path | None:
     """The checkpoint to resume from, per ``checkpoint.resume``."""
     mode = cfg.checkpoint.resume
@@ -199,7 +210,7 @@ def train(cfg: JobConfig, info: DistInfo) -> dict[str, object]:
     """Train per ``cfg`` on this rank; returns the final validation metrics (same on all ranks)."""
     seed_everything(cfg.train.seed)
     log = print if info.is_main else (lambda *a, **k: None)
-    os.makedirs(cfg.train.output_dir, exist_ok=True)
+    check_writable(cfg.train.output_dir)
 
     # --- data: each rank reads its own contiguous share of the rows
     train_reader, val_reader = build_readers(cfg, info)
