@@ -59,6 +59,25 @@ def keep_large_buffers() -> bool:
     return bool(libc.mallopt(m_mmap_threshold, big)) and bool(libc.mallopt(m_trim_threshold, big))
 
 
+def attempt_store(rank: int, world: int, timeout: datetime.timedelta) -> dist.Store:
+    """The ``env://`` store, namespaced by torchrun's restart count.
+
+    After ``torchrun --max-restarts`` restarts a failed group, the agent's store can still
+    hold the previous attempt's peer addresses (seen with ``--standalone`` on torch 2.13), and
+    gloo then dials dead peers and times out; a per-attempt prefix keeps attempts apart.
+    """
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        world,
+        is_master=not agent and rank == 0,  # under torchrun the agent hosts it
+        timeout=timeout,
+        multi_tenant=not agent,
+    )
+    return dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+
+
 def init_distributed(device: str = "auto", threads: int = 0, timeout_s: int = 600) -> DistInfo:
     """Initialise the default process group (a group of one without torchrun) and set threads.
 
@@ -80,11 +99,13 @@ def init_distributed(device: str = "auto", threads: int = 0, timeout_s: int = 60
         if "MASTER_ADDR" not in os.environ:  # plain `python -m ...`: a one-process group
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+        timeout = datetime.timedelta(seconds=timeout_s)
         dist.init_process_group(
             backend=backend,
+            store=attempt_store(rank, world, timeout),
             rank=rank,
             world_size=world,
-            timeout=datetime.timedelta(seconds=timeout_s),
+            timeout=timeout,
             device_id=dev if dev.type == "cuda" else None,
         )
     return DistInfo(rank, local_rank, world, local_world, dev, backend)
