@@ -59,6 +59,9 @@ def keep_large_buffers() -> bool:
     return bool(libc.mallopt(m_mmap_threshold, big)) and bool(libc.mallopt(m_trim_threshold, big))
 
 
+_STORE: dist.Store | None = None  # a restarted group's store, kept alive until destroy()
+
+
 def attempt_store(rank: int, world: int, timeout: datetime.timedelta) -> dist.Store:
     """The ``env://`` store, namespaced by torchrun's restart count.
 
@@ -100,9 +103,12 @@ def init_distributed(device: str = "auto", threads: int = 0, timeout_s: int = 60
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
         timeout = datetime.timedelta(seconds=timeout_s)
+        global _STORE
+        restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+        _STORE = attempt_store(rank, world, timeout) if restarted else None
         dist.init_process_group(
             backend=backend,
-            store=attempt_store(rank, world, timeout),
+            store=_STORE,
             rank=rank,
             world_size=world,
             timeout=timeout,
@@ -112,5 +118,8 @@ def init_distributed(device: str = "auto", threads: int = 0, timeout_s: int = 60
 
 
 def destroy() -> None:
+    """Tear the process group down, then release the store it used (in that order)."""
+    global _STORE
     if dist.is_initialized():
         dist.destroy_process_group()
+    _STORE = None

@@ -21,13 +21,15 @@ SMALL = [
 ]  # fmt: skip
 
 
-def submit(slurm, synth_data, out: Path, *flags: str, steps: int = 30) -> str:
+def submit(
+    slurm, synth_data, out: Path, *flags: str, steps: int = 30, train: tuple[str, ...] = ()
+) -> str:
     """``python -m mtl_dist.submit ...`` (sbatch from the test's Slurm); returns the job id."""
     cmd = [
         sys.executable, "-m", "mtl_dist.submit", "--config", "configs/default.toml",
         "--output-dir", str(out), "--workdir", str(ROOT), "--nproc-per-node", "2", *flags, "--",
         "--data.train_path", str(synth_data / "train"), "--data.val_path", str(synth_data / "val"),
-        "--train.max_steps", str(steps), *SMALL,
+        "--train.max_steps", str(steps), *SMALL, *train,
     ]  # fmt: skip
     proc = subprocess.run(cmd, cwd=ROOT, env=slurm.env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
@@ -84,13 +86,17 @@ def test_job_array_two_seeds(slurm, synth_data, tmp_path):
 
 def test_sigterm_requeues_into_the_same_run_dir(slurm, synth_data, tmp_path):
     """SIGTERM to the batch shell (as ``--signal=B:TERM@secs`` sends before the time limit) runs
-    the trap: ``scontrol requeue``; the job reruns with the same id and run dir, and completes."""
-    job = submit(slurm, synth_data, tmp_path, "--job-name", "pre", "--cpus-per-node", "2")
-    deadline = time.time() + 120
-    while slurm.jobs(job)[0]["JobState"] != "RUNNING":
+    the trap: ``scontrol requeue``; the job reruns with the same id and run dir, resumes from
+    the checkpoint the first run left there, and completes."""
+    job = submit(
+        slurm, synth_data, tmp_path, "--job-name", "pre", "--cpus-per-node", "2",
+        steps=60, train=("--checkpoint.every", "10"),
+    )  # fmt: skip
+    latest = tmp_path / "pre" / "checkpoints" / "latest"
+    deadline = time.time() + 180
+    while not latest.exists():  # preempted after its first checkpoint
         assert time.time() < deadline, slurm.jobs(job)
         time.sleep(0.5)
-    time.sleep(2)  # the batch shell has set its trap
     slurm.run(["scancel", "--batch", "--signal=TERM", job])
     # Slurm holds a requeued job back (Reason=BeginTime, ~2 min): release it once it is pending
     deadline = time.time() + 90
@@ -107,4 +113,5 @@ def test_sigterm_requeues_into_the_same_run_dir(slurm, synth_data, tmp_path):
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", (info, log)
     assert "SIGTERM: requeueing job" in log
     assert f"job {job} restart 0" in log and f"job {job} restart 1" in log
-    check_run(tmp_path / "pre", 30)
+    assert "[resume]" in log and "continuing each reader exactly" in log
+    check_run(tmp_path / "pre", 60)
