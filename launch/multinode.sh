@@ -30,15 +30,7 @@ if [ -z "$NNODES" ] || [ -z "$ENDPOINT" ]; then
   echo "usage: $0 --nnodes N --endpoint HOST:PORT [--node-rank R] [--id ID] [--nproc P] [--ifname IF] [train args ...]" >&2
   exit 2
 fi
-if [ -z "$NPROC" ]; then
-  if command -v nvidia-smi >/dev/null 2>&1 && GPUS=$(nvidia-smi -L 2>/dev/null | grep -c GPU) && [ "$GPUS" -gt 0 ]; then
-    NPROC=$GPUS
-  else
-    NPROC=2
-  fi
-fi
-CORES=$(nproc)
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( CORES / NPROC > 0 ? CORES / NPROC : 1 ))}
+source launch/procs.sh
 RANK_ARGS=()
 if [ -n "$NODE_RANK" ]; then RANK_ARGS=(--node_rank "$NODE_RANK"); fi
 echo "[multinode] $(hostname -s): $NPROC procs x $NNODES nodes, rendezvous $ENDPOINT id $RDZV_ID," \
