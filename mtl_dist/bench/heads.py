@@ -1,7 +1,7 @@
 """Dense-head benchmark: forward+backward samples/s of every head, batched vs a per-expert loop,
 dense vs top-k gating, and achieved GFLOP/s next to a plain matmul's on this device.
 
-``python -m mtl_dist.bench_heads [--batch 4096 --in-dim 256 --experts 8 --hidden 256,128 --tasks 3]``
+``python -m mtl_dist.bench.heads [--batch 4096 --in-dim 256 --experts 8 --hidden 256,128 --tasks 3]``
 
 Runs unchanged on CUDA when present (no TorchRec needed). Prints figures; asserts nothing.
 """

@@ -1,6 +1,6 @@
 """Benchmark: the reader alone against a plain pyarrow read, and the training loop end to end.
 
-``python -m mtl_dist.bench --config configs/default.toml`` (or ``mtl-bench``) prints, from one
+``python -m mtl_dist.bench.training --config configs/default.toml`` (or ``mtl-bench``) prints, from one
 run on one machine:
 
 * reader rows/s (Parquet → KJT + dense + labels batches) beside pyarrow's own read + decode of

@@ -1,0 +1,7 @@
+"""Benchmarks. Each prints its figures next to a baseline measured in the same run.
+
+* ``python -m mtl_dist.bench.training`` (``mtl-bench``): the reader against pyarrow, training
+  samples/s per process count, the cost of gate monitoring.
+* ``python -m mtl_dist.bench.heads``: every dense head's forward+backward against a loop MMoE.
+* ``python -m mtl_dist.bench.e2e``: end to end against torch-rechub and DeepCTR-Torch.
+"""
