@@ -108,6 +108,43 @@ SPARSE_FEATURES: list[SparseFeature] = [
     SparseFeature("hist_item_ids", 100_000, True, "item_id", 1.15, 1.0, 0, 20),
     SparseFeature("hist_category_ids", 1000, True, "category_id", 1.20, 0.8, 0, 10),
 ]
+# The peers' benchmark workload (``--workload peers``): 16 single-hot features, 8 dense ones and
+# two binary tasks labelled on every row, click and purchase (= click and conversion, the
+# ESMM paper's CTCVR label), as torch-rechub's and DeepCTR-Torch's MMoE examples take them.
+PEERS_SPARSE = [f for f in SPARSE_FEATURES if not f.multi_hot and f.name != "network_type"]
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What a dataset holds: its sparse features, dense feature count and label columns."""
+
+    name: str
+    sparse: tuple[SparseFeature, ...]
+    n_dense: int
+    labels: tuple[str, ...]  # label columns written, in order
+    truth: tuple[str, ...]  # their true probability / mean columns
+
+    @property
+    def tables(self) -> dict[str, int]:
+        return {f.table: f.vocab for f in self.sparse}
+
+    @property
+    def dense(self) -> list[str]:
+        return [f"dense_{i}" for i in range(self.n_dense)]
+
+    def schema(self) -> pa.Schema:
+        types = {"click": pa.int8(), "conversion": pa.int8(), "purchase": pa.int8()}
+        return pa.schema(
+            [
+                pa.field(f.name, pa.list_(pa.int64()) if f.multi_hot else pa.int64())
+                for f in self.sparse
+            ]
+            + [pa.field(n, pa.float32()) for n in self.dense]
+            + [pa.field(n, types.get(n, pa.float32())) for n in self.labels]
+            + [pa.field(n, pa.float32()) for n in self.truth]
+        )
+
+
 SPARSE_SINGLE = [f.name for f in SPARSE_FEATURES if not f.multi_hot]
 MULTI_HOT = [f.name for f in SPARSE_FEATURES if f.multi_hot]
 TABLES: dict[str, int] = {f.table: f.vocab for f in SPARSE_FEATURES}
@@ -117,17 +154,14 @@ LABEL_COLUMNS = TASKS
 TRUTH_COLUMNS = ("p_click", "p_conversion", "watch_time_log_mean")
 TASK_TRUTH = dict(zip(TASKS, TRUTH_COLUMNS, strict=True))
 
-SCHEMA = pa.schema(
-    [pa.field(n, pa.int64()) for n in SPARSE_SINGLE]
-    + [pa.field(n, pa.list_(pa.int64())) for n in MULTI_HOT]
-    + [pa.field(n, pa.float32()) for n in DENSE_FEATURES]
-    + [
-        pa.field("click", pa.int8()),
-        pa.field("conversion", pa.int8()),  # null where click == 0
-        pa.field("watch_time", pa.float32()),
-    ]
-    + [pa.field(n, pa.float32()) for n in TRUTH_COLUMNS]
-)
+WORKLOADS = {
+    # conversion is null where click == 0 (observed only after a click)
+    "funnel": Workload("funnel", tuple(SPARSE_FEATURES), len(DENSE_FEATURES), TASKS, TRUTH_COLUMNS),
+    "peers": Workload(
+        "peers", tuple(PEERS_SPARSE), 8, ("click", "purchase"), ("p_click", "p_purchase")
+    ),
+}
+SCHEMA = WORKLOADS["funnel"].schema()
 
 _DENSE_LOGNORMAL_SIGMA = 0.75
 # Task-only terms: (coefficient, features multiplied together) on per-task scalar tables.
@@ -142,10 +176,11 @@ _TASK_TERMS: dict[str, list[tuple[float, tuple[str, ...]]]] = {
 class _Model:
     """Every latent parameter of the generator, drawn once from the seed."""
 
+    workload: Workload
     perm: dict[str, np.ndarray]  # table -> id of each Zipf rank
     cdf: dict[str, np.ndarray]  # feature -> Zipf CDF over ranks
     latent: dict[str, np.ndarray]  # table -> [vocab, k] float32, indexed by id
-    dense_w: np.ndarray  # [12, k]
+    dense_w: np.ndarray  # [n_dense, k]
     w: dict[str, np.ndarray]  # task -> unit [k]
     sin_a: np.ndarray
     sin_b: np.ndarray
@@ -252,23 +287,24 @@ def _calibrate(s: np.ndarray, weight: np.ndarray, rate: float, auc: float) -> tu
 
 
 @functools.lru_cache(maxsize=4)
-def _build_model(seed: int, task_correlation: float) -> _Model:
+def _build_model(seed: int, task_correlation: float, workload: str = "funnel") -> _Model:
     """Draw every latent parameter from ``seed`` and calibrate on a seeded sample.
 
     Cached: a pure function of its arguments (about a second), reused by repeated calls.
     """
+    wl = WORKLOADS[workload]
     rng = np.random.default_rng([seed, 1])
     k = LATENT_DIM
     perm: dict[str, np.ndarray] = {}
     latent: dict[str, np.ndarray] = {}
-    for table, vocab in TABLES.items():
+    for table, vocab in wl.tables.items():
         perm[table] = rng.permutation(vocab).astype(np.int64)
         damp = (1.0 + np.arange(vocab) / RARE_ID_SCALE) ** -0.5
         by_id = np.empty((vocab, k), dtype=np.float32)
         by_id[perm[table]] = rng.standard_normal((vocab, k)) * damp[:, None]
         latent[table] = by_id
-    cdf = {f.name: _zipf_cdf(f.vocab, f.zipf) for f in SPARSE_FEATURES}
-    dense_w = rng.standard_normal((len(DENSE_FEATURES), k)) * (0.6 / math.sqrt(len(DENSE_FEATURES)))
+    cdf = {f.name: _zipf_cdf(f.vocab, f.zipf) for f in wl.sparse}
+    dense_w = rng.standard_normal((wl.n_dense, k)) * (0.6 / math.sqrt(wl.n_dense))
 
     q, _ = np.linalg.qr(rng.standard_normal((k, 3)))  # orthonormal columns
     rho = task_correlation
@@ -277,12 +313,12 @@ def _build_model(seed: int, task_correlation: float) -> _Model:
     w["watch_time"] = rho * q[:, 0] + orth * q[:, 2]
     sin_a = rng.uniform(0.5, 1.5, size=3)
     sin_b = rng.uniform(-math.pi, math.pi, size=3)
-    vocab_of = {f.name: f.vocab for f in SPARSE_FEATURES}
+    vocab_of = {f.name: f.vocab for f in wl.sparse}
     task_tables = {
         t: [(c, feats, [rng.standard_normal(vocab_of[n]) for n in feats]) for c, feats in terms]
         for t, terms in _TASK_TERMS.items()
     }
-    model = _Model(perm, cdf, latent, dense_w, w, sin_a, sin_b, task_tables)
+    model = _Model(wl, perm, cdf, latent, dense_w, w, sin_a, sin_b, task_tables)
 
     # Calibration on a sample with its own stream: standardisation and logit scale/offset.
     cols, dense = _sample_features(model, np.random.default_rng([seed, 2]), CALIBRATION_ROWS)
@@ -315,10 +351,10 @@ def _sample_ids(model: _Model, f: SparseFeature, rng: np.random.Generator, n: in
 def _sample_features(
     model: _Model, rng: np.random.Generator, n: int
 ) -> tuple[dict[str, Any], np.ndarray]:
-    """Sparse columns (ids, or (int32 offsets, ids) for multi-hot) and dense [n, 12] float32."""
+    """Sparse columns (ids, or (int32 offsets, ids) for multi-hot) and dense [n, n_dense] float32."""
     cols: dict[str, Any] = {}
     cold = rng.random(n) < COLD_USER_RATE
-    for f in SPARSE_FEATURES:
+    for f in model.workload.sparse:
         if not f.multi_hot:
             cols[f.name] = _sample_ids(model, f, rng, n)
             continue
@@ -328,7 +364,7 @@ def _sample_features(
         offsets = np.zeros(n + 1, dtype=np.int32)
         np.cumsum(lengths, out=offsets[1:])
         cols[f.name] = (offsets, _sample_ids(model, f, rng, int(offsets[-1])))
-    n_dense = len(DENSE_FEATURES)
+    n_dense = model.workload.n_dense
     dense = rng.standard_normal((n, n_dense))
     s2 = _DENSE_LOGNORMAL_SIGMA**2
     ln_mean, ln_std = math.exp(s2 / 2), math.sqrt((math.exp(s2) - 1) * math.exp(s2))
@@ -340,7 +376,7 @@ def _sample_features(
 def _raw_z(model: _Model, cols: dict[str, Any], dense: np.ndarray) -> np.ndarray:
     """Unstandardised latent state [n, k]: weighted sum of every feature's contribution."""
     z = dense.astype(np.float64) @ model.dense_w
-    for f in SPARSE_FEATURES:
+    for f in model.workload.sparse:
         table = model.latent[f.table]
         if not f.multi_hot:
             z += f.weight * table[cols[f.name]]
@@ -395,30 +431,40 @@ def _make_chunk(
     log_watch = np.maximum(0.0, mu + WATCH_SIGMA * rng.standard_normal(n))
     watch_time = np.expm1(log_watch).astype(np.float32)
 
-    arrays: list[pa.Array] = [pa.array(cols[name], pa.int64()) for name in SPARSE_SINGLE]
-    for name in MULTI_HOT:
-        offsets, ids = cols[name]
-        arrays.append(
-            pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(ids, pa.int64()))
-        )
+    wl = model.workload
+    arrays: list[pa.Array] = []
+    for f in wl.sparse:
+        if f.multi_hot:
+            offsets, ids = cols[f.name]
+            arrays.append(
+                pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(ids, pa.int64()))
+            )
+        else:
+            arrays.append(pa.array(cols[f.name], pa.int64()))
     arrays += [pa.array(dense[:, i]) for i in range(dense.shape[1])]
-    arrays += [
-        pa.array(click.astype(np.int8)),
-        pa.array(conv.astype(np.int8), type=pa.int8(), mask=~click),
-        pa.array(watch_time),
-        pa.array(p_click),
-        pa.array(p_conv),
-        pa.array(watch_mean),
-    ]
-    stats = {
-        "click": click,
-        "p_click": p_click,
-        "conversion": conv[click],
-        "p_conversion": p_conv[click],
-        "log_watch": np.log1p(watch_time.astype(np.float64)),
-        "watch_mean": watch_mean,
+    p_purchase = p_click * p_conv
+    columns = {
+        "click": pa.array(click.astype(np.int8)),
+        "conversion": pa.array(conv.astype(np.int8), type=pa.int8(), mask=~click),
+        "purchase": pa.array((click & conv).astype(np.int8)),
+        "watch_time": pa.array(watch_time),
+        "p_click": pa.array(p_click),
+        "p_conversion": pa.array(p_conv),
+        "p_purchase": pa.array(p_purchase),
+        "watch_time_log_mean": pa.array(watch_mean),
     }
-    return pa.Table.from_arrays(arrays, schema=SCHEMA), stats
+    arrays += [columns[name] for name in (*wl.labels, *wl.truth)]
+    stats = {"click": click, "p_click": p_click}
+    if wl.name == "peers":
+        stats |= {"purchase": click & conv, "p_purchase": p_purchase}
+    else:
+        stats |= {
+            "conversion": conv[click],
+            "p_conversion": p_conv[click],
+            "log_watch": np.log1p(watch_time.astype(np.float64)),
+            "watch_mean": watch_mean,
+        }
+    return pa.Table.from_arrays(arrays, schema=wl.schema()), stats
 
 
 def _split_sizes(rows: int, parts: int) -> list[int]:
@@ -442,7 +488,7 @@ def _write_split(
     for fi, nrows in enumerate(_split_sizes(rows, files)):
         path = split_dir / f"part-{fi:05d}.parquet"
         tmp = path.with_name(path.name + ".tmp")
-        with pq.ParquetWriter(tmp, SCHEMA) as writer:
+        with pq.ParquetWriter(tmp, model.workload.schema()) as writer:
             pending: list[pa.Table] = []
             pending_rows = 0
             for ci, start in enumerate(range(0, nrows, CHUNK_ROWS)):
@@ -473,6 +519,19 @@ def _none_if_nan(x: float) -> float | None:
 def _oracle_metrics(st: dict[str, np.ndarray]) -> dict[str, Any]:
     """Rates and the metrics of the true probabilities / mean against the drawn labels."""
     clicks = int(st["click"].sum())
+    if "purchase" in st:  # the peers' workload: two binary tasks on every row
+        return {
+            "rows": int(st["click"].size),
+            "clicks": clicks,
+            "purchases": int(st["purchase"].sum()),
+            "click_rate": clicks / st["click"].size,
+            "purchase_rate": float(st["purchase"].mean()),
+            "oracle": {
+                f"{t}_{m}": f(st[t], st[f"p_{t}"])
+                for t in ("click", "purchase")
+                for m, f in (("auc", roc_auc), ("logloss", log_loss))
+            },
+        }
     log_watch = st["log_watch"]
     mse = float(np.mean((log_watch - st["watch_mean"]) ** 2))
     var = float(np.var(log_watch))
@@ -503,6 +562,12 @@ def _summary(meta: dict[str, Any]) -> str:
     def fmt(x: float | None) -> str:
         return "n/a" if x is None else f"{x:.3f}"
 
+    if p.get("workload") == "peers":
+        return (
+            f"train {p['train_rows']} rows, val {p['val_rows']} rows (peers' workload); val click "
+            f"rate {fmt(v['click_rate'])} oracle AUC {fmt(o['click_auc'])}, purchase rate "
+            f"{fmt(v['purchase_rate'])} oracle AUC {fmt(o['purchase_auc'])}"
+        )
     return (
         f"train {p['train_rows']} rows / {p['files']} files, val {p['val_rows']} rows / "
         f"{p['val_files']} files; val click rate {fmt(v['click_rate'])} oracle AUC {fmt(o['click_auc'])}, "
@@ -521,6 +586,7 @@ def generate(
     task_correlation: float = 0.6,
     val_files: int | None = None,
     *,
+    workload: str = "funnel",
     force: bool = False,
     verbose: bool = True,
 ) -> dict[str, Any]:
@@ -530,6 +596,8 @@ def generate(
     are all present) unless ``force``; prints one summary line when ``verbose``.
     """
     val_files = max(1, files // 2) if val_files is None else val_files
+    if workload not in WORKLOADS:
+        raise ValueError(f"workload must be one of {sorted(WORKLOADS)}, got {workload!r}")
     if not 0.0 <= task_correlation <= 1.0:
         raise ValueError(f"task_correlation must be in [0, 1], got {task_correlation}")
     if seed < 0 or row_group_size < 1 or files < 1 or val_files < 1:
@@ -548,6 +616,8 @@ def generate(
         "seed": int(seed),
         "task_correlation": float(task_correlation),
     }
+    if workload != "funnel":  # funnel datasets written before workloads existed stay reusable
+        params["workload"] = workload
     if not force and meta_path.exists():
         try:
             old = json.loads(meta_path.read_text())
@@ -566,7 +636,8 @@ def generate(
     for split in ("train", "val"):
         for stale in (out / split).glob("part-*.parquet"):
             stale.unlink()
-    model = _build_model(seed, task_correlation)
+    model = _build_model(seed, task_correlation, workload)
+    wl = model.workload
     splits: dict[str, Any] = {}
     for index, (split, rows, n_files) in enumerate(
         (("train", train_rows, files), ("val", val_rows, val_files))
@@ -579,7 +650,7 @@ def generate(
         "columns": {
             "sparse": [
                 {"name": f.name, "vocab": f.vocab, "table": f.table}
-                for f in SPARSE_FEATURES
+                for f in wl.sparse
                 if not f.multi_hot
             ],
             "multi_hot": [
@@ -590,16 +661,12 @@ def generate(
                     "min_len": f.min_len,
                     "max_len": f.max_len,
                 }
-                for f in SPARSE_FEATURES
+                for f in wl.sparse
                 if f.multi_hot
             ],
-            "dense": DENSE_FEATURES,
-            "labels": {
-                "click": "int8",
-                "conversion": "int8 (null where click == 0)",
-                "watch_time": "float32",
-            },
-            "truth": {t: TASK_TRUTH[t] for t in TASKS},
+            "dense": wl.dense,
+            "labels": {n: str(wl.schema().field(n).type) for n in wl.labels},
+            "truth": dict(zip(wl.labels, wl.truth, strict=True)),
         },
         "calibration": {**model.calib, "targets": TARGETS},
         "splits": splits,
@@ -626,6 +693,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--row-group-size", type=int, default=16_384)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--task-correlation", type=float, default=0.6, help="rho in [0, 1]")
+    ap.add_argument(
+        "--workload",
+        choices=sorted(WORKLOADS),
+        default="funnel",
+        help="funnel (default: 21 sparse incl. multi-hot, 12 dense, click/conversion/watch_time) "
+        "or peers (16 single-hot, 8 dense, click and purchase on every row)",
+    )
     ap.add_argument("--force", action="store_true", help="regenerate even if meta.json matches")
     a = ap.parse_args(argv)
     try:
@@ -638,6 +712,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             a.seed,
             a.task_correlation,
             a.val_files,
+            workload=a.workload,
             force=a.force,
         )
     except ValueError as e:
