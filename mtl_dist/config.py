@@ -226,6 +226,12 @@ class MonitorConfig:
     step_timing: bool = opt(
         True, "split step time into data / forward / backward / optimizer (syncs on CUDA)"
     )
+    profile_steps: int = opt(
+        0,
+        "profile N training steps (torch.profiler) and split them into data / embedding / dense "
+        "/ collectives / optimizer / python time: profile_rank<r>.json (0: off)",
+    )
+    profile_after: int = opt(10, "warm-up steps before the profiled ones")
 
 
 @dataclass

@@ -14,6 +14,7 @@ cross-rank ``gates_ranks/*`` / ``perf/global_*`` only on rank 0):
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import resource
@@ -35,6 +36,7 @@ from mtl_dist.gate_health import Alarm, GateHealth, heatmaps
 from mtl_dist.losses import StepOutput
 from mtl_dist.models.gates import Gates
 from mtl_dist.optim import learning_rates
+from mtl_dist.profiling import format_profile, step_profile
 
 PHASES = ("data", "forward", "backward", "optimizer")
 
@@ -226,6 +228,10 @@ class Telemetry:
         self.train_s = 0.0  # training wall time (validation excluded)
         self.global_rate = 0.0  # samples/s over all ranks, as of the last write
         self._since = time.perf_counter()
+        self.profile: dict[str, object] = {}
+        self._profiler: torch.profiler.profile | None = None
+        self._profile_from = start_step + cfg.monitor.profile_after
+        self._profile_t0 = 0.0
 
     def batches(self, it: Iterator) -> Iterator:
         return self.timer.batches(it) if self.timer is not None else it
@@ -264,6 +270,33 @@ class Telemetry:
                 mon.figure(f"gates/{name}/heatmap", fig, step)
         if step % cfg.train.log_every == 0 or flush:
             self._write(step)
+        if cfg.monitor.profile_steps:
+            self._profile(step)
+
+    def _profile(self, step: int) -> None:
+        """Start the profiler after ``profile_after`` steps; stop and report N steps later."""
+        if step == self._profile_from and self._profiler is None and not self.profile:
+            self._profiler = torch.profiler.profile()
+            self._profiler.start()
+            self._profile_t0 = time.perf_counter()
+        elif (
+            self._profiler is not None
+            and step >= self._profile_from + self.cfg.monitor.profile_steps
+        ):
+            self._end_profile(step)
+
+    def _end_profile(self, step: int) -> None:
+        wall = time.perf_counter() - self._profile_t0
+        self._profiler.stop()
+        events = self._profiler.events()
+        self._profiler = None
+        self.profile = step_profile(events, step - self._profile_from, wall)
+        path = os.path.join(self.cfg.train.output_dir, f"profile_rank{self.info.rank}.json")
+        with open(path, "w") as fh:
+            json.dump(self.profile, fh, indent=2)
+        self.log(
+            f"[profile] rank 0, steps {self._profile_from + 1}-{step}: {format_profile(self.profile)}"
+        )
 
     def _write(self, step: int) -> None:
         now = time.perf_counter()
@@ -304,8 +337,10 @@ class Telemetry:
             drops = sorted({gc.expert_dropout for gc in cfgs.values()})
             self.log(f"[gates] strengthening the cure: expert dropout now {drops}")
 
-    def pause(self) -> None:
-        """Validation starts: its time is not training time."""
+    def pause(self, step: int) -> None:
+        """Validation starts: its time is not training time (nor profiled)."""
+        if self._profiler is not None:
+            self._end_profile(step)
         now = time.perf_counter()
         self.train_s += now - self._since
         self._since = now

@@ -30,7 +30,7 @@ from mtl_dist.distributed.sharding import describe_plan, shard_model
 from mtl_dist.losses import StepOutput, build_model_with_loss
 from mtl_dist.metrics import compute_metrics, format_table, gather_rows
 from mtl_dist.models.ranker import build_ranker
-from mtl_dist.monitoring import Monitor, Telemetry, quiet_third_party_logs
+from mtl_dist.monitoring import Monitor, Telemetry, peak_memory_mb, quiet_third_party_logs
 from mtl_dist.optim import build_optimizer
 
 
@@ -232,7 +232,8 @@ def train(cfg: JobConfig, info: DistInfo) -> dict[str, object]:
     if resumed is not None:
         r = load_checkpoint(resumed, model, optimizer, cfg)
         step, epoch0 = r.step, r.epoch
-        exact = train_reader.resume_pass(r.positions) if r.positions else True
+        # a checkpoint taken at an epoch's end holds no position: the next epoch starts afresh
+        exact = train_reader.resume_pass(r.positions) if any(r.positions) else True
         log(
             f"[resume] {resumed} at step {step}, epoch {epoch0}: saved by {r.saved_world_size} "
             f"ranks, {'continuing each reader exactly' if exact else 're-splitting the rows not yet trained'}"
@@ -276,7 +277,7 @@ def train(cfg: JobConfig, info: DistInfo) -> dict[str, object]:
                 raise RuntimeError(
                     f"training data ended early at step {step} (expected {segment_end})"
                 )
-            telemetry.pause()
+            telemetry.pause(step)
             if step % val_every == 0 or step == epoch_end:
                 metrics = evaluate(model, cfg, validation_loader(val_reader, cfg.data), info.device)
                 telemetry.monitor.scalars(step, flat_metrics(metrics), main_only=True)
@@ -313,6 +314,13 @@ def train(cfg: JobConfig, info: DistInfo) -> dict[str, object]:
         "task_weights_by_rank": gather_rows(
             torch.tensor([telemetry.weights], device=info.device)
         ).tolist(),
+        # peak resident memory (CUDA: peak allocated) of every rank, MiB
+        "peak_memory_mb_by_rank": gather_rows(
+            torch.tensor([[peak_memory_mb(info.device)]], device=info.device)
+        )
+        .flatten()
+        .tolist(),
+        "profile": telemetry.profile,  # rank 0's step profile (monitor.profile_steps)
         "config": to_dict(cfg),
     }
     if info.is_main:

@@ -203,3 +203,21 @@ def test_export_and_score_reproduce_the_live_model(synth_data, reference, tmp_pa
     assert float((pred - label).square().mean()) == pytest.approx(
         live["watch_time"]["mse"], abs=1e-4
     )
+
+
+def test_finished_run_continues_with_another_epoch(tmp_path):
+    """A run that ended at an epoch's end (its checkpoint holds no reader position), started
+    again with one more epoch, resumes and trains exactly that epoch."""
+    from data_tools.synth import generate
+
+    data = tmp_path / "data"
+    generate(data, train_rows=4096, val_rows=1024, files=2, verbose=False)
+    one = [
+        "--data.train_path", str(data / "train"), "--data.val_path", str(data / "val"),
+        "--train.max_steps", "0", "--checkpoint.every", "0",
+    ]  # fmt: skip
+    run(data, tmp_path / "run", *one, nproc=1)
+    assert metrics(tmp_path / "run")["steps"] == 16  # 4096 rows / 256
+    proc = run(data, tmp_path / "run", *one, "--train.epochs", "2", nproc=1)
+    assert "at step 16, epoch 1" in proc.stdout
+    assert metrics(tmp_path / "run")["steps"] == 32

@@ -52,27 +52,33 @@ def bench_reader(config: str, overrides: list[str], repeats: int = 3) -> dict[st
     return {"rows": rows, "reader_rows_per_s": ours, "pyarrow_rows_per_s": base}
 
 
+def run_training(
+    config: str, overrides: list[str], nproc: int, threads: int = 0, timeout: float | None = None
+) -> dict:
+    """Run the real entry point under torchrun (``threads`` per process, default cores / nproc)
+    in a scratch run dir; returns its metrics.json."""
+    with tempfile.TemporaryDirectory() as out:
+        threads = threads or max(1, (os.cpu_count() or 1) // nproc)
+        cmd = [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            "-m", "mtl_dist.train", "--config", config, "--train.threads", str(threads), *overrides,
+            "--train.output_dir", out, "--train.progress_bar", "false",
+        ]  # fmt: skip
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONWARNINGS": "ignore"}
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+        if proc.returncode != 0:
+            raise RuntimeError(
+                f"training run failed ({nproc} procs x {threads} threads):\n{proc.stderr[-3000:]}"
+            )
+        with open(os.path.join(out, "metrics.json")) as fh:
+            return json.load(fh)
+
+
 def bench_training(
     config: str, overrides: list[str], nproc: int, max_steps: int
 ) -> dict[str, float]:
-    """Run the real entry point under torchrun and read its metrics.json."""
-    with tempfile.TemporaryDirectory() as out:
-        cores = os.cpu_count() or 1
-        cmd = [
-            sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            "-m", "mtl_dist.train", "--config", config, *overrides,
-            "--train.max_steps", str(max_steps), "--train.output_dir", out, "--train.progress_bar", "false",
-        ]  # fmt: skip
-        env = {
-            **os.environ,
-            "OMP_NUM_THREADS": str(max(1, cores // nproc)),
-            "PYTHONWARNINGS": "ignore",
-        }
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        if proc.returncode != 0:
-            raise RuntimeError(f"training run failed ({nproc} procs):\n{proc.stderr[-3000:]}")
-        with open(os.path.join(out, "metrics.json")) as fh:
-            result = json.load(fh)
+    """Training samples/s of ``max_steps`` steps at ``nproc`` processes."""
+    result = run_training(config, [*overrides, "--train.max_steps", str(max_steps)], nproc)
     return {"nproc": nproc, "samples_per_s": result["samples_per_s"], "steps": result["steps"]}
 
 

@@ -1,0 +1,252 @@
+"""End to end against the peers: ours vs torch-rechub's and DeepCTR-Torch's MMoE, one invocation.
+
+``python -m mtl_dist.bench.e2e`` (defaults: 400k train / 100k test rows, batch 2048):
+
+1. generates (or reuses) the peers' workload with ``mtl-datagen --workload peers``: 16
+   single-hot Zipf sparse features (vocabularies 3 to 200k), 8 dense, click and purchase on
+   every row, with their true probabilities;
+2. trains ours for one epoch with the peers' model size (``configs/peers.toml``: 16-dim
+   embeddings, MMoE of 4 experts (256, 128), towers (64,), batch 2048 per process) under
+   torchrun at each ``--ours`` layout, e.g. ``1x2`` = 1 process × 2 threads;
+3. trains each installed peer (``pip install -e .[bench]``) through its own training API on the
+   same rows, sizes and batch (``mtl_dist.bench.peers``);
+4. profiles a few of our steps per layout (data / embedding / dense / collectives / optimizer);
+5. with ``--memory-rows N``: ours again on an N-row dataset, to show per-process memory does
+   not grow with the data.
+
+Prints one table — samples/s, its ratio to the best peer, peak RSS per process, test AUC per
+task next to the oracle's — and writes it as ``e2e.md`` and ``e2e.json`` under ``--out``.
+Speed figures come from this run only; nothing here asserts a speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from data_tools.synth import generate
+from mtl_dist.bench.peers import PEERS, peers_installed, run_peer
+from mtl_dist.bench.training import run_training
+from mtl_dist.profiling import PHASES
+
+TASKS = ("click", "purchase")
+CONFIG = str(Path(__file__).resolve().parents[2] / "configs" / "peers.toml")
+
+
+def dataset(root: str, rows: int, test_rows: int, seed: int) -> tuple[str, dict]:
+    """The peers' workload with ``rows`` training rows under ``root`` (reused when present)."""
+    path = os.path.join(root, f"peers_{rows}_{test_rows}_s{seed}")
+    files = max(4, rows // 200_000)  # several files: ranks and workers split them evenly
+    meta = generate(
+        path, rows, test_rows, files=files, seed=seed, workload="peers", val_files=2, verbose=True
+    )
+    return path, meta
+
+
+def layout(spec: str) -> tuple[int, int]:
+    """``"2x1"`` → (2 processes, 1 thread each)."""
+    try:
+        procs, threads = (int(x) for x in spec.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"--ours: {spec!r} is not PROCSxTHREADS (e.g. 1x2)") from None
+    return procs, threads
+
+
+def run_ours(
+    data: str, procs: int, threads: int, args: argparse.Namespace, extra: list[str]
+) -> dict[str, object]:
+    """One epoch of ours; the row of the table."""
+    overrides = [
+        "--data.train_path", f"{data}/train", "--data.val_path", f"{data}/val",
+        "--train.batch_size", str(args.batch), "--train.seed", str(args.seed),
+        "--checkpoint.at_end", "false", *extra,
+    ]  # fmt: skip
+    t0 = time.perf_counter()
+    m = run_training(CONFIG, overrides, procs, threads, timeout=args.timeout)
+    val = m["metrics"]
+    return {
+        "system": "mtl-dist",
+        "layout": f"{procs}x{threads}",
+        "procs": procs,
+        "threads": threads,
+        "samples_per_s": m["samples_per_s"],
+        "train_s": m["train_s"],
+        "wall_s": time.perf_counter() - t0,
+        "peak_rss_mb": max(m["peak_memory_mb_by_rank"]),
+        "auc": {t: val[t]["auc"] for t in TASKS},
+        "oracle_auc": {t: val[t]["oracle_auc"] for t in TASKS},
+    }
+
+
+def profile_ours(
+    data: str, procs: int, threads: int, args: argparse.Namespace
+) -> dict[str, object]:
+    """Rank 0's step profile over ``--profile-steps`` steps after 10 warm-up steps."""
+    after = 10
+    extra = [
+        "--monitor.profile_steps", str(args.profile_steps),
+        "--monitor.profile_after", str(after),
+        "--train.max_steps", str(after + args.profile_steps),
+        "--train.val_max_batches", "1", "--monitor.attribution", "false",
+    ]  # fmt: skip
+    overrides = [
+        "--data.train_path", f"{data}/train", "--data.val_path", f"{data}/val",
+        "--train.batch_size", str(args.batch), "--checkpoint.at_end", "false", *extra,
+    ]  # fmt: skip
+    return run_training(CONFIG, overrides, procs, threads, timeout=args.timeout)["profile"]
+
+
+def run_peers(data: str, args: argparse.Namespace) -> list[dict[str, object]]:
+    """Each selected, installed peer once (``--peers``); missing ones are reported, not run."""
+    wanted = (
+        PEERS if args.peers in ("auto", "all") else tuple(p for p in args.peers.split(",") if p)
+    )
+    if args.peers == "none":
+        return []
+    installed = peers_installed()
+    rows = []
+    for system in wanted:
+        if system not in installed:
+            raise ValueError(f"--peers: unknown system {system!r} (known: {', '.join(PEERS)})")
+        if not installed[system]:
+            if args.peers != "auto":
+                raise RuntimeError(f"{system} is not installed: pip install -e .[bench]")
+            print(f"[e2e] {system} not installed (pip install -e .[bench]): its column is left out")
+            continue
+        r = run_peer(system, data, args.batch, 1, args.threads, args.seed, timeout=args.timeout)
+        rows.append({**r, "layout": f"1x{args.threads}", "procs": 1})
+    return rows
+
+
+def with_ratios(rows: list[dict[str, object]]) -> list[dict[str, object]]:
+    """Each row's speed relative to the fastest peer (None without peers)."""
+    peers = [r["samples_per_s"] for r in rows if r["system"] != "mtl-dist"]
+    best = max(peers) if peers else None
+    for r in rows:
+        r["speed_vs_best_peer"] = r["samples_per_s"] / best if best else None
+        r["auc_gap"] = {t: r["oracle_auc"][t] - r["auc"][t] for t in TASKS}
+    return rows
+
+
+def markdown(result: dict[str, object]) -> str:
+    """The table (and profiles, scaling, memory) as Markdown."""
+    head = (
+        "| system | procs × threads | samples/s | × best peer | peak RSS / proc (MiB) | "
+        + " | ".join(f"{t} AUC (oracle, gap)" for t in TASKS)
+        + " |"
+    )
+    lines = [head, "|" + "---|" * (5 + len(TASKS))]
+    for r in result["table"]:
+        ratio = r["speed_vs_best_peer"]
+        aucs = " | ".join(
+            f"{r['auc'][t]:.4f} ({r['oracle_auc'][t]:.4f}, {r['auc_gap'][t]:+.4f})" for t in TASKS
+        )
+        lines.append(
+            f"| {r['system']} | {r['layout'].replace('x', ' × ')} | {r['samples_per_s']:,.0f} | "
+            f"{'-' if ratio is None else f'{ratio:.2f}×'} | {r['peak_rss_mb']:,.0f} | {aucs} |"
+        )
+    if result.get("scaling"):
+        s = result["scaling"]
+        lines += ["", f"2 processes × 1 thread / 1 process × 1 thread: **{s:.2f}×**"]
+    for name, prof in result.get("profiles", {}).items():
+        lines += [
+            "",
+            f"Step profile, ours at {name} (rank 0, {prof['step_ms']:.1f} ms per step):",
+            "",
+            "| phase | ms / step | share |",
+            "|---|---|---|",
+        ]
+        lines += [f"| {p} | {prof['ms'][p]:.2f} | {prof['share'][p]:.1%} |" for p in PHASES]
+    if result.get("memory"):
+        lines += ["", "Peak RSS per process against dataset size (ours, one epoch each):", ""]
+        lines += ["| train rows | procs × threads | peak RSS / proc (MiB) | samples/s |"]
+        lines += ["|---|---|---|---|"]
+        for m in result["memory"]:
+            lines.append(
+                f"| {m['rows']:,} | {m['layout'].replace('x', ' × ')} | {m['peak_rss_mb']:,.0f} "
+                f"| {m['samples_per_s']:,.0f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def check_finite(result: dict[str, object]) -> None:
+    """Every figure of the table must be a finite number (the smoke test's contract)."""
+    for r in result["table"]:
+        figures = [r["samples_per_s"], r["peak_rss_mb"], *r["auc"].values()]
+        figures += list(r["oracle_auc"].values())
+        if not all(isinstance(x, (int, float)) and math.isfinite(x) for x in figures):
+            raise RuntimeError(f"non-finite figure in the {r['system']} {r['layout']} row: {r}")
+
+
+def main(argv: list[str] | None = None) -> dict[str, object]:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--rows", type=int, default=400_000, help="training rows")
+    p.add_argument("--test-rows", type=int, default=100_000, help="test rows")
+    p.add_argument("--data-root", default="data", help="datasets are written (or reused) here")
+    p.add_argument("--batch", type=int, default=2048, help="batch size (per process for ours)")
+    p.add_argument("--threads", type=int, default=2, help="threads of the peers' process")
+    p.add_argument(
+        "--ours", default="1x2,1x1,2x1", help="our layouts, PROCSxTHREADS, comma-separated"
+    )
+    p.add_argument(
+        "--peers", default="auto", help="auto (the installed ones) | none | a comma-separated list"
+    )
+    p.add_argument(
+        "--profile-steps", type=int, default=20, help="profiled steps per layout (0: none)"
+    )
+    p.add_argument("--profile-layouts", default="1x2,2x1", help="layouts to profile (of --ours)")
+    p.add_argument(
+        "--memory-rows", type=int, default=0, help="also run ours on this many rows (0: skip)"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timeout", type=float, default=1800, help="seconds per training run")
+    p.add_argument("--out", default="runs/bench_e2e", help="e2e.md and e2e.json go here")
+    args = p.parse_args(argv)
+    layouts = [layout(s) for s in args.ours.split(",") if s]
+
+    data, meta = dataset(args.data_root, args.rows, args.test_rows, args.seed)
+    rows = [run_ours(data, procs, threads, args, []) for procs, threads in layouts]
+    rows += run_peers(data, args)
+    result: dict[str, object] = {
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "train_rows": args.rows,
+        "test_rows": args.test_rows,
+        "batch": args.batch,
+        "oracle_auc": {t: meta["splits"]["val"]["oracle"][f"{t}_auc"] for t in TASKS},
+        "table": with_ratios(rows),
+    }
+    by_layout = {r["layout"]: r for r in rows if r["system"] == "mtl-dist"}
+    if "1x1" in by_layout and "2x1" in by_layout:
+        result["scaling"] = by_layout["2x1"]["samples_per_s"] / by_layout["1x1"]["samples_per_s"]
+    if args.profile_steps:
+        wanted = [s for s in args.profile_layouts.split(",") if s in by_layout]
+        result["profiles"] = {s: profile_ours(data, *layout(s), args) for s in wanted}
+    if args.memory_rows:
+        big, _ = dataset(args.data_root, args.memory_rows, args.test_rows, args.seed)
+        procs, threads = layouts[0]
+        result["memory"] = [
+            {**by_layout[f"{procs}x{threads}"], "rows": args.rows},
+            {**run_ours(big, procs, threads, args, []), "rows": args.memory_rows},
+        ]
+    check_finite(result)
+    table = markdown(result)
+    os.makedirs(args.out, exist_ok=True)
+    Path(args.out, "e2e.md").write_text(table)
+    Path(args.out, "e2e.json").write_text(json.dumps(result, indent=2))
+    print(table)
+    print(f"written: {args.out}/e2e.md, {args.out}/e2e.json")
+    return result
+
+
+if __name__ == "__main__":
+    main()
