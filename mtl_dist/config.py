@@ -166,6 +166,12 @@ class ModelConfig:
     esmm_cvr_task: str = opt(
         "conversion", "esmm: the CVR task (its label must be null or 0 where there is no click)"
     )
+    esmm_cvr_label: str = opt(
+        "cvr",
+        "esmm: what the CVR task's label is — cvr (conversion given a click; predictions and "
+        "metrics are pCVR) | ctcvr (click and conversion on every exposure, e.g. a purchase "
+        "column; predictions and metrics are pCTCVR = pCTR x pCVR)",
+    )
     dense_batch_norm: bool = opt(True, "batch-normalise the dense features at the input")
 
 
@@ -441,6 +447,10 @@ def validate(cfg: JobConfig) -> None:
                 )
             if next(t for t in cfg.tasks if t.name == name).kind != "binary":
                 raise ConfigError(f"model.{key}: task {name!r} must be binary")
+        if cfg.model.esmm_cvr_label not in ("cvr", "ctcvr"):
+            raise ConfigError(
+                f"model.esmm_cvr_label: {cfg.model.esmm_cvr_label!r} is not cvr or ctcvr"
+            )
     if cfg.model.gate_top_k < 0 or cfg.model.gate_top_k > max(cfg.model.num_experts, 1):
         raise ConfigError(f"model.gate_top_k: {cfg.model.gate_top_k} must lie in [0, num_experts]")
     if not cfg.features.sparse and not cfg.features.dense:

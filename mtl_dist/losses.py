@@ -146,10 +146,12 @@ class ModelWithLoss(nn.Module):
         tasks: list[TaskSpec],
         esmm: tuple[int, int] | None = None,
         loss: LossConfig | None = None,
+        esmm_ctcvr_preds: bool = False,
     ) -> None:
         super().__init__()
         self.model = model
         self.esmm = esmm
+        self.esmm_ctcvr_preds = esmm_ctcvr_preds
         self.balancer = build_balancer(
             loss or LossConfig(), tasks, lambda: self.model.head.shared_layer()
         )
@@ -183,7 +185,7 @@ class ModelWithLoss(nn.Module):
             losses=losses.detach(),
             weights=weights,
             aux=aux.detach(),
-            preds=predictions(outputs.detach(), self.is_binary, self.negative_rate),
+            preds=self.predict(outputs.detach()),
             labels=batch.labels,
             mask=batch.mask,
             truth=batch.truth,
@@ -191,6 +193,16 @@ class ModelWithLoss(nn.Module):
             conflict=conflict,
         )
         return loss, out
+
+    def predict(self, outputs: torch.Tensor) -> torch.Tensor:
+        """Probabilities / values ``[B, T]`` from the head's outputs; with ESMM on a CTCVR label
+        the CVR task's column is pCTR × pCVR (what its label measures)."""
+        preds = predictions(outputs, self.is_binary, self.negative_rate)
+        if self.esmm is not None and self.esmm_ctcvr_preds:
+            c, v = self.esmm
+            ctcvr = preds[:, c] * preds[:, v]
+            preds = torch.cat([preds[:, :v], ctcvr.unsqueeze(1), preds[:, v + 1 :]], 1)
+        return preds
 
 
 def build_model_with_loss(model: nn.Module, cfg: JobConfig) -> ModelWithLoss:
@@ -201,4 +213,4 @@ def build_model_with_loss(model: nn.Module, cfg: JobConfig) -> ModelWithLoss:
         if cfg.model.esmm
         else None
     )
-    return ModelWithLoss(model, cfg.tasks, esmm, cfg.loss)
+    return ModelWithLoss(model, cfg.tasks, esmm, cfg.loss, cfg.model.esmm_cvr_label == "ctcvr")

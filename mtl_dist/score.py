@@ -21,7 +21,6 @@ import torch
 from mtl_dist.data.batch import ArrowBatchConverter
 from mtl_dist.data.reader import list_parquet_files
 from mtl_dist.export import load_exported
-from mtl_dist.losses import predictions
 
 
 @torch.no_grad()
@@ -45,7 +44,7 @@ def score(model_path: Path, data: str, out: Path, keep: list[str], batch_size: i
                 except ValueError as e:
                     raise ValueError(f"{path}: {e}") from None
                 outputs, _ = model.model(batch)
-                preds = predictions(outputs, model.is_binary, model.negative_rate).numpy()
+                preds = model.predict(outputs).numpy()
                 cols = {c: table.column(c) for c in keep}
                 for j, t in enumerate(cfg.tasks):
                     y = preds[:, j]
