@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create (if missing) a virtual environment and install mtl-dist with the right torch stack.
 #
-#   bash launch/setup_env.sh [VENV_DIR] [EXTRAS]      (defaults: .venv, "dev")
+#   bash launch/setup_env.sh [VENV_DIR] [EXTRAS]      (defaults: .venv, "dev,bench")
 #
 # CUDA present (nvidia-smi answers): PyPI's CUDA torch, fbgemm-gpu and torchrec with its deps.
 # No CUDA: torch's CPU build — from PyTorch's CPU wheel index when reachable, otherwise whatever
@@ -10,7 +10,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${1:-.venv}
-EXTRAS=${2:-dev}
+EXTRAS=${2:-dev,bench}
 TORCH=2.13.0
 FBGEMM=1.8.0
 TORCHREC=1.8.0
