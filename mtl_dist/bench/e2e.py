@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import multiprocessing as mp
 import os
 import time
 from pathlib import Path
@@ -99,7 +100,54 @@ def profile_ours(
         "--data.train_path", f"{data}/train", "--data.val_path", f"{data}/val",
         "--train.batch_size", str(args.batch), "--checkpoint.at_end", "false", *extra,
     ]  # fmt: skip
-    return run_training(CONFIG, overrides, procs, threads, timeout=args.timeout)["profile"]
+    profile = run_training(CONFIG, overrides, procs, threads, timeout=args.timeout)["profile"]
+    if not profile:
+        raise RuntimeError(
+            f"{procs}x{threads}: an epoch of {args.rows} rows is shorter than the {after} warm-up "
+            f"+ {args.profile_steps} profiled steps; lower --profile-steps or add --rows"
+        )
+    return profile
+
+
+def model_flops_per_sample(meta: dict, experts: int = 4, hidden=(256, 128), tower=(64,)) -> float:
+    """Multiply-adds × 2 × 3 (forward, and backward's two products) of the dense MMoE per row:
+    the experts, the gates' logits and the towers. The embedding lookups are not matmuls."""
+    d_in = 16 * len(meta["columns"]["sparse"]) + len(meta["columns"]["dense"])
+    dims = [d_in, *hidden]
+    macs = experts * sum(a * b for a, b in zip(dims, dims[1:]))
+    macs += len(TASKS) * d_in * experts  # gate logits
+    tdims = [hidden[-1], *tower, 1]
+    macs += len(TASKS) * sum(a * b for a, b in zip(tdims, tdims[1:]))
+    return 2.0 * macs * 3
+
+
+def _matmul_rate(threads: int, seconds: float, queue) -> None:
+    """GFLOP/s of the model's largest product (batch × d_in × E·H1) on ``threads`` threads."""
+    torch.set_num_threads(threads)
+    a, b = torch.randn(2048, 264), torch.randn(264, 1032)
+    a @ b
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        n += 1
+    queue.put(2 * 2048 * 264 * 1032 * n / (time.perf_counter() - t0) / 1e9)
+
+
+def hardware_baseline(seconds: float = 3.0) -> dict[str, float]:
+    """This machine's matmul rate now: one process × 1 and × 2 threads, and two 1-thread
+    processes at once (what a 2 × 1 layout can get from the cores at best)."""
+    ctx = mp.get_context("spawn")
+    out = {}
+    for name, procs, threads in (("1x1", 1, 1), ("1x2", 1, 2), ("2x1", 2, 1)):
+        q = ctx.Queue()
+        ps = [ctx.Process(target=_matmul_rate, args=(threads, seconds, q)) for _ in range(procs)]
+        for p in ps:
+            p.start()
+        out[name] = sum(q.get() for _ in ps)
+        for p in ps:
+            p.join()
+    out["scaling_2x1"] = out["2x1"] / out["1x1"]
+    return out
 
 
 def run_peers(data: str, args: argparse.Namespace) -> list[dict[str, object]]:
@@ -122,6 +170,16 @@ def run_peers(data: str, args: argparse.Namespace) -> list[dict[str, object]]:
         r = run_peer(system, data, args.batch, 1, args.threads, args.seed, timeout=args.timeout)
         rows.append({**r, "layout": f"1x{args.threads}", "procs": 1})
     return rows
+
+
+LEVERS = {  # name: overrides of our defaults, each measured alone against the defaults
+    "defaults": [],
+    "no TrainPipelineSparseDist": ["--sharding.pipeline", "false"],
+    "reader in 1 worker process": ["--data.num_workers", "1"],
+    "monitoring off": ["--monitor.gate_every", "0", "--monitor.step_timing", "false"],
+    "tables data_parallel": ["--sharding.force", "data_parallel"],
+    "tables table_wise": ["--sharding.force", "table_wise"],
+}
 
 
 def with_ratios(rows: list[dict[str, object]]) -> list[dict[str, object]]:
@@ -151,9 +209,35 @@ def markdown(result: dict[str, object]) -> str:
             f"| {r['system']} | {r['layout'].replace('x', ' × ')} | {r['samples_per_s']:,.0f} | "
             f"{'-' if ratio is None else f'{ratio:.2f}×'} | {r['peak_rss_mb']:,.0f} | {aucs} |"
         )
+    hw, roof = result["matmul_gflops"], result["roofline_samples_per_s"]
+    lines += [
+        "",
+        f"Roofline: the dense model costs {result['model_mflop_per_sample']:.2f} MFLOP per sample "
+        "(forward + backward); the matmul rate measured in this run, and the samples/s it caps:",
+        "",
+        "| procs × threads | matmul GFLOP/s | roofline samples/s | ours | ours / roofline |",
+        "|---|---|---|---|---|",
+    ]
+    ours = {r["layout"]: r["samples_per_s"] for r in result["table"] if r["system"] == "mtl-dist"}
+    for k in ("1x1", "1x2", "2x1"):
+        mine = ours.get(k)
+        lines.append(
+            f"| {k.replace('x', ' × ')} | {hw[k]:.0f} | {roof[k]:,.0f} | "
+            + (f"{mine:,.0f} | {mine / roof[k]:.0%} |" if mine else "- | - |")
+        )
     if result.get("scaling"):
         s = result["scaling"]
-        lines += ["", f"2 processes × 1 thread / 1 process × 1 thread: **{s:.2f}×**"]
+        lines += [
+            "",
+            f"2 processes × 1 thread / 1 process × 1 thread: **{s:.2f}×** (a pure matmul in two "
+            f"processes against one, same run: {hw['scaling_2x1']:.2f}×)",
+        ]
+    if result.get("levers"):
+        base = result["levers"]["defaults"]
+        lines += ["", f"Levers, ours at {result['levers_layout'].replace('x', ' × ')}, each alone:"]
+        lines += ["", "| change | samples/s | vs defaults |", "|---|---|---|"]
+        for name, rate in result["levers"].items():
+            lines.append(f"| {name} | {rate:,.0f} | {rate / base:.2f}× |")
     for name, prof in result.get("profiles", {}).items():
         lines += [
             "",
@@ -206,6 +290,12 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     p.add_argument(
         "--memory-rows", type=int, default=0, help="also run ours on this many rows (0: skip)"
     )
+    p.add_argument(
+        "--levers", action="store_true", help="also time ours with each lever toggled alone"
+    )
+    p.add_argument(
+        "--hw-seconds", type=float, default=3.0, help="seconds per matmul-rate measurement"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=1800, help="seconds per training run")
     p.add_argument("--out", default="runs/bench_e2e", help="e2e.md and e2e.json go here")
@@ -213,6 +303,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     layouts = [layout(s) for s in args.ours.split(",") if s]
 
     data, meta = dataset(args.data_root, args.rows, args.test_rows, args.seed)
+    hw = hardware_baseline(args.hw_seconds)
+    flops = model_flops_per_sample(meta)
     rows = [run_ours(data, procs, threads, args, []) for procs, threads in layouts]
     rows += run_peers(data, args)
     result: dict[str, object] = {
@@ -224,6 +316,10 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         "batch": args.batch,
         "oracle_auc": {t: meta["splits"]["val"]["oracle"][f"{t}_auc"] for t in TASKS},
         "table": with_ratios(rows),
+        "matmul_gflops": hw,
+        "model_mflop_per_sample": flops / 1e6,
+        # samples/s if every FLOP of the dense model ran at the measured matmul rate
+        "roofline_samples_per_s": {k: hw[k] * 1e9 / flops for k in ("1x1", "1x2", "2x1")},
     }
     by_layout = {r["layout"]: r for r in rows if r["system"] == "mtl-dist"}
     if "1x1" in by_layout and "2x1" in by_layout:
@@ -231,6 +327,13 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     if args.profile_steps:
         wanted = [s for s in args.profile_layouts.split(",") if s in by_layout]
         result["profiles"] = {s: profile_ours(data, *layout(s), args) for s in wanted}
+    if args.levers:
+        procs, threads = layouts[0]
+        result["levers"] = {
+            name: run_ours(data, procs, threads, args, extra)["samples_per_s"]
+            for name, extra in LEVERS.items()
+        }
+        result["levers_layout"] = f"{procs}x{threads}"
     if args.memory_rows:
         big, _ = dataset(args.data_root, args.memory_rows, args.test_rows, args.seed)
         procs, threads = layouts[0]

@@ -1,0 +1,76 @@
+"""The end-to-end benchmark's smoke run: a small workload through every column of the table —
+ours at 1 × 1 and 2 × 1 under torchrun, each installed peer, the step profiles — with every
+figure finite and the files written."""
+
+import json
+import math
+
+import pytest
+
+from mtl_dist.bench import e2e
+from mtl_dist.bench.peers import peers_installed
+from mtl_dist.profiling import PHASES
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory):
+    out = tmp_path_factory.mktemp("e2e")
+    argv = [
+        "--rows", "60000", "--test-rows", "5000", "--batch", "1024", "--threads", "1",
+        "--ours", "1x1,2x1", "--profile-steps", "3", "--profile-layouts", "2x1", "--hw-seconds", "0.5",
+        "--data-root", str(out / "data"), "--out", str(out),
+    ]  # fmt: skip
+    return out, e2e.main(argv)
+
+
+def test_table_rows_and_files(result):
+    out, r = result
+    installed = [p for p, ok in peers_installed().items() if ok]
+    assert [(x["system"], x["layout"]) for x in r["table"]] == [
+        ("mtl-dist", "1x1"),
+        ("mtl-dist", "2x1"),
+        *[(p, "1x1") for p in installed],
+    ]
+    assert json.loads((out / "e2e.json").read_text())["table"] == r["table"]
+    md = (out / "e2e.md").read_text()
+    assert md.count("| mtl-dist |") == 2 and "2 processes × 1 thread" in md
+    for p in installed:
+        assert f"| {p} |" in md
+
+
+def test_every_figure_is_finite_and_plausible(result):
+    _, r = result
+    for row in r["table"]:
+        assert row["samples_per_s"] > 0 and math.isfinite(row["samples_per_s"])
+        assert 50 < row["peak_rss_mb"] < 16_000
+        for t in e2e.TASKS:
+            # 60k rows of one epoch learn something: clearly above chance, below the oracle + noise
+            assert 0.55 < row["auc"][t] < row["oracle_auc"][t] + 0.05, (row["system"], t)
+            assert row["oracle_auc"][t] == pytest.approx(r["oracle_auc"][t])
+    assert r["scaling"] > 0 and math.isfinite(r["scaling"])
+    peers = [x for x in r["table"] if x["system"] != "mtl-dist"]
+    for row in r["table"]:
+        assert (row["speed_vs_best_peer"] is None) == (not peers)
+
+
+def test_step_profile_splits_the_step(result):
+    _, r = result
+    prof = r["profiles"]["2x1"]
+    assert set(prof["ms"]) == set(PHASES)
+    assert sum(prof["share"].values()) == pytest.approx(1.0, abs=1e-6)
+    # a real TorchRec + DDP step on 2 ranks has each of these
+    phases = ("data", "embedding_fwd", "dense_fwd", "embedding_bwd", "dense_bwd", "collectives")
+    for phase in (*phases, "optimizer"):
+        assert prof["ms"][phase] > 0, phase
+
+
+def test_roofline_from_this_runs_matmul_rate(result):
+    _, r = result
+    # 16 tables x 16 + 8 dense = 264 inputs; 4 experts (256, 128), 2 gates, 2 towers (64,)
+    macs = 4 * (264 * 256 + 256 * 128) + 2 * 264 * 4 + 2 * (128 * 64 + 64)
+    assert r["model_mflop_per_sample"] == pytest.approx(6 * macs / 1e6)
+    for k in ("1x1", "1x2", "2x1"):
+        assert r["matmul_gflops"][k] > 1
+        assert r["roofline_samples_per_s"][k] == pytest.approx(
+            r["matmul_gflops"][k] * 1e3 / r["model_mflop_per_sample"]
+        )
