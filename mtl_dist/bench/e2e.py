@@ -209,6 +209,8 @@ def markdown(result: dict[str, object]) -> str:
             f"| {r['system']} | {r['layout'].replace('x', ' × ')} | {r['samples_per_s']:,.0f} | "
             f"{'-' if ratio is None else f'{ratio:.2f}×'} | {r['peak_rss_mb']:,.0f} | {aucs} |"
         )
+    for peer, ratio in result.get("ours_vs_peer", {}).items():
+        lines.append(f"\nOurs at its fastest layout against {peer}: **{ratio:.2f}×** samples/s.")
     hw, roof = result["matmul_gflops"], result["roofline_samples_per_s"]
     lines += [
         "",
@@ -249,12 +251,19 @@ def markdown(result: dict[str, object]) -> str:
         lines += [f"| {p} | {prof['ms'][p]:.2f} | {prof['share'][p]:.1%} |" for p in PHASES]
     if result.get("memory"):
         lines += ["", "Peak RSS per process against dataset size (ours, one epoch each):", ""]
-        lines += ["| train rows | procs × threads | peak RSS / proc (MiB) | samples/s |"]
-        lines += ["|---|---|---|---|"]
+        lines += [
+            "| train rows | procs × threads | peak RSS / proc (MiB) | samples/s | "
+            + " | ".join(f"{t} AUC (gap)" for t in TASKS)
+            + " |",
+            "|---|---|---|---|" + "---|" * len(TASKS),
+        ]
         for m in result["memory"]:
+            aucs = " | ".join(
+                f"{m['auc'][t]:.4f} ({m['oracle_auc'][t] - m['auc'][t]:+.4f})" for t in TASKS
+            )
             lines.append(
                 f"| {m['rows']:,} | {m['layout'].replace('x', ' × ')} | {m['peak_rss_mb']:,.0f} "
-                f"| {m['samples_per_s']:,.0f} |"
+                f"| {m['samples_per_s']:,.0f} | {aucs} |"
             )
     return "\n".join(lines) + "\n"
 
@@ -322,6 +331,10 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         "roofline_samples_per_s": {k: hw[k] * 1e9 / flops for k in ("1x1", "1x2", "2x1")},
     }
     by_layout = {r["layout"]: r for r in rows if r["system"] == "mtl-dist"}
+    fastest = max(r["samples_per_s"] for r in by_layout.values())
+    result["ours_vs_peer"] = {
+        r["system"]: fastest / r["samples_per_s"] for r in rows if r["system"] != "mtl-dist"
+    }
     if "1x1" in by_layout and "2x1" in by_layout:
         result["scaling"] = by_layout["2x1"]["samples_per_s"] / by_layout["1x1"]["samples_per_s"]
     if args.profile_steps:

@@ -51,6 +51,8 @@ def test_every_figure_is_finite_and_plausible(result):
     peers = [x for x in r["table"] if x["system"] != "mtl-dist"]
     for row in r["table"]:
         assert (row["speed_vs_best_peer"] is None) == (not peers)
+    fastest = max(x["samples_per_s"] for x in r["table"] if x["system"] == "mtl-dist")
+    assert r["ours_vs_peer"] == {x["system"]: fastest / x["samples_per_s"] for x in peers}
 
 
 def test_step_profile_splits_the_step(result):
