@@ -182,6 +182,9 @@ def quiet_third_party_logs() -> None:
     warnings.filterwarnings("ignore", message=".*an autograd kernel was not registered.*")
 
 
+WARMUP_STEPS = 10  # steps left out of the steady-state throughput
+
+
 class Telemetry:
     """What the train loop reports each step, in one place: losses, the balancer's task
     weights, learning rates, samples/s (per rank and global), step phases, peak memory, gate
@@ -227,6 +230,9 @@ class Telemetry:
         self.weights: list[float] = []
         self.train_s = 0.0  # training wall time (validation excluded)
         self.global_rate = 0.0  # samples/s over all ranks, as of the last write
+        # samples/s over all ranks after WARMUP_STEPS (first-step tracing and warm-up excluded)
+        self.steady_rate = 0.0
+        self._warm: tuple[int, float] | None = None  # (step, training seconds) at warm-up's end
         self._since = time.perf_counter()
         self.profile: dict[str, object] = {}
         self._profiler: torch.profiler.profile | None = None
@@ -268,6 +274,8 @@ class Telemetry:
         if every and step % every == 0 and self.head.gate_experts:
             for name, fig in heatmaps(self.head.gate_experts, self.head.last_gates).items():
                 mon.figure(f"gates/{name}/heatmap", fig, step)
+        if step == self.start_step + WARMUP_STEPS:
+            self._warm = (step, self.train_s + time.perf_counter() - self._since)
         if step % cfg.train.log_every == 0 or flush:
             self._write(step)
         if cfg.monitor.profile_steps:
@@ -304,9 +312,14 @@ class Telemetry:
         self._since = now
         means = (self.loss_sum / self.loss_steps).tolist()
         rate = (step - self.start_step) * self.cfg.train.batch_size / self.train_s
-        total_rate = float(all_mean(torch.tensor([rate], device=self.info.device))) * (
-            self.info.world_size
-        )
+        steady = 0.0
+        if self._warm is not None and step > self._warm[0]:
+            steady = (
+                (step - self._warm[0]) * self.cfg.train.batch_size / (self.train_s - self._warm[1])
+            )
+        rates = all_mean(torch.tensor([rate, steady], device=self.info.device))
+        total_rate = float(rates[0]) * self.info.world_size
+        self.steady_rate = float(rates[1]) * self.info.world_size
         scalars = dict(zip(self.loss_tags, means))
         scalars["train/loss"] = sum(means)
         scalars["perf/samples_per_s"] = rate

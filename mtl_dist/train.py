@@ -304,6 +304,7 @@ def train(cfg: JobConfig, info: DistInfo) -> dict[str, object]:
         "steps": step,
         "world_size": info.world_size,
         "samples_per_s": telemetry.global_rate,
+        "steady_samples_per_s": telemetry.steady_rate,  # after the first 10 steps (0: shorter)
         "elapsed_s": elapsed,
         "train_s": telemetry.train_s,
         "metrics": metrics,

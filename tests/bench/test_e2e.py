@@ -48,6 +48,9 @@ def test_every_figure_is_finite_and_plausible(result):
             assert 0.55 < row["auc"][t] < row["oracle_auc"][t] + 0.05, (row["system"], t)
             assert row["oracle_auc"][t] == pytest.approx(r["oracle_auc"][t])
     assert r["scaling"] > 0 and math.isfinite(r["scaling"])
+    assert r["scaling_steady"] > 0 and math.isfinite(r["scaling_steady"])
+    for row in r["table"][:2]:  # ours: the rate after 10 warm-up steps is reported too
+        assert row["steady_samples_per_s"] > 0
     peers = [x for x in r["table"] if x["system"] != "mtl-dist"]
     for row in r["table"]:
         assert (row["speed_vs_best_peer"] is None) == (not peers)
