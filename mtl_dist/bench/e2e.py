@@ -173,6 +173,22 @@ def run_peers(data: str, args: argparse.Namespace) -> list[dict[str, object]]:
     return rows
 
 
+def best_of_rounds(
+    data: str, layouts: list[tuple[int, int]], args: argparse.Namespace
+) -> list[dict[str, object]]:
+    """``--repeats`` rounds of every system, taking turns so a noisy neighbour slows them alike;
+    each row is its fastest round (the AUCs are the same every round: same seed)."""
+    rounds: dict[tuple[str, str], list[dict[str, object]]] = {}
+    for _ in range(args.repeats):
+        ours = [run_ours(data, procs, threads, args, []) for procs, threads in layouts]
+        for r in ours + run_peers(data, args):
+            rounds.setdefault((r["system"], r["layout"]), []).append(r)
+    return [
+        {**max(rs, key=lambda r: r["samples_per_s"]), "rounds": [r["samples_per_s"] for r in rs]}
+        for rs in rounds.values()
+    ]
+
+
 LEVERS = {  # name: overrides of our defaults, each measured alone against the defaults
     "defaults": [],
     "no TrainPipelineSparseDist": ["--sharding.pipeline", "false"],
@@ -314,6 +330,9 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     p.add_argument(
         "--hw-seconds", type=float, default=3.0, help="seconds per matmul-rate measurement"
     )
+    p.add_argument(
+        "--repeats", type=int, default=1, help="rounds of every system; the fastest is kept"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=1800, help="seconds per training run")
     p.add_argument("--out", default="runs/bench_e2e", help="e2e.md and e2e.json go here")
@@ -323,8 +342,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     data, meta = dataset(args.data_root, args.rows, args.test_rows, args.seed)
     hw = hardware_baseline(args.hw_seconds)
     flops = model_flops_per_sample(meta)
-    rows = [run_ours(data, procs, threads, args, []) for procs, threads in layouts]
-    rows += run_peers(data, args)
+    rows = best_of_rounds(data, layouts, args)
     result: dict[str, object] = {
         "device": "cuda" if torch.cuda.is_available() else "cpu",
         "cores": os.cpu_count(),
