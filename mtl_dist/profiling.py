@@ -13,8 +13,8 @@ steps and writes ``profile_rank<r>.json``; rank 0 prints the table. Each profile
 * ``dense_bwd``: everything else the autograd engine runs; ``dense_fwd``: everything else;
 * ``python``: the step's wall time no operator accounts for (interpreter and framework code).
 
-Shares are of the mean step wall time. On CUDA the CPU times are launch costs; there the
-profile also records device time per op (``cuda_ms``), not split by phase.
+Shares are of the mean step wall time. On CUDA the CPU times are host (launch) costs only:
+device time is not recorded.
 """
 
 from __future__ import annotations

@@ -59,17 +59,24 @@ def layout(spec: str) -> tuple[int, int]:
     return procs, threads
 
 
-def run_ours(
+def train_ours(
     data: str, procs: int, threads: int, args: argparse.Namespace, extra: list[str]
 ) -> dict[str, object]:
-    """One epoch of ours; the row of the table."""
+    """One torchrun training of ours on ``data`` (the benchmark's batch and seed); its metrics."""
     overrides = [
         "--data.train_path", f"{data}/train", "--data.val_path", f"{data}/val",
         "--train.batch_size", str(args.batch), "--train.seed", str(args.seed),
         "--checkpoint.at_end", "false", *extra,
     ]  # fmt: skip
+    return run_training(CONFIG, overrides, procs, threads, timeout=args.timeout)
+
+
+def run_ours(
+    data: str, procs: int, threads: int, args: argparse.Namespace, extra: list[str]
+) -> dict[str, object]:
+    """One epoch of ours; the row of the table."""
     t0 = time.perf_counter()
-    m = run_training(CONFIG, overrides, procs, threads, timeout=args.timeout)
+    m = train_ours(data, procs, threads, args, extra)
     val = m["metrics"]
     return {
         "system": "mtl-dist",
@@ -97,11 +104,7 @@ def profile_ours(
         "--train.max_steps", str(after + args.profile_steps),
         "--train.val_max_batches", "1", "--monitor.attribution", "false",
     ]  # fmt: skip
-    overrides = [
-        "--data.train_path", f"{data}/train", "--data.val_path", f"{data}/val",
-        "--train.batch_size", str(args.batch), "--checkpoint.at_end", "false", *extra,
-    ]  # fmt: skip
-    profile = run_training(CONFIG, overrides, procs, threads, timeout=args.timeout)["profile"]
+    profile = train_ours(data, procs, threads, args, extra)["profile"]
     if not profile:
         raise RuntimeError(
             f"{procs}x{threads}: an epoch of {args.rows} rows is shorter than the {after} warm-up "
