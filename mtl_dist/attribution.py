@@ -108,7 +108,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=2048)
     a = p.parse_args(argv)
     cfg, model = load_exported(a.model)
-    conv = ArrowBatchConverter(cfg.features.sparse, cfg.features.dense, cfg.tasks)
+    # labels only to skip unlabelled padding rows: sample weights and truth are not read
+    conv = ArrowBatchConverter(
+        cfg.features.sparse, cfg.features.dense, cfg.tasks, sample_weights=False, truth=False
+    )
     reader = ParquetBatchReader(list_parquet_files(a.data), conv, a.batch_size, drop_last=False)
     batches = itertools.islice(iter(reader), a.batches)
     features, attr = feature_attribution(model.model, batches, torch.device("cpu"))

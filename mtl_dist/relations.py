@@ -51,7 +51,9 @@ def read_labels(path: str, tasks: list[TaskSpec], max_rows: int = 0) -> dict[str
         y = col.cast("float64").to_numpy(zero_copy_only=False).astype(np.float64)
         y[np.isin(y, t.missing_values)] = np.nan  # sentinels such as -1 mean "no label"
         if t.kind == "regression" and t.transform == "log1p":
-            y = np.log1p(y)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                y = np.log1p(y)
+        y[~np.isfinite(y)] = np.nan  # ±inf (or log1p of a value <= -1) is no label either
         out[t.name] = y
     return out
 

@@ -25,12 +25,18 @@ from mtl_dist.export import load_exported
 
 @torch.no_grad()
 def score(model_path: Path, data: str, out: Path, keep: list[str], batch_size: int) -> int:
-    """Score every row of ``data`` into ``out``; returns the row count."""
+    """Score every row of ``data`` into ``out``; returns the row count.
+
+    Raises ``ValueError`` naming the file, task and row when a prediction is not finite (a
+    diverged model, or a ``log1p`` value whose ``expm1`` overflows float32). The file is written
+    as ``<out>.partial`` and renamed when complete: a failed run leaves no ``out`` behind.
+    """
     cfg, model = load_exported(model_path)
     conv = ArrowBatchConverter(
         cfg.features.sparse, cfg.features.dense, [], dense_nan=cfg.data.dense_nan
     )  # features only
     rows, writer = 0, None
+    partial = out.with_name(out.name + ".partial")
     try:
         for path in list_parquet_files(data):
             pf = pq.ParquetFile(path)
@@ -49,15 +55,30 @@ def score(model_path: Path, data: str, out: Path, keep: list[str], batch_size: i
                 for j, t in enumerate(cfg.tasks):
                     y = preds[:, j]
                     if t.kind == "regression" and t.transform == "log1p":
-                        y = np.expm1(y)
-                    cols[f"pred_{t.name}"] = pa.array(y.astype(np.float32))
+                        with np.errstate(over="ignore"):
+                            y = np.expm1(y)
+                    y = y.astype(np.float32)
+                    bad = ~np.isfinite(y)
+                    if bad.any():
+                        i = int(bad.argmax())
+                        raise ValueError(
+                            f"{path}: {int(bad.sum())} prediction(s) of task {t.name} not finite "
+                            f"in float32, e.g. row {rows + i} of the output: {float(preds[i, j])!r}"
+                            + (" before expm1 (log1p task)" if t.transform == "log1p" else "")
+                        )
+                    cols[f"pred_{t.name}"] = pa.array(y)
                 result = pa.table(cols)
-                writer = writer or pq.ParquetWriter(out, result.schema)
+                writer = writer or pq.ParquetWriter(partial, result.schema)
                 writer.write_table(result)
                 rows += result.num_rows
-    finally:
+    except BaseException:
         if writer is not None:
             writer.close()
+        partial.unlink(missing_ok=True)
+        raise
+    if writer is not None:
+        writer.close()
+        partial.replace(out)
     return rows
 
 

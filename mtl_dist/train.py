@@ -61,22 +61,22 @@ def validation_loader(reader: ParquetBatchReader, cfg: DataConfig) -> StatefulDa
 
 
 def build_readers(cfg: JobConfig, info: DistInfo) -> tuple[ParquetBatchReader, ParquetBatchReader]:
-    """Training reader (drops ragged batches) and validation reader (pads them: every row counts;
-    it also reads the GAUC group column)."""
+    """Training reader (drops ragged batches; reads sample weights, not the oracle's truth) and
+    validation reader (pads them so every row counts; reads truth and the GAUC group column,
+    not sample weights). A file needs only the columns its reader uses."""
 
-    def reader(path: str, drop_last: bool, group_by: str = "") -> ParquetBatchReader:
+    def reader(path: str, training: bool) -> ParquetBatchReader:
         converter = ArrowBatchConverter(
-            cfg.features.sparse, cfg.features.dense, cfg.tasks, group_by, cfg.data.dense_nan
-        )
+            cfg.features.sparse, cfg.features.dense, cfg.tasks,
+            group_by="" if training else cfg.train.gauc_by, dense_nan=cfg.data.dense_nan,
+            sample_weights=training, truth=not training,
+        )  # fmt: skip
         return ParquetBatchReader(
             list_parquet_files(path), converter, cfg.train.batch_size, info.rank, info.world_size,
-            cfg.data.num_workers, drop_last=drop_last,
+            cfg.data.num_workers, drop_last=training,
         )  # fmt: skip
 
-    return (
-        reader(cfg.data.train_path, True),
-        reader(cfg.data.val_path, False, cfg.train.gauc_by),
-    )
+    return reader(cfg.data.train_path, True), reader(cfg.data.val_path, False)
 
 
 class StepRunner:

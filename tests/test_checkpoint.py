@@ -221,3 +221,26 @@ def test_finished_run_continues_with_another_epoch(tmp_path):
     proc = run(data, tmp_path / "run", *one, "--train.epochs", "2", nproc=1)
     assert "at step 16, epoch 1" in proc.stdout
     assert metrics(tmp_path / "run")["steps"] == 32
+
+
+def test_score_refuses_a_prediction_that_overflows_its_label_unit(reference, synth_data, tmp_path):
+    """A log1p task's prediction of 1000 maps to expm1(1000) = inf seconds: scoring stops naming
+    the task and leaves no output file (the sibling of the label cast, on the way out)."""
+    from mtl_dist.export import export_checkpoint
+
+    model = tmp_path / "model.pt"
+    export_checkpoint(reference / "checkpoints" / "step_00000060", model)
+    blob = torch.load(model, weights_only=True)
+    bias = blob["state_dict"]["model.head.towers.mlp.biases.1"]  # [T, 1, 1]: output units
+    bias[2] = 1000.0  # watch_time (log1p seconds)
+    torch.save(blob, model)
+    preds = tmp_path / "preds.parquet"
+    proc = subprocess.run(
+        [sys.executable, "-m", "mtl_dist.score", "--model", str(model),
+         "--data", str(synth_data / "val"), "--out", str(preds)],
+        cwd=ROOT, capture_output=True, text=True,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert "prediction(s) of task watch_time not finite in float32" in proc.stderr
+    assert "before expm1" in proc.stderr
+    assert not preds.exists() and not preds.with_name(preds.name + ".partial").exists()

@@ -155,12 +155,16 @@ class ArrowBatchConverter:
         tasks: list[TaskSpec],
         group_by: str = "",
         dense_nan: str = "error",
+        sample_weights: bool = True,
+        truth: bool = True,
     ) -> None:
         self.sparse = sparse
         self.dense = dense
         self.dense_nan = dense_nan
         self.tasks = tasks
         self.group_by = group_by
+        self.use_sample_weights = sample_weights
+        self.use_truth = truth
         self.keys = [f.name for f in sparse]
         names = [t.name for t in tasks]
         self.conditions = [names.index(t.condition) if t.condition else -1 for t in tasks]
@@ -170,7 +174,9 @@ class ArrowBatchConverter:
         """The Parquet columns this converter reads."""
         cols = [f.name for f in self.sparse] + list(self.dense)
         for t in self.tasks:
-            cols += [t.label] + [c for c in (t.truth, t.sample_weight) if c]
+            cols.append(t.label)
+            cols += [t.truth] if t.truth and self.use_truth else []
+            cols += [t.sample_weight] if t.sample_weight and self.use_sample_weights else []
         cols += [self.group_by] if self.group_by else []
         return list(dict.fromkeys(cols))
 
@@ -201,7 +207,9 @@ class ArrowBatchConverter:
         """Flat ids and per-row bag lengths ``[n]`` of one sparse column, after ``invalid_ids``.
 
         Invalid ids are nulls inside a list and, without ``hash_buckets``, ids outside
-        ``[0, vocab_size)``; a null single-hot id is an empty bag, never invalid.
+        ``[0, vocab_size)``; a null single-hot id is an empty bag, never invalid. Ids are checked
+        and hashed in their stored integer type (a uint64 id beyond int64 is not wrapped to a
+        negative one first) and returned as int64.
         """
         arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
         if not _is_ids(arr.type):
@@ -211,7 +219,7 @@ class ArrowBatchConverter:
         if pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type):
             lengths = pc.fill_null(pc.list_value_length(arr), 0).to_numpy().astype(np.int32)
             flat = arr.flatten()
-            ids = pc.fill_null(flat, 0).to_numpy(zero_copy_only=False).astype(np.int64)
+            ids = pc.fill_null(flat, 0).to_numpy(zero_copy_only=False)
             nulls = ~flat.is_valid().to_numpy(zero_copy_only=False) if flat.null_count else None
         else:
             if arr.null_count:
@@ -222,7 +230,9 @@ class ArrowBatchConverter:
                 ids = arr.to_numpy()
                 lengths = np.ones(len(arr), dtype=np.int32)
             nulls = None
-        ids = ids.astype(np.int64, copy=False)
+        # every integer type but uint64 fits int64; uint64 stays unsigned until checked
+        wide = np.uint64 if ids.dtype == np.uint64 else np.int64
+        ids = ids.astype(wide, copy=False)
         if nulls is not None:
             if f.invalid_ids == "error":
                 raise ValueError(
@@ -231,10 +241,10 @@ class ArrowBatchConverter:
                 )
             ids, lengths = _drop(ids, lengths, nulls)
         if f.hash_buckets:
-            return np.mod(ids, f.hash_buckets), lengths
-        bad = (ids < 0) | (ids >= f.vocab_size)
+            return np.mod(ids, wide(f.hash_buckets)).astype(np.int64), lengths
+        bad = (ids < 0) | (ids >= f.vocab_size) if wide is np.int64 else ids >= f.vocab_size
         if not bad.any():
-            return ids, lengths
+            return ids.astype(np.int64, copy=False), lengths
         if f.invalid_ids == "error":
             raise ValueError(
                 f"column '{f.name}': id {int(ids[bad][0])} outside [0, {f.vocab_size}) "
@@ -242,10 +252,11 @@ class ArrowBatchConverter:
                 "invalid_ids = 'clip' | 'hash' | 'drop')"
             )
         if f.invalid_ids == "clip":
-            return np.clip(ids, 0, f.vocab_size - 1), lengths
+            return np.clip(ids, 0, f.vocab_size - 1).astype(np.int64), lengths
         if f.invalid_ids == "hash":
-            return np.mod(ids, f.vocab_size), lengths
-        return _drop(ids, lengths, bad)
+            return np.mod(ids, wide(f.vocab_size)).astype(np.int64), lengths
+        ids, lengths = _drop(ids, lengths, bad)
+        return ids.astype(np.int64), lengths
 
     def decode(self, table: pa.Table) -> Columns:
         """Arrow rows → host :class:`Columns` (one pass per column; errors name the column)."""
@@ -262,9 +273,10 @@ class ArrowBatchConverter:
         if bad.any():  # NaN, ±inf, or a float64 beyond float32's range
             if self.dense_nan == "error":
                 j = int(bad.any(axis=0).argmax())
+                stored = _numbers(table.column(self.dense[j]), self.dense[j], 0.0, np.float64)
                 raise ValueError(
-                    f"column '{self.dense[j]}': {int(bad[:, j].sum())} dense value(s) not finite, "
-                    f"e.g. {float(dense[bad[:, j], j][0])} (fix the data or set "
+                    f"column '{self.dense[j]}': {int(bad[:, j].sum())} dense value(s) not finite "
+                    f"in float32, e.g. {float(stored[bad[:, j]][0])!r} (fix the data or set "
                     "data.dense_nan = 'zero')"
                 )
             dense[bad] = 0.0
@@ -274,13 +286,13 @@ class ArrowBatchConverter:
         truth = np.full((n, t), np.nan, dtype=np.float32)
         for j, task in enumerate(self.tasks):
             labels[:, j], observed[:, j] = self._labels(task, table.column(task.label))
-            if task.truth:
-                truth[:, j] = _numbers(table.column(task.truth), task.truth, np.nan)
+            if task.truth and self.use_truth:
+                truth[:, j] = self._truth(task, table.column(task.truth))
         mask = observed.astype(np.float32)
         for j, (task, c) in enumerate(zip(self.tasks, self.conditions)):
             if c >= 0:  # e.g. conversion counts only where click == 1
                 mask[:, j] *= observed[:, c] & (labels[:, c] == 1)
-            if task.sample_weight:
+            if task.sample_weight and self.use_sample_weights:
                 mask[:, j] *= self._sample_weights(table.column(task.sample_weight), task)
         group = (
             _numbers(table.column(self.group_by), self.group_by, 0, np.int64, integer=True)
@@ -291,44 +303,71 @@ class ArrowBatchConverter:
 
     @staticmethod
     def _labels(task: TaskSpec, col: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
-        """One task's labels ``[n]`` (0 where not observed, log1p applied) and observed ``[n]``."""
+        """One task's labels ``[n]`` as float32 (0 where not observed, log1p applied) and
+        observed ``[n]``.
+
+        Invalid: binary not 0/1; regression not finite, ≤ -1 under log1p, or beyond float32's
+        range after the transform (a finite float64 such as 1e39 would become inf in training).
+        """
         y = _numbers(col, task.label, np.nan, np.float64)
         observed = ~np.isnan(y)
         for v in task.missing_values:
             observed &= y != v
         if task.kind == "binary":
             invalid = observed & (y != 0) & (y != 1)
+            target = y
         else:
             invalid = observed & ~np.isfinite(y)
             if task.transform == "log1p":
                 invalid |= observed & (y <= -1)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                target = np.log1p(y) if task.transform == "log1p" else y
+            invalid |= observed & ~invalid & ~_fits_float32(target)
         if invalid.any():
             if task.on_invalid == "error":
                 bad = y[invalid]
                 domain = "0 or 1" if task.kind == "binary" else "a finite number"
                 if task.kind == "regression" and task.transform == "log1p":
                     domain += " > -1 (log1p)"
+                if task.kind == "regression":
+                    domain += f" within float32's range (|y| <= {FLOAT32_MAX:.3g} after transform)"
                 raise ValueError(
                     f"column '{task.label}' (task {task.name}): {bad.size} label(s) are not "
-                    f"{domain}, e.g. {float(bad[0])} (fix the data, list the value in "
+                    f"{domain}, e.g. {float(bad[0])!r} (fix the data, list the value in "
                     "missing_values, or set on_invalid = 'mask')"
                 )
             observed &= ~invalid
-        y = np.where(observed, y, 0.0)
-        if task.kind == "regression" and task.transform == "log1p":
-            y = np.log1p(y)
-        return y.astype(np.float32), observed
+        return np.where(observed, target, 0.0).astype(np.float32), observed
 
     @staticmethod
     def _sample_weights(col: pa.ChunkedArray, task: TaskSpec) -> np.ndarray:
-        w = _numbers(col, task.sample_weight, np.nan, np.float32)
-        bad = ~(np.isfinite(w) & (w >= 0))
+        """Per-row loss weights ``[n]``: finite, ≥ 0 and within float32's range, else an error."""
+        w = _numbers(col, task.sample_weight, np.nan, np.float64)
+        bad = ~(np.isfinite(w) & (w >= 0) & _fits_float32(w))
         if bad.any():
             raise ValueError(
                 f"column '{task.sample_weight}' (sample weights of task {task.name}): "
-                f"{int(bad.sum())} value(s) null, negative or not finite, e.g. {float(w[bad][0])}"
+                f"{int(bad.sum())} value(s) null, negative, not finite or beyond float32's range, "
+                f"e.g. {float(w[bad][0])!r}"
             )
-        return w
+        return w.astype(np.float32)
+
+    @staticmethod
+    def _truth(task: TaskSpec, col: pa.ChunkedArray) -> np.ndarray:
+        """The true probability / expected value ``[n]`` (NaN where null) for the oracle
+        metrics; a value that is not finite in float32 (or, for a binary task, outside [0, 1])
+        raises naming the column."""
+        t = _numbers(col, task.truth, np.nan, np.float64)
+        known = ~np.isnan(t)
+        ok = _fits_float32(t) & ((t >= 0) & (t <= 1) if task.kind == "binary" else True)
+        bad = known & ~ok
+        if bad.any():
+            domain = "a probability in [0, 1]" if task.kind == "binary" else "finite in float32"
+            raise ValueError(
+                f"column '{task.truth}' (truth of task {task.name}): {int(bad.sum())} value(s) "
+                f"not {domain}, e.g. {float(t[bad][0])!r}"
+            )
+        return t.astype(np.float32)
 
     def to_batch(self, cols: Columns, pad_to: int = 0, position: tuple[int, int] = (0, 0)) -> Batch:
         """Columns of n rows → a Batch of ``max(n, pad_to)`` rows; pad rows are masked empty bags."""
@@ -368,6 +407,15 @@ class ArrowBatchConverter:
     ) -> Batch:
         """Convert ``table`` (n rows) into a Batch of ``max(n, pad_to)`` rows; pad rows are masked."""
         return self.to_batch(self.decode(table), pad_to, position)
+
+
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def _fits_float32(x: np.ndarray) -> np.ndarray:
+    """Where float64 ``x`` stays finite when cast to float32 (NaN: False)."""
+    with np.errstate(invalid="ignore"):
+        return np.abs(x) <= FLOAT32_MAX
 
 
 def _is_ids(tp: pa.DataType) -> bool:
