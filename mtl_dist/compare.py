@@ -47,6 +47,7 @@ from typing import Any
 import numpy as np
 
 from mtl_dist.config import ConfigError, JobConfig, TaskSpec, load_config, to_dict
+from mtl_dist.metrics import label_unit
 from mtl_dist.relations import RELATION_COLUMNS, format_markdown, task_relations
 
 HEADS = ["shared_bottom", "omoe", "mmoe", "ple", "stem"]
@@ -54,7 +55,6 @@ SWEEP_HEADS = ["shared_bottom", "mmoe"]
 # metric keys that describe the data, not the model: left out of the comparison
 NOT_COMPARED = {"count", "label_mean", "pred_mean"}
 HIGHER_IS_BETTER = {"auc", "gauc"}
-MAIN_METRICS = ("auc", "mse", "mae", "logloss")
 
 
 class CompareError(RuntimeError):
@@ -169,10 +169,11 @@ def execute_all(runs: list[Run], nproc: int, force: bool = False) -> dict[str, l
         t = time.perf_counter()
         result, reused = execute(run, nproc, force)
         how = "reused" if reused else f"trained in {time.perf_counter() - t:.0f}s"
+        kinds = {t["name"]: t["kind"] for t in result["config"]["tasks"]}
         main = "  ".join(
-            f"{task} {k} {m[k]:.4f}"
+            f"{task} {k} " + (f"{m[k]:.4f}" if _number(m.get(k)) else "n/a")
             for task, m in result["metrics"].items()
-            if (k := main_metric(m)) is not None
+            for k in ["auc" if kinds.get(task) == "binary" else "mse"]
         )
         print(f"[{i}/{len(runs)}] {run.name}: {how}, {result['steps']} steps; {main}", flush=True)
         results.setdefault(run.head, []).append(result)
@@ -185,68 +186,102 @@ def execute_all(runs: list[Run], nproc: int, force: bool = False) -> dict[str, l
 
 @dataclass
 class Stat:
-    """One metric of one head and task over seeds."""
+    """One metric of one head and task over seeds.
 
-    values: list[float]  # per seed
-    oracle: float  # mean over seeds of the oracle's value (NaN without truth)
-    gap: float  # mean over seeds of |oracle - model| (NaN without truth)
+    Only the seeds where the metric is defined count (a one-class validation set has no AUC:
+    it is left out, never averaged in as a number); ``seeds`` is how many runs there were.
+    """
+
+    values: list[float]  # per seed where the metric is defined
+    oracle: float  # mean over those seeds of the oracle's value (NaN without truth)
+    gap: float  # mean over seeds with both of |oracle - model| (NaN without)
+    seeds: int = 0  # runs in all (0: as many as values)
+    reasons: tuple[str, ...] = ()  # why the metric is undefined in the other runs
+
+    @property
+    def defined(self) -> bool:
+        return bool(self.values)
 
     @property
     def mean(self) -> float:
-        return float(np.mean(self.values))
+        return float(np.mean(self.values)) if self.values else math.nan
 
     @property
     def std(self) -> float:
         """Sample std over seeds (ddof = 1); 0 for a single seed."""
         return float(np.std(self.values, ddof=1)) if len(self.values) > 1 else 0.0
 
+    @property
+    def partial(self) -> bool:
+        return 0 < len(self.values) < self.seeds
+
 
 Summary = dict[str, dict[str, dict[str, Stat]]]  # head -> task -> metric -> Stat
 
 
 def _number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def main_metric(m: dict[str, Any]) -> str | None:
-    """The metric a task is judged by: AUC (binary), MSE (regression), else the first one."""
-    keys = [k for k, v in m.items() if _number(v) and k not in NOT_COMPARED]
-    keys = [k for k in keys if not k.startswith("oracle_")]
-    return next((k for k in MAIN_METRICS if k in keys), keys[0] if keys else None)
+def task_main_metric(task: TaskSpec) -> str:
+    """The metric a task is judged by in tables and charts: AUC (binary), MSE (regression)."""
+    return "auc" if task.kind == "binary" else "mse"
+
+
+def _mean(xs: list[float]) -> float:
+    return float(np.mean(xs)) if xs else math.nan
 
 
 def summarize(results: dict[str, list[dict]], tasks: list[TaskSpec]) -> Summary:
     """Per head, task and metric: values over seeds, oracle, gap (see :class:`Stat`).
 
-    Metric keys are read generically: every numeric key of a task's metrics except the data's
-    own (count, label/pred mean) and the ``oracle_*`` keys, which pair with their metric.
+    Metric keys are read generically: every numeric key of a task's metrics in any seed except
+    the data's own (count, label/pred mean) and the ``oracle_*`` keys, which pair with their
+    metric. A seed where a metric is undefined (absent, listed under ``undefined``) adds no
+    value; its reason is kept.
     """
     summary: Summary = {}
     for head, runs in results.items():
         summary[head] = {}
         for t in tasks:
             per_seed = [r["metrics"].get(t.name, {}) for r in runs]
-            keys = [k for k, v in per_seed[0].items() if _number(v)]
-            keys = [k for k in keys if k not in NOT_COMPARED and not k.startswith("oracle_")]
+            keys = [k for m in per_seed for k, v in m.items() if _number(v)]
+            keys += [k for m in per_seed for k in m.get("undefined", {})]
+            keys = [k for k in dict.fromkeys(keys) if k not in NOT_COMPARED]
             stats = {}
-            for k in keys:
-                values = [float(m.get(k, math.nan)) for m in per_seed]
-                oracles = [float(m.get(f"oracle_{k}", math.nan)) for m in per_seed]
-                gaps = [abs(o - v) for o, v in zip(oracles, values)]
-                stats[k] = Stat(values, float(np.mean(oracles)), float(np.mean(gaps)))
+            for k in [k for k in keys if not k.startswith("oracle_")]:
+                values = [float(m[k]) for m in per_seed if _number(m.get(k))]
+                oracles = [
+                    float(m[f"oracle_{k}"]) for m in per_seed if _number(m.get(f"oracle_{k}"))
+                ]
+                gaps = [
+                    abs(float(m[f"oracle_{k}"]) - float(m[k]))
+                    for m in per_seed
+                    if _number(m.get(k)) and _number(m.get(f"oracle_{k}"))
+                ]
+                reasons = tuple(
+                    dict.fromkeys(
+                        m["undefined"][k] for m in per_seed if k in m.get("undefined", {})
+                    )
+                )
+                stats[k] = Stat(values, _mean(oracles), _mean(gaps), len(runs), reasons)
             summary[head][t.name] = stats
     return summary
 
 
 def summary_rows(summary: Summary, results: dict[str, list[dict]]) -> list[dict[str, Any]]:
-    """One flat row per head (the CSV): ``<task>/<metric>_{mean,std,oracle,gap}`` columns."""
+    """One flat row per head (the CSV): ``<task>/<metric>_{mean,std,oracle,gap,seeds}``
+    columns; an undefined metric's cells stay empty."""
     rows = []
     for head, tasks in summary.items():
         runs = results[head]
         row: dict[str, Any] = {"head": head, "seeds": len(runs)}
         for task, stats in tasks.items():
             for k, s in stats.items():
+                if not s.defined:
+                    continue
                 row.update({f"{task}/{k}_mean": s.mean, f"{task}/{k}_std": s.std})
+                row[f"{task}/{k}_seeds"] = len(s.values)
                 if not math.isnan(s.oracle):
                     row.update({f"{task}/{k}_oracle": s.oracle, f"{task}/{k}_gap": s.gap})
         row["samples_per_s"] = float(np.mean([r["samples_per_s"] for r in runs]))
@@ -265,7 +300,12 @@ def write_csv(path: Path, rows: list[dict[str, Any]], columns: list[str] | None 
 
 
 def _pm(s: Stat) -> str:
-    return f"{s.mean:.4f} ± {s.std:.4f}"
+    """``mean ± std``, ``(k of n seeds)`` when some seeds leave it undefined, ``n/a`` when all do."""
+    if not s.defined:
+        return "n/a"
+    return f"{s.mean:.4f} ± {s.std:.4f}" + (
+        f" ({len(s.values)} of {s.seeds} seeds)" if s.partial else ""
+    )
 
 
 def summary_markdown(summary: Summary, tasks: list[TaskSpec], seeds: int) -> str:
@@ -295,13 +335,26 @@ def summary_markdown(summary: Summary, tasks: list[TaskSpec], seeds: int) -> str
                 s = stats.get(k)
                 cells.append(_pm(s) if s else "")
                 if k in with_oracle:
-                    cells.append(f"{s.gap:.4f}" if s else "")
+                    cells.append(f"{s.gap:.4f}" if s and not math.isnan(s.gap) else "")
             lines.append("| " + " | ".join(cells) + " |")
         oracle = ["oracle"]
         for k in keys:
             o = [summary[h][t.name][k].oracle for h in heads if k in summary[h].get(t.name, {})]
-            oracle += [f"{np.nanmean(o):.4f}", ""] if k in with_oracle else [""]
+            o = [x for x in o if not math.isnan(x)]
+            oracle += [f"{np.mean(o):.4f}" if o else "", ""] if k in with_oracle else [""]
         lines.append("| " + " | ".join(oracle) + " |")
+        notes = {
+            f"{k}: {r}"
+            for h in heads
+            for k, s in summary[h].get(t.name, {}).items()
+            for r in s.reasons
+        }
+        if notes:
+            lines.append(
+                "\nUndefined in some runs (left out of the mean): " + "; ".join(sorted(notes))
+            )
+        if t.kind == "regression" and t.transform == "log1p":
+            lines.append(f"\nMSE / MAE in {label_unit(t)} units.")
         out += lines
     return "\n".join(out) + "\n"
 
@@ -317,17 +370,17 @@ def plot_summary(path: Path, summary: Summary, tasks: list[TaskSpec]) -> None:
     heads = list(summary)
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 4.2), squeeze=False)
     for ax, t in zip(axes[0], tasks):
-        first = summary[heads[0]].get(t.name, {})
-        k = main_metric({key: 0.0 for key in first})
-        if k is None:
-            ax.set_visible(False)
+        k = task_main_metric(t)
+        stats = [summary[h][t.name].get(k, Stat([], math.nan, math.nan)) for h in heads]
+        if not any(s.defined for s in stats):
+            ax.set_title(f"{t.name}: {k} undefined")
             continue
-        stats = [summary[h][t.name][k] for h in heads]
-        means = np.array([s.mean for s in stats])
+        means = np.array([s.mean for s in stats])  # NaN (no bar) where undefined
         stds = np.array([s.std for s in stats])
         ax.bar(range(len(heads)), means, yerr=stds, capsize=4, color="tab:blue", alpha=0.8)
-        oracle = float(np.nanmean([s.oracle for s in stats]))
-        lo, hi = float(np.min(means - stds)), float(np.max(means + stds))
+        known = [s.oracle for s in stats if not math.isnan(s.oracle)]
+        oracle = float(np.mean(known)) if known else math.nan
+        lo, hi = float(np.nanmin(means - stds)), float(np.nanmax(means + stds))
         if not math.isnan(oracle):
             ax.axhline(oracle, color="black", linestyle="--", label=f"oracle {oracle:.4f}")
             lo, hi = min(lo, oracle), max(hi, oracle)
@@ -380,8 +433,9 @@ def advantage(head: list[dict], base: list[dict], task: str, k: str) -> Stat:
     """``head`` − ``base`` on metric ``k``, oriented so positive = ``head`` is better, paired by
     seed (same seed: same data order)."""
     sign = 1.0 if k in HIGHER_IS_BETTER else -1.0
-    diffs = [sign * (h["metrics"][task][k] - b["metrics"][task][k]) for h, b in zip(head, base)]
-    return Stat(diffs, math.nan, math.nan)
+    pairs = [(h["metrics"][task].get(k), b["metrics"][task].get(k)) for h, b in zip(head, base)]
+    diffs = [sign * (x - y) for x, y in pairs if _number(x) and _number(y)]
+    return Stat(diffs, math.nan, math.nan, len(pairs))
 
 
 def sweep_tables(
@@ -390,10 +444,7 @@ def sweep_tables(
     """Rows (correlation × head: main metric per task, advantage over ``baseline``) and the
     Markdown of the sweep."""
     rows = []
-    mains = {}
-    for t in tasks:
-        first = next(iter(next(iter(per_rho.values())).values()))[0]["metrics"][t.name]
-        mains[t.name] = main_metric(first)
+    mains = {t.name: task_main_metric(t) for t in tasks}
     metric_cols = [f"{t.name} {mains[t.name]}" for t in tasks]
     md = [
         "Main metric per task, mean ± sample std over seeds (gap = mean |oracle − model|):\n",
@@ -413,14 +464,20 @@ def sweep_tables(
             cells, adv_cells = [], []
             for t in tasks:
                 k = mains[t.name]
-                s = summary[head][t.name][k]
-                row.update({f"{t.name}/{k}_mean": s.mean, f"{t.name}/{k}_std": s.std})
-                row[f"{t.name}/{k}_gap"] = s.gap
-                cells.append(f"{_pm(s)} | {s.gap:.4f}")
+                s = summary[head][t.name].get(k, Stat([], math.nan, math.nan, len(runs)))
+                if s.defined:
+                    row.update({f"{t.name}/{k}_mean": s.mean, f"{t.name}/{k}_std": s.std})
+                    if not math.isnan(s.gap):
+                        row[f"{t.name}/{k}_gap"] = s.gap
+                gap = "" if math.isnan(s.gap) else f"{s.gap:.4f}"
+                cells.append(f"{_pm(s)} | {gap}")
                 if head != baseline and baseline in results:
                     a = advantage(runs, results[baseline], t.name, k)
-                    row.update({f"{t.name}/{k}_adv_mean": a.mean, f"{t.name}/{k}_adv_std": a.std})
-                    adv_cells.append(f"{a.mean:+.4f} ± {a.std:.4f}")
+                    if a.defined:
+                        row.update(
+                            {f"{t.name}/{k}_adv_mean": a.mean, f"{t.name}/{k}_adv_std": a.std}
+                        )
+                    adv_cells.append(f"{a.mean:+.4f} ± {a.std:.4f}" if a.defined else "n/a")
             rows.append(row)
             md.append(f"| {rho:g} | {head} | " + " | ".join(cells) + " |")
             if adv_cells:

@@ -10,7 +10,10 @@ validation set (equal to scikit-learn's on the concatenated predictions), not me
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -61,32 +64,89 @@ def group_auc(pred: np.ndarray, label: np.ndarray, group: np.ndarray) -> float:
     return float((auc * size[ok]).sum() / size[ok].sum())
 
 
+def _two_classes(y: torch.Tensor) -> str:
+    """Why a ranking metric of labels ``y`` is undefined ('' when both classes occur)."""
+    pos, n = int(y.sum()), y.numel()
+    if 0 < pos < n:
+        return ""
+    return f"one class only: {pos:,} positive(s) among {n:,} labelled rows"
+
+
+def label_unit(task: TaskSpec) -> str:
+    """The unit regression metrics of ``task`` are in: the label's, or log1p of it."""
+    return f"log1p({task.label})" if task.transform == "log1p" else task.label
+
+
 def task_metrics(
     task: TaskSpec,
     pred: torch.Tensor,
     label: torch.Tensor,
     truth: torch.Tensor,
     group: torch.Tensor | None = None,
-) -> dict[str, float]:
-    """Metrics of one task on its labelled rows (1-D tensors of equal length)."""
-    out: dict[str, float] = {"count": float(label.numel())}
+) -> dict[str, Any]:
+    """Metrics of one task on its labelled rows (1-D tensors of equal length).
+
+    Every figure is a finite float. A metric that is undefined on these rows — AUC, GAUC and
+    their oracle twins with one class only, calibration without a positive, every metric
+    without a labelled row, the oracle's without truth on every row — is left out and its
+    reason kept under ``"undefined"`` (``{metric: reason}``), never reported as a number
+    (torchmetrics returns AUC 0 for one class). Regression figures are in the unit under
+    ``"unit"``: the label's, or ``log1p(label)`` for a ``log1p`` task (MSE: its square).
+    """
+    out: dict[str, Any] = {"count": float(label.numel())}
+    undefined: dict[str, str] = {}
+    names = (
+        ["auc", "logloss", "calibration"] + (["gauc"] if group is not None else [])
+        if task.kind == "binary"
+        else ["mse", "mae"]
+    )
+    if task.kind == "regression":
+        out["unit"] = label_unit(task)
     if label.numel() == 0:
+        out["undefined"] = {k: "no labelled row" for k in names}
         return out
     has_truth = not torch.isnan(truth).any()
+    if not has_truth and task.truth:
+        missing = int(torch.isnan(truth).sum())
+        undefined.update(
+            {
+                f"oracle_{k}": f"truth missing on {missing:,} row(s)"
+                for k in names
+                if k != "calibration"
+            }
+        )
     if task.kind == "binary":
         y = label.double()
-        out["auc"] = float(binary_auroc(pred.double(), label.long()))
+        one_class = _two_classes(y)
+        if one_class:
+            undefined["auc"] = one_class
+            if has_truth:
+                undefined["oracle_auc"] = one_class
+        else:
+            out["auc"] = float(binary_auroc(pred.double(), label.long()))
         out["logloss"] = _logloss(pred, y)
         out["label_mean"] = float(y.mean())
         out["pred_mean"] = float(pred.double().mean())
-        out["calibration"] = out["pred_mean"] / out["label_mean"] if out["label_mean"] else math.nan
+        if out["label_mean"] > 0:
+            out["calibration"] = out["pred_mean"] / out["label_mean"]
+        else:
+            undefined["calibration"] = "no positive label (mean label 0)"
         if group is not None:
-            out["gauc"] = group_auc(pred.double().numpy(), label.numpy(), group.numpy())
+            gauc = group_auc(pred.double().numpy(), label.numpy(), group.numpy())
+            if math.isnan(gauc):
+                undefined["gauc"] = "no group has both classes"
+            else:
+                out["gauc"] = gauc
         if has_truth:
-            out["oracle_auc"] = float(binary_auroc(truth.double(), label.long()))
+            if not one_class:
+                out["oracle_auc"] = float(binary_auroc(truth.double(), label.long()))
             out["oracle_logloss"] = _logloss(truth, y)
             if group is not None:
-                out["oracle_gauc"] = group_auc(truth.double().numpy(), label.numpy(), group.numpy())
+                gauc = group_auc(truth.double().numpy(), label.numpy(), group.numpy())
+                if math.isnan(gauc):
+                    undefined["oracle_gauc"] = "no group has both classes"
+                else:
+                    out["oracle_gauc"] = gauc
     else:
         err = pred.double() - label.double()
         out["mse"] = float(err.square().mean())
@@ -95,7 +155,18 @@ def task_metrics(
             terr = truth.double() - label.double()
             out["oracle_mse"] = float(terr.square().mean())
             out["oracle_mae"] = float(terr.abs().mean())
+    for k, v in list(out.items()):  # a non-finite figure (a diverged model) is not a value
+        if isinstance(v, float) and not math.isfinite(v):
+            del out[k]
+            undefined[k] = f"not finite ({v})"
+    if undefined:
+        out["undefined"] = undefined
     return out
+
+
+def numeric(metrics: dict[str, Any]) -> dict[str, float]:
+    """The figures of one task's metrics (without ``unit`` / ``undefined``)."""
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
 
 
 def compute_metrics(
@@ -105,7 +176,7 @@ def compute_metrics(
     mask: torch.Tensor,
     truth: torch.Tensor,
     group: torch.Tensor | None = None,
-) -> dict[str, dict[str, float]]:
+) -> dict[str, dict[str, Any]]:
     """``preds, labels, mask, truth``: this rank's ``[N, T]`` (``group`` ``[N]`` for GAUC);
     returns ``{task: {metric: value}}`` over all ranks' rows (every rank gets the same)."""
     # gathered on their device (nccl needs CUDA tensors), measured on the CPU
@@ -124,25 +195,56 @@ def compute_metrics(
     return result
 
 
-def format_table(tasks: list[TaskSpec], metrics: dict[str, dict[str, float]]) -> str:
-    """Human-readable per-task table: model vs oracle."""
+def json_safe(obj: Any) -> Any:
+    """``obj`` with every non-finite float replaced by ``None`` (``null``): what
+    ``json.dump(..., allow_nan=False)`` accepts. Metrics carry their reasons already; this is
+    the last guard so no file this toolkit writes holds ``NaN`` / ``Infinity``, which are not
+    JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """``obj`` as indented, strict JSON (see :func:`json_safe`)."""
+    with open(path, "w") as fh:
+        json.dump(json_safe(obj), fh, indent=2, allow_nan=False)
+
+
+def format_table(tasks: list[TaskSpec], metrics: dict[str, dict[str, Any]]) -> str:
+    """Human-readable per-task table: model vs oracle. An undefined metric reads ``n/a`` with
+    its reason; regression rows name their unit."""
     lines = [
         f"{'task':<14}{'kind':<12}{'rows':>9}  {'metric':<12}{'model':>9}{'oracle':>9}{'gap':>9}"
     ]
     for t in tasks:
         m = metrics[t.name]
+        undefined = m.get("undefined", {})
         pairs = (
             [("auc", "oracle_auc"), ("gauc", "oracle_gauc"), ("logloss", "oracle_logloss")]
             + [("calibration", "")]
             if t.kind == "binary"
             else [("mse", "oracle_mse"), ("mae", "oracle_mae")]
         )
-        for i, (k, ok) in enumerate(pairs):
-            if k not in m:
-                continue
+        shown = [(k, ok) for k, ok in pairs if k in m or k in undefined]
+        for i, (k, ok) in enumerate(shown):
             head = f"{t.name:<14}{t.kind:<12}{int(m['count']):>9}" if i == 0 else " " * 35
-            oracle = m.get(ok)
-            o = f"{oracle:>9.4f}" if oracle is not None else f"{'-':>9}"
-            gap = f"{abs(oracle - m[k]):>9.4f}" if oracle is not None else f"{'-':>9}"
-            lines.append(f"{head}  {k:<12}{m[k]:>9.4f}{o}{gap}")
+            model, oracle = m.get(k), m.get(ok)
+            cells = [f"{model:>9.4f}" if model is not None else f"{'n/a':>9}"]
+            cells.append(f"{oracle:>9.4f}" if oracle is not None else f"{'n/a' if ok else '-':>9}")
+            gap = abs(oracle - model) if model is not None and oracle is not None else None
+            cells.append(f"{gap:>9.4f}" if gap is not None else f"{'-':>9}")
+            why: dict[str, list[str]] = {}
+            for key in (k, ok):
+                if key in undefined:
+                    why.setdefault(undefined[key], []).append(key)
+            notes = [f"{' and '.join(keys)} undefined: {r}" for r, keys in why.items()]
+            if t.kind == "regression":
+                notes.insert(0, f"unit: {m['unit']}" + ("^2" if k == "mse" else ""))
+            note = f"   ({'; '.join(notes)})" if notes else ""
+            lines.append(f"{head}  {k:<12}{''.join(cells)}{note}")
     return "\n".join(lines)

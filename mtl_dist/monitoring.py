@@ -14,7 +14,6 @@ cross-rank ``gates_ranks/*`` / ``perf/global_*`` only on rank 0):
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import resource
@@ -34,6 +33,7 @@ from mtl_dist.config import JobConfig
 from mtl_dist.distributed.setup import DistInfo
 from mtl_dist.gate_health import Alarm, GateHealth, heatmaps
 from mtl_dist.losses import StepOutput
+from mtl_dist.metrics import write_json
 from mtl_dist.models.gates import Gates
 from mtl_dist.optim import learning_rates
 from mtl_dist.profiling import format_profile, step_profile
@@ -300,8 +300,7 @@ class Telemetry:
         self._profiler = None
         self.profile = step_profile(events, step - self._profile_from, wall)
         path = os.path.join(self.cfg.train.output_dir, f"profile_rank{self.info.rank}.json")
-        with open(path, "w") as fh:
-            json.dump(self.profile, fh, indent=2)
+        write_json(path, self.profile)
         self.log(
             f"[profile] rank 0, steps {self._profile_from + 1}-{step}: {format_profile(self.profile)}"
         )

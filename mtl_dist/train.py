@@ -7,13 +7,13 @@ with periodic validation → metrics out → clean exit. ``--help`` lists every 
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import random
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,7 +28,7 @@ from mtl_dist.data.reader import ParquetBatchReader, describe, list_parquet_file
 from mtl_dist.distributed.setup import DistInfo, destroy, init_distributed
 from mtl_dist.distributed.sharding import describe_plan, shard_model
 from mtl_dist.losses import StepOutput, build_model_with_loss
-from mtl_dist.metrics import compute_metrics, format_table, gather_rows
+from mtl_dist.metrics import compute_metrics, format_table, gather_rows, numeric, write_json
 from mtl_dist.models.ranker import build_ranker
 from mtl_dist.monitoring import Monitor, Telemetry, peak_memory_mb, quiet_third_party_logs
 from mtl_dist.optim import build_optimizer
@@ -142,7 +142,7 @@ class StepRunner:
 @torch.no_grad()
 def evaluate(
     model: torch.nn.Module, cfg: JobConfig, loader: StatefulDataLoader, device: torch.device
-) -> dict[str, dict[str, float]]:
+) -> dict[str, dict[str, Any]]:
     """Whole validation set on every rank (equal, padded batch counts) → metrics over all ranks."""
     model.eval()
     outs = []
@@ -156,8 +156,9 @@ def evaluate(
     return compute_metrics(cfg.tasks, cat("preds"), cat("labels"), cat("mask"), cat("truth"), group)
 
 
-def flat_metrics(metrics: dict[str, dict[str, float]], prefix: str = "val") -> dict[str, float]:
-    return {f"{prefix}/{task}/{k}": v for task, m in metrics.items() for k, v in m.items()}
+def flat_metrics(metrics: dict[str, dict[str, Any]], prefix: str = "val") -> dict[str, float]:
+    """TensorBoard scalars of the defined figures (an undefined metric is not plotted)."""
+    return {f"{prefix}/{task}/{k}": v for task, m in metrics.items() for k, v in numeric(m).items()}
 
 
 def report_attribution(
@@ -325,8 +326,7 @@ def train(cfg: JobConfig, info: DistInfo) -> dict[str, object]:
         "config": to_dict(cfg),
     }
     if info.is_main:
-        with open(os.path.join(cfg.train.output_dir, "metrics.json"), "w") as fh:
-            json.dump(result, fh, indent=2)
+        write_json(os.path.join(cfg.train.output_dir, "metrics.json"), result)
         log(
             f"\n[done] {step} steps in {elapsed:.1f}s ({telemetry.train_s:.1f}s training, {result['samples_per_s']:.0f} "
             f"samples/s over {info.world_size} ranks)"

@@ -15,6 +15,8 @@ from mtl_dist.metrics import compute_metrics
 TASKS = [
     TaskSpec(name="click", label="click"),
     TaskSpec(name="watch", kind="regression", label="watch"),
+    TaskSpec(name="never", label="never", truth="p_never"),  # no positive on any rank
+    TaskSpec(name="split", label="split"),  # rank 0 only negatives, rank 1 only positives
 ]
 
 
@@ -30,6 +32,14 @@ def main(out: str) -> None:
     mask = (torch.rand(n, 2, generator=g) < 0.8).float()
     mask[n - 200 * (rank + 1) :] = 0  # padding rows: a different number on each rank
     truth = torch.stack([preds[:, 0] * 0.5 + 0.25, labels[:, 1] * 0.9], 1)
+    # two more binary tasks: one class over all ranks (AUC undefined), and one class per rank
+    # but both classes over the gathered set (AUC defined: one rank alone must not decide)
+    extra = torch.rand(n, 2, generator=g) * 0.98 + 0.01
+    preds = torch.cat([preds, extra], 1)
+    labels = torch.cat([labels, torch.zeros(n, 1), torch.full((n, 1), float(rank))], 1)
+    mask = torch.cat([mask, torch.ones(n, 2)], 1)
+    mask[n - 200 * (rank + 1) :] = 0
+    truth = torch.cat([truth, extra * 0.5, torch.full((n, 1), float("nan"))], 1)
     preds = preds.to(torch.float32)
     group = torch.randint(0, 50, (n,), generator=g)
     metrics = compute_metrics(TASKS, preds, labels, mask, truth, group)

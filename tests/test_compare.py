@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from mtl_dist.compare import main, sweep_tables
-from mtl_dist.config import load_config
+from mtl_dist.config import TaskSpec, load_config
 from tests.conftest import ROOT
 
 HEADS, SEEDS = ["shared_bottom", "mmoe"], [0, 1]
@@ -148,3 +148,38 @@ def test_failed_run_names_the_run_and_its_log(synth_data, tmp_path):
     assert "run mmoe/seed3 failed" in msg and str(log) in msg
     assert f"FileNotFoundError: Parquet path not found: {bad}" in msg
     assert "Traceback" in log.read_text()
+
+
+def test_undefined_metric_is_left_out_of_the_mean_not_averaged_in(tmp_path):
+    """Seed 1's validation set has one class for conversion (metrics.json: no 'auc', a reason
+    under 'undefined'): the head's conversion AUC is seed 0's alone, marked '1 of 2 seeds'."""
+    from mtl_dist.compare import report, summarize
+
+    tasks = [TaskSpec(name="click", label="click"), TaskSpec(name="conversion", label="conv")]
+    reason = "one class only: 0 positive(s) among 900 labelled rows"
+
+    def run(seed: int, conv: dict) -> dict:
+        click = {"count": 1000.0, "auc": 0.70 + 0.01 * seed, "oracle_auc": 0.75, "logloss": 0.5}
+        return {"metrics": {"click": click, "conversion": {"count": 900.0, "logloss": 0.1, **conv}},
+                "samples_per_s": 1.0, "train_s": 1.0, "config": {}}  # fmt: skip
+
+    results = {
+        "mmoe": [run(0, {"auc": 0.62, "oracle_auc": 0.66}), run(1, {"undefined": {"auc": reason}})],
+        "ple": [run(0, {"undefined": {"auc": reason}}), run(1, {"undefined": {"auc": reason}})],
+    }
+    summary = summarize(results, tasks)
+    conv = summary["mmoe"]["conversion"]["auc"]
+    assert conv.values == [0.62] and conv.mean == 0.62 and conv.seeds == 2 and conv.partial
+    assert conv.gap == pytest.approx(0.04) and conv.reasons == (reason,)
+    assert not summary["ple"]["conversion"]["auc"].defined
+    md = report(tmp_path, summary, results, tasks, seeds=2)
+    assert "0.6200 ± 0.0000 (1 of 2 seeds)" in md
+    ple_row = next(line for line in md.splitlines() if line.startswith("| ple") and "n/a" in line)
+    assert "nan" not in ple_row.lower().replace("n/a", "")
+    assert f"auc: {reason}" in md
+    rows = list(csv.DictReader((tmp_path / "compare.csv").open()))
+    by_head = {r["head"]: r for r in rows}
+    assert float(by_head["mmoe"]["conversion/auc_mean"]) == 0.62
+    assert by_head["mmoe"]["conversion/auc_seeds"] == "1"
+    assert by_head["ple"].get("conversion/auc_mean", "") == ""  # an empty cell, not 'nan'
+    assert "nan" not in (tmp_path / "compare.csv").read_text().lower()

@@ -1,11 +1,15 @@
 """Validation metrics over all ranks equal scikit-learn's on the concatenated rows (1e-6)."""
 
+import json
+import math
+
 import numpy as np
 import pytest
 import torch
 from sklearn.metrics import log_loss, mean_absolute_error, mean_squared_error, roc_auc_score
 
-from mtl_dist.metrics import group_auc
+from mtl_dist.config import TaskSpec
+from mtl_dist.metrics import compute_metrics, format_table, group_auc, write_json
 from tests.conftest import torchrun
 
 
@@ -51,6 +55,49 @@ def test_metrics_with_two_processes_equal_sklearn(tmp_path):
     p, y = cat["preds"][keep, 1].astype(np.float64), cat["labels"][keep, 1].astype(np.float64)
     assert m["watch"]["mse"] == pytest.approx(mean_squared_error(y, p), abs=1e-6)
     assert m["watch"]["mae"] == pytest.approx(mean_absolute_error(y, p), abs=1e-6)
+    assert m["watch"]["unit"] == "watch"
+
+    # one class over all ranks: AUC, oracle AUC, GAUC and calibration undefined, not 0 / NaN
+    never = m["never"]
+    assert never["count"] == 2 * 3000 - 200 - 400
+    assert not {"auc", "oracle_auc", "gauc", "oracle_gauc", "calibration"} & set(never)
+    assert never["undefined"]["auc"] == "one class only: 0 positive(s) among 5,400 labelled rows"
+    assert set(never["undefined"]) == {"auc", "oracle_auc", "gauc", "oracle_gauc", "calibration"}
+    assert never["logloss"] > 0 and never["oracle_logloss"] > 0  # still defined
+    # one class per rank, both over the gathered rows: defined, equal to sklearn's
+    keep = cat["mask"][:, 3] > 0
+    assert m["split"]["auc"] == pytest.approx(
+        roc_auc_score(cat["labels"][keep, 3], cat["preds"][keep, 3]), abs=1e-6
+    )
+    json.dumps(m, allow_nan=False)  # strict JSON: no NaN anywhere
+
+
+def test_undefined_metrics_read_n_a_with_the_reason_in_the_table():
+    tasks = [
+        TaskSpec(name="conversion", label="conversion", truth="p"),
+        TaskSpec(name="watch", kind="regression", label="watch_time", transform="log1p"),
+    ]
+    n = 50
+    preds = torch.rand(n, 2)
+    labels = torch.stack([torch.zeros(n), torch.randn(n)], 1)
+    m = compute_metrics(tasks, preds, labels, torch.ones(n, 2), torch.rand(n, 2))
+    table = format_table(tasks, m)
+    auc_line = next(line for line in table.splitlines() if " auc " in line)
+    assert "0.0000" not in auc_line and "n/a" in auc_line
+    assert "auc and oracle_auc undefined: one class only: 0 positive(s) among 50" in auc_line
+    assert "calibration undefined: no positive label" in table
+    assert m["watch"]["unit"] == "log1p(watch_time)"
+    assert "unit: log1p(watch_time)^2" in table and "unit: log1p(watch_time))" in table
+    # no labelled row at all: every metric undefined, the count says why
+    empty = compute_metrics(tasks, preds, labels, torch.zeros(n, 2), torch.rand(n, 2))
+    assert empty["conversion"]["count"] == 0 and "auc" not in empty["conversion"]
+    assert empty["conversion"]["undefined"]["auc"] == "no labelled row"
+
+
+def test_json_safe_replaces_non_finite_floats(tmp_path):
+    path = tmp_path / "m.json"
+    write_json(path, {"a": [1.0, math.nan], "b": {"c": math.inf}, "d": "x"})
+    assert json.loads(path.read_text()) == {"a": [1.0, None], "b": {"c": None}, "d": "x"}
 
 
 def test_group_auc_with_ties_and_one_class_groups():
