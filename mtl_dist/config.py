@@ -447,6 +447,15 @@ def validate(cfg: JobConfig) -> None:
                 )
             if next(t for t in cfg.tasks if t.name == name).kind != "binary":
                 raise ConfigError(f"model.{key}: task {name!r} must be binary")
+        cvr = next(t for t in cfg.tasks if t.name == cfg.model.esmm_cvr_task)
+        if cvr.negative_rate < 1:
+            i = cfg.tasks.index(cvr)
+            raise ConfigError(
+                f"tasks[{i}] ({cvr.name}).negative_rate = {cvr.negative_rate} with model.esmm: the "
+                "CVR task trains only through pCTCVR on every exposure, so no negative of it "
+                "would be dropped while its predictions would be 'corrected'; keep "
+                "negative_rate = 1 for the ESMM CVR task (downsample the CTR task instead)"
+            )
         if cfg.model.esmm_cvr_label not in ("cvr", "ctcvr"):
             raise ConfigError(
                 f"model.esmm_cvr_label: {cfg.model.esmm_cvr_label!r} is not cvr or ctcvr"

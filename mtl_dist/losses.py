@@ -43,13 +43,28 @@ def esmm_ctcvr_loss(
 ) -> torch.Tensor:
     """ESMM (Ma et al., SIGIR 2018): BCE of pCTCVR = pCTR × pCVR against click∧conversion.
 
-    Computed on every exposure (``mask`` is the CTR task's), so pCVR is learnt over the entire
-    space without a direct loss on the clicked-only rows. Log-space for stability. ``[B]`` → scalar.
+    Computed on every exposure whose click∧conversion is known (``mask``: see
+    :func:`ctcvr_weights`), so pCVR is learnt over the entire space without a direct loss on the
+    clicked-only rows. Log-space for stability. ``[B]`` → scalar.
     """
     log_p = F.logsigmoid(ctr_logit) + F.logsigmoid(cvr_logit)
     log_not_p = torch.log1p(-torch.exp(log_p).clamp(max=1 - 1e-7))
     per_row = -(ctcvr_label * log_p + (1 - ctcvr_label) * log_not_p) * mask
     return per_row.sum() / mask.sum().clamp_min(1.0)
+
+
+def ctcvr_weights(
+    ctr_label: torch.Tensor, ctr_mask: torch.Tensor, cvr_mask: torch.Tensor
+) -> torch.Tensor:
+    """Each row's weight ``[B]`` in ESMM's CTCVR term: the CTR task's weight where the row's
+    click∧conversion label is known, else 0.
+
+    Known: an unclicked row (CTCVR 0 whatever its conversion) or a clicked row whose conversion
+    was observed (``cvr_mask > 0``, the CVR task's mask before any downsampling). A clicked row
+    with an unknown conversion (null, e.g. not attributed yet) carries no CTCVR label — reading
+    it as 0 would train it as a negative and pull pCVR down.
+    """
+    return ctr_mask * ((ctr_label == 0) | (cvr_mask > 0)).to(ctr_mask.dtype)
 
 
 def predictions(
@@ -174,8 +189,9 @@ class ModelWithLoss(nn.Module):
         losses = task_losses(outputs, batch.labels, mask, self.is_binary)
         if self.esmm is not None:
             c, v = self.esmm
+            weight = ctcvr_weights(batch.labels[:, c], mask[:, c], batch.mask[:, v])
             ctcvr = esmm_ctcvr_loss(
-                outputs[:, c], outputs[:, v], batch.labels[:, c] * batch.labels[:, v], mask[:, c]
+                outputs[:, c], outputs[:, v], batch.labels[:, c] * batch.labels[:, v], weight
             )
             losses = torch.cat([losses[:v], ctcvr.unsqueeze(0), losses[v + 1 :]])
         conflict = self.conflict(losses)  # [T, T] when armed, else [0, 0]

@@ -1,10 +1,13 @@
 """Heads against straightforward per-expert / per-gate references on the same weights."""
 
+import math
+
+import pyarrow as pa
 import pytest
 import torch
 import torch.nn.functional as F
 
-from mtl_dist.losses import esmm_ctcvr_loss
+from mtl_dist.losses import ctcvr_weights, esmm_ctcvr_loss
 from mtl_dist.models.gates import GateConfig, Gates, expert_dropout
 from mtl_dist.models.heads import PLE, MoE, SharedBottom
 from tests.models.test_experts import loop_mlp
@@ -199,3 +202,52 @@ def test_mmoe_experts_and_gates_share_one_first_matmul():
         head(torch.randn(5, 16))
     counts = {e.key: e.count for e in prof.key_averages()}
     assert counts.get("aten::addmm") == 1 and "aten::mm" not in counts, counts
+
+
+def test_esmm_clicked_row_with_unknown_conversion_has_no_ctcvr_weight():
+    """A clicked row whose conversion is null (not attributed yet) is not a CTCVR negative:
+    its weight in the CTCVR term is 0, so its logits get no gradient from it; an unclicked row
+    is a known negative whatever its conversion column says."""
+    from mtl_dist.config import TaskSpec
+    from mtl_dist.data.batch import ArrowBatchConverter
+    from mtl_dist.losses import ModelWithLoss
+
+    tasks = [TaskSpec(name="click", label="click"),
+             TaskSpec(name="conversion", label="conversion", condition="click")]  # fmt: skip
+    # rows: clicked+converted, clicked+not converted, clicked+UNKNOWN, unclicked (null conv)
+    batch = ArrowBatchConverter([], ["x"], tasks)(
+        pa.table({"x": [0.0, 0.0, 0.0, 0.0],
+                  "click": pa.array([1, 1, 1, 0], pa.int8()),
+                  "conversion": pa.array([1, 0, None, None], pa.int8())})
+    )  # fmt: skip
+    outputs = torch.zeros(4, 2, requires_grad=True)
+
+    class Fixed(torch.nn.Module):  # the head's outputs, as given
+        def forward(self, batch):
+            return outputs, outputs.new_zeros(0)
+
+    model = ModelWithLoss(Fixed(), tasks, esmm=(0, 1))
+    assert ctcvr_weights(batch.labels[:, 0], batch.mask[:, 0], batch.mask[:, 1]).tolist() == [
+        1.0, 1.0, 0.0, 1.0,
+    ]  # fmt: skip
+    loss, out = model(batch)
+    (grad,) = torch.autograd.grad(loss, outputs)  # click BCE + CTCVR, weights 1
+    assert grad[2, 1] == 0  # the unknown row: no CTCVR gradient on pCVR ...
+    assert grad[2, 0].item() == pytest.approx((0.5 - 1) / 4)  # ... and pCTR's is click BCE's alone
+    assert grad[1, 1] > 0 and grad[3, 1] > 0 and grad[0, 1] < 0  # negatives push pCVR down
+    # the CTCVR loss is the mean over the 3 known rows: p = 0.25 each (sigmoid(0)^2)
+    expect = -(math.log(0.25) + 2 * math.log(0.75)) / 3
+    assert out.losses[1].item() == pytest.approx(expect, rel=1e-6)
+
+
+def test_esmm_refuses_negative_downsampling_of_its_cvr_task():
+    from mtl_dist.config import ConfigError, load_config, validate
+
+    cfg = load_config(["--config", "configs/default.toml", "--model.esmm", "true"])
+    cfg.tasks[0].negative_rate = 0.2  # the CTR task may be downsampled (consistent under ESMM)
+    validate(cfg)
+    cfg.tasks[1].negative_rate = 0.2
+    with pytest.raises(
+        ConfigError, match=r"tasks\[1\] \(conversion\).negative_rate = 0.2 with model.esmm"
+    ):
+        validate(cfg)
