@@ -295,6 +295,13 @@ class TrainConfig:
     device: str = opt("auto", "auto (cuda when present, else cpu) | cpu | cuda")
     threads: int = opt(0, "torch intra-op threads per rank (0: cores / local ranks)")
     progress_bar: bool = opt(True, "tqdm bar on rank 0")
+    on_nonfinite: str = opt(
+        "stop",
+        "a non-finite total or task loss on any rank: stop (end the run, non-zero exit, no "
+        "checkpoint after it) | skip (drop that step's update on every rank, count it as "
+        "train/nonfinite_steps) | off (no guard: for measuring its cost only)",
+    )
+    max_nonfinite: int = opt(10, "skip: stop after this many consecutive non-finite steps")
 
 
 @dataclass
@@ -551,6 +558,13 @@ def validate(cfg: JobConfig) -> None:
         raise ConfigError(f"data.dense_nan: expected error | zero, got {cfg.data.dense_nan!r}")
     if cfg.train.batch_size <= 0:
         raise ConfigError("train.batch_size must be > 0")
+    if cfg.train.on_nonfinite not in ("stop", "skip", "off"):
+        raise ConfigError(
+            f"train.on_nonfinite: expected stop | skip | off, got {cfg.train.on_nonfinite!r}"
+            + _suggest(cfg.train.on_nonfinite, ["stop", "skip", "off"])
+        )
+    if cfg.train.max_nonfinite < 1:
+        raise ConfigError(f"train.max_nonfinite must be >= 1, got {cfg.train.max_nonfinite}")
     if cfg.train.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"train.device: expected auto | cpu | cuda, got {cfg.train.device!r}")
 

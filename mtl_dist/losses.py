@@ -17,6 +17,7 @@ from torch import nn
 from mtl_dist.balancing import all_mean, build_balancer
 from mtl_dist.config import JobConfig, LossConfig, TaskSpec
 from mtl_dist.data.batch import Batch
+from mtl_dist.guard import StepCheck, UpdateGate, UpdateSwitch
 
 
 def task_losses(
@@ -113,6 +114,8 @@ class StepOutput:
     truth: torch.Tensor
     group: torch.Tensor
     conflict: torch.Tensor  # [T, T] task-gradient cosines on probe steps, else [0, 0]
+    nonfinite: torch.Tensor  # [R, T + 1] bool
+    skipped: torch.Tensor  # [] bool
 
 
 class GradientConflict(nn.Module):
@@ -153,6 +156,11 @@ class ModelWithLoss(nn.Module):
     task losses. ``esmm=(ctr_index, cvr_index)`` trains the CVR task through pCTCVR on all
     exposures (see :func:`esmm_ctcvr_loss`). Tasks with ``negative_rate < 1`` see their
     negatives downsampled in training; predictions are corrected back to the true scale.
+
+    Every training step goes through the non-finite guard (:mod:`mtl_dist.guard`,
+    ``on_nonfinite``): label counts and loss finiteness are gathered from every rank, the
+    balancer sees which tasks had labels, and a non-finite step's update is dropped on every
+    rank alike (``self.switch``, read by the dense optimizer and by the model's ``grad_gate``).
     """
 
     def __init__(
@@ -162,6 +170,7 @@ class ModelWithLoss(nn.Module):
         esmm: tuple[int, int] | None = None,
         loss: LossConfig | None = None,
         esmm_ctcvr_preds: bool = False,
+        on_nonfinite: str = "stop",
     ) -> None:
         super().__init__()
         self.model = model
@@ -180,6 +189,11 @@ class ModelWithLoss(nn.Module):
             persistent=False,
         )
         self.conflict = GradientConflict(lambda: self.model.head.shared_parameters())
+        balancer = (loss or LossConfig()).balancer
+        self.check = StepCheck(gather=on_nonfinite != "off" or balancer != "fixed")
+        grad_gate = getattr(model, "grad_gate", None)
+        self.switch = grad_gate.switch if grad_gate is not None else UpdateSwitch()
+        self.gate = UpdateGate(self.switch, on_nonfinite)
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, StepOutput]:
         outputs, aux = self.model(batch)
@@ -194,9 +208,15 @@ class ModelWithLoss(nn.Module):
                 outputs[:, c], outputs[:, v], batch.labels[:, c] * batch.labels[:, v], weight
             )
             losses = torch.cat([losses[:v], ctcvr.unsqueeze(0), losses[v + 1 :]])
+            mask = torch.cat([mask[:, :v], weight.unsqueeze(1), mask[:, v + 1 :]], 1)
         conflict = self.conflict(losses)  # [T, T] when armed, else [0, 0]
-        weighted, weights = self.balancer(losses)
+        # submodules' outputs are indexed, not unpacked: TorchRec's pipeline FX-traces this
+        check = self.check(losses, aux, mask)  # every rank's label counts and finiteness
+        labelled, nonfinite = check[0], check[1]
+        balanced = self.balancer(losses, labelled, ~nonfinite.any())
+        weighted, weights = balanced[0], balanced[1]
         loss = weighted + aux.sum()
+        skipped = self.gate(nonfinite, weights)  # closes the update switch when not finite
         out = StepOutput(
             losses=losses.detach(),
             weights=weights,
@@ -207,6 +227,8 @@ class ModelWithLoss(nn.Module):
             truth=batch.truth,
             group=batch.group,
             conflict=conflict,
+            nonfinite=nonfinite,
+            skipped=skipped,
         )
         return loss, out
 
@@ -229,4 +251,7 @@ def build_model_with_loss(model: nn.Module, cfg: JobConfig) -> ModelWithLoss:
         if cfg.model.esmm
         else None
     )
-    return ModelWithLoss(model, cfg.tasks, esmm, cfg.loss, cfg.model.esmm_cvr_label == "ctcvr")
+    return ModelWithLoss(
+        model, cfg.tasks, esmm, cfg.loss, cfg.model.esmm_cvr_label == "ctcvr",
+        cfg.train.on_nonfinite,
+    )  # fmt: skip

@@ -235,7 +235,8 @@ def format_table(tasks: list[TaskSpec], metrics: dict[str, dict[str, Any]]) -> s
             head = f"{t.name:<14}{t.kind:<12}{int(m['count']):>9}" if i == 0 else " " * 35
             model, oracle = m.get(k), m.get(ok)
             cells = [f"{model:>9.4f}" if model is not None else f"{'n/a':>9}"]
-            cells.append(f"{oracle:>9.4f}" if oracle is not None else f"{'n/a' if ok else '-':>9}")
+            missing = "n/a" if ok in undefined else "-"  # undefined, or no truth at all
+            cells.append(f"{oracle:>9.4f}" if oracle is not None else f"{missing:>9}")
             gap = abs(oracle - model) if model is not None and oracle is not None else None
             cells.append(f"{gap:>9.4f}" if gap is not None else f"{'-':>9}")
             why: dict[str, list[str]] = {}

@@ -185,6 +185,77 @@ def quiet_third_party_logs() -> None:
 WARMUP_STEPS = 10  # steps left out of the steady-state throughput
 
 
+class NonFiniteLoss(RuntimeError):
+    """Training stopped on a non-finite loss (``train.on_nonfinite``); the message names the
+    step(s), the task(s) and the rank(s)."""
+
+
+class NonFiniteWatch:
+    """The host side of the non-finite guard (:mod:`mtl_dist.guard`): collects each step's
+    ``nonfinite [R, T + 1]`` / ``skipped`` on the device, reads them on the host every step
+    where that costs no synchronisation (CPU; CUDA with step timing, which syncs anyway), else
+    every ``log_every`` steps and when ``force`` (before a checkpoint or validation), then
+    reports on rank 0 and stops (``stop``, or ``skip`` after ``max_nonfinite`` in a row).
+
+    Every rank reads the same gathered flags at the same steps, so every rank stops together.
+    """
+
+    def __init__(self, cfg: JobConfig, info: DistInfo, gate: nn.Module, log) -> None:
+        self.mode, self.max_in_row = cfg.train.on_nonfinite, cfg.train.max_nonfinite
+        self.names = [t.name for t in cfg.tasks] + ["aux losses"]
+        self.gate, self.log = gate, log
+        cheap = info.device.type == "cpu" or cfg.monitor.step_timing
+        self.every = 1 if cheap else cfg.train.log_every
+        self.pending = torch.zeros((), dtype=torch.int64, device=info.device)
+        self.where: torch.Tensor | None = None  # [R, T + 1] OR of the pending steps' flags
+        self.total = 0  # skipped steps so far (host)
+        self.last_read = 0  # the step the flags were last read at
+
+    def step(self, step: int, out: StepOutput, monitor: Monitor, force: bool = False) -> None:
+        if self.mode == "off":
+            return
+        self.pending += out.skipped
+        bad = out.nonfinite & out.skipped
+        self.where = bad if self.where is None else self.where | bad
+        if force or step % self.every == 0:
+            self._read(step, monitor)
+
+    def _read(self, step: int, monitor: Monitor) -> None:
+        first, self.last_read = self.last_read, step
+        n = int(self.pending)
+        if not n:
+            return
+        where = self.where.cpu().clone()  # .cpu() of a CPU tensor is the tensor itself
+        self.pending.zero_()
+        self.where.zero_()
+        self.total += n
+        monitor.scalars(step, {"train/nonfinite_steps": float(self.total)})
+        tasks = [name for j, name in enumerate(self.names) if where[:, j].any()]
+        ranks = [str(r) for r in range(where.shape[0]) if where[r].any()]
+        at = (
+            f"step {step}" if n == 1 and step - first == 1 else f"{n} step(s) in {first + 1}-{step}"
+        )
+        what = (
+            f"non-finite loss at {at}: task(s) {', '.join(tasks) or '(balancer weights)'} on "
+            f"rank(s) {', '.join(ranks) or 'all'}"
+        )
+        if self.mode == "stop":
+            raise NonFiniteLoss(
+                f"{what}; stopping (train.on_nonfinite = stop): no update of that step applied "
+                "and no checkpoint is written after it; the last saved checkpoint is kept"
+            )
+        in_row = int(self.gate.consecutive)
+        self.log(
+            f"[nonfinite] {what}; the update was skipped on every rank ({self.total} skipped "
+            f"so far, {in_row} in a row)"
+        )
+        if in_row >= self.max_in_row:
+            raise NonFiniteLoss(
+                f"{what}; stopping after {in_row} consecutive non-finite steps "
+                f"(train.max_nonfinite = {self.max_in_row})"
+            )
+
+
 class Telemetry:
     """What the train loop reports each step, in one place: losses, the balancer's task
     weights, learning rates, samples/s (per rank and global), step phases, peak memory, gate
@@ -227,6 +298,9 @@ class Telemetry:
         self.loss_tags += [f"train/aux/{n}" for n in self.head.aux_names]
         self.loss_sum = torch.zeros(len(self.loss_tags), device=info.device)
         self.loss_steps = 0
+        self.loss_counted = torch.zeros((), device=info.device)  # steps not skipped
+        # the non-finite guard's flags, read on the host only where that costs no sync
+        self.guard = NonFiniteWatch(cfg, info, loss_module.gate, self.log)
         self.weights: list[float] = []
         self.train_s = 0.0  # training wall time (validation excluded)
         self.global_rate = 0.0  # samples/s over all ranks, as of the last write
@@ -247,8 +321,11 @@ class Telemetry:
         cfg, mon = self.cfg, self.monitor
         if self.timer is not None:
             self.timer.step_done()
-        self.loss_sum += torch.cat([out.losses, out.aux])
+        kept = ~out.skipped  # a skipped step's losses are not finite: not averaged in
+        self.loss_sum += torch.where(kept, torch.cat([out.losses, out.aux]), 0.0)
+        self.loss_counted += kept
         self.loss_steps += 1
+        self.guard.step(step, out, mon, force=flush)
         changing = cfg.loss.balancer != "fixed" or not self.weights  # fixed: log them once
         if changing and (now := out.weights.tolist()) != self.weights:
             self.weights = now
@@ -309,7 +386,8 @@ class Telemetry:
         now = time.perf_counter()
         self.train_s += now - self._since
         self._since = now
-        means = (self.loss_sum / self.loss_steps).tolist()
+        counted = float(self.loss_counted)
+        means = (self.loss_sum / max(counted, 1.0)).tolist()
         rate = (step - self.start_step) * self.cfg.train.batch_size / self.train_s
         steady = 0.0
         if self._warm is not None and step > self._warm[0]:
@@ -319,8 +397,9 @@ class Telemetry:
         rates = all_mean(torch.tensor([rate, steady], device=self.info.device))
         total_rate = float(rates[0]) * self.info.world_size
         self.steady_rate = float(rates[1]) * self.info.world_size
-        scalars = dict(zip(self.loss_tags, means))
-        scalars["train/loss"] = sum(means)
+        scalars = dict(zip(self.loss_tags, means)) if counted else {}
+        if counted:
+            scalars["train/loss"] = sum(means)
         scalars["perf/samples_per_s"] = rate
         scalars["perf/peak_memory_mb"] = peak_memory_mb(self.info.device)
         scalars.update({f"train/lr/{k}": v for k, v in learning_rates(self.optimizer).items()})
@@ -330,6 +409,7 @@ class Telemetry:
         self.monitor.scalars(step, {"perf/global_samples_per_s": total_rate}, main_only=True)
         self.monitor.advance(self.loss_steps, {"loss": sum(means), "samples/s": total_rate})
         self.loss_sum.zero_()
+        self.loss_counted.zero_()
         self.loss_steps = 0
         self.global_rate = total_rate
 

@@ -8,6 +8,7 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from mtl_dist.config import OptimConfig
+from mtl_dist.guard import UpdateSwitch
 
 _DENSE = {
     "adam": torch.optim.Adam,
@@ -17,20 +18,66 @@ _DENSE = {
 }
 
 
-def build_optimizer(cfg: OptimConfig, model: nn.Module) -> CombinedOptimizer:
+def fused_available(name: str, device: torch.device) -> bool:
+    """Whether torch has a fused kernel of dense optimizer ``name`` on ``device`` (one pass
+    over all tensors; it also skips a step on the device through ``found_inf``)."""
+    op = {"adam": "_fused_adam_", "adamw": "_fused_adamw_", "sgd": "_fused_sgd_"}.get(
+        name, "_fused_adagrad_"
+    )
+    key = "CUDA" if device.type == "cuda" else "CPU"
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"aten::{op}", key)
+
+
+class GuardedDense(KeyedOptimizerWrapper):
+    """The dense optimizer, skipping its whole step (update, moments, step count) when the
+    step's :class:`~mtl_dist.guard.UpdateSwitch` is closed.
+
+    With a fused kernel the skip happens on the device (``found_inf``, as a GradScaler sets
+    it): no host synchronisation. Without one, the switch is read on the host.
+    """
+
+    def __init__(self, params: dict[str, torch.Tensor], factory, switch: UpdateSwitch) -> None:
+        super().__init__(params, factory)
+        self.switch = switch
+        opt = self._optimizer
+        self.on_device = all(g.get("fused") for g in opt.param_groups) and getattr(
+            opt, "_step_supports_amp_scaling", False
+        )
+
+    def step(self, closure=None) -> None:
+        is_open = self.switch.open
+        if is_open is not None:
+            if self.on_device:
+                self._optimizer.found_inf = (~is_open).float()
+            elif not bool(is_open):
+                return
+        self._optimizer.step(closure=closure)
+
+
+def build_optimizer(
+    cfg: OptimConfig, model: nn.Module, switch: UpdateSwitch | None = None
+) -> CombinedOptimizer:
     """``model`` is the DMP-wrapped model; its ``fused_optimizer`` updates the tables in backward.
 
-    ``step()`` on the result steps the dense optimizer (the fused one has already run).
+    ``step()`` on the result steps the dense optimizer (the fused one has already run); a
+    closed ``switch`` (the non-finite guard) skips it.
     """
     cls = _DENSE[cfg.dense_optimizer]
-    # Adam/AdamW: the fused kernel (CPU and CUDA) updates all tensors in one pass
-    extra = {"fused": True} if cfg.dense_optimizer in ("adam", "adamw") else {}
     dense_params = dict(in_backward_optimizer_filter(model.named_parameters()))
-    dense = KeyedOptimizerWrapper(
+    device = next(iter(dense_params.values())).device
+    # the fused kernel updates all tensors in one pass (and can skip a step on the device)
+    extra = {"fused": True} if fused_available(cfg.dense_optimizer, device) else {}
+    dense = GuardedDense(
         dense_params,
         lambda params: cls(params, lr=cfg.dense_lr, weight_decay=cfg.weight_decay, **extra),
+        switch or UpdateSwitch(),
     )
     return CombinedOptimizer([("embedding", model.fused_optimizer), ("dense", dense)])
+
+
+def dense_optimizer(optimizer: CombinedOptimizer) -> torch.optim.Optimizer:
+    """The torch optimizer of the dense part inside ``optimizer``."""
+    return dict(optimizer.optimizers)["dense"]._optimizer
 
 
 def learning_rates(optimizer: CombinedOptimizer) -> dict[str, float]:

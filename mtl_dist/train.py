@@ -31,7 +31,7 @@ from mtl_dist.losses import StepOutput, build_model_with_loss
 from mtl_dist.metrics import compute_metrics, format_table, gather_rows, numeric, write_json
 from mtl_dist.models.ranker import build_ranker
 from mtl_dist.monitoring import Monitor, Telemetry, peak_memory_mb, quiet_third_party_logs
-from mtl_dist.optim import build_optimizer
+from mtl_dist.optim import build_optimizer, dense_optimizer
 
 
 def seed_everything(seed: int) -> None:
@@ -223,7 +223,8 @@ def train(cfg: JobConfig, info: DistInfo) -> dict[str, object]:
     log(
         f"[model] world {info.world_size} on {info.device} ({info.backend}); sharding plan:\n{describe_plan(plan)}"
     )
-    optimizer = build_optimizer(cfg.optim, model)
+    optimizer = build_optimizer(cfg.optim, model, loss_module.switch)
+    loss_module.balancer.attach(dense_optimizer(optimizer))
     runner = StepRunner(model, optimizer, info.device, cfg.sharding.pipeline)
 
     # --- resume: the latest checkpoint of this run (or the one named), under any world size

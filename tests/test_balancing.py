@@ -7,6 +7,7 @@ import torch
 
 from mtl_dist.balancing import DynamicWeightAverage, FixedWeights, GradNorm, UncertaintyWeighting
 from mtl_dist.losses import downsample_negatives, predictions
+from tests.conftest import torchrun
 
 
 def test_fixed_weights():
@@ -66,6 +67,85 @@ def test_dwa_weights_from_period_loss_ratios():
     again = DynamicWeightAverage(2, temperature=2.0, period=2)
     again.load_state_dict(state)
     assert again.periods == 2 and again.weights.tolist() == pytest.approx(expect, rel=1e-6)
+
+
+def test_dwa_task_without_labels_for_a_period_stays_neutral_and_no_weight_reaches_zero():
+    """3 tasks, period 5, conversion unlabelled for the 5 batches of period 2: its period mean
+    is not a number (it used to be ~0, whose ratio gave it all the weight and the others
+    exactly 0). Its ratio cannot be formed, so it stays neutral (r = 1); the others follow
+    their own ratios."""
+    bal = DynamicWeightAverage(3, temperature=2.0, period=5)
+    losses = torch.tensor([0.6, 0.4, 1.0])
+    labelled = torch.tensor([[8.0, 3.0, 8.0]])
+    missing = torch.tensor([[8.0, 0.0, 8.0]])  # conversion: no labelled row on any rank
+    seen = []
+    for step in range(15):  # periods: P0 all labelled, P1 conversion missing, P2 all x 0.9
+        period = step // 5
+        if period == 1:
+            bal(losses * torch.tensor([1.0, 0.0, 1.0]), missing, torch.tensor(True))
+        else:
+            bal(losses * (0.9 if period == 2 else 1.0), labelled, torch.tensor(True))
+        seen.append(bal.weights.clone())
+    # end of P1: ratios P1 / P0 = (1, n/a → 1, 1)
+    assert seen[9].tolist() == pytest.approx([1.0, 1.0, 1.0], abs=1e-6)
+    # end of P2: ratios P2 / P1 = (0.9, n/a → 1, 0.9): the old code divided 0.36 by P1's mean
+    # of ~0 for conversion, giving it all the weight and click and watch exactly 0
+    e = [math.exp(0.45), math.exp(0.5), math.exp(0.45)]
+    assert bal.weights.tolist() == pytest.approx([3 * x / sum(e) for x in e], rel=1e-6)
+    assert (torch.stack(seen) > 0.9).all()
+
+
+def test_dwa_weights_never_reach_zero():
+    """A ratio far from the others (a loss that jumped 100x) can no longer drive another
+    task's weight to exactly 0: the floor is 1% of the neutral weight."""
+    bal = DynamicWeightAverage(2, temperature=2.0, period=1)
+    for v in ([1.0, 1.0], [1.0, 100.0], [1.0, 100.0]):
+        bal(torch.tensor(v))
+    assert bal.weights.min() >= 0.0099 and bal.weights.sum() == pytest.approx(2.0)
+
+
+def test_gradnorm_task_without_labels_keeps_its_weight_and_is_left_out():
+    W = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+    bal = GradNorm([1.0, 1.0, 1.0], alpha=1.5, lr=0.1, shared=lambda: W)
+
+    def losses(third: float) -> torch.Tensor:
+        return torch.stack([3 * W.sum(), W[0], third * W[1]])
+
+    bal(losses(0.0), torch.tensor([[4.0, 4.0, 0.0]]), torch.tensor(True))
+    assert bal.weights[2].item() == 1.0  # kept as it was
+    assert bal.initial_losses[2].item() == 0.0  # no reference loss from a label-less step
+    # the two others moved as GradNorm of those two alone, renormalised to sum to 3 - 1
+    assert bal.weights[:2].sum().item() == pytest.approx(2.0)
+    assert bal.weights[0] < bal.weights[1]
+    before = bal.weights.clone()
+    bal(losses(float("nan")), torch.tensor([[4.0, 4.0, 4.0]]), torch.tensor(False))
+    assert torch.equal(bal.weights, before)  # a non-finite step changes nothing
+
+
+def test_every_balancer_on_two_ranks_with_a_task_missing_labels(tmp_path):
+    """2 ranks under torchrun, different data per rank, conversion unlabelled on every rank for
+    steps 10-29 and on rank 1 only for 30-39: every balancer's weights stay finite, positive
+    and identical on both ranks; the uncertainty log-variance and the GradNorm weight of the
+    unlabelled task do not move while it has no label anywhere (with the balancer's own
+    learning rate at 0.5, the log-variance used to fall by ~0.5 per step)."""
+    from tests.balancer_worker import NONE_ANYWHERE
+
+    proc = torchrun(["tests/balancer_worker.py", str(tmp_path)], nproc=2, timeout=300)
+    assert proc.returncode == 0
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
+    for name, res in r0.items():
+        w = res["weights"]
+        assert torch.equal(w, r1[name]["weights"]), name
+        assert torch.isfinite(w).all() and (w > 0).all(), (name, w.min())
+        assert res["head_finite"] and r1[name]["head_finite"], name
+    a, b = NONE_ANYWHERE.start, NONE_ANYWHERE.stop  # steps [a, b): no conversion label at all
+    log_vars = r0["uncertainty"]["log_vars"]  # after each step
+    assert (log_vars[a - 1 : b, 1] == log_vars[a - 1, 1]).all(), log_vars[a - 1 : b, 1]
+    assert log_vars[b, 1] != log_vars[a - 1, 1]  # it moves again once labels are back
+    assert torch.equal(log_vars, r1["uncertainty"]["log_vars"])
+    gradnorm = r0["gradnorm"]["weights"]  # before each step's update
+    assert (gradnorm[a + 1 : b + 1, 1] == gradnorm[a + 1, 1]).all()
+    assert r0["dwa"]["weights"].std() > 0  # DWA did move the others
 
 
 def test_negative_downsampling_corrected_calibration():

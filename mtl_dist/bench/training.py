@@ -9,7 +9,9 @@ run on one machine:
 * the ratio reader rows/s ÷ the rows/s one rank consumes while training — the reader keeps up
   when this is well above 1 (target ≥ 5);
 * with ``--monitor-cost``: training samples/s with gate health every step (plus step timing)
-  against monitoring off, alternated over ``--repeats`` pairs of runs (target: within 5%).
+  against monitoring off (target: within 5%), and with the non-finite guard against
+  ``train.on_nonfinite = off`` (target: within the noise), alternated over ``--repeats``
+  rounds.
 
 Figures are printed and written as JSON; nothing here asserts a speed.
 """
@@ -83,24 +85,58 @@ def bench_training(
 
 
 def monitor_cost(args: argparse.Namespace, overrides: list[str]) -> None:
-    """Samples/s with gate health every step vs monitoring off, runs alternated (best of each)."""
+    """Samples/s with gate health every step vs monitoring off, and with the non-finite guard
+    vs without it; the three set-ups alternated, best of each."""
     nproc = int(args.nproc.split(",")[-1])
-    on = ["--monitor.gate_every", "1", "--monitor.step_timing", "true"]
-    off = ["--monitor.gate_every", "0", "--monitor.step_timing", "false"]
+    quiet = ["--monitor.gate_every", "0", "--monitor.step_timing", "false"]
+    setups = {
+        "monitoring off": [*quiet, "--train.on_nonfinite", "stop"],
+        "gate health every step": [
+            "--monitor.gate_every",
+            "1",
+            "--monitor.step_timing",
+            "true",
+            "--train.on_nonfinite",
+            "stop",
+        ],  # fmt: skip
+        "no non-finite guard": [*quiet, "--train.on_nonfinite", "off"],
+    }
     common = [*overrides, "--monitor.attribution", "false", "--monitor.heatmap_every", "0"]
-    rates: dict[str, list[float]] = {"on": [], "off": []}
+    rates: dict[str, list[float]] = {k: [] for k in setups}
     for _ in range(args.repeats):
-        for name, flags in (("off", off), ("on", on)):
+        for name, flags in setups.items():
             r = bench_training(args.config, [*common, *flags], nproc, args.max_steps)
             rates[name].append(r["samples_per_s"])
     best = {k: max(v) for k, v in rates.items()}
-    print(
-        f"training, {nproc} procs, {args.max_steps} steps; runs alternated, best of {args.repeats}"
+    print(f"{cpu_line()}\ntraining, {nproc} procs, {args.max_steps} steps; runs alternated, "
+          f"best of {args.repeats}")  # fmt: skip
+    for k, runs in rates.items():
+        print(
+            f"  {k:<24}{best[k]:>10,.0f} samples/s  (runs: {', '.join(f'{x:,.0f}' for x in runs)})"
+        )
+    on, off = best["gate health every step"], best["monitoring off"]
+    print(f"  gate health every step costs {1 - on / off:.1%} (target <= 5%)")
+    guard = 1 - off / best["no non-finite guard"]
+    print(f"  the non-finite guard costs {guard:.1%} (one all-gather of 2T+1 floats per step)")
+
+
+def cpu_line() -> str:
+    """The CPU model and the ISA flags that decide matmul speed, for every printed figure."""
+    model, flags = "unknown CPU", set()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    model = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+    except OSError:
+        pass
+    isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    return (
+        f"CPU: {model}, {os.cpu_count()} cores, ISA: {' '.join(isa) or 'none of avx2/avx512/amx'}"
     )
-    for k in ("off", "on"):
-        runs = ", ".join(f"{x:,.0f}" for x in rates[k])
-        print(f"  monitoring {k:<4}{best[k]:>10,.0f} samples/s  (runs: {runs})")
-    print(f"  gate health every step costs {1 - best['on'] / best['off']:.1%} (target <= 5%)")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -114,7 +150,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-steps", type=int, default=100, help="training steps per run")
     p.add_argument("--json", default="", help="also write the figures here")
     p.add_argument(
-        "--monitor-cost", action="store_true", help="only: gate monitoring every step vs off"
+        "--monitor-cost",
+        action="store_true",
+        help="only: gate monitoring every step vs off, and the non-finite guard vs off",
     )
     p.add_argument("--repeats", type=int, default=3, help="--monitor-cost: pairs of runs")
     args, overrides = p.parse_known_args(argv)

@@ -18,6 +18,7 @@ from torchrec.sparse.jagged_tensor import KeyedTensor
 
 from mtl_dist.config import JobConfig, ModelConfig, SparseFeature
 from mtl_dist.data.batch import Batch
+from mtl_dist.guard import GradGate
 from mtl_dist.models.gates import GateConfig
 from mtl_dist.models.heads import PLE, STEM, MoE, SharedBottom
 
@@ -82,6 +83,9 @@ class Ranker(nn.Module):
             nn.BatchNorm1d(num_dense) if dense_batch_norm and num_dense else nn.Identity()
         )
         self.head = head
+        # drops the gradient into the tables (and the dense input) of a step whose update the
+        # non-finite guard closed: the fused embedding optimizers update inside backward
+        self.grad_gate = GradGate()
         self.dense_names = [f"dense_{i}" for i in range(num_dense)]
         self.keep_input = False  # set to keep the head's input of the next forward (attribution)
         self.last_input: tuple[torch.Tensor, list[str], list[int]] | None = None
@@ -89,7 +93,7 @@ class Ranker(nn.Module):
     def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         kt = self.ebc(batch.sparse)
         pooled = KeyedTensor.regroup([kt], [self.feature_order])[0]  # [B, Σ dims], fixed order
-        x = torch.cat([pooled, self.dense_norm(batch.dense)], dim=1)  # [B, Din]
+        x = self.grad_gate(torch.cat([pooled, self.dense_norm(batch.dense)], dim=1))  # [B, Din]
         if self.keep_input:  # x with the feature each column block belongs to
             widths = [kt.length_per_key()[kt.keys().index(k)] for k in self.feature_order]
             names = [*self.feature_order, *self.dense_names]
@@ -97,11 +101,13 @@ class Ranker(nn.Module):
         if self.task_ebcs is None:
             out = self.head(x)
         else:  # STEM: each task's own tables, [T, B, Dt]
-            own = torch.stack(
-                [
-                    KeyedTensor.regroup([ebc(batch.sparse)], [order])[0]
-                    for ebc, order in zip(self.task_ebcs.values(), self.task_feature_order)
-                ]
+            own = self.grad_gate(
+                torch.stack(
+                    [
+                        KeyedTensor.regroup([ebc(batch.sparse)], [order])[0]
+                        for ebc, order in zip(self.task_ebcs.values(), self.task_feature_order)
+                    ]
+                )
             )
             out = self.head(x, own)
         return out[0], out[1]  # indexed, not unpacked: TorchRec's pipeline FX-traces this forward
