@@ -13,10 +13,21 @@ Megatron-LM (``load_imbalance``):
 ``gates/<gate>/load_imbalance``         max utilisation over experts
 ``gates/<gate>/load_cv``                coefficient of variation of the utilisations
 ``gates/<gate>/load/expert_<e>``        top-k gates: share of samples routed to the expert
-``gates/<gate>/polarized``              1 while the mean max weight exceeds the threshold
+``gates/<gate>/routed_max_share``       top-k gates: the busiest expert's share of the routed
+                                        (sample, expert) pairs (1/E balanced, 1 collapsed)
+``gates/<gate>/polarized``              1 while the gate is polarised (see below)
 ``gates/<set>/unused_expert_count``     experts whose utilisation is below the dead
                                         threshold in every gate that can route to them
+``gates/<set>/dead_activation/          share of the expert's output (last hidden layer)
+expert_<e>``                            ReLU units that are 0 for every sample of the batch
+                                        (expert collapse, as HoME, Kuaishou 2024, measures it)
 ======================================  ====================================================
+
+Polarised means: a dense softmax gate's mean largest weight exceeds the threshold; a sparse
+gate (top-k with k < E, or Gumbel: k = 1) routes a larger share than the threshold of its
+(sample, expert) pairs to one expert — its largest weight is 1 by construction with k = 1, so
+that says nothing — or, with k ≥ 2, its mean largest weight among the k selected exceeds the
+threshold; a gate over one expert has nothing to polarise.
 
 Each rank writes its own values to its TensorBoard run (``tb/rank_<r>``); rank 0 also writes
 the cross-rank ``gates_ranks/<gate>/<metric>/{mean,min,max}``, warns on the console when a gate
@@ -34,7 +45,10 @@ import torch.distributed as dist
 
 from mtl_dist.metrics import gather_rows
 
-SCALARS = ["entropy_gating", "max_weight", "polarized_share", "load_imbalance", "load_cv"]
+SCALARS = [
+    "entropy_gating", "max_weight", "polarized_share", "load_imbalance", "load_cv",
+    "routed_max_share",
+]  # fmt: skip
 
 
 def gate_stats(w: torch.Tensor, threshold: float) -> dict[str, torch.Tensor]:
@@ -45,15 +59,31 @@ def gate_stats(w: torch.Tensor, threshold: float) -> dict[str, torch.Tensor]:
     entropy = -(w * w.clamp_min(1e-12).log()).sum(-1) / math.log(E) if E > 1 else w[:, 0] * 0
     top = w.max(-1).values
     util = w.mean(0) * E
+    load = (w > 0).float().mean(0)
     return {
         "entropy_gating": entropy.mean(),
         "max_weight": top.mean(),
         "polarized_share": (top > threshold).float().mean(),
         "load_imbalance": util.max(),
         "load_cv": util.std(unbiased=False) / util.mean().clamp_min(1e-12),
+        "routed_max_share": load.max() / load.sum().clamp_min(1e-12),
         "utilization": util,
-        "load": (w > 0).float().mean(0),
+        "load": load,
     }
+
+
+def dead_units(h: torch.Tensor, groups: torch.Tensor | None = None, num: int = 0) -> torch.Tensor:
+    """Per expert, the share of its output units (after ReLU) that are 0 on every row: ``[G]``.
+
+    ``h``: the experts' outputs ``[G, B, H]``, or ``[N, H]`` rows with their expert ``groups``
+    ``[N]`` (sparse dispatch; ``num`` experts, NaN for one that got no row).
+    """
+    h = h.detach()
+    if groups is None:
+        return 1.0 - (h > 0).any(1).float().mean(-1)
+    alive = h.new_zeros(num, h.shape[1]).index_add_(0, groups, (h > 0).to(h.dtype)) > 0
+    rows = torch.bincount(groups, minlength=num)
+    return torch.where(rows > 0, 1.0 - alive.float().mean(-1), torch.nan)
 
 
 @dataclass
@@ -66,13 +96,14 @@ class Alarm:
     expert: int
     since: int
     value: float  # the mean max weight (polarized) or the best utilisation (dead)
+    measure: str = "mean max weight"  # sparse gates: "routed share"
 
     def message(self) -> str:
         level = f" (level {self.where.rsplit('level', 1)[1]})" if "/level" in self.where else ""
         if self.kind == "polarized":
             return (
                 f"[gates] rank {self.rank}: gate '{self.where}'{level} polarised since step "
-                f"{self.since}: mean max weight {self.value:.3f}, mostly on expert {self.expert}"
+                f"{self.since}: {self.measure} {self.value:.3f}, mostly on expert {self.expert}"
             )
         return (
             f"[gates] rank {self.rank}: expert {self.expert} of '{self.where}' unused since step "
@@ -88,7 +119,8 @@ class GateHealth:
         threshold: a gate is polarised when its mean max weight exceeds it (and a sample when
             its max weight does).
         dead_threshold: an expert is unused below this utilisation in all its gates.
-        top_k: log per-expert routed load (top-k / Gumbel gates).
+        routed: gate → experts each sample is routed to (k): E for a dense softmax gate,
+            ``top_k`` for a top-k gate, 1 for a Gumbel gate (default: every gate dense).
     """
 
     def __init__(
@@ -96,11 +128,39 @@ class GateHealth:
         gate_experts: dict[str, tuple[str, list[int]]],
         threshold: float = 0.9,
         dead_threshold: float = 0.05,
-        top_k: bool = False,
+        routed: dict[str, int] | None = None,
     ) -> None:
         self.gate_experts = gate_experts
-        self.threshold, self.dead_threshold, self.top_k = threshold, dead_threshold, top_k
+        self.threshold, self.dead_threshold = threshold, dead_threshold
+        routed = routed or {}
+        self.k = {g: min(routed.get(g, len(ids)), len(ids)) for g, (_, ids) in gate_experts.items()}
         self.since: dict[tuple, int] = {}  # (kind, rank, where, expert) → first step seen
+
+    def sparse(self, gate: str) -> bool:
+        """Whether ``gate`` routes each sample to fewer experts than it has."""
+        return self.k[gate] < len(self.gate_experts[gate][1])
+
+    def polarized(self, gate: str, s: dict) -> bool:
+        """The polarisation rule of the module docstring, on one gate's stats ``s``."""
+        E, k = len(self.gate_experts[gate][1]), self.k[gate]
+        if E == 1:
+            return False
+        if k == E:
+            return s["max_weight"] > self.threshold
+        return s["routed_max_share"] > self.threshold or (
+            k >= 2 and s["max_weight"] > self.threshold
+        )
+
+    def dropout_acts(self, alarm: Alarm) -> bool:
+        """Whether raising expert dropout can act on what ``alarm`` is about: not on a gate
+        that routes each sample to one expert (dropping it leaves the sample's weights as
+        they were) nor on a gate over one expert."""
+        gates = (
+            [alarm.where]
+            if alarm.kind == "polarized"
+            else [g for g, (s, _) in self.gate_experts.items() if s == alarm.where]
+        )
+        return any(self.k[g] >= 2 for g in gates)
 
     def layout(self) -> dict:
         """TensorBoard custom-scalars layout: one category per gate."""
@@ -142,9 +202,15 @@ class GateHealth:
         return out
 
     def update(
-        self, step: int, gates: dict[str, torch.Tensor]
+        self,
+        step: int,
+        gates: dict[str, torch.Tensor],
+        dead: dict[str, torch.Tensor] | None = None,
     ) -> tuple[dict[str, float], dict[str, float], list[Alarm]]:
         """Call on every rank at the same steps (one all-gather).
+
+        ``dead``: per expert set, :func:`dead_units` of its experts ``[E]`` this step (from
+        the head's ``last_dead``; written as this rank's ``dead_activation`` scalars).
 
         Returns this rank's scalars, the cross-rank scalars (for rank 0 to write) and the alarms
         that started at this step (identical on every rank).
@@ -153,6 +219,14 @@ class GateHealth:
         rank = dist.get_rank() if dist.is_initialized() else 0
         per_rank = [self._unpack(v) for v in gathered]
         own = self._scalars(per_rank[rank], rank, step)
+        for expert_set, shares in (dead or {}).items():
+            own.update(
+                {
+                    f"gates/{expert_set}/dead_activation/expert_{e}": v
+                    for e, v in enumerate(shares.tolist())
+                    if math.isfinite(v)  # an expert no row was routed to: no figure
+                }
+            )
         across: dict[str, float] = {}
         for name in self.gate_experts:
             for k in SCALARS:
@@ -170,13 +244,16 @@ class GateHealth:
     def _scalars(self, stats: dict, rank: int, step: int) -> dict[str, float]:
         out: dict[str, float] = {}
         for name, s in stats.items():
-            out.update({f"gates/{name}/{k}": s[k] for k in SCALARS})
+            shown = [k for k in SCALARS if k != "routed_max_share" or self.sparse(name)]
+            if self.k[name] == 1:  # the largest weight is 1 by construction
+                shown = [k for k in shown if k not in ("max_weight", "polarized_share")]
+            out.update({f"gates/{name}/{k}": s[k] for k in shown})
             out.update(
                 {f"gates/{name}/utilization/expert_{e}": u for e, u in s["utilization"].items()}
             )
-            if self.top_k:
+            if self.sparse(name):
                 out.update({f"gates/{name}/load/expert_{e}": v for e, v in s["load"].items()})
-            out[f"gates/{name}/polarized"] = float(s["max_weight"] > self.threshold)
+            out[f"gates/{name}/polarized"] = float(self.polarized(name, s))
         for expert_set, dead in self._dead(stats).items():
             out[f"gates/{expert_set}/unused_expert_count"] = float(len(dead))
         return out
@@ -194,10 +271,13 @@ class GateHealth:
         """New alarms of one rank; forget the ones that cleared."""
         now: dict[tuple, Alarm] = {}
         for name, s in stats.items():
-            if s["max_weight"] > self.threshold:
-                favourite = max(s["utilization"], key=s["utilization"].get)
+            if self.polarized(name, s):
+                by = "load" if self.sparse(name) else "utilization"
+                favourite = max(s[by], key=s[by].get)
+                value = s["routed_max_share"] if self.sparse(name) else s["max_weight"]
+                measure = "routed share" if self.sparse(name) else "mean max weight"
                 now[("polarized", rank, name, favourite)] = Alarm(
-                    "polarized", rank, name, favourite, step, s["max_weight"]
+                    "polarized", rank, name, favourite, step, value, measure
                 )
         for expert_set, dead in self._dead(stats).items():
             for e, u in dead.items():

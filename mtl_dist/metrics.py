@@ -155,6 +155,11 @@ def task_metrics(
             terr = truth.double() - label.double()
             out["oracle_mse"] = float(terr.square().mean())
             out["oracle_mae"] = float(terr.abs().mean())
+    bad_preds = int((~torch.isfinite(pred)).sum())
+    if bad_preds:  # a diverged model: AUC of NaN scores is not a figure of anything
+        for k in [*names, "pred_mean"]:
+            if out.pop(k, None) is not None or k in names:
+                undefined[k] = f"{bad_preds:,} prediction(s) not finite"
     for k, v in list(out.items()):  # a non-finite figure (a diverged model) is not a value
         if isinstance(v, float) and not math.isfinite(v):
             del out[k]

@@ -29,7 +29,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from mtl_dist.balancing import all_mean
-from mtl_dist.config import JobConfig
+from mtl_dist.config import JobConfig, ModelConfig
 from mtl_dist.distributed.setup import DistInfo
 from mtl_dist.gate_health import Alarm, GateHealth, heatmaps
 from mtl_dist.losses import StepOutput
@@ -185,6 +185,18 @@ def quiet_third_party_logs() -> None:
 WARMUP_STEPS = 10  # steps left out of the steady-state throughput
 
 
+def routed_experts(
+    m: ModelConfig, gate_experts: dict[str, tuple[str, list[int]]]
+) -> dict[str, int]:
+    """Per gate, the experts each sample is routed to: 1 (Gumbel), ``gate_top_k`` where it is
+    below the gate's expert count, else all of them (a dense softmax)."""
+    out = {}
+    for gate, (_, ids) in gate_experts.items():
+        E, k = len(ids), m.gate_top_k
+        out[gate] = 1 if m.gate_gumbel else (k if 0 < k < E else E)
+    return out
+
+
 class NonFiniteLoss(RuntimeError):
     """Training stopped on a non-finite loss (``train.on_nonfinite``); the message names the
     step(s), the task(s) and the rank(s)."""
@@ -281,17 +293,17 @@ class Telemetry:
         self.loss_module, self.optimizer = loss_module, optimizer
         self.head = loss_module.model.head
         self.timer = StepTimer(model, optimizer, info.device) if cfg.monitor.step_timing else None
-        m = cfg.model
         self.gates = (
             GateHealth(
                 self.head.gate_experts,
                 cfg.monitor.polarized_threshold,
                 cfg.monitor.dead_threshold,
-                top_k=m.gate_top_k > 0 or m.gate_gumbel,
+                routed_experts(cfg.model, self.head.gate_experts),
             )
             if cfg.monitor.gate_every and self.head.gate_experts
             else None
         )
+        self._arm_dead_units(start_step)
         if self.gates is not None:
             self.monitor.layout(self.gates.layout())
         self.loss_tags = [f"train/loss/{t.name}" for t in cfg.tasks]
@@ -343,10 +355,12 @@ class Telemetry:
         if cfg.monitor.conflict_every and step % cfg.monitor.conflict_every == 0:
             self.loss_module.conflict.arm()  # measured in the next training forward
         if self.gates is not None and step % cfg.monitor.gate_every == 0:
-            own, across, alarms = self.gates.update(step, self.head.last_gates)
+            own, across, alarms = self.gates.update(step, self.head.last_gates, self.head.last_dead)
+            self.head.last_dead = {}
             mon.scalars(step, own)
             mon.scalars(step, across, main_only=True)
             self._react(alarms)
+        self._arm_dead_units(step)
         every = cfg.monitor.heatmap_every
         if every and step % every == 0 and self.head.gate_experts:
             for name, fig in heatmaps(self.head.gate_experts, self.head.last_gates).items():
@@ -357,6 +371,13 @@ class Telemetry:
             self._write(step)
         if cfg.monitor.profile_steps:
             self._profile(step)
+
+    def _arm_dead_units(self, step: int) -> None:
+        """Ask the head to keep its experts' dead units in the forward of step + 1 when gate
+        health is due then (from the activations that forward computes anyway)."""
+        every = self.cfg.monitor.gate_every
+        if self.gates is not None and (step + 1) % every == 0:
+            self.head.watch_experts = True
 
     def _profile(self, step: int) -> None:
         """Start the profiler after ``profile_after`` steps; stop and report N steps later."""
@@ -422,7 +443,12 @@ class Telemetry:
         action = self.cfg.monitor.on_polarization
         if action == "stop":
             raise RuntimeError(f"stopping (monitor.on_polarization = stop): {alarms[0].message()}")
-        if action == "strengthen":
+        if action == "strengthen" and not any(self.gates.dropout_acts(a) for a in alarms):
+            self.log(
+                "[gates] not strengthening: expert dropout cannot act on a gate that routes each "
+                "sample to one expert (top-1 / Gumbel); model.load_balance_coef spreads its load"
+            )
+        elif action == "strengthen":
             cfgs = {id(g.cfg): g.cfg for g in self.head.modules() if isinstance(g, Gates)}
             for gc in cfgs.values():
                 gc.expert_dropout = min(0.5, gc.expert_dropout + 0.1)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from mtl_dist.gate_health import GateHealth, gate_stats, heatmaps
+from mtl_dist.gate_health import GateHealth, dead_units, gate_stats, heatmaps
 from mtl_dist.models.heads import PLE, MoE
 
 
@@ -87,3 +87,72 @@ def test_ple_gates_per_level_and_heatmaps():
     assert set(figs) == {"level0", "level1"}
     layout = health.layout()
     assert "gates a/level0" in layout and "polarisation" in layout["gates a/level0"]
+
+
+def _top1(load: list[float], n: int = 100) -> torch.Tensor:
+    """Top-1 weights ``[n, E]``: one-hot rows, expert e taking ``load[e]`` of them."""
+    counts = [round(x * n) for x in load]
+    ids = torch.cat([torch.full((c,), e) for e, c in enumerate(counts)])
+    return torch.nn.functional.one_hot(ids, len(load)).float()
+
+
+def test_top1_gate_is_judged_by_its_routed_load_not_its_max_weight():
+    """Every top-1 sample's largest weight is 1: the old rule declared a healthy gate (routed
+    load 30/26/19/25%) polarised at the first check, and on_polarization = stop killed the run."""
+    experts = {"click": ("experts", [0, 1, 2, 3])}
+    health = GateHealth(experts, threshold=0.9, routed={"click": 1})
+    own, _, alarms = health.update(10, {"click": _top1([0.30, 0.26, 0.19, 0.25])})
+    assert alarms == [] and own["gates/click/polarized"] == 0.0
+    assert own["gates/click/routed_max_share"] == pytest.approx(0.30)
+    assert "gates/click/max_weight" not in own  # 1 by construction: not plotted
+    assert own["gates/click/load/expert_2"] == pytest.approx(0.19)
+    # a collapsed top-1 gate (95% of the rows to expert 2) is polarised, by its routed share
+    own, _, alarms = health.update(20, {"click": _top1([0.02, 0.02, 0.95, 0.01])})
+    (alarm,) = [a for a in alarms if a.kind == "polarized"]  # (expert 3 is also unused)
+    assert own["gates/click/polarized"] == 1.0 and alarm.expert == 2
+    assert "routed share 0.950, mostly on expert 2" in alarm.message()
+    assert not health.dropout_acts(alarm)  # strengthen must not act on a top-1 gate
+
+
+def test_top2_gate_polarised_by_the_spread_among_its_two_and_one_expert_never():
+    experts = {"a": ("experts", [0, 1, 2, 3])}
+    health = GateHealth(experts, threshold=0.9, routed={"a": 2})
+    w = torch.zeros(8, 4)
+    w[:4, 0], w[:4, 1], w[4:, 2], w[4:, 3] = 0.5, 0.5, 0.5, 0.5  # balanced among the two
+    own, _, alarms = health.update(1, {"a": w})
+    assert alarms == [] and own["gates/a/routed_max_share"] == pytest.approx(0.25)
+    w[:4, 0], w[:4, 1], w[4:, 2], w[4:, 3] = 0.96, 0.04, 0.96, 0.04  # the second barely counts
+    _, _, alarms = health.update(2, {"a": w})
+    assert [a.kind for a in alarms] == ["polarized"] and health.dropout_acts(alarms[0])
+    single = GateHealth({"g": ("experts", [0])}, threshold=0.9)
+    own, _, alarms = single.update(1, {"g": torch.ones(5, 1)})
+    assert alarms == [] and own["gates/g/polarized"] == 0.0
+
+
+def test_dead_units_by_hand_and_from_the_head_when_armed():
+    h = torch.tensor([[[0.0, 1.0, 0.0], [0.0, 2.0, 0.0]],  # expert 0: units 0 and 2 dead
+                      [[1.0, 0.0, 0.0], [0.0, 3.0, 0.5]]])  # expert 1: all alive  # fmt: skip
+    assert dead_units(h).tolist() == pytest.approx([2 / 3, 0.0])
+    rows = torch.tensor([[0.0, 1.0], [0.0, 0.0], [2.0, 0.0]])  # sparse rows of experts 0, 0, 2
+    shares = dead_units(rows, torch.tensor([0, 0, 2]), 3)
+    assert shares[0] == 0.5 and shares[2] == 0.5 and torch.isnan(shares[1])  # 1: no row
+    torch.manual_seed(0)
+    head = MoE(8, ["click", "conv"], 4, [8, 6], [4])
+    x = torch.randn(32, 8)
+    head(x)
+    assert head.last_dead == {}  # not armed: nothing computed
+    with torch.no_grad():  # expert 3's output layer: every unit dead
+        head.experts.weights[-1][3].zero_()
+        head.experts.biases[-1][3].fill_(-1.0)
+    head.watch_experts = True
+    head(x)
+    dead = head.last_dead["experts"]
+    assert dead.shape == (4,) and dead[3] == 1.0 and (dead[:3] < 1).all()
+    assert not head.watch_experts  # one forward only
+    health = GateHealth(head.gate_experts)
+    own, _, _ = health.update(1, head.last_gates, head.last_dead)
+    assert own["gates/experts/dead_activation/expert_3"] == 1.0
+    ple = PLE(8, ["a", "b"], 2, 1, 1, [8], [4])
+    ple.watch_experts = True
+    ple(x)
+    assert set(ple.last_dead) == {"level0", "level1"} and ple.last_dead["level1"].shape == (3,)

@@ -108,3 +108,16 @@ def test_group_auc_with_ties_and_one_class_groups():
     label[group == 7] = 1  # a group with one class only: left out
     assert group_auc(pred, label, group) == pytest.approx(sk_gauc(pred, label, group), abs=1e-9)
     assert np.isnan(group_auc(pred[:3], np.ones(3), group[:3]))
+
+
+def test_non_finite_predictions_leave_the_model_metrics_undefined():
+    """A diverged model's NaN scores give torchmetrics an AUC of something; here every model
+    figure is undefined with the count, while the oracle's stay."""
+    tasks = [TaskSpec(name="click", label="click", truth="p")]
+    preds = torch.rand(40, 1)
+    preds[3] = float("nan")
+    labels = (torch.rand(40, 1) < 0.5).float()
+    m = compute_metrics(tasks, preds, labels, torch.ones(40, 1), torch.rand(40, 1))["click"]
+    assert not {"auc", "logloss", "calibration", "pred_mean"} & set(m)
+    assert m["undefined"]["auc"] == "1 prediction(s) not finite"
+    assert "oracle_auc" in m and "oracle_logloss" in m

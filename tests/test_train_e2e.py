@@ -212,3 +212,34 @@ def test_polarising_gate_stops_the_run_or_strengthens_the_cure(synth_data, tmp_p
     else:
         assert proc.returncode == 0
         assert "strengthening the cure: expert dropout now [0.1]" in proc.stdout
+
+
+def test_top1_routing_is_not_polarised_and_logs_dead_units(synth_data, tmp_path):
+    """Top-1 gates put weight 1 on one expert per sample by construction: a healthy run with
+    on_polarization = stop must finish (it used to be killed at the first check), judged by
+    the routed load; every expert's dead-unit share is logged with gate health."""
+    args = [
+        "-m", "mtl_dist.train", "--config", "configs/default.toml",
+        "--data.train_path", str(synth_data / "train"), "--data.val_path", str(synth_data / "val"),
+        "--train.output_dir", str(tmp_path), "--train.progress_bar", "false",
+        "--train.max_steps", "40", "--train.batch_size", "256", "--model.expert_hidden", "32,16",
+        "--model.gate_top_k", "1", "--model.load_balance_coef", "0.01",
+        "--monitor.gate_every", "10", "--monitor.on_polarization", "stop",
+    ]  # fmt: skip
+    proc = torchrun(args, nproc=2, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "polarised" not in proc.stdout
+    for rank in (0, 1):
+        acc = EventAccumulator(str(tmp_path / "tb" / f"rank_{rank}"))
+        acc.Reload()
+        tags = set(acc.Tags()["scalars"])
+        assert "gates/click/max_weight" not in tags  # 1 by construction with k = 1
+        shares = [e.value for e in acc.Scalars("gates/click/routed_max_share")]
+        assert [e.step for e in acc.Scalars("gates/click/polarized")] == [10, 20, 30, 40]
+        assert all(0.25 <= v < 0.9 for v in shares), shares
+        assert all(e.value == 0.0 for e in acc.Scalars("gates/click/polarized"))
+        dead = [t for t in tags if t.startswith("gates/experts/dead_activation/expert_")]
+        assert dead, tags
+        for t in dead:
+            assert all(0.0 <= e.value <= 1.0 for e in acc.Scalars(t))
+            assert {e.step for e in acc.Scalars(t)} <= {10, 20, 30, 40}

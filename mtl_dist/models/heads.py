@@ -5,7 +5,10 @@ and its auxiliary losses stacked in the order of ``head.aux_names`` (empty when 
 gate weights of the last forward are kept in ``head.last_gates`` (``{name: [B, E]}``) for
 monitoring, at no extra cost; ``head.gate_experts`` maps each gate to its expert set and the
 set's expert ids it mixes (``{name: (set, [ids])}``), and ``head.shared_parameters()`` are the
-parameters every task trains (for the gradient-conflict probe).
+parameters every task trains (for the gradient-conflict probe). Set ``head.watch_experts`` and
+the next training forward keeps, per expert set, the share of each expert's output units that
+are 0 on the whole batch (``head.last_dead``: ``{set: [E]}``, see
+:func:`mtl_dist.gate_health.dead_units`) — from the activations it computes anyway.
 
 Heads: :class:`SharedBottom`, :class:`MoE` (MMoE, or OMoE with one shared gate) and :class:`PLE`
 (CGC with one level). Experts and towers are :class:`StackedMLP` s: one batched op per layer.
@@ -16,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mtl_dist.gate_health import dead_units
 from mtl_dist.models.experts import StackedMLP, fused_first_layer
 from mtl_dist.models.gates import GateConfig, Gates
 
@@ -35,6 +39,23 @@ def _stack_aux(
     if not names:
         return like.new_zeros(0)
     return torch.stack([sum(p[n] for p in parts if n in p) for n in names])
+
+
+class ExpertWatch:
+    """The dead-activation probe every head carries (see the module docstring)."""
+
+    watch_experts: bool = False
+    last_dead: dict[str, torch.Tensor]
+
+    def _watch(self, expert_set: str, h: torch.Tensor, *groups) -> None:
+        """Record ``dead_units(h, *groups)`` for ``expert_set`` when armed, in training."""
+        if self.watch_experts and self.training:
+            self.last_dead[expert_set] = dead_units(h, *groups)
+
+    def _watched(self) -> None:
+        """The armed forward is over: disarm."""
+        if self.training:
+            self.watch_experts = False
 
 
 def task_expert_index(tasks: int, shared: int, per_task: int) -> torch.Tensor:
@@ -73,7 +94,7 @@ class Towers(nn.Module):
         return self.mlp(x).squeeze(-1).t()
 
 
-class SharedBottom(nn.Module):
+class SharedBottom(ExpertWatch, nn.Module):
     """One shared MLP, one tower per task.
 
     Example::
@@ -101,6 +122,7 @@ class SharedBottom(nn.Module):
         )
         self.last_gates: dict[str, torch.Tensor] = {}
         self.gate_experts: dict[str, tuple[str, list[int]]] = {}
+        self.last_dead: dict[str, torch.Tensor] = {}
 
     def shared_layer(self) -> torch.Tensor:
         """The last layer every task reads (GradNorm measures task gradients on it)."""
@@ -114,7 +136,7 @@ class SharedBottom(nn.Module):
         return self.towers(shared.expand(self.num_tasks, -1, -1)), x.new_zeros(0)
 
 
-class MoE(nn.Module):
+class MoE(ExpertWatch, nn.Module):
     """MMoE (one gate per task; Ma et al., KDD 2018) or OMoE (``shared_gate=True``: one gate).
 
     E experts run as one StackedMLP whose first layer shares one matmul with the gates' logits;
@@ -160,6 +182,7 @@ class MoE(nn.Module):
         self.last_gates: dict[str, torch.Tensor] = {}
         self.gate_experts = {t: ("experts", list(range(num_experts))) for t in self.task_names}
         self.last_dispatch = "dense"
+        self.last_dead: dict[str, torch.Tensor] = {}
 
     def shared_layer(self) -> torch.Tensor:
         """The experts' last layer ``[E, H', H]``, shared by every task's mix."""
@@ -188,8 +211,10 @@ class MoE(nn.Module):
                 self.last_dispatch = f"sparse/{self.experts.last_grouped}"
         if mixed is None:
             experts = self.experts(x) if experts is None else experts
+            self._watch("experts", experts)
             mixed = torch.einsum("bge,ebh->gbh", weights, experts)  # [G, B, H]
             self.last_dispatch = "dense"
+        self._watched()
         if self.shared_gate:  # OMoE: one mix, read by every tower
             mixed = mixed.expand(self.num_tasks, -1, -1)
         return self.towers(mixed), _stack_aux(self.aux_names, [aux], x)
@@ -203,13 +228,14 @@ class MoE(nn.Module):
         """
         expert, row = selected.t().nonzero(as_tuple=True)  # [N] pairs, sorted by expert
         h = self.experts.forward_grouped(x.index_select(0, row), expert)  # [N, H]
+        self._watch("experts", h, expert, self.experts.groups)
         w = weights[row, :, expert]  # [N, G]
         mixed = x.new_zeros(x.shape[0], weights.shape[1], h.shape[1])
         mixed = mixed.index_add(0, row, w.unsqueeze(-1) * h.unsqueeze(1))  # [B, G, H]
         return mixed.transpose(0, 1)
 
 
-class PLE(nn.Module):
+class PLE(ExpertWatch, nn.Module):
     """Progressive Layered Extraction (Tang et al., RecSys 2020); one level is CGC.
 
     Each level has ``shared_experts`` shared and ``task_experts`` per-task experts, all run as one
@@ -259,6 +285,7 @@ class PLE(nn.Module):
         self.towers = Towers(T, dim, tower_hidden, tower_dropout, tower_batch_norm)
         self.aux_names = _aux_names(gate)
         self.last_gates: dict[str, torch.Tensor] = {}
+        self.last_dead: dict[str, torch.Tensor] = {}
         self.gate_experts = {}
         for level in range(levels):
             for i, t in enumerate(self.task_names):
@@ -294,6 +321,7 @@ class PLE(nn.Module):
             else:  # shared experts read the shared input, task t's experts read task t's
                 inputs = torch.cat([shared_in.expand(Es, -1, -1), task_in.repeat_interleave(Et, 0)])
                 out = mods["experts"](inputs)
+            self._watch(f"level{level}", out)
             w, aux = mods["task_gates"](task_in, first[1])  # [B, T, Es+Et]
             auxes.append(aux)
             next_task = torch.einsum("bte,tebh->tbh", w, out[self.task_index])  # [T, B, H]
@@ -307,11 +335,12 @@ class PLE(nn.Module):
                 gates[f"shared/level{level}"] = ws[:, 0].detach()
                 shared_in = torch.einsum("be,ebh->bh", ws[:, 0], out).unsqueeze(0)  # [1, B, H]
             task_in = next_task
+        self._watched()
         self.last_gates = gates
         return self.towers(task_in), _stack_aux(self.aux_names, auxes, x)
 
 
-class STEM(nn.Module):
+class STEM(ExpertWatch, nn.Module):
     """Shared and task-specific embeddings (Su et al., AAAI 2024: "all forward, task-specific backward").
 
     Every task has its own embedding tables beside the shared ones (``own`` ``[T, B, Dt]``, looked
@@ -353,6 +382,7 @@ class STEM(nn.Module):
         self.register_buffer("own_mask", torch.eye(T).view(T, T, 1, 1), persistent=False)
         self.aux_names = _aux_names(gate)
         self.last_gates: dict[str, torch.Tensor] = {}
+        self.last_dead: dict[str, torch.Tensor] = {}
         self.gate_experts = {
             t: ("experts", self.task_index[i].tolist()) for i, t in enumerate(self.task_names)
         }
@@ -373,6 +403,8 @@ class STEM(nn.Module):
         z = torch.cat([x.expand(T, -1, -1), every.permute(0, 2, 1, 3).reshape(T, B, T * Dt)], -1)
         task_out = self.task(z.repeat_interleave(self.task_experts, 0))  # [T*Et, B, H]
         out = task_out if self.shared is None else torch.cat([self.shared(x), task_out])
+        self._watch("experts", out)
+        self._watched()
         w, aux = self.gates(z)  # [B, T, Es+Et], gate t reads z_t
         self.last_gates = {t: w[:, i].detach() for i, t in enumerate(self.task_names)}
         mixed = torch.einsum("bte,tebh->tbh", w, out[self.task_index])
