@@ -192,18 +192,25 @@ def test_balancers_train_with_equal_weights_on_every_rank(synth_data, tmp_path, 
         assert abs(click["calibration"] - 1) < 0.15, click
 
 
-@pytest.mark.parametrize("action", ["stop", "strengthen"])
-def test_polarising_gate_stops_the_run_or_strengthens_the_cure(synth_data, tmp_path, action):
-    """A near-hard gate (temperature 0.02) polarises; every rank reacts alike, none hangs."""
+def gate_run(synth_data, tmp_path, *extra: str):
+    """40 small steps on 2 ranks with gate health every 10 steps."""
     args = [
         "-m", "mtl_dist.train", "--config", "configs/default.toml",
         "--data.train_path", str(synth_data / "train"), "--data.val_path", str(synth_data / "val"),
         "--train.output_dir", str(tmp_path), "--train.progress_bar", "false",
         "--train.max_steps", "40", "--train.batch_size", "256", "--model.expert_hidden", "32,16",
-        "--model.gate_temperature", "0.02", "--monitor.gate_every", "10",
-        "--monitor.on_polarization", action,
+        "--monitor.gate_every", "10", *extra,
     ]  # fmt: skip
-    proc = torchrun(args, nproc=2, timeout=300)
+    return torchrun(args, nproc=2, timeout=300)
+
+
+@pytest.mark.parametrize("action", ["stop", "strengthen"])
+def test_polarising_gate_stops_the_run_or_strengthens_the_cure(synth_data, tmp_path, action):
+    """A near-hard gate (temperature 0.02) polarises; every rank reacts alike, none hangs."""
+    proc = gate_run(
+        synth_data, tmp_path, "--model.gate_temperature", "0.02",
+        "--monitor.on_polarization", action,
+    )  # fmt: skip
     assert "polarised since step 10" in proc.stdout + proc.stderr
     if action == "stop":
         assert proc.returncode != 0
@@ -218,15 +225,10 @@ def test_top1_routing_is_not_polarised_and_logs_dead_units(synth_data, tmp_path)
     """Top-1 gates put weight 1 on one expert per sample by construction: a healthy run with
     on_polarization = stop must finish (it used to be killed at the first check), judged by
     the routed load; every expert's dead-unit share is logged with gate health."""
-    args = [
-        "-m", "mtl_dist.train", "--config", "configs/default.toml",
-        "--data.train_path", str(synth_data / "train"), "--data.val_path", str(synth_data / "val"),
-        "--train.output_dir", str(tmp_path), "--train.progress_bar", "false",
-        "--train.max_steps", "40", "--train.batch_size", "256", "--model.expert_hidden", "32,16",
-        "--model.gate_top_k", "1", "--model.load_balance_coef", "0.01",
-        "--monitor.gate_every", "10", "--monitor.on_polarization", "stop",
-    ]  # fmt: skip
-    proc = torchrun(args, nproc=2, timeout=300)
+    proc = gate_run(
+        synth_data, tmp_path, "--model.gate_top_k", "1", "--model.load_balance_coef", "0.01",
+        "--monitor.on_polarization", "stop",
+    )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "polarised" not in proc.stdout
     for rank in (0, 1):
