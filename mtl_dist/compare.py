@@ -237,16 +237,17 @@ def summarize(results: dict[str, list[dict]], tasks: list[TaskSpec]) -> Summary:
 
     Metric keys are read generically: every numeric key of a task's metrics in any seed except
     the data's own (count, label/pred mean) and the ``oracle_*`` keys, which pair with their
-    metric. A seed where a metric is undefined (absent, listed under ``undefined``) adds no
-    value; its reason is kept.
+    metric. A seed where a metric is undefined (absent, its reason under metrics.json's
+    ``undefined_metrics``) adds no value; its reason is kept.
     """
     summary: Summary = {}
     for head, runs in results.items():
         summary[head] = {}
         for t in tasks:
             per_seed = [r["metrics"].get(t.name, {}) for r in runs]
+            why = [r.get("undefined_metrics", {}).get(t.name, {}) for r in runs]
             keys = [k for m in per_seed for k, v in m.items() if _number(v)]
-            keys += [k for m in per_seed for k in m.get("undefined", {})]
+            keys += [k for w in why for k in w]
             keys = [k for k in dict.fromkeys(keys) if k not in NOT_COMPARED]
             stats = {}
             for k in [k for k in keys if not k.startswith("oracle_")]:
@@ -259,11 +260,7 @@ def summarize(results: dict[str, list[dict]], tasks: list[TaskSpec]) -> Summary:
                     for m in per_seed
                     if _number(m.get(k)) and _number(m.get(f"oracle_{k}"))
                 ]
-                reasons = tuple(
-                    dict.fromkeys(
-                        m["undefined"][k] for m in per_seed if k in m.get("undefined", {})
-                    )
-                )
+                reasons = tuple(dict.fromkeys(w[k] for w in why if k in w))
                 stats[k] = Stat(values, _mean(oracles), _mean(gaps), len(runs), reasons)
             summary[head][t.name] = stats
     return summary

@@ -77,34 +77,37 @@ def label_unit(task: TaskSpec) -> str:
     return f"log1p({task.label})" if task.transform == "log1p" else task.label
 
 
+def metric_units(tasks: list[TaskSpec]) -> dict[str, str]:
+    """``{regression task: the unit of its MSE (squared) and MAE}`` (``metrics.json``)."""
+    return {t.name: label_unit(t) for t in tasks if t.kind == "regression"}
+
+
 def task_metrics(
     task: TaskSpec,
     pred: torch.Tensor,
     label: torch.Tensor,
     truth: torch.Tensor,
     group: torch.Tensor | None = None,
-) -> dict[str, Any]:
-    """Metrics of one task on its labelled rows (1-D tensors of equal length).
+) -> tuple[dict[str, float], dict[str, str]]:
+    """Metrics of one task on its labelled rows (1-D tensors of equal length):
+    ``({metric: value}, {metric: why it is undefined})``.
 
-    Every figure is a finite float. A metric that is undefined on these rows — AUC, GAUC and
+    Every value is a finite float. A metric that is undefined on these rows — AUC, GAUC and
     their oracle twins with one class only, calibration without a positive, every metric
-    without a labelled row, the oracle's without truth on every row — is left out and its
-    reason kept under ``"undefined"`` (``{metric: reason}``), never reported as a number
-    (torchmetrics returns AUC 0 for one class). Regression figures are in the unit under
-    ``"unit"``: the label's, or ``log1p(label)`` for a ``log1p`` task (MSE: its square).
+    without a labelled row, the oracle's without truth on every row, every model metric when a
+    prediction is not finite — is left out of the values and its reason given instead, never
+    a number (torchmetrics returns AUC 0 for one class). Regression figures are in
+    :func:`label_unit` (MSE: its square).
     """
-    out: dict[str, Any] = {"count": float(label.numel())}
+    out: dict[str, float] = {"count": float(label.numel())}
     undefined: dict[str, str] = {}
     names = (
         ["auc", "logloss", "calibration"] + (["gauc"] if group is not None else [])
         if task.kind == "binary"
         else ["mse", "mae"]
     )
-    if task.kind == "regression":
-        out["unit"] = label_unit(task)
     if label.numel() == 0:
-        out["undefined"] = {k: "no labelled row" for k in names}
-        return out
+        return out, {k: "no labelled row" for k in names}
     has_truth = not torch.isnan(truth).any()
     if not has_truth and task.truth:
         missing = int(torch.isnan(truth).sum())
@@ -161,17 +164,10 @@ def task_metrics(
             if out.pop(k, None) is not None or k in names:
                 undefined[k] = f"{bad_preds:,} prediction(s) not finite"
     for k, v in list(out.items()):  # a non-finite figure (a diverged model) is not a value
-        if isinstance(v, float) and not math.isfinite(v):
+        if not math.isfinite(v):
             del out[k]
             undefined[k] = f"not finite ({v})"
-    if undefined:
-        out["undefined"] = undefined
-    return out
-
-
-def numeric(metrics: dict[str, Any]) -> dict[str, float]:
-    """The figures of one task's metrics (without ``unit`` / ``undefined``)."""
-    return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+    return out, undefined
 
 
 def compute_metrics(
@@ -181,23 +177,26 @@ def compute_metrics(
     mask: torch.Tensor,
     truth: torch.Tensor,
     group: torch.Tensor | None = None,
-) -> dict[str, dict[str, Any]]:
+) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, str]]]:
     """``preds, labels, mask, truth``: this rank's ``[N, T]`` (``group`` ``[N]`` for GAUC);
-    returns ``{task: {metric: value}}`` over all ranks' rows (every rank gets the same)."""
+    returns ``({task: {metric: value}}, {task: {metric: why undefined}})`` over all ranks'
+    rows (every rank gets the same; see :func:`task_metrics`)."""
     # gathered on their device (nccl needs CUDA tensors), measured on the CPU
     preds, labels, mask, truth = (gather_rows(t).cpu() for t in (preds, labels, mask, truth))
     group = gather_rows(group).cpu() if group is not None else None
-    result = {}
+    values, undefined = {}, {}
     for j, task in enumerate(tasks):
         keep = mask[:, j] > 0
-        result[task.name] = task_metrics(
+        values[task.name], why = task_metrics(
             task,
             preds[keep, j],
             labels[keep, j],
             truth[keep, j],
             group[keep] if group is not None else None,
         )
-    return result
+        if why:
+            undefined[task.name] = why
+    return values, undefined
 
 
 def json_safe(obj: Any) -> Any:
@@ -220,7 +219,11 @@ def write_json(path: str | Path, obj: Any) -> None:
         json.dump(json_safe(obj), fh, indent=2, allow_nan=False)
 
 
-def format_table(tasks: list[TaskSpec], metrics: dict[str, dict[str, Any]]) -> str:
+def format_table(
+    tasks: list[TaskSpec],
+    metrics: dict[str, dict[str, float]],
+    undefined: dict[str, dict[str, str]] | None = None,
+) -> str:
     """Human-readable per-task table: model vs oracle. An undefined metric reads ``n/a`` with
     its reason; regression rows name their unit."""
     lines = [
@@ -228,29 +231,29 @@ def format_table(tasks: list[TaskSpec], metrics: dict[str, dict[str, Any]]) -> s
     ]
     for t in tasks:
         m = metrics[t.name]
-        undefined = m.get("undefined", {})
+        why = (undefined or {}).get(t.name, {})
         pairs = (
             [("auc", "oracle_auc"), ("gauc", "oracle_gauc"), ("logloss", "oracle_logloss")]
             + [("calibration", "")]
             if t.kind == "binary"
             else [("mse", "oracle_mse"), ("mae", "oracle_mae")]
         )
-        shown = [(k, ok) for k, ok in pairs if k in m or k in undefined]
+        shown = [(k, ok) for k, ok in pairs if k in m or k in why]
         for i, (k, ok) in enumerate(shown):
             head = f"{t.name:<14}{t.kind:<12}{int(m['count']):>9}" if i == 0 else " " * 35
             model, oracle = m.get(k), m.get(ok)
             cells = [f"{model:>9.4f}" if model is not None else f"{'n/a':>9}"]
-            missing = "n/a" if ok in undefined else "-"  # undefined, or no truth at all
+            missing = "n/a" if ok in why else "-"  # undefined, or no truth at all
             cells.append(f"{oracle:>9.4f}" if oracle is not None else f"{missing:>9}")
             gap = abs(oracle - model) if model is not None and oracle is not None else None
             cells.append(f"{gap:>9.4f}" if gap is not None else f"{'-':>9}")
-            why: dict[str, list[str]] = {}
+            reasons: dict[str, list[str]] = {}
             for key in (k, ok):
-                if key in undefined:
-                    why.setdefault(undefined[key], []).append(key)
-            notes = [f"{' and '.join(keys)} undefined: {r}" for r, keys in why.items()]
+                if key in why:
+                    reasons.setdefault(why[key], []).append(key)
+            notes = [f"{' and '.join(keys)} undefined: {r}" for r, keys in reasons.items()]
             if t.kind == "regression":
-                notes.insert(0, f"unit: {m['unit']}" + ("^2" if k == "mse" else ""))
+                notes.insert(0, f"unit: {label_unit(t)}" + ("^2" if k == "mse" else ""))
             note = f"   ({'; '.join(notes)})" if notes else ""
             lines.append(f"{head}  {k:<12}{''.join(cells)}{note}")
     return "\n".join(lines)

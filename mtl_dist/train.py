@@ -13,7 +13,6 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -28,7 +27,7 @@ from mtl_dist.data.reader import ParquetBatchReader, describe, list_parquet_file
 from mtl_dist.distributed.setup import DistInfo, destroy, init_distributed
 from mtl_dist.distributed.sharding import describe_plan, shard_model
 from mtl_dist.losses import StepOutput, build_model_with_loss
-from mtl_dist.metrics import compute_metrics, format_table, gather_rows, numeric, write_json
+from mtl_dist.metrics import compute_metrics, format_table, gather_rows, metric_units, write_json
 from mtl_dist.models.ranker import build_ranker
 from mtl_dist.monitoring import Monitor, Telemetry, peak_memory_mb, quiet_third_party_logs
 from mtl_dist.optim import build_optimizer, dense_optimizer
@@ -142,8 +141,9 @@ class StepRunner:
 @torch.no_grad()
 def evaluate(
     model: torch.nn.Module, cfg: JobConfig, loader: StatefulDataLoader, device: torch.device
-) -> dict[str, dict[str, Any]]:
-    """Whole validation set on every rank (equal, padded batch counts) → metrics over all ranks."""
+) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, str]]]:
+    """Whole validation set on every rank (equal, padded batch counts) → metrics over all ranks
+    and the reasons of the undefined ones (see :func:`mtl_dist.metrics.compute_metrics`)."""
     model.eval()
     outs = []
     batches = itertools.islice(loader, cfg.train.val_max_batches or None)
@@ -156,9 +156,9 @@ def evaluate(
     return compute_metrics(cfg.tasks, cat("preds"), cat("labels"), cat("mask"), cat("truth"), group)
 
 
-def flat_metrics(metrics: dict[str, dict[str, Any]], prefix: str = "val") -> dict[str, float]:
-    """TensorBoard scalars of the defined figures (an undefined metric is not plotted)."""
-    return {f"{prefix}/{task}/{k}": v for task, m in metrics.items() for k, v in numeric(m).items()}
+def flat_metrics(metrics: dict[str, dict[str, float]], prefix: str = "val") -> dict[str, float]:
+    """TensorBoard scalars (only defined metrics are in ``metrics``)."""
+    return {f"{prefix}/{task}/{k}": v for task, m in metrics.items() for k, v in m.items()}
 
 
 def report_attribution(
@@ -255,7 +255,7 @@ def train(cfg: JobConfig, info: DistInfo) -> dict[str, object]:
     val_every = cfg.train.val_every or steps_per_epoch
     ckpt_every = cfg.checkpoint.every
     telemetry = Telemetry(cfg, info, total - step, model, loss_module, optimizer, step)
-    metrics, history = {}, []
+    metrics, undefined, history = {}, {}, []
     t0 = time.perf_counter()
     for epoch in range(epoch0, cfg.train.epochs):
         if step >= total:
@@ -281,9 +281,11 @@ def train(cfg: JobConfig, info: DistInfo) -> dict[str, object]:
                 )
             telemetry.pause(step)
             if step % val_every == 0 or step == epoch_end:
-                metrics = evaluate(model, cfg, validation_loader(val_reader, cfg.data), info.device)
+                metrics, undefined = evaluate(
+                    model, cfg, validation_loader(val_reader, cfg.data), info.device
+                )
                 telemetry.monitor.scalars(step, flat_metrics(metrics), main_only=True)
-                history.append({"step": step, "metrics": metrics})
+                history.append({"step": step, "metrics": metrics, "undefined": undefined})
                 if cfg.monitor.attribution:
                     report_attribution(
                         cfg, loss_module.model, val_reader, info, telemetry.monitor, step
@@ -298,7 +300,9 @@ def train(cfg: JobConfig, info: DistInfo) -> dict[str, object]:
                 log(f"[checkpoint] step {step}: {path}")
             telemetry.resume()
     if not metrics:  # resumed at the very end: report the final model all the same
-        metrics = evaluate(model, cfg, validation_loader(val_reader, cfg.data), info.device)
+        metrics, undefined = evaluate(
+            model, cfg, validation_loader(val_reader, cfg.data), info.device
+        )
     elapsed = time.perf_counter() - t0
     telemetry.close()
 
@@ -309,7 +313,9 @@ def train(cfg: JobConfig, info: DistInfo) -> dict[str, object]:
         "steady_samples_per_s": telemetry.steady_rate,  # after the first 10 steps (0: shorter)
         "elapsed_s": elapsed,
         "train_s": telemetry.train_s,
-        "metrics": metrics,
+        "metrics": metrics,  # {task: {metric: value}}: defined metrics only
+        "undefined_metrics": undefined,  # {task: {metric: why}}: AUC with one class, ...
+        "metric_units": metric_units(cfg.tasks),  # {regression task: unit of MAE / sqrt(MSE)}
         "history": history,
         "plan": describe_plan(plan),
         "last_trained_position": runner.trained_position,  # (global worker, rows consumed) of rank 0
@@ -333,7 +339,7 @@ def train(cfg: JobConfig, info: DistInfo) -> dict[str, object]:
             f"samples/s over {info.world_size} ranks)"
         )
         log(
-            f"validation (model vs oracle, the best achievable on this data):\n{format_table(cfg.tasks, metrics)}"
+            f"validation (model vs oracle, the best achievable on this data):\n{format_table(cfg.tasks, metrics, undefined)}"
         )
         log(f"TensorBoard: tensorboard --logdir {os.path.join(cfg.train.output_dir, 'tb')}")
     return result

@@ -152,20 +152,22 @@ def test_failed_run_names_the_run_and_its_log(synth_data, tmp_path):
 
 def test_undefined_metric_is_left_out_of_the_mean_not_averaged_in(tmp_path):
     """Seed 1's validation set has one class for conversion (metrics.json: no 'auc', a reason
-    under 'undefined'): the head's conversion AUC is seed 0's alone, marked '1 of 2 seeds'."""
+    under 'undefined_metrics'): the head's conversion AUC is seed 0's alone, '1 of 2 seeds'."""
     from mtl_dist.compare import report, summarize
 
     tasks = [TaskSpec(name="click", label="click"), TaskSpec(name="conversion", label="conv")]
     reason = "one class only: 0 positive(s) among 900 labelled rows"
 
-    def run(seed: int, conv: dict) -> dict:
+    def run(seed: int, conv: dict, why: dict | None = None) -> dict:
         click = {"count": 1000.0, "auc": 0.70 + 0.01 * seed, "oracle_auc": 0.75, "logloss": 0.5}
         return {"metrics": {"click": click, "conversion": {"count": 900.0, "logloss": 0.1, **conv}},
+                "undefined_metrics": {"conversion": why} if why else {},
                 "samples_per_s": 1.0, "train_s": 1.0, "config": {}}  # fmt: skip
 
+    one_class = {"auc": reason}
     results = {
-        "mmoe": [run(0, {"auc": 0.62, "oracle_auc": 0.66}), run(1, {"undefined": {"auc": reason}})],
-        "ple": [run(0, {"undefined": {"auc": reason}}), run(1, {"undefined": {"auc": reason}})],
+        "mmoe": [run(0, {"auc": 0.62, "oracle_auc": 0.66}), run(1, {}, one_class)],
+        "ple": [run(0, {}, one_class), run(1, {}, one_class)],
     }
     summary = summarize(results, tasks)
     conv = summary["mmoe"]["conversion"]["auc"]

@@ -9,7 +9,7 @@ import torch
 from sklearn.metrics import log_loss, mean_absolute_error, mean_squared_error, roc_auc_score
 
 from mtl_dist.config import TaskSpec
-from mtl_dist.metrics import compute_metrics, format_table, group_auc, write_json
+from mtl_dist.metrics import compute_metrics, format_table, group_auc, metric_units, write_json
 from tests.conftest import torchrun
 
 
@@ -29,7 +29,7 @@ def test_metrics_with_two_processes_equal_sklearn(tmp_path):
     assert proc.returncode == 0
     parts = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     assert parts[0]["metrics"] == parts[1]["metrics"]  # every rank reports the same figures
-    m = parts[0]["metrics"]
+    m, undefined = parts[0]["metrics"]
     cat = {
         k: torch.cat([p[k] for p in parts]).numpy()
         for k in ("preds", "labels", "mask", "truth", "group")
@@ -55,14 +55,14 @@ def test_metrics_with_two_processes_equal_sklearn(tmp_path):
     p, y = cat["preds"][keep, 1].astype(np.float64), cat["labels"][keep, 1].astype(np.float64)
     assert m["watch"]["mse"] == pytest.approx(mean_squared_error(y, p), abs=1e-6)
     assert m["watch"]["mae"] == pytest.approx(mean_absolute_error(y, p), abs=1e-6)
-    assert m["watch"]["unit"] == "watch"
 
     # one class over all ranks: AUC, oracle AUC, GAUC and calibration undefined, not 0 / NaN
     never = m["never"]
     assert never["count"] == 2 * 3000 - 200 - 400
     assert not {"auc", "oracle_auc", "gauc", "oracle_gauc", "calibration"} & set(never)
-    assert never["undefined"]["auc"] == "one class only: 0 positive(s) among 5,400 labelled rows"
-    assert set(never["undefined"]) == {"auc", "oracle_auc", "gauc", "oracle_gauc", "calibration"}
+    assert undefined["never"]["auc"] == "one class only: 0 positive(s) among 5,400 labelled rows"
+    assert set(undefined["never"]) == {"auc", "oracle_auc", "gauc", "oracle_gauc", "calibration"}
+    assert set(undefined) == {"never"}  # "split" is defined: both classes over the ranks
     assert never["logloss"] > 0 and never["oracle_logloss"] > 0  # still defined
     # one class per rank, both over the gathered rows: defined, equal to sklearn's
     keep = cat["mask"][:, 3] > 0
@@ -80,18 +80,17 @@ def test_undefined_metrics_read_n_a_with_the_reason_in_the_table():
     n = 50
     preds = torch.rand(n, 2)
     labels = torch.stack([torch.zeros(n), torch.randn(n)], 1)
-    m = compute_metrics(tasks, preds, labels, torch.ones(n, 2), torch.rand(n, 2))
-    table = format_table(tasks, m)
+    m, undefined = compute_metrics(tasks, preds, labels, torch.ones(n, 2), torch.rand(n, 2))
+    table = format_table(tasks, m, undefined)
     auc_line = next(line for line in table.splitlines() if " auc " in line)
     assert "0.0000" not in auc_line and "n/a" in auc_line
     assert "auc and oracle_auc undefined: one class only: 0 positive(s) among 50" in auc_line
     assert "calibration undefined: no positive label" in table
-    assert m["watch"]["unit"] == "log1p(watch_time)"
+    assert metric_units(tasks) == {"watch": "log1p(watch_time)"}
     assert "unit: log1p(watch_time)^2" in table and "unit: log1p(watch_time))" in table
     # no labelled row at all: every metric undefined, the count says why
-    empty = compute_metrics(tasks, preds, labels, torch.zeros(n, 2), torch.rand(n, 2))
-    assert empty["conversion"]["count"] == 0 and "auc" not in empty["conversion"]
-    assert empty["conversion"]["undefined"]["auc"] == "no labelled row"
+    empty, why = compute_metrics(tasks, preds, labels, torch.zeros(n, 2), torch.rand(n, 2))
+    assert empty["conversion"] == {"count": 0.0} and why["conversion"]["auc"] == "no labelled row"
 
 
 def test_json_safe_replaces_non_finite_floats(tmp_path):
@@ -117,7 +116,8 @@ def test_non_finite_predictions_leave_the_model_metrics_undefined():
     preds = torch.rand(40, 1)
     preds[3] = float("nan")
     labels = (torch.rand(40, 1) < 0.5).float()
-    m = compute_metrics(tasks, preds, labels, torch.ones(40, 1), torch.rand(40, 1))["click"]
+    values, undefined = compute_metrics(tasks, preds, labels, torch.ones(40, 1), torch.rand(40, 1))
+    m = values["click"]
     assert not {"auc", "logloss", "calibration", "pred_mean"} & set(m)
-    assert m["undefined"]["auc"] == "1 prediction(s) not finite"
+    assert undefined["click"]["auc"] == "1 prediction(s) not finite"
     assert "oracle_auc" in m and "oracle_logloss" in m

@@ -179,6 +179,7 @@ def test_uncertainty_with_a_task_never_labelled_stays_finite(tmp_path):
         assert weights[1] == 1.0  # e^{-0}: the conversion log-variance never moved
     conversion = result["metrics"]["conversion"]
     assert "auc" not in conversion and "calibration" not in conversion
-    assert conversion["undefined"]["auc"].startswith("one class only: 0 positive(s)")
+    assert result["undefined_metrics"]["conversion"]["auc"].startswith("one class only: 0 pos")
+    assert result["metric_units"] == {"watch": "watch_time"}
     assert "auc and oracle_auc undefined" not in proc.stdout  # no truth column: no oracle
     assert "auc undefined: one class only" in proc.stdout
