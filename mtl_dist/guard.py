@@ -2,10 +2,12 @@
 
 Each training forward, :class:`StepCheck` all-gathers one small row per rank — the labelled
 rows of every task and whether each task loss and the auxiliary losses are finite — so every
-rank holds the same ``labelled [R, T]`` and ``nonfinite [R, T + 1]``. The balancers read
-``labelled`` (a task without labels over all ranks must not move their state);
-:class:`UpdateGate` turns ``nonfinite`` (and the balancer's weights, identical on every rank)
-into this step's decision, an :class:`UpdateSwitch` that every update path reads on the device,
+rank holds the same ``labelled [R, T]`` and ``nonfinite [R, T + 1]``. The all-gather is started
+asynchronously: with the ``fixed`` balancer nothing waits for it until the backward reaches the
+head's input, so its latency hides behind the head's backward; the other balancers read
+``labelled`` in the forward (a task without labels over all ranks must not move their state)
+and wait there. :class:`UpdateSwitch` turns the gathered flags (and the balancer's weights,
+identical on every rank) into this step's verdict, read on the device by every update path,
 with no host synchronisation:
 
 * the dense optimizer gets it as ``found_inf``: its fused kernel skips the update, the moments
@@ -26,20 +28,83 @@ else every ``train.log_every`` steps and before every checkpoint or validation.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
-
-from mtl_dist.metrics import gather_rows
 
 ON_NONFINITE = ("stop", "skip", "off")
 
 
 class UpdateSwitch:
-    """Whether this step's update may apply: ``open`` is a 0-dim bool tensor on the training
-    device, set by :class:`UpdateGate` in the forward (``None`` while the guard is off or
-    before the first training step: everything applies)."""
+    """This step's verdict, shared by every update path (see the module docstring).
 
-    def __init__(self) -> None:
+    :meth:`start` launches the step's all-gather; :meth:`resolve` waits for it and sets
+    ``open`` (0-dim bool on the device; ``None`` — everything applies — while the guard is off
+    or before the first training step), fills this step's ``nonfinite [R, T + 1]`` and
+    ``skipped`` (0-dim bool) buffers and advances ``tripped`` (a non-finite step was seen) and
+    ``consecutive`` (non-finite steps in a row). Resolving twice is a no-op.
+    """
+
+    def __init__(self, mode: str = "stop") -> None:
+        if mode not in ON_NONFINITE:
+            raise ValueError(f"on_nonfinite must be one of {ON_NONFINITE}, got {mode!r}")
+        self.mode = mode
         self.open: torch.Tensor | None = None
+        self.tripped: torch.Tensor | None = None
+        self.consecutive: torch.Tensor | None = None
+        self.nonfinite: torch.Tensor | None = None
+        self.skipped: torch.Tensor | None = None
+        self._work = None  # the all-gather in flight
+        self._rows: torch.Tensor | None = None  # [R, 2T + 1] once gathered
+        self._weights_ok: torch.Tensor | None = None
+        self._decided = True
+
+    def start(self, row: torch.Tensor, gather: bool) -> None:
+        """A training step begins: gather ``row`` ``[2T + 1]`` from every rank (async)."""
+        self.resolve()  # a previous step nobody resolved (no backward ran): settle it first
+        world = dist.get_world_size() if gather and dist.is_initialized() else 1
+        self._rows = row.new_empty(world, row.numel())
+        if world > 1:
+            self._work = dist.all_gather(list(self._rows.split(1)), row.unsqueeze(0), async_op=True)
+        else:
+            self._rows.copy_(row.unsqueeze(0))
+        T = (row.numel() - 1) // 2
+        self.nonfinite = torch.zeros(world, T + 1, dtype=torch.bool, device=row.device)
+        self.skipped = torch.zeros((), dtype=torch.bool, device=row.device)
+        self._weights_ok = None
+        self._decided = False
+
+    def gathered(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Wait for the all-gather: ``(labelled [R, T], nonfinite [R, T + 1])``."""
+        if self._work is not None:
+            self._work.wait()
+            self._work = None
+        T = (self._rows.shape[1] - 1) // 2
+        return self._rows[:, :T], self._rows[:, T:] > 0
+
+    def weights(self, weights: torch.Tensor) -> None:
+        """The balancer's weights of this step (identical on every rank) count too."""
+        self._weights_ok = torch.isfinite(weights).all()
+
+    def resolve(self) -> None:
+        """Decide this step (waiting for the all-gather if it is still in flight)."""
+        if self._decided:
+            return
+        self._decided = True
+        _, nonfinite = self.gathered()
+        self.nonfinite.copy_(nonfinite)
+        finite = ~nonfinite.any()
+        if self._weights_ok is not None:
+            finite = finite & self._weights_ok
+        if self.mode == "off":
+            return
+        if self.tripped is None:
+            self.tripped = torch.zeros_like(finite)
+            self.consecutive = torch.zeros((), dtype=torch.int64, device=finite.device)
+        ok = finite & ~self.tripped if self.mode == "stop" else finite
+        self.tripped = self.tripped | ~finite
+        self.consecutive = torch.where(finite, 0, self.consecutive + 1)
+        self.skipped.copy_(~ok)
+        self.open = ok
 
 
 class _GateGrad(torch.autograd.Function):
@@ -50,14 +115,19 @@ class _GateGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        is_open = ctx.switch.open
-        return (grad if is_open is None else torch.where(is_open, grad, 0.0)), None
+        switch = ctx.switch
+        switch.resolve()
+        if switch.open is None:
+            return grad, None
+        if grad.device.type == "cpu":  # reading the verdict costs no device sync here
+            return (grad if bool(switch.open) else torch.zeros_like(grad)), None
+        return torch.where(switch.open, grad, 0.0), None  # a NaN gradient becomes 0
 
 
 class GradGate(nn.Module):
     """Identity in the forward; in training, its backward passes the gradient only while the
-    step's :class:`UpdateSwitch` is open (``torch.where``, so a NaN gradient becomes 0, not
-    NaN × 0). ``x``: any shape, returned as a view."""
+    step's :class:`UpdateSwitch` is open (a NaN gradient becomes 0, not NaN × 0). ``x``: any
+    shape, returned as a view."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -70,58 +140,48 @@ class GradGate(nn.Module):
 
 
 class StepCheck(nn.Module):
-    """This step's label counts and loss finiteness over all ranks (one all-gather of
-    ``2T + 1`` floats per rank, in training; this rank's alone in evaluation).
+    """Starts this step's check over all ranks (one all-gather of ``2T + 1`` floats per rank,
+    in training; this rank's row alone in evaluation).
 
-    ``forward(losses [T], aux [A], loss_mask [B, T])`` → ``(labelled [R, T]`` rows with a
-    loss weight > 0 per rank and task, ``nonfinite [R, T + 1]`` bool: each task loss, then
-    any auxiliary loss, not finite)``.
+    ``forward(losses [T], aux [A], loss_mask [B, T])`` → ``(labelled [R, T]`` rows with a loss
+    weight > 0 per rank and task, ``finite`` 0-dim bool: every rank's losses are finite)``
+    when ``wait`` (a balancer needs them in the forward), else ``(None, None)`` and the
+    all-gather completes in the background until :meth:`UpdateSwitch.resolve`.
     """
 
-    def __init__(self, gather: bool = True) -> None:
+    def __init__(self, switch: UpdateSwitch, gather: bool = True, wait: bool = True) -> None:
         super().__init__()
-        self.gather = gather
+        self.switch, self.gather, self.wait = switch, gather, wait
 
     def forward(
         self, losses: torch.Tensor, aux: torch.Tensor, loss_mask: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        T = losses.numel()
-        bad_aux = (~torch.isfinite(aux)).any().unsqueeze(0)
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         row = torch.cat(
             [(loss_mask > 0).sum(0).to(losses.dtype), (~torch.isfinite(losses)).to(losses.dtype),
-             bad_aux.to(losses.dtype)]
-        ).unsqueeze(0)  # fmt: skip
-        if self.training and self.gather:
-            row = gather_rows(row)
-        return row[:, :T], row[:, T:] > 0
+             (~torch.isfinite(aux)).any().unsqueeze(0).to(losses.dtype)]
+        )  # fmt: skip
+        if not (self.training and torch.is_grad_enabled()):
+            T = losses.numel()
+            return row[:T].unsqueeze(0), ~(row[T:] > 0).any()
+        self.switch.start(row.detach(), self.gather)
+        if not self.wait:
+            return None, None
+        labelled, nonfinite = self.switch.gathered()
+        return labelled, ~nonfinite.any()
 
 
 class UpdateGate(nn.Module):
-    """Opens or closes the :class:`UpdateSwitch` for this step (see the module docstring).
+    """Hands this step's balancer weights to the :class:`UpdateSwitch` and returns the step's
+    ``(nonfinite [R, T + 1], skipped [])`` buffers, filled once the switch resolves (before the
+    backward reaches the tables, and before the optimizer step)."""
 
-    ``forward(nonfinite [R, T + 1], weights [T])`` → ``skipped`` (0-dim bool: this step's
-    update is dropped on every rank). State on the device, no host read: ``tripped`` (a
-    non-finite step was seen: ``stop`` keeps the switch closed) and ``consecutive`` (non-finite
-    steps in a row).
-    """
-
-    def __init__(self, switch: UpdateSwitch, mode: str = "stop") -> None:
+    def __init__(self, switch: UpdateSwitch) -> None:
         super().__init__()
-        if mode not in ON_NONFINITE:
-            raise ValueError(f"on_nonfinite must be one of {ON_NONFINITE}, got {mode!r}")
-        self.switch, self.mode = switch, mode
-        self.tripped: torch.Tensor | None = None
-        self.consecutive: torch.Tensor | None = None
+        self.switch = switch
 
-    def forward(self, nonfinite: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        finite = ~nonfinite.any() & torch.isfinite(weights).all()
-        if not (self.training and torch.is_grad_enabled()) or self.mode == "off":
-            return torch.zeros_like(finite)
-        if self.tripped is None:
-            self.tripped = torch.zeros_like(finite)
-            self.consecutive = torch.zeros((), dtype=torch.int64, device=finite.device)
-        ok = finite & ~self.tripped if self.mode == "stop" else finite
-        self.tripped = self.tripped | ~finite
-        self.consecutive = torch.where(finite, 0, self.consecutive + 1)
-        self.switch.open = ok
-        return ~ok
+    def forward(self, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if not (self.training and torch.is_grad_enabled()):
+            flags = torch.zeros(1, weights.numel() + 1, dtype=torch.bool, device=weights.device)
+            return flags, flags.new_zeros(())
+        self.switch.weights(weights)
+        return self.switch.nonfinite, self.switch.skipped

@@ -189,11 +189,15 @@ class ModelWithLoss(nn.Module):
             persistent=False,
         )
         self.conflict = GradientConflict(lambda: self.model.head.shared_parameters())
-        balancer = (loss or LossConfig()).balancer
-        self.check = StepCheck(gather=on_nonfinite != "off" or balancer != "fixed")
-        grad_gate = getattr(model, "grad_gate", None)
-        self.switch = grad_gate.switch if grad_gate is not None else UpdateSwitch()
-        self.gate = UpdateGate(self.switch, on_nonfinite)
+        # the non-finite guard: one verdict per step, read by every update path
+        self.switch = UpdateSwitch(on_nonfinite)
+        if getattr(model, "grad_gate", None) is not None:
+            model.grad_gate.switch = self.switch
+        fixed = (loss or LossConfig()).balancer == "fixed"  # reads no label counts
+        self.check = StepCheck(
+            self.switch, gather=on_nonfinite != "off" or not fixed, wait=not fixed
+        )
+        self.gate = UpdateGate(self.switch)
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, StepOutput]:
         outputs, aux = self.model(batch)
@@ -212,11 +216,12 @@ class ModelWithLoss(nn.Module):
         conflict = self.conflict(losses)  # [T, T] when armed, else [0, 0]
         # submodules' outputs are indexed, not unpacked: TorchRec's pipeline FX-traces this
         check = self.check(losses, aux, mask)  # every rank's label counts and finiteness
-        labelled, nonfinite = check[0], check[1]
-        balanced = self.balancer(losses, labelled, ~nonfinite.any())
+        labelled, finite = check[0], check[1]  # None while the all-gather runs on (fixed)
+        balanced = self.balancer(losses, labelled, finite)
         weighted, weights = balanced[0], balanced[1]
         loss = weighted + aux.sum()
-        skipped = self.gate(nonfinite, weights)  # closes the update switch when not finite
+        verdict = self.gate(weights)  # filled when the switch resolves, before any update
+        nonfinite, skipped = verdict[0], verdict[1]
         out = StepOutput(
             losses=losses.detach(),
             weights=weights,

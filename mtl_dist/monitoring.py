@@ -32,6 +32,7 @@ from mtl_dist.balancing import all_mean
 from mtl_dist.config import JobConfig, ModelConfig
 from mtl_dist.distributed.setup import DistInfo
 from mtl_dist.gate_health import Alarm, GateHealth, heatmaps
+from mtl_dist.guard import UpdateSwitch
 from mtl_dist.losses import StepOutput
 from mtl_dist.metrics import write_json
 from mtl_dist.models.gates import Gates
@@ -212,10 +213,10 @@ class NonFiniteWatch:
     Every rank reads the same gathered flags at the same steps, so every rank stops together.
     """
 
-    def __init__(self, cfg: JobConfig, info: DistInfo, gate: nn.Module, log) -> None:
+    def __init__(self, cfg: JobConfig, info: DistInfo, switch: UpdateSwitch, log) -> None:
         self.mode, self.max_in_row = cfg.train.on_nonfinite, cfg.train.max_nonfinite
         self.names = [t.name for t in cfg.tasks] + ["aux losses"]
-        self.gate, self.log = gate, log
+        self.switch, self.log = switch, log
         cheap = info.device.type == "cpu" or cfg.monitor.step_timing
         self.every = 1 if cheap else cfg.train.log_every
         self.pending = torch.zeros((), dtype=torch.int64, device=info.device)
@@ -226,6 +227,7 @@ class NonFiniteWatch:
     def step(self, step: int, out: StepOutput, monitor: Monitor, force: bool = False) -> None:
         if self.mode == "off":
             return
+        self.switch.resolve()  # (the optimizer step has already)
         self.pending += out.skipped
         bad = out.nonfinite & out.skipped
         self.where = bad if self.where is None else self.where | bad
@@ -256,7 +258,7 @@ class NonFiniteWatch:
                 f"{what}; stopping (train.on_nonfinite = stop): no update of that step applied "
                 "and no checkpoint is written after it; the last saved checkpoint is kept"
             )
-        in_row = int(self.gate.consecutive)
+        in_row = int(self.switch.consecutive)
         self.log(
             f"[nonfinite] {what}; the update was skipped on every rank ({self.total} skipped "
             f"so far, {in_row} in a row)"
@@ -312,7 +314,7 @@ class Telemetry:
         self.loss_steps = 0
         self.loss_counted = torch.zeros((), device=info.device)  # steps not skipped
         # the non-finite guard's flags, read on the host only where that costs no sync
-        self.guard = NonFiniteWatch(cfg, info, loss_module.gate, self.log)
+        self.guard = NonFiniteWatch(cfg, info, loss_module.switch, self.log)
         self.weights: list[float] = []
         self.train_s = 0.0  # training wall time (validation excluded)
         self.global_rate = 0.0  # samples/s over all ranks, as of the last write

@@ -45,6 +45,7 @@ class GuardedDense(KeyedOptimizerWrapper):
         )
 
     def step(self, closure=None) -> None:
+        self.switch.resolve()
         is_open = self.switch.open
         if is_open is not None:
             if self.on_device:
