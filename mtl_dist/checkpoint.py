@@ -6,12 +6,19 @@ Layout (``<output_dir>/checkpoints`` unless ``checkpoint.dir`` says otherwise)::
         .metadata, __0_0.distcp, ...   model (sharded tables + dense), optimizers (fused
                                        embedding state + dense), balancer state
         extra.pt              step, epoch, config, every rank's RNG states and reader position
-    step_00000600.partial/    being written (or a crash left it): never loaded
+        manifest.json         run id, step, and the size and xxh3-128 digest of every file
+    step_00000600.partial/    being written (or a crash left it): never loaded, removed at
+                              the next start
     latest                    the name of the newest complete checkpoint
+    previous-<time>/          checkpoints a fresh start (resume = never) moved aside
 
-A checkpoint is written to ``*.partial`` by every rank, and only when all ranks are done does
-rank 0 rename it and then replace ``latest`` (``os.replace``: atomic), so a crash mid-save
-leaves the previous one in use. The last ``keep`` are kept.
+A checkpoint is written to ``*.partial`` by every rank; each rank digests its share of the
+files, and only when all ranks are done does rank 0 write the manifest, rename the directory and
+then replace ``latest`` (``os.replace``: atomic), so a crash mid-save leaves the previous one in
+use. A checkpoint is *verified* (:func:`verify_checkpoint`) before it is loaded or exported:
+every file of its manifest present with its size and digest; one that fails is never loaded.
+The last ``keep`` checkpoints of this run (its run id) are kept; another run's, and ``latest``'s
+target, are never pruned.
 
 Loading goes through ``torch.distributed.checkpoint``, which reshards: a checkpoint saved by N
 processes loads under M and under another sharding plan; the reader positions reshard too
@@ -21,6 +28,8 @@ values and is read with ``weights_only=True``.
 
 from __future__ import annotations
 
+import errno
+import json
 import os
 import random
 import shutil
@@ -32,23 +41,87 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+import xxhash
+from torch.distributed.checkpoint.api import CheckpointException
 
 from mtl_dist.config import JobConfig, to_dict
 
 SCHEMA_KEYS = ("features", "tasks", "model")  # what must match for weights to load
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "mtl-dist-checkpoint/1"
+_CHUNK = 8 << 20  # bytes read at a time while digesting
+
+
+def digest_file(path: Path) -> str:
+    """xxh3-128 of a file's bytes (xxHash, a non-cryptographic checksum: ~12 GB/s in memory
+    here, so verifying costs about what reading the file costs)."""
+    h = xxhash.xxh3_128()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _describe(path: Path) -> dict[str, Any]:
+    return {"size": path.stat().st_size, "xxh3_128": digest_file(path)}
+
+
+def verify_checkpoint(path: Path) -> str:
+    """'' when ``path`` is a complete checkpoint whose every file matches its manifest (size,
+    then digest), else what is wrong — the file named."""
+    if not path.is_dir():
+        return "not a directory"
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except FileNotFoundError:
+        return f"no {MANIFEST} (unfinished, or written before checkpoints were verified)"
+    except ValueError:
+        return f"{MANIFEST} is not valid JSON"
+    files = manifest.get("files", {})
+    if "extra.pt" not in files or ".metadata" not in files:
+        return f"{MANIFEST} lists no extra.pt / .metadata"
+    for name, want in sorted(files.items()):
+        f = path / name
+        if not f.is_file():
+            return f"{name} is missing"
+        size = f.stat().st_size
+        if size != want["size"]:
+            return f"{name} has {size} bytes, {want['size']} when written"
+        if digest_file(f) != want["xxh3_128"]:
+            return f"{name} does not match its digest (the file changed after it was written)"
+    return ""
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    """A checkpoint's manifest (``{}`` when absent or unreadable)."""
+    try:
+        return json.loads((path / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Complete-looking checkpoint directories under ``root``, ``latest``'s target first, then
+    by step, newest first (``*.partial`` and ``previous-*`` left out; none is verified here)."""
+    found = [
+        p for p in root.glob("step_*")
+        if p.is_dir() and not p.name.endswith(".partial") and p.name[5:].isdigit()
+    ]  # fmt: skip
+    found.sort(key=lambda p: int(p.name[5:]), reverse=True)
+    target = latest_target(root)
+    return sorted(found, key=lambda p: p.name != target)  # stable: latest's first
+
+
+def latest_target(root: Path) -> str:
+    """The name ``latest`` points at ('' when absent or empty)."""
+    try:
+        return (root / "latest").read_text().strip()
+    except OSError:
+        return ""
 
 
 def checkpoint_dir(cfg: JobConfig) -> Path:
     return Path(cfg.checkpoint.dir or os.path.join(cfg.train.output_dir, "checkpoints"))
-
-
-def latest_checkpoint(root: Path) -> Path | None:
-    """The newest complete checkpoint under ``root``, or None."""
-    pointer = root / "latest"
-    if not pointer.exists():
-        return None
-    path = root / pointer.read_text().strip()
-    return path if (path / "extra.pt").exists() else None
 
 
 def rng_state() -> dict[str, Any]:
@@ -116,30 +189,119 @@ def save_checkpoint(
     reader_position: dict[str, Any],
     cfg: JobConfig,
     keep: int,
+    run_id: str,
 ) -> Path:
-    """Save on every rank (a collective); returns the final path. See the module doc."""
+    """Save on every rank (a collective); returns the final path. See the module doc.
+
+    A save that fails for want of space raises ``OSError`` (ENOSPC) saying where, how much is
+    free, about how much a checkpoint needs and which checkpoint is kept; the unfinished
+    directory is removed.
+    """
     name = f"step_{step:08d}"
     final, partial = root / name, root / f"{name}.partial"
     if _is_main():
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
     _barrier()
-    dcp.save({"model": model.state_dict(), "optim": optimizer.state_dict()}, checkpoint_id=partial)
-    ranks = _gather({"rng": rng_state(), "reader": reader_position})
+    try:
+        dcp.save(
+            {"model": model.state_dict(), "optim": optimizer.state_dict()}, checkpoint_id=partial
+        )
+        ranks = _gather({"rng": rng_state(), "reader": reader_position})
+        if _is_main():
+            extra = {"step": step, "epoch": epoch, "config": to_dict(cfg), "ranks": ranks}
+            torch.save(extra, partial / "extra.pt")
+        _barrier()
+        # every rank digests its share of the files (in parallel), rank 0 writes the manifest
+        names = sorted(p.name for p in partial.iterdir() if p.is_file())
+        rank, world = _rank_world()
+        mine = {n: _describe(partial / n) for i, n in enumerate(names) if i % world == rank}
+        files = {k: v for part in _gather(mine) for k, v in part.items()}
+        if _is_main():
+            manifest = {
+                "format": MANIFEST_FORMAT, "run_id": run_id, "step": step, "epoch": epoch,
+                "world_size": world, "files": files,
+            }  # fmt: skip
+            _write_synced(partial / MANIFEST, json.dumps(manifest, indent=1))
+    except (Exception, CheckpointException) as e:  # DCP's is a BaseException
+        if _is_main():
+            shutil.rmtree(partial, ignore_errors=True)
+        raise _explain_save_failure(e, root, step) from e
     if _is_main():
-        extra = {"step": step, "epoch": epoch, "config": to_dict(cfg), "ranks": ranks}
-        torch.save(extra, partial / "extra.pt")
         crash_point("before_commit", step)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(partial, final)
         pointer = root / "latest.tmp"
-        pointer.write_text(name)
+        _write_synced(pointer, name)
         os.replace(pointer, root / "latest")
-        done = sorted(p for p in root.glob("step_*") if not p.name.endswith(".partial"))
-        for old in done[: max(0, len(done) - keep)]:
-            shutil.rmtree(old, ignore_errors=True)
+        prune(root, run_id, keep)
     _barrier()
     return final
+
+
+def prune(root: Path, run_id: str, keep: int) -> list[str]:
+    """Delete this run's checkpoints beyond the newest ``keep`` (by step); never another run's
+    (another run id) nor ``latest``'s target. Returns the names deleted."""
+    target = latest_target(root)
+    mine = [p for p in list_checkpoints(root) if read_manifest(p).get("run_id") == run_id]
+    mine.sort(key=lambda p: int(p.name[5:]), reverse=True)
+    gone = [p.name for p in mine[keep:] if p.name != target]
+    for name in gone:
+        shutil.rmtree(root / name, ignore_errors=True)
+    return gone
+
+
+def _write_synced(path: Path, text: str) -> None:
+    with open(path, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _rank_world() -> tuple[int, int]:
+    if not dist.is_initialized():
+        return 0, 1
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _is_enospc(e: BaseException) -> bool:
+    """Whether ``e`` (or anything it wraps, DCP's per-rank failures included) is a full disk."""
+    seen, todo = set(), [e]
+    while todo:
+        x = todo.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, OSError) and x.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(x) or "unexpected pos" in str(x):
+            return True  # torch.save's zip writer reports a short write as "unexpected pos"
+        todo += [x.__cause__, x.__context__]
+        todo += list(getattr(x, "failures", {}).values())  # DCP's CheckpointException
+    return False
+
+
+def _explain_save_failure(e: BaseException, root: Path, step: int) -> BaseException:
+    """``e`` as a full-disk ``OSError`` naming where, what is free, what a checkpoint needs
+    and what is kept; any other failure unchanged."""
+    try:
+        free = shutil.disk_usage(root).free
+    except OSError:
+        free = -1
+    target = latest_target(root)
+    kept = read_manifest(root / target) if target else {}
+    need = sum(f["size"] for f in kept.get("files", {}).values())
+    if not (_is_enospc(e) or (need and 0 <= free < need)):
+        return e
+    mib = lambda b: f"{b / 2**20:,.1f} MiB"  # noqa: E731
+    needs = f"about {mib(need)} (the size of {target})" if need else "more than that"
+    return OSError(
+        errno.ENOSPC,
+        f"disk full while saving checkpoint step_{step:08d} to {root}: {mib(free)} free there, a "
+        f"checkpoint needs {needs}; kept: {root / target if target else 'no checkpoint yet'} "
+        f"(the unfinished step_{step:08d}.partial was removed). Free space or point "
+        "checkpoint.dir at a larger disk, then resume",
+    )
 
 
 @dataclass
@@ -151,29 +313,48 @@ class Resumed:
     epoch: int
     positions: list[dict[str, Any]]  # every saving rank's reader position
     saved_world_size: int
+    run_id: str  # the run the checkpoint belongs to (a resumed run keeps it)
+
+
+def schema_differences(saved: Any, now: Any, where: str) -> list[str]:
+    """Every field where ``saved`` and ``now`` (plain config data) differ, as
+    ``where.field: saved X, configured Y``; lists of named entries (sparse features, tasks) are
+    matched by name, so a changed ``embedding_dim`` names its feature (and table)."""
+    if saved == now:
+        return []
+    if isinstance(saved, dict) and isinstance(now, dict):
+        keys = sorted(set(saved) | set(now))
+        return [
+            d for k in keys for d in schema_differences(saved.get(k), now.get(k), f"{where}.{k}")
+        ]
+    named = lambda xs: isinstance(xs, list) and all(isinstance(x, dict) and "name" in x for x in xs)  # noqa: E731
+    if named(saved) and named(now):
+        a, b = {x["name"]: x for x in saved}, {x["name"]: x for x in now}
+        out = []
+        for name in dict.fromkeys([*a, *b]):
+            x, y = a.get(name), b.get(name)
+            table = (x or y).get("table") or (name if "embedding_dim" in (x or y) else "")
+            label = f"{where}['{name}']" + (f" (table {table})" if table else "")
+            if x is None or y is None:
+                out.append(f"{label}: {'configured' if x is None else 'saved'} only")
+            else:
+                out += schema_differences(x, y, label)
+        if not out:  # the same entries in another order (outputs are in task order)
+            out.append(f"{where}: order saved {list(a)}, configured {list(b)}")
+        return out
+    return [f"{where}: saved {saved!r}, configured {now!r}"]
 
 
 def check_schema(saved: dict[str, Any], cfg: JobConfig, path: Path) -> None:
-    """Refuse a checkpoint whose features, tasks or model differ from ``cfg``, naming them."""
+    """Refuse a checkpoint whose features, tasks or model differ from ``cfg``, naming every
+    differing field with its saved and configured value."""
     now = to_dict(cfg)
-    diffs = [k for k in SCHEMA_KEYS if saved.get(k) != now[k]]
-    if not diffs:
-        return
-    details = []
-    for key in diffs:
-        a, b = saved.get(key), now[key]
-        if isinstance(a, dict) and isinstance(b, dict):
-            keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-            details.append(f"{key}.{{{', '.join(keys)}}}")
-        elif isinstance(a, list) and isinstance(b, list):
-            names = lambda xs: [x.get("name") for x in xs]  # noqa: E731
-            details.append(f"{key}: saved {names(a)}, config {names(b)}")
-        else:
-            details.append(key)
-    raise ValueError(
-        f"checkpoint {path} was written for another schema; differing: {'; '.join(details)} "
-        "(use a fresh train.output_dir, or checkpoint.resume = never)"
-    )
+    diffs = [d for k in SCHEMA_KEYS for d in schema_differences(saved.get(k), now[k], k)]
+    if diffs:
+        raise ValueError(
+            f"checkpoint {path} was written for another schema: {'; '.join(diffs)} (use the "
+            "saved values, a fresh train.output_dir, or checkpoint.resume = never)"
+        )
 
 
 def load_checkpoint(
@@ -207,7 +388,10 @@ def load_checkpoint(
     world = dist.get_world_size() if dist.is_initialized() else 1
     if len(ranks) == world:
         set_rng_state(ranks[rank]["rng"])
-    return Resumed(path, extra["step"], extra["epoch"], [r["reader"] for r in ranks], len(ranks))
+    run_id = read_manifest(path).get("run_id", "")
+    return Resumed(
+        path, extra["step"], extra["epoch"], [r["reader"] for r in ranks], len(ranks), run_id
+    )
 
 
 def crash_point(name: str, step: int) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 
+from mtl_dist.checkpoint import verify_checkpoint
 from mtl_dist.config import JobConfig, from_dict, to_dict
 from mtl_dist.losses import ModelWithLoss, build_model_with_loss
 from mtl_dist.models.ranker import build_ranker
@@ -28,7 +29,14 @@ def build_unsharded(cfg: JobConfig) -> ModelWithLoss:
 
 
 def export_checkpoint(checkpoint: Path, out: Path) -> JobConfig:
-    """Checkpoint directory → model file ``out``; returns the run's config."""
+    """Checkpoint directory → model file ``out``; returns the run's config.
+
+    Raises ``ValueError`` naming the file when the checkpoint does not verify (a missing,
+    truncated or altered file: see :func:`mtl_dist.checkpoint.verify_checkpoint`).
+    """
+    problem = verify_checkpoint(checkpoint)
+    if problem:
+        raise ValueError(f"{checkpoint} cannot be exported: {problem}")
     extra = torch.load(checkpoint / "extra.pt", weights_only=True)
     cfg = from_dict(extra["config"])
     model = build_unsharded(cfg)
@@ -55,9 +63,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("checkpoint", type=Path, help="a checkpoint directory (checkpoints/step_N)")
     p.add_argument("out", type=Path, help="the model file to write")
     a = p.parse_args(argv)
-    if not (a.checkpoint / "extra.pt").exists():
-        p.error(f"{a.checkpoint} is not a complete checkpoint (no extra.pt)")
-    cfg = export_checkpoint(a.checkpoint, a.out)
+    try:
+        cfg = export_checkpoint(a.checkpoint, a.out)
+    except ValueError as e:
+        p.error(str(e))
     print(f"wrote {a.out}: {cfg.model.head} over {len(cfg.features.sparse)} sparse features, "
           f"tasks {[t.name for t in cfg.tasks]}")  # fmt: skip
 

@@ -1,8 +1,9 @@
 """The non-finite guard: a step whose loss is not finite on some rank updates nothing, anywhere.
 
 Each training forward, :class:`StepCheck` all-gathers one small row per rank — the labelled
-rows of every task and whether each task loss and the auxiliary losses are finite — so every
-rank holds the same ``labelled [R, T]`` and ``nonfinite [R, T + 1]``. The all-gather is started
+rows of every task, whether each task loss and the auxiliary losses are finite, and whether the
+rank was asked to stop (SIGTERM, see :mod:`mtl_dist.preempt`) — so every rank holds the same
+``labelled [R, T]``, ``nonfinite [R, T + 1]`` and stop request, and acts on them alike. The all-gather is started
 asynchronously: with the ``fixed`` balancer nothing waits for it until the backward reaches the
 head's input, so its latency hides behind the head's backward; the other balancers read
 ``labelled`` in the forward (a task without labels over all ranks must not move their state)
@@ -26,6 +27,8 @@ else every ``train.log_every`` steps and before every checkpoint or validation.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -54,12 +57,13 @@ class UpdateSwitch:
         self.nonfinite: torch.Tensor | None = None
         self.skipped: torch.Tensor | None = None
         self._work = None  # the all-gather in flight
-        self._rows: torch.Tensor | None = None  # [R, 2T + 1] once gathered
+        self._rows: torch.Tensor | None = None  # [R, 2T + 2] once gathered
         self._weights_ok: torch.Tensor | None = None
         self._decided = True
 
     def start(self, row: torch.Tensor, gather: bool) -> None:
-        """A training step begins: gather ``row`` ``[2T + 1]`` from every rank (async)."""
+        """A training step begins: gather ``row`` ``[2T + 2]`` from every rank (async): label
+        counts ``[T]``, task losses not finite ``[T]``, aux not finite, stop requested."""
         self.resolve()  # a previous step nobody resolved (no backward ran): settle it first
         world = dist.get_world_size() if gather and dist.is_initialized() else 1
         self._rows = row.new_empty(world, row.numel())
@@ -67,7 +71,7 @@ class UpdateSwitch:
             self._work = dist.all_gather(list(self._rows.split(1)), row.unsqueeze(0), async_op=True)
         else:
             self._rows.copy_(row.unsqueeze(0))
-        T = (row.numel() - 1) // 2
+        T = (row.numel() - 2) // 2
         self.nonfinite = torch.zeros(world, T + 1, dtype=torch.bool, device=row.device)
         self.skipped = torch.zeros((), dtype=torch.bool, device=row.device)
         self._weights_ok = None
@@ -78,8 +82,15 @@ class UpdateSwitch:
         if self._work is not None:
             self._work.wait()
             self._work = None
-        T = (self._rows.shape[1] - 1) // 2
-        return self._rows[:, :T], self._rows[:, T:] > 0
+        T = (self._rows.shape[1] - 2) // 2
+        return self._rows[:, :T], self._rows[:, T:-1] > 0
+
+    def stop_requested(self) -> torch.Tensor:
+        """0-dim bool: some rank was asked to stop before this step (once gathered)."""
+        if self._rows is None:
+            return torch.zeros((), dtype=torch.bool)
+        self.gathered()
+        return (self._rows[:, -1] > 0).any()
 
     def weights(self, weights: torch.Tensor) -> None:
         """The balancer's weights of this step (identical on every rank) count too."""
@@ -140,8 +151,9 @@ class GradGate(nn.Module):
 
 
 class StepCheck(nn.Module):
-    """Starts this step's check over all ranks (one all-gather of ``2T + 1`` floats per rank,
-    in training; this rank's row alone in evaluation).
+    """Starts this step's check over all ranks (one all-gather of ``2T + 2`` floats per rank,
+    in training; this rank's row alone in evaluation). ``stop`` says whether this process was
+    asked to stop (read as the row is built).
 
     ``forward(losses [T], aux [A], loss_mask [B, T])`` → ``(labelled [R, T]`` rows with a loss
     weight > 0 per rank and task, ``finite`` 0-dim bool: every rank's losses are finite)``
@@ -149,21 +161,27 @@ class StepCheck(nn.Module):
     all-gather completes in the background until :meth:`UpdateSwitch.resolve`.
     """
 
-    def __init__(self, switch: UpdateSwitch, gather: bool = True, wait: bool = True) -> None:
+    def __init__(
+        self,
+        switch: UpdateSwitch,
+        wait: bool = True,
+        stop: Callable[[], bool] = lambda: False,
+    ) -> None:
         super().__init__()
-        self.switch, self.gather, self.wait = switch, gather, wait
+        self.switch, self.wait, self.stop = switch, wait, stop
 
     def forward(
         self, losses: torch.Tensor, aux: torch.Tensor, loss_mask: torch.Tensor
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        T = losses.numel()
         row = torch.cat(
             [(loss_mask > 0).sum(0).to(losses.dtype), (~torch.isfinite(losses)).to(losses.dtype),
-             (~torch.isfinite(aux)).any().unsqueeze(0).to(losses.dtype)]
+             (~torch.isfinite(aux)).any().unsqueeze(0).to(losses.dtype),
+             losses.new_full((1,), float(self.stop()))]
         )  # fmt: skip
         if not (self.training and torch.is_grad_enabled()):
-            T = losses.numel()
-            return row[:T].unsqueeze(0), ~(row[T:] > 0).any()
-        self.switch.start(row.detach(), self.gather)
+            return row[:T].unsqueeze(0), ~(row[T:-1] > 0).any()
+        self.switch.start(row.detach(), gather=True)
         if not self.wait:
             return None, None
         labelled, nonfinite = self.switch.gathered()

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mtl_dist import preempt
 from mtl_dist.balancing import all_mean, build_balancer
 from mtl_dist.config import JobConfig, LossConfig, TaskSpec
 from mtl_dist.data.batch import Batch
@@ -194,9 +195,7 @@ class ModelWithLoss(nn.Module):
         if getattr(model, "grad_gate", None) is not None:
             model.grad_gate.switch = self.switch
         fixed = (loss or LossConfig()).balancer == "fixed"  # reads no label counts
-        self.check = StepCheck(
-            self.switch, gather=on_nonfinite != "off" or not fixed, wait=not fixed
-        )
+        self.check = StepCheck(self.switch, wait=not fixed, stop=preempt.requested)
         self.gate = UpdateGate(self.switch)
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, StepOutput]:

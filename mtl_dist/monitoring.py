@@ -204,13 +204,14 @@ class NonFiniteLoss(RuntimeError):
 
 
 class NonFiniteWatch:
-    """The host side of the non-finite guard (:mod:`mtl_dist.guard`): collects each step's
-    ``nonfinite [R, T + 1]`` / ``skipped`` on the device, reads them on the host every step
-    where that costs no synchronisation (CPU; CUDA with step timing, which syncs anyway), else
-    every ``log_every`` steps and when ``force`` (before a checkpoint or validation), then
-    reports on rank 0 and stops (``stop``, or ``skip`` after ``max_nonfinite`` in a row).
+    """The host side of the step check (:mod:`mtl_dist.guard`): collects each step's
+    ``nonfinite [R, T + 1]`` / ``skipped`` and stop request on the device, reads them on the host
+    every step where that costs no synchronisation (CPU; CUDA with step timing, which syncs
+    anyway), else every ``log_every`` steps and when ``force`` (before a checkpoint or
+    validation); then reports on rank 0 and stops (``stop``, or ``skip`` after
+    ``max_nonfinite`` in a row), and sets ``preempted`` when some rank got SIGTERM.
 
-    Every rank reads the same gathered flags at the same steps, so every rank stops together.
+    Every rank reads the same gathered flags at the same steps, so every rank acts together.
     """
 
     def __init__(self, cfg: JobConfig, info: DistInfo, switch: UpdateSwitch, log) -> None:
@@ -223,16 +224,20 @@ class NonFiniteWatch:
         self.where: torch.Tensor | None = None  # [R, T + 1] OR of the pending steps' flags
         self.total = 0  # skipped steps so far (host)
         self.last_read = 0  # the step the flags were last read at
+        self.stop = torch.zeros((), dtype=torch.bool, device=info.device)  # SIGTERM seen
+        self.preempted = False  # (host) stop after this step, every rank alike
 
     def step(self, step: int, out: StepOutput, monitor: Monitor, force: bool = False) -> None:
-        if self.mode == "off":
-            return
         self.switch.resolve()  # (the optimizer step has already)
-        self.pending += out.skipped
-        bad = out.nonfinite & out.skipped
-        self.where = bad if self.where is None else self.where | bad
+        self.stop |= self.switch.stop_requested().to(self.stop.device)
+        if self.mode != "off":
+            self.pending += out.skipped
+            bad = out.nonfinite & out.skipped
+            self.where = bad if self.where is None else self.where | bad
         if force or step % self.every == 0:
-            self._read(step, monitor)
+            self.preempted = bool(self.stop)
+            if self.mode != "off":
+                self._read(step, monitor)
 
     def _read(self, step: int, monitor: Monitor) -> None:
         first, self.last_read = self.last_read, step
@@ -329,6 +334,11 @@ class Telemetry:
 
     def batches(self, it: Iterator) -> Iterator:
         return self.timer.batches(it) if self.timer is not None else it
+
+    @property
+    def preempted(self) -> bool:
+        """Some rank got SIGTERM: every rank stops after the step just recorded."""
+        return self.guard.preempted
 
     def step(self, step: int, out: StepOutput, flush: bool = False) -> None:
         """Record the step just trained; write scalars every ``log_every`` steps (or ``flush``)."""

@@ -9,9 +9,11 @@ c10d rendezvous on the allocation's first node, and torchrun starts ``mtl_dist.t
   own run dir ``<output-dir>/<job-name>/<head-mmoe_seed-0>``, so
   ``tensorboard --logdir <output-dir>/<job-name>`` compares the runs.
 * Preemption: ``--requeue`` and ``--signal=B:TERM@<secs>``; the batch shell traps SIGTERM (time
-  limit close, or preemption) and runs ``scontrol requeue $SLURM_JOB_ID``. The requeued job runs
-  the same script with the same job id and the SAME run dir (its name holds no job id), so
-  training resumes there once checkpoints exist. Logs are appended (``--open-mode=append``).
+  limit close, or preemption), passes it on to training — which saves a checkpoint at a step
+  every rank agrees on and exits 75 (:mod:`mtl_dist.preempt`) — waits for it, then runs
+  ``scontrol requeue $SLURM_JOB_ID``. The requeued job runs the same script with the same job
+  id and the SAME run dir (its name holds no job id), so training resumes exactly where it
+  stopped. Logs are appended (``--open-mode=append``).
 * Quoting: every value in a shell line goes through ``shlex.quote``; ``#SBATCH`` values are
   checked (no line breaks or double quotes) and double-quoted, so a job name or path with spaces
   or ``;$()`` is one argument, never code. ``--setup`` lines are shell code by intent.
@@ -33,6 +35,8 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from mtl_dist.preempt import REQUEUE_EXIT_CODE
 
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -206,13 +210,18 @@ def render(spec: SubmitSpec, argv: list[str] | None = None) -> str:
     ]
     if spec.requeue:
         lines += [
-            "# SIGTERM (sent --signal seconds before the time limit, or on preemption): requeue;",
-            "# the job comes back with the same id and the same run dir",
-            "requeue() {",
-            '  echo "[mtl-submit] SIGTERM: requeueing job ${SLURM_JOB_ID} (run dir ${RUN_DIR})"',
-            '  scontrol requeue "${SLURM_JOB_ID}"',
+            "# SIGTERM (sent --signal seconds before the time limit, or on preemption): pass it",
+            "# on to training, which saves a checkpoint at a step every rank agrees on and exits",
+            "# 75; then requeue: the job comes back with the same id and the same run dir",
+            "PREEMPTED=0",
+            "on_term() {",
+            "  PREEMPTED=1",
+            '  echo "[mtl-submit] SIGTERM: asking training to save and stop (run dir ${RUN_DIR})"',
+            "  # to the training step's tasks (torchrun passes it to the workers); a SIGTERM to",
+            "  # srun itself would make it kill the step after KillWait, before the save is done",
+            '  scancel --signal=TERM "${SLURM_JOB_ID}.0" 2>/dev/null || kill -TERM "$TRAIN_PID"',
             "}",
-            "trap requeue TERM",
+            "trap on_term TERM",
         ]
     srun = ["srun", f"--nodes={spec.nodes}", f"--ntasks={spec.nodes}", "--ntasks-per-node=1"]
     if spec.cpus_per_node:
@@ -234,9 +243,18 @@ def render(spec: SubmitSpec, argv: list[str] | None = None) -> str:
         + " &",
         "TRAIN_PID=$!",
         'wait "$TRAIN_PID" && RC=0 || RC=$?',
+        "# a trapped signal ends the wait early: wait on until training has saved and exited",
+        'while kill -0 "$TRAIN_PID" 2>/dev/null; do wait "$TRAIN_PID" && RC=0 || RC=$?; done',
         'echo "[mtl-submit] training exited with ${RC}"',
-        'exit "$RC"',
     ]
+    if spec.requeue:
+        lines += [
+            f'if [ "$PREEMPTED" = 1 ] || [ "$RC" = {REQUEUE_EXIT_CODE} ]; then',
+            '  echo "[mtl-submit] requeueing job ${SLURM_JOB_ID} (run dir ${RUN_DIR})"',
+            '  scontrol requeue "${SLURM_JOB_ID}"',
+            "fi",
+        ]
+    lines += ['exit "$RC"']
     return "\n".join(lines) + "\n"
 
 

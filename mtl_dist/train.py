@@ -11,6 +11,7 @@ import os
 import random
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,8 +20,9 @@ import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
+from mtl_dist import preempt
 from mtl_dist.attribution import attribution_figure, feature_attribution, write_attribution
-from mtl_dist.checkpoint import checkpoint_dir, latest_checkpoint, load_checkpoint, save_checkpoint
+from mtl_dist.checkpoint import checkpoint_dir, load_checkpoint, save_checkpoint
 from mtl_dist.config import DataConfig, JobConfig, load_config, to_dict
 from mtl_dist.data.batch import ArrowBatchConverter, Batch
 from mtl_dist.data.reader import ParquetBatchReader, describe, list_parquet_files
@@ -31,6 +33,8 @@ from mtl_dist.metrics import compute_metrics, format_table, gather_rows, metric_
 from mtl_dist.models.ranker import build_ranker
 from mtl_dist.monitoring import Monitor, Telemetry, peak_memory_mb, quiet_third_party_logs
 from mtl_dist.optim import build_optimizer, dense_optimizer
+from mtl_dist.preempt import Preempted
+from mtl_dist.rundir import open_run_dir, release_run_dirs
 
 
 def seed_everything(seed: int) -> None:
@@ -191,27 +195,15 @@ def check_writable(path: str) -> None:
         raise PermissionError(f"train.output_dir {path!r} is not writable: {e}") from None
 
 
-def find_resume(cfg: JobConfig, root: Path) -> Path | None:
-    """The checkpoint to resume from, per ``checkpoint.resume``."""
-    mode = cfg.checkpoint.resume
-    if mode == "never":
-        return None
-    if mode in ("auto", "latest"):
-        path = latest_checkpoint(root)
-        if path is None and mode == "latest":
-            raise FileNotFoundError(f"--resume: no complete checkpoint under {root}")
-        return path
-    path = Path(mode)
-    if not (path / "extra.pt").exists():
-        raise FileNotFoundError(f"checkpoint.resume: {path} is not a complete checkpoint")
-    return path
-
-
 def train(cfg: JobConfig, info: DistInfo) -> dict[str, object]:
     """Train per ``cfg`` on this rank; returns the final validation metrics (same on all ranks)."""
     seed_everything(cfg.train.seed)
     log = print if info.is_main else (lambda *a, **k: None)
     check_writable(cfg.train.output_dir)
+
+    # --- the run directory: this job's alone; what to resume from, decided before any write
+    ckpt_root = checkpoint_dir(cfg)
+    resumed = open_run_dir(cfg, ckpt_root, log)
 
     # --- data: each rank reads its own contiguous share of the rows
     train_reader, val_reader = build_readers(cfg, info)
@@ -227,13 +219,12 @@ def train(cfg: JobConfig, info: DistInfo) -> dict[str, object]:
     loss_module.balancer.attach(dense_optimizer(optimizer))
     runner = StepRunner(model, optimizer, info.device, cfg.sharding.pipeline)
 
-    # --- resume: the latest checkpoint of this run (or the one named), under any world size
-    ckpt_root = checkpoint_dir(cfg)
-    step, epoch0, resumed = 0, 0, find_resume(cfg, ckpt_root)
+    # --- resume: the newest verified checkpoint of this run (or the one named), any world size
+    step, epoch0, run_id = 0, 0, uuid.uuid4().hex  # a fresh run gets a new run id
     steps_per_epoch = len(train_reader)  # a full pass
     if resumed is not None:
         r = load_checkpoint(resumed, model, optimizer, cfg)
-        step, epoch0 = r.step, r.epoch
+        step, epoch0, run_id = r.step, r.epoch, r.run_id or run_id
         # a checkpoint taken at an epoch's end holds no position: the next epoch starts afresh
         exact = train_reader.resume_pass(r.positions) if any(r.positions) else True
         log(
@@ -275,11 +266,30 @@ def train(cfg: JobConfig, info: DistInfo) -> dict[str, object]:
             for out in runner.run(segment):
                 step += 1
                 telemetry.step(step, out, flush=step == segment_end)
+                if telemetry.preempted:  # SIGTERM on some rank: every rank stops after this step
+                    break
             if step == segment_start:
                 raise RuntimeError(
                     f"training data ended early at step {step} (expected {segment_end})"
                 )
             telemetry.pause(step)
+
+            preempted = telemetry.preempted
+            # saved before validating: a failing validation costs only the validation
+            ckpt_due = (ckpt_every and step % ckpt_every == 0) or (
+                step == total and cfg.checkpoint.at_end
+            )
+            if preempted or ckpt_due:
+                done = step == pass_end  # a finished epoch resumes at the next one's start
+                position = {} if done else train_reader.position(runner.trained)
+                path = save_checkpoint(
+                    ckpt_root, step, epoch + done, model, optimizer, position, cfg,
+                    cfg.checkpoint.keep, run_id,
+                )  # fmt: skip
+                log(f"[checkpoint] step {step}: {path}")
+            if preempted:
+                telemetry.close()
+                raise Preempted(step, str(path))
             if step % val_every == 0 or step == epoch_end:
                 metrics, undefined = evaluate(
                     model, cfg, validation_loader(val_reader, cfg.data), info.device
@@ -290,14 +300,6 @@ def train(cfg: JobConfig, info: DistInfo) -> dict[str, object]:
                     report_attribution(
                         cfg, loss_module.model, val_reader, info, telemetry.monitor, step
                     )
-            if (ckpt_every and step % ckpt_every == 0) or (step == total and cfg.checkpoint.at_end):
-                done = step == pass_end  # a finished epoch resumes at the next one's start
-                position = {} if done else train_reader.position(runner.trained)
-                path = save_checkpoint(
-                    ckpt_root, step, epoch + done, model, optimizer, position, cfg,
-                    cfg.checkpoint.keep,
-                )  # fmt: skip
-                log(f"[checkpoint] step {step}: {path}")
             telemetry.resume()
     if not metrics:  # resumed at the very end: report the final model all the same
         metrics, undefined = evaluate(
@@ -353,18 +355,25 @@ def main(argv: list[str] | None = None) -> None:
         a for x in argv for a in (["--checkpoint.resume", "latest"] if x == "--resume" else [x])
     ]
     cfg = load_config(argv)
+    preempt.install()  # SIGTERM: stop at a step every rank agrees on, save, exit 75
     info = init_distributed(cfg.train.device, cfg.train.threads)
+    code = 0
     try:
         train(cfg, info)
         torch.distributed.barrier()  # every rank done before any tears the group down
+    except Preempted as e:
+        if info.is_main:
+            print(f"[preempt] {e}; exiting with {preempt.REQUEUE_EXIT_CODE} (requeue me)")
+        code = preempt.REQUEUE_EXIT_CODE
     finally:
+        release_run_dirs()
         destroy()
     # Everything is written and closed. Skip the interpreter's C++ static teardown: now and then
     # (about 1 run in 50 here) a library thread still joinable there ends a finished run in
     # "terminate called without an active exception" (SIGABRT), failing the whole job.
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(code)
 
 
 if __name__ == "__main__":

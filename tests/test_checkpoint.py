@@ -14,7 +14,7 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from tests.conftest import ROOT, torchrun
+from tests.conftest import ROOT, descendants, torchrun
 
 STEPS = 60  # of 312 per epoch at batch 256 on 2 ranks
 
@@ -84,24 +84,11 @@ def test_crash_during_save_keeps_the_previous_checkpoint(synth_data, reference, 
     assert (root / "step_00000040.partial").is_dir()  # written, never committed
     proc = run(synth_data, tmp_path, "--resume")
     assert "step_00000020 at step 20" in proc.stdout
+    # the unfinished save is removed at the next start, by name
+    assert "removed 1 unfinished save(s) a crash left in" in proc.stdout
+    assert ": step_00000040.partial" in proc.stdout
+    assert not list(root.glob("*.partial"))
     assert metrics(tmp_path)["metrics"] == metrics(reference)["metrics"]
-
-
-def _descendants(pid: int) -> list[int]:
-    children = {}
-    for p in Path("/proc").iterdir():
-        if p.name.isdigit():
-            try:
-                ppid = int((p / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError):
-                continue
-            children.setdefault(ppid, []).append(int(p.name))
-    out, todo = [], [pid]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            out.append(c)
-            todo.append(c)
-    return out
 
 
 def _local_rank(pid: int) -> str | None:
@@ -114,7 +101,7 @@ def _local_rank(pid: int) -> str | None:
 
 
 def test_sigkill_restart_resumes_from_latest(synth_data, reference, tmp_path):
-    """torchrun --max-restarts 1: rank 1 is SIGKILLed after the step-20 checkpoint; the job
+    """torchrun --max-restarts 1: rank 0 is SIGKILLed after the step-20 checkpoint; the job
     restarts, resumes by itself and ends with the uninterrupted run's metrics."""
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -129,13 +116,15 @@ def test_sigkill_restart_resumes_from_latest(synth_data, reference, tmp_path):
     while not latest.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
     assert latest.exists(), "no checkpoint appeared"
-    victims = [p for p in _descendants(proc.pid) if _local_rank(p) == "1"]
+    victims = [p for p in descendants(proc.pid) if _local_rank(p) == "0"]  # the lock holder
     assert victims
     for pid in victims:
         os.kill(pid, signal.SIGKILL)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out[-3000:]
     assert "[resume]" in out
+    # the restarted rank 0 takes over the run directory as the same job, not as an intruder
+    assert "restart of job torchrun:" in out and "(previous pid" in out
     assert metrics(tmp_path)["metrics"] == metrics(reference)["metrics"]
 
 
@@ -161,7 +150,27 @@ def test_checkpoint_of_another_schema_is_refused(synth_data, reference, tmp_path
         synth_data, tmp_path, "--checkpoint.resume", str(reference / "checkpoints" / "step_00000060"),
         "--model.num_experts", "8", ok=False,
     )  # fmt: skip
-    assert "was written for another schema; differing: model.{num_experts}" in proc.stderr
+    assert "was written for another schema: model.num_experts: saved 4, configured 8" in proc.stderr
+
+
+def test_schema_difference_names_the_table_field_and_both_values(tmp_path):
+    """One table's embedding_dim changed: the refusal names the feature, its table, the field,
+    and the saved value beside the configured one (not just 'differing: features.{sparse}')."""
+    from mtl_dist.checkpoint import check_schema
+    from mtl_dist.config import load_config, to_dict
+
+    cfg = load_config(["--config", "configs/default.toml"])
+    saved = to_dict(cfg)
+    item = next(f for f in cfg.features.sparse if f.name == "item_id")
+    item.embedding_dim = 32
+    cfg.tasks[2].transform = "none"
+    with pytest.raises(ValueError) as err:
+        check_schema(saved, cfg, tmp_path)
+    msg = str(err.value)
+    assert (
+        "features.sparse['item_id'] (table item_id).embedding_dim: saved 16, configured 32" in msg
+    )
+    assert "tasks['watch_time'].transform: saved 'log1p', configured 'none'" in msg
 
 
 def test_unwritable_run_directory_fails_clearly(synth_data, tmp_path):

@@ -86,8 +86,9 @@ def test_job_array_two_seeds(slurm, synth_data, tmp_path):
 
 def test_sigterm_requeues_into_the_same_run_dir(slurm, synth_data, tmp_path):
     """SIGTERM to the batch shell (as ``--signal=B:TERM@secs`` sends before the time limit) runs
-    the trap: ``scontrol requeue``; the job reruns with the same id and run dir, resumes from
-    the checkpoint the first run left there, and completes."""
+    the trap: it passes SIGTERM on to training, which saves a checkpoint at a step all ranks
+    agree on and exits 75, then ``scontrol requeue``; the job reruns with the same id and run
+    dir, resumes from exactly that step, and completes."""
     job = submit(
         slurm, synth_data, tmp_path, "--job-name", "pre", "--cpus-per-node", "2",
         steps=60, train=("--checkpoint.every", "10"),
@@ -111,7 +112,13 @@ def test_sigterm_requeues_into_the_same_run_dir(slurm, synth_data, tmp_path):
     (info,) = slurm.wait(job, timeout=240)
     log = (tmp_path / "pre" / "logs" / f"pre-{job}.out").read_text()
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", (info, log)
-    assert "SIGTERM: requeueing job" in log
+    # the trap passed SIGTERM on: training saved at a step every rank agreed on, exited 75,
+    # then the job was requeued and resumed exactly at that step
+    assert "SIGTERM: asking training to save and stop" in log
+    step = int(log.split("[preempt] stopped at step ")[1].split(" ")[0])
+    assert f"[checkpoint] step {step}:" in log and "exiting with 75 (requeue me)" in log
+    assert f"requeueing job {job}" in log
     assert f"job {job} restart 0" in log and f"job {job} restart 1" in log
-    assert "[resume]" in log and "continuing each reader exactly" in log
+    assert f"step_{step:08d} at step {step}, epoch 0" in log
+    assert "continuing each reader exactly" in log
     check_run(tmp_path / "pre", 60)

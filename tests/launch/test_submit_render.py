@@ -47,7 +47,9 @@ def test_multinode_gpu_script():
     assert "source /opt/venv/bin/activate" in script
     assert 'MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)' in script
     assert "export NCCL_SOCKET_IFNAME=ib0 GLOO_SOCKET_IFNAME=ib0" in script
-    assert "trap requeue TERM" in script and 'scontrol requeue "${SLURM_JOB_ID}"' in script
+    assert "trap on_term TERM" in script and 'scancel --signal=TERM "${SLURM_JOB_ID}.0"' in script
+    assert 'if [ "$PREEMPTED" = 1 ] || [ "$RC" = 75 ]; then' in script
+    assert 'scontrol requeue "${SLURM_JOB_ID}"' in script
     args = srun_line(script)
     assert args[:7] == [
         "srun", "--nodes=4", "--ntasks=4", "--ntasks-per-node=1", "--cpus-per-task=64",
