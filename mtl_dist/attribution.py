@@ -18,6 +18,7 @@ from torch import nn
 
 from mtl_dist.balancing import all_mean
 from mtl_dist.data.batch import Batch
+from mtl_dist.files import written_whole
 
 
 def feature_attribution(
@@ -62,7 +63,7 @@ def write_attribution(
 ) -> None:
     """``feature, <task>..., rank_<task>...`` CSV: one row per feature (rank 1 = most used)."""
     ranks = attr.argsort(1, descending=True).argsort(1) + 1  # [T, F]
-    with open(path, "w", newline="") as fh:
+    with written_whole(path) as tmp, open(tmp, "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["feature", *tasks, *[f"rank_{t}" for t in tasks]])
         for f, name in enumerate(features):

@@ -17,6 +17,7 @@ import torch.distributed.checkpoint as dcp
 
 from mtl_dist.checkpoint import verify_checkpoint
 from mtl_dist.config import JobConfig, from_dict, to_dict
+from mtl_dist.files import written_whole
 from mtl_dist.losses import ModelWithLoss, build_model_with_loss
 from mtl_dist.models.ranker import build_ranker
 
@@ -43,7 +44,10 @@ def export_checkpoint(checkpoint: Path, out: Path) -> JobConfig:
     state = {"model": model.state_dict()}
     dcp.load(state, checkpoint_id=checkpoint)  # no process group: reads every shard here
     model.load_state_dict(state["model"])
-    torch.save({"format": FORMAT, "config": to_dict(cfg), "state_dict": model.state_dict()}, out)
+    with written_whole(out) as tmp:
+        torch.save(
+            {"format": FORMAT, "config": to_dict(cfg), "state_dict": model.state_dict()}, tmp
+        )
     return cfg
 
 

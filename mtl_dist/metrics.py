@@ -21,6 +21,7 @@ import torch.distributed as dist
 from torchmetrics.functional.classification import binary_auroc
 
 from mtl_dist.config import TaskSpec
+from mtl_dist.files import written_whole
 
 
 def gather_rows(x: torch.Tensor) -> torch.Tensor:
@@ -214,9 +215,10 @@ def json_safe(obj: Any) -> Any:
 
 
 def write_json(path: str | Path, obj: Any) -> None:
-    """``obj`` as indented, strict JSON (see :func:`json_safe`)."""
-    with open(path, "w") as fh:
-        json.dump(json_safe(obj), fh, indent=2, allow_nan=False)
+    """``obj`` as indented, strict JSON (see :func:`json_safe`), written whole or not at all."""
+    text = json.dumps(json_safe(obj), indent=2, allow_nan=False)
+    with written_whole(path) as tmp:
+        tmp.write_text(text)
 
 
 def format_table(

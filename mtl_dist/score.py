@@ -21,6 +21,7 @@ import torch
 from mtl_dist.data.batch import ArrowBatchConverter
 from mtl_dist.data.reader import list_parquet_files
 from mtl_dist.export import load_exported
+from mtl_dist.files import written_whole
 
 
 @torch.no_grad()
@@ -36,8 +37,7 @@ def score(model_path: Path, data: str, out: Path, keep: list[str], batch_size: i
         cfg.features.sparse, cfg.features.dense, [], dense_nan=cfg.data.dense_nan
     )  # features only
     rows, writer = 0, None
-    partial = out.with_name(out.name + ".partial")
-    try:
+    with written_whole(out) as partial:
         for path in list_parquet_files(data):
             pf = pq.ParquetFile(path)
             absent = [c for c in [*conv.columns, *keep] if c not in pf.schema_arrow.names]
@@ -71,14 +71,9 @@ def score(model_path: Path, data: str, out: Path, keep: list[str], batch_size: i
                 writer = writer or pq.ParquetWriter(partial, result.schema)
                 writer.write_table(result)
                 rows += result.num_rows
-    except BaseException:
-        if writer is not None:
+        if writer is not None:  # (no row at all: no file, as before)
             writer.close()
-        partial.unlink(missing_ok=True)
-        raise
-    if writer is not None:
-        writer.close()
-        partial.replace(out)
+            writer = None
     return rows
 
 
