@@ -6,7 +6,8 @@ Layout (``<output_dir>/checkpoints`` unless ``checkpoint.dir`` says otherwise)::
         .metadata, __0_0.distcp, ...   model (sharded tables + dense), optimizers (fused
                                        embedding state + dense), balancer state
         extra.pt              step, epoch, config, every rank's RNG states and reader position
-        manifest.json         run id, step, and the size and xxh3-128 digest of every file
+        manifest.json         run id, step, table storage type (fp32 | fp16), dense
+                              precision, and the size and xxh3-128 digest of every file
     step_00000600.partial/    being written (or a crash left it): never loaded, removed at
                               the next start
     latest                    the name of the newest complete checkpoint
@@ -220,7 +221,8 @@ def save_checkpoint(
         if _is_main():
             manifest = {
                 "format": MANIFEST_FORMAT, "run_id": run_id, "step": step, "epoch": epoch,
-                "world_size": world, "files": files,
+                "world_size": world, "table_dtype": cfg.embedding.data_type,
+                "dense_precision": cfg.train.precision, "files": files,
             }  # fmt: skip
             _write_synced(partial / MANIFEST, json.dumps(manifest, indent=1))
     except (Exception, CheckpointException) as e:  # DCP's is a BaseException
@@ -314,6 +316,7 @@ class Resumed:
     positions: list[dict[str, Any]]  # every saving rank's reader position
     saved_world_size: int
     run_id: str  # the run the checkpoint belongs to (a resumed run keeps it)
+    table_dtype: str  # the tables' storage type when saved (fp32 | fp16); loads into either
 
 
 def schema_differences(saved: Any, now: Any, where: str) -> list[str]:
@@ -388,10 +391,11 @@ def load_checkpoint(
     world = dist.get_world_size() if dist.is_initialized() else 1
     if len(ranks) == world:
         set_rng_state(ranks[rank]["rng"])
-    run_id = read_manifest(path).get("run_id", "")
+    manifest = read_manifest(path)
     return Resumed(
-        path, extra["step"], extra["epoch"], [r["reader"] for r in ranks], len(ranks), run_id
-    )
+        path, extra["step"], extra["epoch"], [r["reader"] for r in ranks], len(ranks),
+        manifest.get("run_id", ""), manifest.get("table_dtype", "fp32"),
+    )  # fmt: skip
 
 
 def crash_point(name: str, step: int) -> None:

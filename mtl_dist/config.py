@@ -187,6 +187,17 @@ class OptimConfig:
     embedding_eps: float = opt(1e-8, "epsilon of the (row-wise) Adagrad embedding optimizer")
 
 
+@dataclass
+class EmbeddingConfig:
+    """How the embedding tables are stored (TorchRec's ``EmbeddingBagConfig.data_type``)."""
+
+    data_type: str = opt(
+        "fp32",
+        "table storage: fp32 | fp16 (half the memory per rank; the row-wise optimizer state "
+        "stays fp32; pooled embeddings are cast to the dense precision)",
+    )
+
+
 BALANCERS = ["fixed", "uncertainty", "gradnorm", "dwa"]
 
 
@@ -295,6 +306,13 @@ class TrainConfig:
     device: str = opt("auto", "auto (cuda when present, else cpu) | cpu | cuda")
     threads: int = opt(0, "torch intra-op threads per rank (0: cores / local ranks)")
     progress_bar: bool = opt(True, "tqdm bar on rank 0")
+    precision: str = opt(
+        "auto",
+        "dense compute: auto (bf16 on CUDA sm_80+ or a CPU with amx_bf16 / avx512_bf16, else "
+        "fp32; the start-up log says which and why) | fp32 | bf16 (autocast, fp32 master "
+        "weights) | fp16 (CUDA only, dynamic loss scaling)",
+    )
+    allow_tf32: bool = opt(True, "CUDA, precision fp32: TF32 tensor cores for fp32 matmuls")
     on_nonfinite: str = opt(
         "stop",
         "a non-finite total or task loss on any rank: stop (end the run, non-zero exit, no "
@@ -312,6 +330,7 @@ class JobConfig:
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
     tasks: list[TaskSpec] = opt([], "tasks ([[tasks]] tables in TOML)")
     model: ModelConfig = field(default_factory=ModelConfig)
+    embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
@@ -562,6 +581,15 @@ def validate(cfg: JobConfig) -> None:
         raise ConfigError(
             f"train.on_nonfinite: expected stop | skip | off, got {cfg.train.on_nonfinite!r}"
             + _suggest(cfg.train.on_nonfinite, ["stop", "skip", "off"])
+        )
+    if cfg.train.precision not in ("auto", "fp32", "bf16", "fp16"):
+        raise ConfigError(
+            f"train.precision: expected auto | fp32 | bf16 | fp16, got {cfg.train.precision!r}"
+            + _suggest(cfg.train.precision, ["auto", "fp32", "bf16", "fp16"])
+        )
+    if cfg.embedding.data_type not in ("fp32", "fp16"):
+        raise ConfigError(
+            f"embedding.data_type: expected fp32 | fp16, got {cfg.embedding.data_type!r}"
         )
     if cfg.train.max_nonfinite < 1:
         raise ConfigError(f"train.max_nonfinite must be >= 1, got {cfg.train.max_nonfinite}")

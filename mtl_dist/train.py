@@ -33,6 +33,7 @@ from mtl_dist.metrics import compute_metrics, format_table, gather_rows, metric_
 from mtl_dist.models.ranker import build_ranker
 from mtl_dist.monitoring import Monitor, Telemetry, peak_memory_mb, quiet_third_party_logs
 from mtl_dist.optim import build_optimizer, dense_optimizer
+from mtl_dist.precision import Precision, resolve_precision, set_head_precision
 from mtl_dist.preempt import Preempted
 from mtl_dist.rundir import open_run_dir, release_run_dirs
 
@@ -195,6 +196,22 @@ def check_writable(path: str) -> None:
         raise PermissionError(f"train.output_dir {path!r} is not writable: {e}") from None
 
 
+def dense_precision(cfg: JobConfig, device: torch.device) -> Precision:
+    """``train.precision`` resolved for this device (see :mod:`mtl_dist.precision`); also sets
+    TF32 for fp32 matmuls on CUDA per ``train.allow_tf32``."""
+    cap = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+    precision = resolve_precision(cfg.train.precision, device.type, cap)
+    if device.type == "cuda":
+        tf32 = cfg.train.allow_tf32 and precision.name == "fp32"
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+    if precision.loss_scaling:
+        raise NotImplementedError(
+            "train.precision = fp16: loss scaling over TorchRec's fused embedding optimizers is "
+            "not wired into the train loop yet (see the README, 'Mixed precision'); use bf16"
+        )
+    return precision
+
+
 def train(cfg: JobConfig, info: DistInfo) -> dict[str, object]:
     """Train per ``cfg`` on this rank; returns the final validation metrics (same on all ranks)."""
     seed_everything(cfg.train.seed)
@@ -211,6 +228,11 @@ def train(cfg: JobConfig, info: DistInfo) -> dict[str, object]:
 
     # --- model: tables on meta, sharded by the planner; dense part under DDP
     loss_module = build_model_with_loss(build_ranker(cfg, device="meta"), cfg)
+    precision = dense_precision(cfg, info.device)
+    set_head_precision(loss_module.model.head, precision)
+    log(
+        f"[precision] dense {precision.name} ({precision.reason}); tables {cfg.embedding.data_type}"
+    )
     model, plan = shard_model(loss_module, cfg.sharding, cfg.optim, info)
     log(
         f"[model] world {info.world_size} on {info.device} ({info.backend}); sharding plan:\n{describe_plan(plan)}"
@@ -231,6 +253,8 @@ def train(cfg: JobConfig, info: DistInfo) -> dict[str, object]:
             f"[resume] {resumed} at step {step}, epoch {epoch0}: saved by {r.saved_world_size} "
             f"ranks, {'continuing each reader exactly' if exact else 're-splitting the rows not yet trained'}"
         )
+        if r.table_dtype != cfg.embedding.data_type:
+            log(f"[resume] tables saved as {r.table_dtype}, loaded as {cfg.embedding.data_type}")
         log(f"[data] train: {describe(train_reader)}")
 
     # --- loop: segments end at validation / checkpoint steps and at epoch ends

@@ -5,7 +5,9 @@ and its auxiliary losses stacked in the order of ``head.aux_names`` (empty when 
 gate weights of the last forward are kept in ``head.last_gates`` (``{name: [B, E]}``) for
 monitoring, at no extra cost; ``head.gate_experts`` maps each gate to its expert set and the
 set's expert ids it mixes (``{name: (set, [ids])}``), and ``head.shared_parameters()`` are the
-parameters every task trains (for the gradient-conflict probe). Set ``head.watch_experts`` and
+parameters every task trains (for the gradient-conflict probe). ``head.compute_dtype`` (see
+:func:`mtl_dist.precision.set_head_precision`) runs the head under autocast; outputs and aux
+come back float32. Set ``head.watch_experts`` and
 the next training forward keeps, per expert set, the share of each expert's output units that
 are 0 on the whole batch (``head.last_dead``: ``{set: [E]}``, see
 :func:`mtl_dist.gate_health.dead_units`) — from the activations it computes anyway.
@@ -22,6 +24,7 @@ from torch import nn
 from mtl_dist.gate_health import dead_units
 from mtl_dist.models.experts import StackedMLP, fused_first_layer
 from mtl_dist.models.gates import GateConfig, Gates
+from mtl_dist.precision import in_precision
 
 
 def _aux_names(cfg: GateConfig) -> list[str]:
@@ -131,6 +134,7 @@ class SharedBottom(ExpertWatch, nn.Module):
     def shared_parameters(self) -> list[nn.Parameter]:
         return list(self.bottom.parameters())
 
+    @in_precision
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         shared = self.bottom(x)  # [1, B, H]
         return self.towers(shared.expand(self.num_tasks, -1, -1)), x.new_zeros(0)
@@ -191,6 +195,7 @@ class MoE(ExpertWatch, nn.Module):
     def shared_parameters(self) -> list[nn.Parameter]:
         return list(self.experts.parameters())
 
+    @in_precision
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         experts = None
         if self.sparse:  # gates first: they decide which experts run on which rows
@@ -306,6 +311,7 @@ class PLE(ExpertWatch, nn.Module):
     def shared_parameters(self) -> list[nn.Parameter]:
         return [p for mods in self.levels for p in mods["experts"].parameters()]
 
+    @in_precision
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         Es, Et = self.shared_experts, self.task_experts
         task_in, shared_in = x, x  # level 0: every expert and gate reads x ([B, Din])
@@ -394,6 +400,7 @@ class STEM(ExpertWatch, nn.Module):
     def shared_parameters(self) -> list[nn.Parameter]:
         return list((self.shared or self.task).parameters())
 
+    @in_precision
     def forward(self, x: torch.Tensor, own: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``x``: shared input ``[B, Din]``; ``own``: task embeddings ``[T, B, Dt]``."""
         T, B, Dt = own.shape

@@ -12,7 +12,7 @@ from collections import defaultdict
 
 import torch
 from torch import nn
-from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedTensor
 
@@ -24,9 +24,13 @@ from mtl_dist.models.heads import PLE, STEM, MoE, SharedBottom
 
 
 def embedding_bag_configs(
-    features: list[SparseFeature], init_scale: float = 0.05, table_suffix: str = ""
+    features: list[SparseFeature],
+    init_scale: float = 0.05,
+    table_suffix: str = "",
+    data_type: str = "fp32",
 ) -> list[EmbeddingBagConfig]:
-    """One ``EmbeddingBagConfig`` per table; features naming the same table share it."""
+    """One ``EmbeddingBagConfig`` per table; features naming the same table share it.
+    ``data_type``: the tables' storage, fp32 | fp16."""
     by_table: dict[str, list[SparseFeature]] = defaultdict(list)
     for f in features:
         by_table[f.table_name].append(f)
@@ -39,6 +43,7 @@ def embedding_bag_configs(
             pooling=PoolingType.MEAN if fs[0].pooling == "mean" else PoolingType.SUM,
             weight_init_min=-init_scale,
             weight_init_max=init_scale,
+            data_type=DataType.FP16 if data_type == "fp16" else DataType.FP32,
         )
         for table, fs in by_table.items()
     ]
@@ -93,6 +98,7 @@ class Ranker(nn.Module):
     def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         kt = self.ebc(batch.sparse)
         pooled = KeyedTensor.regroup([kt], [self.feature_order])[0]  # [B, Σ dims], fixed order
+        pooled = pooled.float()  # fp16 tables: the head casts to its own precision from here
         x = self.grad_gate(torch.cat([pooled, self.dense_norm(batch.dense)], dim=1))  # [B, Din]
         if self.keep_input:  # x with the feature each column block belongs to
             widths = [kt.length_per_key()[kt.keys().index(k)] for k in self.feature_order]
@@ -104,7 +110,7 @@ class Ranker(nn.Module):
             own = self.grad_gate(
                 torch.stack(
                     [
-                        KeyedTensor.regroup([ebc(batch.sparse)], [order])[0]
+                        KeyedTensor.regroup([ebc(batch.sparse)], [order])[0].float()
                         for ebc, order in zip(self.task_ebcs.values(), self.task_feature_order)
                     ]
                 )
@@ -124,8 +130,10 @@ def build_ranker(cfg: JobConfig, device: torch.device | str = "meta") -> Ranker:
     Dense parameters are created on the CPU with the current RNG (seed first for determinism)
     and moved by DMP.
     """
+    dtype = cfg.embedding.data_type
     ebc = EmbeddingBagCollection(
-        tables=embedding_bag_configs(cfg.features.sparse), device=torch.device(device)
+        tables=embedding_bag_configs(cfg.features.sparse, data_type=dtype),
+        device=torch.device(device),
     )
     emb_dim = sum(f.embedding_dim for f in cfg.features.sparse)
     in_dim = emb_dim + len(cfg.features.dense)
@@ -141,7 +149,7 @@ def build_ranker(cfg: JobConfig, device: torch.device | str = "meta") -> Ranker:
         task_ebcs = nn.ModuleDict(
             {
                 t: EmbeddingBagCollection(
-                    tables=embedding_bag_configs(own, table_suffix=f"__{t}"),
+                    tables=embedding_bag_configs(own, table_suffix=f"__{t}", data_type=dtype),
                     device=torch.device(device),
                 )
                 for t in task_names
