@@ -60,6 +60,8 @@ class UpdateSwitch:
         self._rows: torch.Tensor | None = None  # [R, 2T + 2] once gathered
         self._weights_ok: torch.Tensor | None = None
         self._decided = True
+        self.scaler = None  # a LossScaler under fp16: gradients arrive scaled
+        self.grad_overflow: torch.Tensor | None = None  # fp16: the tables' gradient overflowed
 
     def start(self, row: torch.Tensor, gather: bool) -> None:
         """A training step begins: gather ``row`` ``[2T + 2]`` from every rank (async): label
@@ -128,6 +130,14 @@ class _GateGrad(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         switch = ctx.switch
         switch.resolve()
+        if switch.scaler is not None:  # fp16: unscale before the fused table update
+            grad, switch.grad_overflow = switch.scaler.unscale_input(grad)
+            is_open = (
+                ~switch.grad_overflow
+                if switch.open is None
+                else switch.open & ~switch.grad_overflow
+            )
+            return torch.where(is_open, grad, 0.0), None
         if switch.open is None:
             return grad, None
         if grad.device.type == "cpu":  # reading the verdict costs no device sync here

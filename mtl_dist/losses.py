@@ -219,6 +219,8 @@ class ModelWithLoss(nn.Module):
         balanced = self.balancer(losses, labelled, finite)
         weighted, weights = balanced[0], balanced[1]
         loss = weighted + aux.sum()
+        if self.switch.scaler is not None:  # fp16: the backward runs on the scaled loss
+            loss = loss * self.switch.scaler.scale
         verdict = self.gate(weights)  # filled when the switch resolves, before any update
         nonfinite, skipped = verdict[0], verdict[1]
         out = StepOutput(

@@ -436,6 +436,10 @@ class Telemetry:
         scalars["perf/samples_per_s"] = rate
         scalars["perf/peak_memory_mb"] = peak_memory_mb(self.info.device)
         scalars.update({f"train/lr/{k}": v for k, v in learning_rates(self.optimizer).items()})
+        scaler = self.loss_module.switch.scaler
+        if scaler is not None:  # fp16
+            scalars["train/loss_scale"] = float(scaler.scale)
+            scalars["train/overflow_steps"] = float(scaler.skipped)
         if self.timer is not None:
             scalars.update(self.timer.take())
         self.monitor.scalars(step, scalars)

@@ -33,7 +33,9 @@ class GuardedDense(KeyedOptimizerWrapper):
     step's :class:`~mtl_dist.guard.UpdateSwitch` is closed.
 
     With a fused kernel the skip happens on the device (``found_inf``, as a GradScaler sets
-    it): no host synchronisation. Without one, the switch is read on the host.
+    it): no host synchronisation. Without one, the switch is read on the host. Under fp16 the
+    switch carries a :class:`~mtl_dist.precision.LossScaler`: gradients are unscaled first, an
+    overflow (here or in the tables' gradient) skips the step, and the scale is updated.
     """
 
     def __init__(self, params: dict[str, torch.Tensor], factory, switch: UpdateSwitch) -> None:
@@ -45,14 +47,27 @@ class GuardedDense(KeyedOptimizerWrapper):
         )
 
     def step(self, closure=None) -> None:
-        self.switch.resolve()
-        is_open = self.switch.open
+        switch = self.switch
+        switch.resolve()
+        is_open = switch.open  # None: the guard is off
+        overflow = None
+        if switch.scaler is not None:  # fp16: unscale; an overflow (dense or tables) skips
+            grads = [p.grad for g in self._optimizer.param_groups for p in g["params"]
+                     if p.grad is not None]  # fmt: skip
+            overflow = switch.scaler.unscale_(grads) > 0
+            if switch.grad_overflow is not None:
+                overflow = overflow | switch.grad_overflow
+            is_open = ~overflow if is_open is None else is_open & ~overflow
+        run = True
         if is_open is not None:
             if self.on_device:
                 self._optimizer.found_inf = (~is_open).float()
-            elif not bool(is_open):
-                return
-        self._optimizer.step(closure=closure)
+            else:
+                run = bool(is_open)  # a host read: only where no fused kernel exists
+        if run:
+            self._optimizer.step(closure=closure)
+        if overflow is not None:
+            switch.scaler.update(overflow.float())
 
 
 def build_optimizer(

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -137,7 +138,10 @@ class LossScaler:
     gradient reaching the tables and the dense gradients are divided by it before any update;
     a step whose scaled gradients overflow is skipped on every rank and halves the scale, and
     ``growth_interval`` good steps in a row double it. State: ``scale`` (0-dim float tensor on
-    the device) and ``good_steps``.
+    the device), ``good_steps`` and ``skipped``. Wired through the step's
+    :class:`~mtl_dist.guard.UpdateSwitch`: :class:`~mtl_dist.losses.ModelWithLoss` scales the
+    loss, :class:`~mtl_dist.guard.GradGate` unscales the tables' gradient
+    (:meth:`unscale_input`), :class:`~mtl_dist.optim.GuardedDense` the dense ones.
     """
 
     def __init__(
@@ -150,6 +154,7 @@ class LossScaler:
     ) -> None:
         self.scale = torch.tensor(init_scale, device=device)
         self.good_steps = torch.zeros((), dtype=torch.int32, device=device)
+        self.skipped = torch.zeros((), device=device)  # steps skipped on an overflow
         self.growth, self.backoff, self.interval = growth_factor, backoff_factor, growth_interval
 
     def unscale_(self, grads: list[torch.Tensor]) -> torch.Tensor:
@@ -159,8 +164,19 @@ class LossScaler:
             torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, 1.0 / self.scale)
         return found_inf
 
+    def unscale_input(self, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The gradient at the head's input (on its way to the tables' fused optimizers)
+        divided by the scale, and whether it overflowed on any rank (0-dim bool; one all-reduce,
+        so every rank skips the tables' update alike)."""
+        grad = grad.float() / self.scale
+        overflow = (~torch.isfinite(grad)).any().float()
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(overflow, op=dist.ReduceOp.MAX)
+        return grad, overflow > 0
+
     def update(self, found_inf: torch.Tensor) -> None:
         """After the step: back off on an overflow, grow after ``growth_interval`` good steps."""
+        self.skipped += found_inf
         torch._amp_update_scale_(
             self.scale, self.good_steps, found_inf, self.growth, self.backoff, self.interval
         )

@@ -33,7 +33,7 @@ from mtl_dist.metrics import compute_metrics, format_table, gather_rows, metric_
 from mtl_dist.models.ranker import build_ranker
 from mtl_dist.monitoring import Monitor, Telemetry, peak_memory_mb, quiet_third_party_logs
 from mtl_dist.optim import build_optimizer, dense_optimizer
-from mtl_dist.precision import Precision, resolve_precision, set_head_precision
+from mtl_dist.precision import LossScaler, Precision, resolve_precision, set_head_precision
 from mtl_dist.preempt import Preempted
 from mtl_dist.rundir import open_run_dir, release_run_dirs
 
@@ -204,11 +204,6 @@ def dense_precision(cfg: JobConfig, device: torch.device) -> Precision:
     if device.type == "cuda":
         tf32 = cfg.train.allow_tf32 and precision.name == "fp32"
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
-    if precision.loss_scaling:
-        raise NotImplementedError(
-            "train.precision = fp16: loss scaling over TorchRec's fused embedding optimizers is "
-            "not wired into the train loop yet (see the README, 'Mixed precision'); use bf16"
-        )
     return precision
 
 
@@ -230,6 +225,8 @@ def train(cfg: JobConfig, info: DistInfo) -> dict[str, object]:
     loss_module = build_model_with_loss(build_ranker(cfg, device="meta"), cfg)
     precision = dense_precision(cfg, info.device)
     set_head_precision(loss_module.model.head, precision)
+    if precision.loss_scaling:  # fp16: dynamic loss scaling over dense and fused table updates
+        loss_module.switch.scaler = LossScaler(info.device)
     log(
         f"[precision] dense {precision.name} ({precision.reason}); tables {cfg.embedding.data_type}"
     )

@@ -157,3 +157,50 @@ def test_each_precision_trains_on_two_ranks_close_to_fp32(small, tmp_path):
                        "--train.epochs", "5", "--train.max_steps", "194")  # fmt: skip
     assert "[resume] tables saved as fp16, loaded as fp32" in proc.stdout
     assert more["steps"] == 194
+
+
+def test_fp16_loss_scaling_trains_like_fp32_and_skips_an_overflowing_step():
+    """The fp16 path in one process (autocast fp16 runs on CPU too; the train entry allows
+    fp16 on CUDA only): the real loss module, update switch and guarded optimizer. Scaled
+    training follows fp32 closely; a scale that overflows the fp16 backward skips the step —
+    parameters unchanged, scale halved, the skip counted."""
+    from mtl_dist.data.batch import ArrowBatchConverter
+    from mtl_dist.losses import ModelWithLoss
+    from mtl_dist.optim import GuardedDense
+    from tests.balancer_worker import TASKS, D, DenseRanker, batch
+
+    conv = ArrowBatchConverter([], [f"x{i}" for i in range(D)], TASKS)
+
+    def setup(fp16: bool):
+        torch.manual_seed(0)
+        model = ModelWithLoss(DenseRanker(), TASKS)
+        if fp16:
+            set_head_precision(model.model.head, Precision("fp16", "test"))
+            model.switch.scaler = LossScaler(torch.device("cpu"), init_scale=1024.0)
+        params = dict(model.named_parameters())
+        opt = GuardedDense(params, lambda p: torch.optim.Adam(p, lr=1e-3, fused=True), model.switch)
+        return model, opt
+
+    def step(model, opt, i):
+        loss, _ = model(batch(i, 0, conv))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    (m32, o32), (m16, o16) = setup(False), setup(True)
+    for i in range(5):
+        step(m32, o32, i)
+        step(m16, o16, i)
+    for (name, a), b in zip(m32.named_parameters(), m16.parameters()):
+        torch.testing.assert_close(b, a, rtol=0.05, atol=2e-3, msg=name)
+    scaler = m16.switch.scaler
+    assert scaler.skipped.item() == 0 and scaler.scale.item() == 1024.0
+    before = {k: v.detach().clone() for k, v in m16.named_parameters()}
+    scaler.scale.fill_(2.0**60)  # the fp16 backward overflows
+    step(m16, o16, 5)
+    assert scaler.skipped.item() == 1 and scaler.scale.item() == 2.0**59
+    assert all(torch.equal(before[k], v) for k, v in m16.named_parameters())
+    step(m32, o32, 5)  # (fp32 moves on)
+    scaler.scale.fill_(1024.0)
+    step(m16, o16, 6)
+    assert any(not torch.equal(before[k], v) for k, v in m16.named_parameters())

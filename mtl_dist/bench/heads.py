@@ -1,9 +1,13 @@
 """Dense-head benchmark: forward+backward samples/s of every head, batched vs a per-expert loop,
-dense vs top-k gating, and achieved GFLOP/s next to a plain matmul's on this device.
+dense vs top-k gating, achieved GFLOP/s next to a plain matmul's on this device, and every head
+at each precision (fp32, bf16; fp16 on CUDA) against the roofline of that precision's own
+matmul rate, measured in the same run.
 
-``python -m mtl_dist.bench.heads [--batch 4096 --in-dim 256 --experts 8 --hidden 256,128 --tasks 3]``
+``python -m mtl_dist.bench.heads [--batch 4096 --in-dim 256 --experts 8 --hidden 256,128 --tasks 3]
+[--precisions fp32,bf16]``
 
-Runs unchanged on CUDA when present (no TorchRec needed). Prints figures; asserts nothing.
+Runs unchanged on CUDA when present (no TorchRec needed). Prints the CPU model and its ISA flags
+(avx2 / avx512 / amx) first. Prints figures; asserts nothing.
 """
 
 from __future__ import annotations
@@ -16,9 +20,11 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from mtl_dist.bench.training import cpu_line
 from mtl_dist.distributed.setup import keep_large_buffers
 from mtl_dist.models.gates import GateConfig
 from mtl_dist.models.heads import PLE, MoE, SharedBottom
+from mtl_dist.precision import Precision, resolve_precision, set_head_precision
 
 
 class LoopMMoE(nn.Module):
@@ -88,6 +94,58 @@ def fwd_bwd(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
     return step
 
 
+def by_precision(
+    heads: dict[str, nn.Module],
+    x: torch.Tensor,
+    precisions: list[str],
+    device: torch.device,
+    n: int,
+    reps: int,
+    rounds: int,
+) -> None:
+    """Every head (not the loop baseline) at each precision, against the roofline of that
+    precision's own matmul rate (every FLOP of the head at it), all timed in one interleaved
+    run so the comparison holds on a noisy machine."""
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    mats = {p: (torch.randn(n, n, device=device, dtype=dtypes[p]),) * 2 for p in precisions}
+    fns: dict[str, Callable[[], None]] = {}
+    for p in precisions:
+        fns[f"matmul {p}"] = lambda m=mats[p]: m[0] @ m[1]
+        for name, head in heads.items():
+            if not isinstance(head, LoopMMoE):
+                fns[f"{name} {p}"] = _in(head, Precision(p, "bench"), fwd_bwd(head, x))
+    secs = interleaved(fns, device, reps, rounds)
+    for head in heads.values():
+        set_head_precision(head, Precision("fp32", "bench"))
+    B = x.shape[0]
+    print("\nprecision: forward+backward samples/s, and % of the roofline at that precision")
+    print(f"  {'head':<30}" + "".join(f"{p:>22}" for p in precisions))
+    rates = {p: 2 * n**3 / secs[f"matmul {p}"] / 1e9 for p in precisions}
+    print(f"  {'matmul GFLOP/s':<30}" + "".join(f"{rates[p]:>22,.1f}" for p in precisions))
+    for name, head in heads.items():
+        if isinstance(head, LoopMMoE):
+            continue
+        with FlopCounterMode(display=False) as counter:
+            fwd_bwd(head, x)()
+        flops = counter.get_total_flops()
+        cells = []
+        for p in precisions:
+            rate = B / secs[f"{name} {p}"]
+            roof = flops / (rates[p] * 1e9)
+            cells.append(f"{rate:>12,.0f} ({roof / secs[f'{name} {p}']:>4.0%})")
+        print(f"  {name:<30}" + "".join(f"{c:>22}" for c in cells))
+
+
+def _in(head: nn.Module, precision: Precision, step: Callable[[], None]) -> Callable[[], None]:
+    """``step`` with ``head`` switched to ``precision`` first."""
+
+    def run() -> None:
+        set_head_precision(head, precision)
+        step()
+
+    return run
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -99,6 +157,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tasks", type=int, default=3)
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--rounds", type=int, default=7)
+    p.add_argument(
+        "--precisions",
+        default="",
+        help="comma list (default: fp32, bf16 where native: CUDA, AMX-BF16 / AVX512-BF16; fp16 on CUDA)",
+    )
     a = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tuned = device.type == "cpu" and keep_large_buffers()  # as training does on CPU
@@ -140,6 +203,7 @@ def main(argv: list[str] | None = None) -> None:
         if device.type == "cuda"
         else f"{torch.get_num_threads()} threads"
     )
+    print(cpu_line())
     print(f"device: {device} ({where}); plain {n}x{n} matmul: {mm_rate:,.1f} GFLOP/s")
     if tuned:
         print("malloc: large blocks kept in the heap (keep_large_buffers), for every model below")
@@ -159,6 +223,17 @@ def main(argv: list[str] | None = None) -> None:
         f"batched at {roof / secs['mmoe']:.0%}; the most any batching can gain over this loop: "
         f"{secs['loop MMoE (baseline)'] / roof:.2f}x"
     )
+
+    if a.precisions:
+        precisions = a.precisions.split(",")
+    elif device.type == "cuda":
+        precisions = ["fp32", "bf16", "fp16"]
+    else:  # bf16 where the CPU computes it natively; emulated it is 10-30x slower than fp32
+        auto = resolve_precision("auto", "cpu")
+        precisions = ["fp32", "bf16"] if auto.name == "bf16" else ["fp32"]
+        if auto.name != "bf16":
+            print(f"\nbf16 not timed: {auto.reason} (--precisions fp32,bf16 times it anyway)")
+    by_precision(heads, x, precisions, device, n, a.reps, a.rounds)
 
     flops = 3 * 2 * B * E * sum(i * o for i, o in zip([D, *hidden], hidden))  # fwd + bwd
     t_dense, t_sparse = secs["dense experts"], secs["top-2 experts"]
