@@ -33,7 +33,8 @@ import torch
 
 from data_tools.synth import generate
 from mtl_dist.bench.peers import PEERS, peers_installed, run_peer
-from mtl_dist.bench.training import run_training
+from mtl_dist.bench.training import cpu_line, run_training
+from mtl_dist.precision import resolve_precision
 from mtl_dist.profiling import PHASES
 
 TASKS = ("click", "purchase")
@@ -60,26 +61,37 @@ def layout(spec: str) -> tuple[int, int]:
 
 
 def train_ours(
-    data: str, procs: int, threads: int, args: argparse.Namespace, extra: list[str]
+    data: str,
+    procs: int,
+    threads: int,
+    args: argparse.Namespace,
+    extra: list[str],
+    precision: str = "fp32",
 ) -> dict[str, object]:
     """One torchrun training of ours on ``data`` (the benchmark's batch and seed); its metrics."""
     overrides = [
         "--data.train_path", f"{data}/train", "--data.val_path", f"{data}/val",
         "--train.batch_size", str(args.batch), "--train.seed", str(args.seed),
-        "--checkpoint.at_end", "false", *extra,
+        "--checkpoint.at_end", "false", "--train.precision", precision, *extra,
     ]  # fmt: skip
     return run_training(CONFIG, overrides, procs, threads, timeout=args.timeout)
 
 
 def run_ours(
-    data: str, procs: int, threads: int, args: argparse.Namespace, extra: list[str]
+    data: str,
+    procs: int,
+    threads: int,
+    args: argparse.Namespace,
+    extra: list[str],
+    precision: str = "fp32",
 ) -> dict[str, object]:
-    """One epoch of ours; the row of the table."""
+    """One epoch of ours at ``precision``; the row of the table."""
     t0 = time.perf_counter()
-    m = train_ours(data, procs, threads, args, extra)
+    m = train_ours(data, procs, threads, args, extra, precision)
     val = m["metrics"]
     return {
         "system": "mtl-dist",
+        "precision": precision,
         "layout": f"{procs}x{threads}",
         "procs": procs,
         "threads": threads,
@@ -125,10 +137,12 @@ def model_flops_per_sample(meta: dict, experts: int = 4, hidden=(256, 128), towe
     return 2.0 * macs * 3
 
 
-def _matmul_rate(threads: int, seconds: float, queue) -> None:
-    """GFLOP/s of the model's largest product (batch × d_in × E·H1) on ``threads`` threads."""
+def _matmul_rate(threads: int, seconds: float, queue, dtype: str = "fp32") -> None:
+    """GFLOP/s of the model's largest product (batch × d_in × E·H1) on ``threads`` threads,
+    in ``dtype`` (fp32 | bf16)."""
     torch.set_num_threads(threads)
-    a, b = torch.randn(2048, 264), torch.randn(264, 1032)
+    dt = torch.bfloat16 if dtype == "bf16" else torch.float32
+    a, b = torch.randn(2048, 264, dtype=dt), torch.randn(264, 1032, dtype=dt)
     a @ b
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
@@ -137,14 +151,20 @@ def _matmul_rate(threads: int, seconds: float, queue) -> None:
     queue.put(2 * 2048 * 264 * 1032 * n / (time.perf_counter() - t0) / 1e9)
 
 
-def hardware_baseline(seconds: float = 3.0) -> dict[str, float]:
+def hardware_baseline(seconds: float = 3.0, precisions: tuple[str, ...] = ()) -> dict[str, float]:
     """This machine's matmul rate now: one process × 1 and × 2 threads, and two 1-thread
-    processes at once (what a 2 × 1 layout can get from the cores at best)."""
+    processes at once (what a 2 × 1 layout can get from the cores at best); ``1x2 <p>`` for
+    each reduced precision of ``precisions``."""
     ctx = mp.get_context("spawn")
     out = {}
-    for name, procs, threads in (("1x1", 1, 1), ("1x2", 1, 2), ("2x1", 2, 1)):
+    runs = [("1x1", 1, 1, "fp32"), ("1x2", 1, 2, "fp32"), ("2x1", 2, 1, "fp32")]
+    runs += [(f"1x2 {p}", 1, 2, p) for p in precisions if p != "fp32"]
+    for name, procs, threads, dtype in runs:
         q = ctx.Queue()
-        ps = [ctx.Process(target=_matmul_rate, args=(threads, seconds, q)) for _ in range(procs)]
+        ps = [
+            ctx.Process(target=_matmul_rate, args=(threads, seconds, q, dtype))
+            for _ in range(procs)
+        ]
         for p in ps:
             p.start()
         out[name] = sum(q.get() for _ in ps)
@@ -172,7 +192,7 @@ def run_peers(data: str, args: argparse.Namespace) -> list[dict[str, object]]:
             print(f"[e2e] {system} not installed (pip install -e .[bench]): its column is left out")
             continue
         r = run_peer(system, data, args.batch, 1, args.threads, args.seed, timeout=args.timeout)
-        rows.append({**r, "layout": f"1x{args.threads}", "procs": 1})
+        rows.append({**r, "layout": f"1x{args.threads}", "procs": 1, "precision": "fp32"})
     return rows
 
 
@@ -181,11 +201,13 @@ def best_of_rounds(
 ) -> list[dict[str, object]]:
     """``--repeats`` rounds of every system, taking turns so a noisy neighbour slows them alike;
     each row is its fastest round (the AUCs are the same every round: same seed)."""
-    rounds: dict[tuple[str, str], list[dict[str, object]]] = {}
+    rounds: dict[tuple[str, str, str], list[dict[str, object]]] = {}
+    reduced = [p for p in args.precision_list if p != "fp32"]  # at the first layout
     for _ in range(args.repeats):
         ours = [run_ours(data, procs, threads, args, []) for procs, threads in layouts]
+        ours += [run_ours(data, *layouts[0], args, [], p) for p in reduced]
         for r in ours + run_peers(data, args):
-            rounds.setdefault((r["system"], r["layout"]), []).append(r)
+            rounds.setdefault((r["system"], r["layout"], r["precision"]), []).append(r)
     return [
         {**max(rs, key=lambda r: r["samples_per_s"]), "rounds": [r["samples_per_s"] for r in rs]}
         for rs in rounds.values()
@@ -221,17 +243,18 @@ def steady(row: dict[str, object]) -> str:
 def markdown(result: dict[str, object]) -> str:
     """The table (and profiles, scaling, memory) as Markdown."""
     head = (
-        "| system | procs × threads | samples/s (epoch) | after 10 steps | × best peer "
+        "| system | precision | procs × threads | samples/s (epoch) | after 10 steps | × best peer "
         "| peak RSS / proc (MiB) | " + " | ".join(f"{t} AUC (oracle, gap)" for t in TASKS) + " |"
     )
-    lines = [head, "|" + "---|" * (6 + len(TASKS))]
+    lines = [result.get("cpu", ""), "", head, "|" + "---|" * (7 + len(TASKS))]
     for r in result["table"]:
         ratio = r["speed_vs_best_peer"]
         aucs = " | ".join(
             f"{r['auc'][t]:.4f} ({r['oracle_auc'][t]:.4f}, {r['auc_gap'][t]:+.4f})" for t in TASKS
         )
         lines.append(
-            f"| {r['system']} | {r['layout'].replace('x', ' × ')} | {r['samples_per_s']:,.0f} | "
+            f"| {r['system']} | {r.get('precision', 'fp32')} | {r['layout'].replace('x', ' × ')} "
+            f"| {r['samples_per_s']:,.0f} | "
             f"{steady(r)} | "
             f"{'-' if ratio is None else f'{ratio:.2f}×'} | {r['peak_rss_mb']:,.0f} | {aucs} |"
         )
@@ -246,8 +269,12 @@ def markdown(result: dict[str, object]) -> str:
         "| procs × threads | matmul GFLOP/s | roofline samples/s | ours | ours / roofline |",
         "|---|---|---|---|---|",
     ]
-    ours = {r["layout"]: r["samples_per_s"] for r in result["table"] if r["system"] == "mtl-dist"}
-    for k in ("1x1", "1x2", "2x1"):
+    ours = {
+        r["layout"] + ("" if r["precision"] == "fp32" else f" {r['precision']}"): r["samples_per_s"]
+        for r in result["table"]
+        if r["system"] == "mtl-dist"
+    }
+    for k in roof:
         mine = ours.get(k)
         lines.append(
             f"| {k.replace('x', ' × ')} | {hw[k]:.0f} | {roof[k]:,.0f} | "
@@ -336,17 +363,31 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     p.add_argument(
         "--repeats", type=int, default=1, help="rounds of every system; the fastest is kept"
     )
+    p.add_argument(
+        "--precisions",
+        default="",
+        help="ours at these precisions too, at the first --ours layout (default: fp32, and bf16 "
+        "where this machine computes it natively)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=1800, help="seconds per training run")
     p.add_argument("--out", default="runs/bench_e2e", help="e2e.md and e2e.json go here")
     args = p.parse_args(argv)
     layouts = [layout(s) for s in args.ours.split(",") if s]
+    if args.precisions:
+        args.precision_list = args.precisions.split(",")
+    else:
+        auto = resolve_precision("auto", "cuda" if torch.cuda.is_available() else "cpu",
+                                 torch.cuda.get_device_capability() if torch.cuda.is_available() else None)  # fmt: skip
+        args.precision_list = ["fp32", "bf16"] if auto.name == "bf16" else ["fp32"]
+        print(f"[e2e] precisions {args.precision_list} ({auto.reason})")
 
     data, meta = dataset(args.data_root, args.rows, args.test_rows, args.seed)
-    hw = hardware_baseline(args.hw_seconds)
+    hw = hardware_baseline(args.hw_seconds, tuple(args.precision_list))
     flops = model_flops_per_sample(meta)
     rows = best_of_rounds(data, layouts, args)
     result: dict[str, object] = {
+        "cpu": cpu_line(),
         "device": "cuda" if torch.cuda.is_available() else "cpu",
         "cores": os.cpu_count(),
         "torch": torch.__version__,
@@ -358,10 +399,12 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         "matmul_gflops": hw,
         "model_mflop_per_sample": flops / 1e6,
         # samples/s if every FLOP of the dense model ran at the measured matmul rate
-        "roofline_samples_per_s": {k: hw[k] * 1e9 / flops for k in ("1x1", "1x2", "2x1")},
+        "roofline_samples_per_s": {k: v * 1e9 / flops for k, v in hw.items() if k != "scaling_2x1"},
     }
-    by_layout = {r["layout"]: r for r in rows if r["system"] == "mtl-dist"}
-    fastest = max(r["samples_per_s"] for r in by_layout.values())
+    by_layout = {
+        r["layout"]: r for r in rows if r["system"] == "mtl-dist" and r["precision"] == "fp32"
+    }
+    fastest = max(r["samples_per_s"] for r in rows if r["system"] == "mtl-dist")
     result["ours_vs_peer"] = {
         r["system"]: fastest / r["samples_per_s"] for r in rows if r["system"] != "mtl-dist"
     }

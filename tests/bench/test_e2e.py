@@ -18,7 +18,7 @@ def result(tmp_path_factory):
     argv = [
         "--rows", "60000", "--test-rows", "5000", "--batch", "1024", "--threads", "1",
         "--ours", "1x1,2x1", "--repeats", "2", "--profile-steps", "3", "--profile-layouts", "2x1", "--hw-seconds", "0.5",
-        "--data-root", str(out / "data"), "--out", str(out),
+        "--precisions", "fp32", "--data-root", str(out / "data"), "--out", str(out),
     ]  # fmt: skip
     return out, e2e.main(argv)
 
