@@ -113,12 +113,26 @@ def list_checkpoints(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: p.name != target)  # stable: latest's first
 
 
-def latest_target(root: Path) -> str:
-    """The name ``latest`` points at ('' when absent or empty)."""
+def latest_target(root: Path, pointer: str = "latest") -> str:
+    """The name ``latest`` (or another pointer: ``best``) points at ('' when absent or empty)."""
     try:
-        return (root / "latest").read_text().strip()
+        return (root / pointer).read_text().strip()
     except OSError:
         return ""
+
+
+def point(root: Path, name: str, pointer: str) -> None:
+    """Make ``root/pointer`` (``latest``, ``best``) name checkpoint ``name``, atomically."""
+    tmp = root / f"{pointer}.tmp"
+    _write_synced(tmp, name)
+    os.replace(tmp, root / pointer)
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """A checkpoint directory, or the one a ``latest`` / ``best`` pointer file names."""
+    if path.is_file() and path.name in ("latest", "best"):
+        return path.parent / path.read_text().strip()
+    return path
 
 
 def checkpoint_dir(cfg: JobConfig) -> Path:
@@ -191,6 +205,7 @@ def save_checkpoint(
     cfg: JobConfig,
     keep: int,
     run_id: str,
+    loop_state: dict[str, Any] | None = None,
 ) -> Path:
     """Save on every rank (a collective); returns the final path. See the module doc.
 
@@ -210,7 +225,8 @@ def save_checkpoint(
         )
         ranks = _gather({"rng": rng_state(), "reader": reader_position})
         if _is_main():
-            extra = {"step": step, "epoch": epoch, "config": to_dict(cfg), "ranks": ranks}
+            extra = {"step": step, "epoch": epoch, "config": to_dict(cfg), "ranks": ranks,
+                     "loop": loop_state or {}}  # fmt: skip
             torch.save(extra, partial / "extra.pt")
         _barrier()
         # every rank digests its share of the files (in parallel), rank 0 writes the manifest
@@ -233,9 +249,7 @@ def save_checkpoint(
         crash_point("before_commit", step)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(partial, final)
-        pointer = root / "latest.tmp"
-        _write_synced(pointer, name)
-        os.replace(pointer, root / "latest")
+        point(root, name, "latest")
         prune(root, run_id, keep)
     _barrier()
     return final
@@ -243,11 +257,11 @@ def save_checkpoint(
 
 def prune(root: Path, run_id: str, keep: int) -> list[str]:
     """Delete this run's checkpoints beyond the newest ``keep`` (by step); never another run's
-    (another run id) nor ``latest``'s target. Returns the names deleted."""
-    target = latest_target(root)
+    (another run id), nor the target of ``latest`` or ``best``. Returns the names deleted."""
+    kept = {latest_target(root), latest_target(root, "best")}
     mine = [p for p in list_checkpoints(root) if read_manifest(p).get("run_id") == run_id]
     mine.sort(key=lambda p: int(p.name[5:]), reverse=True)
-    gone = [p.name for p in mine[keep:] if p.name != target]
+    gone = [p.name for p in mine[keep:] if p.name not in kept]
     for name in gone:
         shutil.rmtree(root / name, ignore_errors=True)
     return gone
@@ -317,6 +331,7 @@ class Resumed:
     saved_world_size: int
     run_id: str  # the run the checkpoint belongs to (a resumed run keeps it)
     table_dtype: str  # the tables' storage type when saved (fp32 | fp16); loads into either
+    loop_state: dict[str, Any]  # the train loop's own (best-model tracker, validation history)
 
 
 def schema_differences(saved: Any, now: Any, where: str) -> list[str]:
@@ -394,7 +409,7 @@ def load_checkpoint(
     manifest = read_manifest(path)
     return Resumed(
         path, extra["step"], extra["epoch"], [r["reader"] for r in ranks], len(ranks),
-        manifest.get("run_id", ""), manifest.get("table_dtype", "fp32"),
+        manifest.get("run_id", ""), manifest.get("table_dtype", "fp32"), extra.get("loop", {}),
     )  # fmt: skip
 
 

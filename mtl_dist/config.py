@@ -185,6 +185,22 @@ class OptimConfig:
     )
     embedding_lr: float = opt(0.05, "learning rate of the embedding tables")
     embedding_eps: float = opt(1e-8, "epsilon of the (row-wise) Adagrad embedding optimizer")
+    dense_schedule: str = opt(
+        "constant", "dense lr after warm-up: constant | cosine | step | exponential"
+    )
+    dense_warmup_steps: int = opt(0, "dense lr: linear warm-up over this many steps")
+    embedding_schedule: str = opt(
+        "constant", "embedding lr after warm-up: constant | cosine | step | exponential"
+    )
+    embedding_warmup_steps: int = opt(0, "embedding lr: linear warm-up over this many steps")
+    schedule_gamma: float = opt(0.5, "step / exponential: the factor per schedule_step_size steps")
+    schedule_step_size: int = opt(1000, "step / exponential: steps per factor of schedule_gamma")
+    schedule_min_ratio: float = opt(0.0, "cosine: the final rate as a share of the base rate")
+    clip_grad_norm: float = opt(
+        0.0,
+        "clip the dense gradients to this global L2 norm (0: off); the pre-clip norm is logged "
+        "as train/grad_norm (the fused embedding optimizers' gradients are not clipped)",
+    )
 
 
 @dataclass
@@ -313,6 +329,14 @@ class TrainConfig:
         "weights) | fp16 (CUDA only, dynamic loss scaling)",
     )
     allow_tf32: bool = opt(True, "CUDA, precision fp32: TF32 tensor cores for fp32 matmuls")
+    best_metric: str = opt(
+        "",
+        "keep a 'best' checkpoint by this validation metric, '<task>/<metric>' (auc, gauc: "
+        "higher is better; logloss, mse, mae: lower); '' = off",
+    )
+    early_stop_patience: int = opt(
+        0, "with best_metric: stop after this many validations without improvement (0: off)"
+    )
     on_nonfinite: str = opt(
         "stop",
         "a non-finite total or task loss on any rank: stop (end the run, non-zero exit, no "
@@ -448,6 +472,10 @@ def apply_override(cfg: JobConfig, dotted: str, text: str) -> None:
 
 
 INVALID_IDS = ("error", "clip", "hash", "drop")
+SCHEDULES = ("constant", "cosine", "step", "exponential")
+# metrics train.best_metric may name, per task kind; the first ones are "higher is better"
+BEST_METRICS = {"binary": ("auc", "gauc", "logloss"), "regression": ("mse", "mae")}
+HIGHER_IS_BETTER = ("auc", "gauc")
 
 
 def validate(cfg: JobConfig) -> None:
@@ -591,6 +619,32 @@ def validate(cfg: JobConfig) -> None:
         raise ConfigError(
             f"embedding.data_type: expected fp32 | fp16, got {cfg.embedding.data_type!r}"
         )
+    for part in ("dense", "embedding"):
+        kind = getattr(cfg.optim, f"{part}_schedule")
+        if kind not in SCHEDULES:
+            raise ConfigError(
+                f"optim.{part}_schedule: unknown schedule {kind!r}" + _suggest(kind, SCHEDULES)
+            )
+        if getattr(cfg.optim, f"{part}_warmup_steps") < 0:
+            raise ConfigError(f"optim.{part}_warmup_steps must be >= 0")
+    if cfg.optim.schedule_step_size < 1 or not 0 < cfg.optim.schedule_gamma <= 1:
+        raise ConfigError("optim.schedule_step_size must be >= 1 and schedule_gamma in (0, 1]")
+    if not 0 <= cfg.optim.schedule_min_ratio <= 1 or cfg.optim.clip_grad_norm < 0:
+        raise ConfigError("optim.schedule_min_ratio must lie in [0, 1], clip_grad_norm >= 0")
+    if cfg.train.best_metric:
+        task_name, _, metric = cfg.train.best_metric.partition("/")
+        task = next((t for t in cfg.tasks if t.name == task_name), None)
+        metrics = BEST_METRICS[task.kind] if task else ()
+        if task is None or metric not in metrics:
+            known = [f"{t.name}/{m}" for t in cfg.tasks for m in BEST_METRICS[t.kind]]
+            raise ConfigError(
+                f"train.best_metric: {cfg.train.best_metric!r} is not '<task>/<metric>' of a "
+                "configured task" + _suggest(cfg.train.best_metric, known)
+            )
+    if cfg.train.early_stop_patience < 0 or (
+        cfg.train.early_stop_patience and not cfg.train.best_metric
+    ):
+        raise ConfigError("train.early_stop_patience needs train.best_metric (and must be >= 0)")
     if cfg.train.max_nonfinite < 1:
         raise ConfigError(f"train.max_nonfinite must be >= 1, got {cfg.train.max_nonfinite}")
     if cfg.train.device not in ("auto", "cpu", "cuda"):

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 
-from mtl_dist.checkpoint import verify_checkpoint
+from mtl_dist.checkpoint import resolve_checkpoint, verify_checkpoint
 from mtl_dist.config import JobConfig, from_dict, to_dict
 from mtl_dist.files import written_whole
 from mtl_dist.losses import ModelWithLoss, build_model_with_loss
@@ -64,11 +64,15 @@ def load_exported(path: Path) -> tuple[JobConfig, ModelWithLoss]:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("checkpoint", type=Path, help="a checkpoint directory (checkpoints/step_N)")
+    p.add_argument(
+        "checkpoint",
+        type=Path,
+        help="a checkpoint directory (checkpoints/step_N), or checkpoints/best / checkpoints/latest",
+    )
     p.add_argument("out", type=Path, help="the model file to write")
     a = p.parse_args(argv)
     try:
-        cfg = export_checkpoint(a.checkpoint, a.out)
+        cfg = export_checkpoint(resolve_checkpoint(a.checkpoint), a.out)
     except ValueError as e:
         p.error(str(e))
     print(f"wrote {a.out}: {cfg.model.head} over {len(cfg.features.sparse)} sparse features, "

@@ -436,6 +436,9 @@ class Telemetry:
         scalars["perf/samples_per_s"] = rate
         scalars["perf/peak_memory_mb"] = peak_memory_mb(self.info.device)
         scalars.update({f"train/lr/{k}": v for k, v in learning_rates(self.optimizer).items()})
+        dense = dict(self.optimizer.optimizers)["dense"]
+        if getattr(dense, "grad_norm", None) is not None:  # clipping on: the pre-clip norm
+            scalars["train/grad_norm"] = float(dense.grad_norm)
         scaler = self.loss_module.switch.scaler
         if scaler is not None:  # fp16
             scalars["train/loss_scale"] = float(scaler.scale)

@@ -35,12 +35,22 @@ class GuardedDense(KeyedOptimizerWrapper):
     With a fused kernel the skip happens on the device (``found_inf``, as a GradScaler sets
     it): no host synchronisation. Without one, the switch is read on the host. Under fp16 the
     switch carries a :class:`~mtl_dist.precision.LossScaler`: gradients are unscaled first, an
-    overflow (here or in the tables' gradient) skips the step, and the scale is updated.
+    overflow (here or in the tables' gradient) skips the step, and the scale is updated. With
+    ``clip_grad_norm`` the dense gradients are clipped to that global norm first (the pre-clip
+    norm kept in ``grad_norm``; a non-finite one skips the step).
     """
 
-    def __init__(self, params: dict[str, torch.Tensor], factory, switch: UpdateSwitch) -> None:
+    def __init__(
+        self,
+        params: dict[str, torch.Tensor],
+        factory,
+        switch: UpdateSwitch,
+        clip_grad_norm: float = 0.0,
+    ) -> None:
         super().__init__(params, factory)
         self.switch = switch
+        self.clip = clip_grad_norm
+        self.grad_norm: torch.Tensor | None = None  # the last step's pre-clip norm (clipping on)
         opt = self._optimizer
         self.on_device = all(g.get("fused") for g in opt.param_groups) and getattr(
             opt, "_step_supports_amp_scaling", False
@@ -58,6 +68,12 @@ class GuardedDense(KeyedOptimizerWrapper):
             if switch.grad_overflow is not None:
                 overflow = overflow | switch.grad_overflow
             is_open = ~overflow if is_open is None else is_open & ~overflow
+        if self.clip > 0:  # DDP averaged the gradients: every rank clips alike
+            grads = [p for g in self._optimizer.param_groups for p in g["params"]
+                     if p.grad is not None]  # fmt: skip
+            self.grad_norm = torch.nn.utils.clip_grad_norm_(grads, self.clip, foreach=True)
+            finite = torch.isfinite(self.grad_norm)  # a non-finite gradient: no step
+            is_open = finite if is_open is None else is_open & finite
         run = True
         if is_open is not None:
             if self.on_device:
@@ -87,6 +103,7 @@ def build_optimizer(
         dense_params,
         lambda params: cls(params, lr=cfg.dense_lr, weight_decay=cfg.weight_decay, **extra),
         switch or UpdateSwitch(),
+        cfg.clip_grad_norm,
     )
     return CombinedOptimizer([("embedding", model.fused_optimizer), ("dense", dense)])
 

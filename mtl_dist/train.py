@@ -22,7 +22,7 @@ from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
 from mtl_dist import preempt
 from mtl_dist.attribution import attribution_figure, feature_attribution, write_attribution
-from mtl_dist.checkpoint import checkpoint_dir, load_checkpoint, save_checkpoint
+from mtl_dist.checkpoint import checkpoint_dir, load_checkpoint, point, save_checkpoint
 from mtl_dist.config import DataConfig, JobConfig, load_config, to_dict
 from mtl_dist.data.batch import ArrowBatchConverter, Batch
 from mtl_dist.data.reader import ParquetBatchReader, describe, list_parquet_files
@@ -36,6 +36,8 @@ from mtl_dist.optim import build_optimizer, dense_optimizer
 from mtl_dist.precision import LossScaler, Precision, resolve_precision, set_head_precision
 from mtl_dist.preempt import Preempted
 from mtl_dist.rundir import open_run_dir, release_run_dirs
+from mtl_dist.schedule import LRSchedule
+from mtl_dist.selection import BestTracker
 
 
 def seed_everything(seed: int) -> None:
@@ -267,17 +269,71 @@ def train(cfg: JobConfig, info: DistInfo) -> dict[str, object]:
     val_every = cfg.train.val_every or steps_per_epoch
     ckpt_every = cfg.checkpoint.every
     telemetry = Telemetry(cfg, info, total - step, model, loss_module, optimizer, step)
+    schedule = LRSchedule(cfg.optim, optimizer, total)  # a function of the step: resumes exactly
+    schedule.apply(step + 1)
+    tracker = BestTracker(cfg.train)  # train.best_metric, early_stop_patience
     metrics, undefined, history = {}, {}, []
+    if resumed is not None:
+        tracker.load(r.loop_state.get("best", {}))
+        history = list(r.loop_state.get("history", []))
+
+    def save(at: int, epoch_after: int, done: bool) -> Path:
+        """A checkpoint of step ``at`` (``done``: an epoch's end, so no reader position)."""
+        position = {} if done else train_reader.position(runner.trained)
+        loop_state = {"best": tracker.state(), "history": history}
+        path = save_checkpoint(
+            ckpt_root, at, epoch_after, model, optimizer, position, cfg, cfg.checkpoint.keep,
+            run_id, loop_state,
+        )  # fmt: skip
+        log(f"[checkpoint] step {at}: {path}")
+        return path
+
+    def validate(at: int, epoch_after: int, done: bool, saved: Path | None) -> bool:
+        """Validate at step ``at``; track the best (a checkpoint of a new best, ``best``
+        pointing at it); returns whether to stop early."""
+        nonlocal metrics, undefined
+        metrics, undefined = evaluate(
+            model, cfg, validation_loader(val_reader, cfg.data), info.device
+        )
+        telemetry.monitor.scalars(at, flat_metrics(metrics), main_only=True)
+        history.append({"step": at, "metrics": metrics, "undefined": undefined})
+        if cfg.monitor.attribution:
+            report_attribution(cfg, loss_module.model, val_reader, info, telemetry.monitor, at)
+        if tracker.enabled and tracker.update(at, metrics):
+            tracker.checkpoint = f"step_{at:08d}"
+            saved = saved or save(at, epoch_after, done)
+            if info.is_main:
+                point(ckpt_root, saved.name, "best")
+            log(f"[best] {cfg.train.best_metric} = {tracker.value:.4f} at step {at}: {saved}")
+        if tracker.stop:
+            log(
+                f"[early stop] {cfg.train.best_metric} has not improved in "
+                f"{tracker.since} validations (best {tracker.value:.4f} at step {tracker.step})"
+            )
+            if cfg.checkpoint.at_end and saved is None:
+                save(at, epoch_after, done)
+        return tracker.stop
+
+    # a checkpoint written before its validation ran (a failed validation, a preemption
+    # between them): validate that step now, as the uninterrupted run did
+    stop = False
+    if (
+        resumed is not None
+        and step % val_every == 0
+        and step
+        and (not history or history[-1]["step"] < step)
+    ):
+        stop = validate(step, epoch0, False, resumed)
     t0 = time.perf_counter()
     for epoch in range(epoch0, cfg.train.epochs):
-        if step >= total:
+        if step >= total or stop:
             break
         if epoch != epoch0 or resumed is None:
             train_reader.start_pass()
         pass_end = step + train_reader.steps_left()  # this epoch's last step
         epoch_end = min(pass_end, total)
         batches = iter(build_loader(train_reader, cfg.data))
-        while step < epoch_end:
+        while step < epoch_end and not stop:
             boundaries = [epoch_end, (step // val_every + 1) * val_every]
             if ckpt_every:
                 boundaries.append((step // ckpt_every + 1) * ckpt_every)
@@ -287,6 +343,7 @@ def train(cfg: JobConfig, info: DistInfo) -> dict[str, object]:
             for out in runner.run(segment):
                 step += 1
                 telemetry.step(step, out, flush=step == segment_end)
+                schedule.apply(step + 1)  # the rates of the next step
                 if telemetry.preempted:  # SIGTERM on some rank: every rank stops after this step
                     break
             if step == segment_start:
@@ -294,33 +351,17 @@ def train(cfg: JobConfig, info: DistInfo) -> dict[str, object]:
                     f"training data ended early at step {step} (expected {segment_end})"
                 )
             telemetry.pause(step)
-
-            preempted = telemetry.preempted
+            done = step == pass_end  # a finished epoch resumes at the next one's start
             # saved before validating: a failing validation costs only the validation
             ckpt_due = (ckpt_every and step % ckpt_every == 0) or (
                 step == total and cfg.checkpoint.at_end
             )
-            if preempted or ckpt_due:
-                done = step == pass_end  # a finished epoch resumes at the next one's start
-                position = {} if done else train_reader.position(runner.trained)
-                path = save_checkpoint(
-                    ckpt_root, step, epoch + done, model, optimizer, position, cfg,
-                    cfg.checkpoint.keep, run_id,
-                )  # fmt: skip
-                log(f"[checkpoint] step {step}: {path}")
-            if preempted:
+            saved = save(step, epoch + done, done) if ckpt_due or telemetry.preempted else None
+            if telemetry.preempted:
                 telemetry.close()
-                raise Preempted(step, str(path))
+                raise Preempted(step, str(saved))
             if step % val_every == 0 or step == epoch_end:
-                metrics, undefined = evaluate(
-                    model, cfg, validation_loader(val_reader, cfg.data), info.device
-                )
-                telemetry.monitor.scalars(step, flat_metrics(metrics), main_only=True)
-                history.append({"step": step, "metrics": metrics, "undefined": undefined})
-                if cfg.monitor.attribution:
-                    report_attribution(
-                        cfg, loss_module.model, val_reader, info, telemetry.monitor, step
-                    )
+                stop = validate(step, epoch + done, done, saved)
             telemetry.resume()
     if not metrics:  # resumed at the very end: report the final model all the same
         metrics, undefined = evaluate(
@@ -337,6 +378,8 @@ def train(cfg: JobConfig, info: DistInfo) -> dict[str, object]:
         "elapsed_s": elapsed,
         "train_s": telemetry.train_s,
         "metrics": metrics,  # {task: {metric: value}}: defined metrics only
+        "best": tracker.summary() if tracker.enabled else None,
+        "early_stopped": stop,
         "undefined_metrics": undefined,  # {task: {metric: why}}: AUC with one class, ...
         "metric_units": metric_units(cfg.tasks),  # {regression task: unit of MAE / sqrt(MSE)}
         "history": history,
