@@ -123,6 +123,9 @@ class Workload:
     n_dense: int
     labels: tuple[str, ...]  # label columns written, in order
     truth: tuple[str, ...]  # their true probability / mean columns
+    # features written as strings: name -> key prefix ("u" gives "u17"), or "hex" for a
+    # Criteo-style 8-hex-digit token (a bijective scramble of the id)
+    strings: tuple[tuple[str, str], ...] = ()
 
     @property
     def tables(self) -> dict[str, int]:
@@ -134,9 +137,14 @@ class Workload:
 
     def schema(self) -> pa.Schema:
         types = {"click": pa.int8(), "conversion": pa.int8(), "purchase": pa.int8()}
+        keys = dict(self.strings)
         return pa.schema(
             [
-                pa.field(f.name, pa.list_(pa.int64()) if f.multi_hot else pa.int64())
+                pa.field(
+                    f.name,
+                    pa.string() if f.name in keys
+                    else pa.list_(pa.int64()) if f.multi_hot else pa.int64(),
+                )  # fmt: skip
                 for f in self.sparse
             ]
             + [pa.field(n, pa.float32()) for n in self.dense]
@@ -160,7 +168,23 @@ WORKLOADS = {
     "peers": Workload(
         "peers", tuple(PEERS_SPARSE), 8, ("click", "purchase"), ("p_click", "p_purchase")
     ),
+    # the peers' workload as real logs hold it: user / item / author keys as strings and a
+    # Criteo-style hex token (the same ids underneath, so the labels and oracle are the same)
+    "strings": Workload(
+        "strings", tuple(PEERS_SPARSE), 8, ("click", "purchase"), ("p_click", "p_purchase"),
+        (("user_id", "u"), ("item_id", "i"), ("author_id", "a"), ("subcategory_id", "hex")),
+    ),
 }
+
+
+def string_keys(ids: np.ndarray, kind: str) -> pa.Array:
+    """Ids ``[n]`` as string keys: ``<prefix><id>``, or (``hex``) 8 hex digits of the id times
+    an odd constant mod 2^32 (Knuth's multiplicative hash: a bijection, so no two ids share
+    a token)."""
+    if kind == "hex":
+        scrambled = (ids.astype(np.uint64) * np.uint64(2654435761)) % np.uint64(2**32)
+        return pa.array(np.char.mod("%08x", scrambled).tolist(), pa.string())
+    return pa.array(np.char.add(kind, ids.astype(str)).tolist(), pa.string())
 SCHEMA = WORKLOADS["funnel"].schema()
 
 _DENSE_LOGNORMAL_SIGMA = 0.75
@@ -432,9 +456,12 @@ def _make_chunk(
     watch_time = np.expm1(log_watch).astype(np.float32)
 
     wl = model.workload
+    keys = dict(wl.strings)
     arrays: list[pa.Array] = []
     for f in wl.sparse:
-        if f.multi_hot:
+        if f.name in keys:
+            arrays.append(string_keys(cols[f.name], keys[f.name]))
+        elif f.multi_hot:
             offsets, ids = cols[f.name]
             arrays.append(
                 pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(ids, pa.int64()))
@@ -455,7 +482,7 @@ def _make_chunk(
     }
     arrays += [columns[name] for name in (*wl.labels, *wl.truth)]
     stats = {"click": click, "p_click": p_click}
-    if wl.name == "peers":
+    if wl.name in ("peers", "strings"):
         stats |= {"purchase": click & conv, "p_purchase": p_purchase}
     else:
         stats |= {
@@ -562,7 +589,7 @@ def _summary(meta: dict[str, Any]) -> str:
     def fmt(x: float | None) -> str:
         return "n/a" if x is None else f"{x:.3f}"
 
-    if p.get("workload") == "peers":
+    if p.get("workload") in ("peers", "strings"):
         return (
             f"train {p['train_rows']} rows, val {p['val_rows']} rows (peers' workload); val click "
             f"rate {fmt(v['click_rate'])} oracle AUC {fmt(o['click_auc'])}, purchase rate "
@@ -648,6 +675,7 @@ def generate(
         "generator": "data_tools.synth",
         "params": params,
         "columns": {
+            "strings": dict(wl.strings),  # features written as string keys (and their form)
             "sparse": [
                 {"name": f.name, "vocab": f.vocab, "table": f.table}
                 for f in wl.sparse
@@ -697,8 +725,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--workload",
         choices=sorted(WORKLOADS),
         default="funnel",
-        help="funnel (default: 21 sparse incl. multi-hot, 12 dense, click/conversion/watch_time) "
-        "or peers (16 single-hot, 8 dense, click and purchase on every row)",
+        help="funnel (default: 21 sparse incl. multi-hot, 12 dense, click/conversion/watch_time), "
+        "peers (16 single-hot, 8 dense, click and purchase on every row) or strings (peers with "
+        "user / item / author keys as strings and subcategory_id as a Criteo-style hex token)",
     )
     ap.add_argument("--force", action="store_true", help="regenerate even if meta.json matches")
     a = ap.parse_args(argv)

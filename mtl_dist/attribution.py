@@ -111,8 +111,9 @@ def main(argv: list[str] | None = None) -> None:
     cfg, model = load_exported(a.model)
     # labels only to skip unlabelled padding rows: sample weights and truth are not read
     conv = ArrowBatchConverter(
-        cfg.features.sparse, cfg.features.dense, cfg.tasks, sample_weights=False, truth=False
-    )
+        cfg.features.sparse, cfg.features.dense, cfg.tasks, dense_nan=cfg.data.dense_nan,
+        sample_weights=False, truth=False, hash_seed=cfg.data.hash_seed,
+    )  # fmt: skip
     reader = ParquetBatchReader(list_parquet_files(a.data), conv, a.batch_size, drop_last=False)
     batches = itertools.islice(iter(reader), a.batches)
     features, attr = feature_attribution(model.model, batches, torch.device("cpu"))

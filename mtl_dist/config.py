@@ -44,10 +44,16 @@ def opt(default: Any, help: str) -> Any:
 class SparseFeature:
     """A categorical column looked up in an embedding table (one row of ``[[features.sparse]]``)."""
 
-    name: str = opt("", "Parquet column: int64 ids (single-hot) or list<int64> (multi-hot)")
+    name: str = opt(
+        "",
+        "Parquet column: integer or string ids (single-hot) or a list of them (multi-hot); "
+        "string ids need hash_buckets",
+    )
     vocab_size: int = opt(0, "ids lie in [0, vocab_size); rows of the table")
     hash_buckets: int = opt(
-        0, "if > 0, ids are hashed into this many rows instead (id mod buckets)"
+        0,
+        "if > 0, ids are hashed into this many rows instead: integer id mod buckets, string "
+        "xxh3_64(utf-8 bytes, data.hash_seed) mod buckets",
     )
     embedding_dim: int = opt(16, "embedding width D")
     table: str = opt("", "table name; features naming the same table share it (default: name)")
@@ -116,6 +122,9 @@ class DataConfig:
     prefetch_batches: int = opt(2, "batches each worker reads ahead (memory bound: batch x this)")
     dense_nan: str = opt(
         "error", "NaN / infinite dense values: error (names the column) | zero; nulls read as 0"
+    )
+    hash_seed: int = opt(
+        0, "seed of xxh3_64, the hash of string ids (a row = xxh3_64(utf-8 bytes, seed) mod N)"
     )
 
 

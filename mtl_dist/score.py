@@ -34,8 +34,9 @@ def score(model_path: Path, data: str, out: Path, keep: list[str], batch_size: i
     """
     cfg, model = load_exported(model_path)
     conv = ArrowBatchConverter(
-        cfg.features.sparse, cfg.features.dense, [], dense_nan=cfg.data.dense_nan
-    )  # features only
+        cfg.features.sparse, cfg.features.dense, [], dense_nan=cfg.data.dense_nan,
+        hash_seed=cfg.data.hash_seed,
+    )  # features only; the training run's hashing  # fmt: skip
     rows, writer = 0, None
     with written_whole(out) as partial:
         for path in list_parquet_files(data):

@@ -40,8 +40,9 @@ def bench_reader(config: str, overrides: list[str], repeats: int = 3) -> dict[st
     cfg = load_config(["--config", config, *overrides])
     files = list_parquet_files(cfg.data.train_path)
     conv = ArrowBatchConverter(
-        cfg.features.sparse, cfg.features.dense, cfg.tasks, dense_nan=cfg.data.dense_nan
-    )
+        cfg.features.sparse, cfg.features.dense, cfg.tasks, dense_nan=cfg.data.dense_nan,
+        hash_seed=cfg.data.hash_seed,
+    )  # fmt: skip
     B = cfg.train.batch_size
     ours, base, rows = 0.0, 0.0, 0
     for _ in range(repeats):

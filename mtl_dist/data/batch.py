@@ -22,6 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
+import xxhash
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from torchrec.streamable import Pipelineable
 
@@ -157,6 +158,7 @@ class ArrowBatchConverter:
         dense_nan: str = "error",
         sample_weights: bool = True,
         truth: bool = True,
+        hash_seed: int = 0,
     ) -> None:
         self.sparse = sparse
         self.dense = dense
@@ -165,6 +167,7 @@ class ArrowBatchConverter:
         self.group_by = group_by
         self.use_sample_weights = sample_weights
         self.use_truth = truth
+        self.hash_seed = hash_seed
         self.keys = [f.name for f in sparse]
         names = [t.name for t in tasks]
         self.conditions = [names.index(t.condition) if t.condition else -1 for t in tasks]
@@ -187,10 +190,16 @@ class ArrowBatchConverter:
         (and on whichever rank) its rows are first decoded. Missing columns are not checked here.
         """
         for f in self.sparse:
-            if f.name in schema.names and not _is_ids(schema.field(f.name).type):
+            tp = schema.field(f.name).type if f.name in schema.names else None
+            if tp is not None and not _is_ids(tp):
                 raise ValueError(
-                    f"column '{f.name}': expected integer ids or a list of them, "
-                    f"got {schema.field(f.name).type}"
+                    f"column '{f.name}': expected integer or string ids or a list of them, got {tp}"
+                )
+            item = tp.value_type if tp is not None and pa.types.is_list(tp) else tp
+            if item is not None and _is_strings(item) and not f.hash_buckets:
+                raise ValueError(
+                    f"column '{f.name}': string ids need hash_buckets = N (each value maps to "
+                    f"xxh3_64(its UTF-8 bytes, seed data.hash_seed) mod N), got {tp}"
                 )
         numeric = [c for c in self.columns if c not in self.keys and c in schema.names]
         for name in numeric:
@@ -206,40 +215,48 @@ class ArrowBatchConverter:
     def _ids(self, f: SparseFeature, col: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
         """Flat ids and per-row bag lengths ``[n]`` of one sparse column, after ``invalid_ids``.
 
-        Invalid ids are nulls inside a list and, without ``hash_buckets``, ids outside
-        ``[0, vocab_size)``; a null single-hot id is an empty bag, never invalid. Ids are checked
-        and hashed in their stored integer type (a uint64 id beyond int64 is not wrapped to a
-        negative one first) and returned as int64.
+        Invalid ids are nulls inside a list, empty strings and, without ``hash_buckets``, ids
+        outside ``[0, vocab_size)``; a null single-hot id is an empty bag, never invalid.
+        Integer ids are checked and hashed in their stored type (a uint64 id beyond int64 is
+        not wrapped to a negative one first); string ids are hashed (:func:`hash_strings`).
+        Returned as int64.
         """
         arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
         if not _is_ids(arr.type):
             raise ValueError(
-                f"column '{f.name}': expected integer ids or a list of them, got {arr.type}"
+                f"column '{f.name}': expected integer or string ids or a list of them, got "
+                f"{arr.type}"
             )
         if pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type):
             lengths = pc.fill_null(pc.list_value_length(arr), 0).to_numpy().astype(np.int32)
             flat = arr.flatten()
-            ids = pc.fill_null(flat, 0).to_numpy(zero_copy_only=False)
-            nulls = ~flat.is_valid().to_numpy(zero_copy_only=False) if flat.null_count else None
+            invalid = ~flat.is_valid().to_numpy(zero_copy_only=False) if flat.null_count else None
         else:
-            if arr.null_count:
-                valid = arr.is_valid().to_numpy(zero_copy_only=False)
-                ids = arr.drop_null().to_numpy()
-                lengths = valid.astype(np.int32)
-            else:
-                ids = arr.to_numpy()
-                lengths = np.ones(len(arr), dtype=np.int32)
-            nulls = None
+            lengths = arr.is_valid().to_numpy(zero_copy_only=False).astype(np.int32)
+            flat = arr.drop_null() if arr.null_count else arr
+            invalid = None
+        if _is_strings(flat.type):
+            if not f.hash_buckets:
+                raise ValueError(
+                    f"column '{f.name}': string ids need hash_buckets = N (each value maps to "
+                    f"xxh3_64(its UTF-8 bytes, seed data.hash_seed) mod N), got {arr.type}"
+                )
+            ids, empty = hash_strings(flat, self.hash_seed)
+            invalid = empty if invalid is None else invalid | empty
+            what = "null or empty string id(s)"
+        else:
+            ids = pc.fill_null(flat, 0).to_numpy(zero_copy_only=False)
+            what = "null id(s) inside lists"
         # every integer type but uint64 fits int64; uint64 stays unsigned until checked
         wide = np.uint64 if ids.dtype == np.uint64 else np.int64
         ids = ids.astype(wide, copy=False)
-        if nulls is not None:
+        if invalid is not None and invalid.any():
             if f.invalid_ids == "error":
                 raise ValueError(
-                    f"column '{f.name}': {int(nulls.sum())} null id(s) inside lists (drop them "
-                    "upstream or set invalid_ids = 'drop' | 'clip' | 'hash', which drop them)"
+                    f"column '{f.name}': {int(invalid.sum())} {what} (drop them upstream or set "
+                    "invalid_ids = 'drop' | 'clip' | 'hash', which drop them)"
                 )
-            ids, lengths = _drop(ids, lengths, nulls)
+            ids, lengths = _drop(ids, lengths, invalid)
         if f.hash_buckets:
             return np.mod(ids, wide(f.hash_buckets)).astype(np.int64), lengths
         bad = (ids < 0) | (ids >= f.vocab_size) if wide is np.int64 else ids >= f.vocab_size
@@ -418,11 +435,53 @@ def _fits_float32(x: np.ndarray) -> np.ndarray:
         return np.abs(x) <= FLOAT32_MAX
 
 
+def _is_strings(tp: pa.DataType) -> bool:
+    """string / large_string / binary / large_binary, or a dictionary of them."""
+    if pa.types.is_dictionary(tp):
+        tp = tp.value_type
+    return (
+        pa.types.is_string(tp)
+        or pa.types.is_large_string(tp)
+        or pa.types.is_binary(tp)
+        or pa.types.is_large_binary(tp)
+    )
+
+
 def _is_ids(tp: pa.DataType) -> bool:
-    """Integer ids, or a list of them."""
+    """Integer or string ids, or a list of them."""
     if pa.types.is_list(tp) or pa.types.is_large_list(tp):
         tp = tp.value_type
-    return pa.types.is_integer(tp)
+    return pa.types.is_integer(tp) or _is_strings(tp)
+
+
+def hash_strings(values: pa.Array, seed: int = 0) -> tuple[np.ndarray, np.ndarray | None]:
+    """``xxh3_64(value, seed)`` of every value ``[n]`` (uint64; 0 for a null) and which are
+    empty or null (``[n]`` bool, None when none is).
+
+    The hash is XXH3's 64-bit variant (xxHash, ``XXH3_64bits_withSeed``) over a string's UTF-8
+    bytes (a binary value's own bytes), so a server in any language reproduces it. Each
+    distinct value is hashed once: the array is dictionary-encoded (an Arrow dictionary column
+    already is) and only its dictionary is hashed, then indexed.
+    """
+    if not pa.types.is_dictionary(values.type):
+        values = pc.dictionary_encode(values)
+    words = values.dictionary
+    if pa.types.is_string(words.type) or pa.types.is_large_string(words.type):
+        words = words.cast(pa.large_binary())  # the UTF-8 bytes, no copy per value in Python
+    dictionary = words.to_pylist()
+    table = np.fromiter(
+        (xxhash.xxh3_64_intdigest(v, seed) for v in dictionary), np.uint64, len(dictionary)
+    )
+    empty = np.fromiter((len(v) == 0 for v in dictionary), bool, len(dictionary))
+    index = values.indices
+    nulls = ~index.is_valid().to_numpy(zero_copy_only=False) if index.null_count else None
+    index = pc.fill_null(index, 0).to_numpy(zero_copy_only=False) if len(dictionary) else index
+    if not len(dictionary):  # every value null
+        return np.zeros(len(values), np.uint64), np.ones(len(values), bool)
+    out, bad = table[index], empty[index]
+    if nulls is not None:
+        bad |= nulls
+    return out, (bad if bad.any() else None)
 
 
 def _drop(ids: np.ndarray, lengths: np.ndarray, drop: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

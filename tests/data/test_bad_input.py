@@ -95,15 +95,18 @@ def test_hash_buckets_hash_every_id_but_list_nulls_follow_the_policy():
 @pytest.mark.parametrize(
     "arr, match",
     [
-        (pa.array(["a", "b"]), "column 'item': expected integer ids or a list of them, got string"),
-        (pa.array([1.0, 2.5]), "column 'item': expected integer ids or a list of them, got double"),
+        (pa.array(["a", "b"]), r"column 'item': string ids need hash_buckets = N .*got string"),
+        (
+            pa.array([1.0, 2.5]),
+            "column 'item': expected integer or string ids or a list of them, got double",
+        ),
         (
             pa.array([[1.0], [2.5]], pa.list_(pa.float64())),
-            r"column 'item': expected integer ids or a list of them, got list<item: double>",
+            r"column 'item': expected integer or string ids or a list of them, got list<item: double>",
         ),
         (
             pa.array([["1"], ["2"]], pa.list_(pa.string())),
-            r"column 'item': expected integer ids or a list of them, got list<item: string>",
+            r"column 'item': string ids need hash_buckets = N .*got list<item: string>",
         ),
     ],
 )

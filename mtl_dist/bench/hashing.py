@@ -1,0 +1,91 @@
+"""Hashed ids, measured: ``python -m mtl_dist.bench.hashing [--rows 400000]``.
+
+On the ``strings`` workload (the peers' workload with user / item / author keys as strings,
+Zipf-distributed; :mod:`data_tools.synth`):
+
+* collisions of modulo hashing (``xxh3_64(key) mod N``): for bucket counts from half to ten
+  times a feature's key space, the share of its distinct keys, and of its training rows, whose
+  key shares a row with another key (a popular key colliding costs more than a rare one);
+* the reader's rows/s on the string columns against the ``peers`` workload's int64 columns of
+  the same rows and model (the same reader, the same batches), taking turns.
+
+Prints figures; asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+
+from data_tools.synth import generate
+from mtl_dist.bench.training import cpu_line
+from mtl_dist.config import load_config
+from mtl_dist.data.batch import ArrowBatchConverter, hash_strings
+from mtl_dist.data.reader import ParquetBatchReader, list_parquet_files
+
+
+def collision_shares(keys, buckets: int) -> tuple[float, float]:
+    """(share of distinct keys, share of rows) whose key shares its row with another key."""
+    encoded = pc.dictionary_encode(keys)
+    hashed, _ = hash_strings(encoded.dictionary)
+    rows = np.mod(hashed, np.uint64(buckets))
+    per_bucket = np.bincount(rows.astype(np.int64), minlength=buckets)
+    shared = per_bucket[rows.astype(np.int64)] > 1  # [distinct keys]
+    counts = np.bincount(encoded.indices.to_numpy(), minlength=len(hashed))
+    return float(shared.mean()), float(counts[shared].sum() / counts.sum())
+
+
+def reader_rate(config: str, data: str, repeats: int) -> float:
+    cfg = load_config(["--config", config, "--data.train_path", f"{data}/train"])
+    conv = ArrowBatchConverter(cfg.features.sparse, cfg.features.dense, cfg.tasks)
+    best = 0.0
+    for _ in range(repeats):
+        reader = ParquetBatchReader(
+            list_parquet_files(f"{data}/train"), conv, 2048, drop_last=False
+        )
+        t = time.perf_counter()
+        rows = sum(b.batch_size for b in reader)
+        best = max(best, rows / (time.perf_counter() - t))
+    return best
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rows", type=int, default=400_000)
+    p.add_argument("--data-root", default="data")
+    p.add_argument("--repeats", type=int, default=3)
+    a = p.parse_args(argv)
+    strings = f"{a.data_root}/strings_{a.rows}"
+    ints = f"{a.data_root}/peers_{a.rows}"
+    for path, workload in ((strings, "strings"), (ints, "peers")):
+        generate(path, a.rows, 20_000, files=4, workload=workload, val_files=1)
+    print(cpu_line())
+    table = ds.dataset(list_parquet_files(f"{strings}/train")).to_table()
+    print(f"\nmodulo hashing on {a.rows:,} training rows: keys / rows whose key shares a row")
+    print(
+        f"{'feature':<16}{'keys':>9}  "
+        + "".join(f"{f'N = {m:g}x':>18}" for m in (0.5, 1, 2, 4, 10))
+    )
+    for name in ("user_id", "item_id", "author_id", "subcategory_id"):
+        col = table.column(name).combine_chunks()
+        n = len(pc.unique(col))
+        cells = []
+        for m in (0.5, 1, 2, 4, 10):
+            k, r = collision_shares(col, max(1, int(m * n)))
+            cells.append(f"{k:>8.1%} / {r:>6.1%}")
+        print(f"{name:<16}{n:>9,}  " + "".join(f"{c:>18}" for c in cells))
+    rates = {"strings": [], "int64": []}
+    for _ in range(a.repeats):  # taking turns
+        rates["strings"].append(reader_rate("configs/strings.toml", strings, 1))
+        rates["int64"].append(reader_rate("configs/peers.toml", ints, 1))
+    s, i = max(rates["strings"]), max(rates["int64"])
+    print(f"\nreader, 1 process, batch 2048: string keys {s:,.0f} rows/s, int64 ids {i:,.0f} "
+          f"rows/s ({s / i:.2f}x), best of {a.repeats} in turns")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
