@@ -43,6 +43,7 @@ seed give identical values, with memory bounded for any size.
 from __future__ import annotations
 
 import argparse
+import datetime
 import functools
 import json
 import math
@@ -142,8 +143,11 @@ class Workload:
             [
                 pa.field(
                     f.name,
-                    pa.string() if f.name in keys
-                    else pa.list_(pa.int64()) if f.multi_hot else pa.int64(),
+                    pa.string()
+                    if f.name in keys
+                    else pa.list_(pa.int64())
+                    if f.multi_hot
+                    else pa.int64(),
                 )  # fmt: skip
                 for f in self.sparse
             ]
@@ -171,7 +175,11 @@ WORKLOADS = {
     # the peers' workload as real logs hold it: user / item / author keys as strings and a
     # Criteo-style hex token (the same ids underneath, so the labels and oracle are the same)
     "strings": Workload(
-        "strings", tuple(PEERS_SPARSE), 8, ("click", "purchase"), ("p_click", "p_purchase"),
+        "strings",
+        tuple(PEERS_SPARSE),
+        8,
+        ("click", "purchase"),
+        ("p_click", "p_purchase"),
         (("user_id", "u"), ("item_id", "i"), ("author_id", "a"), ("subcategory_id", "hex")),
     ),
 }
@@ -185,6 +193,8 @@ def string_keys(ids: np.ndarray, kind: str) -> pa.Array:
         scrambled = (ids.astype(np.uint64) * np.uint64(2654435761)) % np.uint64(2**32)
         return pa.array(np.char.mod("%08x", scrambled).tolist(), pa.string())
     return pa.array(np.char.add(kind, ids.astype(str)).tolist(), pa.string())
+
+
 SCHEMA = WORKLOADS["funnel"].schema()
 
 _DENSE_LOGNORMAL_SIGMA = 0.75
@@ -539,6 +549,27 @@ def _write_split(
     return names, {key: np.concatenate(arrs) for key, arrs in parts.items()}
 
 
+FIRST_DAY = datetime.date(2026, 11, 1)
+
+
+def day_name(i: int) -> str:
+    """The ``dt=`` value of day ``i`` of a ``days`` layout (day 0 is 2026-11-01)."""
+    return (FIRST_DAY + datetime.timedelta(days=i)).isoformat()
+
+
+def _into_days(out: Path, names: list[str], days: int, val: bool) -> list[str]:
+    """Move a split's files into ``out/dt=<day>/``: training files round-robin over days
+    ``0 .. days-1``, validation files on day ``days``; returns their new relative names."""
+    moved = []
+    for i, name in enumerate(names):
+        day = day_name(days if val else i % days)
+        dest = out / f"dt={day}" / f"{'val' if val else 'train'}-{Path(name).name}"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(out / name, dest)
+        moved.append(str(dest.relative_to(out)))
+    return moved
+
+
 def _none_if_nan(x: float) -> float | None:
     return None if math.isnan(x) else x
 
@@ -614,10 +645,17 @@ def generate(
     val_files: int | None = None,
     *,
     workload: str = "funnel",
+    days: int = 0,
     force: bool = False,
     verbose: bool = True,
 ) -> dict[str, Any]:
     """Write the dataset under ``out_dir`` and return its meta (also in ``meta.json``).
+
+    ``days`` > 0 lays it out as impression logs partitioned by day instead of ``train/`` and
+    ``val/``: ``out_dir/dt=2026-11-01/`` … one directory per day, the training files spread
+    over the first ``days`` days (round-robin) and the validation files on the day after, so
+    the standard protocol reads ``data.train_filter = "dt < '<day after>'"`` and
+    ``data.val_filter = "dt == '<day after>'"`` on the same path.
 
     Reuses an existing dataset whose ``meta.json`` has identical parameters (and whose files
     are all present) unless ``force``; prints one summary line when ``verbose``.
@@ -627,8 +665,8 @@ def generate(
         raise ValueError(f"workload must be one of {sorted(WORKLOADS)}, got {workload!r}")
     if not 0.0 <= task_correlation <= 1.0:
         raise ValueError(f"task_correlation must be in [0, 1], got {task_correlation}")
-    if seed < 0 or row_group_size < 1 or files < 1 or val_files < 1:
-        raise ValueError("seed must be >= 0 and row_group_size, files, val_files >= 1")
+    if seed < 0 or row_group_size < 1 or files < 1 or val_files < 1 or days < 0:
+        raise ValueError("seed, days must be >= 0 and row_group_size, files, val_files >= 1")
     if train_rows < files or val_rows < val_files:
         raise ValueError("need at least one row per file in each split")
     out = Path(out_dir)
@@ -645,6 +683,8 @@ def generate(
     }
     if workload != "funnel":  # funnel datasets written before workloads existed stay reusable
         params["workload"] = workload
+    if days:
+        params["days"] = int(days)
     if not force and meta_path.exists():
         try:
             old = json.loads(meta_path.read_text())
@@ -663,6 +703,8 @@ def generate(
     for split in ("train", "val"):
         for stale in (out / split).glob("part-*.parquet"):
             stale.unlink()
+    for stale in out.glob("dt=*/*-part-*.parquet"):
+        stale.unlink()
     model = _build_model(seed, task_correlation, workload)
     wl = model.workload
     splits: dict[str, Any] = {}
@@ -670,6 +712,10 @@ def generate(
         (("train", train_rows, files), ("val", val_rows, val_files))
     ):
         names, stats = _write_split(model, seed, index, out / split, rows, n_files, row_group_size)
+        if days:
+            names = _into_days(out, names, days, split == "val")
+            if not any((out / split).iterdir()):
+                (out / split).rmdir()
         splits[split] = {"files": names, **_oracle_metrics(stats)}
     meta = {
         "generator": "data_tools.synth",
@@ -729,6 +775,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         "peers (16 single-hot, 8 dense, click and purchase on every row) or strings (peers with "
         "user / item / author keys as strings and subcategory_id as a Criteo-style hex token)",
     )
+    ap.add_argument(
+        "--days",
+        type=int,
+        default=0,
+        help="lay the data out as daily hive partitions OUT/dt=2026-11-01/...: training files "
+        "over the first DAYS days, validation files on the day after (0: train/ and val/)",
+    )
     ap.add_argument("--force", action="store_true", help="regenerate even if meta.json matches")
     a = ap.parse_args(argv)
     try:
@@ -742,6 +795,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             a.task_correlation,
             a.val_files,
             workload=a.workload,
+            days=a.days,
             force=a.force,
         )
     except ValueError as e:

@@ -25,6 +25,8 @@ from typing import Any
 
 import tomllib
 
+from mtl_dist.data.source import RowFilter
+
 
 class ConfigError(ValueError):
     """A config file or override is invalid; the message names the key at fault."""
@@ -113,11 +115,11 @@ class FeaturesConfig:
 @dataclass
 class DataConfig:
     train_path: str = opt(
-        "data/synth/train", "training Parquet: directory, glob or comma-separated files"
+        "data/synth/train",
+        "training Parquet: a directory (hive partitions key=value/ become columns), a glob, "
+        "comma-separated files, or a URI pyarrow.fs resolves (file://, s3://, gs://, ...)",
     )
-    val_path: str = opt(
-        "data/synth/val", "validation Parquet: directory, glob or comma-separated files"
-    )
+    val_path: str = opt("data/synth/val", "validation Parquet: as train_path")
     num_workers: int = opt(0, "loader worker processes per rank (0 reads in the training process)")
     prefetch_batches: int = opt(2, "batches each worker reads ahead (memory bound: batch x this)")
     dense_nan: str = opt(
@@ -126,6 +128,12 @@ class DataConfig:
     hash_seed: int = opt(
         0, "seed of xxh3_64, the hash of string ids (a row = xxh3_64(utf-8 bytes, seed) mod N)"
     )
+    train_filter: str = opt(
+        "",
+        "rows to train on: an expression over file and hive-partition columns, e.g. "
+        "\"dt >= '2026-11-01' and dt < '2026-11-08'\" (== != < <= > >= in, and or not)",
+    )
+    val_filter: str = opt("", "rows to validate on, as train_filter (e.g. \"dt == '2026-11-08'\")")
 
 
 @dataclass
@@ -610,6 +618,12 @@ def validate(cfg: JobConfig) -> None:
             raise ConfigError(
                 f"sharding: unknown sharding type {st!r}" + _suggest(st, SHARDING_TYPES)
             )
+    for key in ("train_filter", "val_filter"):
+        if getattr(cfg.data, key):
+            try:
+                RowFilter.parse(getattr(cfg.data, key), f"data.{key}")
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
     if cfg.data.dense_nan not in ("error", "zero"):
         raise ConfigError(f"data.dense_nan: expected error | zero, got {cfg.data.dense_nan!r}")
     if cfg.train.batch_size <= 0:

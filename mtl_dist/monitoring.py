@@ -32,7 +32,7 @@ from mtl_dist.balancing import all_mean
 from mtl_dist.config import JobConfig, ModelConfig
 from mtl_dist.distributed.setup import DistInfo
 from mtl_dist.gate_health import Alarm, GateHealth, heatmaps
-from mtl_dist.guard import UpdateSwitch
+from mtl_dist.guard import NonFiniteWatch
 from mtl_dist.losses import StepOutput
 from mtl_dist.metrics import write_json
 from mtl_dist.models.gates import Gates
@@ -196,83 +196,6 @@ def routed_experts(
         E, k = len(ids), m.gate_top_k
         out[gate] = 1 if m.gate_gumbel else (k if 0 < k < E else E)
     return out
-
-
-class NonFiniteLoss(RuntimeError):
-    """Training stopped on a non-finite loss (``train.on_nonfinite``); the message names the
-    step(s), the task(s) and the rank(s)."""
-
-
-class NonFiniteWatch:
-    """The host side of the step check (:mod:`mtl_dist.guard`): collects each step's
-    ``nonfinite [R, T + 1]`` / ``skipped`` and stop request on the device, reads them on the host
-    every step where that costs no synchronisation (CPU; CUDA with step timing, which syncs
-    anyway), else every ``log_every`` steps and when ``force`` (before a checkpoint or
-    validation); then reports on rank 0 and stops (``stop``, or ``skip`` after
-    ``max_nonfinite`` in a row), and sets ``preempted`` when some rank got SIGTERM.
-
-    Every rank reads the same gathered flags at the same steps, so every rank acts together.
-    """
-
-    def __init__(self, cfg: JobConfig, info: DistInfo, switch: UpdateSwitch, log) -> None:
-        self.mode, self.max_in_row = cfg.train.on_nonfinite, cfg.train.max_nonfinite
-        self.names = [t.name for t in cfg.tasks] + ["aux losses"]
-        self.switch, self.log = switch, log
-        cheap = info.device.type == "cpu" or cfg.monitor.step_timing
-        self.every = 1 if cheap else cfg.train.log_every
-        self.pending = torch.zeros((), dtype=torch.int64, device=info.device)
-        self.where: torch.Tensor | None = None  # [R, T + 1] OR of the pending steps' flags
-        self.total = 0  # skipped steps so far (host)
-        self.last_read = 0  # the step the flags were last read at
-        self.stop = torch.zeros((), dtype=torch.bool, device=info.device)  # SIGTERM seen
-        self.preempted = False  # (host) stop after this step, every rank alike
-
-    def step(self, step: int, out: StepOutput, monitor: Monitor, force: bool = False) -> None:
-        self.switch.resolve()  # (the optimizer step has already)
-        self.stop |= self.switch.stop_requested().to(self.stop.device)
-        if self.mode != "off":
-            self.pending += out.skipped
-            bad = out.nonfinite & out.skipped
-            self.where = bad if self.where is None else self.where | bad
-        if force or step % self.every == 0:
-            self.preempted = bool(self.stop)
-            if self.mode != "off":
-                self._read(step, monitor)
-
-    def _read(self, step: int, monitor: Monitor) -> None:
-        first, self.last_read = self.last_read, step
-        n = int(self.pending)
-        if not n:
-            return
-        where = self.where.cpu().clone()  # .cpu() of a CPU tensor is the tensor itself
-        self.pending.zero_()
-        self.where.zero_()
-        self.total += n
-        monitor.scalars(step, {"train/nonfinite_steps": float(self.total)})
-        tasks = [name for j, name in enumerate(self.names) if where[:, j].any()]
-        ranks = [str(r) for r in range(where.shape[0]) if where[r].any()]
-        at = (
-            f"step {step}" if n == 1 and step - first == 1 else f"{n} step(s) in {first + 1}-{step}"
-        )
-        what = (
-            f"non-finite loss at {at}: task(s) {', '.join(tasks) or '(balancer weights)'} on "
-            f"rank(s) {', '.join(ranks) or 'all'}"
-        )
-        if self.mode == "stop":
-            raise NonFiniteLoss(
-                f"{what}; stopping (train.on_nonfinite = stop): no update of that step applied "
-                "and no checkpoint is written after it; the last saved checkpoint is kept"
-            )
-        in_row = int(self.switch.consecutive)
-        self.log(
-            f"[nonfinite] {what}; the update was skipped on every rank ({self.total} skipped "
-            f"so far, {in_row} in a row)"
-        )
-        if in_row >= self.max_in_row:
-            raise NonFiniteLoss(
-                f"{what}; stopping after {in_row} consecutive non-finite steps "
-                f"(train.max_nonfinite = {self.max_in_row})"
-            )
 
 
 class Telemetry:

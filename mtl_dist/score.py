@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import torch
 
 from mtl_dist.data.batch import ArrowBatchConverter
-from mtl_dist.data.reader import list_parquet_files
+from mtl_dist.data.source import list_parquet_files, partition_values, with_partitions
 from mtl_dist.export import load_exported
 from mtl_dist.files import written_whole
 
@@ -41,11 +41,17 @@ def score(model_path: Path, data: str, out: Path, keep: list[str], batch_size: i
     with written_whole(out) as partial:
         for path in list_parquet_files(data):
             pf = pq.ParquetFile(path)
-            absent = [c for c in [*conv.columns, *keep] if c not in pf.schema_arrow.names]
+            parts = partition_values(path)  # hive key=value directories: columns too
+            absent = [
+                c
+                for c in [*conv.columns, *keep]
+                if c not in pf.schema_arrow.names and c not in parts
+            ]
             if absent:
                 raise ValueError(f"{path}: missing column(s) {', '.join(absent)}")
-            for rb in pf.iter_batches(batch_size, columns=list(dict.fromkeys(conv.columns + keep))):
-                table = pa.Table.from_batches([rb])
+            wanted = [c for c in dict.fromkeys(conv.columns + keep) if c not in parts]
+            for rb in pf.iter_batches(batch_size, columns=wanted):
+                table = with_partitions(pa.Table.from_batches([rb]), parts)
                 try:
                     batch = conv(table)
                 except ValueError as e:

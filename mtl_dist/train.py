@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 from torchdata.stateful_dataloader import StatefulDataLoader
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
@@ -26,6 +27,7 @@ from mtl_dist.checkpoint import checkpoint_dir, load_checkpoint, point, save_che
 from mtl_dist.config import DataConfig, JobConfig, load_config, to_dict
 from mtl_dist.data.batch import ArrowBatchConverter, Batch
 from mtl_dist.data.reader import ParquetBatchReader, describe, list_parquet_files
+from mtl_dist.data.source import RowFilter
 from mtl_dist.distributed.setup import DistInfo, destroy, init_distributed
 from mtl_dist.distributed.sharding import describe_plan, shard_model
 from mtl_dist.losses import StepOutput, build_model_with_loss
@@ -72,6 +74,8 @@ def build_readers(cfg: JobConfig, info: DistInfo) -> tuple[ParquetBatchReader, P
     not sample weights). A file needs only the columns its reader uses."""
 
     def reader(path: str, training: bool) -> ParquetBatchReader:
+        text = cfg.data.train_filter if training else cfg.data.val_filter
+        key = "data.train_filter" if training else "data.val_filter"
         converter = ArrowBatchConverter(
             cfg.features.sparse, cfg.features.dense, cfg.tasks,
             group_by="" if training else cfg.train.gauc_by, dense_nan=cfg.data.dense_nan,
@@ -80,6 +84,7 @@ def build_readers(cfg: JobConfig, info: DistInfo) -> tuple[ParquetBatchReader, P
         return ParquetBatchReader(
             list_parquet_files(path), converter, cfg.train.batch_size, info.rank, info.world_size,
             cfg.data.num_workers, drop_last=training,
+            row_filter=RowFilter.parse(text, key) if text else None,
         )  # fmt: skip
 
     return reader(cfg.data.train_path, True), reader(cfg.data.val_path, False)
@@ -198,14 +203,18 @@ def check_writable(path: str) -> None:
         raise PermissionError(f"train.output_dir {path!r} is not writable: {e}") from None
 
 
-def dense_precision(cfg: JobConfig, device: torch.device) -> Precision:
-    """``train.precision`` resolved for this device (see :mod:`mtl_dist.precision`); also sets
-    TF32 for fp32 matmuls on CUDA per ``train.allow_tf32``."""
+def set_up_precision(cfg: JobConfig, loss_module: nn.Module, device: torch.device) -> Precision:
+    """Resolve ``train.precision`` for this device (see :mod:`mtl_dist.precision`) and apply it:
+    the head's autocast dtype, a loss scaler for fp16, TF32 for fp32 matmuls on CUDA (per
+    ``train.allow_tf32``)."""
     cap = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
     precision = resolve_precision(cfg.train.precision, device.type, cap)
     if device.type == "cuda":
         tf32 = cfg.train.allow_tf32 and precision.name == "fp32"
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+    set_head_precision(loss_module.model.head, precision)
+    if precision.loss_scaling:  # fp16: dynamic loss scaling over dense and fused table updates
+        loss_module.switch.scaler = LossScaler(device)
     return precision
 
 
@@ -225,10 +234,7 @@ def train(cfg: JobConfig, info: DistInfo) -> dict[str, object]:
 
     # --- model: tables on meta, sharded by the planner; dense part under DDP
     loss_module = build_model_with_loss(build_ranker(cfg, device="meta"), cfg)
-    precision = dense_precision(cfg, info.device)
-    set_head_precision(loss_module.model.head, precision)
-    if precision.loss_scaling:  # fp16: dynamic loss scaling over dense and fused table updates
-        loss_module.switch.scaler = LossScaler(info.device)
+    precision = set_up_precision(cfg, loss_module, info.device)
     log(
         f"[precision] dense {precision.name} ({precision.reason}); tables {cfg.embedding.data_type}"
     )

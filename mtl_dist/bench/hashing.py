@@ -24,7 +24,8 @@ import pyarrow.dataset as ds
 from data_tools.synth import generate
 from mtl_dist.bench.training import cpu_line
 from mtl_dist.config import load_config
-from mtl_dist.data.batch import ArrowBatchConverter, hash_strings
+from mtl_dist.data.batch import ArrowBatchConverter
+from mtl_dist.data.ids import hash_strings
 from mtl_dist.data.reader import ParquetBatchReader, list_parquet_files
 
 

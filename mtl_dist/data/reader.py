@@ -30,48 +30,39 @@ with a different number of processes still reads every remaining row once.
 
 from __future__ import annotations
 
-import glob
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from torch.utils.data import IterableDataset, get_worker_info
 
 from mtl_dist.data.batch import ArrowBatchConverter, Batch, Columns
+from mtl_dist.data.source import RowFilter, list_parquet_files, partition_values, with_partitions
+
+__all__ = ["ParquetBatchReader", "describe", "list_parquet_files"]
 
 
-def list_parquet_files(spec: str) -> list[str]:
-    """Resolve a directory, a glob or a comma-separated list of files into sorted file paths."""
-    files: list[str] = []
-    for part in [p.strip() for p in spec.split(",") if p.strip()]:
-        if os.path.isdir(part):
-            found = sorted(glob.glob(os.path.join(part, "**", "*.parquet"), recursive=True))
-        elif any(ch in part for ch in "*?["):
-            found = sorted(glob.glob(part, recursive=True))
-        elif os.path.exists(part):
-            found = [part]
-        else:
-            raise FileNotFoundError(f"Parquet path not found: {part}")
-        if not found:
-            raise FileNotFoundError(f"no Parquet files under: {part}")
-        files += found
-    return files
-
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class RowGroup:
-    """One row group and its place in the global row index."""
+    """One row group and its place in the global row index (of the rows a filter keeps)."""
 
     file: str
     index: int
-    start: int  # global row index of its first row
-    num_rows: int
+    start: int  # global row index of its first (kept) row
+    num_rows: int  # rows kept
+    keep: np.ndarray | None = None  # indices of the kept rows in the group (None: all)
 
 
-def index_row_groups(files: list[str]) -> list[RowGroup]:
-    """Global row index from Parquet footers only (no data read).
+def index_row_groups(
+    files: list[str],
+    partitions: dict[str, dict[str, int | str]] | None = None,
+    row_filter: RowFilter | None = None,
+) -> list[RowGroup]:
+    """Global row index. Without a filter from Parquet footers only (no data read). With one,
+    a file whose partition values fail it is skipped unread, and each remaining row group's
+    filter columns are read to find the rows it keeps.
 
     Counts come from row-group metadata: ``fragment.count_rows()`` on a row-group subset is
     known to return the whole file's count on pyarrow 26.
@@ -80,13 +71,36 @@ def index_row_groups(files: list[str]) -> list[RowGroup]:
     start = 0
     for path in files:
         try:
-            meta = pq.ParquetFile(path).metadata
+            pf = pq.ParquetFile(path)
         except (pa.ArrowInvalid, OSError) as e:
             raise ValueError(f"{path}: not a readable Parquet file ({e})") from None
+        parts = (partitions or {}).get(path, {})
+        meta = pf.metadata
+        if row_filter is not None:
+            unknown = sorted(row_filter.columns - set(parts) - set(pf.schema_arrow.names))
+            if unknown:
+                raise ValueError(
+                    f"{path}: filter {row_filter.text!r} reads column(s) {unknown} that are "
+                    "neither in the file nor partition keys of its path"
+                )
+            if row_filter.columns <= set(parts):  # partitions alone decide: the whole file
+                if not len(row_filter.keep(with_partitions(pa.table({"__one__": [0]}), parts))):
+                    continue
+                row_filter_here = None
+            else:
+                row_filter_here = row_filter
+        else:
+            row_filter_here = None
         for i in range(meta.num_row_groups):
             n = meta.row_group(i).num_rows
+            keep = None
+            if n and row_filter_here is not None:
+                cols = sorted(row_filter_here.columns - set(parts))
+                table = with_partitions(pf.read_row_group(i, columns=cols), parts)
+                keep = row_filter_here.keep(table)
+                n = len(keep)
             if n:
-                groups.append(RowGroup(path, i, start, n))
+                groups.append(RowGroup(path, i, start, n, keep))
                 start += n
     return groups
 
@@ -163,9 +177,12 @@ class ParquetBatchReader(IterableDataset):
         num_workers: int = 0,
         drop_last: bool = True,
         chunk_rows: int = 16384,
+        row_filter: RowFilter | None = None,
     ) -> None:
         super().__init__()
         self.files = files
+        self.partitions = {f: partition_values(f) for f in files}
+        self.row_filter = row_filter
         self.converter = converter
         self.batch_size = batch_size
         self.rank = rank
@@ -173,9 +190,9 @@ class ParquetBatchReader(IterableDataset):
         self.num_workers = max(1, num_workers)
         self.drop_last = drop_last
         self.chunk_rows = max(chunk_rows, batch_size)
-        self.groups = index_row_groups(files)
+        self._check_columns()  # before the filter reads any row
+        self.groups = index_row_groups(files, self.partitions, row_filter)
         self.total_rows = self.groups[-1].start + self.groups[-1].num_rows if self.groups else 0
-        self._check_columns()
         self.start_pass()
 
     def start_pass(self, ranges: list[tuple[int, int]] | None = None) -> None:
@@ -195,7 +212,11 @@ class ParquetBatchReader(IterableDataset):
     def _check_columns(self) -> None:
         need = set(self.converter.columns)
         for path in self.files:  # every rank checks every file: a bad one fails all at start
-            schema = pq.read_schema(path)
+            try:
+                schema = pq.read_schema(path)
+            except (pa.ArrowInvalid, OSError) as e:
+                raise ValueError(f"{path}: not a readable Parquet file ({e})") from None
+            schema = with_partitions(schema.empty_table(), self.partitions[path]).schema
             missing = sorted(need - set(schema.names))
             if missing:
                 raise ValueError(f"{path}: missing column(s) {', '.join(missing)}")
@@ -288,12 +309,32 @@ class ParquetBatchReader(IterableDataset):
         for lo, hi in self._global(begin, end):
             yield from self._global_chunks(lo, hi)
 
+    def _table(self, g: RowGroup) -> pa.Table:
+        """Row group ``g`` whole: the converter's columns, partition values added, the rows the
+        filter keeps (a filtered or partitioned group is read at once: one row group's memory)."""
+        parts = self.partitions[g.file]
+        cols = [c for c in self.converter.columns if c not in parts]
+        table = with_partitions(pq.ParquetFile(g.file).read_row_group(g.index, columns=cols), parts)
+        return table if g.keep is None else table.take(g.keep)
+
     def _global_chunks(self, begin: int, end: int) -> Iterator[Columns]:
         """Decoded chunks of at most ``chunk_rows`` rows covering global rows ``[begin, end)``."""
         cols = self.converter.columns
         for g in self.groups:
             lo, hi = max(begin, g.start), min(end, g.start + g.num_rows)
             if lo >= hi:
+                continue
+            if g.keep is not None or self.partitions[g.file]:
+                try:
+                    table = self._table(g).slice(lo - g.start, hi - lo)
+                    for at in range(0, table.num_rows, self.chunk_rows):
+                        yield self.converter.decode(table.slice(at, self.chunk_rows))
+                except (pa.ArrowInvalid, OSError) as e:
+                    raise ValueError(
+                        f"{g.file}: failed to read row group {g.index} ({e})"
+                    ) from None
+                except ValueError as e:
+                    raise ValueError(f"{g.file}: {e}") from None
                 continue
             try:
                 pf = pq.ParquetFile(g.file)
@@ -362,9 +403,9 @@ class ParquetBatchReader(IterableDataset):
             yield self.converter.to_batch(pending, B, (gid, consumed))
         # padding batches keep every rank at the same step count (validation only)
         if remaining > 0:
-            empty = self.converter.decode(
-                pq.read_schema(self.files[0]).empty_table().select(self.converter.columns)
-            )
+            schema = pq.read_schema(self.files[0]).empty_table()
+            empty = with_partitions(schema, self.partitions[self.files[0]])
+            empty = self.converter.decode(empty.select(self.converter.columns))
             for _ in range(remaining):
                 yield self.converter.to_batch(empty, B, (gid, consumed))
 
