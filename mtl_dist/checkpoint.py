@@ -46,6 +46,7 @@ import xxhash
 from torch.distributed.checkpoint.api import CheckpointException
 
 from mtl_dist.config import JobConfig, to_dict
+from mtl_dist.models.collision import history_state, restore_history
 
 SCHEMA_KEYS = ("features", "tasks", "model")  # what must match for weights to load
 MANIFEST = "manifest.json"
@@ -223,7 +224,9 @@ def save_checkpoint(
         dcp.save(
             {"model": model.state_dict(), "optim": optimizer.state_dict()}, checkpoint_id=partial
         )
-        ranks = _gather({"rng": rng_state(), "reader": reader_position})
+        ranks = _gather(
+            {"rng": rng_state(), "reader": reader_position, "collision": history_state(model)}
+        )
         if _is_main():
             extra = {"step": step, "epoch": epoch, "config": to_dict(cfg), "ranks": ranks,
                      "loop": loop_state or {}}  # fmt: skip
@@ -406,6 +409,7 @@ def load_checkpoint(
     world = dist.get_world_size() if dist.is_initialized() else 1
     if len(ranks) == world:
         set_rng_state(ranks[rank]["rng"])
+    restore_history(model, ranks[rank].get("collision") if len(ranks) == world else None)
     manifest = read_manifest(path)
     return Resumed(
         path, extra["step"], extra["epoch"], [r["reader"] for r in ranks], len(ranks),

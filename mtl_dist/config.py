@@ -66,6 +66,18 @@ class SparseFeature:
         "ids outside [0, vocab_size) and nulls inside lists: error | clip (into [0, vocab_size-1]) "
         "| hash (id mod vocab_size) | drop (from the bag); clip/hash drop list nulls too",
     )
+    collision: str = opt(
+        "modulo",
+        "how ids map to the hash_buckets rows: modulo (id mod buckets: distinct ids may share a "
+        "row) | managed (TorchRec managed collision: the ids seen most (lfu) or last (lru) each "
+        "own a row, the rest share the table's miss row; row-wise sharded)",
+    )
+    eviction: str = opt("lfu", "collision = managed: which ids keep their rows, lfu | lru")
+    eviction_interval: int = opt(
+        10,
+        "collision = managed: admit new ids (evicting others) every N training steps; in "
+        "between, new ids read the miss row. Each admission costs about one step",
+    )
 
     @property
     def table_name(self) -> str:
@@ -489,6 +501,41 @@ def apply_override(cfg: JobConfig, dotted: str, text: str) -> None:
 
 
 INVALID_IDS = ("error", "clip", "hash", "drop")
+COLLISIONS = ("modulo", "managed")
+EVICTIONS = ("lfu", "lru")
+
+
+def _check_collision(f: SparseFeature, where: str, cfg: JobConfig) -> None:
+    """``collision`` / ``eviction`` keys of one sparse feature (managed collision's limits)."""
+    for key, value, allowed in (
+        ("collision", f.collision, COLLISIONS),
+        ("eviction", f.eviction, EVICTIONS),
+    ):
+        if value not in allowed:
+            raise ConfigError(
+                f"{where}: {key} must be {' | '.join(allowed)}, got {value!r}"
+                + _suggest(value, list(allowed))
+            )
+    if f.collision != "managed":
+        return
+    if not f.hash_buckets:
+        raise ConfigError(
+            f"{where}: collision = 'managed' needs hash_buckets = N (the table's rows)"
+        )
+    if f.eviction_interval < 1:
+        raise ConfigError(f"{where}: eviction_interval must be >= 1, got {f.eviction_interval}")
+    if cfg.model.head == "stem":
+        raise ConfigError(
+            f"{where}: collision = 'managed' is not supported with model.head = 'stem' "
+            "(its per-task tables would each need their own id remapping)"
+        )
+    if cfg.sharding.force and cfg.sharding.force != "row_wise":
+        raise ConfigError(
+            f"{where}: collision = 'managed' tables shard row_wise only, but sharding.force = "
+            f"{cfg.sharding.force!r}"
+        )
+
+
 SCHEDULES = ("constant", "cosine", "step", "exponential")
 # metrics train.best_metric may name, per task kind; the first ones are "higher is better"
 BEST_METRICS = {"binary": ("auc", "gauc", "logloss"), "regression": ("mse", "mae")}
@@ -556,18 +603,21 @@ def validate(cfg: JobConfig) -> None:
                 f"{where}: invalid_ids must be {' | '.join(INVALID_IDS)}, got {f.invalid_ids!r}"
                 + _suggest(f.invalid_ids, list(INVALID_IDS))
             )
+        _check_collision(f, where, cfg)
     tables: dict[str, SparseFeature] = {}
     for f in cfg.features.sparse:
         other = tables.setdefault(f.table_name, f)
-        if (other.num_rows, other.embedding_dim, other.pooling) != (
+        if (other.num_rows, other.embedding_dim, other.pooling, other.collision) != (
             f.num_rows,
             f.embedding_dim,
             f.pooling,
+            f.collision,
         ):
             raise ConfigError(
                 f"features.sparse: '{f.name}' and '{other.name}' share table '{f.table_name}' but differ "
-                f"in rows/dim/pooling ({f.num_rows}x{f.embedding_dim} {f.pooling} vs "
-                f"{other.num_rows}x{other.embedding_dim} {other.pooling})"
+                f"in rows/dim/pooling/collision ({f.num_rows}x{f.embedding_dim} {f.pooling} "
+                f"{f.collision} vs {other.num_rows}x{other.embedding_dim} {other.pooling} "
+                f"{other.collision})"
             )
     for i, t in enumerate(cfg.tasks):
         where = f"tasks[{i}] ({t.name or '?'})"

@@ -44,10 +44,14 @@ def export_checkpoint(checkpoint: Path, out: Path) -> JobConfig:
     state = {"model": model.state_dict()}
     dcp.load(state, checkpoint_id=checkpoint)  # no process group: reads every shard here
     model.load_state_dict(state["model"])
+    blob = {
+        "format": FORMAT,
+        "config": to_dict(cfg),
+        "state_dict": model.state_dict(),
+        "managed_buckets": len(extra["ranks"]),  # the world size managed tables trained at
+    }
     with written_whole(out) as tmp:
-        torch.save(
-            {"format": FORMAT, "config": to_dict(cfg), "state_dict": model.state_dict()}, tmp
-        )
+        torch.save(blob, tmp)
     return cfg
 
 
@@ -59,6 +63,7 @@ def load_exported(path: Path) -> tuple[JobConfig, ModelWithLoss]:
     cfg = from_dict(blob["config"])
     model = build_unsharded(cfg)
     model.load_state_dict(blob["state_dict"])
+    model.model.managed_buckets = blob.get("managed_buckets", 1)
     return cfg, model.eval()
 
 

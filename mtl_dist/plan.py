@@ -26,14 +26,14 @@ import warnings
 from dataclasses import dataclass, replace
 
 import torch
-from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
 from torchrec.distributed.planner.enumerators import EmbeddingEnumerator
 from torchrec.distributed.planner.storage_reservations import HeuristicalStorageReservation
 from torchrec.distributed.planner.types import PlannerError, ShardingOption, Stats, Storage
 from torchrec.distributed.types import ModuleSharder
 
 from mtl_dist.config import ConfigError, JobConfig, load_config
-from mtl_dist.distributed.sharding import ConfiguredEBCSharder, embedding_collections
+from mtl_dist.distributed.sharding import sharders_for, sharding_constraints
 from mtl_dist.models.ranker import build_ranker
 from mtl_dist.monitoring import quiet_third_party_logs
 
@@ -250,16 +250,10 @@ def explain_no_fit(
 
 def plan(cfg: JobConfig, spec: ClusterSpec, batch_size: int | None = None) -> tuple[int, str]:
     """Plan ``cfg``'s tables on ``spec``; returns (exit code, text to print)."""
-    model = build_ranker(cfg, device="meta")
-    constraints = None
-    if cfg.sharding.force:
-        constraints = {
-            t.name: ParameterConstraints(sharding_types=[cfg.sharding.force])
-            for ebc in embedding_collections(model)
-            for t in ebc.embedding_bag_configs()
-        }
-    sharders: list[ModuleSharder] = [ConfiguredEBCSharder(cfg.sharding.sharding_types)]
     topology = spec.topology()
+    model = build_ranker(cfg, device="meta", world_size=topology.world_size)
+    constraints = sharding_constraints(model, cfg.sharding)
+    sharders = sharders_for(cfg.sharding)
     batch_size = batch_size or cfg.train.batch_size
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -233,7 +233,7 @@ def train(cfg: JobConfig, info: DistInfo) -> dict[str, object]:
     log(f"[data] train: {describe(train_reader)}\n[data] val:   {describe(val_reader)}")
 
     # --- model: tables on meta, sharded by the planner; dense part under DDP
-    loss_module = build_model_with_loss(build_ranker(cfg, device="meta"), cfg)
+    loss_module = build_model_with_loss(build_ranker(cfg, "meta", info.world_size), cfg)
     precision = set_up_precision(cfg, loss_module, info.device)
     log(
         f"[precision] dense {precision.name} ({precision.reason}); tables {cfg.embedding.data_type}"

@@ -3,7 +3,11 @@ the feature's schema and its ``invalid_ids`` policy, string keys hashed.
 
 String keys (``string``, ``large_string``, ``binary``, ``dictionary<…, string>``) map to row
 ``xxh3_64(value, seed) mod hash_buckets`` (:func:`hash_strings`); integer ids are checked
-against ``[0, vocab_size)`` or taken ``mod hash_buckets``. See :func:`sparse_ids`.
+against ``[0, vocab_size)`` or taken ``mod hash_buckets``. A feature with
+``collision = "managed"`` keeps its raw id instead — the integer id, or the string's xxh3_64 —
+taken ``mod (2**63 - 1)`` (:data:`RAW_ID_SPACE`: non-negative int64, never INT64_MAX, which
+TorchRec's managed-collision module reserves for an empty slot); the module maps it to a row.
+See :func:`sparse_ids`.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ import xxhash
 
 from mtl_dist.config import SparseFeature
 
+RAW_ID_SPACE = 2**63 - 1  # raw ids of managed-collision features lie in [0, RAW_ID_SPACE)
+
 
 def sparse_ids(
     f: SparseFeature, col: pa.ChunkedArray, hash_seed: int = 0
@@ -25,7 +31,8 @@ def sparse_ids(
     outside ``[0, vocab_size)``; a null single-hot id is an empty bag, never invalid.
     Integer ids are checked and hashed in their stored type (a uint64 id beyond int64 is
     not wrapped to a negative one first); string ids are hashed (:func:`hash_strings`).
-    Returned as int64.
+    ``collision = "managed"``: every id (a negative one too) is valid and kept as a raw id
+    ``mod RAW_ID_SPACE``. Returned as int64.
     """
     arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
     if not is_ids(arr.type):
@@ -62,6 +69,8 @@ def sparse_ids(
                 "invalid_ids = 'drop' | 'clip' | 'hash', which drop them)"
             )
         ids, lengths = _drop(ids, lengths, invalid)
+    if f.collision == "managed":  # the managed-collision module maps raw ids to rows
+        return np.mod(ids, wide(RAW_ID_SPACE)).astype(np.int64), lengths
     if f.hash_buckets:
         return np.mod(ids, wide(f.hash_buckets)).astype(np.int64), lengths
     bad = (ids < 0) | (ids >= f.vocab_size) if wide is np.int64 else ids >= f.vocab_size

@@ -15,15 +15,18 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+from torchrec.distributed.mc_embeddingbag import ManagedCollisionEmbeddingBagCollectionSharder
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
 from torchrec.distributed.types import ModuleSharder, ShardingPlan
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.modules.mc_embedding_modules import ManagedCollisionEmbeddingBagCollection
 from torchrec.optim import RowWiseAdagrad
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
 from mtl_dist.config import OptimConfig, ShardingConfig
 from mtl_dist.distributed.setup import DistInfo
+from mtl_dist.models.collision import install_cpu_eviction_reset
 
 
 class ConfiguredEBCSharder(EmbeddingBagCollectionSharder):
@@ -35,6 +38,23 @@ class ConfiguredEBCSharder(EmbeddingBagCollectionSharder):
 
     def sharding_types(self, compute_device_type: str) -> list[str]:
         return list(self._types)
+
+
+class RowWiseMCSharder(ManagedCollisionEmbeddingBagCollectionSharder):
+    """The managed-collision EBC sharder on any device: row_wise with fbgemm's fused kernel (the
+    only layout TorchRec's managed collision supports; the stock sharder offers it on CUDA only).
+    """
+
+    def sharding_types(self, compute_device_type: str) -> list[str]:
+        return ["row_wise"]
+
+    def compute_kernels(self, sharding_type: str, compute_device_type: str) -> list[str]:
+        return ["fused"]
+
+
+def sharders_for(cfg: ShardingConfig) -> list[ModuleSharder]:
+    """The sharders of every embedding module kind the ranker holds."""
+    return [RowWiseMCSharder(), ConfiguredEBCSharder(cfg.sharding_types)]
 
 
 def apply_embedding_optimizer(ebc: EmbeddingBagCollection, cfg: OptimConfig) -> None:
@@ -53,6 +73,19 @@ def embedding_collections(model: nn.Module) -> list[EmbeddingBagCollection]:
     return [m for m in model.modules() if isinstance(m, EmbeddingBagCollection)]
 
 
+def sharding_constraints(
+    model: nn.Module, cfg: ShardingConfig
+) -> dict[str, ParameterConstraints] | None:
+    """``sharding.force`` as the planner's constraints on every table (None: the planner picks)."""
+    if not cfg.force:
+        return None
+    return {
+        t.name: ParameterConstraints(sharding_types=[cfg.force])
+        for ebc in embedding_collections(model)
+        for t in ebc.embedding_bag_configs()
+    }
+
+
 def plan_sharding(
     model: nn.Module,
     cfg: ShardingConfig,
@@ -60,13 +93,7 @@ def plan_sharding(
     sharders: list[ModuleSharder],
 ) -> ShardingPlan:
     """Run the planner collectively (every rank gets rank 0's plan)."""
-    constraints = None
-    if cfg.force:
-        constraints = {
-            t.name: ParameterConstraints(sharding_types=[cfg.force])
-            for ebc in embedding_collections(model)
-            for t in ebc.embedding_bag_configs()
-        }
+    constraints = sharding_constraints(model, cfg)
     topology = Topology(
         world_size=info.world_size,
         local_world_size=info.local_world_size,
@@ -86,7 +113,9 @@ def shard_model(
     the dense part). A table without it would silently train with TorchRec's default optimizer."""
     for ebc in embedding_collections(model):
         apply_embedding_optimizer(ebc, optim)
-    sharders: list[ModuleSharder] = [ConfiguredEBCSharder(sharding.sharding_types)]
+    if any(isinstance(m, ManagedCollisionEmbeddingBagCollection) for m in model.modules()):
+        install_cpu_eviction_reset()
+    sharders = sharders_for(sharding)
     plan = plan_sharding(model, sharding, info, sharders)
     dmp = DistributedModelParallel(module=model, device=info.device, plan=plan, sharders=sharders)
     return dmp, plan

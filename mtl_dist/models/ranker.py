@@ -14,11 +14,13 @@ import torch
 from torch import nn
 from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
-from torchrec.sparse.jagged_tensor import KeyedTensor
+from torchrec.modules.mc_embedding_modules import ManagedCollisionEmbeddingBagCollection
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from mtl_dist.config import JobConfig, ModelConfig, SparseFeature
 from mtl_dist.data.batch import Batch
 from mtl_dist.guard import GradGate
+from mtl_dist.models.collision import managed_ebc, managed_rows
 from mtl_dist.models.gates import GateConfig
 from mtl_dist.models.heads import PLE, STEM, MoE, SharedBottom
 
@@ -53,12 +55,14 @@ class Ranker(nn.Module):
     """Pooled embeddings ``[B, F·D]`` ⊕ dense ``[B, Dd]`` → head → outputs ``[B, T]`` + aux ``[A]``.
 
     Args:
-        ebc: the EmbeddingBagCollection (plain, or sharded by DMP).
+        ebc: the EmbeddingBagCollection (plain, or sharded by DMP); None when every table is managed.
         num_dense: Dd.
         head: maps ``[B, Din]`` to ``(outputs [B, T], aux losses [A])`` (see ``models/heads.py``).
         dense_batch_norm: batch-normalise raw dense features.
         task_ebcs: STEM only: one EBC of task-specific tables per task (in task order); the
             head then also gets their pooled outputs ``[T, B, Dt]``.
+        mc_ebc: the managed-collision tables (``collision = "managed"``: see
+            ``models/collision.py``), plain or sharded; None without any.
 
     Example::
 
@@ -69,18 +73,25 @@ class Ranker(nn.Module):
 
     def __init__(
         self,
-        ebc: EmbeddingBagCollection,
+        ebc: EmbeddingBagCollection | None,
         num_dense: int,
         head: nn.Module,
         dense_batch_norm: bool = True,
         task_ebcs: nn.ModuleDict | None = None,
+        mc_ebc: ManagedCollisionEmbeddingBagCollection | None = None,
     ) -> None:
         super().__init__()
         self.ebc = ebc
+        self.mc_ebc = mc_ebc
         self.task_ebcs = task_ebcs
-        # the head sees features in the unsharded collection's order: a sharded EBC returns them
+        # the head sees features in the unsharded collections' order: a sharded EBC returns them
         # grouped by sharding type, an order that changes with the plan (and the world size)
-        self.feature_order = _embedding_names(ebc)
+        self.feature_order = _embedding_names(ebc) + _embedding_names(
+            mc_ebc._embedding_module if mc_ebc is not None else None
+        )
+        # managed tables: the world size their remapping was trained at (its miss rows), which
+        # the single-process path (scoring, export) reproduces; set from the checkpoint
+        self.managed_buckets = 1
         self.task_feature_order = (
             [_embedding_names(e) for e in task_ebcs.values()] if task_ebcs is not None else []
         )
@@ -96,12 +107,15 @@ class Ranker(nn.Module):
         self.last_input: tuple[torch.Tensor, list[str], list[int]] | None = None
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        kt = self.ebc(batch.sparse)
-        pooled = KeyedTensor.regroup([kt], [self.feature_order])[0]  # [B, Σ dims], fixed order
+        kts = [self.ebc(batch.sparse)] if self.ebc is not None else []
+        if self.mc_ebc is not None:
+            kts.append(self.managed_lookup(batch.sparse))
+        pooled = KeyedTensor.regroup(kts, [self.feature_order])[0]  # [B, Σ dims], fixed order
         pooled = pooled.float()  # fp16 tables: the head casts to its own precision from here
         x = self.grad_gate(torch.cat([pooled, self.dense_norm(batch.dense)], dim=1))  # [B, Din]
         if self.keep_input:  # x with the feature each column block belongs to
-            widths = [kt.length_per_key()[kt.keys().index(k)] for k in self.feature_order]
+            dims = {k: d for kt in kts for k, d in zip(kt.keys(), kt.length_per_key())}
+            widths = [dims[k] for k in self.feature_order]
             names = [*self.feature_order, *self.dense_names]
             self.last_input = (x, names, [*widths, *[1] * len(self.dense_names)])
         if self.task_ebcs is None:
@@ -118,22 +132,66 @@ class Ranker(nn.Module):
             out = self.head(x, own)
         return out[0], out[1]  # indexed, not unpacked: TorchRec's pipeline FX-traces this forward
 
+    def managed_lookup(self, sparse: KeyedJaggedTensor) -> KeyedTensor:
+        """Pooled embeddings of the managed features. Training, or sharded: the MC-EBC (which
+        admits ids while training). A single-process model in eval mode maps ids with
+        :func:`managed_rows` instead, so an id unknown to the table reads the miss row it
+        trained with (each rank had its own) and scores equal what training saw."""
+        mc = self.mc_ebc
+        if self.training or not isinstance(mc, ManagedCollisionEmbeddingBagCollection):
+            return mc(sparse)[0]
+        ebc = mc._embedding_module
+        names = _embedding_names(ebc)
+        jts = sparse.to_dict()
+        table_of = {f: t.name for t in ebc.embedding_bag_configs() for f in t.feature_names}
+        modules = mc._managed_collision_collection._managed_collision_modules
+        values, lengths = [], []
+        for f in names:
+            m = modules[table_of[f]]
+            raw = jts[f].values()
+            rows = managed_rows(
+                raw, m._mch_sorted_raw_ids, m._mch_remapped_ids_mapping, self.managed_buckets
+            )
+            values.append(rows)
+            lengths.append(jts[f].lengths())
+        kjt = KeyedJaggedTensor(keys=names, values=torch.cat(values), lengths=torch.cat(lengths))
+        return ebc(kjt)
 
-def _embedding_names(ebc: EmbeddingBagCollection) -> list[str]:
+
+def _embedding_names(ebc: EmbeddingBagCollection | None) -> list[str]:
     """Feature names in the order an unsharded EBC outputs them (table by table)."""
+    if ebc is None:
+        return []
     return [f for table in ebc.embedding_bag_configs() for f in table.feature_names]
 
 
-def build_ranker(cfg: JobConfig, device: torch.device | str = "meta") -> Ranker:
+def build_ranker(
+    cfg: JobConfig, device: torch.device | str = "meta", world_size: int = 1
+) -> Ranker:
     """Build the model of ``cfg``; embedding tables on ``device`` (``meta`` before sharding).
 
     Dense parameters are created on the CPU with the current RNG (seed first for determinism)
-    and moved by DMP.
+    and moved by DMP. ``world_size``: the ranks managed-collision tables will be sharded over.
     """
     dtype = cfg.embedding.data_type
-    ebc = EmbeddingBagCollection(
-        tables=embedding_bag_configs(cfg.features.sparse, data_type=dtype),
-        device=torch.device(device),
+    plain = [f for f in cfg.features.sparse if f.collision != "managed"]
+    managed = [f for f in cfg.features.sparse if f.collision == "managed"]
+    ebc = (
+        EmbeddingBagCollection(
+            tables=embedding_bag_configs(plain, data_type=dtype), device=torch.device(device)
+        )
+        if plain
+        else None
+    )
+    mc_ebc = (
+        managed_ebc(
+            embedding_bag_configs(managed, data_type=dtype),
+            managed,
+            world_size,
+            torch.device(device),
+        )
+        if managed
+        else None
     )
     emb_dim = sum(f.embedding_dim for f in cfg.features.sparse)
     in_dim = emb_dim + len(cfg.features.dense)
@@ -157,7 +215,9 @@ def build_ranker(cfg: JobConfig, device: torch.device | str = "meta") -> Ranker:
         )
         task_dim = cfg.model.stem_dim * len(own)
     head = build_head(cfg.model, in_dim, task_names, task_dim)
-    model = Ranker(ebc, len(cfg.features.dense), head, cfg.model.dense_batch_norm, task_ebcs)
+    model = Ranker(
+        ebc, len(cfg.features.dense), head, cfg.model.dense_batch_norm, task_ebcs, mc_ebc
+    )
     model.dense_names = list(cfg.features.dense)
     return model
 
