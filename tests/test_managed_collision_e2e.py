@@ -16,6 +16,7 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
+from mtl_dist.bench.hashing import sized_config
 from mtl_dist.checkpoint import resolve_checkpoint
 from mtl_dist.export import export_checkpoint
 from tests.conftest import ROOT, torchrun
@@ -25,16 +26,8 @@ EMPTY = torch.iinfo(torch.int64).max
 
 def _managed_config(path) -> None:
     s = (ROOT / "configs" / "strings.toml").read_text()
-    s = s.replace(
-        'name = "user_id"\nhash_buckets = 400000',
-        'name = "user_id"\nhash_buckets = 4000\ncollision = "managed"\neviction_interval = 4',
-    )
-    s = s.replace(
-        'name = "item_id"\nhash_buckets = 200000',
-        'name = "item_id"\nhash_buckets = 2000\ncollision = "managed"\neviction = "lru"\n'
-        "eviction_interval = 4",
-    )
-    assert s.count('collision = "managed"') == 2
+    s = sized_config(s, {"user_id": 4000}, collision="managed", eviction_interval=4)
+    s = sized_config(s, {"item_id": 2000}, collision="managed", eviction="lru", eviction_interval=4)
     path.write_text(s)
 
 

@@ -7,7 +7,10 @@ Zipf-distributed; :mod:`data_tools.synth`):
   times a feature's key space, the share of its distinct keys, and of its training rows, whose
   key shares a row with another key (a popular key colliding costs more than a rare one);
 * the reader's rows/s on the string columns against the ``peers`` workload's int64 columns of
-  the same rows and model (the same reader, the same batches), taking turns.
+  the same rows and model (the same reader, the same batches), taking turns;
+* modulo hashing against managed collision (``collision = "managed"``, LFU and LRU) at the
+  same table size, a tenth of the user / item id space: one epoch under torchrun
+  (``--nproc`` ranks), test AUC and samples/s of each (``--no-train`` skips it).
 
 Prints figures; asserts nothing.
 """
@@ -15,14 +18,17 @@ Prints figures; asserts nothing.
 from __future__ import annotations
 
 import argparse
+import re
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
 from data_tools.synth import generate
-from mtl_dist.bench.training import cpu_line
+from mtl_dist.bench.training import cpu_line, run_training
 from mtl_dist.config import load_config
 from mtl_dist.data.batch import ArrowBatchConverter
 from mtl_dist.data.ids import hash_strings
@@ -54,11 +60,57 @@ def reader_rate(config: str, data: str, repeats: int) -> float:
     return best
 
 
+def sized_config(text: str, rows: dict[str, int], **keys: str | int) -> str:
+    """A TOML job with the ``[[features.sparse]]`` entries named in ``rows`` resized to that many
+    hash buckets, each given ``keys`` (e.g. ``collision="managed", eviction="lru"``).
+
+    Raises ``ValueError`` naming a feature that is not a hashed one of the config."""
+    extra = "".join(f"\n{k} = {v!r}" if isinstance(v, int) else f'\n{k} = "{v}"'
+                    for k, v in keys.items())  # fmt: skip
+    for name, n in rows.items():
+        text, found = re.subn(
+            rf'(name = "{name}"\n)hash_buckets = \d+', rf"\g<1>hash_buckets = {n}{extra}", text
+        )
+        if not found:
+            raise ValueError(f"no hashed feature '{name}' in the config")
+    return text
+
+
+def modulo_vs_managed(data: str, nproc: int, shrink: int = 10) -> None:
+    """One epoch of configs/strings.toml with user_id / item_id tables ``1/shrink`` of their id
+    space: modulo vs managed (LFU, LRU); prints AUC per task and samples/s."""
+    base = Path("configs/strings.toml").read_text()
+    ids = {"user_id": 200_000, "item_id": 100_000}  # the workload's id spaces (data_tools.synth)
+    rows = {k: v // shrink for k, v in ids.items()}
+    print(f"\nmodulo vs managed collision, tables {rows} (1/{shrink} of the id space), "
+          f"one epoch, {nproc} ranks")  # fmt: skip
+    print(f"{'collision':<16}{'AUC click':>10}{'AUC purchase':>14}{'samples/s':>11}")
+    runs = [("modulo", "lfu"), ("managed", "lfu"), ("managed", "lru")]
+    with tempfile.TemporaryDirectory() as tmp:
+        for collision, eviction in runs:
+            cfg = Path(tmp) / f"{collision}_{eviction}.toml"
+            keys = {"collision": collision} | (
+                {"eviction": eviction} if collision == "managed" else {}
+            )
+            cfg.write_text(sized_config(base, rows, **keys))
+            m = run_training(
+                str(cfg),
+                ["--data.train_path", f"{data}/train", "--data.val_path", f"{data}/val"],
+                nproc,
+            )
+            auc = {t: m["metrics"][t].get("auc", float("nan")) for t in ("click", "purchase")}
+            name = collision if collision == "modulo" else f"managed {eviction}"
+            print(f"{name:<16}{auc['click']:>10.4f}{auc['purchase']:>14.4f}"
+                  f"{m['samples_per_s']:>11,.0f}")  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rows", type=int, default=400_000)
     p.add_argument("--data-root", default="data")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--nproc", type=int, default=2, help="ranks of the modulo-vs-managed runs")
+    p.add_argument("--no-train", action="store_true", help="skip the modulo-vs-managed runs")
     a = p.parse_args(argv)
     strings = f"{a.data_root}/strings_{a.rows}"
     ints = f"{a.data_root}/peers_{a.rows}"
@@ -86,6 +138,8 @@ def main(argv: list[str] | None = None) -> None:
     s, i = max(rates["strings"]), max(rates["int64"])
     print(f"\nreader, 1 process, batch 2048: string keys {s:,.0f} rows/s, int64 ids {i:,.0f} "
           f"rows/s ({s / i:.2f}x), best of {a.repeats} in turns")  # fmt: skip
+    if not a.no_train:
+        modulo_vs_managed(strings, a.nproc)
 
 
 if __name__ == "__main__":
