@@ -129,20 +129,20 @@ def test_sigkill_restart_resumes_from_latest(synth_data, reference, tmp_path):
 
 
 @pytest.mark.parametrize("before,after", [(2, 1), (1, 2)])
-def test_reshard_on_load(synth_data, tmp_path, before, after):
+def test_reshard_on_load(small_synth_data, tmp_path, before, after):
     """Saved by N processes, resumed by M: the tables load under the new plan and the rows not
     yet trained are re-split, so the resumed pass runs exactly the remaining batches."""
-    run(synth_data, tmp_path, "--train.max_steps", "20", nproc=before)
-    proc = run(synth_data, tmp_path, "--train.max_steps", "0", nproc=after)
+    run(small_synth_data, tmp_path, "--train.max_steps", "20", nproc=before)
+    proc = run(small_synth_data, tmp_path, "--train.max_steps", "0", nproc=after)
     assert "re-splitting the rows not yet trained" in proc.stdout
     trained = 20 * before * 256
-    rows = 160_000 - trained
+    rows = 40_000 - trained
     assert f"(this pass: {rows})" in proc.stdout
     # the resumed epoch: the remaining rows cut over `after` ranks, full batches only
     steps = metrics(tmp_path)["steps"]
     assert steps - 20 == (rows // after) // 256
     m = metrics(tmp_path)["metrics"]
-    assert m["click"]["auc"] > 0.65 and m["click"]["count"] == 40_000
+    assert m["click"]["auc"] > 0.6 and m["click"]["count"] == 10_000
 
 
 def test_checkpoint_of_another_schema_is_refused(synth_data, reference, tmp_path):
