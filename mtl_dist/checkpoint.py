@@ -385,6 +385,14 @@ def load_checkpoint(
     (when the world size is unchanged) and return the step, epoch and reader positions."""
     extra = torch.load(path / "extra.pt", weights_only=True)
     check_schema(extra["config"], cfg, path)
+    saved_world, world = len(extra["ranks"]), _rank_world()[1]
+    managed = [f.name for f in cfg.features.sparse if f.collision == "managed"]
+    if managed and world not in (saved_world, 1):
+        raise ValueError(
+            f"checkpoint {path} was saved by {saved_world} rank(s) and holds managed-collision "
+            f"tables ({', '.join(managed)}): their rows are split by id mod world size, so they "
+            f"resume on {saved_world} rank(s) or on 1, not on {world}"
+        )
     # fused embedding optimizers hold state from the start; the dense optimizer creates its
     # state at its first step, so make it now (a zero-gradient step) for DCP to load into
     for _, opt in optimizer.optimizers:

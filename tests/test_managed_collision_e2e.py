@@ -95,6 +95,9 @@ def test_managed_collision_resume_reshard_export_score(tmp_path):
     assert w == 1
     for table, kept in t_10.items():  # no admission at step 11 (interval 4): nothing moved
         assert t_11[table] == kept
+    proc = torchrun(job(one, "--train.max_steps", "12"), nproc=2)  # world 1 -> 2: refused
+    assert proc.returncode != 0
+    assert "saved by 1 rank(s) and holds managed-collision tables (user_id, item_id)" in proc.stderr
 
     # scoring maps ids as training did: the scored AUC is the live validation AUC
     preds = tmp_path / "preds.parquet"
