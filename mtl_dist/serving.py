@@ -427,18 +427,25 @@ def export_program(cfg: JobConfig, served: ServedRanker) -> torch.export.Exporte
 
 
 class _BatchedMixes(TorchFunctionMode):
-    """The heads' expert mixes as ``bmm`` while exporting: ATen's einsum tests sizes against 1
-    to broadcast, which fixes the batch at B ≠ 1 in the program; ``bmm`` has no broadcasting.
-    The same sums (``[B, T, E] × [T, E, B, H] → [T, B, H]`` and ``[B, E] × [E, B, H] → [B, H]``)."""
+    """The heads' expert mixes without einsum while exporting: ATen's einsum tests sizes
+    against 1 to broadcast, which would fix the batch at B ≠ 1 in the program. The same sums:
+    ``[B, G, E] × [E, B, H] → [G, B, H]`` and ``[B, E] × [E, B, H] → [B, H]`` as ``bmm`` over
+    the batch, ``[B, T, E] × [T, E, B, H] → [T, B, H]`` as a product summed over E. A reshape
+    (whose view-or-copy test would fix the batch too) copies, then views."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is torch.einsum and args[0] == "bte,tebh->tbh":
-            w, x = args[1], args[2]  # [B, T, E], [T, E, B, H]
-            return (w.permute(1, 2, 0).unsqueeze(-1) * x).sum(1)
+        if func is torch.einsum and args[0] == "bge,ebh->gbh":
+            w, x = args[1], args[2]
+            return torch.bmm(w, x.permute(1, 0, 2)).permute(1, 0, 2)
         if func is torch.einsum and args[0] == "be,ebh->bh":
-            w, x = args[1], args[2]  # [B, E], [E, B, H]
-            return (w.t().unsqueeze(-1) * x).sum(0)
+            w, x = args[1], args[2]
+            return torch.bmm(w.unsqueeze(1), x.permute(1, 0, 2)).squeeze(1)
+        if func is torch.einsum and args[0] == "bte,tebh->tbh":
+            w, x = args[1], args[2]
+            return (w.permute(1, 2, 0).unsqueeze(-1) * x).sum(1)
+        if func is torch.Tensor.reshape:  # tower batch norm's [B, G·H] of a transposed [G, B, H]
+            return args[0].clone(memory_format=torch.contiguous_format).view(*args[1:])
         return func(*args, **kwargs)
 
 
