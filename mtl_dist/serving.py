@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import warnings
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -405,7 +406,11 @@ def example_inputs(
 
 
 def export_program(cfg: JobConfig, served: ServedRanker) -> torch.export.ExportedProgram:
-    """``torch.export`` of ``served`` with a dynamic batch B ≥ 1 and bag sizes N_f ≥ 0."""
+    """``torch.export`` of ``served`` with a dynamic batch B ≥ 1 and bag sizes N_f ≥ 0.
+
+    Raises torch's ``UserError`` naming the guard when some operation fixes the batch size
+    (a head op this module does not yet rewrite: see :class:`_BatchedMixes`).
+    """
     from torch.export import Dim
 
     args = example_inputs(cfg)
@@ -423,7 +428,13 @@ def export_program(cfg: JobConfig, served: ServedRanker) -> torch.export.Exporte
         warnings.catch_warnings(),
     ):
         warnings.filterwarnings("ignore", "The tensor attributes self.head.last_")  # monitoring
-        return torch.export.export(served, args, dynamic_shapes=shapes, strict=False)
+        fx_log = logging.getLogger("torch.fx._symbolic_trace")  # "is_fx_tracing ..." per call
+        level = fx_log.level
+        fx_log.setLevel(logging.ERROR)
+        try:
+            return torch.export.export(served, args, dynamic_shapes=shapes, strict=False)
+        finally:
+            fx_log.setLevel(level)
 
 
 class _BatchedMixes(TorchFunctionMode):

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from mtl_dist.bench.training import cpu_line
+from mtl_dist.checkpoint import resolve_checkpoint
 from mtl_dist.config import JobConfig, load_config
 from mtl_dist.data.batch import ArrowBatchConverter
 from mtl_dist.data.reader import ParquetBatchReader
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
     if a.threads:
         torch.set_num_threads(a.threads)
     if a.checkpoint:
-        cfg, model = load_checkpoint_model(a.checkpoint)
+        cfg, model = load_checkpoint_model(resolve_checkpoint(a.checkpoint))
     else:
         cfg = load_config(["--config", a.config])
         model = build_unsharded(cfg).eval()
