@@ -3,5 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/setup_env.sh .venv dev,bench   # bench: the peers the end-to-end benchmark test trains
-.venv/bin/ruff check mtl_dist data_tools tests
+.venv/bin/ruff check mtl_dist data_tools tests examples
 .venv/bin/python -m pytest -q tests "$@"

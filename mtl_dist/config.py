@@ -524,10 +524,10 @@ def _check_collision(f: SparseFeature, where: str, cfg: JobConfig) -> None:
         )
     if f.eviction_interval < 1:
         raise ConfigError(f"{where}: eviction_interval must be >= 1, got {f.eviction_interval}")
-    if cfg.model.head == "stem":
+    if cfg.model.head == "stem" and f.name in (cfg.model.stem_features or [f.name]):
         raise ConfigError(
-            f"{where}: collision = 'managed' is not supported with model.head = 'stem' "
-            "(its per-task tables would each need their own id remapping)"
+            f"{where}: a collision = 'managed' feature cannot have STEM's per-task tables (each "
+            "would need an id remapping of its own): list model.stem_features without it"
         )
     if cfg.sharding.force and cfg.sharding.force != "row_wise":
         raise ConfigError(

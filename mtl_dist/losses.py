@@ -83,6 +83,23 @@ def predictions(
     return torch.where(is_binary, p, outputs)
 
 
+def task_predictions(
+    outputs: torch.Tensor,
+    is_binary: torch.Tensor,
+    negative_rate: torch.Tensor | None = None,
+    ctcvr: tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """:func:`predictions` ``[B, T]``, and with ``ctcvr = (ctr, cvr)`` task indices (ESMM on a
+    CTCVR label) the CVR column replaced by pCTR × pCVR. Shared by scoring and the served
+    program (:mod:`mtl_dist.serving`), so both compute the same numbers."""
+    preds = predictions(outputs, is_binary, negative_rate)
+    if ctcvr is not None:
+        c, v = ctcvr
+        product = preds[:, c] * preds[:, v]
+        preds = torch.cat([preds[:, :v], product.unsqueeze(1), preds[:, v + 1 :]], 1)
+    return preds
+
+
 def downsample_negatives(
     labels: torch.Tensor, mask: torch.Tensor, negative_rate: torch.Tensor
 ) -> torch.Tensor:
@@ -241,12 +258,8 @@ class ModelWithLoss(nn.Module):
     def predict(self, outputs: torch.Tensor) -> torch.Tensor:
         """Probabilities / values ``[B, T]`` from the head's outputs; with ESMM on a CTCVR label
         the CVR task's column is pCTR × pCVR (what its label measures)."""
-        preds = predictions(outputs, self.is_binary, self.negative_rate)
-        if self.esmm is not None and self.esmm_ctcvr_preds:
-            c, v = self.esmm
-            ctcvr = preds[:, c] * preds[:, v]
-            preds = torch.cat([preds[:, :v], ctcvr.unsqueeze(1), preds[:, v + 1 :]], 1)
-        return preds
+        ctcvr = self.esmm if self.esmm_ctcvr_preds else None
+        return task_predictions(outputs, self.is_binary, self.negative_rate, ctcvr)
 
 
 def build_model_with_loss(model: nn.Module, cfg: JobConfig) -> ModelWithLoss:

@@ -403,11 +403,12 @@ class STEM(ExpertWatch, nn.Module):
     @in_precision
     def forward(self, x: torch.Tensor, own: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``x``: shared input ``[B, Din]``; ``own``: task embeddings ``[T, B, Dt]``."""
-        T, B, Dt = own.shape
+        T = own.shape[0]
         stopped = own.detach()
         # every[t, s] = e_s in value; the gradient reaches e_s only from task s (t == s)
         every = stopped.unsqueeze(0) + self.own_mask * (own - stopped).unsqueeze(0)  # [T, T, B, Dt]
-        z = torch.cat([x.expand(T, -1, -1), every.permute(0, 2, 1, 3).reshape(T, B, T * Dt)], -1)
+        # z_t = [x, e_1 … e_T]: [T, B, Din + T·Dt] (concatenated, not reshaped: no batch-size test)
+        z = torch.cat([x.expand(T, -1, -1), *every.unbind(1)], -1)
         task_out = self.task(z.repeat_interleave(self.task_experts, 0))  # [T*Et, B, H]
         out = task_out if self.shared is None else torch.cat([self.shared(x), task_out])
         self._watch("experts", out)

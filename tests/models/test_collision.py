@@ -72,7 +72,7 @@ def test_rows_of_a_table_trained_on_two_ranks():
 @pytest.mark.parametrize(
     "args, needle",
     [
-        (["--model.head", "stem"], "not supported with model.head = 'stem'"),
+        (["--model.head", "stem"], "cannot have STEM's per-task tables"),
         (["--sharding.force", "table_wise"], "shard row_wise only"),
     ],
 )
@@ -85,6 +85,8 @@ def test_managed_feature_limits(tmp_path, args, needle):
     )
     with pytest.raises(ConfigError, match=needle):
         load_config(["--config", str(toml), *args])
+    if args[0] == "--model.head":  # STEM over the other features only: fine
+        load_config(["--config", str(toml), *args, "--model.stem_features", "item_id,city_id"])
 
 
 def test_managed_collision_needs_buckets_and_a_known_policy(tmp_path):

@@ -1,0 +1,80 @@
+"""``python examples/serve.py model.pt2 DATA_FILE_OR_DIR preds.parquet [KEEP_COLUMN ...]``: an
+mtl-dist package's predictions, its inputs built from its metadata with torch, pyarrow, xxhash."""
+
+import json
+import sys
+import zipfile
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+import xxhash
+
+T = torch.from_dlpack  # an Arrow array without nulls → a tensor, no copy
+
+
+def load(path: str):  # the metadata, and the program: AOTInductor's when compiled
+    with zipfile.ZipFile(path) as z:
+        names = z.namelist()
+        meta = json.loads(z.read(next(n for n in names if n.endswith("/mtl_dist.json"))))
+    if any("/aotinductor/" in n for n in names):
+        return meta, torch._inductor.aoti_load_package(path)
+    return meta, torch.export.load(path).module()
+
+
+def sparse(f: dict, t: pa.RecordBatch, seed: int):
+    """Feature f's column → (ids [N] int64, offsets [B + 1] int64) by the feature's rules."""
+    col = t[f["name"]]
+    if pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
+        flat, rows = col.flatten(), pc.list_parent_indices(col)
+    else:  # a null single-hot id is an empty bag
+        flat, rows = col.drop_null(), pc.indices_nonzero(col.is_valid())
+    strings, bad = not pa.types.is_integer(flat.type), flat.is_null()
+    if strings:
+        bad = pc.or_kleene(bad, pc.equal(pc.binary_length(flat), 0))
+    elif not f["hash_buckets"] and f["invalid_ids"] == "error":  # the program would drop them
+        out = pc.or_kleene(pc.less(flat, 0), pc.greater_equal(flat, f["vocab_size"]))
+        bad = pc.or_kleene(bad, out)
+    if strings and not f["hash_buckets"] or f["invalid_ids"] == "error" and pc.any(bad).as_py():
+        raise ValueError(f"column '{f['name']}' ({flat.type}) breaks its rule: {f['client']}")
+    flat, rows = flat.filter(pc.invert(bad)), rows.filter(pc.invert(bad))
+    if strings:  # row = xxh3_64(UTF-8 bytes, seed) mod hash_buckets, once per distinct value
+        d, n_rows = pc.dictionary_encode(flat.cast(pa.large_binary())), f["string_id_mod"]
+        hashed = [xxhash.xxh3_64_intdigest(v, seed) % n_rows for v in d.dictionary.to_pylist()]
+        ids = torch.tensor(hashed, dtype=torch.int64)[T(d.indices.cast(pa.int64()))]
+    else:
+        ids = T(flat.cast(pa.int64()))
+    lengths = torch.bincount(T(rows.cast(pa.int64())), minlength=t.num_rows)
+    return ids, torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
+
+
+def inputs(meta: dict, t: pa.RecordBatch):
+    """The program's inputs: dense [B, Dd], then ids and offsets per feature."""
+    dense = [torch.zeros(t.num_rows, 0)]
+    for c in meta["dense"]["columns"]:
+        x = pc.fill_null(t[c], 0).cast(pa.float32(), safe=False)
+        if meta["dense"]["nonfinite"] == "error" and not pc.all(pc.is_finite(x)).as_py():
+            raise ValueError(f"column '{c}': dense values not finite (dense_nan = error)")
+        dense.append(T(x)[:, None])
+    ids, offsets = zip(*[sparse(f, t, meta["hashing"]["seed"]) for f in meta["sparse"]])
+    return torch.cat(dense, 1), list(ids), list(offsets)
+
+
+def main(package: str, data: str, out: str, *keep: str) -> None:
+    meta, model = load(package)
+    columns = sorted({*meta["dense"]["columns"], *(f["name"] for f in meta["sparse"]), *keep})
+    files = sorted(Path(data).glob("**/*.parquet")) if Path(data).is_dir() else [Path(data)]
+    fields = [pq.read_schema(files[0]).field(c) for c in keep]
+    schema = pa.schema(fields + [(f"pred_{t['name']}", pa.float32()) for t in meta["tasks"]])
+    with pq.ParquetWriter(out, schema) as writer:
+        for p in files:
+            for t in pq.ParquetFile(p).iter_batches(4096, columns=columns):
+                preds = model(*inputs(meta, t)).T.tolist()  # [T][B]
+                cols = [t[c] for c in keep] + [pa.array(y, pa.float32()) for y in preds]
+                writer.write_table(pa.Table.from_arrays(cols, schema=schema))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

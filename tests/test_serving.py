@@ -1,0 +1,82 @@
+"""The served program's parts against training's: id rules, int8 tables, plain lookups equal to
+TorchRec's, and an export whose batch size is free (B = 1, empty bags) with tower batch norm
+and top-k gates."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from mtl_dist.config import SparseFeature, load_config
+from mtl_dist.export import build_unsharded
+from mtl_dist.serving import (
+    IdRemap,
+    PooledEmbeddings,
+    RowwiseInt8Bag,
+    build_served,
+    example_inputs,
+    export_program,
+)
+
+
+def test_id_remap_applies_each_policy_as_training_does():
+    features = [
+        SparseFeature("a", hash_buckets=10),
+        SparseFeature("b", vocab_size=10, invalid_ids="clip"),
+        SparseFeature("c", vocab_size=10, invalid_ids="hash"),
+        SparseFeature("d", vocab_size=10, invalid_ids="drop"),
+        SparseFeature("e", vocab_size=10),  # error: the client refuses; the program drops
+    ]
+    ids = torch.tensor([3, 12, -1, 25])
+    out = IdRemap(features, [10, 10, 10, 10, 10])([ids] * 5)
+    assert [o.tolist() for o in out] == [
+        [3, 2, 9, 5],  # mod 10 (numpy's sign: -1 -> 9)
+        [3, 9, 0, 9],
+        [3, 2, 9, 5],
+        [3, 10, 10, 10],  # the padding row
+        [3, 10, 10, 10],
+    ]
+
+
+def test_int8_bag_pools_its_dequantised_rows_and_skips_the_padding_row():
+    torch.manual_seed(0)
+    weight = torch.randn(11, 6)
+    weight[10] = 0  # the padding row
+    ids, offsets = torch.tensor([1, 10, 2, 10, 4, 4]), torch.tensor([0, 3, 4, 4, 6])
+    for mode in ("sum", "mean"):
+        bag = RowwiseInt8Bag(weight, mode, pad=10)
+        ref = F.embedding_bag(
+            ids, bag.dequantized(), offsets, mode=mode, padding_idx=10, include_last_offset=True
+        )
+        torch.testing.assert_close(bag(ids, offsets), ref, rtol=1e-6, atol=1e-6)
+    step = (weight.max(1).values - weight.min(1).values) / 255
+    assert ((bag.dequantized() - weight).abs().max(1).values <= step / 2 + 1e-6).all()
+    assert bag.dequantized()[10].abs().max() == 0
+
+
+def test_plain_lookups_equal_torchrec_pooling():
+    cfg = load_config(["--config", "configs/default.toml"])
+    ranker = build_unsharded(cfg).model
+    dense, values, offsets = example_inputs(cfg, batch=5, seed=3)
+    lengths = torch.cat([o.diff() for o in offsets])
+    kjt = KeyedJaggedTensor(
+        [f.name for f in cfg.features.sparse], torch.cat(values), lengths=lengths
+    )
+    ours = PooledEmbeddings([ranker.ebc], cfg.features.sparse, ranker.feature_order)
+    kt = ranker.ebc(kjt)
+    theirs = torch.cat([kt[name] for name in ranker.feature_order], 1)
+    torch.testing.assert_close(ours(values, offsets), theirs, rtol=1e-6, atol=1e-6)
+
+
+def test_export_serves_any_batch_with_tower_batch_norm_and_top_k_gates():
+    cfg = load_config(
+        ["--config", "configs/default.toml", "--model.head", "stem", "--model.expert_hidden",
+         "32,16", "--model.tower_batch_norm", "true", "--model.gate_top_k", "1"]
+    )  # fmt: skip
+    served = build_served(cfg, build_unsharded(cfg).eval())
+    program = export_program(cfg, served).module()
+    empty = example_inputs(cfg, batch=3, seed=2)
+    empty[1][0], empty[2][0] = empty[1][0][:0], torch.zeros(4, dtype=torch.long)
+    for inputs in (example_inputs(cfg, batch=1, seed=1), empty, example_inputs(cfg, 7, seed=3)):
+        torch.testing.assert_close(program(*inputs), served(*inputs), rtol=1e-6, atol=1e-6)

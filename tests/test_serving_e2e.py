@@ -1,0 +1,278 @@
+"""Serve what you train, checked by a client that has no mtl-dist.
+
+Tiny runs of every head — MMoE, PLE, STEM and MMoE + ESMM on a CTCVR
+label, clicks downsampled — over a hashed integer id, a hashed string key, multi-hot lists (one sharing a table,
+one dropping out-of-range ids, one clipping them) and a ``log1p`` regression task are exported
+as ``.pt2`` packages (the MMoE one compiled with AOTInductor too) and scored by
+``examples/serve.py`` in a fresh virtual environment that holds torch, pyarrow and xxhash only:
+its predictions equal ``mtl_dist.score``'s. Row-wise int8 and fp16 tables keep the AUC.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from tests.conftest import ROOT
+
+CONFIG = """
+[data]
+train_path = "{data}/train"
+val_path = "{data}/val"
+hash_seed = 7
+[model]
+head = "mmoe"
+num_experts = 2
+expert_hidden = [16]
+tower_hidden = [8]
+ple_levels = 2
+ple_shared_experts = 1
+ple_task_experts = 1
+stem_dim = 4
+stem_features = ["user_id", "item_key", "hist_category_ids"]
+[train]
+batch_size = 256
+max_steps = 6
+progress_bar = false
+threads = 1
+[monitor]
+attribution = false
+gate_every = 0
+heatmap_every = 0
+[features]
+dense = ["dense_0", "dense_1", "dense_2", "dense_3"]
+[[features.sparse]]
+name = "user_id"
+hash_buckets = 1000
+embedding_dim = 8
+[[features.sparse]]
+name = "item_key"          # "i<item_id>": hashed with xxh3_64
+hash_buckets = 2048
+embedding_dim = 8
+[[features.sparse]]
+name = "user_key"          # "u<user_id>": its full xxh3_64 through managed collision
+hash_buckets = 256
+collision = "managed"
+eviction_interval = 2
+embedding_dim = 8
+[[features.sparse]]
+name = "category_id"
+vocab_size = 1000
+embedding_dim = 8
+pooling = "mean"
+[[features.sparse]]
+name = "hist_category_ids"
+vocab_size = 1000
+table = "category_id"
+multi_hot = true
+pooling = "mean"
+embedding_dim = 8
+[[features.sparse]]
+name = "user_tags"         # ids up to 1000: half are dropped
+vocab_size = 500
+multi_hot = true
+pooling = "mean"
+invalid_ids = "drop"
+embedding_dim = 8
+[[features.sparse]]
+name = "item_tags"
+vocab_size = 500
+multi_hot = true
+invalid_ids = "clip"
+embedding_dim = 8
+[[features.sparse]]
+name = "city_id"
+vocab_size = 1000
+invalid_ids = "hash"
+embedding_dim = 8
+[[tasks]]
+name = "click"
+label = "click"
+negative_rate = 0.5        # predictions corrected back to the true scale
+[[tasks]]
+name = "conversion"
+label = "conversion"
+condition = "click"
+[[tasks]]
+name = "watch_time"
+kind = "regression"
+label = "watch_time"
+transform = "log1p"
+"""
+
+RUNS = {
+    "mmoe": "",
+    "ple": "--model.head ple",
+    "stem": "--model.head stem",
+    "esmm": "--model.esmm true --model.esmm_cvr_label ctcvr",
+}
+
+
+@pytest.fixture(scope="module")
+def client_python(tmp_path_factory):
+    """A fresh virtual environment with torch (this one's version, from the local wheels),
+    pyarrow and xxhash — nothing else; built in the background while the models train.
+    Yields a function that waits for it and returns its python."""
+    root = tmp_path_factory.mktemp("client_venv")
+    py = root / "v" / "bin" / "python"
+    pip = [sys.executable, "-m", "pip", "--python", str(py), "install", "-q", "--no-input",
+           "--no-compile", f"torch=={torch.__version__}", "pyarrow", "xxhash"]  # fmt: skip
+    t0 = time.perf_counter()
+    job = subprocess.Popen(
+        f"{sys.executable} -m venv --without-pip {root / 'v'} && {' '.join(pip)}",
+        shell=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+
+    def ready() -> Path:
+        out, _ = job.communicate(timeout=600)
+        assert job.returncode == 0, out[-3000:]
+        print(f"client venv ready after {time.perf_counter() - t0:.0f}s")
+        return py
+
+    yield ready
+    if job.poll() is None:
+        job.kill()
+
+
+@pytest.fixture(scope="module")
+def runs(client_python, tmp_path_factory):
+    """The four tiny runs (one process: one import of torch and TorchRec) and their data."""
+    from data_tools.synth import generate
+
+    root = tmp_path_factory.mktemp("serving")
+    generate(root / "data", train_rows=4096, val_rows=2048, files=1, val_files=1, verbose=False)
+    for split in ("train", "val"):
+        for path in (root / "data" / split).glob("*.parquet"):
+            t = pq.read_table(path)
+            for key, prefix, ids in (("item_key", "i", "item_id"), ("user_key", "u", "user_id")):
+                keys = pc.binary_join_element_wise(prefix, pc.cast(t[ids], pa.string()), "")
+                t = t.append_column(key, keys)
+            pq.write_table(t, path)
+    config = root / "tiny.toml"
+    config.write_text(CONFIG.format(data=root / "data"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.serving_worker", str(root), str(config),
+         *[f"{name}={args}" for name, args in RUNS.items()]],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return root
+
+
+def test_client_without_mtl_dist_reproduces_score(runs, client_python, tmp_path):
+    from mtl_dist.export import export_checkpoint, export_package
+    from mtl_dist.score import score
+    from mtl_dist.serving import build_served, example_inputs, load_package
+
+    val = runs / "data" / "val"
+    jobs = []
+    for name in RUNS:
+        ckpt = runs / name / "checkpoints" / "step_00000006"
+        report = export_package(ckpt, tmp_path / f"{name}.pt2")
+        assert report["bytes"] == (tmp_path / f"{name}.pt2").stat().st_size
+        export_checkpoint(ckpt, tmp_path / f"{name}.pt")
+        assert score(
+            tmp_path / f"{name}.pt", str(val), tmp_path / f"{name}.score.parquet", [], 1000
+        )
+        jobs.append((name, name))
+    # AOTInductor: once, on MMoE (its compile is the slow step: ~20-40 s here)
+    mmoe = runs / "mmoe" / "checkpoints" / "step_00000006"
+    report = export_package(mmoe, tmp_path / "aoti.pt2", aoti=True, wrapper_opt="O0")
+    print(f"AOTInductor compile {report['compile_s']:.0f}s")
+    jobs.append(("aoti", "mmoe"))
+
+    # the programs take B = 1 and empty bags (no batch size is special), eager and compiled
+    from mtl_dist.export import load_checkpoint_model
+
+    cfg, model = load_checkpoint_model(mmoe)
+    served = build_served(cfg, model)
+    one = example_inputs(cfg, batch=1, seed=1)
+    empty = example_inputs(cfg, batch=3, seed=2)
+    empty[1][1], empty[2][1] = empty[1][1][:0], torch.zeros(4, dtype=torch.long)
+    for package in ("mmoe.pt2", "aoti.pt2"):
+        program = load_package(tmp_path / package)
+        for inputs in (one, empty):
+            torch.testing.assert_close(program(*inputs), served(*inputs), rtol=1e-6, atol=1e-6)
+
+    # the client, in the environment without mtl_dist: every package in one process
+    script = f"""
+import importlib.util, sys
+absent = [m for m in ("mtl_dist", "torchrec", "fbgemm_gpu", "numpy") if importlib.util.find_spec(m)]
+assert not absent, absent
+sys.path.insert(0, {str(ROOT / "examples")!r})
+import serve
+for name in {[j[0] for j in jobs]!r}:
+    serve.main({str(tmp_path)!r} + f"/{{name}}.pt2", {str(val)!r}, {str(tmp_path)!r} + f"/{{name}}.client.parquet", "click")
+"""
+    python = client_python()
+    t0 = time.perf_counter()
+    proc = subprocess.run(
+        [str(python), "-c", script], capture_output=True, text=True, timeout=600,
+        cwd=tmp_path, env={"PATH": os.environ["PATH"], "PYTHONWARNINGS": "ignore"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    print(f"client: {len(jobs)} packages in {time.perf_counter() - t0:.0f}s")
+    for package, run in jobs:
+        ours = pq.read_table(tmp_path / f"{package}.client.parquet")
+        ref = pq.read_table(tmp_path / f"{run}.score.parquet")
+        assert ours.num_rows == ref.num_rows == 2048
+        assert ours.column_names == ["click", "pred_click", "pred_conversion", "pred_watch_time"]
+        for c in ref.column_names:
+            gap = np.abs(ours[c].to_numpy() - ref[c].to_numpy()).max()
+            assert gap <= 1e-5, (package, c, gap)
+    meta = json.loads(
+        next(v for k, v in _archive(tmp_path / "stem.pt2").items() if k.endswith("mtl_dist.json"))
+    )
+    assert [t["name"] for t in meta["tasks"]] == ["click", "conversion", "watch_time"]
+    assert meta["hashing"] == {
+        "function": "xxh3_64", "seed": 7, "encoding": "utf-8",
+        "applies_to": "string and binary ids (binary: its own bytes)",
+        "row": "xxh3_64(bytes, seed) mod the feature's string_id_mod, by the client",
+    }  # fmt: skip
+    user_tags = next(f for f in meta["sparse"] if f["name"] == "user_tags")
+    assert user_tags["program"] == "ids outside [0, 500) dropped"
+    user_key = next(f for f in meta["sparse"] if f["name"] == "user_key")
+    assert user_key["string_id_mod"] == 2**63 - 1 and user_key["program"].startswith("raw id mod")
+
+
+def _archive(path: Path) -> dict[str, str]:
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        return {n: z.read(n).decode() for n in z.namelist() if n.endswith(".json")}
+
+
+def test_int8_and_fp16_tables_keep_the_auc(runs, tmp_path):
+    """Row-wise int8 tables (a scale and bias per row) and fp16 ones: the AUC moves by at most
+    0.003 and 0.001 on the validation set, and the tables shrink."""
+    from mtl_dist.export import export_package, load_checkpoint_model, table_bytes, table_check
+    from mtl_dist.serving import build_served
+
+    report = export_package(
+        runs / "mmoe" / "checkpoints" / "step_00000006",
+        tmp_path / "int8.pt2",
+        embedding_dtype="int8",
+    )
+    check = report["check"]
+    assert set(check) == {"click", "conversion", "watch_time"}
+    assert check["click"]["rows"] == 2048 and check["click"]["metric"] == "auc"
+    assert abs(check["click"]["delta"]) <= 0.003 and abs(check["conversion"]["delta"]) <= 0.003
+    # 8-wide rows: 8 bytes of int8 + a 4-byte scale and bias against 32 bytes of fp32
+    assert report["table_bytes"] / report["table_bytes_fp32"] == pytest.approx(16 / 32, rel=0.01)
+    cfg, model = load_checkpoint_model(runs / "stem" / "checkpoints" / "step_00000006")
+    fp32, fp16 = build_served(cfg, model), build_served(cfg, model, "fp16")  # STEM: task tables too
+    check = table_check(cfg, fp32, fp16, str(runs / "data" / "val"), 10_000)
+    assert abs(check["click"]["delta"]) <= 0.001 and abs(check["conversion"]["delta"]) <= 0.001
+    assert table_bytes(fp16) * 2 == table_bytes(fp32)
