@@ -5,7 +5,8 @@ One command (also ``mtl-compare``):
 1. reports the task relations of the training labels (:mod:`mtl_dist.relations`) before any
    training, written as ``OUT/task_relations.{csv,md}`` (``--relations-only`` stops here);
 2. trains every head of ``--heads`` (``shared_bottom,omoe,mmoe,ple,stem``, and each ``+esmm``
-   when the config has the ESMM tasks) with every seed of ``--seeds``, each run a ``torchrun``
+   when the config has the ESMM tasks; with ``--balancers fixed,famo`` each head once per loss
+   balancer, labelled ``mmoe+famo``) with every seed of ``--seeds``, each run a ``torchrun``
    subprocess of :mod:`mtl_dist.train` writing into ``OUT/<head>/seed<k>/`` (its ``metrics.json``,
    TensorBoard events under ``tb/`` and its whole output in ``train.log``), so
    ``tensorboard --logdir OUT`` shows every run;
@@ -46,7 +47,7 @@ from typing import Any
 
 import numpy as np
 
-from mtl_dist.config import ConfigError, JobConfig, TaskSpec, load_config, to_dict
+from mtl_dist.config import BALANCERS, ConfigError, JobConfig, TaskSpec, load_config, to_dict
 from mtl_dist.metrics import label_unit
 from mtl_dist.relations import RELATION_COLUMNS, format_markdown, task_relations
 
@@ -65,12 +66,22 @@ class CompareError(RuntimeError):
 
 
 def head_args(label: str) -> list[str]:
-    """Training overrides of a head label: ``mmoe`` or ``mmoe+esmm``."""
+    """Training overrides of a head label: ``mmoe``, ``mmoe+esmm``, ``mmoe+famo`` (a loss
+    balancer of ``loss.balancer``) or both, ``mmoe+esmm+famo``."""
     base, *mods = label.split("+")
-    unknown = [m for m in mods if m != "esmm"]
+    unknown = [m for m in mods if m != "esmm" and m not in BALANCERS]
     if unknown:
-        raise CompareError(f"--heads: {label!r}: unknown modifier {unknown[0]!r} (known: esmm)")
-    return ["--model.head", base, "--model.esmm", "true" if mods else "false"]
+        raise CompareError(
+            f"--heads: {label!r}: unknown modifier {unknown[0]!r} (known: esmm, "
+            f"{', '.join(BALANCERS)})"
+        )
+    args = ["--model.head", base, "--model.esmm", "true" if "esmm" in mods else "false"]
+    return args + [a for m in mods if m in BALANCERS for a in ("--loss.balancer", m)]
+
+
+def with_balancers(heads: list[str], balancers: list[str]) -> list[str]:
+    """Every head label once per balancer (``mmoe+famo``); the labels alone without any."""
+    return [f"{h}+{b}" for h in heads for b in balancers] if balancers else heads
 
 
 def has_esmm_tasks(cfg: JobConfig) -> bool:
@@ -533,6 +544,11 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument(
         "--heads", default="", help="comma-separated head labels, e.g. mmoe,ple,mmoe+esmm"
     )
+    p.add_argument(
+        "--balancers",
+        default="",
+        help=f"comma-separated loss balancers, each head trained with each ({', '.join(BALANCERS)})",
+    )
     p.add_argument("--seeds", default="0,1", help="comma-separated training seeds")
     p.add_argument("--nproc", type=int, default=2, help="processes per run (torchrun)")
     p.add_argument(
@@ -573,7 +589,7 @@ def compare(args: argparse.Namespace, overrides: list[str]) -> None:
     print(report_relations(cfg, out, args.bins, args.relation_rows), flush=True)
     if args.relations_only:
         return
-    heads = _csv(args.heads, str) or default_heads(cfg)
+    heads = with_balancers(_csv(args.heads, str) or default_heads(cfg), _csv(args.balancers, str))
     seeds = _csv(args.seeds, int)
     runs = plan_runs(args.config, overrides, heads, seeds, out)
     print(f"[compare] {len(heads)} heads x {len(seeds)} seeds -> {out}", flush=True)
@@ -589,7 +605,7 @@ def sweep(args: argparse.Namespace, overrides: list[str]) -> None:
     out = Path(args.out)
     data_dir = Path(args.data_dir) if args.data_dir else out / "data"
     rhos = _csv(args.correlations, float)
-    heads = _csv(args.heads, str) or SWEEP_HEADS
+    heads = with_balancers(_csv(args.heads, str) or SWEEP_HEADS, _csv(args.balancers, str))
     seeds = _csv(args.seeds, int)
     plans: dict[float, list[Run]] = {}
     cfg = None

@@ -243,7 +243,7 @@ class EmbeddingConfig:
     )
 
 
-BALANCERS = ["fixed", "uncertainty", "gradnorm", "dwa"]
+BALANCERS = ["fixed", "uncertainty", "gradnorm", "dwa", "rlw", "gls", "stch", "famo"]
 
 
 @dataclass
@@ -253,12 +253,17 @@ class LossConfig:
     balancer: str = opt(
         "fixed",
         "fixed (tasks[].weight) | uncertainty (Kendall et al. 2018) | gradnorm (Chen et al. "
-        "2018) | dwa (dynamic weight average, Liu et al. 2019)",
+        "2018) | dwa (dynamic weight average, Liu et al. 2019) | rlw (random loss weighting, "
+        "Lin et al. 2022) | gls (geometric mean of the losses, Chennupati et al. 2019) | stch "
+        "(smooth Tchebycheff, Lin et al. 2024) | famo (Liu et al. 2023)",
     )
     gradnorm_alpha: float = opt(1.5, "gradnorm: asymmetry alpha (0: equal gradient norms)")
     gradnorm_lr: float = opt(0.025, "gradnorm: step size of the task-weight update")
     dwa_temperature: float = opt(2.0, "dwa: softmax temperature over the loss ratios")
     dwa_period: int = opt(100, "dwa: steps per period (the paper's epoch) whose mean loss counts")
+    stch_mu: float = opt(0.5, "stch: smoothing mu > 0 (small: follow the worst task)")
+    famo_lr: float = opt(0.025, "famo: Adam step size of the task logits")
+    famo_weight_decay: float = opt(0.001, "famo: weight decay gamma of the task logits")
 
 
 @dataclass
@@ -654,6 +659,8 @@ def validate(cfg: JobConfig) -> None:
         )
     if cfg.checkpoint.keep < 1 or cfg.checkpoint.every < 0:
         raise ConfigError("checkpoint.keep must be >= 1 and checkpoint.every >= 0")
+    if cfg.loss.stch_mu <= 0:
+        raise ConfigError(f"loss.stch_mu must be > 0, got {cfg.loss.stch_mu}")
     if cfg.loss.balancer == "dwa" and cfg.loss.dwa_period <= 0:
         raise ConfigError("loss.dwa_period must be > 0")
     if cfg.optim.embedding_optimizer not in ("rowwise_adagrad", "adagrad", "sgd"):

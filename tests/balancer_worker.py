@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from mtl_dist.balancing import all_mean
-from mtl_dist.config import LossConfig, TaskSpec
+from mtl_dist.config import BALANCERS, LossConfig, TaskSpec
 from mtl_dist.data.batch import ArrowBatchConverter
 from mtl_dist.guard import GradGate
 from mtl_dist.losses import ModelWithLoss
@@ -97,7 +97,7 @@ def run(balancer: str, rank: int) -> dict[str, torch.Tensor]:
 def main(out: str) -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
-    result = {b: run(b, rank) for b in ("fixed", "uncertainty", "gradnorm", "dwa")}
+    result = {b: run(b, rank) for b in BALANCERS}
     torch.save(result, f"{out}/rank{rank}.pt")
     dist.destroy_process_group()
 

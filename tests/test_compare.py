@@ -185,3 +185,17 @@ def test_undefined_metric_is_left_out_of_the_mean_not_averaged_in(tmp_path):
     assert by_head["mmoe"]["conversion/auc_seeds"] == "1"
     assert by_head["ple"].get("conversion/auc_mean", "") == ""  # an empty cell, not 'nan'
     assert "nan" not in (tmp_path / "compare.csv").read_text().lower()
+
+
+def test_balancers_expand_every_head_and_reach_the_runs(tmp_path):
+    from mtl_dist.compare import CompareError, head_args, plan_runs, with_balancers
+
+    heads = with_balancers(["mmoe", "ple+esmm"], ["fixed", "famo"])
+    assert heads == ["mmoe+fixed", "mmoe+famo", "ple+esmm+fixed", "ple+esmm+famo"]
+    assert with_balancers(["mmoe"], []) == ["mmoe"]
+    runs = plan_runs("configs/default.toml", [], heads, [0], tmp_path)
+    assert [r.config["loss"]["balancer"] for r in runs] == ["fixed", "famo"] * 2
+    assert [r.config["model"]["esmm"] for r in runs] == [False, False, True, True]
+    assert runs[1].dir == tmp_path / "mmoe+famo" / "seed0"
+    with pytest.raises(CompareError, match="unknown modifier 'famu'.*famo"):
+        head_args("mmoe+famu")

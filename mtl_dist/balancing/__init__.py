@@ -1,0 +1,74 @@
+"""Loss balancing: how T task losses ``[T]`` become one training loss, and the weights used.
+
+Every balancer maps ``losses [T]`` to ``(Σ_t w_t · loss_t [+ its own terms], weights [T])``.
+The weights that drive training are identical on every rank: learnable ones are dense
+parameters (averaged by DDP); rule-based ones are computed from all-reduced statistics.
+
+In training each balancer also gets ``labelled [R, T]`` — the rows with a label per rank and
+task in this step, identical on every rank (see :class:`mtl_dist.guard.StepCheck`) — and
+``finite`` (every rank's losses are finite). A task without a labelled row on any rank, and
+every task in a non-finite step, leaves the balancer's state exactly as it was: no log-variance
+drift, no GradNorm step, no DWA period statistic. Weights stay finite and > 0.
+
+By cost (``python -m mtl_dist.bench.balancing`` measures each against ``fixed``):
+
+* loss-only, rules (``loss_only.py``): :class:`FixedWeights` (``tasks[].weight``),
+  :class:`DynamicWeightAverage` (Liu, Johns & Davison, CVPR 2019), :class:`RandomLossWeighting`
+  (Lin et al., TMLR 2022), :class:`GeometricLoss` (Chennupati et al., CVPR-W 2019),
+  :class:`SmoothTchebycheff` (Lin et al., ICML 2024);
+* loss-only, learned (``learned.py``): :class:`UncertaintyWeighting` (Kendall, Gal & Cipolla,
+  CVPR 2018), :class:`FAMO` (Liu et al., NeurIPS 2023);
+* representation gradients (``representation.py``): :class:`GradNorm` (Chen et al., ICML 2018),
+  on the head's last shared layer.
+
+:data:`REGISTRY` maps ``loss.balancer`` names to their builders.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from mtl_dist.balancing.base import Balancer, all_mean, all_sum
+from mtl_dist.balancing.learned import FAMO, UncertaintyWeighting
+from mtl_dist.balancing.loss_only import (
+    DynamicWeightAverage,
+    FixedWeights,
+    GeometricLoss,
+    RandomLossWeighting,
+    SmoothTchebycheff,
+)
+from mtl_dist.balancing.representation import GradNorm
+from mtl_dist.config import BALANCERS, LossConfig, TaskSpec
+
+Shared = Callable[[], torch.Tensor]
+REGISTRY: dict[str, Callable[[LossConfig, list[TaskSpec], Shared], Balancer]] = {
+    "fixed": lambda cfg, tasks, shared: FixedWeights([t.weight for t in tasks]),
+    "uncertainty": lambda cfg, tasks, shared: UncertaintyWeighting(
+        [t.kind == "binary" for t in tasks]
+    ),
+    "gradnorm": lambda cfg, tasks, shared: GradNorm(
+        [t.weight for t in tasks], cfg.gradnorm_alpha, cfg.gradnorm_lr, shared
+    ),
+    "dwa": lambda cfg, tasks, shared: DynamicWeightAverage(
+        len(tasks), cfg.dwa_temperature, cfg.dwa_period
+    ),
+    "rlw": lambda cfg, tasks, shared: RandomLossWeighting(len(tasks)),
+    "gls": lambda cfg, tasks, shared: GeometricLoss(len(tasks)),
+    "stch": lambda cfg, tasks, shared: SmoothTchebycheff(len(tasks), cfg.stch_mu),
+    "famo": lambda cfg, tasks, shared: FAMO(len(tasks), cfg.famo_lr, cfg.famo_weight_decay),
+}
+assert list(REGISTRY) == BALANCERS, "config.BALANCERS lists the registry's names, in order"
+
+
+def build_balancer(cfg: LossConfig, tasks: list[TaskSpec], shared: Shared) -> Balancer:
+    """The configured balancer; ``shared`` returns the head's last shared layer (GradNorm)."""
+    return REGISTRY[cfg.balancer](cfg, tasks, shared)
+
+
+__all__ = [
+    "BALANCERS", "FAMO", "REGISTRY", "Balancer", "DynamicWeightAverage", "FixedWeights",
+    "GeometricLoss", "GradNorm", "RandomLossWeighting", "SmoothTchebycheff",
+    "UncertaintyWeighting", "all_mean", "all_sum", "build_balancer",
+]  # fmt: skip

@@ -1,0 +1,59 @@
+"""What every balancer shares: the interface and the cross-rank reductions."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def all_mean(x: torch.Tensor) -> torch.Tensor:
+    """The mean of ``x`` over ranks (``x`` itself without a process group); a new tensor."""
+    x = x.detach().clone()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(x)  # SUM: gloo has no AVG
+        x /= dist.get_world_size()
+    return x
+
+
+def all_sum(x: torch.Tensor) -> torch.Tensor:
+    """The sum of ``x`` over ranks (``x`` itself without a process group); a new tensor."""
+    x = x.detach().clone()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(x)
+    return x
+
+
+def present_tasks(labelled: torch.Tensor | None, losses: torch.Tensor) -> torch.Tensor:
+    """``[T]`` bool: the task has a labelled row on some rank (all, without ``labelled``)."""
+    if labelled is None:
+        return torch.ones_like(losses, dtype=torch.bool)
+    return labelled.sum(0) > 0
+
+
+def all_finite(finite: torch.Tensor | None, losses: torch.Tensor) -> torch.Tensor:
+    return torch.isfinite(losses).all() if finite is None else finite
+
+
+def global_losses(
+    losses: torch.Tensor, labelled: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(L̄ [T], present [T])``: each task's loss averaged over the ranks that had labels for it
+    this step (identical on every rank; a collective), and whether any rank had."""
+    ranks = (labelled > 0).sum(0) if labelled is not None else torch.ones_like(losses)
+    return all_sum(losses) / ranks.clamp_min(1), present_tasks(labelled, losses)
+
+
+def training_step(module: nn.Module) -> bool:
+    """A training forward with autograd on: the only time a balancer updates its state (and
+    runs collectives: validation forwards differ in number between ranks)."""
+    return module.training and torch.is_grad_enabled()
+
+
+class Balancer(nn.Module):
+    """``forward(losses [T], labelled [R, T] | None, finite [] | None)`` →
+    ``(loss, weights [T])`` (see the module docstring); :meth:`attach` hooks the dense
+    optimizer where a balancer's learnable state needs it."""
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> None:
+        """Called once with the dense (torch) optimizer; nothing by default."""
