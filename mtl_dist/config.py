@@ -153,6 +153,14 @@ class ModelConfig:
     head: str = opt("mmoe", "multi-task head: shared_bottom | omoe | mmoe | ple | stem")
     num_experts: int = opt(4, "experts E (omoe, mmoe)")
     expert_hidden: list[int] = opt([256, 128], "expert MLP widths; the last is the expert output H")
+    expert_activation: str = opt(
+        "relu", "experts' (and the shared bottom's) activation: relu | swish (HoME, 2024)"
+    )
+    expert_norm: str = opt(
+        "none",
+        "normalise each expert's output before its activation: none | batch | layer (HoME's "
+        "expert normalisation: every expert on one scale)",
+    )
     bottom_hidden: list[int] = opt([256, 128], "shared_bottom: the shared MLP's widths")
     tower_hidden: list[int] = opt([64], "per-task tower MLP widths before the output unit")
     tower_dropout: float = opt(0.0, "dropout after each tower hidden layer")
@@ -582,6 +590,15 @@ def validate(cfg: JobConfig) -> None:
         if cfg.model.esmm_cvr_label not in ("cvr", "ctcvr"):
             raise ConfigError(
                 f"model.esmm_cvr_label: {cfg.model.esmm_cvr_label!r} is not cvr or ctcvr"
+            )
+    for key, value, allowed in (
+        ("expert_activation", cfg.model.expert_activation, ("relu", "swish")),
+        ("expert_norm", cfg.model.expert_norm, ("none", "batch", "layer")),
+    ):
+        if value not in allowed:
+            raise ConfigError(
+                f"model.{key} must be {' | '.join(allowed)}, got {value!r}"
+                + _suggest(value, list(allowed))
             )
     if cfg.model.gate_top_k < 0 or cfg.model.gate_top_k > max(cfg.model.num_experts, 1):
         raise ConfigError(f"model.gate_top_k: {cfg.model.gate_top_k} must lie in [0, num_experts]")

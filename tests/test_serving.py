@@ -4,6 +4,7 @@ and top-k gates."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
@@ -69,10 +70,12 @@ def test_plain_lookups_equal_torchrec_pooling():
     torch.testing.assert_close(ours(values, offsets), theirs, rtol=1e-6, atol=1e-6)
 
 
-def test_export_serves_any_batch_with_tower_batch_norm_and_top_k_gates():
+@pytest.mark.parametrize("norm", ["batch", "layer"])
+def test_export_serves_any_batch_with_tower_batch_norm_and_top_k_gates(norm):
     cfg = load_config(
         ["--config", "configs/default.toml", "--model.head", "stem", "--model.expert_hidden",
-         "32,16", "--model.tower_batch_norm", "true", "--model.gate_top_k", "1"]
+         "32,16", "--model.tower_batch_norm", "true", "--model.gate_top_k", "1",
+         "--model.expert_activation", "swish", "--model.expert_norm", norm]
     )  # fmt: skip
     served = build_served(cfg, build_unsharded(cfg).eval())
     program = export_program(cfg, served).module()

@@ -14,10 +14,26 @@ so the next layer's ``bmm`` needs no copy).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+@dataclass(frozen=True)
+class ExpertStyle:
+    """How an expert set computes (``model.expert_activation`` / ``expert_norm``): see
+    :class:`StackedMLP`'s ``activation`` and ``output_norm``."""
+
+    activation: str = "relu"
+    norm: str = "none"
+
+    def kwargs(self) -> dict[str, str]:
+        return {"activation": self.activation, "output_norm": self.norm}
+
+
+PLAIN_EXPERTS = ExpertStyle()  # ReLU, no output normalisation
 
 
 class StackedMLP(nn.Module):
@@ -31,6 +47,13 @@ class StackedMLP(nn.Module):
             last layer is the output unit: no).
         dropout: dropout after each hidden activation.
         batch_norm: batch-normalise each hidden layer (per group) before its activation.
+        activation: ``relu`` | ``swish`` (``x · sigmoid(x)``: no unit is ever dead; HoME,
+            Wang et al. 2024, "HoME: Hierarchy of Multi-Gate Experts for Multi-Task Learning at
+            Kuaishou").
+        output_norm: ``none`` | ``batch`` | ``layer``: normalise each group's last layer
+            before its activation (HoME's expert normalisation: every expert's output on one
+            scale, so no expert's magnitude takes the gate over); per group, with its own
+            affine parameters.
 
     Example::
 
@@ -47,11 +70,26 @@ class StackedMLP(nn.Module):
         activate_last: bool = True,
         dropout: float = 0.0,
         batch_norm: bool = False,
+        activation: str = "relu",
+        output_norm: str = "none",
     ) -> None:
         super().__init__()
+        if activation not in ACTIVATIONS or output_norm not in OUTPUT_NORMS:
+            raise ValueError(
+                f"activation must be {' | '.join(ACTIVATIONS)} and output_norm "
+                f"{' | '.join(OUTPUT_NORMS)}, got {activation!r}, {output_norm!r}"
+            )
         self.groups = groups
         self.widths = list(widths)
         self.activate_last = activate_last
+        self.act = ACTIVATIONS[activation]
+        self.output_norm = output_norm
+        h = widths[-1]
+        if output_norm == "batch":
+            self.out_norm = nn.BatchNorm1d(groups * h)
+        elif output_norm == "layer":  # per group: its own scale and shift over H
+            self.out_norm_weight = nn.Parameter(torch.ones(groups, 1, h))
+            self.out_norm_bias = nn.Parameter(torch.zeros(groups, 1, h))
         self.last_grouped = ""  # which kernel forward_grouped last ran: grouped_mm or loop
         dims = [in_dim, *widths]
         self.weights = nn.ParameterList(
@@ -98,10 +136,26 @@ class StackedMLP(nn.Module):
             else:
                 x = torch.baddbmm(b, x, w)
             if self.norms is not None and i < last:
-                g, n, h = x.shape
-                x = self.norms[i](x.transpose(0, 1).reshape(n, g * h)).view(n, g, h).transpose(0, 1)
+                x = _group_batch_norm(self.norms[i], x)
+            if i == last:
+                x = self._normalise_output(x)
             if i < last or self.activate_last:
-                x = self.dropout(torch.relu(x))
+                x = self.dropout(self.act(x))
+        return x
+
+    def _normalise_output(self, x: torch.Tensor, group: torch.Tensor | None = None) -> torch.Tensor:
+        """``output_norm`` of the last layer: ``x`` ``[G, B, H]``, or ``[N, H]`` rows of the
+        groups ``group`` ``[N]`` (grouped dispatch; layer norm only)."""
+        if self.output_norm == "batch":
+            if group is not None:
+                raise ValueError("grouped dispatch does not support output_norm = 'batch'")
+            return _group_batch_norm(self.out_norm, x)
+        if self.output_norm == "layer":
+            x = F.layer_norm(x, x.shape[-1:])
+            if group is None:
+                return x * self.out_norm_weight + self.out_norm_bias
+            w, b = self.out_norm_weight.squeeze(1), self.out_norm_bias.squeeze(1)
+            return x * w.index_select(0, group) + b.index_select(0, group)
         return x
 
     def forward_grouped(self, x: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
@@ -125,8 +179,10 @@ class StackedMLP(nn.Module):
         last = len(self.weights) - 1
         for i, (w, b) in enumerate(zip(self.weights, self.biases)):
             x = F.grouped_mm(x, w, offs=offs) + b.squeeze(1).index_select(0, group)
+            if i == last:
+                x = self._normalise_output(x, group)
             if i < last or self.activate_last:
-                x = self.dropout(torch.relu(x))
+                x = self.dropout(self.act(x))
         return x
 
     def forward_group(self, g: int, x: torch.Tensor) -> torch.Tensor:
@@ -136,9 +192,21 @@ class StackedMLP(nn.Module):
         last = len(self.weights) - 1
         for i, (w, b) in enumerate(zip(self.weights, self.biases)):
             x = torch.addmm(b[g], x, w[g])
+            if i == last:
+                x = self._normalise_output(x, torch.full((x.shape[0],), g, device=x.device))
             if i < last or self.activate_last:
-                x = self.dropout(torch.relu(x))
+                x = self.dropout(self.act(x))
         return x
+
+
+ACTIVATIONS = {"relu": torch.relu, "swish": F.silu}
+OUTPUT_NORMS = ("none", "batch", "layer")
+
+
+def _group_batch_norm(norm: nn.BatchNorm1d, x: torch.Tensor) -> torch.Tensor:
+    """``norm`` over G·H features applied to ``x`` ``[G, B, H]`` (each group its own statistics)."""
+    g, n, h = x.shape
+    return norm(x.transpose(0, 1).reshape(n, g * h)).view(n, g, h).transpose(0, 1)
 
 
 def grouped_mm_supported(x: torch.Tensor, widths: list[int]) -> bool:

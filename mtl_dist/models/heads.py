@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from mtl_dist.gate_health import dead_units
-from mtl_dist.models.experts import StackedMLP, fused_first_layer
+from mtl_dist.models.experts import PLAIN_EXPERTS, ExpertStyle, StackedMLP, fused_first_layer
 from mtl_dist.models.gates import GateConfig, Gates
 from mtl_dist.precision import in_precision
 
@@ -116,10 +116,11 @@ class SharedBottom(ExpertWatch, nn.Module):
         tower_hidden: list[int],
         tower_dropout: float = 0.0,
         tower_batch_norm: bool = False,
+        style: ExpertStyle = PLAIN_EXPERTS,
     ) -> None:
         super().__init__()
         self.num_tasks = num_tasks
-        self.bottom = StackedMLP(1, in_dim, bottom_hidden)
+        self.bottom = StackedMLP(1, in_dim, bottom_hidden, **style.kwargs())
         self.towers = Towers(
             num_tasks, bottom_hidden[-1], tower_hidden, tower_dropout, tower_batch_norm
         )
@@ -169,6 +170,7 @@ class MoE(ExpertWatch, nn.Module):
         tower_dropout: float = 0.0,
         tower_batch_norm: bool = False,
         sparse_max_fraction: float = 0.5,
+        style: ExpertStyle = PLAIN_EXPERTS,
     ) -> None:
         super().__init__()
         gate = gate or GateConfig()
@@ -176,7 +178,7 @@ class MoE(ExpertWatch, nn.Module):
         self.num_tasks = len(task_names)
         self.shared_gate = shared_gate
         self.sparse_max_fraction = sparse_max_fraction
-        self.experts = StackedMLP(num_experts, in_dim, expert_hidden)
+        self.experts = StackedMLP(num_experts, in_dim, expert_hidden, **style.kwargs())
         self.gates = Gates(in_dim, 1 if shared_gate else self.num_tasks, num_experts, gate)
         self.towers = Towers(
             self.num_tasks, expert_hidden[-1], tower_hidden, tower_dropout, tower_batch_norm
@@ -267,6 +269,7 @@ class PLE(ExpertWatch, nn.Module):
         gate: GateConfig | None = None,
         tower_dropout: float = 0.0,
         tower_batch_norm: bool = False,
+        style: ExpertStyle = PLAIN_EXPERTS,
     ) -> None:
         super().__init__()
         gate = gate or GateConfig()
@@ -278,7 +281,7 @@ class PLE(ExpertWatch, nn.Module):
         for level in range(levels):
             mods = nn.ModuleDict(
                 {
-                    "experts": StackedMLP(Es + T * Et, dim, expert_hidden),
+                    "experts": StackedMLP(Es + T * Et, dim, expert_hidden, **style.kwargs()),
                     "task_gates": Gates(dim, T, Es + Et, gate),
                 }
             )
@@ -373,6 +376,7 @@ class STEM(ExpertWatch, nn.Module):
         gate: GateConfig | None = None,
         tower_dropout: float = 0.0,
         tower_batch_norm: bool = False,
+        style: ExpertStyle = PLAIN_EXPERTS,
     ) -> None:
         super().__init__()
         gate = gate or GateConfig()
@@ -380,8 +384,8 @@ class STEM(ExpertWatch, nn.Module):
         T, Es, Et = len(task_names), shared_experts, task_experts
         self.task_experts = Et
         z_dim = in_dim + T * task_dim
-        self.shared = StackedMLP(Es, in_dim, expert_hidden) if Es else None
-        self.task = StackedMLP(T * Et, z_dim, expert_hidden)
+        self.shared = StackedMLP(Es, in_dim, expert_hidden, **style.kwargs()) if Es else None
+        self.task = StackedMLP(T * Et, z_dim, expert_hidden, **style.kwargs())
         self.gates = Gates(z_dim, T, Es + Et, gate)
         self.towers = Towers(T, expert_hidden[-1], tower_hidden, tower_dropout, tower_batch_norm)
         self.register_buffer("task_index", task_expert_index(T, Es, Et), persistent=False)

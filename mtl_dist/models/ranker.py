@@ -21,6 +21,7 @@ from mtl_dist.config import JobConfig, ModelConfig, SparseFeature
 from mtl_dist.data.batch import Batch
 from mtl_dist.guard import GradGate
 from mtl_dist.models.collision import managed_ebc, managed_rows
+from mtl_dist.models.experts import ExpertStyle
 from mtl_dist.models.gates import GateConfig
 from mtl_dist.models.heads import PLE, STEM, MoE, SharedBottom
 
@@ -235,21 +236,23 @@ def build_head(m: ModelConfig, in_dim: int, task_names: list[str], task_dim: int
         load_balance_coef=m.load_balance_coef,
         uniform_init=m.gate_uniform_init,
     )
+    style = ExpertStyle(m.expert_activation, m.expert_norm)
     if m.head == "shared_bottom":
         return SharedBottom(
-            in_dim, len(task_names), m.bottom_hidden, m.tower_hidden, m.tower_dropout
-        )
+            in_dim, len(task_names), m.bottom_hidden, m.tower_hidden, m.tower_dropout,
+            m.tower_batch_norm, style,
+        )  # fmt: skip
     if m.head == "stem":
         return STEM(
             in_dim, task_dim, task_names, m.ple_shared_experts, m.ple_task_experts,
-            m.expert_hidden, m.tower_hidden, gate, m.tower_dropout, m.tower_batch_norm,
+            m.expert_hidden, m.tower_hidden, gate, m.tower_dropout, m.tower_batch_norm, style,
         )  # fmt: skip
     if m.head == "ple":
         return PLE(
             in_dim, task_names, m.ple_levels, m.ple_shared_experts, m.ple_task_experts,
-            m.expert_hidden, m.tower_hidden, gate, m.tower_dropout, m.tower_batch_norm,
+            m.expert_hidden, m.tower_hidden, gate, m.tower_dropout, m.tower_batch_norm, style,
         )  # fmt: skip
     return MoE(
         in_dim, task_names, m.num_experts, m.expert_hidden, m.tower_hidden, gate,
-        shared_gate=m.head == "omoe", tower_dropout=m.tower_dropout, tower_batch_norm=m.tower_batch_norm, sparse_max_fraction=m.sparse_max_fraction,
+        shared_gate=m.head == "omoe", tower_dropout=m.tower_dropout, tower_batch_norm=m.tower_batch_norm, sparse_max_fraction=m.sparse_max_fraction, style=style,
     )  # fmt: skip
