@@ -184,6 +184,15 @@ class ModelConfig:
     gate_uniform_init: bool = opt(
         False, "near-uniform gate init: zero weights + tiny noise (a cure)"
     )
+    gate_dselect_k: int = opt(
+        0,
+        "DSelect-k gate (Hazimeh et al. 2021): k selectors over the experts' binary codes, "
+        "differentiable, ending with at most k non-zero weights (0: off)",
+    )
+    gate_dselect_gamma: float = opt(1.0, "DSelect-k: width gamma of the smooth step")
+    gate_dselect_entropy_coef: float = opt(
+        0.001, "DSelect-k: weight of the selectors' entropy (pushes each to one expert)"
+    )
     expert_dropout: float = opt(
         0.0,
         "drop each gate weight with this probability in training, renormalise (a cure; 0.1 typical)",
@@ -599,6 +608,14 @@ def validate(cfg: JobConfig) -> None:
             raise ConfigError(
                 f"model.{key} must be {' | '.join(allowed)}, got {value!r}"
                 + _suggest(value, list(allowed))
+            )
+    if cfg.model.gate_dselect_k:
+        clash = [k for k, on in (("gate_top_k", cfg.model.gate_top_k), ("gate_noisy",
+                 cfg.model.gate_noisy), ("gate_gumbel", cfg.model.gate_gumbel)) if on]  # fmt: skip
+        if clash or cfg.model.gate_dselect_k < 0 or cfg.model.gate_dselect_gamma <= 0:
+            raise ConfigError(
+                f"model.gate_dselect_k = {cfg.model.gate_dselect_k} needs gate_dselect_gamma > 0 "
+                f"and replaces the softmax gate: not with {', '.join(clash) or 'a negative k'}"
             )
     if cfg.model.gate_top_k < 0 or cfg.model.gate_top_k > max(cfg.model.num_experts, 1):
         raise ConfigError(f"model.gate_top_k: {cfg.model.gate_top_k} must lie in [0, num_experts]")

@@ -118,8 +118,8 @@ def test_same_seed_same_numbers(synth_data, tmp_path):
 @pytest.mark.parametrize(
     "head_args",
     [
-        ["--model.head", "shared_bottom"],
-        ["--model.head", "omoe", "--model.expert_dropout", "0.1"],
+        ["--model.head", "shared_bottom", "--loss.balancer", "famo"],
+        ["--model.head", "omoe", "--model.expert_dropout", "0.1", "--loss.balancer", "gls"],
         [
             "--model.head",
             "mmoe",
@@ -130,8 +130,19 @@ def test_same_seed_same_numbers(synth_data, tmp_path):
             "--model.load_balance_coef",
             "0.01",
         ],
-        ["--model.head", "ple", "--model.ple_levels", "2", "--model.gate_entropy_coef", "0.01"],
-        ["--model.head", "mmoe", "--model.esmm", "true"],
+        [
+            "--model.head",
+            "ple",
+            "--model.ple_levels",
+            "2",
+            "--model.gate_entropy_coef",
+            "0.01",
+            "--model.expert_activation",
+            "swish",
+            "--model.expert_norm",
+            "layer",
+        ],
+        ["--model.head", "mmoe", "--model.esmm", "true", "--model.gate_dselect_k", "2"],
         [
             "--model.head",
             "stem",
@@ -159,6 +170,10 @@ def test_every_head_trains_sharded_under_torchrun(synth_data, tmp_path, head_arg
         assert "train/aux/load_balance" in tags
     if "--model.gate_entropy_coef" in head_args:
         assert "train/aux/gate_entropy" in tags
+    if "--model.gate_dselect_k" in head_args:
+        assert "train/aux/dselect_entropy" in tags
+    if "--loss.balancer" in head_args:  # a new balancer's weights, logged per task
+        assert {"train/weight/click", "train/weight/conversion"} <= tags, tags
     if "stem" in head_args:  # the task-specific tables are planned and sharded like the rest
         for table in ("user_id__click", "item_id__conversion", "author_id__watch_time"):
             assert table in result["plan"], result["plan"]

@@ -1,5 +1,6 @@
 """Gates over experts: softmax (with temperature), top-k, noisy top-k, Gumbel straight-through,
-and the polarization cures (expert dropout, entropy regularisation, near-uniform init).
+DSelect-k, and the polarization cures (expert dropout, entropy regularisation, near-uniform
+init).
 
 G gates over E experts are computed together: one linear layer (or small MLP) gives all logits
 ``[B, G, E]``. Auxiliary losses come back separately (a dict) so the trainer adds and logs them.
@@ -7,6 +8,7 @@ G gates over E experts are computed together: one linear layer (or small MLP) gi
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +31,9 @@ class GateConfig:
     entropy_coef: float = 0.0
     load_balance_coef: float = 0.0
     uniform_init: bool = False
+    dselect_k: int = 0  # > 0: DSelect-k with this many selectors (replaces the softmax)
+    dselect_gamma: float = 1.0
+    dselect_entropy_coef: float = 0.0
 
 
 class Gates(nn.Module):
@@ -64,7 +69,13 @@ class Gates(nn.Module):
         self.num_gates = num_gates
         self.num_experts = num_experts
         self.cfg = cfg
-        widths = [*cfg.hidden, num_experts]
+        if cfg.dselect_k:  # per gate: k selectors' m code logits, then k selector logits
+            self.code_bits = max(1, math.ceil(math.log2(num_experts)))
+            widths = [*cfg.hidden, cfg.dselect_k * (self.code_bits + 1)]
+            codes = (torch.arange(num_experts)[:, None] >> torch.arange(self.code_bits)) & 1
+            self.register_buffer("codes", codes.bool(), persistent=False)  # [E, m]
+        else:
+            widths = [*cfg.hidden, num_experts]
         # all gates' logits at once: one StackedMLP with a group per gate
         self.logits = StackedMLP(num_gates, in_dim, widths, activate_last=False)
         self.noise = (
@@ -88,7 +99,14 @@ class Gates(nn.Module):
             logits = logits + torch.randn_like(logits) * std
         logits = logits / cfg.temperature
         aux: dict[str, torch.Tensor] = {}
-        if cfg.gumbel:
+        if cfg.dselect_k:
+            weights, selectors = self.dselect(logits)
+            probs = weights
+            if cfg.dselect_entropy_coef > 0:
+                p = selectors / selectors.sum(-1, keepdim=True).clamp_min(1e-9)
+                entropy = -(p * p.clamp_min(1e-9).log()).sum(-1).mean()
+                aux["dselect_entropy"] = cfg.dselect_entropy_coef * entropy
+        elif cfg.gumbel:
             if self.training:
                 weights = F.gumbel_softmax(logits, tau=1.0, hard=True, dim=-1)
             else:
@@ -111,6 +129,34 @@ class Gates(nn.Module):
                 cfg.load_balance_coef * self.num_experts * (routed * probs.mean(0)).sum(-1).mean()
             )
         return weights, aux
+
+    def dselect(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """DSelect-k (Hazimeh et al., "DSelect-k: Differentiable Selection in the Mixture of
+        Experts", NeurIPS 2021), per example: ``logits`` ``[B, G, k·(m+1)]`` → weights
+        ``[B, G, E]`` and the k selectors' distributions ``[B, G, k, E]``.
+
+        Selector i reads its m = ⌈log2 E⌉ code logits through the smooth step S (cubic on
+        ``[-γ/2, γ/2]``, exactly 0 below and 1 above) and puts ``Π_j S(z_ij)^{b_j(e)}
+        (1 − S(z_ij))^{1 − b_j(e)}`` on expert e (b(e): e's binary code); the gate mixes the
+        selectors by a softmax of their own logits. Once a selector's logits leave
+        ``[-γ/2, γ/2]`` it picks exactly one expert, so the gate ends with at most k non-zero
+        weights while training stays differentiable. With E not a power of 2 the mass on the
+        unused codes is dropped and the weights renormalised to sum to 1.
+        """
+        k, m = self.cfg.dselect_k, self.code_bits
+        z = logits[..., : k * m].unflatten(-1, (k, m))  # [B, G, k, m]
+        s = smooth_step(z, self.cfg.dselect_gamma).unsqueeze(-2)  # [B, G, k, 1, m]
+        selectors = torch.where(self.codes, s, 1 - s).prod(-1)  # [B, G, k, E]
+        mix = torch.softmax(logits[..., k * m :], -1).unsqueeze(-1)  # [B, G, k, 1]
+        weights = (mix * selectors).sum(-2)
+        return weights / weights.sum(-1, keepdim=True).clamp_min(1e-9), selectors
+
+
+def smooth_step(t: torch.Tensor, gamma: float) -> torch.Tensor:
+    """DSelect-k's smooth step: 0 for ``t ≤ −γ/2``, 1 for ``t ≥ γ/2``, and
+    ``−2t³/γ³ + 3t/(2γ) + 1/2`` between (continuously differentiable)."""
+    cubic = -2 * t**3 / gamma**3 + 3 * t / (2 * gamma) + 0.5
+    return torch.where(t <= -gamma / 2, 0.0, torch.where(t >= gamma / 2, 1.0, cubic))
 
 
 def expert_dropout(weights: torch.Tensor, p: float) -> torch.Tensor:

@@ -30,7 +30,11 @@ from mtl_dist.precision import in_precision
 def _aux_names(cfg: GateConfig) -> list[str]:
     return [
         n
-        for n, c in (("gate_entropy", cfg.entropy_coef), ("load_balance", cfg.load_balance_coef))
+        for n, c in (
+            ("gate_entropy", cfg.entropy_coef),
+            ("load_balance", cfg.load_balance_coef),
+            ("dselect_entropy", cfg.dselect_entropy_coef if cfg.dselect_k else 0.0),
+        )
         if c > 0
     ]
 

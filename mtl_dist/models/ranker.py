@@ -235,6 +235,9 @@ def build_head(m: ModelConfig, in_dim: int, task_names: list[str], task_dim: int
         entropy_coef=m.gate_entropy_coef,
         load_balance_coef=m.load_balance_coef,
         uniform_init=m.gate_uniform_init,
+        dselect_k=m.gate_dselect_k,
+        dselect_gamma=m.gate_dselect_gamma,
+        dselect_entropy_coef=m.gate_dselect_entropy_coef,
     )
     style = ExpertStyle(m.expert_activation, m.expert_norm)
     if m.head == "shared_bottom":
