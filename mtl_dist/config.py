@@ -150,7 +150,9 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    head: str = opt("mmoe", "multi-task head: shared_bottom | omoe | mmoe | ple | stem")
+    head: str = opt(
+        "mmoe", "multi-task head: shared_bottom | omoe | mmoe | ple | stem | aitm (Xi et al. 2021)"
+    )
     num_experts: int = opt(4, "experts E (omoe, mmoe)")
     expert_hidden: list[int] = opt([256, 128], "expert MLP widths; the last is the expert output H")
     expert_activation: str = opt(
@@ -168,6 +170,12 @@ class ModelConfig:
     ple_levels: int = opt(2, "ple: extraction levels (1 = CGC)")
     ple_shared_experts: int = opt(2, "ple, stem: shared experts (per level)")
     ple_task_experts: int = opt(2, "ple, stem: experts per task (per level)")
+    aitm_chain: list[str] = opt(
+        [], "aitm: the funnel's tasks in order, e.g. click,conversion ([]: the binary tasks)"
+    )
+    aitm_calibration: float = opt(
+        0.6, "aitm: weight of the calibrator max(p_t - p_(t-1), 0) along the chain (0: off)"
+    )
     stem_features: list[str] = opt([], "stem: sparse features that get a table per task ([]: all)")
     stem_dim: int = opt(8, "stem: embedding dim of the task-specific tables")
     gate_temperature: float = opt(
@@ -566,13 +574,22 @@ HIGHER_IS_BETTER = ("auc", "gauc")
 
 def validate(cfg: JobConfig) -> None:
     """Cross-field checks that types alone cannot express."""
-    heads = ["shared_bottom", "omoe", "mmoe", "ple", "stem"]
+    heads = ["shared_bottom", "omoe", "mmoe", "ple", "stem", "aitm"]
     if cfg.model.head not in heads:
         raise ConfigError(
             f"model.head: unknown head {cfg.model.head!r}" + _suggest(cfg.model.head, heads)
         )
     task_names = [t.name for t in cfg.tasks]
     feature_names = [f.name for f in cfg.features.sparse]
+    if cfg.model.head == "aitm":
+        kinds = {t.name: t.kind for t in cfg.tasks}
+        chain = cfg.model.aitm_chain or [t.name for t in cfg.tasks if t.kind == "binary"]
+        bad = [c for c in chain if kinds.get(c) != "binary"]
+        if len(chain) < 2 or bad or len(set(chain)) != len(chain):
+            raise ConfigError(
+                f"model.aitm_chain {chain}: needs 2 or more distinct binary tasks"
+                + (f"; not binary tasks: {bad}" + _suggest(bad[0], list(kinds)) if bad else "")
+            )
     for name in cfg.model.stem_features:
         if name not in feature_names:
             raise ConfigError(

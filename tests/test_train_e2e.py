@@ -151,8 +151,16 @@ def test_same_seed_same_numbers(synth_data, tmp_path):
             "--model.ple_task_experts",
             "1",
         ],
+        [
+            "--model.head",
+            "aitm",
+            "--model.aitm_chain",
+            "click,conversion",
+            "--loss.balancer",
+            "stch",
+        ],
     ],
-    ids=["shared_bottom", "omoe", "mmoe_top2", "ple", "mmoe_esmm", "stem"],
+    ids=["shared_bottom", "omoe", "mmoe_top2", "ple", "mmoe_esmm", "stem", "aitm"],
 )
 def test_every_head_trains_sharded_under_torchrun(synth_data, tmp_path, head_args):
     """Each head trains on the sharded-embedding path with 2 processes and learns something."""
@@ -170,6 +178,8 @@ def test_every_head_trains_sharded_under_torchrun(synth_data, tmp_path, head_arg
         assert "train/aux/load_balance" in tags
     if "--model.gate_entropy_coef" in head_args:
         assert "train/aux/gate_entropy" in tags
+    if "aitm" in head_args:
+        assert "train/aux/aitm_calibration" in tags
     if "--model.gate_dselect_k" in head_args:
         assert "train/aux/dselect_entropy" in tags
     if "--loss.balancer" in head_args:  # a new balancer's weights, logged per task

@@ -22,6 +22,7 @@ from mtl_dist.data.batch import Batch
 from mtl_dist.guard import GradGate
 from mtl_dist.models.collision import managed_ebc, managed_rows
 from mtl_dist.models.experts import ExpertStyle
+from mtl_dist.models.funnel import AITM
 from mtl_dist.models.gates import GateConfig
 from mtl_dist.models.heads import PLE, STEM, MoE, SharedBottom
 
@@ -215,7 +216,8 @@ def build_ranker(
             }
         )
         task_dim = cfg.model.stem_dim * len(own)
-    head = build_head(cfg.model, in_dim, task_names, task_dim)
+    binary = [t.name for t in cfg.tasks if t.kind == "binary"]
+    head = build_head(cfg.model, in_dim, task_names, task_dim, binary)
     model = Ranker(
         ebc, len(cfg.features.dense), head, cfg.model.dense_batch_norm, task_ebcs, mc_ebc
     )
@@ -223,8 +225,16 @@ def build_ranker(
     return model
 
 
-def build_head(m: ModelConfig, in_dim: int, task_names: list[str], task_dim: int = 0) -> nn.Module:
-    """The configured multi-task head over inputs of width ``in_dim`` (STEM: + ``task_dim`` per task)."""
+def build_head(
+    m: ModelConfig,
+    in_dim: int,
+    task_names: list[str],
+    task_dim: int = 0,
+    binary_tasks: list[str] | None = None,
+) -> nn.Module:
+    """The configured multi-task head over inputs of width ``in_dim`` (STEM: + ``task_dim`` per
+    task). ``binary_tasks``: AITM's default chain (default: every task)."""
+    binary_tasks = binary_tasks if binary_tasks is not None else list(task_names)
     gate = GateConfig(
         temperature=m.gate_temperature,
         hidden=tuple(m.gate_hidden),
@@ -240,6 +250,11 @@ def build_head(m: ModelConfig, in_dim: int, task_names: list[str], task_dim: int
         dselect_entropy_coef=m.gate_dselect_entropy_coef,
     )
     style = ExpertStyle(m.expert_activation, m.expert_norm)
+    if m.head == "aitm":
+        return AITM(
+            in_dim, task_names, m.aitm_chain or binary_tasks, m.expert_hidden, m.tower_hidden,
+            m.aitm_calibration, m.tower_dropout, style,
+        )  # fmt: skip
     if m.head == "shared_bottom":
         return SharedBottom(
             in_dim, len(task_names), m.bottom_hidden, m.tower_hidden, m.tower_dropout,
