@@ -268,7 +268,10 @@ class EmbeddingConfig:
     )
 
 
-BALANCERS = ["fixed", "uncertainty", "gradnorm", "dwa", "rlw", "gls", "stch", "famo"]
+BALANCERS = [
+    "fixed", "uncertainty", "gradnorm", "dwa", "rlw", "gls", "stch", "famo", "mgda", "imtl_g",
+    "aligned_mtl",
+]  # fmt: skip
 
 
 @dataclass
@@ -280,7 +283,9 @@ class LossConfig:
         "fixed (tasks[].weight) | uncertainty (Kendall et al. 2018) | gradnorm (Chen et al. "
         "2018) | dwa (dynamic weight average, Liu et al. 2019) | rlw (random loss weighting, "
         "Lin et al. 2022) | gls (geometric mean of the losses, Chennupati et al. 2019) | stch "
-        "(smooth Tchebycheff, Lin et al. 2024) | famo (Liu et al. 2023)",
+        "(smooth Tchebycheff, Lin et al. 2024) | famo (Liu et al. 2023) | mgda (MGDA-UB, Sener & "
+        "Koltun 2018) | imtl_g (Liu et al. 2021) | aligned_mtl (Senushkin et al. 2023): the "
+        "last three on the shared representation's task gradients",
     )
     gradnorm_alpha: float = opt(1.5, "gradnorm: asymmetry alpha (0: equal gradient norms)")
     gradnorm_lr: float = opt(0.025, "gradnorm: step size of the task-weight update")

@@ -194,9 +194,9 @@ class ModelWithLoss(nn.Module):
         self.model = model
         self.esmm = esmm
         self.esmm_ctcvr_preds = esmm_ctcvr_preds
-        self.balancer = build_balancer(
-            loss or LossConfig(), tasks, lambda: self.model.head.shared_layer()
-        )
+        self.balancer = build_balancer(loss or LossConfig(), tasks, lambda: self.model.head)
+        # representation-gradient balancers read the representation the head keeps for them
+        model.head.keep_shared = getattr(self.balancer, "needs_representation", False)
         self.register_buffer(
             "is_binary", torch.tensor([t.kind == "binary" for t in tasks]), persistent=False
         )

@@ -19,7 +19,9 @@ By cost (``python -m mtl_dist.bench.balancing`` measures each against ``fixed``)
 * loss-only, learned (``learned.py``): :class:`UncertaintyWeighting` (Kendall, Gal & Cipolla,
   CVPR 2018), :class:`FAMO` (Liu et al., NeurIPS 2023);
 * representation gradients (``representation.py``): :class:`GradNorm` (Chen et al., ICML 2018),
-  on the head's last shared layer.
+  on the head's last shared layer; :class:`MGDA` (MGDA-UB, Sener & Koltun, NeurIPS 2018),
+  :class:`IMTLG` (Liu et al., ICLR 2021) and :class:`AlignedMTL` (Senushkin et al., CVPR 2023),
+  from the Gram matrix of the task gradients on the shared representation, summed over ranks.
 
 :data:`REGISTRY` maps ``loss.balancer`` names to their builders.
 """
@@ -28,7 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import torch
+from torch import nn
 
 from mtl_dist.balancing.base import Balancer, all_mean, all_sum
 from mtl_dist.balancing.learned import FAMO, UncertaintyWeighting
@@ -39,17 +41,26 @@ from mtl_dist.balancing.loss_only import (
     RandomLossWeighting,
     SmoothTchebycheff,
 )
-from mtl_dist.balancing.representation import GradNorm
+from mtl_dist.balancing.representation import (
+    IMTLG,
+    MGDA,
+    AlignedMTL,
+    GradNorm,
+    RepresentationBalancer,
+)
 from mtl_dist.config import BALANCERS, LossConfig, TaskSpec
 
-Shared = Callable[[], torch.Tensor]
-REGISTRY: dict[str, Callable[[LossConfig, list[TaskSpec], Shared], Balancer]] = {
+Head = Callable[[], nn.Module]  # the head (at call time: after any wrapping)
+REGISTRY: dict[str, Callable[[LossConfig, list[TaskSpec], Head], Balancer]] = {
     "fixed": lambda cfg, tasks, shared: FixedWeights([t.weight for t in tasks]),
     "uncertainty": lambda cfg, tasks, shared: UncertaintyWeighting(
         [t.kind == "binary" for t in tasks]
     ),
-    "gradnorm": lambda cfg, tasks, shared: GradNorm(
-        [t.weight for t in tasks], cfg.gradnorm_alpha, cfg.gradnorm_lr, shared
+    "gradnorm": lambda cfg, tasks, head: GradNorm(
+        [t.weight for t in tasks],
+        cfg.gradnorm_alpha,
+        cfg.gradnorm_lr,
+        lambda: head().shared_layer(),
     ),
     "dwa": lambda cfg, tasks, shared: DynamicWeightAverage(
         len(tasks), cfg.dwa_temperature, cfg.dwa_period
@@ -58,17 +69,22 @@ REGISTRY: dict[str, Callable[[LossConfig, list[TaskSpec], Shared], Balancer]] = 
     "gls": lambda cfg, tasks, shared: GeometricLoss(len(tasks)),
     "stch": lambda cfg, tasks, shared: SmoothTchebycheff(len(tasks), cfg.stch_mu),
     "famo": lambda cfg, tasks, shared: FAMO(len(tasks), cfg.famo_lr, cfg.famo_weight_decay),
+    "mgda": lambda cfg, tasks, head: MGDA(len(tasks), lambda: head().last_shared),
+    "imtl_g": lambda cfg, tasks, head: IMTLG(len(tasks), lambda: head().last_shared),
+    "aligned_mtl": lambda cfg, tasks, head: AlignedMTL(len(tasks), lambda: head().last_shared),
 }
 assert list(REGISTRY) == BALANCERS, "config.BALANCERS lists the registry's names, in order"
 
 
-def build_balancer(cfg: LossConfig, tasks: list[TaskSpec], shared: Shared) -> Balancer:
-    """The configured balancer; ``shared`` returns the head's last shared layer (GradNorm)."""
-    return REGISTRY[cfg.balancer](cfg, tasks, shared)
+def build_balancer(cfg: LossConfig, tasks: list[TaskSpec], head: Head) -> Balancer:
+    """The configured balancer; ``head()`` returns the multi-task head (GradNorm reads its last
+    shared layer, the representation balancers its ``last_shared``)."""
+    return REGISTRY[cfg.balancer](cfg, tasks, head)
 
 
 __all__ = [
-    "BALANCERS", "FAMO", "REGISTRY", "Balancer", "DynamicWeightAverage", "FixedWeights",
+    "BALANCERS", "FAMO", "IMTLG", "MGDA", "REGISTRY", "AlignedMTL", "Balancer",
+    "RepresentationBalancer", "DynamicWeightAverage", "FixedWeights",
     "GeometricLoss", "GradNorm", "RandomLossWeighting", "SmoothTchebycheff",
     "UncertaintyWeighting", "all_mean", "all_sum", "build_balancer",
 ]  # fmt: skip

@@ -99,3 +99,159 @@ class GradNorm(Balancer):
             scale = (len(w) - fixed) / moved.sum().clamp_min(1e-12)
             new = torch.where(ok, w * scale, w)
             self.weights.copy_(torch.where(ok.any() & torch.isfinite(new).all(), new, self.weights))
+
+
+class RepresentationBalancer(Balancer):
+    """Weights from the task gradients on the head's shared representation ``Z`` (the experts'
+    or bottom's output, ``head.last_shared``; MultiBalance's idea of balancing there rather than
+    on parameters), through one extra backward per task that stops at ``Z`` — through the towers
+    and gates, never the experts or the tables.
+
+    Under DDP every rank holds other rows of ``Z``: the gradients of different rows are
+    orthogonal blocks of the global batch's gradient, so the Gram matrix of the whole batch is
+    the sum over ranks of each rank's ``G_ij = ⟨∂L_i/∂Z, ∂L_j/∂Z⟩`` — one all-reduce of ``[T, T]``
+    and every rank solves the same problem (``L_t`` here: this rank's loss; the global loss is
+    their mean, a common factor every method below is invariant to or renormalises). Tasks
+    without labels anywhere this step are left out (and keep their weight); a non-finite step
+    changes nothing. The training loss ``Σ_t w_t L_t`` (``w`` detached) then moves the whole
+    model along the balanced direction. Subclasses give :meth:`solve` ``(Gram [T', T'] of the
+    present tasks) → weights [T']``.
+    """
+
+    needs_representation = True
+
+    def __init__(self, num_tasks: int, representation: Callable[[], torch.Tensor | None]) -> None:
+        super().__init__()
+        self.representation = representation
+        self.register_buffer("weights", torch.ones(num_tasks))
+
+    def forward(
+        self,
+        losses: torch.Tensor,
+        labelled: torch.Tensor | None = None,
+        finite: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if training_step(self):
+            self.update(losses, present_tasks(labelled, losses) & all_finite(finite, losses))
+        w = self.weights.clone()
+        return (w * losses).sum(), w
+
+    def update(self, losses: torch.Tensor, ok: torch.Tensor) -> None:
+        """Per-task gradients on Z, the global Gram matrix, :meth:`solve` (a collective)."""
+        z = self.representation()
+        if z is None or not z.requires_grad:
+            raise RuntimeError(
+                f"{type(self).__name__} needs the head's shared representation: the head kept "
+                "none (head.keep_shared is set by ModelWithLoss)"
+            )
+        grads = []
+        for loss in losses:
+            g = (
+                torch.autograd.grad(loss, z, retain_graph=True, allow_unused=True)[0]
+                if loss.requires_grad
+                else None
+            )
+            grads.append(torch.zeros_like(z) if g is None else g)
+        flat = torch.stack(grads).flatten(1).float()  # [T, n]
+        gram = all_sum(flat @ flat.t())  # [T, T], the global batch's
+        with torch.no_grad():
+            idx = ok.nonzero().squeeze(1)
+            if idx.numel() == 0:
+                return
+            sub = gram[idx][:, idx]
+            new = self.solve(sub)
+            if bool(torch.isfinite(new).all()):
+                self.weights[idx] = new
+
+    def solve(self, gram: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class MGDA(RepresentationBalancer):
+    """MGDA-UB (Sener & Koltun, "Multi-Task Learning as Multi-Objective Optimization", NeurIPS
+    2018): the convex combination ``Σ_t α_t g_t`` of the task gradients on the shared
+    representation with the smallest norm (a common descent direction). Solved exactly from the
+    Gram matrix: the minimum lies on some face of the simplex, and on a face S the KKT system
+    ``[G_SS 1; 1ᵀ 0] [α; μ] = [0; 1]`` gives it; the feasible face (α ≥ 0) with the least
+    ``αᵀ G α`` wins (2^T − 1 faces: T ≤ 10 here; beyond, Frank-Wolfe as in the paper). Weights
+    ``T · α`` (summing to T, as fixed weights do).
+    """
+
+    def solve(self, gram: torch.Tensor) -> torch.Tensor:
+        t = gram.shape[0]
+        g = gram.double().cpu()  # T ≤ 10 small solves: on the host
+        best, best_value = None, float("inf")
+        faces = range(1, 2**t) if t <= 10 else []
+        for mask in faces:
+            idx = [i for i in range(t) if mask >> i & 1]
+            n = len(idx)
+            kkt = torch.zeros(n + 1, n + 1, dtype=g.dtype)
+            kkt[:n, :n] = g[idx][:, idx]
+            kkt[:n, n] = kkt[n, :n] = 1.0
+            rhs = torch.zeros(n + 1, dtype=g.dtype)
+            rhs[n] = 1.0
+            sol = torch.linalg.lstsq(kkt, rhs.unsqueeze(1)).solution.squeeze(1)[:n]
+            if bool((sol < -1e-9).any()):
+                continue
+            alpha = torch.zeros(t, dtype=g.dtype)
+            alpha[idx] = sol.clamp_min(0) / sol.clamp_min(0).sum()
+            value = float(alpha @ g @ alpha)
+            if value < best_value - 1e-12:
+                best, best_value = alpha, value
+        if best is None:
+            best = self._frank_wolfe(g)
+        return (t * best).to(gram.dtype).to(gram.device)
+
+    @staticmethod
+    def _frank_wolfe(g: torch.Tensor, iterations: int = 500) -> torch.Tensor:
+        t = g.shape[0]
+        alpha = torch.full((t,), 1.0 / t, dtype=g.dtype)
+        for _ in range(iterations):
+            grad = g @ alpha
+            j = int(grad.argmin())
+            vv, vj, jj = alpha @ grad, grad[j], g[j, j]
+            gamma = ((vv - vj) / (vv - 2 * vj + jj).clamp_min(1e-20)).clamp(0, 1)
+            alpha = (1 - gamma) * alpha
+            alpha[j] += gamma
+        return alpha
+
+
+class IMTLG(RepresentationBalancer):
+    """IMTL-G (Liu et al., "Towards Impartial Multi-task Learning", ICLR 2021): the combination
+    ``Σ_t α_t g_t`` (``Σ α = 1``) whose projections onto every unit task gradient ``u_t`` are
+    equal: with ``D = [g_1 − g_t]_t`` and ``U = [u_1 − u_t]_t`` (t ≥ 2),
+    ``α_{2:} = g_1 Uᵀ (D Uᵀ)⁻¹``, ``α_1 = 1 − Σ α_{2:}`` — inner products only, so from the Gram
+    matrix. Weights ``T · α``; they can be negative for strongly conflicting tasks, as in the
+    paper.
+    """
+
+    def solve(self, gram: torch.Tensor) -> torch.Tensor:
+        t = gram.shape[0]
+        if t == 1:
+            return torch.ones(1, dtype=gram.dtype, device=gram.device)
+        norm = gram.diagonal().clamp_min(1e-20).sqrt()
+        gu = gram / norm  # gu[a, b] = ⟨g_a, u_b⟩
+        # rows of D: g_1 − g_i; of U: u_1 − u_j (i, j ≥ 2)
+        du = gu[0, 0] - gu[0, 1:][None, :] - gu[1:, 0][:, None] + gu[1:, 1:]  # [T−1, T−1]
+        g1u = gu[0, 0] - gu[0, 1:]  # [T−1]
+        rest = torch.linalg.solve(du.t(), g1u)  # α_{2:} = g1u (DUᵀ)⁻¹
+        return t * torch.cat([1 - rest.sum().unsqueeze(0), rest])
+
+
+class AlignedMTL(RepresentationBalancer):
+    """Aligned-MTL-UB (Senushkin et al., "Independent Component Alignment for Multi-Task
+    Learning", CVPR 2023): align the task gradients' principal components so the linear system
+    is well conditioned: with ``M = V Λ Vᵀ`` the Gram matrix (eigenvalues above tolerance),
+    ``B = √λ_min · V Λ^{−1/2} Vᵀ`` and weights ``α = B 1`` (equal preferences). Orthogonal
+    gradients of equal norm give weights 1.
+    """
+
+    def solve(self, gram: torch.Tensor) -> torch.Tensor:
+        lam, vec = torch.linalg.eigh(gram.double())
+        tol = lam.max() * max(gram.shape) * torch.finfo(torch.float32).eps
+        keep = lam > tol
+        if not bool(keep.any()):
+            return torch.ones(gram.shape[0], dtype=gram.dtype, device=gram.device)
+        lam, vec = lam[keep], vec[:, keep]
+        b = lam.min().sqrt() * (vec / lam.sqrt()) @ vec.t()
+        return b.sum(0).to(gram.dtype)

@@ -92,6 +92,7 @@ class AITM(ExpertWatch, nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         q = self.towers_in(x)  # [T, B, H]
         self._watch("towers", q)
+        self._share(x)  # no layer is shared: the towers' common input
         self._watched()
         z = list(q.unbind(0))
         h = q.shape[-1]

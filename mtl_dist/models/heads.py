@@ -64,6 +64,15 @@ class ExpertWatch:
         if self.training:
             self.watch_experts = False
 
+    keep_shared: bool = False  # set by a representation-gradient balancer
+    last_shared: torch.Tensor | None = None
+
+    def _share(self, z: torch.Tensor) -> None:
+        """Keep ``z``, the representation every task's loss reaches through its own modules only
+        (experts' or bottom's output), when a balancer asked for it, in training."""
+        if self.keep_shared and self.training:
+            self.last_shared = z
+
 
 def task_expert_index(tasks: int, shared: int, per_task: int) -> torch.Tensor:
     """``[T, Es + Et]``: the experts task t mixes — the shared ones, then its own — as rows of an
@@ -142,6 +151,7 @@ class SharedBottom(ExpertWatch, nn.Module):
     @in_precision
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         shared = self.bottom(x)  # [1, B, H]
+        self._share(shared)
         return self.towers(shared.expand(self.num_tasks, -1, -1)), x.new_zeros(0)
 
 
@@ -223,6 +233,7 @@ class MoE(ExpertWatch, nn.Module):
         if mixed is None:
             experts = self.experts(x) if experts is None else experts
             self._watch("experts", experts)
+            self._share(experts)
             mixed = torch.einsum("bge,ebh->gbh", weights, experts)  # [G, B, H]
             self.last_dispatch = "dense"
         self._watched()
@@ -239,6 +250,7 @@ class MoE(ExpertWatch, nn.Module):
         """
         expert, row = selected.t().nonzero(as_tuple=True)  # [N] pairs, sorted by expert
         h = self.experts.forward_grouped(x.index_select(0, row), expert)  # [N, H]
+        self._share(h)
         self._watch("experts", h, expert, self.experts.groups)
         w = weights[row, :, expert]  # [N, G]
         mixed = x.new_zeros(x.shape[0], weights.shape[1], h.shape[1])
@@ -335,6 +347,7 @@ class PLE(ExpertWatch, nn.Module):
                 inputs = torch.cat([shared_in.expand(Es, -1, -1), task_in.repeat_interleave(Et, 0)])
                 out = mods["experts"](inputs)
             self._watch(f"level{level}", out)
+            self._share(out)  # the last level's stays
             w, aux = mods["task_gates"](task_in, first[1])  # [B, T, Es+Et]
             auxes.append(aux)
             next_task = torch.einsum("bte,tebh->tbh", w, out[self.task_index])  # [T, B, H]
@@ -420,6 +433,7 @@ class STEM(ExpertWatch, nn.Module):
         task_out = self.task(z.repeat_interleave(self.task_experts, 0))  # [T*Et, B, H]
         out = task_out if self.shared is None else torch.cat([self.shared(x), task_out])
         self._watch("experts", out)
+        self._share(out)
         self._watched()
         w, aux = self.gates(z)  # [B, T, Es+Et], gate t reads z_t
         self.last_gates = {t: w[:, i].detach() for i, t in enumerate(self.task_names)}
