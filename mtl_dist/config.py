@@ -270,7 +270,7 @@ class EmbeddingConfig:
 
 BALANCERS = [
     "fixed", "uncertainty", "gradnorm", "dwa", "rlw", "gls", "stch", "famo", "mgda", "imtl_g",
-    "aligned_mtl",
+    "aligned_mtl", "pcgrad", "cagrad",
 ]  # fmt: skip
 
 
@@ -285,13 +285,15 @@ class LossConfig:
         "Lin et al. 2022) | gls (geometric mean of the losses, Chennupati et al. 2019) | stch "
         "(smooth Tchebycheff, Lin et al. 2024) | famo (Liu et al. 2023) | mgda (MGDA-UB, Sener & "
         "Koltun 2018) | imtl_g (Liu et al. 2021) | aligned_mtl (Senushkin et al. 2023): the "
-        "last three on the shared representation's task gradients",
+        "last three on the shared representation's task gradients | pcgrad (Yu et al. 2020) | "
+        "cagrad (Liu et al. 2021): on the head's shared dense parameters",
     )
     gradnorm_alpha: float = opt(1.5, "gradnorm: asymmetry alpha (0: equal gradient norms)")
     gradnorm_lr: float = opt(0.025, "gradnorm: step size of the task-weight update")
     dwa_temperature: float = opt(2.0, "dwa: softmax temperature over the loss ratios")
     dwa_period: int = opt(100, "dwa: steps per period (the paper's epoch) whose mean loss counts")
     stch_mu: float = opt(0.5, "stch: smoothing mu > 0 (small: follow the worst task)")
+    cagrad_c: float = opt(0.4, "cagrad: conflict-aversion radius c in [0, 1) (0: the mean)")
     famo_lr: float = opt(0.025, "famo: Adam step size of the task logits")
     famo_weight_decay: float = opt(0.001, "famo: weight decay gamma of the task logits")
 
@@ -715,6 +717,8 @@ def validate(cfg: JobConfig) -> None:
         )
     if cfg.checkpoint.keep < 1 or cfg.checkpoint.every < 0:
         raise ConfigError("checkpoint.keep must be >= 1 and checkpoint.every >= 0")
+    if not 0 <= cfg.loss.cagrad_c < 1:
+        raise ConfigError(f"loss.cagrad_c must lie in [0, 1), got {cfg.loss.cagrad_c}")
     if cfg.loss.stch_mu <= 0:
         raise ConfigError(f"loss.stch_mu must be > 0, got {cfg.loss.stch_mu}")
     if cfg.loss.balancer == "dwa" and cfg.loss.dwa_period <= 0:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
@@ -51,12 +53,16 @@ class GuardedDense(KeyedOptimizerWrapper):
         self.switch = switch
         self.clip = clip_grad_norm
         self.grad_norm: torch.Tensor | None = None  # the last step's pre-clip norm (clipping on)
+        # run first in each step (a balancer writing the shared parameters' gradient)
+        self.before_step: list[Callable[[], None]] = []
         opt = self._optimizer
         self.on_device = all(g.get("fused") for g in opt.param_groups) and getattr(
             opt, "_step_supports_amp_scaling", False
         )
 
     def step(self, closure=None) -> None:
+        for hook in self.before_step:
+            hook()
         switch = self.switch
         switch.resolve()
         is_open = switch.open  # None: the guard is off

@@ -244,6 +244,7 @@ def train(cfg: JobConfig, info: DistInfo) -> dict[str, object]:
     )
     optimizer = build_optimizer(cfg.optim, model, loss_module.switch)
     loss_module.balancer.attach(dense_optimizer(optimizer))
+    dict(optimizer.optimizers)["dense"].before_step.append(loss_module.balancer.before_step)
     runner = StepRunner(model, optimizer, info.device, cfg.sharding.pipeline)
 
     # --- resume: the newest verified checkpoint of this run (or the one named), any world size

@@ -74,6 +74,7 @@ def run(balancer: str, rank: int) -> dict[str, torch.Tensor]:
 
     opt = GuardedDense(named, adam, model.switch)
     model.balancer.attach(opt._optimizer)
+    opt.before_step.append(model.balancer.before_step)
     conv = ArrowBatchConverter([], [f"x{i}" for i in range(D)], TASKS)
     weights, log_vars = [], []
     for step in range(STEPS):
@@ -91,6 +92,7 @@ def run(balancer: str, rank: int) -> dict[str, torch.Tensor]:
         "log_vars": torch.stack(log_vars) if log_vars else torch.zeros(0),
         "head_mean": all_mean(head.abs().mean().unsqueeze(0)),
         "head_finite": torch.isfinite(head).all(),
+        "head_sum": head.double().sum(),  # this rank's: equal on every rank if updates were
     }
 
 

@@ -138,6 +138,7 @@ def test_every_balancer_on_two_ranks_with_a_task_missing_labels(tmp_path):
         assert torch.equal(w, r1[name]["weights"]), name
         assert torch.isfinite(w).all() and (w > 0).all(), (name, w.min())
         assert res["head_finite"] and r1[name]["head_finite"], name
+        assert res["head_sum"] == r1[name]["head_sum"], name  # the same update on every rank
     a, b = NONE_ANYWHERE.start, NONE_ANYWHERE.stop  # steps [a, b): no conversion label at all
     log_vars = r0["uncertainty"]["log_vars"]  # after each step
     assert (log_vars[a - 1 : b, 1] == log_vars[a - 1, 1]).all(), log_vars[a - 1 : b, 1]

@@ -21,7 +21,9 @@ By cost (``python -m mtl_dist.bench.balancing`` measures each against ``fixed``)
 * representation gradients (``representation.py``): :class:`GradNorm` (Chen et al., ICML 2018),
   on the head's last shared layer; :class:`MGDA` (MGDA-UB, Sener & Koltun, NeurIPS 2018),
   :class:`IMTLG` (Liu et al., ICLR 2021) and :class:`AlignedMTL` (Senushkin et al., CVPR 2023),
-  from the Gram matrix of the task gradients on the shared representation, summed over ranks.
+  from the Gram matrix of the task gradients on the shared representation, summed over ranks;
+* parameter gradients (``parameter.py``): :class:`PCGrad` (Yu et al., NeurIPS 2020) and
+  :class:`CAGrad` (Liu et al., NeurIPS 2021) on the head's shared dense parameters.
 
 :data:`REGISTRY` maps ``loss.balancer`` names to their builders.
 """
@@ -41,6 +43,7 @@ from mtl_dist.balancing.loss_only import (
     RandomLossWeighting,
     SmoothTchebycheff,
 )
+from mtl_dist.balancing.parameter import CAGrad, ParameterBalancer, PCGrad
 from mtl_dist.balancing.representation import (
     IMTLG,
     MGDA,
@@ -72,6 +75,10 @@ REGISTRY: dict[str, Callable[[LossConfig, list[TaskSpec], Head], Balancer]] = {
     "mgda": lambda cfg, tasks, head: MGDA(len(tasks), lambda: head().last_shared),
     "imtl_g": lambda cfg, tasks, head: IMTLG(len(tasks), lambda: head().last_shared),
     "aligned_mtl": lambda cfg, tasks, head: AlignedMTL(len(tasks), lambda: head().last_shared),
+    "pcgrad": lambda cfg, tasks, head: PCGrad(len(tasks), lambda: head().shared_parameters()),
+    "cagrad": lambda cfg, tasks, head: CAGrad(
+        len(tasks), lambda: head().shared_parameters(), cfg.cagrad_c
+    ),
 }
 assert list(REGISTRY) == BALANCERS, "config.BALANCERS lists the registry's names, in order"
 
@@ -84,7 +91,7 @@ def build_balancer(cfg: LossConfig, tasks: list[TaskSpec], head: Head) -> Balanc
 
 __all__ = [
     "BALANCERS", "FAMO", "IMTLG", "MGDA", "REGISTRY", "AlignedMTL", "Balancer",
-    "RepresentationBalancer", "DynamicWeightAverage", "FixedWeights",
+    "RepresentationBalancer", "CAGrad", "PCGrad", "ParameterBalancer", "DynamicWeightAverage", "FixedWeights",
     "GeometricLoss", "GradNorm", "RandomLossWeighting", "SmoothTchebycheff",
     "UncertaintyWeighting", "all_mean", "all_sum", "build_balancer",
 ]  # fmt: skip

@@ -57,3 +57,8 @@ class Balancer(nn.Module):
 
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
         """Called once with the dense (torch) optimizer; nothing by default."""
+
+    def before_step(self) -> None:
+        """Called by the dense optimizer first thing in each step, after DDP averaged the
+        gradients and before clipping (parameter-gradient balancers write theirs); nothing by
+        default."""
