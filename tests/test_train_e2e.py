@@ -129,6 +129,8 @@ def test_same_seed_same_numbers(synth_data, tmp_path):
             "true",
             "--model.load_balance_coef",
             "0.01",
+            "--loss.balancer",
+            "mgda",
         ],
         [
             "--model.head",
@@ -150,6 +152,8 @@ def test_same_seed_same_numbers(synth_data, tmp_path):
             "user_id,item_id,author_id",
             "--model.ple_task_experts",
             "1",
+            "--loss.balancer",
+            "pcgrad",
         ],
         [
             "--model.head",
