@@ -226,6 +226,11 @@ class ModelConfig:
         "metrics are pCVR) | ctcvr (click and conversion on every exposure, e.g. a purchase "
         "column; predictions and metrics are pCTCVR = pCTR x pCVR)",
     )
+    escm2_ips: float = opt(
+        0.0,
+        "ESCM2 (Wang et al. 2022) beside ESMM: weight of the counterfactual CVR risk, IPS form "
+        "(clicked rows' CVR loss divided by pCTR, over all exposures); needs esmm_cvr_label = cvr",
+    )
     dense_batch_norm: bool = opt(True, "batch-normalise the dense features at the input")
 
 
@@ -624,6 +629,13 @@ def validate(cfg: JobConfig) -> None:
             raise ConfigError(
                 f"model.esmm_cvr_label: {cfg.model.esmm_cvr_label!r} is not cvr or ctcvr"
             )
+    if cfg.model.escm2_ips < 0 or (
+        cfg.model.escm2_ips > 0 and not (cfg.model.esmm and cfg.model.esmm_cvr_label == "cvr")
+    ):
+        raise ConfigError(
+            f"model.escm2_ips = {cfg.model.escm2_ips}: must be >= 0, and > 0 needs model.esmm = "
+            "true with esmm_cvr_label = cvr (the risk reweights the observed conversions)"
+        )
     for key, value, allowed in (
         ("expert_activation", cfg.model.expert_activation, ("relu", "swish")),
         ("expert_norm", cfg.model.expert_norm, ("none", "batch", "layer")),

@@ -55,6 +55,30 @@ def esmm_ctcvr_loss(
     return per_row.sum() / mask.sum().clamp_min(1.0)
 
 
+MIN_PROPENSITY = 0.05  # ESCM2's IPS: pCTR below this counts as this (bounded weights)
+
+
+def escm2_ips_risk(
+    ctr_logit: torch.Tensor,
+    cvr_logit: torch.Tensor,
+    conversion: torch.Tensor,
+    exposure_mask: torch.Tensor,
+    observed: torch.Tensor,
+) -> torch.Tensor:
+    """ESCM2's counterfactual CVR risk, IPS form (Wang et al., "ESCM²: Entire Space
+    Counterfactual Multi-Task Model for Post-Click Conversion Rate Estimation", SIGIR 2022):
+    ``Σ_i m_i · o_i · BCE(r_i, pCVR_i) / p̂_i / Σ_i m_i`` over the exposures (``exposure_mask``
+    m: the CTR task's weights), where ``o_i`` marks a clicked row whose conversion ``r_i`` was
+    observed (``observed``: the CVR task's mask) and the propensity ``p̂_i = pCTR_i`` (no gradient
+    through it; at least :data:`MIN_PROPENSITY`): the clicked rows reweighted to stand for every
+    exposure, an unbiased estimate of the CVR loss over the entire space. ``[B]`` → scalar.
+    """
+    bce = F.binary_cross_entropy_with_logits(cvr_logit, conversion, reduction="none")
+    propensity = torch.sigmoid(ctr_logit).detach().clamp_min(MIN_PROPENSITY)
+    per_row = exposure_mask * (observed > 0).to(bce.dtype) * bce / propensity
+    return per_row.sum() / exposure_mask.sum().clamp_min(1.0)
+
+
 def ctcvr_weights(
     ctr_label: torch.Tensor, ctr_mask: torch.Tensor, cvr_mask: torch.Tensor
 ) -> torch.Tensor:
@@ -172,7 +196,8 @@ class ModelWithLoss(nn.Module):
 
     loss = balancer(losses) + Σ aux, where the balancer (``mtl_dist.balancing``) weighs the
     task losses. ``esmm=(ctr_index, cvr_index)`` trains the CVR task through pCTCVR on all
-    exposures (see :func:`esmm_ctcvr_loss`). Tasks with ``negative_rate < 1`` see their
+    exposures (see :func:`esmm_ctcvr_loss`), plus ``escm2_ips`` times ESCM2's counterfactual
+    risk (:func:`escm2_ips_risk`). Tasks with ``negative_rate < 1`` see their
     negatives downsampled in training; predictions are corrected back to the true scale.
 
     Every training step goes through the non-finite guard (:mod:`mtl_dist.guard`,
@@ -189,10 +214,12 @@ class ModelWithLoss(nn.Module):
         loss: LossConfig | None = None,
         esmm_ctcvr_preds: bool = False,
         on_nonfinite: str = "stop",
+        escm2_ips: float = 0.0,
     ) -> None:
         super().__init__()
         self.model = model
         self.esmm = esmm
+        self.escm2_ips = escm2_ips
         self.esmm_ctcvr_preds = esmm_ctcvr_preds
         self.balancer = build_balancer(loss or LossConfig(), tasks, lambda: self.model.head)
         # representation-gradient balancers read the representation the head keeps for them
@@ -227,6 +254,10 @@ class ModelWithLoss(nn.Module):
             ctcvr = esmm_ctcvr_loss(
                 outputs[:, c], outputs[:, v], batch.labels[:, c] * batch.labels[:, v], weight
             )
+            if self.escm2_ips > 0:  # + the counterfactual CVR risk (ESCM2-IPS)
+                ctcvr = ctcvr + self.escm2_ips * escm2_ips_risk(
+                    outputs[:, c], outputs[:, v], batch.labels[:, v], mask[:, c], batch.mask[:, v]
+                )
             losses = torch.cat([losses[:v], ctcvr.unsqueeze(0), losses[v + 1 :]])
             mask = torch.cat([mask[:, :v], weight.unsqueeze(1), mask[:, v + 1 :]], 1)
         conflict = self.conflict(losses)  # [T, T] when armed, else [0, 0]
@@ -272,5 +303,5 @@ def build_model_with_loss(model: nn.Module, cfg: JobConfig) -> ModelWithLoss:
     )
     return ModelWithLoss(
         model, cfg.tasks, esmm, cfg.loss, cfg.model.esmm_cvr_label == "ctcvr",
-        cfg.train.on_nonfinite,
+        cfg.train.on_nonfinite, cfg.model.escm2_ips,
     )  # fmt: skip

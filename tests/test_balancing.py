@@ -178,3 +178,27 @@ def test_negative_downsampling_corrected_calibration():
     corrected = predictions(logits, torch.tensor([True]), rates).mean() / y.mean()
     assert raw > 2.0, raw
     assert abs(corrected - 1) < 0.02, corrected
+
+
+def test_escm2_ips_risk_by_hand():
+    """Clicked rows with an observed conversion: BCE / max(pCTR, 0.05), summed over them and
+    divided by the exposures; unclicked rows and a click with no observed conversion add 0."""
+    from mtl_dist.losses import escm2_ips_risk
+
+    ctr = torch.tensor([0.0, math.log(0.25 / 0.75), -10.0, 2.0])  # pCTR 0.5, 0.25, ~0, 0.88
+    cvr = torch.tensor([0.5, -1.0, 0.3, 0.0])
+    conv = torch.tensor([1.0, 0.0, 1.0, 0.0])
+    exposures = torch.ones(4)
+    observed = torch.tensor([1.0, 1.0, 1.0, 0.0])  # row 3: clicked, conversion unknown
+    risk = escm2_ips_risk(ctr, cvr, conv, exposures, observed)
+
+    def bce(z, y):
+        p = 1 / (1 + math.exp(-z))
+        return -(y * math.log(p) + (1 - y) * math.log(1 - p))
+
+    expect = (bce(0.5, 1) / 0.5 + bce(-1.0, 0) / 0.25 + bce(0.3, 1) / 0.05) / 4
+    assert risk.item() == pytest.approx(expect, rel=1e-5)
+    ctr.requires_grad_(True)
+    cvr.requires_grad_(True)
+    escm2_ips_risk(ctr, cvr, conv, exposures, observed).backward()
+    assert ctr.grad is None and cvr.grad[3] == 0  # no gradient through the propensity

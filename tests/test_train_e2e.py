@@ -144,7 +144,16 @@ def test_same_seed_same_numbers(synth_data, tmp_path):
             "--model.expert_norm",
             "layer",
         ],
-        ["--model.head", "mmoe", "--model.esmm", "true", "--model.gate_dselect_k", "2"],
+        [
+            "--model.head",
+            "mmoe",
+            "--model.esmm",
+            "true",
+            "--model.gate_dselect_k",
+            "2",
+            "--model.escm2_ips",
+            "0.2",
+        ],
         [
             "--model.head",
             "stem",
