@@ -22,6 +22,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from mtl_dist.bench.training import cpu_line
 from mtl_dist.distributed.setup import keep_large_buffers
+from mtl_dist.models.experts import ExpertStyle
+from mtl_dist.models.funnel import AITM
 from mtl_dist.models.gates import GateConfig
 from mtl_dist.models.heads import PLE, MoE, SharedBottom
 from mtl_dist.precision import Precision, resolve_precision, set_head_precision
@@ -181,6 +183,11 @@ def main(argv: list[str] | None = None) -> None:
         "omoe top-2 (one gate)": MoE(
             D, names, E, hidden, [64], GateConfig(top_k=2), shared_gate=True
         ),
+        "mmoe dselect-2": MoE(D, names, E, hidden, [64], GateConfig(dselect_k=2)),
+        "mmoe swish + layer-norm experts": MoE(
+            D, names, E, hidden, [64], style=ExpertStyle("swish", "layer")
+        ),
+        "aitm (chain of all tasks)": AITM(D, names, names, hidden, [64]),
     }
     fns = {name: fwd_bwd(model.to(device), x) for name, model in heads.items()}
 
@@ -208,9 +215,12 @@ def main(argv: list[str] | None = None) -> None:
     if tuned:
         print("malloc: large blocks kept in the heap (keep_large_buffers), for every model below")
     print(f"\nforward+backward, batch {B}, input {D}, {E} experts of {hidden}, {T} tasks")
+    size = {name: sum(q.numel() for q in model.parameters()) for name, model in heads.items()}
+    print(f"  {'head':<32}{'samples/s':>12}{'vs mmoe':>9}{'parameters':>12}{'vs mmoe':>9}")
     for name, model in heads.items():
         note = f"  dispatch={model.last_dispatch}" if isinstance(model, MoE) else ""
-        print(f"  {name:<30}{B / secs[name]:>12,.0f} samples/s{note}")
+        print(f"  {name:<32}{B / secs[name]:>12,.0f}{secs['mmoe'] / secs[name]:>9.2f}"
+              f"{size[name]:>12,}{size[name] / size['mmoe']:>9.2f}{note}")  # fmt: skip
     ratio = secs["loop MMoE (baseline)"] / secs["mmoe"]
     print(f"  batched MMoE / loop = {ratio:.2f}x (target >= 1.4x)")
     # roofline: every FLOP of the MMoE at the plain matmul rate; no implementation beats it
