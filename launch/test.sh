@@ -4,4 +4,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/setup_env.sh .venv dev,bench   # bench: the peers the end-to-end benchmark test trains
 .venv/bin/ruff check mtl_dist data_tools tests examples
-.venv/bin/python -m pytest -q tests "$@"
+.venv/bin/python -m pytest -q --durations=25 tests "$@"

@@ -100,13 +100,17 @@ def test_sigterm_requeues_into_the_same_run_dir(slurm, synth_data, tmp_path):
         time.sleep(0.5)
     slurm.run(["scancel", "--batch", "--signal=TERM", job])
     # Slurm holds a requeued job back (Reason=BeginTime, ~2 min): release it once it is pending
-    deadline = time.time() + 90
+    # — but not within the second of the requeue: slurmd refuses a credential issued no later
+    # than the second it revoked the old one ("Job credential revoked": the job fails)
+    deadline, pending_since = time.time() + 90, None
     while True:
         info = slurm.jobs(job)[0]
         if info.get("Restarts") == "1" and info["JobState"] in ("RUNNING", "COMPLETED", "FAILED"):
             break  # running again (or done)
         if info["JobState"] == "PENDING" and info.get("Reason") == "BeginTime":
-            slurm.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=False)
+            pending_since = pending_since or time.time()
+            if time.time() - pending_since > 2.0:
+                slurm.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=False)
         assert time.time() < deadline, info
         time.sleep(0.5)
     (info,) = slurm.wait(job, timeout=240)
