@@ -1,6 +1,7 @@
 """What each loss balancer costs: ``python -m mtl_dist.bench.balancing``.
 
-Trains the same job (``--config``, default ``configs/default.toml``) under ``torchrun`` once per
+Trains the same job (``--config``, default ``configs/default.toml``, on ``--rows`` generated rows
+of the default workload) under ``torchrun`` once per
 balancer of ``--balancers`` (default: every registered one), ``--steps`` steps each, taking
 turns over ``--repeats`` rounds, and prints samples/s (steady: after the first 10 steps) of
 each beside ``fixed`` measured in the same run, with each task's validation AUC. Prints
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import statistics
 
+from data_tools.synth import generate
 from mtl_dist.bench.training import cpu_line, run_training
 from mtl_dist.config import BALANCERS
 
@@ -23,7 +25,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=150, help="training steps per run")
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--repeats", type=int, default=2, help="rounds, balancers taking turns")
+    p.add_argument("--rows", type=int, default=100_000, help="training rows generated")
+    p.add_argument("--data-root", default="data", help="where the generated data goes")
     a, overrides = p.parse_known_args(argv)
+    data = f"{a.data_root}/balancing_{a.rows}"
+    generate(data, a.rows, 20_000, files=4)  # the default workload (funnel)
+    overrides = [*overrides, "--data.train_path", f"{data}/train", "--data.val_path", f"{data}/val"]
     names = [b for b in a.balancers.split(",") if b]
     names = ["fixed"] + [b for b in names if b != "fixed"]
     rates: dict[str, list[float]] = {b: [] for b in names}
