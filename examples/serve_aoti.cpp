@@ -10,6 +10,7 @@
 // sparse feature its ids [N_f] int64, then per feature its offsets [B + 1] int64. This probe
 // feeds dense 0.5 everywhere and id 0 as every row's single id, and prints the output [B, T]:
 // a client builds the real inputs as examples/serve.py does.
+#include <ATen/ATen.h>
 #include <torch/csrc/inductor/aoti_package/model_package_loader.h>
 
 #include <iostream>

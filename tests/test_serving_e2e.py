@@ -206,6 +206,23 @@ def test_client_without_mtl_dist_reproduces_score(runs, client_python, tmp_path)
         for inputs in (one, empty):
             torch.testing.assert_close(program(*inputs), served(*inputs), rtol=1e-6, atol=1e-6)
 
+    # the AOTInductor package from C++, libtorch alone (examples/serve_aoti.cpp)
+    lib = Path(torch.__file__).parent
+    exe = tmp_path / "serve_aoti"
+    subprocess.run(
+        ["g++", "-std=c++17", "-O1", str(ROOT / "examples" / "serve_aoti.cpp"),
+         f"-I{lib / 'include'}", f"-I{lib / 'include/torch/csrc/api/include'}", f"-L{lib / 'lib'}",
+         "-ltorch", "-ltorch_cpu", "-lc10", f"-Wl,-rpath,{lib / 'lib'}", "-o", str(exe)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    n_dense, n_sparse = len(cfg.features.dense), len(cfg.features.sparse)
+    cpp = subprocess.run([str(exe), str(tmp_path / "aoti.pt2"), "3", str(n_dense), str(n_sparse)],
+                         check=True, capture_output=True, text=True)  # fmt: skip
+    probe = (torch.full((3, n_dense), 0.5), [torch.zeros(3, dtype=torch.long)] * n_sparse,
+             [torch.arange(4)] * n_sparse)  # fmt: skip
+    got = torch.tensor([[float(v) for v in line.split()] for line in cpp.stdout.splitlines()])
+    torch.testing.assert_close(got, served(*probe), rtol=1e-5, atol=1e-6)
+
     # the client, in the environment without mtl_dist: every package in one process
     script = f"""
 import importlib.util, sys
