@@ -62,3 +62,33 @@ class Balancer(nn.Module):
         """Called by the dense optimizer first thing in each step, after DDP averaged the
         gradients and before clipping (parameter-gradient balancers write theirs); nothing by
         default."""
+
+
+class GlobalLossRule(Balancer):
+    """A balancer whose weights are a function of this step's losses averaged over ranks
+    (:func:`global_losses`): ``weights(L̄ [T], ok [T]) → [T]`` on the tasks labelled somewhere
+    this step; the others keep their last weight (their loss is 0). A non-finite step changes
+    nothing. The training loss ``Σ_t w_t L_t`` (``w`` detached) has the method's gradient."""
+
+    def __init__(self, num_tasks: int) -> None:
+        super().__init__()
+        self.register_buffer("weights", torch.ones(num_tasks))
+
+    def forward(
+        self,
+        losses: torch.Tensor,
+        labelled: torch.Tensor | None = None,
+        finite: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if training_step(self):
+            mean, present = global_losses(losses.detach(), labelled)
+            ok = present & all_finite(finite, losses)
+            with torch.no_grad():
+                new = torch.where(ok, self.rule(mean, ok), self.weights)
+                keep = ok.any() & torch.isfinite(new).all()
+                self.weights.copy_(torch.where(keep, new, self.weights))
+        w = self.weights.clone()
+        return (w * losses).sum(), w
+
+    def rule(self, mean: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError

@@ -6,13 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mtl_dist.balancing.base import (
-    Balancer,
-    all_finite,
-    global_losses,
-    present_tasks,
-    training_step,
-)
+from mtl_dist.balancing.base import Balancer, GlobalLossRule, present_tasks, training_step
 
 
 class UncertaintyWeighting(Balancer):
@@ -61,7 +55,7 @@ class UncertaintyWeighting(Balancer):
         optimizer.register_step_post_hook(after)
 
 
-class FAMO(Balancer):
+class FAMO(GlobalLossRule):
     """FAMO (Liu et al., "FAMO: Fast Adaptive Multitask Optimization", NeurIPS 2023): decrease
     every task's loss at an equal rate, at the cost of one loss evaluation per step.
 
@@ -88,32 +82,18 @@ class FAMO(Balancer):
     betas = (0.9, 0.999)
 
     def __init__(self, num_tasks: int, lr: float, weight_decay: float) -> None:
-        super().__init__()
+        super().__init__(num_tasks)
         self.lr, self.weight_decay = lr, weight_decay
         for name in ("logits", "exp_avg", "exp_avg_sq", "previous"):
             self.register_buffer(name, torch.zeros(num_tasks))
         self.register_buffer("has_previous", torch.zeros(num_tasks, dtype=torch.bool))
         self.register_buffer("adam_steps", torch.zeros(()))
-        self.register_buffer("weights", torch.ones(num_tasks))
 
-    def forward(
-        self,
-        losses: torch.Tensor,
-        labelled: torch.Tensor | None = None,
-        finite: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        if training_step(self):
-            mean, present = global_losses(losses.detach(), labelled)
-            with torch.no_grad():
-                self.update(mean, present & all_finite(finite, losses))
-        w = self.weights.clone()
-        return (w * losses).sum(), w
-
-    def update(self, mean: torch.Tensor, ok: torch.Tensor) -> None:
-        """Learn ξ from the losses ``mean [T]`` (``ok``: labelled and finite), then set this step's
-        weights. Nothing changes when no task is ok."""
+    def rule(self, mean: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
+        """Learn ξ from the losses ``mean [T]`` (``ok``: labelled and finite), then return this
+        step's weights. Nothing changes when no task is ok."""
         if not bool(ok.any()):
-            return
+            return self.weights
         log_d = torch.log(mean + self.eps)
         both = ok & self.has_previous
         if bool(both.any()):
@@ -123,10 +103,9 @@ class FAMO(Balancer):
             self._adam_step(grad)
         z = torch.softmax(self.logits, 0)
         share = torch.where(ok, z / (mean + self.eps), 0.0)
-        new = len(z) * share / share.sum()
-        self.weights.copy_(torch.where(ok, new, self.weights))
         self.previous.copy_(torch.where(ok, log_d, self.previous))
         self.has_previous |= ok
+        return len(z) * share / share.sum()
 
     def _adam_step(self, grad: torch.Tensor) -> None:
         """One Adam step (Kingma & Ba 2015, bias-corrected) of ξ on ``grad``."""

@@ -8,13 +8,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from mtl_dist.balancing.base import (
-    Balancer,
-    all_finite,
-    all_sum,
-    global_losses,
-    training_step,
-)
+from mtl_dist.balancing.base import Balancer, GlobalLossRule, all_finite, all_sum, training_step
 
 
 class FixedWeights(Balancer):
@@ -140,37 +134,7 @@ class RandomLossWeighting(Balancer):
         self.steps = int(state["steps"])
 
 
-class _GlobalLossRule(Balancer):
-    """A balancer whose weights are a function of this step's losses averaged over ranks
-    (:func:`global_losses`): ``weights(L̄ [T], ok [T]) → [T]`` on the tasks labelled somewhere
-    this step; the others keep their last weight (their loss is 0). A non-finite step changes
-    nothing. The training loss ``Σ_t w_t L_t`` (``w`` detached) has the method's gradient."""
-
-    def __init__(self, num_tasks: int) -> None:
-        super().__init__()
-        self.register_buffer("weights", torch.ones(num_tasks))
-
-    def forward(
-        self,
-        losses: torch.Tensor,
-        labelled: torch.Tensor | None = None,
-        finite: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        if training_step(self):
-            mean, present = global_losses(losses.detach(), labelled)
-            ok = present & all_finite(finite, losses)
-            with torch.no_grad():
-                new = torch.where(ok, self.rule(mean, ok), self.weights)
-                keep = ok.any() & torch.isfinite(new).all()
-                self.weights.copy_(torch.where(keep, new, self.weights))
-        w = self.weights.clone()
-        return (w * losses).sum(), w
-
-    def rule(self, mean: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-
-class GeometricLoss(_GlobalLossRule):
+class GeometricLoss(GlobalLossRule):
     """GLS (Chennupati et al., "MultiNet++", CVPR Workshops 2019): the geometric mean of the task
     losses, ``(Π_t L_t)^{1/T}``, whose gradient weighs task t by ``G / (T · L_t)`` (G the
     geometric mean): a task's weight falls as its loss grows, so no task's scale dominates.
@@ -186,7 +150,7 @@ class GeometricLoss(_GlobalLossRule):
         return g / mean.clamp_min(self.eps)
 
 
-class SmoothTchebycheff(_GlobalLossRule):
+class SmoothTchebycheff(GlobalLossRule):
     """STCH (Lin et al., "Smooth Tchebycheff Scalarization for Multi-Objective Optimization",
     ICML 2024): ``μ · log Σ_t exp(λ_t (L_t − z*_t) / μ)``, a smooth maximum of the weighted
     losses (the Tchebycheff scalarisation as μ → 0). Here the ideal point ``z* = 0`` (the
