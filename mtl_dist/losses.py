@@ -223,7 +223,8 @@ class ModelWithLoss(nn.Module):
         self.esmm_ctcvr_preds = esmm_ctcvr_preds
         self.balancer = build_balancer(loss or LossConfig(), tasks, lambda: self.model.head)
         # representation-gradient balancers read the representation the head keeps for them
-        model.head.keep_shared = getattr(self.balancer, "needs_representation", False)
+        if isinstance(getattr(model, "head", None), nn.Module):
+            model.head.keep_shared = getattr(self.balancer, "needs_representation", False)
         self.register_buffer(
             "is_binary", torch.tensor([t.kind == "binary" for t in tasks]), persistent=False
         )
