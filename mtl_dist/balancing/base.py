@@ -44,6 +44,28 @@ def global_losses(
     return all_sum(losses) / ranks.clamp_min(1), present_tasks(labelled, losses)
 
 
+def task_gradients(losses: torch.Tensor, inputs: list[torch.Tensor]) -> torch.Tensor:
+    """Each task's gradient on ``inputs``, flattened and concatenated: ``[T, Σ numel]`` float32
+    (zeros where a loss does not reach an input, or has no graph: a task without labels). The
+    graph is kept for the training backward."""
+    rows = []
+    for loss in losses:
+        grads = (
+            torch.autograd.grad(loss, inputs, retain_graph=True, allow_unused=True)
+            if loss.requires_grad
+            else [None] * len(inputs)
+        )
+        rows.append(
+            torch.cat(
+                [
+                    (torch.zeros_like(x) if g is None else g).flatten().float()
+                    for x, g in zip(inputs, grads)
+                ]
+            )  # fmt: skip
+        )
+    return torch.stack(rows)
+
+
 def training_step(module: nn.Module) -> bool:
     """A training forward with autograd on: the only time a balancer updates its state (and
     runs collectives: validation forwards differ in number between ranks)."""

@@ -24,6 +24,7 @@ from mtl_dist.balancing.base import (
     all_finite,
     all_mean,
     present_tasks,
+    task_gradients,
     training_step,
 )
 
@@ -50,22 +51,7 @@ class ParameterBalancer(Balancer):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if training_step(self):
             params = [p for p in self.parameters_of() if p.requires_grad]
-            rows = []
-            for loss in losses:
-                grads = (
-                    torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
-                    if loss.requires_grad
-                    else [None] * len(params)
-                )
-                rows.append(
-                    torch.cat(
-                        [
-                            (torch.zeros_like(p) if g is None else g).flatten().float()
-                            for p, g in zip(params, grads)
-                        ]  # fmt: skip
-                    )
-                )
-            g = all_mean(torch.stack(rows))  # [T, n], the same on every rank
+            g = all_mean(task_gradients(losses, params))  # [T, n], the same on every rank
             ok = present_tasks(labelled, losses) & all_finite(finite, losses)
             with torch.no_grad():
                 combined = self.combine(g, ok)

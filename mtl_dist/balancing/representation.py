@@ -13,6 +13,7 @@ from mtl_dist.balancing.base import (
     all_mean,
     all_sum,
     present_tasks,
+    task_gradients,
     training_step,
 )
 
@@ -67,17 +68,7 @@ class GradNorm(Balancer):
     ) -> None:
         """One GradNorm step on ``self.weights`` from this step's task losses (with graph)."""
         W = self.shared()
-
-        def grad(loss: torch.Tensor) -> torch.Tensor:
-            g = (
-                torch.autograd.grad(loss, W, retain_graph=True, allow_unused=True)[0]
-                if loss.requires_grad
-                else None
-            )
-            return torch.zeros_like(W) if g is None else g
-
-        grads = torch.stack([grad(loss) for loss in losses])  # [T, *W.shape]
-        g = all_mean(grads.flatten(1)).norm(dim=1)  # [T]
+        g = all_mean(task_gradients(losses, [W])).norm(dim=1)  # [T]
         present = present_tasks(labelled, losses)
         ranks = (labelled > 0).sum(0) if labelled is not None else torch.ones_like(losses)
         L = all_sum(losses) / ranks.clamp_min(1)  # the mean over ranks with labels
@@ -144,15 +135,7 @@ class RepresentationBalancer(Balancer):
                 f"{type(self).__name__} needs the head's shared representation: the head kept "
                 "none (head.keep_shared is set by ModelWithLoss)"
             )
-        grads = []
-        for loss in losses:
-            g = (
-                torch.autograd.grad(loss, z, retain_graph=True, allow_unused=True)[0]
-                if loss.requires_grad
-                else None
-            )
-            grads.append(torch.zeros_like(z) if g is None else g)
-        flat = torch.stack(grads).flatten(1).float()  # [T, n]
+        flat = task_gradients(losses, [z])  # [T, n]
         gram = all_sum(flat @ flat.t())  # [T, T], the global batch's
         with torch.no_grad():
             idx = ok.nonzero().squeeze(1)
