@@ -35,7 +35,10 @@ data, task t scores ``u_t = w_t . z`` with ``w_conv = rho w_click + sqrt(1 - rho
 (likewise for watch), adds ``sum_i sin(a_i u_t + b_i)`` and a task-only interaction of one
 or two features (click: hour x device, conversion: price x user_level, watch: item age +
 category). Scales/offsets are calibrated once on a seeded sample to hit the target click
-rate / AUC and conversion rate / AUC. All latent parameters come from ``seed`` only; rows
+rate / AUC and conversion rate / AUC. ``--workload interactions`` (the peers' columns)
+replaces the task-only terms with pairwise products f_a(x_a) * f_b(x_b) of projections of the
+features' latent rows, five per task, two pairs shared by both tasks (see ``_INTERACTION_TERMS``
+and :func:`interaction_share`). All latent parameters come from ``seed`` only; rows
 are generated in fixed-size chunks, each with its own seeded stream, so same parameters and
 seed give identical values, with memory bounded for any size.
 """
@@ -172,6 +175,11 @@ WORKLOADS = {
     "peers": Workload(
         "peers", tuple(PEERS_SPARSE), 8, ("click", "purchase"), ("p_click", "p_purchase")
     ),
+    # the peers' features and tasks, but each task's logit is dominated by pairwise products of
+    # feature effects (``_INTERACTION_TERMS``), so an explicit interaction layer has work to do
+    "interactions": Workload(
+        "interactions", tuple(PEERS_SPARSE), 8, ("click", "purchase"), ("p_click", "p_purchase")
+    ),
     # the peers' workload as real logs hold it: user / item / author keys as strings and a
     # Criteo-style hex token (the same ids underneath, so the labels and oracle are the same)
     "strings": Workload(
@@ -203,6 +211,28 @@ _TASK_TERMS: dict[str, list[tuple[float, tuple[str, ...]]]] = {
     "click": [(0.6, ("hour_of_day", "device_type"))],
     "conversion": [(0.8, ("price_bucket",)), (0.6, ("price_bucket", "user_level"))],
     "watch_time": [(0.8, ("item_age_bucket",)), (0.6, ("category_id",))],
+}
+# ``--workload interactions``: pairwise products f_a(x_a) * f_b(x_b), where f_a is a fixed
+# projection of feature a's latent rows (damped for rare ids, so learnable), one projection per
+# pair. Pairs named for both tasks use the same f's (the tasks correlate through them); the
+# others belong to one task. They carry more than half of each task's score variance
+# (``interaction_share``), the additive projection of z and its sines the rest.
+_INTERACTION_TERMS: dict[str, list[tuple[float, tuple[str, ...]]]] = {
+    "click": [
+        (1.0, ("user_id", "category_id")),  # shared: a user's taste for a category
+        (0.7, ("item_id", "age_bucket")),  # shared: an item's appeal by age
+        (1.3, ("hour_of_day", "device_type")),
+        (1.0, ("gender", "subcategory_id")),
+        (1.0, ("city_id", "author_id")),
+    ],
+    "conversion": [
+        (1.0, ("user_id", "category_id")),
+        (0.7, ("item_id", "age_bucket")),
+        (0.9, ("price_bucket", "user_level")),
+        (0.7, ("item_age_bucket", "os_type")),
+        (0.5, ("user_id", "price_bucket")),
+    ],
+    "watch_time": [],
 }
 
 
@@ -348,10 +378,25 @@ def _build_model(seed: int, task_correlation: float, workload: str = "funnel") -
     sin_a = rng.uniform(0.5, 1.5, size=3)
     sin_b = rng.uniform(-math.pi, math.pi, size=3)
     vocab_of = {f.name: f.vocab for f in wl.sparse}
-    task_tables = {
-        t: [(c, feats, [rng.standard_normal(vocab_of[n]) for n in feats]) for c, feats in terms]
-        for t, terms in _TASK_TERMS.items()
-    }
+    if workload == "interactions":
+        table_of = {f.name: f.table for f in wl.sparse}
+        pairs: dict[tuple[str, ...], list[np.ndarray]] = {}  # one projection per pair and side
+        for terms in _INTERACTION_TERMS.values():
+            for _, feats in terms:
+                if feats not in pairs:
+                    v = rng.standard_normal((len(feats), k)) / math.sqrt(k)
+                    pairs[feats] = [
+                        (latent[table_of[n]] @ v[i]).astype(np.float64) for i, n in enumerate(feats)
+                    ]
+        task_tables = {
+            t: [(c, feats, pairs[feats]) for c, feats in terms]
+            for t, terms in _INTERACTION_TERMS.items()
+        }
+    else:
+        task_tables = {
+            t: [(c, feats, [rng.standard_normal(vocab_of[n]) for n in feats]) for c, feats in terms]
+            for t, terms in _TASK_TERMS.items()
+        }
     model = _Model(wl, perm, cdf, latent, dense_w, w, sin_a, sin_b, task_tables)
 
     # Calibration on a sample with its own stream: standardisation and logit scale/offset.
@@ -424,6 +469,17 @@ def _raw_z(model: _Model, cols: dict[str, Any], dense: np.ndarray) -> np.ndarray
     return z
 
 
+def _term_scores(model: _Model, cols: dict[str, Any], task: str) -> np.ndarray:
+    """The task-only terms of ``task``'s score: sum of coef * product of per-feature tables."""
+    s = np.zeros(len(next(iter(cols.values()))))
+    for coef, feats, tables in model.task_tables[task]:
+        term = np.full(s.shape, coef)
+        for name, tab in zip(feats, tables, strict=True):
+            term *= tab[cols[name]]
+        s += term
+    return s
+
+
 def _raw_scores(model: _Model, z: np.ndarray, cols: dict[str, Any]) -> dict[str, np.ndarray]:
     """Per-task score before standardisation: shared projection, sine terms, task-only terms."""
     out = {}
@@ -432,13 +488,20 @@ def _raw_scores(model: _Model, z: np.ndarray, cols: dict[str, Any]) -> dict[str,
         s = u.copy()
         for a, b in zip(model.sin_a, model.sin_b, strict=True):
             s += np.sin(a * u + b)
-        for coef, feats, tables in model.task_tables[t]:
-            term = np.full(u.shape, coef)
-            for name, tab in zip(feats, tables, strict=True):
-                term *= tab[cols[name]]
-            s += term
-        out[t] = s
+        out[t] = s + _term_scores(model, cols, t)
     return out
+
+
+def interaction_share(
+    seed: int = 0, task_correlation: float = 0.6, rows: int = 50_000
+) -> dict[str, float]:
+    """Share of the click and conversion scores' variance that the pairwise products of
+    ``--workload interactions`` carry (var(terms) / var(score), on a seeded sample of ``rows``)."""
+    model = _build_model(seed, task_correlation, "interactions")
+    cols, dense = _sample_features(model, np.random.default_rng([seed, 4]), rows)
+    z = (_raw_z(model, cols, dense) - model.z_mean) / model.z_std
+    raw = _raw_scores(model, z, cols)
+    return {t: float(_term_scores(model, cols, t).var() / raw[t].var()) for t in TASKS[:2]}
 
 
 def _make_chunk(
@@ -492,7 +555,7 @@ def _make_chunk(
     }
     arrays += [columns[name] for name in (*wl.labels, *wl.truth)]
     stats = {"click": click, "p_click": p_click}
-    if wl.name in ("peers", "strings"):
+    if "purchase" in wl.labels:  # two binary tasks on every row
         stats |= {"purchase": click & conv, "p_purchase": p_purchase}
     else:
         stats |= {
@@ -620,9 +683,10 @@ def _summary(meta: dict[str, Any]) -> str:
     def fmt(x: float | None) -> str:
         return "n/a" if x is None else f"{x:.3f}"
 
-    if p.get("workload") in ("peers", "strings"):
+    if p.get("workload") in ("peers", "strings", "interactions"):
         return (
-            f"train {p['train_rows']} rows, val {p['val_rows']} rows (peers' workload); val click "
+            f"train {p['train_rows']} rows, val {p['val_rows']} rows ({p['workload']} workload); val "
+            f"click "
             f"rate {fmt(v['click_rate'])} oracle AUC {fmt(o['click_auc'])}, purchase rate "
             f"{fmt(v['purchase_rate'])} oracle AUC {fmt(o['purchase_auc'])}"
         )
@@ -754,6 +818,81 @@ def generate(
     return meta
 
 
+def ctcvr_view(
+    src: str | os.PathLike[str], dst: str | os.PathLike[str], verbose: bool = True
+) -> dict[str, Any]:
+    """The funnel dataset at ``src`` as the peers take it, written under ``dst``.
+
+    Same rows and files; the single-hot sparse features and the dense ones, ``click`` and
+    ``purchase`` = click and conversion (the ESMM paper's CTCVR label: 0 where there was no
+    click) on every row, with ``p_click`` and ``p_purchase`` = p_click * p_conversion. The
+    multi-hot lists, ``conversion`` and ``watch_time`` are left out: the peers' MMoE takes
+    neither variable-length ids nor null labels. Reused when ``dst/meta.json`` names the same
+    source parameters.
+    """
+    src, out = Path(src), Path(dst)
+    meta = json.loads((src / "meta.json").read_text())
+    if meta["columns"]["multi_hot"] == [] or "conversion" not in meta["columns"]["labels"]:
+        raise ValueError(f"{src} is not a funnel dataset")
+    source = {"path": str(src.resolve()), "params": meta["params"]}
+    meta_path = out / "meta.json"
+    if meta_path.exists():
+        old = json.loads(meta_path.read_text())
+        if old.get("source") == source and all(
+            (out / f).exists() for s in old["splits"].values() for f in s["files"]
+        ):
+            return old
+    meta_path.unlink(missing_ok=True)
+    sparse = [f["name"] for f in meta["columns"]["sparse"]]
+    dense = list(meta["columns"]["dense"])
+    splits: dict[str, Any] = {}
+    for split, info in meta["splits"].items():
+        stats: dict[str, list[np.ndarray]] = {}
+        for name in info["files"]:
+            table = pq.read_table(src / name)
+            click = table["click"].to_numpy().astype(bool)
+            conv = table["conversion"].fill_null(0).to_numpy().astype(bool)
+            p_click = table["p_click"].to_numpy()
+            p_purchase = (p_click * table["p_conversion"].to_numpy()).astype(np.float32)
+            view = table.select([*sparse, *dense]).append_column("click", table["click"])
+            view = view.append_column("purchase", pa.array((click & conv).astype(np.int8)))
+            view = view.append_column("p_click", table["p_click"])
+            view = view.append_column("p_purchase", pa.array(p_purchase))
+            (out / name).parent.mkdir(parents=True, exist_ok=True)
+            pq.write_table(view, out / name, row_group_size=meta["params"]["row_group_size"])
+            for key, arr in (("click", click), ("p_click", p_click)):
+                stats.setdefault(key, []).append(arr)
+            stats.setdefault("purchase", []).append(click & conv)
+            stats.setdefault("p_purchase", []).append(p_purchase)
+        st = {key: np.concatenate(arrs) for key, arrs in stats.items()}
+        splits[split] = {"files": info["files"], **_oracle_metrics(st)}
+    view_meta = {
+        "generator": "data_tools.synth.ctcvr_view",
+        "source": source,
+        "params": {**meta["params"], "workload": "funnel_ctcvr"},
+        "columns": {
+            "strings": {},
+            "sparse": meta["columns"]["sparse"],
+            "multi_hot": [],
+            "dense": dense,
+            "labels": {"click": "int8", "purchase": "int8"},
+            "truth": {"click": "p_click", "purchase": "p_purchase"},
+        },
+        "splits": splits,
+    }
+    tmp = meta_path.with_name("meta.json.tmp")
+    tmp.write_text(json.dumps(view_meta, indent=2) + "\n")
+    os.replace(tmp, meta_path)
+    if verbose:
+        v = splits["val"]
+        print(
+            f"wrote {out} (funnel as click / purchase on every row): val click rate "
+            f"{v['click_rate']:.3f} oracle AUC {v['oracle']['click_auc']:.3f}, purchase rate "
+            f"{v['purchase_rate']:.3f} oracle AUC {v['oracle']['purchase_auc']:.3f}"
+        )
+    return view_meta
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """``mtl-datagen`` entry point."""
     ap = argparse.ArgumentParser(prog="mtl-datagen", description=__doc__.splitlines()[0])
@@ -772,8 +911,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         choices=sorted(WORKLOADS),
         default="funnel",
         help="funnel (default: 21 sparse incl. multi-hot, 12 dense, click/conversion/watch_time), "
-        "peers (16 single-hot, 8 dense, click and purchase on every row) or strings (peers with "
-        "user / item / author keys as strings and subcategory_id as a Criteo-style hex token)",
+        "peers (16 single-hot, 8 dense, click and purchase on every row), interactions (the "
+        "peers' columns, each task's logit dominated by pairwise products of feature effects) or "
+        "strings (peers with user / item / author keys as strings and subcategory_id as a "
+        "Criteo-style hex token)",
     )
     ap.add_argument(
         "--days",

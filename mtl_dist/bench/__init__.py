@@ -6,4 +6,6 @@
 * ``python -m mtl_dist.bench.peers`` (e2e's baselines): one peer's MMoE (torch-rechub or
   DeepCTR-Torch) trained through its own API; speed, peak RSS and test AUC as JSON.
 * ``python -m mtl_dist.bench.e2e``: end to end against torch-rechub and DeepCTR-Torch.
+* ``python -m mtl_dist.bench.quality``: test AUC ± std over seeds, ours with each head and
+  interaction option against the peers' MMoE on three workloads, with samples/s.
 """

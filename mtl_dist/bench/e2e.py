@@ -41,12 +41,15 @@ TASKS = ("click", "purchase")
 CONFIG = str(Path(__file__).resolve().parents[2] / "configs" / "peers.toml")
 
 
-def dataset(root: str, rows: int, test_rows: int, seed: int) -> tuple[str, dict]:
-    """The peers' workload with ``rows`` training rows under ``root`` (reused when present)."""
-    path = os.path.join(root, f"peers_{rows}_{test_rows}_s{seed}")
+def dataset(
+    root: str, rows: int, test_rows: int, seed: int, workload: str = "peers"
+) -> tuple[str, dict]:
+    """``mtl-datagen --workload <workload>`` (default the peers') with ``rows`` training rows
+    under ``root`` (reused when present)."""
+    path = os.path.join(root, f"{workload}_{rows}_{test_rows}_s{seed}")
     files = max(4, rows // 200_000)  # several files: ranks and workers split them evenly
     meta = generate(
-        path, rows, test_rows, files=files, seed=seed, workload="peers", val_files=2, verbose=True
+        path, rows, test_rows, files=files, seed=seed, workload=workload, val_files=2, verbose=True
     )
     return path, meta
 
@@ -67,14 +70,16 @@ def train_ours(
     args: argparse.Namespace,
     extra: list[str],
     precision: str = "fp32",
+    config: str = CONFIG,
 ) -> dict[str, object]:
-    """One torchrun training of ours on ``data`` (the benchmark's batch and seed); its metrics."""
+    """One torchrun training of ours on ``data`` (the benchmark's batch and seed) with
+    ``config`` (default ``configs/peers.toml``); its metrics."""
     overrides = [
         "--data.train_path", f"{data}/train", "--data.val_path", f"{data}/val",
         "--train.batch_size", str(args.batch), "--train.seed", str(args.seed),
         "--checkpoint.at_end", "false", "--train.precision", precision, *extra,
     ]  # fmt: skip
-    return run_training(CONFIG, overrides, procs, threads, timeout=args.timeout)
+    return run_training(config, overrides, procs, threads, timeout=args.timeout)
 
 
 def run_ours(
@@ -84,10 +89,11 @@ def run_ours(
     args: argparse.Namespace,
     extra: list[str],
     precision: str = "fp32",
+    config: str = CONFIG,
 ) -> dict[str, object]:
     """One epoch of ours at ``precision``; the row of the table."""
     t0 = time.perf_counter()
-    m = train_ours(data, procs, threads, args, extra, precision)
+    m = train_ours(data, procs, threads, args, extra, precision, config)
     val = m["metrics"]
     return {
         "system": "mtl-dist",

@@ -207,3 +207,117 @@ def test_rejects_bad_parameters(tmp_path: Path) -> None:
         synth.generate(tmp_path, **SMALL, task_correlation=1.5)
     with pytest.raises(SystemExit):
         synth.main(["--out", str(tmp_path), "--files", "0"])
+
+
+# --------------------------------------------------------------------------- interactions
+
+
+@pytest.fixture(scope="module")
+def interactions(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("interactions")
+    meta = synth.generate(out, 40_000, 4_000, 2, 8192, seed=0, workload="interactions")
+    return out, meta
+
+
+def test_interactions_schema(interactions: tuple[Path, dict]) -> None:
+    out, meta = interactions
+    table = _read(out / "train")
+    peers = synth.WORKLOADS["peers"].schema()
+    assert table.schema.equals(synth.WORKLOADS["interactions"].schema())
+    assert table.schema.names == peers.names  # the peers' columns: 16 single-hot, 8 dense
+    assert table.num_rows == 40_000 and meta["params"]["workload"] == "interactions"
+    click, purchase = table["click"].to_numpy(), table["purchase"].to_numpy()
+    assert table["purchase"].null_count == 0 and not (purchase & ~click).any()
+    p_click, p_purchase = table["p_click"].to_numpy(), table["p_purchase"].to_numpy()
+    assert ((p_purchase > 0) & (p_purchase <= p_click)).all()
+    v = meta["splits"]["val"]
+    assert 0.12 < v["click_rate"] < 0.18 and 0.70 < v["oracle"]["click_auc"] < 0.90
+    assert 0.015 < v["purchase_rate"] < 0.06 and v["oracle"]["purchase_auc"] > 0.75
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = p.astype(np.float64)
+    return np.log(p / (1 - p))
+
+
+def _interaction_variance(y: np.ndarray, a: np.ndarray, b: np.ndarray) -> float:
+    """Weighted variance of the two-way interaction residual of ``y`` over the cells (a, b):
+    cell mean - row mean - column mean + grand mean, cells with >= 20 rows (what no additive
+    function f(a) + g(b) can represent)."""
+    df = {"y": y, "a": a, "b": b}
+    keys_a, ia = np.unique(df["a"], return_inverse=True)
+    keys_b, ib = np.unique(df["b"], return_inverse=True)
+    n = np.zeros((len(keys_a), len(keys_b)))
+    total = np.zeros_like(n)
+    np.add.at(n, (ia, ib), 1)
+    np.add.at(total, (ia, ib), y)
+    ok = n >= 20
+    cell = np.where(ok, total / np.maximum(n, 1), 0.0)
+    w = np.where(ok, n, 0.0)
+    row = (cell * w).sum(1) / np.maximum(w.sum(1), 1)
+    col = (cell * w).sum(0) / np.maximum(w.sum(0), 1)
+    grand = (cell * w).sum() / w.sum()
+    resid = cell - row[:, None] - col[None, :] + grand
+    return float((w * resid**2).sum() / w.sum())
+
+
+def test_interactions_truth_is_not_additive(interactions: tuple[Path, dict]) -> None:
+    table = _read(interactions[0] / "train")
+    lc = _logit(table["p_click"].to_numpy())
+    lp = _logit(table["p_purchase"].to_numpy())
+
+    def col(name: str) -> np.ndarray:
+        return table[name].to_numpy()
+
+    # click's logit holds hour x device as a product: a large two-way interaction on those
+    # cells, against a pair that appears in no term (same kind of low-cardinality features)
+    inter = _interaction_variance(lc, col("hour_of_day"), col("device_type"))
+    control = _interaction_variance(lc, col("day_of_week"), col("os_type"))
+    assert inter > 0.02 * lc.var() and inter > 20 * control
+    # purchase's holds price x user_level; click's does not
+    inter_p = _interaction_variance(lp, col("price_bucket"), col("user_level"))
+    assert inter_p > 0.1 * lp.var()
+    assert inter_p > 20 * _interaction_variance(lc, col("price_bucket"), col("user_level"))
+    # by construction, the pairwise products carry most of each task's score
+    share = synth.interaction_share(seed=0, rows=20_000)
+    assert share["click"] > 0.5 and share["conversion"] > 0.5
+    # the shared pairs make the tasks correlate, the task-only ones keep them apart
+    assert 0.2 <= np.corrcoef(lc, lp)[0, 1] <= 0.95
+
+
+def test_interactions_deterministic(tmp_path: Path, interactions: tuple[Path, dict]) -> None:
+    kw = {**SMALL, "workload": "interactions", "verbose": False}
+    synth.generate(tmp_path / "a", **kw, seed=3)
+    synth._build_model.cache_clear()
+    synth.generate(tmp_path / "b", **kw, seed=3)
+    synth.generate(tmp_path / "c", **kw, seed=4)
+    synth.generate(tmp_path / "p", **{**kw, "workload": "peers"}, seed=3)
+    ta, tb, tc, tp = (_read(tmp_path / d / "train") for d in "abcp")
+    assert ta.equals(tb) and not ta.equals(tc)
+    # the same features as the peers' workload of that seed, other labels
+    assert ta.select(["user_id", "dense_0"]).equals(tp.select(["user_id", "dense_0"]))
+    assert not np.array_equal(ta["p_click"].to_numpy(), tp["p_click"].to_numpy())
+
+
+def test_ctcvr_view(tmp_path: Path) -> None:
+    src = tmp_path / "funnel"
+    meta = synth.generate(src, **SMALL, seed=1, verbose=False)
+    view = synth.ctcvr_view(src, tmp_path / "view", verbose=False)
+    for split in ("train", "val"):
+        full, t = _read(src / split), _read(tmp_path / "view" / split)
+        assert t.num_rows == full.num_rows
+        assert t.schema.names == [*synth.SPARSE_SINGLE, *synth.DENSE_FEATURES, "click",
+                                  "purchase", "p_click", "p_purchase"]  # fmt: skip
+        conv = full["conversion"].fill_null(0).to_numpy().astype(bool)
+        expect = full["click"].to_numpy().astype(bool) & conv
+        assert np.array_equal(t["purchase"].to_numpy().astype(bool), expect)
+        np.testing.assert_allclose(
+            t["p_purchase"].to_numpy(),
+            full["p_click"].to_numpy() * full["p_conversion"].to_numpy(),
+            rtol=1e-6,
+        )
+        assert view["splits"][split]["rows"] == meta["splits"][split]["rows"]
+    assert view["columns"]["labels"] == {"click": "int8", "purchase": "int8"}
+    mtime = (tmp_path / "view" / "meta.json").stat().st_mtime_ns
+    assert synth.ctcvr_view(src, tmp_path / "view", verbose=False) == view  # reused
+    assert (tmp_path / "view" / "meta.json").stat().st_mtime_ns == mtime
