@@ -21,7 +21,8 @@ option beside torch-rechub's and DeepCTR-Torch's MMoE, with the samples/s each p
 Prints, per workload, AUC mean ± std per task, mean samples/s and its ratio to the best peer's,
 and whether issue 19's target is met: each task's AUC ≥ the best peer's + 0.005 at ≥ 2× the
 best peer's samples/s. Writes ``quality.md`` and ``quality.json`` (every run, rewritten after
-each one, so an interrupted run keeps what it finished; ``--resume`` skips those).
+each one, so an interrupted run keeps what it finished; ``--resume`` skips those, and with a
+narrower selection adds runs to the table it already holds; ``--render`` only rewrites it).
 """
 
 from __future__ import annotations
@@ -116,7 +117,8 @@ def key_of(r: dict[str, object]) -> tuple:
 
 def summarise(runs: list[dict[str, object]]) -> dict[str, list[dict[str, object]]]:
     """Per workload: one row per system / head / interaction / regulariser, over its seeds:
-    AUC mean and std per task, mean samples/s, its ratio to the best peer and the target."""
+    AUC mean and std per task, the fastest seed's samples/s, its ratio to the best (fastest)
+    peer's, and whether the target is met."""
     groups: dict[tuple, list[dict]] = {}
     for r in runs:
         groups.setdefault(key_of(r)[:-1], []).append(r)
@@ -127,7 +129,8 @@ def summarise(runs: list[dict[str, object]]) -> dict[str, list[dict[str, object]
             "system": system, "head": head, "interaction": inter, "reg": reg, "seeds": len(rs),
             "auc": {t: statistics.fmean(v) for t, v in auc.items()},
             "auc_std": {t: statistics.stdev(v) if len(v) > 1 else 0.0 for t, v in auc.items()},
-            "samples_per_s": statistics.fmean(r["samples_per_s"] for r in rs),
+            # the fastest seed, as e2e keeps the fastest round: a busy neighbour only slows
+            "samples_per_s": max(r["samples_per_s"] for r in rs),
             "oracle_auc": rs[0]["oracle_auc"],
         })  # fmt: skip
     for rows in table.values():
@@ -189,7 +192,8 @@ def markdown(result: dict[str, object]) -> str:
         "",
         f"One epoch, {p['rows']:,} train / {p['test_rows']:,} test rows, batch {p['batch']}, "
         f"seeds {p['seeds']}; ours 1 process × {p['threads']} threads, peers 1 × {p['threads']}. "
-        f"AUC: mean ± std over seeds; Δ: against the best peer's mean; target: every task "
+        f"AUC: mean ± std over seeds; Δ: against the best peer's mean; samples/s: the fastest "
+        f"seed's; target: every task "
         f"Δ ≥ +{AUC_MARGIN} at ≥ {SPEED_RATIO:.0f}× the best peer's samples/s.",
     ]
     for wl, rows in result["table"].items():
@@ -198,9 +202,9 @@ def markdown(result: dict[str, object]) -> str:
         lines.append(
             "| system | head + interaction | "
             + " | ".join(f"{t} AUC (Δ)" for t in TASKS)
-            + " | samples/s | × best peer | target |"
+            + " | seeds | samples/s | × best peer | target |"
         )
-        lines.append("|---|---|" + "---|" * len(TASKS) + "---|---|---|")
+        lines.append("|---|---|" + "---|" * len(TASKS) + "---|---|---|---|")
         for r in rows:
             delta = r["auc_vs_best_peer"]
             aucs = " | ".join(
@@ -212,7 +216,7 @@ def markdown(result: dict[str, object]) -> str:
             met = {True: "✓", False: "✗", None: "-"}[r["target_met"]]
             what = name(r) if r["system"] == "mtl-dist" else "mmoe (its own)"
             lines.append(
-                f"| {r['system']} | {what} | {aucs} | {r['samples_per_s']:,.0f} | "
+                f"| {r['system']} | {what} | {aucs} | {r['seeds']} | {r['samples_per_s']:,.0f} | "
                 f"{'-' if ratio is None else f'{ratio:.2f}×'} | {met} |"
             )
         lines += ["", verdict(rows)]
@@ -256,7 +260,10 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     p.add_argument("--threads", type=int, default=2, help="threads of every run's one process")
     p.add_argument("--data-root", default="data")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per training run")
-    p.add_argument("--resume", action="store_true", help="keep the runs --out already holds")
+    p.add_argument(
+        "--resume", action="store_true", help="keep the runs --out holds; run only the others"
+    )
+    p.add_argument("--render", action="store_true", help="only rewrite the table from --out")
     p.add_argument("--out", default="runs/bench_quality")
     a = p.parse_args(argv)
     a.interaction_list = [x for x in a.interactions.split(",") if x]
@@ -280,8 +287,6 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         raise SystemExit(f"--workloads: unknown {unknown} (known: {', '.join(WORKLOADS)})")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    ours = variants(a)
-    print(cpu_line())
     result: dict[str, object] = {
         "cpu": cpu_line(),
         "date": time.strftime("%Y-%m-%d"),
@@ -289,8 +294,18 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         "runs": [],
     }
     done = {}
-    if a.resume and (out / "quality.json").exists():
-        done = {key_of(r): r for r in json.loads((out / "quality.json").read_text())["runs"]}
+    if (a.resume or a.render) and (out / "quality.json").exists():
+        old = json.loads((out / "quality.json").read_text())
+        if old["params"] != result["params"]:
+            raise SystemExit(f"--resume: {out} holds runs of {old['params']}, not these")
+        done = {key_of(r): r for r in old["runs"]}
+        result["runs"] = list(done.values())  # every run kept, also those not asked for now
+    if a.render:
+        table = write(result, out)
+        print(table)
+        return result
+    ours = variants(a)
+    print(cpu_line())
     data = {wl: workload_data(wl, a) for wl in a.workloads.split(",") if wl}
     todo = len(a.workloads.split(",")) * a.seeds * (len(ours) + len(peers))
     t0, n = time.perf_counter(), 0
@@ -303,7 +318,6 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
                 key = (wl, system, head, inter, reg, seed)
                 n += 1
                 if key in done:
-                    result["runs"].append(done[key])
                     continue
                 if kind == "peer":
                     r = run_peer(system, path, a.batch, 1, a.threads, seed, timeout=a.timeout)

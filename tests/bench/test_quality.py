@@ -43,6 +43,9 @@ def test_smoke_table(result):
     md = (out / "quality.md").read_text()
     assert "**funnel**" in md and "| mtl-dist | mmoe + none |" in md and "Target" in md
     assert md.startswith("CPU: ")
+    # --render rewrites the same table from quality.json alone, running nothing
+    assert quality.main(["--render", "--out", str(out)])["table"] == r["table"]
+    assert (out / "quality.md").read_text() == md
 
 
 def _run(system, head, inter, seed, click, purchase, speed, reg=""):
@@ -59,7 +62,7 @@ def test_target_against_the_best_peer_per_task():
         _run("deepctr_torch", "mmoe", "-", 0, 0.72, 0.78, 12_000),
         # both tasks >= best peer + 0.005 (0.725 / 0.805), and 2x the fastest peer
         _run("mtl-dist", "mmoe", "dcn_v2", 0, 0.726, 0.806, 25_000),
-        _run("mtl-dist", "mmoe", "dcn_v2", 1, 0.728, 0.808, 23_000),
+        _run("mtl-dist", "mmoe", "dcn_v2", 1, 0.728, 0.808, 20_000),
         _run("mtl-dist", "mmoe", "none", 0, 0.724, 0.830, 30_000),  # click short by 0.001
         _run("mtl-dist", "ple", "none", 0, 0.75, 0.85, 20_000),  # slow
     ]
@@ -68,7 +71,7 @@ def test_target_against_the_best_peer_per_task():
     assert dcn["seeds"] == 2 and dcn["auc"]["click"] == pytest.approx(0.727)
     assert dcn["auc_std"]["click"] == pytest.approx(math.sqrt(2e-6))
     assert dcn["auc_vs_best_peer"]["purchase"] == pytest.approx(0.007)
-    assert dcn["speed_vs_best_peer"] == pytest.approx(2.0)
+    assert dcn["speed_vs_best_peer"] == pytest.approx(25 / 12)  # its fastest seed
     assert dcn["target_met"] is True
     assert rows["mmoe + none"]["target_met"] is False
     assert rows["ple + none"]["target_met"] is False
