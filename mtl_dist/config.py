@@ -231,6 +231,12 @@ class ModelConfig:
         "ESCM2 (Wang et al. 2022) beside ESMM: weight of the counterfactual CVR risk, IPS form "
         "(clicked rows' CVR loss divided by pCTR, over all exposures); needs esmm_cvr_label = cvr",
     )
+    escm2_dr: float = opt(
+        0.0,
+        "ESCM2 beside ESMM: weight of the counterfactual CVR risk, doubly robust form, plus an "
+        "imputation tower predicting the CVR error on every exposure (its loss at the same "
+        "weight); needs esmm_cvr_label = cvr; not with escm2_ips",
+    )
     dense_batch_norm: bool = opt(True, "batch-normalise the dense features at the input")
 
 
@@ -629,12 +635,17 @@ def validate(cfg: JobConfig) -> None:
             raise ConfigError(
                 f"model.esmm_cvr_label: {cfg.model.esmm_cvr_label!r} is not cvr or ctcvr"
             )
-    if cfg.model.escm2_ips < 0 or (
-        cfg.model.escm2_ips > 0 and not (cfg.model.esmm and cfg.model.esmm_cvr_label == "cvr")
-    ):
+    for key in ("escm2_ips", "escm2_dr"):
+        value = getattr(cfg.model, key)
+        if value < 0 or (value > 0 and not (cfg.model.esmm and cfg.model.esmm_cvr_label == "cvr")):
+            raise ConfigError(
+                f"model.{key} = {value}: must be >= 0, and > 0 needs model.esmm = true with "
+                "esmm_cvr_label = cvr (the risk reweights the observed conversions)"
+            )
+    if cfg.model.escm2_ips > 0 and cfg.model.escm2_dr > 0:
         raise ConfigError(
-            f"model.escm2_ips = {cfg.model.escm2_ips}: must be >= 0, and > 0 needs model.esmm = "
-            "true with esmm_cvr_label = cvr (the risk reweights the observed conversions)"
+            "model.escm2_ips and model.escm2_dr are both > 0: choose one form of ESCM2's risk "
+            "(dr already contains the IPS-weighted term)"
         )
     for key, value, allowed in (
         ("expert_activation", cfg.model.expert_activation, ("relu", "swish")),

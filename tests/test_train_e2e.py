@@ -151,7 +151,7 @@ def test_same_seed_same_numbers(synth_data, tmp_path):
             "true",
             "--model.gate_dselect_k",
             "2",
-            "--model.escm2_ips",
+            "--model.escm2_dr",
             "0.2",
         ],
         [

@@ -24,7 +24,7 @@ from mtl_dist.models.collision import managed_ebc, managed_rows
 from mtl_dist.models.experts import ExpertStyle
 from mtl_dist.models.funnel import AITM
 from mtl_dist.models.gates import GateConfig
-from mtl_dist.models.heads import PLE, STEM, MoE, SharedBottom
+from mtl_dist.models.heads import PLE, STEM, MoE, SharedBottom, Towers
 
 
 def embedding_bag_configs(
@@ -106,6 +106,10 @@ class Ranker(nn.Module):
         self.grad_gate = GradGate()
         self.dense_names = [f"dense_{i}" for i in range(num_dense)]
         self.keep_input = False  # set to keep the head's input of the next forward (attribution)
+        # ESCM2-DR (``model.escm2_dr``): a tower [B, Din] → [B, 1] imputing each exposure's
+        # conversion; its logits of the last training forward ([B]) feed the loss
+        self.imputation: nn.Module | None = None
+        self.last_imputation: torch.Tensor | None = None
         self.last_input: tuple[torch.Tensor, list[str], list[int]] | None = None
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,6 +124,8 @@ class Ranker(nn.Module):
             widths = [dims[k] for k in self.feature_order]
             names = [*self.feature_order, *self.dense_names]
             self.last_input = (x, names, [*widths, *[1] * len(self.dense_names)])
+        if self.imputation is not None and self.training:  # no gradient into the input
+            self.last_imputation = self.imputation(x.detach())[:, 0]
         if self.task_ebcs is None:
             out = self.head(x)
         else:  # STEM: each task's own tables, [T, B, Dt]
@@ -222,6 +228,8 @@ def build_ranker(
         ebc, len(cfg.features.dense), head, cfg.model.dense_batch_norm, task_ebcs, mc_ebc
     )
     model.dense_names = list(cfg.features.dense)
+    if cfg.model.escm2_dr > 0:
+        model.imputation = Towers(1, in_dim, cfg.model.tower_hidden)
     return model
 
 
