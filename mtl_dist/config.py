@@ -20,6 +20,7 @@ import sys
 import types
 import typing
 from dataclasses import dataclass, field
+from graphlib import CycleError, TopologicalSorter
 from pathlib import Path
 from typing import Any
 
@@ -151,7 +152,9 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     head: str = opt(
-        "mmoe", "multi-task head: shared_bottom | omoe | mmoe | ple | stem | aitm (Xi et al. 2021)"
+        "mmoe",
+        "multi-task head: shared_bottom | omoe | mmoe | ple | stem | aitm (Xi et al. 2021) | "
+        "dbmtl (Wang et al. 2019)",
     )
     num_experts: int = opt(4, "experts E (omoe, mmoe)")
     expert_hidden: list[int] = opt([256, 128], "expert MLP widths; the last is the expert output H")
@@ -175,6 +178,15 @@ class ModelConfig:
     )
     aitm_calibration: float = opt(
         0.6, "aitm: weight of the calibrator max(p_t - p_(t-1), 0) along the chain (0: off)"
+    )
+    dbmtl_base: str = opt("mmoe", "dbmtl: the shared representation: mmoe | shared_bottom")
+    dbmtl_parents: list[str] = opt(
+        [],
+        "dbmtl: each task's parent tasks as task:parent+parent, e.g. conversion:click "
+        "([]: each task's parent is the task before it)",
+    )
+    dbmtl_relation_hidden: list[int] = opt(
+        [32], "dbmtl: widths of each task's relation MLP over its tower and its parents' outputs"
     )
     stem_features: list[str] = opt([], "stem: sparse features that get a table per task ([]: all)")
     stem_dim: int = opt(8, "stem: embedding dim of the task-specific tables")
@@ -590,9 +602,40 @@ BEST_METRICS = {"binary": ("auc", "gauc", "logloss"), "regression": ("mse", "mae
 HIGHER_IS_BETTER = ("auc", "gauc")
 
 
+def task_parents(spec: list[str], task_names: list[str]) -> dict[str, list[str]]:
+    """``model.dbmtl_parents`` (``["conversion:click", "watch_time:click+conversion"]``) as
+    ``{task: [parents]}``; empty: each task's parent is the task before it.
+
+    Raises:
+        ConfigError: a malformed entry, an unknown task (with the close match), a task listed
+            twice, or a cycle.
+    """
+    if not spec:
+        return {t: [p] for p, t in zip(task_names, task_names[1:])}
+    parents: dict[str, list[str]] = {}
+    for entry in spec:
+        child, sep, rest = entry.partition(":")
+        names = [child, *rest.split("+")] if sep and rest else []
+        if not names or not all(names):
+            raise ConfigError(f"model.dbmtl_parents: {entry!r} is not task:parent+parent")
+        for name in names:
+            if name not in task_names:
+                raise ConfigError(
+                    f"model.dbmtl_parents: no task named {name!r}" + _suggest(name, task_names)
+                )
+        if child in parents:
+            raise ConfigError(f"model.dbmtl_parents: task {child!r} listed twice")
+        parents[child] = names[1:]
+    try:
+        tuple(TopologicalSorter(parents).static_order())
+    except CycleError as e:
+        raise ConfigError(f"model.dbmtl_parents: a cycle {' -> '.join(e.args[1])}") from None
+    return parents
+
+
 def validate(cfg: JobConfig) -> None:
     """Cross-field checks that types alone cannot express."""
-    heads = ["shared_bottom", "omoe", "mmoe", "ple", "stem", "aitm"]
+    heads = ["shared_bottom", "omoe", "mmoe", "ple", "stem", "aitm", "dbmtl"]
     if cfg.model.head not in heads:
         raise ConfigError(
             f"model.head: unknown head {cfg.model.head!r}" + _suggest(cfg.model.head, heads)
@@ -608,6 +651,14 @@ def validate(cfg: JobConfig) -> None:
                 f"model.aitm_chain {chain}: needs 2 or more distinct binary tasks"
                 + (f"; not binary tasks: {bad}" + _suggest(bad[0], list(kinds)) if bad else "")
             )
+    if cfg.model.head == "dbmtl":
+        task_parents(cfg.model.dbmtl_parents, task_names)
+        if cfg.model.dbmtl_base not in ("mmoe", "shared_bottom"):
+            raise ConfigError(
+                f"model.dbmtl_base must be mmoe | shared_bottom, got {cfg.model.dbmtl_base!r}"
+            )
+        if not cfg.model.tower_hidden or not cfg.model.dbmtl_relation_hidden:
+            raise ConfigError("dbmtl: model.tower_hidden and dbmtl_relation_hidden need a layer")
     for name in cfg.model.stem_features:
         if name not in feature_names:
             raise ConfigError(

@@ -118,7 +118,16 @@ def test_same_seed_same_numbers(synth_data, tmp_path):
 @pytest.mark.parametrize(
     "head_args",
     [
-        ["--model.head", "shared_bottom", "--loss.balancer", "famo"],
+        [
+            "--model.head",
+            "dbmtl",
+            "--model.dbmtl_base",
+            "shared_bottom",
+            "--model.dbmtl_parents",
+            "conversion:click",
+            "--loss.balancer",
+            "famo",
+        ],
         ["--model.head", "omoe", "--model.expert_dropout", "0.1", "--loss.balancer", "gls"],
         [
             "--model.head",
@@ -173,7 +182,7 @@ def test_same_seed_same_numbers(synth_data, tmp_path):
             "stch",
         ],
     ],
-    ids=["shared_bottom", "omoe", "mmoe_top2", "ple", "mmoe_esmm", "stem", "aitm"],
+    ids=["dbmtl_shared_bottom", "omoe", "mmoe_top2", "ple", "mmoe_esmm", "stem", "aitm"],
 )
 def test_every_head_trains_sharded_under_torchrun(synth_data, tmp_path, head_args):
     """Each head trains on the sharded-embedding path with 2 processes and learns something."""

@@ -12,8 +12,9 @@ the next training forward keeps, per expert set, the share of each expert's outp
 are 0 on the whole batch (``head.last_dead``: ``{set: [E]}``, see
 :func:`mtl_dist.gate_health.dead_units`) — from the activations it computes anyway.
 
-Heads: :class:`SharedBottom`, :class:`MoE` (MMoE, or OMoE with one shared gate) and :class:`PLE`
-(CGC with one level). Experts and towers are :class:`StackedMLP` s: one batched op per layer.
+Heads: :class:`SharedBottom`, :class:`MoE` (MMoE, or OMoE with one shared gate), :class:`PLE`
+(CGC with one level) and :class:`STEM`. SharedBottom and MoE take other ``towers`` (DBMTL's
+:class:`~mtl_dist.models.dependent.DependentTowers`). Experts and towers are :class:`StackedMLP` s: one batched op per layer.
 """
 
 from __future__ import annotations
@@ -130,11 +131,12 @@ class SharedBottom(ExpertWatch, nn.Module):
         tower_dropout: float = 0.0,
         tower_batch_norm: bool = False,
         style: ExpertStyle = PLAIN_EXPERTS,
+        towers: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.num_tasks = num_tasks
         self.bottom = StackedMLP(1, in_dim, bottom_hidden, **style.kwargs())
-        self.towers = Towers(
+        self.towers = towers or Towers(
             num_tasks, bottom_hidden[-1], tower_hidden, tower_dropout, tower_batch_norm
         )
         self.last_gates: dict[str, torch.Tensor] = {}
@@ -185,6 +187,7 @@ class MoE(ExpertWatch, nn.Module):
         tower_batch_norm: bool = False,
         sparse_max_fraction: float = 0.5,
         style: ExpertStyle = PLAIN_EXPERTS,
+        towers: nn.Module | None = None,
     ) -> None:
         super().__init__()
         gate = gate or GateConfig()
@@ -194,7 +197,7 @@ class MoE(ExpertWatch, nn.Module):
         self.sparse_max_fraction = sparse_max_fraction
         self.experts = StackedMLP(num_experts, in_dim, expert_hidden, **style.kwargs())
         self.gates = Gates(in_dim, 1 if shared_gate else self.num_tasks, num_experts, gate)
-        self.towers = Towers(
+        self.towers = towers or Towers(
             self.num_tasks, expert_hidden[-1], tower_hidden, tower_dropout, tower_batch_norm
         )
         self.aux_names = _aux_names(gate)

@@ -17,10 +17,11 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.modules.mc_embedding_modules import ManagedCollisionEmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from mtl_dist.config import JobConfig, ModelConfig, SparseFeature
+from mtl_dist.config import JobConfig, ModelConfig, SparseFeature, task_parents
 from mtl_dist.data.batch import Batch
 from mtl_dist.guard import GradGate
 from mtl_dist.models.collision import managed_ebc, managed_rows
+from mtl_dist.models.dependent import DependentTowers
 from mtl_dist.models.experts import ExpertStyle
 from mtl_dist.models.funnel import AITM
 from mtl_dist.models.gates import GateConfig
@@ -258,6 +259,18 @@ def build_head(
         dselect_entropy_coef=m.gate_dselect_entropy_coef,
     )
     style = ExpertStyle(m.expert_activation, m.expert_norm)
+    towers = None
+    if m.head == "dbmtl":  # DBMTL: towers that read their parent tasks', over a base head
+        index = {t: i for i, t in enumerate(task_names)}
+        parents = task_parents(m.dbmtl_parents, task_names)
+        towers = DependentTowers(
+            len(task_names),
+            (m.bottom_hidden if m.dbmtl_base == "shared_bottom" else m.expert_hidden)[-1],
+            m.tower_hidden, m.dbmtl_relation_hidden,
+            {index[t]: [index[p] for p in ps] for t, ps in parents.items()},
+            m.tower_dropout, m.tower_batch_norm,
+        )  # fmt: skip
+        m = dataclasses.replace(m, head=m.dbmtl_base)
     if m.head == "aitm":
         return AITM(
             in_dim, task_names, m.aitm_chain or binary_tasks, m.expert_hidden, m.tower_hidden,
@@ -266,7 +279,7 @@ def build_head(
     if m.head == "shared_bottom":
         return SharedBottom(
             in_dim, len(task_names), m.bottom_hidden, m.tower_hidden, m.tower_dropout,
-            m.tower_batch_norm, style,
+            m.tower_batch_norm, style, towers,
         )  # fmt: skip
     if m.head == "stem":
         return STEM(
@@ -280,5 +293,5 @@ def build_head(
         )  # fmt: skip
     return MoE(
         in_dim, task_names, m.num_experts, m.expert_hidden, m.tower_hidden, gate,
-        shared_gate=m.head == "omoe", tower_dropout=m.tower_dropout, tower_batch_norm=m.tower_batch_norm, sparse_max_fraction=m.sparse_max_fraction, style=style,
+        shared_gate=m.head == "omoe", tower_dropout=m.tower_dropout, tower_batch_norm=m.tower_batch_norm, sparse_max_fraction=m.sparse_max_fraction, style=style, towers=towers,
     )  # fmt: skip
