@@ -154,7 +154,7 @@ class ModelConfig:
     head: str = opt(
         "mmoe",
         "multi-task head: shared_bottom | omoe | mmoe | ple | stem | aitm (Xi et al. 2021) | "
-        "dbmtl (Wang et al. 2019)",
+        "dbmtl (Wang et al. 2019) | pepnet (Chang et al. 2023)",
     )
     num_experts: int = opt(4, "experts E (omoe, mmoe)")
     expert_hidden: list[int] = opt([256, 128], "expert MLP widths; the last is the expert output H")
@@ -188,6 +188,17 @@ class ModelConfig:
     dbmtl_relation_hidden: list[int] = opt(
         [32], "dbmtl: widths of each task's relation MLP over its tower and its parents' outputs"
     )
+    pepnet_domain_features: list[str] = opt(
+        [],
+        "pepnet: features naming the domain / scenario; EPNet scales the head's input from them "
+        "([]: no EPNet)",
+    )
+    pepnet_prior_features: list[str] = opt(
+        [],
+        "pepnet: personal prior features (user / item / author ids); PPNet scales every tower "
+        "layer from them ([]: no PPNet)",
+    )
+    pepnet_gate_hidden: int = opt(64, "pepnet: hidden width of each Gate NU")
     stem_features: list[str] = opt([], "stem: sparse features that get a table per task ([]: all)")
     stem_dim: int = opt(8, "stem: embedding dim of the task-specific tables")
     gate_temperature: float = opt(
@@ -635,7 +646,7 @@ def task_parents(spec: list[str], task_names: list[str]) -> dict[str, list[str]]
 
 def validate(cfg: JobConfig) -> None:
     """Cross-field checks that types alone cannot express."""
-    heads = ["shared_bottom", "omoe", "mmoe", "ple", "stem", "aitm", "dbmtl"]
+    heads = ["shared_bottom", "omoe", "mmoe", "ple", "stem", "aitm", "dbmtl", "pepnet"]
     if cfg.model.head not in heads:
         raise ConfigError(
             f"model.head: unknown head {cfg.model.head!r}" + _suggest(cfg.model.head, heads)
@@ -659,6 +670,16 @@ def validate(cfg: JobConfig) -> None:
             )
         if not cfg.model.tower_hidden or not cfg.model.dbmtl_relation_hidden:
             raise ConfigError("dbmtl: model.tower_hidden and dbmtl_relation_hidden need a layer")
+    if cfg.model.head == "pepnet":
+        inputs = feature_names + list(cfg.features.dense)
+        for key in ("pepnet_domain_features", "pepnet_prior_features"):
+            for name in getattr(cfg.model, key):
+                if name not in inputs:
+                    raise ConfigError(f"model.{key}: no feature {name!r}" + _suggest(name, inputs))
+        if not cfg.model.pepnet_domain_features and not cfg.model.pepnet_prior_features:
+            raise ConfigError(
+                "model.head = pepnet needs model.pepnet_domain_features or pepnet_prior_features"
+            )
     for name in cfg.model.stem_features:
         if name not in feature_names:
             raise ConfigError(

@@ -175,6 +175,16 @@ def test_same_seed_same_numbers(synth_data, tmp_path):
         ],
         [
             "--model.head",
+            "pepnet",
+            "--model.pepnet_domain_features",
+            "device_type,network_type",
+            "--model.pepnet_prior_features",
+            "user_id,item_id,author_id",
+            "--loss.balancer",
+            "imtl_g",
+        ],
+        [
+            "--model.head",
             "aitm",
             "--model.aitm_chain",
             "click,conversion",
@@ -182,7 +192,7 @@ def test_same_seed_same_numbers(synth_data, tmp_path):
             "stch",
         ],
     ],
-    ids=["dbmtl_shared_bottom", "omoe", "mmoe_top2", "ple", "mmoe_esmm", "stem", "aitm"],
+    ids=["dbmtl_shared_bottom", "omoe", "mmoe_top2", "ple", "mmoe_esmm", "stem", "pepnet", "aitm"],
 )
 def test_every_head_trains_sharded_under_torchrun(synth_data, tmp_path, head_args):
     """Each head trains on the sharded-embedding path with 2 processes and learns something."""

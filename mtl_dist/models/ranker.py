@@ -26,6 +26,7 @@ from mtl_dist.models.experts import ExpertStyle
 from mtl_dist.models.funnel import AITM
 from mtl_dist.models.gates import GateConfig
 from mtl_dist.models.heads import PLE, STEM, MoE, SharedBottom, Towers
+from mtl_dist.models.pepnet import PEPNet
 
 
 def embedding_bag_configs(
@@ -224,7 +225,10 @@ def build_ranker(
         )
         task_dim = cfg.model.stem_dim * len(own)
     binary = [t.name for t in cfg.tasks if t.kind == "binary"]
-    head = build_head(cfg.model, in_dim, task_names, task_dim, binary)
+    dims = {f.name: f.embedding_dim for f in cfg.features.sparse}
+    order = _embedding_names(ebc) + _embedding_names(mc_ebc._embedding_module if mc_ebc else None)
+    layout = [(f, dims[f]) for f in order] + [(d, 1) for d in cfg.features.dense]
+    head = build_head(cfg.model, in_dim, task_names, task_dim, binary, layout)
     model = Ranker(
         ebc, len(cfg.features.dense), head, cfg.model.dense_batch_norm, task_ebcs, mc_ebc
     )
@@ -234,15 +238,35 @@ def build_ranker(
     return model
 
 
+def input_columns(layout: list[tuple[str, int]] | None, names: list[str]) -> list[int]:
+    """The columns of the head's input that ``names`` occupy, in ``names``' order.
+
+    Raises:
+        ValueError: a name not in ``layout`` (or no layout)."""
+    starts, at = {}, 0
+    for name, width in layout or []:
+        starts[name] = (at, width)
+        at += width
+    missing = [n for n in names if n not in starts]
+    if missing:
+        raise ValueError(f"features {missing} are not in the head's input {list(starts)}")
+    return [c for n in names for c in range(starts[n][0], sum(starts[n]))]
+
+
 def build_head(
     m: ModelConfig,
     in_dim: int,
     task_names: list[str],
     task_dim: int = 0,
     binary_tasks: list[str] | None = None,
+    layout: list[tuple[str, int]] | None = None,
 ) -> nn.Module:
     """The configured multi-task head over inputs of width ``in_dim`` (STEM: + ``task_dim`` per
-    task). ``binary_tasks``: AITM's default chain (default: every task)."""
+    task). ``binary_tasks``: AITM's default chain (default: every task). ``layout``: the input's
+    column blocks in order, ``(feature, width)`` (PEPNet finds its features' columns in it).
+
+    Raises:
+        ValueError: PEPNet without a ``layout`` holding its features."""
     binary_tasks = binary_tasks if binary_tasks is not None else list(task_names)
     gate = GateConfig(
         temperature=m.gate_temperature,
@@ -259,6 +283,12 @@ def build_head(
         dselect_entropy_coef=m.gate_dselect_entropy_coef,
     )
     style = ExpertStyle(m.expert_activation, m.expert_norm)
+    if m.head == "pepnet":
+        return PEPNet(
+            in_dim, task_names, input_columns(layout, m.pepnet_domain_features),
+            input_columns(layout, m.pepnet_prior_features), m.tower_hidden,
+            m.pepnet_gate_hidden, style,
+        )  # fmt: skip
     towers = None
     if m.head == "dbmtl":  # DBMTL: towers that read their parent tasks', over a base head
         index = {t: i for i, t in enumerate(task_names)}
