@@ -166,6 +166,16 @@ class ModelConfig:
         "normalise each expert's output before its activation: none | batch | layer (HoME's "
         "expert normalisation: every expert on one scale)",
     )
+    expert_feature_gate_rank: int = opt(
+        0,
+        "HoME's feature gate: each expert reads x * 2 sigmoid(x A B) with rank-r A, B of its own "
+        "(r; 0: off; not with gate_top_k or gate_gumbel)",
+    )
+    expert_self_gate: bool = opt(
+        False,
+        "HoME's self-gate (ple, stem): each task also adds its own experts weighted by "
+        "independent sigmoids, so a sparse task keeps training them",
+    )
     bottom_hidden: list[int] = opt([256, 128], "shared_bottom: the shared MLP's widths")
     tower_hidden: list[int] = opt([64], "per-task tower MLP widths before the output unit")
     tower_dropout: float = opt(0.0, "dropout after each tower hidden layer")
@@ -728,6 +738,23 @@ def validate(cfg: JobConfig) -> None:
                 f"model.{key} must be {' | '.join(allowed)}, got {value!r}"
                 + _suggest(value, list(allowed))
             )
+    if cfg.model.expert_feature_gate_rank < 0 or (
+        cfg.model.expert_feature_gate_rank
+        and cfg.model.head in ("omoe", "mmoe")
+        and (0 < cfg.model.gate_top_k < cfg.model.num_experts or cfg.model.gate_gumbel)
+    ):
+        raise ConfigError(
+            f"model.expert_feature_gate_rank = {cfg.model.expert_feature_gate_rank}: must be >= 0 "
+            "and, > 0, not with top-k or Gumbel gates (their sparse dispatch shares one input)"
+        )
+    if cfg.model.expert_self_gate and (
+        cfg.model.head not in ("ple", "stem") or cfg.model.ple_task_experts < 1
+    ):
+        raise ConfigError(
+            "model.expert_self_gate mixes each task's own experts: needs model.head = ple or stem "
+            f"with ple_task_experts >= 1 (head {cfg.model.head!r}, "
+            f"ple_task_experts {cfg.model.ple_task_experts})"
+        )
     if cfg.model.gate_dselect_k:
         clash = [k for k, on in (("gate_top_k", cfg.model.gate_top_k), ("gate_noisy",
                  cfg.model.gate_noisy), ("gate_gumbel", cfg.model.gate_gumbel)) if on]  # fmt: skip

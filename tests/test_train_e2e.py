@@ -152,6 +152,10 @@ def test_same_seed_same_numbers(synth_data, tmp_path):
             "swish",
             "--model.expert_norm",
             "layer",
+            "--model.expert_self_gate",
+            "true",
+            "--model.expert_feature_gate_rank",
+            "8",
         ],
         [
             "--model.head",

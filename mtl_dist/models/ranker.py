@@ -282,7 +282,7 @@ def build_head(
         dselect_gamma=m.gate_dselect_gamma,
         dselect_entropy_coef=m.gate_dselect_entropy_coef,
     )
-    style = ExpertStyle(m.expert_activation, m.expert_norm)
+    style = ExpertStyle(m.expert_activation, m.expert_norm, m.expert_feature_gate_rank)
     if m.head == "pepnet":
         return PEPNet(
             in_dim, task_names, input_columns(layout, m.pepnet_domain_features),
@@ -315,11 +315,13 @@ def build_head(
         return STEM(
             in_dim, task_dim, task_names, m.ple_shared_experts, m.ple_task_experts,
             m.expert_hidden, m.tower_hidden, gate, m.tower_dropout, m.tower_batch_norm, style,
+            m.expert_self_gate,
         )  # fmt: skip
     if m.head == "ple":
         return PLE(
             in_dim, task_names, m.ple_levels, m.ple_shared_experts, m.ple_task_experts,
             m.expert_hidden, m.tower_hidden, gate, m.tower_dropout, m.tower_batch_norm, style,
+            m.expert_self_gate,
         )  # fmt: skip
     return MoE(
         in_dim, task_names, m.num_experts, m.expert_hidden, m.tower_hidden, gate,
