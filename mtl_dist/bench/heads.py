@@ -22,10 +22,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from mtl_dist.bench.training import cpu_line
 from mtl_dist.distributed.setup import keep_large_buffers
+from mtl_dist.models.dependent import DependentTowers
 from mtl_dist.models.experts import ExpertStyle
 from mtl_dist.models.funnel import AITM
 from mtl_dist.models.gates import GateConfig
 from mtl_dist.models.heads import PLE, MoE, SharedBottom
+from mtl_dist.models.pepnet import PEPNet
 from mtl_dist.precision import Precision, resolve_precision, set_head_precision
 
 
@@ -188,6 +190,28 @@ def main(argv: list[str] | None = None) -> None:
             D, names, E, hidden, [64], style=ExpertStyle("swish", "layer")
         ),
         "aitm (chain of all tasks)": AITM(D, names, names, hidden, [64]),
+        "dbmtl over mmoe (chain)": MoE(
+            D,
+            names,
+            E,
+            hidden,
+            [64],
+            towers=DependentTowers(T, hidden[-1], [64], [32], {t: [t - 1] for t in range(1, T)}),
+        ),  # fmt: skip
+        "pepnet (16 domain, 48 prior cols)": PEPNet(
+            D, names, list(range(16)), list(range(16, 64)), [64]
+        ),
+        "ple + HoME feature (r 8) / self gates": PLE(
+            D,
+            names,
+            2,
+            2,
+            2,
+            hidden,
+            [64],
+            style=ExpertStyle(feature_gate_rank=8),
+            self_gate=True,
+        ),  # fmt: skip
     }
     fns = {name: fwd_bwd(model.to(device), x) for name, model in heads.items()}
 
