@@ -83,3 +83,25 @@ def test_export_serves_any_batch_with_tower_batch_norm_and_top_k_gates(norm):
     empty[1][0], empty[2][0] = empty[1][0][:0], torch.zeros(4, dtype=torch.long)
     for inputs in (example_inputs(cfg, batch=1, seed=1), empty, example_inputs(cfg, 7, seed=3)):
         torch.testing.assert_close(program(*inputs), served(*inputs), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "head_args",
+    [
+        ["--model.head", "dbmtl", "--model.dbmtl_parents", "conversion:click"],
+        ["--model.head", "pepnet", "--model.pepnet_domain_features", "device_type",
+         "--model.pepnet_prior_features", "user_id,dense_0"],
+        ["--model.head", "ple", "--model.expert_self_gate", "true",
+         "--model.expert_feature_gate_rank", "4", "--model.esmm", "true", "--model.escm2_dr",
+         "0.1"],
+    ],
+    ids=["dbmtl", "pepnet", "ple_home_gates_escm2_dr"],
+)  # fmt: skip
+def test_export_serves_the_newer_heads(head_args):
+    """DBMTL, PEPNet and HoME's gates export; the program equals the eager model at B = 1, 7."""
+    cfg = load_config(["--config", "configs/default.toml", "--model.expert_hidden", "32,16",
+                       *head_args])  # fmt: skip
+    served = build_served(cfg, build_unsharded(cfg).eval())
+    program = export_program(cfg, served).module()
+    for inputs in (example_inputs(cfg, batch=1, seed=1), example_inputs(cfg, 7, seed=3)):
+        torch.testing.assert_close(program(*inputs), served(*inputs), rtol=1e-6, atol=1e-6)

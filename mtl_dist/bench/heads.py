@@ -240,10 +240,10 @@ def main(argv: list[str] | None = None) -> None:
         print("malloc: large blocks kept in the heap (keep_large_buffers), for every model below")
     print(f"\nforward+backward, batch {B}, input {D}, {E} experts of {hidden}, {T} tasks")
     size = {name: sum(q.numel() for q in model.parameters()) for name, model in heads.items()}
-    print(f"  {'head':<32}{'samples/s':>12}{'vs mmoe':>9}{'parameters':>12}{'vs mmoe':>9}")
+    print(f"  {'head':<40}{'samples/s':>12}{'vs mmoe':>9}{'parameters':>12}{'vs mmoe':>9}")
     for name, model in heads.items():
         note = f"  dispatch={model.last_dispatch}" if isinstance(model, MoE) else ""
-        print(f"  {name:<32}{B / secs[name]:>12,.0f}{secs['mmoe'] / secs[name]:>9.2f}"
+        print(f"  {name:<40}{B / secs[name]:>12,.0f}{secs['mmoe'] / secs[name]:>9.2f}"
               f"{size[name]:>12,}{size[name] / size['mmoe']:>9.2f}{note}")  # fmt: skip
     ratio = secs["loop MMoE (baseline)"] / secs["mmoe"]
     print(f"  batched MMoE / loop = {ratio:.2f}x (target >= 1.4x)")

@@ -177,7 +177,8 @@ class SelfGates(nn.Module):
     def forward(self, x: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
         w = torch.sigmoid(self.logits(x))  # [T, B, Et]
         self.last_weights = w.detach()
-        return torch.einsum("tbe,tebh->tbh", w, own)
+        # a broadcast product, not einsum: einsum's path here guards on B != 1 under export
+        return (w.transpose(1, 2).unsqueeze(-1) * own).sum(1)
 
 
 def smooth_step(t: torch.Tensor, gamma: float) -> torch.Tensor:
