@@ -123,9 +123,9 @@ def by_precision(
         set_head_precision(head, Precision("fp32", "bench"))
     B = x.shape[0]
     print("\nprecision: forward+backward samples/s, and % of the roofline at that precision")
-    print(f"  {'head':<30}" + "".join(f"{p:>22}" for p in precisions))
+    print(f"  {'head':<40}" + "".join(f"{p:>22}" for p in precisions))
     rates = {p: 2 * n**3 / secs[f"matmul {p}"] / 1e9 for p in precisions}
-    print(f"  {'matmul GFLOP/s':<30}" + "".join(f"{rates[p]:>22,.1f}" for p in precisions))
+    print(f"  {'matmul GFLOP/s':<40}" + "".join(f"{rates[p]:>22,.1f}" for p in precisions))
     for name, head in heads.items():
         if isinstance(head, LoopMMoE):
             continue
@@ -137,7 +137,7 @@ def by_precision(
             rate = B / secs[f"{name} {p}"]
             roof = flops / (rates[p] * 1e9)
             cells.append(f"{rate:>12,.0f} ({roof / secs[f'{name} {p}']:>4.0%})")
-        print(f"  {name:<30}" + "".join(f"{c:>22}" for c in cells))
+        print(f"  {name:<40}" + "".join(f"{c:>22}" for c in cells))
 
 
 def _in(head: nn.Module, precision: Precision, step: Callable[[], None]) -> Callable[[], None]:
