@@ -271,6 +271,24 @@ class ModelConfig:
         "weight); needs esmm_cvr_label = cvr; not with escm2_ips",
     )
     dense_batch_norm: bool = opt(True, "batch-normalise the dense features at the input")
+    interaction: str = opt(
+        "none",
+        "feature interaction between the embeddings and the head: none | dot (DLRM pairwise dot "
+        "products) | fm (factorisation machine 2nd-order term per dimension) | dcn_v2 (DCN-V2 "
+        "cross network) | dcn_v2_lowrank | dcn_mix (mixture of low-rank cross experts)",
+    )
+    interaction_output: str = opt(
+        "concat",
+        "the head's input: concat ([x, interaction(x)]) | replace (interaction(x) alone)",
+    )
+    cross_layers: int = opt(3, "dcn_v2, dcn_v2_lowrank, dcn_mix: cross layers")
+    cross_low_rank: int = opt(64, "dcn_v2_lowrank, dcn_mix: rank r of each cross matrix U V")
+    cross_experts: int = opt(4, "dcn_mix: low-rank cross experts K per layer")
+    embedding_dropout: float = opt(
+        0.0,
+        "per-feature embedding dropout: in training, zero a sample's whole pooled embedding of "
+        "a feature with this probability, the kept ones scaled by 1/(1-p) (0: off)",
+    )
 
 
 @dataclass
@@ -283,6 +301,16 @@ class OptimConfig:
     )
     embedding_lr: float = opt(0.05, "learning rate of the embedding tables")
     embedding_eps: float = opt(1e-8, "epsilon of the (row-wise) Adagrad embedding optimizer")
+    embedding_weight_decay: float = opt(
+        0.0,
+        "weight decay of the embedding rows a batch touches, applied by fbgemm's fused "
+        "rowwise_adagrad (the only fused optimizer supporting it; 0: off)",
+    )
+    embedding_weight_decay_mode: str = opt(
+        "l2",
+        "embedding_weight_decay: l2 (wd * w added to the row's gradient, before Adagrad's "
+        "scaling) | decouple (w -= lr * wd * w, AdamW-style)",
+    )
     dense_schedule: str = opt(
         "constant", "dense lr after warm-up: constant | cosine | step | exponential"
     )
@@ -618,6 +646,8 @@ def _check_collision(f: SparseFeature, where: str, cfg: JobConfig) -> None:
 
 
 SCHEDULES = ("constant", "cosine", "step", "exponential")
+INTERACTIONS = ("none", "dot", "fm", "dcn_v2", "dcn_v2_lowrank", "dcn_mix")
+INTERACTION_OUTPUTS = ("concat", "replace")
 # metrics train.best_metric may name, per task kind; the first ones are "higher is better"
 BEST_METRICS = {"binary": ("auc", "gauc", "logloss"), "regression": ("mse", "mae")}
 HIGHER_IS_BETTER = ("auc", "gauc")
@@ -652,6 +682,47 @@ def task_parents(spec: list[str], task_names: list[str]) -> dict[str, list[str]]
     except CycleError as e:
         raise ConfigError(f"model.dbmtl_parents: a cycle {' -> '.join(e.args[1])}") from None
     return parents
+
+
+def _check_interaction(cfg: JobConfig) -> None:
+    """The interaction stage's and the embedding regularisers' keys."""
+    m = cfg.model
+    for key, value, allowed in (
+        ("interaction", m.interaction, INTERACTIONS),
+        ("interaction_output", m.interaction_output, INTERACTION_OUTPUTS),
+    ):
+        if value not in allowed:
+            raise ConfigError(
+                f"model.{key} must be {' | '.join(allowed)}, got {value!r}"
+                + _suggest(value, list(allowed))
+            )
+    for key in ("cross_layers", "cross_low_rank", "cross_experts"):
+        if getattr(m, key) < 1:
+            raise ConfigError(f"model.{key} must be >= 1, got {getattr(m, key)}")
+    sparse, dense = len(cfg.features.sparse), len(cfg.features.dense)
+    fields = sparse + (min(dense, 1) if m.interaction == "dot" else dense)
+    if m.interaction in ("dot", "fm") and (sparse < 1 or fields < 2):
+        raise ConfigError(
+            f"model.interaction = {m.interaction} needs a sparse feature and 2 or more fields "
+            f"(sparse features, {'the dense vector' if m.interaction == 'dot' else 'dense values'}"
+            f"), got {sparse} sparse and {dense} dense"
+        )
+    if not 0 <= m.embedding_dropout < 1:
+        raise ConfigError(f"model.embedding_dropout must lie in [0, 1), got {m.embedding_dropout}")
+    o = cfg.optim
+    if o.embedding_weight_decay_mode not in ("l2", "decouple"):
+        raise ConfigError(
+            f"optim.embedding_weight_decay_mode must be l2 | decouple, got "
+            f"{o.embedding_weight_decay_mode!r}"
+        )
+    if o.embedding_weight_decay < 0 or (
+        o.embedding_weight_decay > 0 and o.embedding_optimizer != "rowwise_adagrad"
+    ):
+        raise ConfigError(
+            f"optim.embedding_weight_decay = {o.embedding_weight_decay}: must be >= 0, and > 0 "
+            f"needs embedding_optimizer = rowwise_adagrad (fbgemm's fused adagrad and sgd "
+            f"ignore weight decay), got {o.embedding_optimizer!r}"
+        )
 
 
 def validate(cfg: JobConfig) -> None:
@@ -763,6 +834,7 @@ def validate(cfg: JobConfig) -> None:
                 f"model.gate_dselect_k = {cfg.model.gate_dselect_k} needs gate_dselect_gamma > 0 "
                 f"and replaces the softmax gate: not with {', '.join(clash) or 'a negative k'}"
             )
+    _check_interaction(cfg)
     if cfg.model.gate_top_k < 0 or cfg.model.gate_top_k > max(cfg.model.num_experts, 1):
         raise ConfigError(f"model.gate_top_k: {cfg.model.gate_top_k} must lie in [0, num_experts]")
     if not cfg.features.sparse and not cfg.features.dense:

@@ -241,9 +241,9 @@ class ServedRanker(nn.Module):
     """Raw inputs → each task's served value ``[B, T]``: the trained ranker end to end.
 
     ``forward(dense [B, Dd], values: [N_f] per feature, offsets: [B + 1] per feature)``: ids
-    through :class:`IdRemap`, the shared (and STEM's per-task) lookups, the dense normalisation
-    and head in eval mode, then :func:`mtl_dist.losses.task_predictions` (probabilities on the
-    true scale, ESMM's product) and ``expm1`` for ``log1p`` tasks — the numbers
+    through :class:`IdRemap`, the shared (and STEM's per-task) lookups, the dense normalisation,
+    interaction and head in eval mode, then :func:`mtl_dist.losses.task_predictions`
+    (probabilities on the true scale, ESMM's product) and ``expm1`` for ``log1p`` tasks — the numbers
     ``mtl_dist.score`` writes. Build it with :func:`build_served`.
     """
 
@@ -259,6 +259,7 @@ class ServedRanker(nn.Module):
         ctcvr: tuple[int, int] | None,
         expm1: torch.Tensor,
         zero_nonfinite_dense: bool,
+        interaction: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.remap = remap
@@ -266,6 +267,7 @@ class ServedRanker(nn.Module):
         self.per_task = per_task
         self.dense_norm = dense_norm
         self.head = head
+        self.interaction = interaction if interaction is not None else nn.Identity()
         self.register_buffer("is_binary", is_binary)
         self.register_buffer("negative_rate", negative_rate)
         self.register_buffer("expm1", expm1)
@@ -279,6 +281,7 @@ class ServedRanker(nn.Module):
         if self.zero_nonfinite_dense:  # data.dense_nan = "zero"
             dense = torch.where(torch.isfinite(dense), dense, torch.zeros_like(dense))
         x = torch.cat([self.shared(rows, offsets), self.dense_norm(dense)], dim=1)  # [B, Din]
+        x = self.interaction(x)
         if self.per_task is None:
             out = self.head(x)[0]
         else:  # STEM: each task's own tables, [T, B, Dt]
@@ -326,6 +329,7 @@ def build_served(
         ctcvr,
         torch.tensor([t.kind == "regression" and t.transform == "log1p" for t in cfg.tasks]),
         cfg.data.dense_nan == "zero",
+        copy.deepcopy(ranker.interaction).eval(),
     )
     return served.eval().requires_grad_(False)
 

@@ -213,6 +213,7 @@ def set_up_precision(cfg: JobConfig, loss_module: nn.Module, device: torch.devic
         tf32 = cfg.train.allow_tf32 and precision.name == "fp32"
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
     set_head_precision(loss_module.model.head, precision)
+    set_head_precision(loss_module.model.interaction, precision)  # an Identity: ignored
     if precision.loss_scaling:  # fp16: dynamic loss scaling over dense and fused table updates
         loss_module.switch.scaler = LossScaler(device)
     return precision

@@ -26,6 +26,7 @@ from mtl_dist.models.experts import ExpertStyle
 from mtl_dist.models.funnel import AITM
 from mtl_dist.models.gates import GateConfig
 from mtl_dist.models.heads import PLE, STEM, MoE, SharedBottom, Towers
+from mtl_dist.models.interaction import FeatureDropout, build_interaction
 from mtl_dist.models.pepnet import PEPNet
 
 
@@ -56,7 +57,8 @@ def embedding_bag_configs(
 
 
 class Ranker(nn.Module):
-    """Pooled embeddings ``[B, F·D]`` ⊕ dense ``[B, Dd]`` → head → outputs ``[B, T]`` + aux ``[A]``.
+    """Pooled embeddings ``[B, F·D]`` ⊕ dense ``[B, Dd]`` → interaction → head → outputs
+    ``[B, T]`` + aux ``[A]``.
 
     Args:
         ebc: the EmbeddingBagCollection (plain, or sharded by DMP); None when every table is managed.
@@ -67,6 +69,11 @@ class Ranker(nn.Module):
             head then also gets their pooled outputs ``[T, B, Dt]``.
         mc_ebc: the managed-collision tables (``collision = "managed"``: see
             ``models/collision.py``), plain or sharded; None without any.
+        interaction: maps the head's raw input ``[B, Din]`` to what the head reads (see
+            ``models/interaction.py``); None: the identity. ``last_input`` (attribution) keeps
+            the raw input, so attribution still ranks the input features.
+        embedding_dropout: applied to the pooled embeddings ``[B, Σ w_f]`` (a
+            :class:`~mtl_dist.models.interaction.FeatureDropout`); None: the identity.
 
     Example::
 
@@ -83,6 +90,8 @@ class Ranker(nn.Module):
         dense_batch_norm: bool = True,
         task_ebcs: nn.ModuleDict | None = None,
         mc_ebc: ManagedCollisionEmbeddingBagCollection | None = None,
+        interaction: nn.Module | None = None,
+        embedding_dropout: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.ebc = ebc
@@ -103,6 +112,10 @@ class Ranker(nn.Module):
             nn.BatchNorm1d(num_dense) if dense_batch_norm and num_dense else nn.Identity()
         )
         self.head = head
+        self.interaction = interaction if interaction is not None else nn.Identity()
+        self.embedding_dropout = (
+            embedding_dropout if embedding_dropout is not None else nn.Identity()
+        )
         # drops the gradient into the tables (and the dense input) of a step whose update the
         # non-finite guard closed: the fused embedding optimizers update inside backward
         self.grad_gate = GradGate()
@@ -119,7 +132,7 @@ class Ranker(nn.Module):
         if self.mc_ebc is not None:
             kts.append(self.managed_lookup(batch.sparse))
         pooled = KeyedTensor.regroup(kts, [self.feature_order])[0]  # [B, Σ dims], fixed order
-        pooled = pooled.float()  # fp16 tables: the head casts to its own precision from here
+        pooled = self.embedding_dropout(pooled.float())  # fp16 tables: fp32 from here
         x = self.grad_gate(torch.cat([pooled, self.dense_norm(batch.dense)], dim=1))  # [B, Din]
         if self.keep_input:  # x with the feature each column block belongs to
             dims = {k: d for kt in kts for k, d in zip(kt.keys(), kt.length_per_key())}
@@ -128,6 +141,7 @@ class Ranker(nn.Module):
             self.last_input = (x, names, [*widths, *[1] * len(self.dense_names)])
         if self.imputation is not None and self.training:  # no gradient into the input
             self.last_imputation = self.imputation(x.detach())[:, 0]
+        x = self.interaction(x)  # [B, Din'] (the identity without one)
         if self.task_ebcs is None:
             out = self.head(x)
         else:  # STEM: each task's own tables, [T, B, Dt]
@@ -203,8 +217,14 @@ def build_ranker(
         if managed
         else None
     )
-    emb_dim = sum(f.embedding_dim for f in cfg.features.sparse)
-    in_dim = emb_dim + len(cfg.features.dense)
+    # the pooled widths in the order the ranker concatenates them (its feature_order)
+    dims = {f.name: f.embedding_dim for f in cfg.features.sparse}
+    order = _embedding_names(ebc) + _embedding_names(
+        mc_ebc._embedding_module if mc_ebc is not None else None
+    )
+    widths = [dims[name] for name in order]
+    raw_dim = sum(widths) + len(cfg.features.dense)  # x: the pooled embeddings, dense values
+    interaction, in_dim = build_interaction(cfg.model, widths, len(cfg.features.dense))
     task_names = [t.name for t in cfg.tasks]
     task_ebcs, task_dim = None, 0
     if cfg.model.head == "stem":
@@ -225,16 +245,22 @@ def build_ranker(
         )
         task_dim = cfg.model.stem_dim * len(own)
     binary = [t.name for t in cfg.tasks if t.kind == "binary"]
-    dims = {f.name: f.embedding_dim for f in cfg.features.sparse}
-    order = _embedding_names(ebc) + _embedding_names(mc_ebc._embedding_module if mc_ebc else None)
-    layout = [(f, dims[f]) for f in order] + [(d, 1) for d in cfg.features.dense]
+    layout = [(f, dims[f]) for f in order] + [(d, 1) for d in cfg.features.dense]  # raw x
+    if cfg.model.interaction != "none":  # concat: x, then the interaction's columns; replace: those
+        concat = cfg.model.interaction_output == "concat"
+        extra = [("interaction", in_dim - raw_dim if concat else in_dim)]
+        layout = layout + extra if concat else extra
     head = build_head(cfg.model, in_dim, task_names, task_dim, binary, layout)
-    model = Ranker(
-        ebc, len(cfg.features.dense), head, cfg.model.dense_batch_norm, task_ebcs, mc_ebc
+    dropout = (
+        FeatureDropout(widths, cfg.model.embedding_dropout) if cfg.model.embedding_dropout else None
     )
+    model = Ranker(
+        ebc, len(cfg.features.dense), head, cfg.model.dense_batch_norm, task_ebcs, mc_ebc,
+        interaction, dropout,
+    )  # fmt: skip
     model.dense_names = list(cfg.features.dense)
     if cfg.model.escm2_dr > 0:
-        model.imputation = Towers(1, in_dim, cfg.model.tower_hidden)
+        model.imputation = Towers(1, raw_dim, cfg.model.tower_hidden)  # reads x
     return model
 
 
