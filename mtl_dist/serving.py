@@ -491,8 +491,9 @@ def export_program(cfg: JobConfig, served: ServedRanker) -> torch.export.Exporte
 
 
 class _BatchedMixes(TorchFunctionMode):
-    """The heads' expert mixes without einsum while exporting: ATen's einsum tests sizes
-    against 1 to broadcast, which would fix the batch at B ≠ 1 in the program. The same sums:
+    """The heads' expert mixes (and the cross networks' broadcast matmuls) without einsum
+    while exporting: ATen's einsum and matmul test sizes against 1 to broadcast, which would
+    fix the batch at B ≠ 1 in the program. The same sums:
     ``[B, G, E] × [E, B, H] → [G, B, H]`` and ``[B, E] × [E, B, H] → [B, H]`` as ``bmm`` over
     the batch, ``[B, T, E] × [T, E, B, H] → [T, B, H]`` as a product summed over E. A reshape
     (whose view-or-copy test would fix the batch too) copies, then views."""
@@ -508,6 +509,9 @@ class _BatchedMixes(TorchFunctionMode):
         if func is torch.einsum and args[0] == "bte,tebh->tbh":
             w, x = args[1], args[2]
             return (w.permute(1, 2, 0).unsqueeze(-1) * x).sum(1)
+        if func is torch.matmul and args[0].dim() == 2 and args[1].dim() == 3:
+            # TorchRec's cross networks: [N, M] × [B, M, 1] → [B, N, 1], as a linear map
+            return torch.nn.functional.linear(args[1].squeeze(2), args[0]).unsqueeze(2)
         if func is torch.Tensor.reshape:  # tower batch norm's [B, G·H] of a transposed [G, B, H]
             return args[0].clone(memory_format=torch.contiguous_format).view(*args[1:])
         return func(*args, **kwargs)

@@ -20,7 +20,7 @@ Options (``model.interaction``), built from TorchRec's modules where they exist:
 
 ``dot`` and ``fm`` need one vector per field of a common width ``D = max_f w_f``: a feature of
 width ``D`` is used as it is, a narrower one is mapped to ``D`` by its own learned linear map
-(:class:`FieldEmbeddings`; one batched einsum per distinct width). The dense values become
+(:class:`FieldEmbeddings`; one batched matmul per distinct width). The dense values become
 fields as each method defines them: DLRM maps the dense vector to one ``D``-vector (a linear
 map standing in for its bottom MLP), the FM gives dense value ``j`` the field ``x_j v_j``.
 
@@ -44,7 +44,7 @@ class FieldEmbeddings(nn.Module):
     ``[B, F, D]``, ``D = max_f w_f``.
 
     Features of width ``D`` pass unchanged; the features of each narrower width ``w`` are
-    projected together by stacked weights ``[F_w, w, D]`` (one einsum per width).
+    projected together by stacked weights ``[F_w, w, D]`` (one bmm per width).
 
     Args:
         widths: ``w_f`` per feature, in input order.
@@ -88,8 +88,9 @@ class FieldEmbeddings(nn.Module):
         parts = []
         for w in self.groups:
             stack = torch.stack([b for b, wf in zip(blocks, self.widths) if wf == w], 1)
-            if w < self.dim:  # [B, F_w, w] x [F_w, w, D] → [B, F_w, D]
-                stack = torch.einsum("bfw,fwd->bfd", stack, self.proj[str(w)])
+            if w < self.dim:  # [F_w, B, w] x [F_w, w, D] → [B, F_w, D]; bmm, not einsum:
+                # einsum's broadcast tests would fix the batch size in an exported program
+                stack = torch.bmm(stack.transpose(0, 1), self.proj[str(w)]).transpose(0, 1)
             parts.append(stack)
         return torch.cat(parts, 1)[:, self.order]
 
