@@ -289,6 +289,12 @@ class ModelConfig:
         "per-feature embedding dropout: in training, zero a sample's whole pooled embedding of "
         "a feature with this probability, the kept ones scaled by 1/(1-p) (0: off)",
     )
+    embedding_l2: float = opt(
+        0.0,
+        "L2 on the embedding rows a batch looks up, any optimizer and device: adds "
+        "embedding_l2/2 * mean over samples of the squared norm of the pooled embeddings to the "
+        "loss (single-hot features: each looked-up row, as often as it occurs; 0: off)",
+    )
 
 
 @dataclass
@@ -303,8 +309,9 @@ class OptimConfig:
     embedding_eps: float = opt(1e-8, "epsilon of the (row-wise) Adagrad embedding optimizer")
     embedding_weight_decay: float = opt(
         0.0,
-        "weight decay of the embedding rows a batch touches, applied by fbgemm's fused "
-        "rowwise_adagrad (the only fused optimizer supporting it; 0: off)",
+        "weight decay of the embedding rows a batch touches, inside fbgemm's fused "
+        "rowwise_adagrad on CUDA (fbgemm's CPU kernels ignore it: refused on CPU, use "
+        "model.embedding_l2 there; 0: off)",
     )
     embedding_weight_decay_mode: str = opt(
         "l2",
@@ -709,6 +716,8 @@ def _check_interaction(cfg: JobConfig) -> None:
         )
     if not 0 <= m.embedding_dropout < 1:
         raise ConfigError(f"model.embedding_dropout must lie in [0, 1), got {m.embedding_dropout}")
+    if m.embedding_l2 < 0:
+        raise ConfigError(f"model.embedding_l2 must be >= 0, got {m.embedding_l2}")
     o = cfg.optim
     if o.embedding_weight_decay_mode not in ("l2", "decouple"):
         raise ConfigError(

@@ -231,7 +231,8 @@ class GradientConflict(nn.Module):
 class ModelWithLoss(nn.Module):
     """``forward(batch) -> (loss, StepOutput)``, the contract of TorchRec's train pipelines.
 
-    loss = balancer(losses) + Σ aux, where the balancer (``mtl_dist.balancing``) weighs the
+    loss = balancer(losses) + Σ aux (+ the model's ``embedding_penalty`` in training, see
+    ``model.embedding_l2``), where the balancer (``mtl_dist.balancing``) weighs the
     task losses. ``esmm=(ctr_index, cvr_index)`` trains the CVR task through pCTCVR on all
     exposures (see :func:`esmm_ctcvr_loss`), plus ``escm2_ips`` times ESCM2's counterfactual
     risk (:func:`escm2_ips_risk`) or ``escm2_dr`` times its doubly robust form plus the
@@ -314,6 +315,9 @@ class ModelWithLoss(nn.Module):
         balanced = self.balancer(losses, labelled, finite)
         weighted, weights = balanced[0], balanced[1]
         loss = weighted + aux.sum()
+        penalty = getattr(self.model, "embedding_penalty", None)  # model.embedding_l2
+        if self.training and penalty is not None:
+            loss = loss + penalty
         if self.switch.scaler is not None:  # fp16: the backward runs on the scaled loss
             loss = loss * self.switch.scaler.scale
         verdict = self.gate(weights)  # filled when the switch resolves, before any update

@@ -239,6 +239,11 @@ def train(cfg: JobConfig, info: DistInfo) -> dict[str, object]:
     log(
         f"[precision] dense {precision.name} ({precision.reason}); tables {cfg.embedding.data_type}"
     )
+    if cfg.optim.embedding_weight_decay and info.device.type != "cuda":
+        raise ValueError(
+            "optim.embedding_weight_decay: fbgemm's CPU kernels ignore weight decay (measured in "
+            "tests/distributed/test_embedding_weight_decay.py); use model.embedding_l2 on CPU"
+        )
     model, plan = shard_model(loss_module, cfg.sharding, cfg.optim, info)
     log(
         f"[model] world {info.world_size} on {info.device} ({info.backend}); sharding plan:\n{describe_plan(plan)}"

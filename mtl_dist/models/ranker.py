@@ -74,6 +74,10 @@ class Ranker(nn.Module):
             the raw input, so attribution still ranks the input features.
         embedding_dropout: applied to the pooled embeddings ``[B, Σ w_f]`` (a
             :class:`~mtl_dist.models.interaction.FeatureDropout`); None: the identity.
+        embedding_l2: λ of the L2 penalty on the looked-up rows: a training forward leaves
+            ``embedding_penalty = λ/2 · mean_b ||pooled_b||²`` (0-dim; None otherwise), which
+            :class:`~mtl_dist.losses.ModelWithLoss` adds to the loss. Taken after the
+            gradient gate, so a skipped step (or fp16's loss scale) treats it as the task losses.
 
     Example::
 
@@ -92,6 +96,7 @@ class Ranker(nn.Module):
         mc_ebc: ManagedCollisionEmbeddingBagCollection | None = None,
         interaction: nn.Module | None = None,
         embedding_dropout: nn.Module | None = None,
+        embedding_l2: float = 0.0,
     ) -> None:
         super().__init__()
         self.ebc = ebc
@@ -116,6 +121,8 @@ class Ranker(nn.Module):
         self.embedding_dropout = (
             embedding_dropout if embedding_dropout is not None else nn.Identity()
         )
+        self.embedding_l2 = embedding_l2
+        self.embedding_penalty: torch.Tensor | None = None
         # drops the gradient into the tables (and the dense input) of a step whose update the
         # non-finite guard closed: the fused embedding optimizers update inside backward
         self.grad_gate = GradGate()
@@ -134,6 +141,10 @@ class Ranker(nn.Module):
         pooled = KeyedTensor.regroup(kts, [self.feature_order])[0]  # [B, Σ dims], fixed order
         pooled = self.embedding_dropout(pooled.float())  # fp16 tables: fp32 from here
         x = self.grad_gate(torch.cat([pooled, self.dense_norm(batch.dense)], dim=1))  # [B, Din]
+        if self.embedding_l2 and self.training:  # L2 on the looked-up rows (ModelWithLoss adds it)
+            self.embedding_penalty = (
+                0.5 * self.embedding_l2 * x[:, : pooled.shape[1]].square().sum(1).mean()
+            )
         if self.keep_input:  # x with the feature each column block belongs to
             dims = {k: d for kt in kts for k, d in zip(kt.keys(), kt.length_per_key())}
             widths = [dims[k] for k in self.feature_order]
@@ -256,7 +267,7 @@ def build_ranker(
     )
     model = Ranker(
         ebc, len(cfg.features.dense), head, cfg.model.dense_batch_norm, task_ebcs, mc_ebc,
-        interaction, dropout,
+        interaction, dropout, cfg.model.embedding_l2,
     )  # fmt: skip
     model.dense_names = list(cfg.features.dense)
     if cfg.model.escm2_dr > 0:

@@ -238,3 +238,32 @@ def test_dcn_v2_learns_a_pairwise_product_better_than_no_interaction():
     oracle = float(binary_auroc(logit, yt.long()))
     assert dcn > none + 0.01, (none, dcn, oracle)
     assert oracle - 0.015 < dcn < oracle, (dcn, oracle)
+
+
+def test_embedding_l2_penalty_is_added_to_the_training_loss_only():
+    """λ/2 · mean over samples of Σ_f ||pooled_f||², added by ModelWithLoss in training; the
+    attribution path and eval see no penalty."""
+    from mtl_dist.data.batch import ArrowBatchConverter
+    from mtl_dist.losses import ModelWithLoss
+    from mtl_dist.models.ranker import build_ranker
+    from tests.models.test_ranker import random_table
+
+    args = ["--config", "configs/default.toml", "--model.expert_hidden", "16,8"]
+    cfg = load_config([*args, "--model.embedding_l2", "0.3"])
+    torch.manual_seed(0)
+    model = ModelWithLoss(build_ranker(cfg, device="cpu"), cfg.tasks)
+    plain_cfg = load_config(args)
+    torch.manual_seed(0)
+    plain = ModelWithLoss(build_ranker(plain_cfg, device="cpu"), cfg.tasks)
+    batch = ArrowBatchConverter(cfg.features.sparse, cfg.features.dense, cfg.tasks)(
+        random_table(cfg, 32)
+    )
+    ranker = model.model
+    kt = ranker.ebc(batch.sparse)
+    pooled = torch.cat([kt[name] for name in ranker.feature_order], 1)  # [B, Σ w_f]
+    expected = 0.5 * 0.3 * float(pooled.square().sum(1).mean())
+    loss, _ = model(batch)
+    assert float(ranker.embedding_penalty) == pytest.approx(expected, rel=1e-5)
+    assert float(loss - plain(batch)[0]) == pytest.approx(expected, rel=1e-4)
+    model.eval(), plain.eval()
+    assert float(model(batch)[0]) == pytest.approx(float(plain(batch)[0]), rel=1e-6)
