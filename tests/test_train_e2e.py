@@ -234,6 +234,7 @@ INTERACTION_RUNS = {  # each option once, each under another head; the dense par
     "dcn_v2_stem": [
         "--model.interaction", "dcn_v2", "--model.cross_layers", "2", "--model.head", "stem",
         "--model.stem_features", "user_id,item_id", "--model.ple_task_experts", "1",
+        "--model.embedding_l2", "1e-4",
     ],
     "dcn_v2_lowrank_replace_aitm": [
         "--model.interaction", "dcn_v2_lowrank", "--model.interaction_output", "replace",
@@ -259,12 +260,12 @@ def test_every_interaction_trains_sharded_under_torchrun(synth_data, tmp_path, a
     from mtl_dist.export import build_unsharded, load_checkpoint_model
 
     result, _ = train(
-        synth_data, tmp_path, *args, "--train.max_steps", "120", "--train.batch_size", "256",
+        synth_data, tmp_path, *args, "--train.max_steps", "200", "--train.batch_size", "256",
         "--model.expert_hidden", "32,16", "--model.bottom_hidden", "32,16",
         "--train.val_max_batches", "20", "--monitor.attribution_batches", "2",
     )  # fmt: skip
     m = result["metrics"]
-    assert result["steps"] == 120
+    assert result["steps"] == 200
     assert m["click"]["auc"] > 0.6 and m["conversion"]["auc"] > 0.55, m
     attribution = (tmp_path / "attribution.csv").read_text().splitlines()
     assert len(attribution) == 1 + 21 + 12

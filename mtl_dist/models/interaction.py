@@ -22,7 +22,8 @@ Options (``model.interaction``), built from TorchRec's modules where they exist:
 width ``D`` is used as it is, a narrower one is mapped to ``D`` by its own learned linear map
 (:class:`FieldEmbeddings`; one batched matmul per distinct width). The dense values become
 fields as each method defines them: DLRM maps the dense vector to one ``D``-vector (a linear
-map standing in for its bottom MLP), the FM gives dense value ``j`` the field ``x_j v_j``.
+map standing in for its bottom MLP), the FM gives dense value ``j`` the field ``x_j u_j``.
+Every option maps an empty batch ``[0, Din]`` to ``[0, ·]``.
 
 TorchRec's ``torchrec.modules.deepfm.FactorizationMachine`` is not used: it flattens its input
 and sums the products of every pair of *scalars* (within one embedding too) into ``[B, 1]``,
@@ -194,6 +195,11 @@ class Interaction(nn.Module):
 
     Raises:
         ValueError: ``output`` is neither concat nor replace.
+
+    Example::
+
+        stage = Interaction(CrossNet(10, num_layers=2), in_dim=10, op_dim=10)
+        stage(torch.randn(8, 10)).shape   # [8, 20]: [x, cross(x)]
     """
 
     compute_dtype: torch.dtype | None = None
@@ -229,6 +235,12 @@ def build_interaction(m: ModelConfig, widths: list[int], num_dense: int) -> tupl
 
     Raises:
         ValueError: an unknown option, or ``dot`` / ``fm`` without enough fields.
+
+    Example::
+
+        m = ModelConfig(interaction="dcn_v2_lowrank", cross_low_rank=4)
+        stage, width = build_interaction(m, widths=[8, 8, 4], num_dense=3)   # width 2 · 23
+        stage(torch.randn(5, 23)).shape   # [5, 46]
     """
     in_dim = sum(widths) + num_dense
     kind = m.interaction

@@ -80,3 +80,17 @@ def test_fbgemm_cuda_rowwise_adagrad_applies_weight_decay():
     assert rowwise_adagrad_step("cuda", WeightDecayMode.DECOUPLE) == pytest.approx(
         [0.85, 1.8, 2.75, 3.7], 1e-5
     )
+
+
+def test_training_on_cpu_refuses_fused_weight_decay(synth_data, tmp_path):
+    """A silent no-op would mislead: the CPU run stops at start-up, naming model.embedding_l2."""
+    proc = torchrun(
+        ["-m", "mtl_dist.train", "--config", "configs/default.toml",
+         "--data.train_path", str(synth_data / "train"), "--data.val_path",
+         str(synth_data / "val"), "--train.output_dir", str(tmp_path), "--train.max_steps", "1",
+         "--optim.embedding_weight_decay", "0.01"],
+        nproc=1,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert "fbgemm's CPU kernels ignore weight decay" in proc.stderr
+    assert "model.embedding_l2" in proc.stderr

@@ -159,6 +159,7 @@ def test_head_input_width_for_concat_and_replace(kind, concat, replace):
         stage, width = build_interaction(model_cfg(kind, output), WIDTHS, NUM_DENSE)
         assert width == expected
         assert stage(X).shape == (3, expected)
+        assert stage(X[:0]).shape == (0, expected)  # an empty batch stays empty
 
 
 def test_config_rejects_bad_interaction_keys():
@@ -267,3 +268,15 @@ def test_embedding_l2_penalty_is_added_to_the_training_loss_only():
     assert float(loss - plain(batch)[0]) == pytest.approx(expected, rel=1e-4)
     model.eval(), plain.eval()
     assert float(model(batch)[0]) == pytest.approx(float(plain(batch)[0]), rel=1e-6)
+
+
+def test_reduced_precision_runs_the_interaction_under_autocast_and_returns_float32():
+    from mtl_dist.precision import Precision, set_head_precision
+
+    stage, _ = build_interaction(model_cfg("dcn_v2"), WIDTHS, NUM_DENSE)
+    ref = stage(X)
+    set_head_precision(stage, Precision("bf16", "test"))
+    assert stage.compute_dtype == torch.bfloat16
+    out = stage(X)
+    assert out.dtype == torch.float32 and not torch.equal(out, ref)  # bf16 matmuls rounded
+    torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)
