@@ -280,3 +280,28 @@ def test_reduced_precision_runs_the_interaction_under_autocast_and_returns_float
     out = stage(X)
     assert out.dtype == torch.float32 and not torch.equal(out, ref)  # bf16 matmuls rounded
     torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)
+
+
+def test_pepnet_reads_its_features_from_the_raw_input_before_the_interaction_columns():
+    """The head's input layout (PEPNet's domain / prior columns): with concat the raw x comes
+    first, so the features keep their columns; with replace they are gone, and building says so."""
+    from mtl_dist.data.batch import ArrowBatchConverter
+    from mtl_dist.models.ranker import build_ranker
+    from tests.models.test_ranker import random_table
+
+    args = ["--config", "configs/default.toml", "--model.head", "pepnet",
+            "--model.pepnet_domain_features", "device_type", "--model.pepnet_prior_features",
+            "user_id,dense_0", "--model.interaction", "dcn_v2"]  # fmt: skip
+    cfg = load_config(args)
+    torch.manual_seed(0)
+    ranker = build_ranker(cfg, device="cpu")
+    plain = build_ranker(load_config(args[:-2]), device="cpu")
+    for name in ("domain_columns", "prior_columns"):
+        assert torch.equal(getattr(ranker.head, name), getattr(plain.head, name))
+    assert ranker.head.prior_columns.numel() == 16 + 1  # user_id's embedding, dense_0
+    batch = ArrowBatchConverter(cfg.features.sparse, cfg.features.dense, cfg.tasks)(
+        random_table(cfg, 8)
+    )
+    assert ranker(batch)[0].shape == (8, 3)
+    with pytest.raises(ValueError, match="device_type"):
+        build_ranker(load_config([*args, "--model.interaction_output", "replace"]), device="cpu")
