@@ -34,7 +34,7 @@ import json
 import os
 import random
 import shutil
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +45,7 @@ import torch.distributed.checkpoint as dcp
 import xxhash
 from torch.distributed.checkpoint.api import CheckpointException
 
-from mtl_dist.config import JobConfig, to_dict
+from mtl_dist.config import JobConfig, ModelConfig, SparseFeature, TaskSpec, to_dict
 from mtl_dist.models.collision import history_state, restore_history
 
 SCHEMA_KEYS = ("features", "tasks", "model")  # what must match for weights to load
@@ -366,9 +366,40 @@ def schema_differences(saved: Any, now: Any, where: str) -> list[str]:
     return [f"{where}: saved {saved!r}, configured {now!r}"]
 
 
+def _defaults(cls: type) -> dict[str, Any]:
+    """The fields of dataclass ``cls`` that have defaults, as plain config data."""
+    out = {}
+    for f in fields(cls):
+        if f.default is not MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not MISSING:
+            out[f.name] = f.default_factory()
+    return out
+
+
+def with_new_keys(saved: dict[str, Any]) -> dict[str, Any]:
+    """A saved config's schema sections with every key it lacks at today's default.
+
+    A checkpoint written before a key existed was trained as that key's default computes (a new
+    option starts off), so an unchanged model resumes after an upgrade of mtl-dist instead of
+    being refused for keys it never had."""
+    out = dict(saved)
+    if isinstance(out.get("model"), dict):
+        out["model"] = {**_defaults(ModelConfig), **out["model"]}
+    features = out.get("features")
+    if isinstance(features, dict) and isinstance(features.get("sparse"), list):
+        sparse = [{**_defaults(SparseFeature), **f} for f in features["sparse"]]
+        out["features"] = {**features, "sparse": sparse}
+    if isinstance(out.get("tasks"), list):
+        out["tasks"] = [{**_defaults(TaskSpec), **t} for t in out["tasks"]]
+    return out
+
+
 def check_schema(saved: dict[str, Any], cfg: JobConfig, path: Path) -> None:
     """Refuse a checkpoint whose features, tasks or model differ from ``cfg``, naming every
-    differing field with its saved and configured value."""
+    differing field with its saved and configured value. Keys newer than the checkpoint count
+    at their defaults (:func:`with_new_keys`)."""
+    saved = with_new_keys(saved)
     now = to_dict(cfg)
     diffs = [d for k in SCHEMA_KEYS for d in schema_differences(saved.get(k), now[k], k)]
     if diffs:

@@ -20,6 +20,7 @@ import sys
 import types
 import typing
 from dataclasses import dataclass, field
+from graphlib import CycleError, TopologicalSorter
 from pathlib import Path
 from typing import Any
 
@@ -151,7 +152,9 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     head: str = opt(
-        "mmoe", "multi-task head: shared_bottom | omoe | mmoe | ple | stem | aitm (Xi et al. 2021)"
+        "mmoe",
+        "multi-task head: shared_bottom | omoe | mmoe | ple | stem | aitm (Xi et al. 2021) | "
+        "dbmtl (Wang et al. 2019) | pepnet (Chang et al. 2023)",
     )
     num_experts: int = opt(4, "experts E (omoe, mmoe)")
     expert_hidden: list[int] = opt([256, 128], "expert MLP widths; the last is the expert output H")
@@ -162,6 +165,16 @@ class ModelConfig:
         "none",
         "normalise each expert's output before its activation: none | batch | layer (HoME's "
         "expert normalisation: every expert on one scale)",
+    )
+    expert_feature_gate_rank: int = opt(
+        0,
+        "HoME's feature gate: each expert reads x * 2 sigmoid(x A B) with rank-r A, B of its own "
+        "(r; 0: off; not with gate_top_k or gate_gumbel)",
+    )
+    expert_self_gate: bool = opt(
+        False,
+        "HoME's self-gate (ple, stem): each task also adds its own experts weighted by "
+        "independent sigmoids, so a sparse task keeps training them",
     )
     bottom_hidden: list[int] = opt([256, 128], "shared_bottom: the shared MLP's widths")
     tower_hidden: list[int] = opt([64], "per-task tower MLP widths before the output unit")
@@ -176,6 +189,26 @@ class ModelConfig:
     aitm_calibration: float = opt(
         0.6, "aitm: weight of the calibrator max(p_t - p_(t-1), 0) along the chain (0: off)"
     )
+    dbmtl_base: str = opt("mmoe", "dbmtl: the shared representation: mmoe | shared_bottom")
+    dbmtl_parents: list[str] = opt(
+        [],
+        "dbmtl: each task's parent tasks as task:parent+parent, e.g. conversion:click "
+        "([]: each task's parent is the task before it)",
+    )
+    dbmtl_relation_hidden: list[int] = opt(
+        [32], "dbmtl: widths of each task's relation MLP over its tower and its parents' outputs"
+    )
+    pepnet_domain_features: list[str] = opt(
+        [],
+        "pepnet: features naming the domain / scenario; EPNet scales the head's input from them "
+        "([]: no EPNet)",
+    )
+    pepnet_prior_features: list[str] = opt(
+        [],
+        "pepnet: personal prior features (user / item / author ids); PPNet scales every tower "
+        "layer from them ([]: no PPNet)",
+    )
+    pepnet_gate_hidden: int = opt(64, "pepnet: hidden width of each Gate NU")
     stem_features: list[str] = opt([], "stem: sparse features that get a table per task ([]: all)")
     stem_dim: int = opt(8, "stem: embedding dim of the task-specific tables")
     gate_temperature: float = opt(
@@ -231,7 +264,37 @@ class ModelConfig:
         "ESCM2 (Wang et al. 2022) beside ESMM: weight of the counterfactual CVR risk, IPS form "
         "(clicked rows' CVR loss divided by pCTR, over all exposures); needs esmm_cvr_label = cvr",
     )
+    escm2_dr: float = opt(
+        0.0,
+        "ESCM2 beside ESMM: weight of the counterfactual CVR risk, doubly robust form, plus an "
+        "imputation tower predicting the CVR error on every exposure (its loss at the same "
+        "weight); needs esmm_cvr_label = cvr; not with escm2_ips",
+    )
     dense_batch_norm: bool = opt(True, "batch-normalise the dense features at the input")
+    interaction: str = opt(
+        "none",
+        "feature interaction between the embeddings and the head: none | dot (DLRM pairwise dot "
+        "products) | fm (factorisation machine 2nd-order term per dimension) | dcn_v2 (DCN-V2 "
+        "cross network) | dcn_v2_lowrank | dcn_mix (mixture of low-rank cross experts)",
+    )
+    interaction_output: str = opt(
+        "concat",
+        "the head's input: concat ([x, interaction(x)]) | replace (interaction(x) alone)",
+    )
+    cross_layers: int = opt(3, "dcn_v2, dcn_v2_lowrank, dcn_mix: cross layers")
+    cross_low_rank: int = opt(64, "dcn_v2_lowrank, dcn_mix: rank r of each cross matrix U V")
+    cross_experts: int = opt(4, "dcn_mix: low-rank cross experts K per layer")
+    embedding_dropout: float = opt(
+        0.0,
+        "per-feature embedding dropout: in training, zero a sample's whole pooled embedding of "
+        "a feature with this probability, the kept ones scaled by 1/(1-p) (0: off)",
+    )
+    embedding_l2: float = opt(
+        0.0,
+        "L2 on the embedding rows a batch looks up, any optimizer and device: adds "
+        "embedding_l2/2 * mean over samples of the squared norm of the pooled embeddings to the "
+        "loss (single-hot features: each looked-up row, as often as it occurs; 0: off)",
+    )
 
 
 @dataclass
@@ -244,6 +307,17 @@ class OptimConfig:
     )
     embedding_lr: float = opt(0.05, "learning rate of the embedding tables")
     embedding_eps: float = opt(1e-8, "epsilon of the (row-wise) Adagrad embedding optimizer")
+    embedding_weight_decay: float = opt(
+        0.0,
+        "weight decay of the embedding rows a batch touches, inside fbgemm's fused "
+        "rowwise_adagrad on CUDA (fbgemm's CPU kernels ignore it: refused on CPU, use "
+        "model.embedding_l2 there; 0: off)",
+    )
+    embedding_weight_decay_mode: str = opt(
+        "l2",
+        "embedding_weight_decay: l2 (wd * w added to the row's gradient, before Adagrad's "
+        "scaling) | decouple (w -= lr * wd * w, AdamW-style)",
+    )
     dense_schedule: str = opt(
         "constant", "dense lr after warm-up: constant | cosine | step | exponential"
     )
@@ -579,14 +653,90 @@ def _check_collision(f: SparseFeature, where: str, cfg: JobConfig) -> None:
 
 
 SCHEDULES = ("constant", "cosine", "step", "exponential")
+INTERACTIONS = ("none", "dot", "fm", "dcn_v2", "dcn_v2_lowrank", "dcn_mix")
+INTERACTION_OUTPUTS = ("concat", "replace")
 # metrics train.best_metric may name, per task kind; the first ones are "higher is better"
 BEST_METRICS = {"binary": ("auc", "gauc", "logloss"), "regression": ("mse", "mae")}
 HIGHER_IS_BETTER = ("auc", "gauc")
 
 
+def task_parents(spec: list[str], task_names: list[str]) -> dict[str, list[str]]:
+    """``model.dbmtl_parents`` (``["conversion:click", "watch_time:click+conversion"]``) as
+    ``{task: [parents]}``; empty: each task's parent is the task before it.
+
+    Raises:
+        ConfigError: a malformed entry, an unknown task (with the close match), a task listed
+            twice, or a cycle.
+    """
+    if not spec:
+        return {t: [p] for p, t in zip(task_names, task_names[1:])}
+    parents: dict[str, list[str]] = {}
+    for entry in spec:
+        child, sep, rest = entry.partition(":")
+        names = [child, *rest.split("+")] if sep and rest else []
+        if not names or not all(names):
+            raise ConfigError(f"model.dbmtl_parents: {entry!r} is not task:parent+parent")
+        for name in names:
+            if name not in task_names:
+                raise ConfigError(
+                    f"model.dbmtl_parents: no task named {name!r}" + _suggest(name, task_names)
+                )
+        if child in parents:
+            raise ConfigError(f"model.dbmtl_parents: task {child!r} listed twice")
+        parents[child] = names[1:]
+    try:
+        tuple(TopologicalSorter(parents).static_order())
+    except CycleError as e:
+        raise ConfigError(f"model.dbmtl_parents: a cycle {' -> '.join(e.args[1])}") from None
+    return parents
+
+
+def _check_interaction(cfg: JobConfig) -> None:
+    """The interaction stage's and the embedding regularisers' keys."""
+    m = cfg.model
+    for key, value, allowed in (
+        ("interaction", m.interaction, INTERACTIONS),
+        ("interaction_output", m.interaction_output, INTERACTION_OUTPUTS),
+    ):
+        if value not in allowed:
+            raise ConfigError(
+                f"model.{key} must be {' | '.join(allowed)}, got {value!r}"
+                + _suggest(value, list(allowed))
+            )
+    for key in ("cross_layers", "cross_low_rank", "cross_experts"):
+        if getattr(m, key) < 1:
+            raise ConfigError(f"model.{key} must be >= 1, got {getattr(m, key)}")
+    sparse, dense = len(cfg.features.sparse), len(cfg.features.dense)
+    fields = sparse + (min(dense, 1) if m.interaction == "dot" else dense)
+    if m.interaction in ("dot", "fm") and (sparse < 1 or fields < 2):
+        raise ConfigError(
+            f"model.interaction = {m.interaction} needs a sparse feature and 2 or more fields "
+            f"(sparse features, {'the dense vector' if m.interaction == 'dot' else 'dense values'}"
+            f"), got {sparse} sparse and {dense} dense"
+        )
+    if not 0 <= m.embedding_dropout < 1:
+        raise ConfigError(f"model.embedding_dropout must lie in [0, 1), got {m.embedding_dropout}")
+    if m.embedding_l2 < 0:
+        raise ConfigError(f"model.embedding_l2 must be >= 0, got {m.embedding_l2}")
+    o = cfg.optim
+    if o.embedding_weight_decay_mode not in ("l2", "decouple"):
+        raise ConfigError(
+            f"optim.embedding_weight_decay_mode must be l2 | decouple, got "
+            f"{o.embedding_weight_decay_mode!r}"
+        )
+    if o.embedding_weight_decay < 0 or (
+        o.embedding_weight_decay > 0 and o.embedding_optimizer != "rowwise_adagrad"
+    ):
+        raise ConfigError(
+            f"optim.embedding_weight_decay = {o.embedding_weight_decay}: must be >= 0, and > 0 "
+            f"needs embedding_optimizer = rowwise_adagrad (fbgemm's fused adagrad and sgd "
+            f"ignore weight decay), got {o.embedding_optimizer!r}"
+        )
+
+
 def validate(cfg: JobConfig) -> None:
     """Cross-field checks that types alone cannot express."""
-    heads = ["shared_bottom", "omoe", "mmoe", "ple", "stem", "aitm"]
+    heads = ["shared_bottom", "omoe", "mmoe", "ple", "stem", "aitm", "dbmtl", "pepnet"]
     if cfg.model.head not in heads:
         raise ConfigError(
             f"model.head: unknown head {cfg.model.head!r}" + _suggest(cfg.model.head, heads)
@@ -601,6 +751,24 @@ def validate(cfg: JobConfig) -> None:
             raise ConfigError(
                 f"model.aitm_chain {chain}: needs 2 or more distinct binary tasks"
                 + (f"; not binary tasks: {bad}" + _suggest(bad[0], list(kinds)) if bad else "")
+            )
+    if cfg.model.head == "dbmtl":
+        task_parents(cfg.model.dbmtl_parents, task_names)
+        if cfg.model.dbmtl_base not in ("mmoe", "shared_bottom"):
+            raise ConfigError(
+                f"model.dbmtl_base must be mmoe | shared_bottom, got {cfg.model.dbmtl_base!r}"
+            )
+        if not cfg.model.tower_hidden or not cfg.model.dbmtl_relation_hidden:
+            raise ConfigError("dbmtl: model.tower_hidden and dbmtl_relation_hidden need a layer")
+    if cfg.model.head == "pepnet":
+        inputs = feature_names + list(cfg.features.dense)
+        for key in ("pepnet_domain_features", "pepnet_prior_features"):
+            for name in getattr(cfg.model, key):
+                if name not in inputs:
+                    raise ConfigError(f"model.{key}: no feature {name!r}" + _suggest(name, inputs))
+        if not cfg.model.pepnet_domain_features and not cfg.model.pepnet_prior_features:
+            raise ConfigError(
+                "model.head = pepnet needs model.pepnet_domain_features or pepnet_prior_features"
             )
     for name in cfg.model.stem_features:
         if name not in feature_names:
@@ -629,12 +797,17 @@ def validate(cfg: JobConfig) -> None:
             raise ConfigError(
                 f"model.esmm_cvr_label: {cfg.model.esmm_cvr_label!r} is not cvr or ctcvr"
             )
-    if cfg.model.escm2_ips < 0 or (
-        cfg.model.escm2_ips > 0 and not (cfg.model.esmm and cfg.model.esmm_cvr_label == "cvr")
-    ):
+    for key in ("escm2_ips", "escm2_dr"):
+        value = getattr(cfg.model, key)
+        if value < 0 or (value > 0 and not (cfg.model.esmm and cfg.model.esmm_cvr_label == "cvr")):
+            raise ConfigError(
+                f"model.{key} = {value}: must be >= 0, and > 0 needs model.esmm = true with "
+                "esmm_cvr_label = cvr (the risk reweights the observed conversions)"
+            )
+    if cfg.model.escm2_ips > 0 and cfg.model.escm2_dr > 0:
         raise ConfigError(
-            f"model.escm2_ips = {cfg.model.escm2_ips}: must be >= 0, and > 0 needs model.esmm = "
-            "true with esmm_cvr_label = cvr (the risk reweights the observed conversions)"
+            "model.escm2_ips and model.escm2_dr are both > 0: choose one form of ESCM2's risk "
+            "(dr already contains the IPS-weighted term)"
         )
     for key, value, allowed in (
         ("expert_activation", cfg.model.expert_activation, ("relu", "swish")),
@@ -645,6 +818,23 @@ def validate(cfg: JobConfig) -> None:
                 f"model.{key} must be {' | '.join(allowed)}, got {value!r}"
                 + _suggest(value, list(allowed))
             )
+    if cfg.model.expert_feature_gate_rank < 0 or (
+        cfg.model.expert_feature_gate_rank
+        and cfg.model.head in ("omoe", "mmoe")
+        and (0 < cfg.model.gate_top_k < cfg.model.num_experts or cfg.model.gate_gumbel)
+    ):
+        raise ConfigError(
+            f"model.expert_feature_gate_rank = {cfg.model.expert_feature_gate_rank}: must be >= 0 "
+            "and, > 0, not with top-k or Gumbel gates (their sparse dispatch shares one input)"
+        )
+    if cfg.model.expert_self_gate and (
+        cfg.model.head not in ("ple", "stem") or cfg.model.ple_task_experts < 1
+    ):
+        raise ConfigError(
+            "model.expert_self_gate mixes each task's own experts: needs model.head = ple or stem "
+            f"with ple_task_experts >= 1 (head {cfg.model.head!r}, "
+            f"ple_task_experts {cfg.model.ple_task_experts})"
+        )
     if cfg.model.gate_dselect_k:
         clash = [k for k, on in (("gate_top_k", cfg.model.gate_top_k), ("gate_noisy",
                  cfg.model.gate_noisy), ("gate_gumbel", cfg.model.gate_gumbel)) if on]  # fmt: skip
@@ -653,6 +843,7 @@ def validate(cfg: JobConfig) -> None:
                 f"model.gate_dselect_k = {cfg.model.gate_dselect_k} needs gate_dselect_gamma > 0 "
                 f"and replaces the softmax gate: not with {', '.join(clash) or 'a negative k'}"
             )
+    _check_interaction(cfg)
     if cfg.model.gate_top_k < 0 or cfg.model.gate_top_k > max(cfg.model.num_experts, 1):
         raise ConfigError(f"model.gate_top_k: {cfg.model.gate_top_k} must lie in [0, num_experts]")
     if not cfg.features.sparse and not cfg.features.dense:

@@ -79,6 +79,43 @@ def escm2_ips_risk(
     return per_row.sum() / exposure_mask.sum().clamp_min(1.0)
 
 
+def escm2_dr_risk(
+    ctr_logit: torch.Tensor,
+    cvr_logit: torch.Tensor,
+    imputed_logit: torch.Tensor,
+    conversion: torch.Tensor,
+    exposure_mask: torch.Tensor,
+    observed: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """ESCM2's counterfactual CVR risk, doubly robust (DR) form (Wang et al., SIGIR 2022, after
+    Wang et al., "Doubly Robust Joint Learning for Recommendation on Data Missing Not at
+    Random", ICML 2019), and the imputation tower's loss. ``[B]`` each → two scalars.
+
+    The imputation tower predicts a conversion ``r̃_i = σ(imputed_logit_i)`` for every exposure;
+    its imputed error is ``ê_i = BCE(r̃_i, pCVR_i)`` (r̃ without gradient: the error the CVR
+    model would make against the pseudo-label). With the observed error ``e_i = BCE(r_i,
+    pCVR_i)`` on clicked rows whose conversion is known (``o_i``) and the propensity ``p̂_i =
+    max(pCTR_i, MIN_PROPENSITY)`` (no gradient):
+
+    * risk ``R_DR = Σ_i m_i [ê_i + o_i (e_i − ê_i) / p̂_i] / Σ_i m_i`` over the exposures
+      (``exposure_mask`` m): unbiased when either the propensity or the imputation is right;
+      it trains the CVR tower on every exposure, unclicked ones through ``ê``;
+    * imputation loss ``Σ_i m_i o_i (e_i − ê'_i)² / p̂_i / Σ_i m_i`` with ``ê'`` from the CVR
+      logits without gradient: it trains the imputation tower only, to predict the CVR
+      model's error where it is observed, reweighted to the entire space.
+    """
+    bce = F.binary_cross_entropy_with_logits
+    propensity = torch.sigmoid(ctr_logit).detach().clamp_min(MIN_PROPENSITY)
+    o = exposure_mask * (observed > 0).to(cvr_logit.dtype)
+    error = bce(cvr_logit, conversion, reduction="none")  # e_i (read on observed rows only)
+    imputed = bce(cvr_logit, torch.sigmoid(imputed_logit).detach(), reduction="none")  # ê_i
+    per_row = exposure_mask * imputed + o * (error - imputed) / propensity
+    total = exposure_mask.sum().clamp_min(1.0)
+    fit = bce(cvr_logit.detach(), torch.sigmoid(imputed_logit), reduction="none")  # ê'_i
+    imputation = (o * (error.detach() - fit).square() / propensity).sum() / total
+    return per_row.sum() / total, imputation
+
+
 def ctcvr_weights(
     ctr_label: torch.Tensor, ctr_mask: torch.Tensor, cvr_mask: torch.Tensor
 ) -> torch.Tensor:
@@ -194,10 +231,12 @@ class GradientConflict(nn.Module):
 class ModelWithLoss(nn.Module):
     """``forward(batch) -> (loss, StepOutput)``, the contract of TorchRec's train pipelines.
 
-    loss = balancer(losses) + Σ aux, where the balancer (``mtl_dist.balancing``) weighs the
+    loss = balancer(losses) + Σ aux (+ the model's ``embedding_penalty`` in training, see
+    ``model.embedding_l2``), where the balancer (``mtl_dist.balancing``) weighs the
     task losses. ``esmm=(ctr_index, cvr_index)`` trains the CVR task through pCTCVR on all
     exposures (see :func:`esmm_ctcvr_loss`), plus ``escm2_ips`` times ESCM2's counterfactual
-    risk (:func:`escm2_ips_risk`). Tasks with ``negative_rate < 1`` see their
+    risk (:func:`escm2_ips_risk`) or ``escm2_dr`` times its doubly robust form plus the
+    imputation tower's loss (:func:`escm2_dr_risk`; the ranker's ``imputation`` tower). Tasks with ``negative_rate < 1`` see their
     negatives downsampled in training; predictions are corrected back to the true scale.
 
     Every training step goes through the non-finite guard (:mod:`mtl_dist.guard`,
@@ -215,11 +254,13 @@ class ModelWithLoss(nn.Module):
         esmm_ctcvr_preds: bool = False,
         on_nonfinite: str = "stop",
         escm2_ips: float = 0.0,
+        escm2_dr: float = 0.0,
     ) -> None:
         super().__init__()
         self.model = model
         self.esmm = esmm
         self.escm2_ips = escm2_ips
+        self.escm2_dr = escm2_dr
         self.esmm_ctcvr_preds = esmm_ctcvr_preds
         self.balancer = build_balancer(loss or LossConfig(), tasks, lambda: self.model.head)
         # representation-gradient balancers read the representation the head keeps for them
@@ -259,6 +300,12 @@ class ModelWithLoss(nn.Module):
                 ctcvr = ctcvr + self.escm2_ips * escm2_ips_risk(
                     outputs[:, c], outputs[:, v], batch.labels[:, v], mask[:, c], batch.mask[:, v]
                 )
+            if self.escm2_dr > 0:  # + its doubly robust form and the imputation tower's loss
+                dr = escm2_dr_risk(
+                    outputs[:, c], outputs[:, v], self.model.last_imputation, batch.labels[:, v],
+                    mask[:, c], batch.mask[:, v],
+                )  # fmt: skip
+                ctcvr = ctcvr + self.escm2_dr * (dr[0] + dr[1])
             losses = torch.cat([losses[:v], ctcvr.unsqueeze(0), losses[v + 1 :]])
             mask = torch.cat([mask[:, :v], weight.unsqueeze(1), mask[:, v + 1 :]], 1)
         conflict = self.conflict(losses)  # [T, T] when armed, else [0, 0]
@@ -268,6 +315,9 @@ class ModelWithLoss(nn.Module):
         balanced = self.balancer(losses, labelled, finite)
         weighted, weights = balanced[0], balanced[1]
         loss = weighted + aux.sum()
+        penalty = getattr(self.model, "embedding_penalty", None)  # model.embedding_l2
+        if self.training and penalty is not None:
+            loss = loss + penalty
         if self.switch.scaler is not None:  # fp16: the backward runs on the scaled loss
             loss = loss * self.switch.scaler.scale
         verdict = self.gate(weights)  # filled when the switch resolves, before any update
@@ -304,5 +354,5 @@ def build_model_with_loss(model: nn.Module, cfg: JobConfig) -> ModelWithLoss:
     )
     return ModelWithLoss(
         model, cfg.tasks, esmm, cfg.loss, cfg.model.esmm_cvr_label == "ctcvr",
-        cfg.train.on_nonfinite, cfg.model.escm2_ips,
+        cfg.train.on_nonfinite, cfg.model.escm2_ips, cfg.model.escm2_dr,
     )  # fmt: skip

@@ -241,9 +241,9 @@ class ServedRanker(nn.Module):
     """Raw inputs → each task's served value ``[B, T]``: the trained ranker end to end.
 
     ``forward(dense [B, Dd], values: [N_f] per feature, offsets: [B + 1] per feature)``: ids
-    through :class:`IdRemap`, the shared (and STEM's per-task) lookups, the dense normalisation
-    and head in eval mode, then :func:`mtl_dist.losses.task_predictions` (probabilities on the
-    true scale, ESMM's product) and ``expm1`` for ``log1p`` tasks — the numbers
+    through :class:`IdRemap`, the shared (and STEM's per-task) lookups, the dense normalisation,
+    interaction and head in eval mode, then :func:`mtl_dist.losses.task_predictions`
+    (probabilities on the true scale, ESMM's product) and ``expm1`` for ``log1p`` tasks — the numbers
     ``mtl_dist.score`` writes. Build it with :func:`build_served`.
     """
 
@@ -259,6 +259,7 @@ class ServedRanker(nn.Module):
         ctcvr: tuple[int, int] | None,
         expm1: torch.Tensor,
         zero_nonfinite_dense: bool,
+        interaction: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.remap = remap
@@ -266,6 +267,7 @@ class ServedRanker(nn.Module):
         self.per_task = per_task
         self.dense_norm = dense_norm
         self.head = head
+        self.interaction = interaction if interaction is not None else nn.Identity()
         self.register_buffer("is_binary", is_binary)
         self.register_buffer("negative_rate", negative_rate)
         self.register_buffer("expm1", expm1)
@@ -279,6 +281,7 @@ class ServedRanker(nn.Module):
         if self.zero_nonfinite_dense:  # data.dense_nan = "zero"
             dense = torch.where(torch.isfinite(dense), dense, torch.zeros_like(dense))
         x = torch.cat([self.shared(rows, offsets), self.dense_norm(dense)], dim=1)  # [B, Din]
+        x = self.interaction(x)
         if self.per_task is None:
             out = self.head(x)[0]
         else:  # STEM: each task's own tables, [T, B, Dt]
@@ -326,6 +329,7 @@ def build_served(
         ctcvr,
         torch.tensor([t.kind == "regression" and t.transform == "log1p" for t in cfg.tasks]),
         cfg.data.dense_nan == "zero",
+        copy.deepcopy(ranker.interaction).eval(),
     )
     return served.eval().requires_grad_(False)
 
@@ -487,8 +491,9 @@ def export_program(cfg: JobConfig, served: ServedRanker) -> torch.export.Exporte
 
 
 class _BatchedMixes(TorchFunctionMode):
-    """The heads' expert mixes without einsum while exporting: ATen's einsum tests sizes
-    against 1 to broadcast, which would fix the batch at B ≠ 1 in the program. The same sums:
+    """The heads' expert mixes (and the cross networks' broadcast matmuls) without einsum
+    while exporting: ATen's einsum and matmul test sizes against 1 to broadcast, which would
+    fix the batch at B ≠ 1 in the program. The same sums:
     ``[B, G, E] × [E, B, H] → [G, B, H]`` and ``[B, E] × [E, B, H] → [B, H]`` as ``bmm`` over
     the batch, ``[B, T, E] × [T, E, B, H] → [T, B, H]`` as a product summed over E. A reshape
     (whose view-or-copy test would fix the batch too) copies, then views."""
@@ -504,6 +509,9 @@ class _BatchedMixes(TorchFunctionMode):
         if func is torch.einsum and args[0] == "bte,tebh->tbh":
             w, x = args[1], args[2]
             return (w.permute(1, 2, 0).unsqueeze(-1) * x).sum(1)
+        if func is torch.matmul and args[0].dim() == 2 and args[1].dim() == 3:
+            # TorchRec's cross networks: [N, M] × [B, M, 1] → [B, N, 1], as a linear map
+            return torch.nn.functional.linear(args[1].squeeze(2), args[0]).unsqueeze(2)
         if func is torch.Tensor.reshape:  # tower batch norm's [B, G·H] of a transposed [G, B, H]
             return args[0].clone(memory_format=torch.contiguous_format).view(*args[1:])
         return func(*args, **kwargs)

@@ -213,6 +213,7 @@ def set_up_precision(cfg: JobConfig, loss_module: nn.Module, device: torch.devic
         tf32 = cfg.train.allow_tf32 and precision.name == "fp32"
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
     set_head_precision(loss_module.model.head, precision)
+    set_head_precision(loss_module.model.interaction, precision)  # an Identity: ignored
     if precision.loss_scaling:  # fp16: dynamic loss scaling over dense and fused table updates
         loss_module.switch.scaler = LossScaler(device)
     return precision
@@ -238,6 +239,11 @@ def train(cfg: JobConfig, info: DistInfo) -> dict[str, object]:
     log(
         f"[precision] dense {precision.name} ({precision.reason}); tables {cfg.embedding.data_type}"
     )
+    if cfg.optim.embedding_weight_decay and info.device.type != "cuda":
+        raise ValueError(
+            "optim.embedding_weight_decay: fbgemm's CPU kernels ignore weight decay (measured in "
+            "tests/distributed/test_embedding_weight_decay.py); use model.embedding_l2 on CPU"
+        )
     model, plan = shard_model(loss_module, cfg.sharding, cfg.optim, info)
     log(
         f"[model] world {info.world_size} on {info.device} ({info.backend}); sharding plan:\n{describe_plan(plan)}"

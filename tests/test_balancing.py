@@ -180,6 +180,44 @@ def test_negative_downsampling_corrected_calibration():
     assert abs(corrected - 1) < 0.02, corrected
 
 
+def test_escm2_dr_risk_by_hand():
+    """R_DR = Σ [ê + o (e − ê) / p̂] / n over the exposures, ê = BCE(σ(imputed), pCVR); the
+    imputation loss Σ o (e − ê)² / p̂ / n trains the imputation logits only, and the risk
+    reaches the CVR logit of an unclicked row (through ê), which IPS never does."""
+    from mtl_dist.losses import escm2_dr_risk
+
+    ctr = torch.tensor([0.0, math.log(0.25 / 0.75), -10.0, 2.0])  # pCTR 0.5, 0.25, ~0, 0.88
+    cvr = torch.tensor([0.5, -1.0, 0.3, 0.0], requires_grad=True)
+    imp = torch.tensor([1.0, -2.0, 0.0, 0.5], requires_grad=True)
+    conv = torch.tensor([1.0, 0.0, 0.0, 0.0])
+    exposures = torch.ones(4)
+    observed = torch.tensor([1.0, 1.0, 0.0, 0.0])  # rows 2, 3 unclicked: no conversion known
+
+    def sig(z):
+        return 1 / (1 + math.exp(-z))
+
+    def bce(z, y):
+        p = sig(z)
+        return -(y * math.log(p) + (1 - y) * math.log(1 - p))
+
+    z, r, r_hat, prop = [0.5, -1.0, 0.3, 0.0], [1, 0], [sig(v) for v in imp.tolist()], [0.5, 0.25]
+    e_hat = [bce(z[i], r_hat[i]) for i in range(4)]
+    e = [bce(z[i], r[i]) for i in range(2)]
+    expect_risk = (sum(e_hat) + sum((e[i] - e_hat[i]) / prop[i] for i in range(2))) / 4
+    expect_imp = sum((e[i] - e_hat[i]) ** 2 / prop[i] for i in range(2)) / 4
+    risk, imputation = escm2_dr_risk(ctr, cvr, imp, conv, exposures, observed)
+    assert risk.item() == pytest.approx(expect_risk, rel=1e-5)
+    assert imputation.item() == pytest.approx(expect_imp, rel=1e-5)
+    (risk_grad_cvr,) = torch.autograd.grad(risk, cvr, retain_graph=True)
+    assert risk_grad_cvr[2] != 0 and risk_grad_cvr[3] != 0  # unclicked rows train pCVR
+    assert torch.autograd.grad(risk, imp, retain_graph=True, allow_unused=True)[0] is None
+    assert torch.autograd.grad(imputation, cvr, allow_unused=True)[0] is None
+    # a right imputation (r̃ = the observed conversion) leaves no imputation loss on those rows
+    exact = torch.tensor([20.0, -20.0, 0.0, 0.0])
+    _, none_left = escm2_dr_risk(ctr, cvr.detach(), exact, conv, exposures, observed)
+    assert none_left.item() < 1e-6
+
+
 def test_escm2_ips_risk_by_hand():
     """Clicked rows with an observed conversion: BCE / max(pCTR, 0.05), summed over them and
     divided by the exposures; unclicked rows and a click with no observed conversion add 0."""

@@ -173,6 +173,24 @@ def test_schema_difference_names_the_table_field_and_both_values(tmp_path):
     assert "tasks['watch_time'].transform: saved 'log1p', configured 'none'" in msg
 
 
+def test_checkpoint_from_before_new_keys_resumes_unless_they_are_on(tmp_path):
+    """A checkpoint written before a model / feature / task key existed lacks it: at its
+    default it is the old model and passes; switched on, the refusal names it."""
+    from mtl_dist.checkpoint import check_schema
+    from mtl_dist.config import load_config, to_dict
+
+    cfg = load_config(["--config", "configs/default.toml"])
+    saved = to_dict(cfg)
+    for key in ("escm2_dr", "expert_self_gate", "expert_feature_gate_rank", "pepnet_gate_hidden"):
+        del saved["model"][key]
+    del saved["features"]["sparse"][0]["collision"]
+    del saved["tasks"][0]["negative_rate"]
+    check_schema(saved, cfg, tmp_path)  # nothing differs
+    cfg.model.expert_feature_gate_rank = 8
+    with pytest.raises(ValueError, match="model.expert_feature_gate_rank: saved 0, configured 8"):
+        check_schema(saved, cfg, tmp_path)
+
+
 def test_unwritable_run_directory_fails_clearly(synth_data, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")

@@ -51,6 +51,11 @@ def test_toml_then_overrides():
         (["--sharding.force", "row_wsie"], "did you mean 'row_wise'"),
         (["--optim.embedding_optimizer", "adam"], "not a fused CPU/GPU optimizer"),
         (["--train.batch_size"], "missing value"),
+        (["--model.escm2_dr", "0.1"], "model.escm2_dr = 0.1: must be >= 0, and > 0 needs"),
+        (
+            ["--model.esmm", "true", "--model.escm2_dr", "0.1", "--model.escm2_ips", "0.1"],
+            "choose one form of ESCM2's risk",
+        ),
     ],
 )
 def test_cli_errors_name_the_key(args, needle):

@@ -83,3 +83,95 @@ def test_export_serves_any_batch_with_tower_batch_norm_and_top_k_gates(norm):
     empty[1][0], empty[2][0] = empty[1][0][:0], torch.zeros(4, dtype=torch.long)
     for inputs in (example_inputs(cfg, batch=1, seed=1), empty, example_inputs(cfg, 7, seed=3)):
         torch.testing.assert_close(program(*inputs), served(*inputs), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "head_args",
+    [
+        ["--model.head", "dbmtl", "--model.dbmtl_parents", "conversion:click"],
+        ["--model.head", "pepnet", "--model.pepnet_domain_features", "device_type",
+         "--model.pepnet_prior_features", "user_id,dense_0"],
+        ["--model.head", "ple", "--model.expert_self_gate", "true",
+         "--model.expert_feature_gate_rank", "4", "--model.esmm", "true", "--model.escm2_dr",
+         "0.1"],
+    ],
+    ids=["dbmtl", "pepnet", "ple_home_gates_escm2_dr"],
+)  # fmt: skip
+def test_export_serves_the_newer_heads(head_args):
+    """DBMTL, PEPNet and HoME's gates export; the program equals the eager model at B = 1, 7."""
+    cfg = load_config(["--config", "configs/default.toml", "--model.expert_hidden", "32,16",
+                       *head_args])  # fmt: skip
+    served = build_served(cfg, build_unsharded(cfg).eval())
+    program = export_program(cfg, served).module()
+    for inputs in (example_inputs(cfg, batch=1, seed=1), example_inputs(cfg, 7, seed=3)):
+        torch.testing.assert_close(program(*inputs), served(*inputs), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("output", ["concat", "replace"])
+def test_dcn_v2_model_exports_serves_and_scores_alike_and_attributes_input_features(
+    tmp_path, output
+):
+    """A dcn_v2 model: the exported program's scores equal ``mtl_dist.score``'s on the same rows,
+    and attribution ranks the 21 sparse + 12 dense input features, each with a gradient through
+    the cross network (with ``replace`` the head sees nothing else)."""
+    import pyarrow.parquet as pq
+
+    from mtl_dist.attribution import feature_attribution
+    from mtl_dist.config import to_dict
+    from mtl_dist.data.batch import ArrowBatchConverter
+    from mtl_dist.export import FORMAT
+    from mtl_dist.score import score
+    from mtl_dist.serving import inputs_from_batch
+    from tests.models.test_ranker import random_table
+
+    cfg = load_config(
+        ["--config", "configs/default.toml", "--model.expert_hidden", "16,8",
+         "--model.interaction", "dcn_v2", "--model.interaction_output", output,
+         "--model.cross_layers", "2"]
+    )  # fmt: skip
+    model = build_unsharded(cfg).eval()
+    with torch.no_grad():  # a non-trivial cross: biases off zero
+        for b in model.model.interaction.op.bias:
+            b.normal_(0, 0.5)
+    path = tmp_path / "model.pt"
+    torch.save({"format": FORMAT, "config": to_dict(cfg), "state_dict": model.state_dict()}, path)
+    table = random_table(cfg, 64, seed=4)
+    pq.write_table(table, tmp_path / "rows.parquet")
+    assert score(path, str(tmp_path / "rows.parquet"), tmp_path / "preds.parquet", [], 32) == 64
+    scored = pq.read_table(tmp_path / "preds.parquet")
+    expected = torch.stack(
+        [torch.tensor(scored[f"pred_{t.name}"].to_numpy()) for t in cfg.tasks], 1
+    )
+    program = export_program(cfg, build_served(cfg, model)).module()
+    conv = ArrowBatchConverter(cfg.features.sparse, cfg.features.dense, cfg.tasks)
+    batch = conv(table)
+    torch.testing.assert_close(program(*inputs_from_batch(batch)), expected, rtol=1e-5, atol=1e-6)
+
+    names, attr = feature_attribution(model.model, [batch], torch.device("cpu"))
+    assert names == [*model.model.feature_order, *cfg.features.dense]
+    assert attr.shape == (3, 21 + 12)
+    assert (attr > 0).all() and torch.isfinite(attr).all()
+    assert model.model.last_input is None  # attribution leaves nothing behind
+
+
+@pytest.mark.parametrize("kind", ["dot", "fm", "dcn_v2_lowrank", "dcn_mix"])
+def test_every_interaction_exports_with_a_free_batch_size(kind):
+    """dot / fm over features of unequal widths (8 and 16: the narrow ones projected), the
+    low-rank and mixture cross networks: the program equals the served module at B = 1 and 7."""
+    import dataclasses
+
+    cfg = load_config(
+        ["--config", "configs/default.toml", "--model.expert_hidden", "16,8",
+         "--model.interaction", kind, "--model.cross_low_rank", "8"]
+    )  # fmt: skip
+    tables = [f.table_name for f in cfg.features.sparse]
+    cfg.features.sparse = [
+        dataclasses.replace(f, embedding_dim=8) if i % 3 == 0 and tables.count(f.table_name) == 1
+        else f
+        for i, f in enumerate(cfg.features.sparse)
+    ]  # fmt: skip
+    assert {f.embedding_dim for f in cfg.features.sparse} == {8, 16}
+    served = build_served(cfg, build_unsharded(cfg).eval())
+    program = export_program(cfg, served).module()
+    for inputs in (example_inputs(cfg, batch=1, seed=1), example_inputs(cfg, 7, seed=3)):
+        torch.testing.assert_close(program(*inputs), served(*inputs), rtol=1e-5, atol=1e-6)

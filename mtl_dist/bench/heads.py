@@ -22,10 +22,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from mtl_dist.bench.training import cpu_line
 from mtl_dist.distributed.setup import keep_large_buffers
+from mtl_dist.models.dependent import DependentTowers
 from mtl_dist.models.experts import ExpertStyle
 from mtl_dist.models.funnel import AITM
 from mtl_dist.models.gates import GateConfig
 from mtl_dist.models.heads import PLE, MoE, SharedBottom
+from mtl_dist.models.pepnet import PEPNet
 from mtl_dist.precision import Precision, resolve_precision, set_head_precision
 
 
@@ -121,9 +123,9 @@ def by_precision(
         set_head_precision(head, Precision("fp32", "bench"))
     B = x.shape[0]
     print("\nprecision: forward+backward samples/s, and % of the roofline at that precision")
-    print(f"  {'head':<30}" + "".join(f"{p:>22}" for p in precisions))
+    print(f"  {'head':<40}" + "".join(f"{p:>22}" for p in precisions))
     rates = {p: 2 * n**3 / secs[f"matmul {p}"] / 1e9 for p in precisions}
-    print(f"  {'matmul GFLOP/s':<30}" + "".join(f"{rates[p]:>22,.1f}" for p in precisions))
+    print(f"  {'matmul GFLOP/s':<40}" + "".join(f"{rates[p]:>22,.1f}" for p in precisions))
     for name, head in heads.items():
         if isinstance(head, LoopMMoE):
             continue
@@ -135,7 +137,7 @@ def by_precision(
             rate = B / secs[f"{name} {p}"]
             roof = flops / (rates[p] * 1e9)
             cells.append(f"{rate:>12,.0f} ({roof / secs[f'{name} {p}']:>4.0%})")
-        print(f"  {name:<30}" + "".join(f"{c:>22}" for c in cells))
+        print(f"  {name:<40}" + "".join(f"{c:>22}" for c in cells))
 
 
 def _in(head: nn.Module, precision: Precision, step: Callable[[], None]) -> Callable[[], None]:
@@ -188,6 +190,28 @@ def main(argv: list[str] | None = None) -> None:
             D, names, E, hidden, [64], style=ExpertStyle("swish", "layer")
         ),
         "aitm (chain of all tasks)": AITM(D, names, names, hidden, [64]),
+        "dbmtl over mmoe (chain)": MoE(
+            D,
+            names,
+            E,
+            hidden,
+            [64],
+            towers=DependentTowers(T, hidden[-1], [64], [32], {t: [t - 1] for t in range(1, T)}),
+        ),  # fmt: skip
+        "pepnet (16 domain, 48 prior cols)": PEPNet(
+            D, names, list(range(16)), list(range(16, 64)), [64]
+        ),
+        "ple + HoME feature (r 8) / self gates": PLE(
+            D,
+            names,
+            2,
+            2,
+            2,
+            hidden,
+            [64],
+            style=ExpertStyle(feature_gate_rank=8),
+            self_gate=True,
+        ),  # fmt: skip
     }
     fns = {name: fwd_bwd(model.to(device), x) for name, model in heads.items()}
 
@@ -216,10 +240,10 @@ def main(argv: list[str] | None = None) -> None:
         print("malloc: large blocks kept in the heap (keep_large_buffers), for every model below")
     print(f"\nforward+backward, batch {B}, input {D}, {E} experts of {hidden}, {T} tasks")
     size = {name: sum(q.numel() for q in model.parameters()) for name, model in heads.items()}
-    print(f"  {'head':<32}{'samples/s':>12}{'vs mmoe':>9}{'parameters':>12}{'vs mmoe':>9}")
+    print(f"  {'head':<40}{'samples/s':>12}{'vs mmoe':>9}{'parameters':>12}{'vs mmoe':>9}")
     for name, model in heads.items():
         note = f"  dispatch={model.last_dispatch}" if isinstance(model, MoE) else ""
-        print(f"  {name:<32}{B / secs[name]:>12,.0f}{secs['mmoe'] / secs[name]:>9.2f}"
+        print(f"  {name:<40}{B / secs[name]:>12,.0f}{secs['mmoe'] / secs[name]:>9.2f}"
               f"{size[name]:>12,}{size[name] / size['mmoe']:>9.2f}{note}")  # fmt: skip
     ratio = secs["loop MMoE (baseline)"] / secs["mmoe"]
     print(f"  batched MMoE / loop = {ratio:.2f}x (target >= 1.4x)")

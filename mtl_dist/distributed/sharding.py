@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from fbgemm_gpu.split_table_batched_embeddings_ops_training import WeightDecayMode
 from torch import nn
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.mc_embeddingbag import ManagedCollisionEmbeddingBagCollectionSharder
@@ -58,9 +59,20 @@ def sharders_for(cfg: ShardingConfig) -> list[ModuleSharder]:
 
 
 def apply_embedding_optimizer(ebc: EmbeddingBagCollection, cfg: OptimConfig) -> None:
-    """Register the fused (in-backward) optimizer on every table; fbgemm applies it in backward."""
+    """Register the fused (in-backward) optimizer on every table; fbgemm applies it in backward.
+
+    ``optim.embedding_weight_decay`` reaches fbgemm's row-wise Adagrad as its ``weight_decay``
+    and ``weight_decay_mode`` (fused params): only the rows a batch looks up decay, each step
+    they are looked up — L2 adds ``wd · w`` to the row's gradient (inside Adagrad's scaling),
+    decouple scales the row by ``1 − lr · wd`` beside the Adagrad step. fbgemm's exact Adagrad
+    and SGD have no weight decay (config validation refuses the pairing).
+    """
     if cfg.embedding_optimizer == "rowwise_adagrad":
         cls, kwargs = RowWiseAdagrad, {"lr": cfg.embedding_lr, "eps": cfg.embedding_eps}
+        if cfg.embedding_weight_decay > 0:
+            mode = {"l2": WeightDecayMode.L2, "decouple": WeightDecayMode.DECOUPLE}
+            kwargs["weight_decay"] = cfg.embedding_weight_decay
+            kwargs["weight_decay_mode"] = mode[cfg.embedding_weight_decay_mode]
     elif cfg.embedding_optimizer == "adagrad":
         cls, kwargs = torch.optim.Adagrad, {"lr": cfg.embedding_lr, "eps": cfg.embedding_eps}
     else:

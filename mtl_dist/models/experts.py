@@ -28,9 +28,14 @@ class ExpertStyle:
 
     activation: str = "relu"
     norm: str = "none"
+    feature_gate_rank: int = 0
 
-    def kwargs(self) -> dict[str, str]:
-        return {"activation": self.activation, "output_norm": self.norm}
+    def kwargs(self) -> dict[str, str | int]:
+        return {
+            "activation": self.activation,
+            "output_norm": self.norm,
+            "feature_gate_rank": self.feature_gate_rank,
+        }
 
 
 PLAIN_EXPERTS = ExpertStyle()  # ReLU, no output normalisation
@@ -54,6 +59,10 @@ class StackedMLP(nn.Module):
             before its activation (HoME's expert normalisation: every expert's output on one
             scale, so no expert's magnitude takes the gate over); per group, with its own
             affine parameters.
+        feature_gate_rank: r > 0: HoME's feature gate — each group reads its own scaling of
+            the input, ``x_g = x ⊙ 2σ(x A_g B_g)`` with ``A_g`` ``[Din, r]``, ``B_g`` ``[r, Din]``
+            (a LoRA-style low-rank gate; B starts at 0, so every gate starts at 1): experts
+            see the features differently, not one shared input. Not with grouped dispatch.
 
     Example::
 
@@ -72,6 +81,7 @@ class StackedMLP(nn.Module):
         batch_norm: bool = False,
         activation: str = "relu",
         output_norm: str = "none",
+        feature_gate_rank: int = 0,
     ) -> None:
         super().__init__()
         if activation not in ACTIVATIONS or output_norm not in OUTPUT_NORMS:
@@ -90,6 +100,12 @@ class StackedMLP(nn.Module):
         elif output_norm == "layer":  # per group: its own scale and shift over H
             self.out_norm_weight = nn.Parameter(torch.ones(groups, 1, h))
             self.out_norm_bias = nn.Parameter(torch.zeros(groups, 1, h))
+        self.feature_gated = feature_gate_rank > 0
+        if self.feature_gated:  # HoME's feature gate, LoRA-style: A random, B zero
+            self.gate_down = nn.Parameter(
+                torch.randn(groups, in_dim, feature_gate_rank) / math.sqrt(in_dim)
+            )
+            self.gate_up = nn.Parameter(torch.zeros(groups, feature_gate_rank, in_dim))
         self.last_grouped = ""  # which kernel forward_grouped last ran: grouped_mm or loop
         dims = [in_dim, *widths]
         self.weights = nn.ParameterList(
@@ -126,6 +142,8 @@ class StackedMLP(nn.Module):
         ``first``: layer 0's pre-activation ``[B, G*H1]`` when a fused matmul already computed it
         (:func:`fused_first_layer`).
         """
+        if self.feature_gated:  # each group its own gated input: [G, B, Din]
+            x, first = self.feature_gate(x), None
         last = len(self.weights) - 1
         for i, (w, b) in enumerate(zip(self.weights, self.biases)):
             if i == 0 and (first is not None or x.dim() == 2):
@@ -142,6 +160,13 @@ class StackedMLP(nn.Module):
             if i < last or self.activate_last:
                 x = self.dropout(self.act(x))
         return x
+
+    def feature_gate(self, x: torch.Tensor) -> torch.Tensor:
+        """``x ⊙ 2σ(x A_g B_g)`` per group: ``[B, Din]`` or ``[G, B, Din]`` → ``[G, B, Din]``."""
+        if x.dim() == 2:
+            low = torch.einsum("bd,gdr->gbr", x, self.gate_down)
+            return x.unsqueeze(0) * 2 * torch.sigmoid(torch.bmm(low, self.gate_up))
+        return x * 2 * torch.sigmoid(torch.bmm(torch.bmm(x, self.gate_down), self.gate_up))
 
     def _normalise_output(self, x: torch.Tensor, group: torch.Tensor | None = None) -> torch.Tensor:
         """``output_norm`` of the last layer: ``x`` ``[G, B, H]``, or ``[N, H]`` rows of the
@@ -164,8 +189,8 @@ class StackedMLP(nn.Module):
         ``group`` ``[N]`` is each row's group, sorted ascending. One ``grouped_mm`` per layer
         where torch has it for this device and dtype, else a loop over the contiguous row blocks.
         """
-        if self.norms is not None:
-            raise ValueError("grouped dispatch does not support batch_norm")
+        if self.norms is not None or self.feature_gated:
+            raise ValueError("grouped dispatch does not support batch_norm or feature gates")
         counts = torch.bincount(group, minlength=self.groups)
         use_grouped_mm = grouped_mm_supported(x, [x.shape[1], *self.widths])
         self.last_grouped = "grouped_mm" if use_grouped_mm else "loop"
@@ -224,12 +249,15 @@ def grouped_mm_supported(x: torch.Tensor, widths: list[int]) -> bool:
     )
 
 
-def fused_first_layer(x: torch.Tensor, mlps: list[StackedMLP]) -> list[torch.Tensor]:
+def fused_first_layer(x: torch.Tensor, mlps: list[StackedMLP]) -> list[torch.Tensor | None]:
     """Layer 0 of several StackedMLPs that read the same ``x`` ``[B, Din]`` as ONE ``addmm``.
 
     Returns each module's pre-activation ``[B, G_i*H_i]`` (column slices of one output), to pass
-    as ``first=`` to its forward.
+    as ``first=`` to its forward; None for a module with feature gates (its groups read their
+    own gated inputs, not ``x``).
     """
-    ws, bs = zip(*(m.first_layer() for m in mlps))
+    shared = [m for m in mlps if not m.feature_gated]
+    ws, bs = zip(*(m.first_layer() for m in shared))
     y = torch.addmm(torch.cat(bs), x, torch.cat(ws, 1))
-    return list(y.split([w.shape[1] for w in ws], 1))
+    out = iter(y.split([w.shape[1] for w in ws], 1))
+    return [None if m.feature_gated else next(out) for m in mlps]

@@ -152,6 +152,35 @@ class Gates(nn.Module):
         return weights / weights.sum(-1, keepdim=True).clamp_min(1e-9), selectors
 
 
+class SelfGates(nn.Module):
+    """HoME's self-gate (Wang et al. 2024, "HoME: Hierarchy of Multi-Gate Experts for
+    Multi-Task Learning at Kuaishou"), against expert underfitting: a sparse task's softmax
+    gate starves its own experts in favour of the shared ones that dense tasks train. Each task
+    also weighs its own Et experts with independent sigmoids, ``σ(x_t W_t + b_t)`` ``[B, Et]``,
+    and adds that mix to its softmax mix, so its own experts always receive its gradient.
+
+    ``forward(x, own)``: ``x`` ``[B, Din]`` or ``[T, B, Din]`` (each task's gate input), ``own``
+    ``[T, Et, B, H]`` (task t's own experts' outputs) → ``[T, B, H]``; the weights of the last
+    forward stay in ``last_weights`` ``[T, B, Et]``.
+
+    Example::
+
+        gate = SelfGates(in_dim=32, num_tasks=2, task_experts=2)
+        gate(torch.randn(8, 32), torch.randn(2, 2, 8, 16)).shape   # [2, 8, 16]
+    """
+
+    def __init__(self, in_dim: int, num_tasks: int, task_experts: int) -> None:
+        super().__init__()
+        self.logits = StackedMLP(num_tasks, in_dim, [task_experts], activate_last=False)
+        self.last_weights: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
+        w = torch.sigmoid(self.logits(x))  # [T, B, Et]
+        self.last_weights = w.detach()
+        # a broadcast product, not einsum: einsum's path here guards on B != 1 under export
+        return (w.transpose(1, 2).unsqueeze(-1) * own).sum(1)
+
+
 def smooth_step(t: torch.Tensor, gamma: float) -> torch.Tensor:
     """DSelect-k's smooth step: 0 for ``t ≤ −γ/2``, 1 for ``t ≥ γ/2``, and
     ``−2t³/γ³ + 3t/(2γ) + 1/2`` between (continuously differentiable)."""

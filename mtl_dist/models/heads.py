@@ -12,8 +12,9 @@ the next training forward keeps, per expert set, the share of each expert's outp
 are 0 on the whole batch (``head.last_dead``: ``{set: [E]}``, see
 :func:`mtl_dist.gate_health.dead_units`) — from the activations it computes anyway.
 
-Heads: :class:`SharedBottom`, :class:`MoE` (MMoE, or OMoE with one shared gate) and :class:`PLE`
-(CGC with one level). Experts and towers are :class:`StackedMLP` s: one batched op per layer.
+Heads: :class:`SharedBottom`, :class:`MoE` (MMoE, or OMoE with one shared gate), :class:`PLE`
+(CGC with one level) and :class:`STEM`. SharedBottom and MoE take other ``towers`` (DBMTL's
+:class:`~mtl_dist.models.dependent.DependentTowers`). Experts and towers are :class:`StackedMLP` s: one batched op per layer.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from torch import nn
 
 from mtl_dist.gate_health import dead_units
 from mtl_dist.models.experts import PLAIN_EXPERTS, ExpertStyle, StackedMLP, fused_first_layer
-from mtl_dist.models.gates import GateConfig, Gates
+from mtl_dist.models.gates import GateConfig, Gates, SelfGates
 from mtl_dist.precision import in_precision
 
 
@@ -130,11 +131,12 @@ class SharedBottom(ExpertWatch, nn.Module):
         tower_dropout: float = 0.0,
         tower_batch_norm: bool = False,
         style: ExpertStyle = PLAIN_EXPERTS,
+        towers: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.num_tasks = num_tasks
         self.bottom = StackedMLP(1, in_dim, bottom_hidden, **style.kwargs())
-        self.towers = Towers(
+        self.towers = towers or Towers(
             num_tasks, bottom_hidden[-1], tower_hidden, tower_dropout, tower_batch_norm
         )
         self.last_gates: dict[str, torch.Tensor] = {}
@@ -185,6 +187,7 @@ class MoE(ExpertWatch, nn.Module):
         tower_batch_norm: bool = False,
         sparse_max_fraction: float = 0.5,
         style: ExpertStyle = PLAIN_EXPERTS,
+        towers: nn.Module | None = None,
     ) -> None:
         super().__init__()
         gate = gate or GateConfig()
@@ -194,7 +197,7 @@ class MoE(ExpertWatch, nn.Module):
         self.sparse_max_fraction = sparse_max_fraction
         self.experts = StackedMLP(num_experts, in_dim, expert_hidden, **style.kwargs())
         self.gates = Gates(in_dim, 1 if shared_gate else self.num_tasks, num_experts, gate)
-        self.towers = Towers(
+        self.towers = towers or Towers(
             self.num_tasks, expert_hidden[-1], tower_hidden, tower_dropout, tower_batch_norm
         )
         self.aux_names = _aux_names(gate)
@@ -286,12 +289,15 @@ class PLE(ExpertWatch, nn.Module):
         tower_dropout: float = 0.0,
         tower_batch_norm: bool = False,
         style: ExpertStyle = PLAIN_EXPERTS,
+        self_gate: bool = False,
     ) -> None:
         super().__init__()
         gate = gate or GateConfig()
         self.task_names = list(task_names)
         T, Es, Et = len(task_names), shared_experts, task_experts
         self.num_tasks, self.shared_experts, self.task_experts = T, Es, Et
+        if self_gate and not Et:
+            raise ValueError("the self-gate mixes each task's own experts: task_experts is 0")
         self.levels = nn.ModuleList()
         dim = in_dim
         for level in range(levels):
@@ -301,6 +307,8 @@ class PLE(ExpertWatch, nn.Module):
                     "task_gates": Gates(dim, T, Es + Et, gate),
                 }
             )
+            if self_gate:
+                mods["self_gates"] = SelfGates(dim, T, Et)
             if level < levels - 1:
                 mods["shared_gate"] = Gates(dim, 1, Es + T * Et, gate)
             self.levels.append(mods)
@@ -351,6 +359,9 @@ class PLE(ExpertWatch, nn.Module):
             w, aux = mods["task_gates"](task_in, first[1])  # [B, T, Es+Et]
             auxes.append(aux)
             next_task = torch.einsum("bte,tebh->tbh", w, out[self.task_index])  # [T, B, H]
+            if "self_gates" in mods:  # + each task's own experts, sigmoid-weighted
+                own = out[Es:].unflatten(0, (self.num_tasks, Et))  # [T, Et, B, H]
+                next_task = next_task + mods["self_gates"](task_in, own)
             for i, t in enumerate(self.task_names):
                 gates[f"{t}/level{level}"] = w[:, i].detach()
             if "shared_gate" in mods:
@@ -394,6 +405,7 @@ class STEM(ExpertWatch, nn.Module):
         tower_dropout: float = 0.0,
         tower_batch_norm: bool = False,
         style: ExpertStyle = PLAIN_EXPERTS,
+        self_gate: bool = False,
     ) -> None:
         super().__init__()
         gate = gate or GateConfig()
@@ -404,6 +416,7 @@ class STEM(ExpertWatch, nn.Module):
         self.shared = StackedMLP(Es, in_dim, expert_hidden, **style.kwargs()) if Es else None
         self.task = StackedMLP(T * Et, z_dim, expert_hidden, **style.kwargs())
         self.gates = Gates(z_dim, T, Es + Et, gate)
+        self.self_gates = SelfGates(z_dim, T, Et) if self_gate else None
         self.towers = Towers(T, expert_hidden[-1], tower_hidden, tower_dropout, tower_batch_norm)
         self.register_buffer("task_index", task_expert_index(T, Es, Et), persistent=False)
         self.register_buffer("own_mask", torch.eye(T).view(T, T, 1, 1), persistent=False)
@@ -438,4 +451,6 @@ class STEM(ExpertWatch, nn.Module):
         w, aux = self.gates(z)  # [B, T, Es+Et], gate t reads z_t
         self.last_gates = {t: w[:, i].detach() for i, t in enumerate(self.task_names)}
         mixed = torch.einsum("bte,tebh->tbh", w, out[self.task_index])
+        if self.self_gates is not None:  # + each task's own experts, sigmoid-weighted
+            mixed = mixed + self.self_gates(z, task_out.unflatten(0, (T, self.task_experts)))
         return self.towers(mixed), _stack_aux(self.aux_names, [aux], x)

@@ -17,14 +17,17 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.modules.mc_embedding_modules import ManagedCollisionEmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from mtl_dist.config import JobConfig, ModelConfig, SparseFeature
+from mtl_dist.config import JobConfig, ModelConfig, SparseFeature, task_parents
 from mtl_dist.data.batch import Batch
 from mtl_dist.guard import GradGate
 from mtl_dist.models.collision import managed_ebc, managed_rows
+from mtl_dist.models.dependent import DependentTowers
 from mtl_dist.models.experts import ExpertStyle
 from mtl_dist.models.funnel import AITM
 from mtl_dist.models.gates import GateConfig
-from mtl_dist.models.heads import PLE, STEM, MoE, SharedBottom
+from mtl_dist.models.heads import PLE, STEM, MoE, SharedBottom, Towers
+from mtl_dist.models.interaction import FeatureDropout, build_interaction
+from mtl_dist.models.pepnet import PEPNet
 
 
 def embedding_bag_configs(
@@ -54,7 +57,8 @@ def embedding_bag_configs(
 
 
 class Ranker(nn.Module):
-    """Pooled embeddings ``[B, F·D]`` ⊕ dense ``[B, Dd]`` → head → outputs ``[B, T]`` + aux ``[A]``.
+    """Pooled embeddings ``[B, F·D]`` ⊕ dense ``[B, Dd]`` → interaction → head → outputs
+    ``[B, T]`` + aux ``[A]``.
 
     Args:
         ebc: the EmbeddingBagCollection (plain, or sharded by DMP); None when every table is managed.
@@ -65,6 +69,15 @@ class Ranker(nn.Module):
             head then also gets their pooled outputs ``[T, B, Dt]``.
         mc_ebc: the managed-collision tables (``collision = "managed"``: see
             ``models/collision.py``), plain or sharded; None without any.
+        interaction: maps the head's raw input ``[B, Din]`` to what the head reads (see
+            ``models/interaction.py``); None: the identity. ``last_input`` (attribution) keeps
+            the raw input, so attribution still ranks the input features.
+        embedding_dropout: applied to the pooled embeddings ``[B, Σ w_f]`` (a
+            :class:`~mtl_dist.models.interaction.FeatureDropout`); None: the identity.
+        embedding_l2: λ of the L2 penalty on the looked-up rows: a training forward leaves
+            ``embedding_penalty = λ/2 · mean_b ||pooled_b||²`` (0-dim; None otherwise), which
+            :class:`~mtl_dist.losses.ModelWithLoss` adds to the loss. Taken after the
+            gradient gate, so a skipped step (or fp16's loss scale) treats it as the task losses.
 
     Example::
 
@@ -81,6 +94,9 @@ class Ranker(nn.Module):
         dense_batch_norm: bool = True,
         task_ebcs: nn.ModuleDict | None = None,
         mc_ebc: ManagedCollisionEmbeddingBagCollection | None = None,
+        interaction: nn.Module | None = None,
+        embedding_dropout: nn.Module | None = None,
+        embedding_l2: float = 0.0,
     ) -> None:
         super().__init__()
         self.ebc = ebc
@@ -101,11 +117,21 @@ class Ranker(nn.Module):
             nn.BatchNorm1d(num_dense) if dense_batch_norm and num_dense else nn.Identity()
         )
         self.head = head
+        self.interaction = interaction if interaction is not None else nn.Identity()
+        self.embedding_dropout = (
+            embedding_dropout if embedding_dropout is not None else nn.Identity()
+        )
+        self.embedding_l2 = embedding_l2
+        self.embedding_penalty: torch.Tensor | None = None
         # drops the gradient into the tables (and the dense input) of a step whose update the
         # non-finite guard closed: the fused embedding optimizers update inside backward
         self.grad_gate = GradGate()
         self.dense_names = [f"dense_{i}" for i in range(num_dense)]
         self.keep_input = False  # set to keep the head's input of the next forward (attribution)
+        # ESCM2-DR (``model.escm2_dr``): a tower [B, Din] → [B, 1] imputing each exposure's
+        # conversion; its logits of the last training forward ([B]) feed the loss
+        self.imputation: nn.Module | None = None
+        self.last_imputation: torch.Tensor | None = None
         self.last_input: tuple[torch.Tensor, list[str], list[int]] | None = None
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,13 +139,20 @@ class Ranker(nn.Module):
         if self.mc_ebc is not None:
             kts.append(self.managed_lookup(batch.sparse))
         pooled = KeyedTensor.regroup(kts, [self.feature_order])[0]  # [B, Σ dims], fixed order
-        pooled = pooled.float()  # fp16 tables: the head casts to its own precision from here
+        pooled = self.embedding_dropout(pooled.float())  # fp16 tables: fp32 from here
         x = self.grad_gate(torch.cat([pooled, self.dense_norm(batch.dense)], dim=1))  # [B, Din]
+        if self.embedding_l2 and self.training:  # L2 on the looked-up rows (ModelWithLoss adds it)
+            self.embedding_penalty = (
+                0.5 * self.embedding_l2 * x[:, : pooled.shape[1]].square().sum(1).mean()
+            )
         if self.keep_input:  # x with the feature each column block belongs to
             dims = {k: d for kt in kts for k, d in zip(kt.keys(), kt.length_per_key())}
             widths = [dims[k] for k in self.feature_order]
             names = [*self.feature_order, *self.dense_names]
             self.last_input = (x, names, [*widths, *[1] * len(self.dense_names)])
+        if self.imputation is not None and self.training:  # no gradient into the input
+            self.last_imputation = self.imputation(x.detach())[:, 0]
+        x = self.interaction(x)  # [B, Din'] (the identity without one)
         if self.task_ebcs is None:
             out = self.head(x)
         else:  # STEM: each task's own tables, [T, B, Dt]
@@ -195,8 +228,14 @@ def build_ranker(
         if managed
         else None
     )
-    emb_dim = sum(f.embedding_dim for f in cfg.features.sparse)
-    in_dim = emb_dim + len(cfg.features.dense)
+    # the pooled widths in the order the ranker concatenates them (its feature_order)
+    dims = {f.name: f.embedding_dim for f in cfg.features.sparse}
+    order = _embedding_names(ebc) + _embedding_names(
+        mc_ebc._embedding_module if mc_ebc is not None else None
+    )
+    widths = [dims[name] for name in order]
+    raw_dim = sum(widths) + len(cfg.features.dense)  # x: the pooled embeddings, dense values
+    interaction, in_dim = build_interaction(cfg.model, widths, len(cfg.features.dense))
     task_names = [t.name for t in cfg.tasks]
     task_ebcs, task_dim = None, 0
     if cfg.model.head == "stem":
@@ -217,12 +256,38 @@ def build_ranker(
         )
         task_dim = cfg.model.stem_dim * len(own)
     binary = [t.name for t in cfg.tasks if t.kind == "binary"]
-    head = build_head(cfg.model, in_dim, task_names, task_dim, binary)
-    model = Ranker(
-        ebc, len(cfg.features.dense), head, cfg.model.dense_batch_norm, task_ebcs, mc_ebc
+    layout = [(f, dims[f]) for f in order] + [(d, 1) for d in cfg.features.dense]  # raw x
+    if cfg.model.interaction != "none":  # concat: x, then the interaction's columns; replace: those
+        concat = cfg.model.interaction_output == "concat"
+        extra = [("interaction", in_dim - raw_dim if concat else in_dim)]
+        layout = layout + extra if concat else extra
+    head = build_head(cfg.model, in_dim, task_names, task_dim, binary, layout)
+    dropout = (
+        FeatureDropout(widths, cfg.model.embedding_dropout) if cfg.model.embedding_dropout else None
     )
+    model = Ranker(
+        ebc, len(cfg.features.dense), head, cfg.model.dense_batch_norm, task_ebcs, mc_ebc,
+        interaction, dropout, cfg.model.embedding_l2,
+    )  # fmt: skip
     model.dense_names = list(cfg.features.dense)
+    if cfg.model.escm2_dr > 0:
+        model.imputation = Towers(1, raw_dim, cfg.model.tower_hidden)  # reads x
     return model
+
+
+def input_columns(layout: list[tuple[str, int]] | None, names: list[str]) -> list[int]:
+    """The columns of the head's input that ``names`` occupy, in ``names``' order.
+
+    Raises:
+        ValueError: a name not in ``layout`` (or no layout)."""
+    starts, at = {}, 0
+    for name, width in layout or []:
+        starts[name] = (at, width)
+        at += width
+    missing = [n for n in names if n not in starts]
+    if missing:
+        raise ValueError(f"features {missing} are not in the head's input {list(starts)}")
+    return [c for n in names for c in range(starts[n][0], sum(starts[n]))]
 
 
 def build_head(
@@ -231,9 +296,14 @@ def build_head(
     task_names: list[str],
     task_dim: int = 0,
     binary_tasks: list[str] | None = None,
+    layout: list[tuple[str, int]] | None = None,
 ) -> nn.Module:
     """The configured multi-task head over inputs of width ``in_dim`` (STEM: + ``task_dim`` per
-    task). ``binary_tasks``: AITM's default chain (default: every task)."""
+    task). ``binary_tasks``: AITM's default chain (default: every task). ``layout``: the input's
+    column blocks in order, ``(feature, width)`` (PEPNet finds its features' columns in it).
+
+    Raises:
+        ValueError: PEPNet without a ``layout`` holding its features."""
     binary_tasks = binary_tasks if binary_tasks is not None else list(task_names)
     gate = GateConfig(
         temperature=m.gate_temperature,
@@ -249,7 +319,25 @@ def build_head(
         dselect_gamma=m.gate_dselect_gamma,
         dselect_entropy_coef=m.gate_dselect_entropy_coef,
     )
-    style = ExpertStyle(m.expert_activation, m.expert_norm)
+    style = ExpertStyle(m.expert_activation, m.expert_norm, m.expert_feature_gate_rank)
+    if m.head == "pepnet":
+        return PEPNet(
+            in_dim, task_names, input_columns(layout, m.pepnet_domain_features),
+            input_columns(layout, m.pepnet_prior_features), m.tower_hidden,
+            m.pepnet_gate_hidden, style,
+        )  # fmt: skip
+    towers = None
+    if m.head == "dbmtl":  # DBMTL: towers that read their parent tasks', over a base head
+        index = {t: i for i, t in enumerate(task_names)}
+        parents = task_parents(m.dbmtl_parents, task_names)
+        towers = DependentTowers(
+            len(task_names),
+            (m.bottom_hidden if m.dbmtl_base == "shared_bottom" else m.expert_hidden)[-1],
+            m.tower_hidden, m.dbmtl_relation_hidden,
+            {index[t]: [index[p] for p in ps] for t, ps in parents.items()},
+            m.tower_dropout, m.tower_batch_norm,
+        )  # fmt: skip
+        m = dataclasses.replace(m, head=m.dbmtl_base)
     if m.head == "aitm":
         return AITM(
             in_dim, task_names, m.aitm_chain or binary_tasks, m.expert_hidden, m.tower_hidden,
@@ -258,19 +346,21 @@ def build_head(
     if m.head == "shared_bottom":
         return SharedBottom(
             in_dim, len(task_names), m.bottom_hidden, m.tower_hidden, m.tower_dropout,
-            m.tower_batch_norm, style,
+            m.tower_batch_norm, style, towers,
         )  # fmt: skip
     if m.head == "stem":
         return STEM(
             in_dim, task_dim, task_names, m.ple_shared_experts, m.ple_task_experts,
             m.expert_hidden, m.tower_hidden, gate, m.tower_dropout, m.tower_batch_norm, style,
+            m.expert_self_gate,
         )  # fmt: skip
     if m.head == "ple":
         return PLE(
             in_dim, task_names, m.ple_levels, m.ple_shared_experts, m.ple_task_experts,
             m.expert_hidden, m.tower_hidden, gate, m.tower_dropout, m.tower_batch_norm, style,
+            m.expert_self_gate,
         )  # fmt: skip
     return MoE(
         in_dim, task_names, m.num_experts, m.expert_hidden, m.tower_hidden, gate,
-        shared_gate=m.head == "omoe", tower_dropout=m.tower_dropout, tower_batch_norm=m.tower_batch_norm, sparse_max_fraction=m.sparse_max_fraction, style=style,
+        shared_gate=m.head == "omoe", tower_dropout=m.tower_dropout, tower_batch_norm=m.tower_batch_norm, sparse_max_fraction=m.sparse_max_fraction, style=style, towers=towers,
     )  # fmt: skip
