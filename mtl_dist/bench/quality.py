@@ -299,7 +299,9 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     done = {}
     if (a.resume or a.render) and (out / "quality.json").exists():
         old = json.loads((out / "quality.json").read_text())
-        if old["params"] != result["params"]:
+        if a.render:  # the table as it was run
+            result.update(cpu=old["cpu"], date=old["date"], params=old["params"])
+        elif old["params"] != result["params"]:
             raise SystemExit(f"--resume: {out} holds runs of {old['params']}, not these")
         done = {key_of(r): r for r in old["runs"]}
         result["runs"] = list(done.values())  # every run kept, also those not asked for now
