@@ -77,4 +77,8 @@ def test_target_against_the_best_peer_per_task():
     assert rows["ple + none"]["target_met"] is False
     line = quality.verdict(quality.summarise(runs)["w"])
     assert "met** by 1 of 3 rows: mmoe + dcn_v2." in line
-    assert "AUC part met by 2 of 3 rows" in line and "speed part by 2" in line
+    assert "AUC part met by 2 of 3 rows (mmoe + dcn_v2, ple + none)" in line
+    assert "speed part by 2 of 3 rows (mmoe + none, mmoe + dcn_v2)" in line
+    assert [quality.name(r) for r in quality.summarise(runs)["w"]][2:] == [
+        "mmoe + none", "mmoe + dcn_v2", "ple + none"
+    ]  # fmt: skip
