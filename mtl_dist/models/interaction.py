@@ -180,6 +180,20 @@ class FMInteraction(nn.Module):
         return 0.5 * (v.sum(1).square() - v.square().sum(1))
 
 
+def init_mixture_per_expert(net: LowRankMixtureCrossNet) -> LowRankMixtureCrossNet:
+    """Xavier-normal init of each expert's ``U`` ``[N, r]``, ``V`` ``[r, N]`` and ``C`` ``[r, r]``
+    on its own, as DCN-V2's mixture (Wang et al. 2021) initialises every expert's matrices.
+    TorchRec initialises the stacked ``[K, N, r]`` tensor at once, which counts r (or N) as a
+    receptive field: a standard deviation ~√r times too small per matrix, so the three-factor
+    cross term starts near 0 (~1e-3 of x) and barely trains in an epoch."""
+    with torch.no_grad():
+        for kernels in (net.U_kernels, net.V_kernels, net.C_kernels):
+            for stacked in kernels:
+                for expert in stacked:
+                    nn.init.xavier_normal_(expert)
+    return net
+
+
 class Interaction(nn.Module):
     """The interaction stage: ``x [B, Din]`` → ``[x, op(x)]`` (concat, ``[B, Din + Dx]``) or
     ``op(x)`` (replace, ``[B, Dx]``).
@@ -257,7 +271,9 @@ def build_interaction(m: ModelConfig, widths: list[int], num_dense: int) -> tupl
     elif kind == "dcn_v2_lowrank":
         op, op_dim = LowRankCrossNet(in_dim, m.cross_layers, m.cross_low_rank), in_dim
     elif kind == "dcn_mix":
-        op = LowRankMixtureCrossNet(in_dim, m.cross_layers, m.cross_experts, m.cross_low_rank)
+        op = init_mixture_per_expert(
+            LowRankMixtureCrossNet(in_dim, m.cross_layers, m.cross_experts, m.cross_low_rank)
+        )
         op_dim = in_dim
     else:
         raise ValueError(f"unknown interaction {kind!r}: one of {', '.join(INTERACTIONS)}")

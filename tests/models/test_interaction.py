@@ -305,3 +305,25 @@ def test_pepnet_reads_its_features_from_the_raw_input_before_the_interaction_col
     assert ranker(batch)[0].shape == (8, 3)
     with pytest.raises(ValueError, match="device_type"):
         build_ranker(load_config([*args, "--model.interaction_output", "replace"]), device="cpu")
+
+
+def test_mixture_experts_start_with_a_real_cross_term():
+    """DCN-V2's mixture with each expert's U, V, C initialised on their own: at the peers'
+    width (N = 264, r = 64, 4 experts, 3 layers) the cross term starts at a sizeable fraction of
+    x; TorchRec's init of the stacked [K, N, r] tensors leaves it at ~1e-3 of x (measured
+    0.0012), which barely trained in an epoch (quality bench, interactions workload: click AUC
+    0.706 as without an interaction; 0.720 with this init)."""
+    from torchrec.modules.crossnet import LowRankMixtureCrossNet
+
+    torch.manual_seed(0)
+    stage, _ = build_interaction(
+        ModelConfig(interaction="dcn_mix", interaction_output="replace"), [16] * 16, 8
+    )
+    x = torch.randn(512, 264)
+    with torch.no_grad():
+        ours = ((stage(x) - x).std() / x.std()).item()
+        stock = LowRankMixtureCrossNet(264, 3, 4, 64)
+        theirs = ((stock(x) - x).std() / x.std()).item()
+    assert ours > 0.1 and theirs < 0.01, (ours, theirs)
+    for kernels in (stage.op.U_kernels, stage.op.V_kernels):  # xavier per [N, r] matrix
+        assert kernels[0][0].std().item() == pytest.approx((2 / (264 + 64)) ** 0.5, rel=0.1)
