@@ -621,17 +621,23 @@ COLLISIONS = ("modulo", "managed")
 EVICTIONS = ("lfu", "lru")
 
 
-def _check_collision(f: SparseFeature, where: str, cfg: JobConfig) -> None:
-    """``collision`` / ``eviction`` keys of one sparse feature (managed collision's limits)."""
-    for key, value, allowed in (
-        ("collision", f.collision, COLLISIONS),
-        ("eviction", f.eviction, EVICTIONS),
-    ):
+def _check_choices(*items: tuple[str, str, tuple[str, ...]]) -> None:
+    """Each ``(label, value, allowed)``: refuse a value outside ``allowed``, with the close
+    match."""
+    for label, value, allowed in items:
         if value not in allowed:
             raise ConfigError(
-                f"{where}: {key} must be {' | '.join(allowed)}, got {value!r}"
+                f"{label} must be {' | '.join(allowed)}, got {value!r}"
                 + _suggest(value, list(allowed))
             )
+
+
+def _check_collision(f: SparseFeature, where: str, cfg: JobConfig) -> None:
+    """``collision`` / ``eviction`` keys of one sparse feature (managed collision's limits)."""
+    _check_choices(
+        (f"{where}: collision", f.collision, COLLISIONS),
+        (f"{where}: eviction", f.eviction, EVICTIONS),
+    )
     if f.collision != "managed":
         return
     if not f.hash_buckets:
@@ -694,15 +700,10 @@ def task_parents(spec: list[str], task_names: list[str]) -> dict[str, list[str]]
 def _check_interaction(cfg: JobConfig) -> None:
     """The interaction stage's and the embedding regularisers' keys."""
     m = cfg.model
-    for key, value, allowed in (
-        ("interaction", m.interaction, INTERACTIONS),
-        ("interaction_output", m.interaction_output, INTERACTION_OUTPUTS),
-    ):
-        if value not in allowed:
-            raise ConfigError(
-                f"model.{key} must be {' | '.join(allowed)}, got {value!r}"
-                + _suggest(value, list(allowed))
-            )
+    _check_choices(
+        ("model.interaction", m.interaction, INTERACTIONS),
+        ("model.interaction_output", m.interaction_output, INTERACTION_OUTPUTS),
+    )
     for key in ("cross_layers", "cross_low_rank", "cross_experts"):
         if getattr(m, key) < 1:
             raise ConfigError(f"model.{key} must be >= 1, got {getattr(m, key)}")
@@ -809,15 +810,10 @@ def validate(cfg: JobConfig) -> None:
             "model.escm2_ips and model.escm2_dr are both > 0: choose one form of ESCM2's risk "
             "(dr already contains the IPS-weighted term)"
         )
-    for key, value, allowed in (
-        ("expert_activation", cfg.model.expert_activation, ("relu", "swish")),
-        ("expert_norm", cfg.model.expert_norm, ("none", "batch", "layer")),
-    ):
-        if value not in allowed:
-            raise ConfigError(
-                f"model.{key} must be {' | '.join(allowed)}, got {value!r}"
-                + _suggest(value, list(allowed))
-            )
+    _check_choices(
+        ("model.expert_activation", cfg.model.expert_activation, ("relu", "swish")),
+        ("model.expert_norm", cfg.model.expert_norm, ("none", "batch", "layer")),
+    )
     if cfg.model.expert_feature_gate_rank < 0 or (
         cfg.model.expert_feature_gate_rank
         and cfg.model.head in ("omoe", "mmoe")
