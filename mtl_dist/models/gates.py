@@ -177,8 +177,8 @@ class SelfGates(nn.Module):
     def forward(self, x: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
         w = torch.sigmoid(self.logits(x))  # [T, B, Et]
         self.last_weights = w.detach()
-        # a broadcast product, not einsum: einsum's path here guards on B != 1 under export
-        return (w.transpose(1, 2).unsqueeze(-1) * own).sum(1)
+        # the heads' mix einsum, which export rewrites batch-free (serving._BatchedMixes)
+        return torch.einsum("bte,tebh->tbh", w.transpose(0, 1), own)
 
 
 def smooth_step(t: torch.Tensor, gamma: float) -> torch.Tensor:
