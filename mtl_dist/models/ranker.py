@@ -104,9 +104,7 @@ class Ranker(nn.Module):
         self.task_ebcs = task_ebcs
         # the head sees features in the unsharded collections' order: a sharded EBC returns them
         # grouped by sharding type, an order that changes with the plan (and the world size)
-        self.feature_order = _embedding_names(ebc) + _embedding_names(
-            mc_ebc._embedding_module if mc_ebc is not None else None
-        )
+        self.feature_order = feature_order(ebc, mc_ebc)
         # managed tables: the world size their remapping was trained at (its miss rows), which
         # the single-process path (scoring, export) reproduces; set from the checkpoint
         self.managed_buckets = 1
@@ -193,6 +191,17 @@ class Ranker(nn.Module):
         return ebc(kjt)
 
 
+def feature_order(
+    ebc: EmbeddingBagCollection | None,
+    mc_ebc: ManagedCollisionEmbeddingBagCollection | None,
+) -> list[str]:
+    """The order of the pooled embeddings in the head's input: the plain tables' features,
+    then the managed ones, each as an unsharded collection outputs them."""
+    return _embedding_names(ebc) + _embedding_names(
+        mc_ebc._embedding_module if mc_ebc is not None else None
+    )
+
+
 def _embedding_names(ebc: EmbeddingBagCollection | None) -> list[str]:
     """Feature names in the order an unsharded EBC outputs them (table by table)."""
     if ebc is None:
@@ -230,9 +239,7 @@ def build_ranker(
     )
     # the pooled widths in the order the ranker concatenates them (its feature_order)
     dims = {f.name: f.embedding_dim for f in cfg.features.sparse}
-    order = _embedding_names(ebc) + _embedding_names(
-        mc_ebc._embedding_module if mc_ebc is not None else None
-    )
+    order = feature_order(ebc, mc_ebc)
     widths = [dims[name] for name in order]
     raw_dim = sum(widths) + len(cfg.features.dense)  # x: the pooled embeddings, dense values
     interaction, in_dim = build_interaction(cfg.model, widths, len(cfg.features.dense))
