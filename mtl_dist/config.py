@@ -720,11 +720,9 @@ def _check_interaction(cfg: JobConfig) -> None:
     if m.embedding_l2 < 0:
         raise ConfigError(f"model.embedding_l2 must be >= 0, got {m.embedding_l2}")
     o = cfg.optim
-    if o.embedding_weight_decay_mode not in ("l2", "decouple"):
-        raise ConfigError(
-            f"optim.embedding_weight_decay_mode must be l2 | decouple, got "
-            f"{o.embedding_weight_decay_mode!r}"
-        )
+    _check_choices(
+        ("optim.embedding_weight_decay_mode", o.embedding_weight_decay_mode, ("l2", "decouple"))
+    )
     if o.embedding_weight_decay < 0 or (
         o.embedding_weight_decay > 0 and o.embedding_optimizer != "rowwise_adagrad"
     ):
@@ -755,10 +753,7 @@ def validate(cfg: JobConfig) -> None:
             )
     if cfg.model.head == "dbmtl":
         task_parents(cfg.model.dbmtl_parents, task_names)
-        if cfg.model.dbmtl_base not in ("mmoe", "shared_bottom"):
-            raise ConfigError(
-                f"model.dbmtl_base must be mmoe | shared_bottom, got {cfg.model.dbmtl_base!r}"
-            )
+        _check_choices(("model.dbmtl_base", cfg.model.dbmtl_base, ("mmoe", "shared_bottom")))
         if not cfg.model.tower_hidden or not cfg.model.dbmtl_relation_hidden:
             raise ConfigError("dbmtl: model.tower_hidden and dbmtl_relation_hidden need a layer")
     if cfg.model.head == "pepnet":
