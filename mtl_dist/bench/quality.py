@@ -28,7 +28,6 @@ narrower selection adds runs to the table it already holds; ``--render`` only re
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import statistics
@@ -39,7 +38,6 @@ from data_tools.synth import ctcvr_view
 from mtl_dist.bench.e2e import CONFIG, TASKS, dataset, run_ours
 from mtl_dist.bench.peers import PEERS, peers_installed, run_peer
 from mtl_dist.bench.training import cpu_line
-from mtl_dist.config import ModelConfig, OptimConfig
 
 WORKLOADS = ("peers", "funnel", "interactions")
 INTERACTIONS = ("none", "dot", "fm", "dcn_v2", "dcn_v2_lowrank", "dcn_mix")
@@ -57,13 +55,6 @@ REGULARISERS = {  # name: (config key, value); a row each, on top of --reg-base 
     "embedding L2 1e-3": ("model.embedding_l2", "1e-3"),
 }
 AUC_MARGIN, SPEED_RATIO = 0.005, 2.0  # issue 19's target against the best peer
-
-
-def has_key(key: str) -> bool:
-    """Whether this checkout's config tree has ``section.key`` (model / optim)."""
-    section, name = key.split(".")
-    cls = {"model": ModelConfig, "optim": OptimConfig}[section]
-    return name in {f.name for f in dataclasses.fields(cls)}
 
 
 def funnel_config(meta: dict, out: Path) -> str:
@@ -92,22 +83,14 @@ def workload_data(name: str, a: argparse.Namespace) -> tuple[str, dict, str]:
 
 def variants(a: argparse.Namespace) -> list[dict[str, object]]:
     """Our rows: (head, interaction, regulariser) and the overrides that make each."""
-    interaction_key = has_key("model.interaction")
-    if not interaction_key and a.interaction_list != ["none"]:
-        raise SystemExit("--interactions: this checkout has no model.interaction; use 'none'")
     out = []
     for head in a.head_list:
         for inter in a.interaction_list:
-            extra = ["--model.interaction", inter] if interaction_key else []
-            out.append(
-                {"head": head, "interaction": inter, "reg": "", "extra": HEADS[head] + extra}
-            )
+            extra = [*HEADS[head], "--model.interaction", inter]
+            out.append({"head": head, "interaction": inter, "reg": "", "extra": extra})
     head, inter = a.reg_base.split(":")
     for name in a.reg_list:
         key, value = REGULARISERS[name]
-        if not (interaction_key and has_key(key)):
-            print(f"[quality] {name}: this checkout has no {key}, its row is left out")
-            continue
         extra = [*HEADS[head], "--model.interaction", inter, f"--{key}", value]
         out.append({"head": head, "interaction": inter, "reg": name, "extra": extra})
     return out
