@@ -236,8 +236,9 @@ class ModelWithLoss(nn.Module):
     task losses. ``esmm=(ctr_index, cvr_index)`` trains the CVR task through pCTCVR on all
     exposures (see :func:`esmm_ctcvr_loss`), plus ``escm2_ips`` times ESCM2's counterfactual
     risk (:func:`escm2_ips_risk`) or ``escm2_dr`` times its doubly robust form plus the
-    imputation tower's loss (:func:`escm2_dr_risk`; the ranker's ``imputation`` tower). Tasks with ``negative_rate < 1`` see their
-    negatives downsampled in training; predictions are corrected back to the true scale.
+    imputation tower's loss (:func:`escm2_dr_risk`; the ranker's ``imputation`` tower). Tasks
+    with ``negative_rate < 1`` see their negatives downsampled in training; predictions are
+    corrected back to the true scale.
 
     Every training step goes through the non-finite guard (:mod:`mtl_dist.guard`,
     ``on_nonfinite``): label counts and loss finiteness are gathered from every rank, the

@@ -14,7 +14,8 @@ are 0 on the whole batch (``head.last_dead``: ``{set: [E]}``, see
 
 Heads: :class:`SharedBottom`, :class:`MoE` (MMoE, or OMoE with one shared gate), :class:`PLE`
 (CGC with one level) and :class:`STEM`. SharedBottom and MoE take other ``towers`` (DBMTL's
-:class:`~mtl_dist.models.dependent.DependentTowers`). Experts and towers are :class:`StackedMLP` s: one batched op per layer.
+:class:`~mtl_dist.models.dependent.DependentTowers`). Experts and towers are
+:class:`StackedMLP` s: one batched op per layer.
 """
 
 from __future__ import annotations
