@@ -2,7 +2,9 @@
 
 Binary tasks: BCE on logits; regression tasks: MSE. The mask is each row's weight for a task:
 a missing label (mask 0) contributes nothing, a task with no label in the batch contributes 0,
-not NaN, and sample weights make the mean a weighted one.
+not NaN, and sample weights make the mean a weighted one: every loss here is ``Σ w·loss / Σ w``
+over its rows (see :func:`weighted_mean`), so scaling every weight by the same factor changes
+neither the loss nor its gradient.
 """
 
 from __future__ import annotations
@@ -21,14 +23,26 @@ from mtl_dist.data.batch import Batch
 from mtl_dist.guard import StepCheck, UpdateGate, UpdateSwitch
 
 
+def weighted_mean(total: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``total / weight`` (any equal shapes: ``Σ w·loss`` over the rows and ``Σ w``), and 0
+    where ``weight == 0`` (no labelled row, or every weight 0): not NaN, and with a zero, finite
+    gradient — ``total`` is then a sum of zero-weighted terms, divided by 1. Only the zero is
+    guarded: a small ``Σ w`` (normalised weights) is divided by as it is, so the mean does not
+    depend on the weights' scale."""
+    return total / torch.where(weight != 0, weight, torch.ones_like(weight))
+
+
 def task_losses(
     outputs: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, is_binary: torch.Tensor
 ) -> torch.Tensor:
-    """Masked mean loss per task.
+    """Weighted mean loss per task: ``Σ_i m_it · loss_it / Σ_i m_it`` (0 where ``Σ_i m_it = 0``,
+    see :func:`weighted_mean`).
 
     Args:
         outputs: ``[B, T]`` logits (binary tasks) or values (regression tasks).
-        labels, mask: ``[B, T]``.
+        labels: ``[B, T]``.
+        mask: ``[B, T]`` each row's weight for each task: 0 for a missing label, else its
+            sample weight (1 without weights); only ratios matter, not the scale.
         is_binary: ``[T]`` bool.
 
     Returns:
@@ -37,7 +51,7 @@ def task_losses(
     bce = F.binary_cross_entropy_with_logits(outputs, labels, reduction="none")
     mse = (outputs - labels).square()
     per_row = torch.where(is_binary, bce, mse) * mask
-    return per_row.sum(0) / mask.sum(0).clamp_min(1.0)
+    return weighted_mean(per_row.sum(0), mask.sum(0))
 
 
 def esmm_ctcvr_loss(
@@ -45,14 +59,15 @@ def esmm_ctcvr_loss(
 ) -> torch.Tensor:
     """ESMM (Ma et al., SIGIR 2018): BCE of pCTCVR = pCTR × pCVR against click∧conversion.
 
-    Computed on every exposure whose click∧conversion is known (``mask``: see
+    Computed on every exposure whose click∧conversion is known (``mask``: each row's weight, see
     :func:`ctcvr_weights`), so pCVR is learnt over the entire space without a direct loss on the
-    clicked-only rows. Log-space for stability. ``[B]`` → scalar.
+    clicked-only rows: ``Σ_i m_i · BCE_i / Σ_i m_i`` (0 where ``Σ m = 0``, see
+    :func:`weighted_mean`). Log-space for stability. ``[B]`` each → scalar.
     """
     log_p = F.logsigmoid(ctr_logit) + F.logsigmoid(cvr_logit)
     log_not_p = torch.log1p(-torch.exp(log_p).clamp(max=1 - 1e-7))
     per_row = -(ctcvr_label * log_p + (1 - ctcvr_label) * log_not_p) * mask
-    return per_row.sum() / mask.sum().clamp_min(1.0)
+    return weighted_mean(per_row.sum(), mask.sum())
 
 
 MIN_PROPENSITY = 0.05  # ESCM2's IPS: pCTR below this counts as this (bounded weights)
@@ -68,15 +83,17 @@ def escm2_ips_risk(
     """ESCM2's counterfactual CVR risk, IPS form (Wang et al., "ESCM²: Entire Space
     Counterfactual Multi-Task Model for Post-Click Conversion Rate Estimation", SIGIR 2022):
     ``Σ_i m_i · o_i · BCE(r_i, pCVR_i) / p̂_i / Σ_i m_i`` over the exposures (``exposure_mask``
-    m: the CTR task's weights), where ``o_i`` marks a clicked row whose conversion ``r_i`` was
-    observed (``observed``: the CVR task's mask) and the propensity ``p̂_i = pCTR_i`` (no gradient
-    through it; at least :data:`MIN_PROPENSITY`): the clicked rows reweighted to stand for every
-    exposure, an unbiased estimate of the CVR loss over the entire space. ``[B]`` → scalar.
+    m: the CTR task's weights, sample weights included), where ``o_i`` marks a clicked row whose
+    conversion ``r_i`` was observed (``observed``: the CVR task's mask, read as ``> 0`` only) and
+    the propensity ``p̂_i = pCTR_i`` (no gradient through it; at least :data:`MIN_PROPENSITY`):
+    the clicked rows reweighted to stand for every exposure, an unbiased estimate of the CVR
+    loss over the entire space. The denominator is the weighted exposure count ``Σ_i m_i``
+    (0 where it is 0, see :func:`weighted_mean`). ``[B]`` each → scalar.
     """
     bce = F.binary_cross_entropy_with_logits(cvr_logit, conversion, reduction="none")
     propensity = torch.sigmoid(ctr_logit).detach().clamp_min(MIN_PROPENSITY)
     per_row = exposure_mask * (observed > 0).to(bce.dtype) * bce / propensity
-    return per_row.sum() / exposure_mask.sum().clamp_min(1.0)
+    return weighted_mean(per_row.sum(), exposure_mask.sum())
 
 
 def escm2_dr_risk(
@@ -98,11 +115,15 @@ def escm2_dr_risk(
     max(pCTR_i, MIN_PROPENSITY)`` (no gradient):
 
     * risk ``R_DR = Σ_i m_i [ê_i + o_i (e_i − ê_i) / p̂_i] / Σ_i m_i`` over the exposures
-      (``exposure_mask`` m): unbiased when either the propensity or the imputation is right;
-      it trains the CVR tower on every exposure, unclicked ones through ``ê``;
+      (``exposure_mask`` m: the CTR task's weights, sample weights included): unbiased when
+      either the propensity or the imputation is right; it trains the CVR tower on every
+      exposure, unclicked ones through ``ê``;
     * imputation loss ``Σ_i m_i o_i (e_i − ê'_i)² / p̂_i / Σ_i m_i`` with ``ê'`` from the CVR
       logits without gradient: it trains the imputation tower only, to predict the CVR
       model's error where it is observed, reweighted to the entire space.
+
+    Both divide by the weighted exposure count ``Σ_i m_i`` and are 0 where it is 0 (see
+    :func:`weighted_mean`); ``observed`` (the CVR task's mask) is read as ``> 0`` only.
     """
     bce = F.binary_cross_entropy_with_logits
     propensity = torch.sigmoid(ctr_logit).detach().clamp_min(MIN_PROPENSITY)
@@ -110,10 +131,10 @@ def escm2_dr_risk(
     error = bce(cvr_logit, conversion, reduction="none")  # e_i (read on observed rows only)
     imputed = bce(cvr_logit, torch.sigmoid(imputed_logit).detach(), reduction="none")  # ê_i
     per_row = exposure_mask * imputed + o * (error - imputed) / propensity
-    total = exposure_mask.sum().clamp_min(1.0)
+    total = exposure_mask.sum()  # Σ_i m_i: the weighted exposure count
     fit = bce(cvr_logit.detach(), torch.sigmoid(imputed_logit), reduction="none")  # ê'_i
-    imputation = (o * (error.detach() - fit).square() / propensity).sum() / total
-    return per_row.sum() / total, imputation
+    imputation = weighted_mean((o * (error.detach() - fit).square() / propensity).sum(), total)
+    return weighted_mean(per_row.sum(), total), imputation
 
 
 def ctcvr_weights(
