@@ -975,6 +975,12 @@ def validate(cfg: JobConfig) -> None:
                 f"train.best_metric: {cfg.train.best_metric!r} is not '<task>/<metric>' of a "
                 "configured task" + _suggest(cfg.train.best_metric, known)
             )
+        if metric == "gauc" and not cfg.train.gauc_by:
+            raise ConfigError(
+                f"train.best_metric = {cfg.train.best_metric!r}: GAUC is computed only when "
+                "validation rows are grouped: set train.gauc_by (the group id column, e.g. "
+                "user_id), or choose another metric"
+            )
     if cfg.train.early_stop_patience < 0 or (
         cfg.train.early_stop_patience and not cfg.train.best_metric
     ):

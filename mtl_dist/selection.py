@@ -11,6 +11,7 @@ tracker's state travels in every checkpoint, so a resumed run compares against t
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from mtl_dist.config import HIGHER_IS_BETTER, TrainConfig
@@ -32,17 +33,37 @@ class BestTracker:
     def enabled(self) -> bool:
         return bool(self.task)
 
+    @property
+    def name(self) -> str:
+        return f"{self.task}/{self.metric}"
+
     def update(self, step: int, metrics: dict[str, dict[str, float]]) -> bool:
-        """Record a validation at ``step``; whether it is a new best."""
+        """Record a validation at ``step``; whether it is a new best. An undefined value (absent,
+        None or NaN: one class in validation, ...) is no improvement (see :func:`defined`)."""
         value = metrics.get(self.task, {}).get(self.metric)
         higher = self.metric in HIGHER_IS_BETTER
-        if value is not None and (
-            self.value is None or (value > self.value if higher else value < self.value)
+        if defined(value) and (
+            not defined(self.value) or (value > self.value if higher else value < self.value)
         ):
-            self.value, self.step, self.since = value, step, 0
+            self.value, self.step, self.since = float(value), step, 0
             return True
         self.since += 1
         return False
+
+    def undefined_note(
+        self, step: int, metrics: dict[str, dict[str, float]], undefined: dict[str, dict[str, str]]
+    ) -> str:
+        """The log line for a validation whose metric is undefined ('' when it is defined)."""
+        if defined(metrics.get(self.task, {}).get(self.metric)):
+            return ""
+        why = undefined.get(self.task, {}).get(self.metric, "not computed at this validation")
+        return f"[best] {self.name} undefined at step {step} ({why}): counted as no improvement"
+
+    def describe_best(self) -> str:
+        """``0.7312 at step 400``, or ``none: undefined at every validation``."""
+        if not defined(self.value):
+            return "none: undefined at every validation so far"
+        return f"{self.value:.4f} at step {self.step}"
 
     @property
     def stop(self) -> bool:
@@ -54,9 +75,21 @@ class BestTracker:
                 "since": self.since}  # fmt: skip
 
     def load(self, state: dict[str, Any]) -> None:
-        self.value, self.step = state.get("value"), int(state.get("step", 0))
+        value = state.get("value")
+        self.value = float(value) if defined(value) else None
+        self.step = int(state.get("step", 0))
         self.checkpoint, self.since = state.get("checkpoint", ""), int(state.get("since", 0))
 
     def summary(self) -> dict[str, Any]:
         """What metrics.json records."""
-        return {"metric": f"{self.task}/{self.metric}", **self.state()}
+        return {"metric": self.name, **self.state()}
+
+
+def defined(value: Any) -> bool:
+    """Whether a metric value is a number to compare and print (not None, not NaN)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and not math.isnan(value)
+
+
+def fmt_metric(value: Any, spec: str = ".4f") -> str:
+    """A metric value for a log line: ``undefined`` for None / NaN, never a crash."""
+    return format(value, spec) if defined(value) else "undefined"

@@ -39,7 +39,7 @@ from mtl_dist.precision import LossScaler, Precision, resolve_precision, set_hea
 from mtl_dist.preempt import Preempted
 from mtl_dist.rundir import open_run_dir, release_run_dirs
 from mtl_dist.schedule import LRSchedule
-from mtl_dist.selection import BestTracker
+from mtl_dist.selection import BestTracker, fmt_metric
 
 
 def seed_everything(seed: int) -> None:
@@ -317,11 +317,13 @@ def train(cfg: JobConfig, info: DistInfo) -> dict[str, object]:
             saved = saved or save(at, epoch_after, done)
             if info.is_main:
                 point(ckpt_root, saved.name, "best")
-            log(f"[best] {cfg.train.best_metric} = {tracker.value:.4f} at step {at}: {saved}")
+            log(f"[best] {tracker.name} = {fmt_metric(tracker.value)} at step {at}: {saved}")
+        elif tracker.enabled and (note := tracker.undefined_note(at, metrics, undefined)):
+            log(note)  # one class in validation, ...: no improvement, never a number
         if tracker.stop:
             log(
-                f"[early stop] {cfg.train.best_metric} has not improved in "
-                f"{tracker.since} validations (best {tracker.value:.4f} at step {tracker.step})"
+                f"[early stop] {tracker.name} has not improved in "
+                f"{tracker.since} validations (best {tracker.describe_best()})"
             )
             if cfg.checkpoint.at_end and saved is None:
                 save(at, epoch_after, done)

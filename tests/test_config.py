@@ -134,3 +134,31 @@ def test_defaults_are_a_valid_tree():
     assert (
         cfg.model.expert_hidden is not JobConfig().model.expert_hidden
     )  # no shared mutable default
+
+
+def test_gauc_best_metric_needs_gauc_by():
+    args = ["--config", DEFAULT, "--train.best_metric", "click/gauc"]
+    with pytest.raises(ConfigError, match=r"train.best_metric = 'click/gauc'.*set train.gauc_by"):
+        load_config([*args, "--train.early_stop_patience", "2"])
+    cfg = load_config([*args, "--train.gauc_by", "user_id", "--train.early_stop_patience", "2"])
+    assert cfg.train.best_metric == "click/gauc"
+
+
+def test_undefined_best_metric_is_no_improvement_and_never_formatted():
+    from mtl_dist.selection import BestTracker, fmt_metric
+
+    cfg = load_config(["--config", DEFAULT, "--train.best_metric", "conversion/auc",
+                       "--train.early_stop_patience", "2"])  # fmt: skip
+    tracker = BestTracker(cfg.train)
+    why = {"conversion": {"auc": "one class only: 0 positive(s) among 9 labelled rows"}}
+    assert not tracker.update(10, {"conversion": {"logloss": 0.3}})
+    assert tracker.undefined_note(10, {"conversion": {}}, why) == (
+        "[best] conversion/auc undefined at step 10 (one class only: 0 positive(s) among 9 "
+        "labelled rows): counted as no improvement"
+    )
+    assert not tracker.update(20, {"conversion": {"auc": float("nan")}})
+    assert tracker.stop and tracker.value is None
+    assert tracker.describe_best().startswith("none: undefined")
+    assert fmt_metric(None) == fmt_metric(float("nan")) == "undefined"
+    tracker.load({"value": float("nan"), "step": 3, "since": 0})
+    assert tracker.update(30, {"conversion": {"auc": 0.7}}) and tracker.value == 0.7
