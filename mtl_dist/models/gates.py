@@ -72,8 +72,9 @@ class Gates(nn.Module):
         if cfg.dselect_k:  # per gate: k selectors' m code logits, then k selector logits
             self.code_bits = max(1, math.ceil(math.log2(num_experts)))
             widths = [*cfg.hidden, cfg.dselect_k * (self.code_bits + 1)]
-            codes = (torch.arange(num_experts)[:, None] >> torch.arange(self.code_bits)) & 1
-            self.register_buffer("codes", codes.bool(), persistent=False)  # [E, m]
+            # all 2^m codes: a selector is a distribution over every code, used or not
+            codes = (torch.arange(2**self.code_bits)[:, None] >> torch.arange(self.code_bits)) & 1
+            self.register_buffer("codes", codes.bool(), persistent=False)  # [2^m, m]
         else:
             widths = [*cfg.hidden, num_experts]
         # all gates' logits at once: one StackedMLP with a group per gate
@@ -140,16 +141,24 @@ class Gates(nn.Module):
         (1 − S(z_ij))^{1 − b_j(e)}`` on expert e (b(e): e's binary code); the gate mixes the
         selectors by a softmax of their own logits. Once a selector's logits leave
         ``[-γ/2, γ/2]`` it picks exactly one expert, so the gate ends with at most k non-zero
-        weights while training stays differentiable. With E not a power of 2 the mass on the
-        unused codes is dropped and the weights renormalised to sum to 1.
+        weights while training stays differentiable.
+
+        With E not a power of 2 the selector's distribution covers all 2^m codes (it sums to 1:
+        ``Π_j (S + 1 − S)``) and the mass on the 2^m − E unused codes is shared equally among
+        the E experts. So every selector's weights sum to 1 for every sample — also one
+        saturated on an unused code (it then mixes all experts evenly), where dropping that
+        mass and renormalising would leave 0/0 and zero gradient — and each unused code's
+        probability keeps a gradient pointing to the experts that do better than the average.
+        Near S = ½ every expert still gets 1/E. E = 1 (m = 1) puts weight 1 on the expert.
         """
-        k, m = self.cfg.dselect_k, self.code_bits
+        k, m, e = self.cfg.dselect_k, self.code_bits, self.num_experts
         z = logits[..., : k * m].unflatten(-1, (k, m))  # [B, G, k, m]
         s = smooth_step(z, self.cfg.dselect_gamma).unsqueeze(-2)  # [B, G, k, 1, m]
-        selectors = torch.where(self.codes, s, 1 - s).prod(-1)  # [B, G, k, E]
+        codes = torch.where(self.codes, s, 1 - s).prod(-1)  # [B, G, k, 2^m], sums to 1
+        selectors = codes[..., :e] + codes[..., e:].sum(-1, keepdim=True) / e  # [B, G, k, E]
         mix = torch.softmax(logits[..., k * m :], -1).unsqueeze(-1)  # [B, G, k, 1]
-        weights = (mix * selectors).sum(-2)
-        return weights / weights.sum(-1, keepdim=True).clamp_min(1e-9), selectors
+        weights = (mix * selectors).sum(-2)  # sums to 1 up to rounding: remove that
+        return weights / weights.sum(-1, keepdim=True), selectors
 
 
 class SelfGates(nn.Module):
@@ -193,8 +202,11 @@ def expert_dropout(weights: torch.Tensor, p: float) -> torch.Tensor:
 
     The YouTube cure for polarization: an expert a gate relies on is sometimes missing, so the
     gate must keep others useful. A row whose every selected expert was dropped keeps its weights.
+    Every row sums to 1: a kept mass below any fixed floor (tiny softmax weights) is divided by
+    itself, not by the floor.
     """
     keep = (torch.rand_like(weights) >= p).to(weights.dtype)
     kept = weights * keep
     total = kept.sum(-1, keepdim=True)
-    return torch.where(total > 0, kept / total.clamp_min(1e-12), weights)
+    some = total > 0
+    return torch.where(some, kept / torch.where(some, total, 1.0), weights)

@@ -71,3 +71,98 @@ def test_dselect_replaces_the_softmax_gate_options():
     with pytest.raises(ConfigError, match="replaces the softmax gate: not with gate_top_k"):
         load_config(["--config", "configs/default.toml", "--model.gate_dselect_k", "2",
                      "--model.gate_top_k", "2"])  # fmt: skip
+
+
+# issue 26: E not a power of 2 — a selector on an unused code must not leave the gate all zero
+
+
+def _dselect(num_experts: int, k: int, gates: int = 2, gamma: float = 1.0) -> Gates:
+    torch.manual_seed(num_experts * 10 + k)
+    return Gates(5, gates, num_experts, GateConfig(dselect_k=k, dselect_gamma=gamma))
+
+
+@pytest.mark.parametrize("num_experts", range(1, 10))
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_weights_sum_to_one_for_every_sample(num_experts, k):
+    g = _dselect(num_experts, k)
+    for scale in (0.1, 1.0, 10.0, 1e3, 1e6):  # up to saturating every smooth step at 0 / 1
+        x = torch.randn(64, 5) * scale
+        w, _ = g(x)
+        assert w.shape == (64, 2, num_experts)
+        assert torch.isfinite(w).all() and (w >= 0).all()
+        assert torch.allclose(w.sum(-1), torch.ones(64, 2), atol=1e-5), (num_experts, k, scale)
+
+
+@pytest.mark.parametrize("num_experts", range(1, 10))
+def test_every_code_saturated_still_sums_to_one(num_experts):
+    # each selector driven (±50 ≫ γ/2) onto each of the 2^m codes, used or not
+    m = max(1, math.ceil(math.log2(num_experts)))
+    for code in range(2**m):
+        bits = [50.0 if code >> j & 1 else -50.0 for j in range(m)]
+        w, _ = _gate(num_experts, 1, [*bits, 0.0])(torch.randn(3, 3))
+        assert torch.allclose(w.sum(-1), torch.ones(3, 1), atol=1e-6), (num_experts, code)
+        if code < num_experts:  # a used code: exactly its expert
+            assert w[0, 0].tolist() == [1.0 if e == code else 0.0 for e in range(num_experts)]
+        else:  # an unused code: its mass shared evenly
+            assert w[0, 0].tolist() == pytest.approx([1 / num_experts] * num_experts)
+
+
+def test_one_expert_always_weighs_one():
+    for k in (1, 2):
+        g = _dselect(1, k)
+        w, _ = g(torch.randn(16, 5) * 1e4)
+        assert w.shape == (16, 2, 1) and torch.allclose(w, torch.ones_like(w))
+
+
+def _grad_norm(g: Gates, x: torch.Tensor) -> float:
+    """The gate parameters' gradient norm under a loss that prefers expert 0."""
+    g.zero_grad()
+    w, _ = g(x)
+    target = torch.arange(w.shape[-1], dtype=w.dtype)  # expert e costs e
+    (w * target).sum().backward()
+    grads = torch.cat([p.grad.flatten() for p in g.parameters() if p.grad is not None])
+    assert torch.isfinite(grads).all()
+    return float(grads.norm())
+
+
+@pytest.mark.parametrize("num_experts", [3, 5, 6, 7])
+def test_a_selector_on_an_unused_code_keeps_a_gradient(num_experts):
+    m = math.ceil(math.log2(num_experts))
+    unused = 2**m - 1  # all bits 1: unused for every E here
+    # in the smooth step (|z| < γ/2), mostly on the unused code: the gradient moves it off
+    g = _gate(num_experts, 1, [0.4] * m + [0.0])
+    w, _ = g(torch.randn(4, 3))
+    assert torch.allclose(w.sum(-1), torch.ones(4, 1), atol=1e-6)
+    g.logits.weights[-1].requires_grad_(True)
+    assert _grad_norm(g, torch.randn(4, 3)) > 0
+    # saturated on it (k = 2, the other selector on expert 0): the mix still learns
+    bits = [50.0 if unused >> j & 1 else -50.0 for j in range(m)]
+    g = _gate(num_experts, 2, [*bits, *([-50.0] * m), 0.0, 0.0])
+    w, _ = g(torch.randn(4, 3))
+    assert torch.allclose(w.sum(-1), torch.ones(4, 1), atol=1e-6)
+    assert w[0, 0, 0].item() == pytest.approx(0.5 + 0.5 / num_experts)
+    assert _grad_norm(g, torch.randn(4, 3)) > 0
+
+
+def test_the_three_expert_gate_keeps_its_sum_while_training():
+    # the issue's run: 3 experts, selectors pushed hard; the mean weight sum stays 1
+    torch.manual_seed(0)
+    g = Gates(8, 2, 3, GateConfig(dselect_k=2))
+    opt = torch.optim.SGD(g.parameters(), lr=1.0)
+    for _ in range(60):
+        x = torch.randn(32, 8)
+        w, _ = g(x)
+        (w[..., 2] - w[..., 0]).sum().backward()  # expert 0 good, 2 bad
+        opt.step()
+        opt.zero_grad()
+        assert torch.allclose(w.detach().sum(-1), torch.ones(32, 2), atol=1e-5)
+
+
+def test_expert_dropout_renormalises_tiny_kept_mass_to_one():
+    from mtl_dist.models.gates import expert_dropout
+
+    torch.manual_seed(0)
+    w = torch.softmax(torch.tensor([[0.0, -40.0, -45.0, -50.0]]).repeat(256, 1), -1)
+    out = expert_dropout(w, 0.5)  # rows that lost expert 0 keep only ~1e-18 of mass
+    assert torch.isfinite(out).all()
+    assert torch.allclose(out.sum(-1), torch.ones(256), atol=1e-5)
