@@ -13,11 +13,35 @@ import torch
 import xxhash
 
 T = torch.from_dlpack  # an Arrow array without nulls → a tensor, no copy
+INT64_MAX = 2**63 - 1
+MADE_BY = "python -m mtl_dist.export CHECKPOINT model.pt2 --format pt2 writes one"
+
+
+def verified(path: str) -> list[str]:
+    """The package's member names, after every member's bytes matched their zip CRC-32."""
+    p = Path(path)
+    if not p.is_file() or p.stat().st_size == 0:
+        raise ValueError(f"{path}: {'empty (0 bytes)' if p.is_file() else 'no such file'}; "
+                         f"not an mtl-dist serving package: {MADE_BY}")  # fmt: skip
+    if not zipfile.is_zipfile(p):
+        raise ValueError(f"{path}: truncated or not a zip archive ({p.stat().st_size} bytes); "
+                         f"not an mtl-dist serving package: {MADE_BY}")  # fmt: skip
+    try:
+        with zipfile.ZipFile(p) as z:
+            bad, names = z.testzip(), z.namelist()
+    except (zipfile.BadZipFile, EOFError, OSError) as e:
+        raise ValueError(f"{path}: damaged archive ({e}): {MADE_BY}") from None
+    if bad is not None:
+        raise ValueError(f"{path}: member {bad} does not match its CRC-32 (damaged after it "
+                         f"was written): {MADE_BY}")  # fmt: skip
+    if not any(n.endswith("/mtl_dist.json") for n in names):
+        raise ValueError(f"{path}: no extra/mtl_dist.json; not an mtl-dist serving package")
+    return names
 
 
 def load(path: str):  # the metadata, and the program: AOTInductor's when compiled
+    names = verified(path)
     with zipfile.ZipFile(path) as z:
-        names = z.namelist()
         meta = json.loads(z.read(next(n for n in names if n.endswith("/mtl_dist.json"))))
     if any("/aotinductor/" in n for n in names):
         return meta, torch._inductor.aoti_load_package(path)
@@ -44,10 +68,25 @@ def sparse(f: dict, t: pa.RecordBatch, seed: int):
         d, n_rows = pc.dictionary_encode(flat.cast(pa.large_binary())), f["string_id_mod"]
         hashed = [xxhash.xxh3_64_intdigest(v, seed) % n_rows for v in d.dictionary.to_pylist()]
         ids = torch.tensor(hashed, dtype=torch.int64)[T(d.indices.cast(pa.int64()))]
+    elif pa.types.is_uint64(flat.type):
+        ids = unsigned(f, flat)
     else:
         ids = T(flat.cast(pa.int64()))
     lengths = torch.bincount(T(rows.cast(pa.int64())), minlength=t.num_rows)
     return ids, torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
+
+
+def unsigned(f: dict, flat: pa.Array) -> torch.Tensor:
+    """uint64 ids (they may exceed int64) → int64 ids [N], as training reduces them in unsigned
+    arithmetic: an id past int64 is taken mod the feature's bound where the program takes ids
+    mod it, else it becomes INT64_MAX, which the program's clip / drop treats as too large."""
+    over = pc.greater(flat, pa.scalar(INT64_MAX, pa.uint64()))
+    ids = T(pc.if_else(over, pa.scalar(0, pa.uint64()), flat).cast(pa.int64())).clone()
+    if pc.any(over).as_py():
+        mod = f["string_id_mod"] or (f["vocab_size"] if f["invalid_ids"] == "hash" else 0)
+        big = [v % mod if mod else INT64_MAX for v in flat.filter(over).to_pylist()]
+        ids[T(pc.indices_nonzero(over).cast(pa.int64()))] = torch.tensor(big, dtype=torch.int64)
+    return ids
 
 
 def inputs(meta: dict, t: pa.RecordBatch):
@@ -66,15 +105,28 @@ def main(package: str, data: str, out: str, *keep: str) -> None:
     meta, model = load(package)
     columns = sorted({*meta["dense"]["columns"], *(f["name"] for f in meta["sparse"]), *keep})
     files = sorted(Path(data).glob("**/*.parquet")) if Path(data).is_dir() else [Path(data)]
-    fields = [pq.read_schema(files[0]).field(c) for c in keep]
+    if not files:
+        raise ValueError(f"{data}: no Parquet file")
+    fields = [pq.read_schema(files[0]).field(c) for c in keep if c in pq.read_schema(files[0]).names]
     schema = pa.schema(fields + [(f"pred_{t['name']}", pa.float32()) for t in meta["tasks"]])
-    with pq.ParquetWriter(out, schema) as writer:
+    with pq.ParquetWriter(out, schema, write_page_checksum=True) as writer:
         for p in files:
-            for t in pq.ParquetFile(p).iter_batches(4096, columns=columns):
-                preds = model(*inputs(meta, t)).T.tolist()  # [T][B]
+            pf = pq.ParquetFile(p, page_checksum_verification=True)
+            absent = [c for c in columns if c not in pf.schema_arrow.names]
+            if absent:
+                raise ValueError(f"{p}: missing column(s) {', '.join(absent)} (the package "
+                                 f"reads {', '.join(columns)})")  # fmt: skip
+            for t in pf.iter_batches(4096, columns=columns):
+                try:
+                    preds = model(*inputs(meta, t)).T.tolist()  # [T][B]
+                except ValueError as e:
+                    raise ValueError(f"{p}: {e}") from None
                 cols = [t[c] for c in keep] + [pa.array(y, pa.float32()) for y in preds]
                 writer.write_table(pa.Table.from_arrays(cols, schema=schema))
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    try:
+        main(*sys.argv[1:])
+    except ValueError as e:  # a bad package or input: the file, column or member named
+        sys.exit(f"serve.py: error: {e}")

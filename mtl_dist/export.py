@@ -32,13 +32,14 @@ from mtl_dist.config import JobConfig, from_dict, to_dict
 from mtl_dist.data.batch import ArrowBatchConverter
 from mtl_dist.data.reader import ParquetBatchReader
 from mtl_dist.data.source import RowFilter, list_parquet_files
-from mtl_dist.files import written_whole
+from mtl_dist.files import check_archive, written_whole
 from mtl_dist.losses import ModelWithLoss, build_model_with_loss
 from mtl_dist.metrics import task_metrics
 from mtl_dist.models.ranker import build_ranker
 from mtl_dist.serving import (
     EMBEDDING_DTYPES,
     build_served,
+    check_package,
     export_program,
     inputs_from_batch,
     metadata,
@@ -46,6 +47,8 @@ from mtl_dist.serving import (
 )
 
 FORMAT = "mtl-dist-model/1"
+MODEL_FILE = "mtl-dist model file"
+MODEL_PRODUCER = "python -m mtl_dist.export CHECKPOINT model.pt"
 
 
 def build_unsharded(cfg: JobConfig) -> ModelWithLoss:
@@ -89,14 +92,27 @@ def export_checkpoint(checkpoint: Path, out: Path) -> JobConfig:
     }
     with written_whole(out) as tmp:
         torch.save(blob, tmp)
+        check_archive(tmp, MODEL_FILE, MODEL_PRODUCER)  # read back before it replaces ``out``
     return cfg
 
 
 def load_exported(path: Path) -> tuple[JobConfig, ModelWithLoss]:
-    """An exported file → (config, model in eval mode on the CPU)."""
-    blob = torch.load(path, weights_only=True)
-    if blob.get("format") != FORMAT:
-        raise ValueError(f"{path}: not an mtl-dist model file (format {blob.get('format')!r})")
+    """An exported file → (config, model in eval mode on the CPU).
+
+    The file is verified first (:func:`mtl_dist.files.check_archive`: every member against its
+    CRC-32). Raises ``ValueError`` naming the file (and the damaged member) when it is empty,
+    truncated, damaged, or not an mtl-dist model file; ``FileNotFoundError`` when absent.
+    """
+    check_archive(path, MODEL_FILE, MODEL_PRODUCER)
+    try:
+        blob = torch.load(path, weights_only=True)
+    except Exception as e:  # a valid zip that is not a torch.save file (a .pt2 package, …)
+        raise ValueError(f"{path}: not an {MODEL_FILE} ({type(e).__name__}: {e}); "
+                         f"{MODEL_PRODUCER} writes one") from None  # fmt: skip
+    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
+        found = blob.get("format") if isinstance(blob, dict) else type(blob).__name__
+        raise ValueError(f"{path}: not an {MODEL_FILE} (format {found!r}); "
+                         f"{MODEL_PRODUCER} writes one")  # fmt: skip
     cfg = from_dict(blob["config"])
     model = build_unsharded(cfg)
     model.load_state_dict(blob["state_dict"])
@@ -133,6 +149,8 @@ def export_package(
     options = {"aot_inductor.compile_wrapper_opt_level": wrapper_opt}
     with written_whole(out) as tmp, open(tmp, "wb") as fh:
         write_package(fh, program, metadata(cfg, embedding_dtype, target), aoti, options)
+        fh.flush()
+        check_package(tmp)  # read back before it replaces ``out``
     if aoti:
         report["compile_s"] = time.perf_counter() - t0
     report["bytes"] = out.stat().st_size

@@ -5,11 +5,19 @@ scores) goes through :func:`written_whole`: the content is written to ``<name>.p
 the target, flushed to disk, then renamed over it (``os.replace``: atomic on POSIX); on an error
 the partial file is removed and the previous version, if any, stays. Checkpoints have their own
 protocol (:mod:`mtl_dist.checkpoint`).
+
+Every such file is verifiable by its reader. Exported models (``.pt``) and serving packages
+(``.pt2``) are zip archives whose members each carry a CRC-32 (written by torch's archive
+writer); ``torch.load`` and ``torch.export.load`` never check it, so every reader of ours calls
+:func:`check_archive` first. Parquet outputs are written with page checksums
+(:data:`PARQUET_CHECKSUMS`), which pyarrow verifies on read with ``page_checksum_verification``.
 """
 
 from __future__ import annotations
 
 import os
+import zipfile
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -35,3 +43,43 @@ def written_whole(path: str | Path) -> Iterator[Path]:
             os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+PARQUET_CHECKSUMS = {"write_page_checksum": True}  # ParquetWriter options of every output
+
+
+def check_archive(path: str | Path, what: str, producer: str) -> None:
+    """Verify a zip archive we wrote (an exported model, a serving package) before it is read.
+
+    ``what`` names the artifact ("mtl-dist model file"), ``producer`` the command that writes
+    it; both go into the error. Every member's bytes are read and checked against the CRC-32
+    its zip entry records (:meth:`zipfile.ZipFile.testzip`).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: naming ``path`` when it is empty, truncated or not an archive at all, or
+            naming the member whose bytes do not match their CRC-32 (the file was damaged
+            after it was written).
+    """
+    path = Path(path)
+    hint = f"not a complete {what}; {producer} writes one"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file ({producer} writes a {what})")
+    size = path.stat().st_size
+    if size == 0:
+        raise ValueError(f"{path}: the file is empty (0 bytes): {hint}")
+    if not zipfile.is_zipfile(path):
+        raise ValueError(
+            f"{path}: truncated or not a zip archive ({size} bytes, no zip directory at its end): "
+            f"{hint}"
+        )
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as e:
+        raise ValueError(f"{path}: damaged archive ({e}): {hint}") from None
+    if bad is not None:
+        raise ValueError(
+            f"{path}: member {bad} does not match its CRC-32 (the file was damaged after it was "
+            f"written): {hint}"
+        )

@@ -5,7 +5,9 @@
 needed), streams row batches through the exported model and writes ``pred_<task>`` per task —
 probabilities on the true scale for binary tasks (negative downsampling corrected), values in
 the label's unit for regression (``log1p`` targets are mapped back with ``expm1``) — beside the
-``--keep`` columns, in input order. Memory is bounded by the batch size.
+``--keep`` columns, in input order. Memory is bounded by the batch size. The model file is
+verified before use (every member against its CRC-32); the output is written with Parquet page
+checksums, and input pages that carry checksums are verified as they are read.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch
 from mtl_dist.data.batch import ArrowBatchConverter
 from mtl_dist.data.source import list_parquet_files, partition_values, with_partitions
 from mtl_dist.export import load_exported
-from mtl_dist.files import written_whole
+from mtl_dist.files import PARQUET_CHECKSUMS, written_whole
 
 
 @torch.no_grad()
@@ -40,7 +42,10 @@ def score(model_path: Path, data: str, out: Path, keep: list[str], batch_size: i
     rows, writer = 0, None
     with written_whole(out) as partial:
         for path in list_parquet_files(data):
-            pf = pq.ParquetFile(path)
+            try:  # pages written with checksums are verified as they are read
+                pf = pq.ParquetFile(path, page_checksum_verification=True)
+            except (OSError, pa.ArrowException) as e:
+                raise ValueError(f"{path}: not a readable Parquet file ({e})") from None
             parts = partition_values(path)  # hive key=value directories: columns too
             absent = [
                 c
@@ -50,7 +55,7 @@ def score(model_path: Path, data: str, out: Path, keep: list[str], batch_size: i
             if absent:
                 raise ValueError(f"{path}: missing column(s) {', '.join(absent)}")
             wanted = [c for c in dict.fromkeys(conv.columns + keep) if c not in parts]
-            for rb in pf.iter_batches(batch_size, columns=wanted):
+            for rb in _batches(pf, path, batch_size, wanted):
                 table = with_partitions(pa.Table.from_batches([rb]), parts)
                 try:
                     batch = conv(table)
@@ -75,13 +80,22 @@ def score(model_path: Path, data: str, out: Path, keep: list[str], batch_size: i
                         )
                     cols[f"pred_{t.name}"] = pa.array(y)
                 result = pa.table(cols)
-                writer = writer or pq.ParquetWriter(partial, result.schema)
+                writer = writer or pq.ParquetWriter(partial, result.schema, **PARQUET_CHECKSUMS)
                 writer.write_table(result)
                 rows += result.num_rows
         if writer is not None:  # (no row at all: no file, as before)
             writer.close()
             writer = None
     return rows
+
+
+def _batches(pf: pq.ParquetFile, path: str, batch_size: int, columns: list[str]):
+    """``pf``'s record batches; a damaged page (checksum, decoding) raises ``ValueError``
+    naming ``path``."""
+    try:
+        yield from pf.iter_batches(batch_size, columns=columns)
+    except (OSError, pa.ArrowException) as e:
+        raise ValueError(f"{path}: damaged Parquet data ({e})") from None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -93,7 +107,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=4096)
     a = p.parse_args(argv)
     keep = [c for c in a.keep.split(",") if c]
-    n = score(a.model, a.data, a.out, keep, a.batch_size)
+    try:
+        n = score(a.model, a.data, a.out, keep, a.batch_size)
+    except (ValueError, FileNotFoundError) as e:
+        p.error(str(e))
     print(f"scored {n} rows into {a.out}")
 
 

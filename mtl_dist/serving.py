@@ -45,6 +45,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from mtl_dist.config import JobConfig, SparseFeature, TaskSpec
 from mtl_dist.data.batch import Batch
 from mtl_dist.data.ids import RAW_ID_SPACE
+from mtl_dist.files import check_archive
 from mtl_dist.losses import ModelWithLoss, task_predictions
 from mtl_dist.models.collision import managed_rows
 from mtl_dist.models.heads import MoE
@@ -545,11 +546,19 @@ def write_package(
     package_pt2(out, aoti_files={"model": files}, extra_files=extra)
 
 
+def check_package(path: Path) -> None:
+    """Verify a ``.pt2`` package before use: every member against its zip CRC-32
+    (:func:`mtl_dist.files.check_archive`, whose errors it raises)."""
+    check_archive(path, "mtl-dist serving package",
+                  "python -m mtl_dist.export CHECKPOINT model.pt2 --format pt2")  # fmt: skip
+
+
 def read_metadata(path: Path) -> dict[str, Any]:
     """The metadata of a package from :func:`write_package` (``ValueError`` naming the file
     when it has none)."""
     from torch.export.pt2_archive import PT2ArchiveReader
 
+    check_package(path)
     with PT2ArchiveReader(str(path)) as archive:
         names = archive.get_file_names()
         name = next((n for n in names if n.endswith(f"extra/{METADATA}")), None)
@@ -560,9 +569,13 @@ def read_metadata(path: Path) -> dict[str, Any]:
 
 def load_package(path: Path) -> Any:
     """The runnable program of a package: the AOTInductor model when it has one, else the
-    exported program's module. Called as ``model(dense, values, offsets)`` → ``[B, T]``."""
+    exported program's module. Called as ``model(dense, values, offsets)`` → ``[B, T]``.
+
+    Raises ``ValueError`` naming the file (and member) when it does not verify
+    (:func:`check_package`)."""
     from torch.export.pt2_archive import PT2ArchiveReader
 
+    check_package(path)
     with PT2ArchiveReader(str(path)) as archive:
         compiled = any("aotinductor/" in n for n in archive.get_file_names())
     if compiled:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -293,3 +294,97 @@ def test_int8_and_fp16_tables_keep_the_auc(runs, tmp_path):
     check = table_check(cfg, fp32, fp16, str(runs / "data" / "val"), 10_000)
     assert abs(check["click"]["delta"]) <= 0.001 and abs(check["conversion"]["delta"]) <= 0.001
     assert table_bytes(fp16) * 2 == table_bytes(fp32)
+
+
+def _damaged(src: Path, dst: Path, how: str) -> Path:
+    """A copy of ``src``: 64 KiB of zeros in the middle (a bad block), empty, or cut in half."""
+    data = bytearray(src.read_bytes())
+    if how == "zeros":
+        mid = len(data) // 2
+        data[mid : mid + 65536] = bytes(min(65536, len(data) - mid))
+    elif how == "empty":
+        data = bytearray()
+    else:
+        data = data[: len(data) // 2]
+    dst.write_bytes(bytes(data))
+    return dst
+
+
+def test_damaged_models_and_bad_client_inputs_stop_with_the_file_named(
+    runs, client_python, tmp_path
+):
+    """Issue 24/25: a damaged, empty or truncated ``.pt`` / ``.pt2`` never scores — ``score``,
+    ``load_package`` and the client without mtl-dist each name the file (and the damaged
+    member); the client names the file and column a feature is missing from, and serves uint64
+    ids beyond int64 as training hashes them (equal to ``score``)."""
+    from mtl_dist.export import export_checkpoint, export_package, load_exported
+    from mtl_dist.score import score
+    from mtl_dist.serving import load_package, read_metadata
+
+    ckpt = runs / "mmoe" / "checkpoints" / "step_00000006"
+    export_checkpoint(ckpt, tmp_path / "model.pt")
+    export_package(ckpt, tmp_path / "model.pt2")
+    val = runs / "data" / "val"
+    for how, says in (
+        ("zeros", "does not match its CRC-32"),
+        ("empty", "empty (0 bytes)"),
+        ("half", "truncated or not a zip archive"),
+    ):
+        bad = _damaged(tmp_path / "model.pt", tmp_path / f"{how}.pt", how)
+        with pytest.raises(ValueError, match=f"{re.escape(str(bad))}: .*{re.escape(says)}") as e:
+            score(bad, str(val), tmp_path / f"{how}.scores.parquet", [], 1000)
+        assert "mtl_dist.export" in str(e.value)  # what writes a good one
+        assert not (tmp_path / f"{how}.scores.parquet").exists()
+        bad2 = _damaged(tmp_path / "model.pt2", tmp_path / f"{how}.pt2", how)
+        for reader in (load_package, read_metadata):
+            with pytest.raises(ValueError, match=f"{re.escape(str(bad2))}: .*{re.escape(says)}"):
+                reader(bad2)
+    with pytest.raises(ValueError, match="not an mtl-dist model file"):  # a package, not a .pt
+        load_exported(tmp_path / "model.pt2")
+    # the CLI: a non-zero exit with the message, no traceback
+    cli = subprocess.run(
+        [sys.executable, "-m", "mtl_dist.score", "--model", str(tmp_path / "zeros.pt"),
+         "--data", str(val), "--out", str(tmp_path / "cli.parquet")],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert cli.returncode == 2 and "does not match its CRC-32" in cli.stderr, cli.stderr[-2000:]
+    assert "Traceback" not in cli.stderr
+
+    # inputs: one file without city_id; one whose user_id is uint64 with ids past 2**63
+    t = pq.read_table(next(val.glob("*.parquet")))
+    pq.write_table(t.drop_columns(["city_id"]), tmp_path / "no_city.parquet")
+    big = pc.add(t["user_id"].cast(pa.uint64()), pa.scalar(2**63 + 12345, pa.uint64()))
+    user_id = pc.if_else(pc.equal(pc.bit_wise_and(t["user_id"], 1), 1), big,
+                         t["user_id"].cast(pa.uint64()))  # fmt: skip
+    wide = t.set_column(t.schema.get_field_index("user_id"), "user_id", user_id)
+    pq.write_table(wide, tmp_path / "wide.parquet")
+    assert score(tmp_path / "model.pt", str(tmp_path / "wide.parquet"),
+                 tmp_path / "wide.score.parquet", [], 1000) == t.num_rows  # fmt: skip
+    script = f"""
+import sys
+sys.path.insert(0, {str(ROOT / "examples")!r})
+import serve
+d = {str(tmp_path)!r}
+for name, data in [("zeros.pt2", "wide.parquet"), ("empty.pt2", "wide.parquet"),
+                   ("half.pt2", "wide.parquet"), ("model.pt2", "no_city.parquet")]:
+    try:
+        serve.main(f"{{d}}/{{name}}", f"{{d}}/{{data}}", f"{{d}}/out.parquet")
+    except ValueError as e:
+        print("ERROR", e)
+serve.main(f"{{d}}/model.pt2", f"{{d}}/wide.parquet", f"{{d}}/wide.client.parquet")
+"""
+    proc = subprocess.run(
+        [str(client_python()), "-c", script], capture_output=True, text=True, timeout=600,
+        cwd=tmp_path, env={"PATH": os.environ["PATH"], "PYTHONWARNINGS": "ignore"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    errors = [line for line in proc.stdout.splitlines() if line.startswith("ERROR")]
+    assert len(errors) == 4, proc.stdout
+    assert f"{tmp_path}/zeros.pt2: member" in errors[0] and "CRC-32" in errors[0]
+    assert f"{tmp_path}/empty.pt2: empty (0 bytes)" in errors[1]
+    assert f"{tmp_path}/half.pt2: truncated" in errors[2]
+    assert f"{tmp_path}/no_city.parquet: missing column(s) city_id" in errors[3]
+    ours = pq.read_table(tmp_path / "wide.client.parquet", page_checksum_verification=True)
+    ref = pq.read_table(tmp_path / "wide.score.parquet", page_checksum_verification=True)
+    for c in ref.column_names:
+        assert np.abs(ours[c].to_numpy() - ref[c].to_numpy()).max() <= 1e-5, c
