@@ -733,6 +733,63 @@ def _check_interaction(cfg: JobConfig) -> None:
         )
 
 
+_I64 = 1 << 63  # the upper bound of every other integer key: ids, sizes and counts are int64
+# integer keys with a range, [low, high): refused outside it naming the key and the range (a
+# value that would wrap silently: an xxh3 seed is a uint64, numpy's seed a uint32)
+INT_RANGES: dict[str, tuple[int, int]] = {
+    "data.num_workers": (0, _I64), "data.prefetch_batches": (1, _I64),
+    "data.hash_seed": (0, 1 << 64),
+    "model.num_experts": (1, _I64), "model.expert_feature_gate_rank": (0, _I64),
+    "model.ple_levels": (1, _I64), "model.ple_shared_experts": (0, _I64),
+    "model.ple_task_experts": (0, _I64), "model.pepnet_gate_hidden": (1, _I64),
+    "model.stem_dim": (1, _I64), "model.gate_top_k": (0, _I64),
+    "model.gate_dselect_k": (0, _I64), "model.cross_layers": (1, _I64),
+    "model.cross_low_rank": (1, _I64), "model.cross_experts": (1, _I64),
+    "optim.dense_warmup_steps": (0, _I64), "optim.embedding_warmup_steps": (0, _I64),
+    "optim.schedule_step_size": (1, _I64), "loss.dwa_period": (1, _I64),
+    "monitor.gate_every": (0, _I64), "monitor.heatmap_every": (0, _I64),
+    "monitor.conflict_every": (0, _I64), "monitor.attribution_batches": (1, _I64),
+    "monitor.profile_steps": (0, _I64), "monitor.profile_after": (0, _I64),
+    "checkpoint.every": (0, _I64), "checkpoint.keep": (1, _I64),
+    "train.batch_size": (1, _I64), "train.epochs": (1, _I64), "train.max_steps": (0, _I64),
+    "train.val_every": (0, _I64), "train.val_max_batches": (0, _I64),
+    "train.log_every": (1, _I64), "train.seed": (0, 1 << 32), "train.threads": (0, _I64),
+    "train.early_stop_patience": (0, _I64), "train.max_nonfinite": (1, _I64),
+}  # fmt: skip
+SPARSE_INT_RANGES = {
+    "vocab_size": (0, _I64), "hash_buckets": (0, _I64), "embedding_dim": (1, _I64),
+    "eviction_interval": (1, _I64),
+}  # fmt: skip
+# list[int] keys: layer widths, each >= 1
+WIDTH_LISTS = ("model.expert_hidden", "model.bottom_hidden", "model.tower_hidden",
+               "model.gate_hidden", "model.dbmtl_relation_hidden")  # fmt: skip
+
+
+def _bound(n: int) -> str:
+    return f"2^{n.bit_length() - 1}" if n > 1 and n & (n - 1) == 0 else str(n)
+
+
+def _check_range(key: str, value: int, low: int, high: int) -> None:
+    if not low <= value < high:
+        raise ConfigError(f"{key} = {value}: must lie in [{low}, {_bound(high)})")
+
+
+def _check_int_ranges(cfg: JobConfig) -> None:
+    """Every integer key with a range (:data:`INT_RANGES`, the sparse features' sizes, the
+    layer widths): a value outside it is refused, naming the key and the range."""
+    for key, (low, high) in INT_RANGES.items():
+        section, name = key.split(".")
+        _check_range(key, getattr(getattr(cfg, section), name), low, high)
+    for key in WIDTH_LISTS:
+        section, name = key.split(".")
+        for i, width in enumerate(getattr(getattr(cfg, section), name)):
+            _check_range(f"{key}[{i}]", width, 1, _I64)
+    for i, f in enumerate(cfg.features.sparse):
+        for name, (low, high) in SPARSE_INT_RANGES.items():
+            _check_range(f"features.sparse[{i}] ({f.name or '?'}).{name}", getattr(f, name), low,
+                         high)  # fmt: skip
+
+
 def validate(cfg: JobConfig) -> None:
     """Cross-field checks that types alone cannot express."""
     heads = ["shared_bottom", "omoe", "mmoe", "ple", "stem", "aitm", "dbmtl", "pepnet"]
@@ -989,6 +1046,7 @@ def validate(cfg: JobConfig) -> None:
         raise ConfigError(f"train.max_nonfinite must be >= 1, got {cfg.train.max_nonfinite}")
     if cfg.train.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"train.device: expected auto | cpu | cuda, got {cfg.train.device!r}")
+    _check_int_ranges(cfg)  # last: the specific checks above keep their messages
 
 
 def load_toml(path: str | Path) -> JobConfig:

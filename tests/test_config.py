@@ -162,3 +162,32 @@ def test_undefined_best_metric_is_no_improvement_and_never_formatted():
     assert fmt_metric(None) == fmt_metric(float("nan")) == "undefined"
     tracker.load({"value": float("nan"), "step": 3, "since": 0})
     assert tracker.update(30, {"conversion": {"auc": 0.7}}) and tracker.value == 0.7
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--data.hash_seed", "-1"], "data.hash_seed = -1: must lie in [0, 2^64)"),
+        (["--data.hash_seed", str(2**64)], f"data.hash_seed = {2**64}: must lie in [0, 2^64)"),
+        (["--train.seed", "-1"], "train.seed = -1: must lie in [0, 2^32)"),
+        (["--train.seed", str(2**32)], f"train.seed = {2**32}: must lie in [0, 2^32)"),
+        (["--train.log_every", "0"], "train.log_every = 0: must lie in [1, 2^63)"),
+        (["--train.epochs", "0"], "train.epochs = 0: must lie in [1, 2^63)"),
+        (["--data.num_workers", "-2"], "data.num_workers = -2: must lie in [0, 2^63)"),
+        (["--monitor.gate_every", "-1"], "monitor.gate_every = -1: must lie in [0, 2^63)"),
+        (["--model.expert_hidden", "64,0"], "model.expert_hidden[1] = 0: must lie in [1, 2^63)"),
+    ],
+)
+def test_integer_keys_out_of_range_are_refused_naming_key_and_range(args, needle):
+    with pytest.raises(ConfigError) as e:
+        load_config(["--config", DEFAULT, *args])
+    assert needle in str(e.value)
+
+
+def test_integer_range_edges_are_accepted(tmp_path):
+    cfg = load_config(["--config", DEFAULT, "--data.hash_seed", str(2**64 - 1),
+                       "--train.seed", str(2**32 - 1)])  # fmt: skip
+    assert cfg.data.hash_seed == 2**64 - 1 and cfg.train.seed == 2**32 - 1
+    bad = _write(tmp_path, '[[features.sparse]]\nname = "x"\nvocab_size = -5\n')
+    with pytest.raises(ConfigError, match=r"features.sparse\[\d+\] \(x\)"):
+        load_config(["--config", bad])
