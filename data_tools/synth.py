@@ -588,7 +588,7 @@ def _write_split(
     for fi, nrows in enumerate(_split_sizes(rows, files)):
         path = split_dir / f"part-{fi:05d}.parquet"
         tmp = path.with_name(path.name + ".tmp")
-        with pq.ParquetWriter(tmp, model.workload.schema()) as writer:
+        with pq.ParquetWriter(tmp, model.workload.schema(), write_page_checksum=True) as writer:
             pending: list[pa.Table] = []
             pending_rows = 0
             for ci, start in enumerate(range(0, nrows, CHUNK_ROWS)):
@@ -859,7 +859,10 @@ def ctcvr_view(
             view = view.append_column("p_click", table["p_click"])
             view = view.append_column("p_purchase", pa.array(p_purchase))
             (out / name).parent.mkdir(parents=True, exist_ok=True)
-            pq.write_table(view, out / name, row_group_size=meta["params"]["row_group_size"])
+            pq.write_table(
+                view, out / name, row_group_size=meta["params"]["row_group_size"],
+                write_page_checksum=True,
+            )
             for key, arr in (("click", click), ("p_click", p_click)):
                 stats.setdefault(key, []).append(arr)
             stats.setdefault("purchase", []).append(click & conv)
