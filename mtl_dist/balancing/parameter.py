@@ -94,22 +94,26 @@ class PCGrad(ParameterBalancer):
     (negative inner product), loses its projection onto that one:
     ``g_i ← g_i − (g_i·g_j / ‖g_j‖²) g_j``; the shared gradient is the sum of the projected ones.
     The order comes from a generator seeded with the step: the same on every rank, and on resume.
+    In float64, and a task with a zero gradient is projected out of nothing: an absolute floor
+    on ``‖g_j‖²`` (float32's) would under-project onto a task whose gradient is ≤ 1e-10, as a
+    large scale gap between tasks makes the small ones'.
     """
 
     def combine(self, g: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
         idx = ok.nonzero().squeeze(1).tolist()
         gen = torch.Generator().manual_seed(self.steps)
-        norms = (g * g).sum(1).clamp_min(1e-20)  # [T]
-        out = torch.zeros_like(g[0])
+        g64 = g.double()
+        norms = (g64 * g64).sum(1)  # [T]
+        out = torch.zeros_like(g64[0])
         for i in idx:
-            gi = g[i].clone()
+            gi = g64[i].clone()
             for j in torch.randperm(len(idx), generator=gen).tolist():
                 j = idx[j]
-                if j != i:
-                    dot = (gi * g[j]).sum()
-                    gi = gi - torch.clamp(dot, max=0.0) / norms[j] * g[j]
+                if j != i and bool(norms[j] > 0):
+                    dot = (gi * g64[j]).sum()
+                    gi = gi - torch.clamp(dot, max=0.0) / norms[j] * g64[j]
             out += gi
-        return out
+        return out.to(g.dtype)
 
 
 class CAGrad(ParameterBalancer):
@@ -140,12 +144,18 @@ class CAGrad(ParameterBalancer):
             return torch.zeros_like(g[0])
         sub = g[idx].double()
         t = sub.shape[0]
-        coef = self.coefficients((sub @ sub.t()).cpu()).to(sub.device)  # [T']
+        gram = sub @ sub.t()
+        top = gram.diagonal().max()
+        if not bool(top > 0):  # no task has a gradient: the plain mean (of zeros)
+            coef = torch.full((t,), 1.0 / t, dtype=sub.dtype, device=sub.device)
+        else:  # the coefficients are invariant to the Gram's scale: floors below are relative
+            coef = self.coefficients((gram / top).cpu()).to(sub.device)  # [T']
         self.weights[idx] = (t * coef).to(self.weights.dtype)
         return ((t * coef) @ sub).to(g.dtype)
 
     def coefficients(self, gram: torch.Tensor) -> torch.Tensor:
-        """The tasks' coefficients ``[T']`` in ``d`` from their Gram matrix ``[T', T']``."""
+        """The tasks' coefficients ``[T']`` in ``d`` from their Gram matrix ``[T', T']`` (scaled
+        to a largest diagonal entry of 1 by :meth:`combine`, so the 1e-20 floors are relative)."""
         t = gram.shape[0]
         mean = torch.full((t,), 1.0 / t, dtype=gram.dtype)
         phi = self.c**2 * float(mean @ gram @ mean)

@@ -106,7 +106,10 @@ class RepresentationBalancer(Balancer):
     without labels anywhere this step are left out (and keep their weight); a non-finite step
     changes nothing. The training loss ``Σ_t w_t L_t`` (``w`` detached) then moves the whole
     model along the balanced direction. Subclasses give :meth:`solve` ``(Gram [T', T'] of the
-    present tasks) → weights [T']``.
+    present tasks) → weights [T']``; the Gram matrix is float64, and every method is invariant
+    to its scale, so each solves on it divided by its largest diagonal entry: the tolerances
+    below are then relative to the largest task gradient, not absolute float32 floors that a 1e4
+    gap between the tasks' gradients crosses.
     """
 
     needs_representation = True
@@ -135,7 +138,8 @@ class RepresentationBalancer(Balancer):
                 f"{type(self).__name__} needs the head's shared representation: the head kept "
                 "none (head.keep_shared is set by ModelWithLoss)"
             )
-        flat = task_gradients(losses, [z])  # [T, n]
+        flat = task_gradients(losses, [z]).double()  # [T, n]
+        # float64: with one task's gradient 1e4× another's, their Gram entries are 1e8 apart
         gram = all_sum(flat @ flat.t())  # [T, T], the global batch's
         with torch.no_grad():
             idx = ok.nonzero().squeeze(1)
@@ -144,7 +148,7 @@ class RepresentationBalancer(Balancer):
             sub = gram[idx][:, idx]
             new = self.solve(sub)
             if bool(torch.isfinite(new).all()):
-                self.weights[idx] = new
+                self.weights[idx] = new.to(self.weights.dtype)
 
     def solve(self, gram: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -162,7 +166,9 @@ class MGDA(RepresentationBalancer):
 
     def solve(self, gram: torch.Tensor) -> torch.Tensor:
         t = gram.shape[0]
-        g = gram.double().cpu()  # T ≤ 10 small solves: on the host
+        g = unit_scale(gram).cpu()  # T ≤ 10 small solves: on the host
+        if g is None:  # no gradient at all: equal weights
+            return torch.ones(t, dtype=gram.dtype, device=gram.device)
         best, best_value = None, float("inf")
         faces = range(1, 2**t) if t <= 10 else []
         for mask in faces:
@@ -179,7 +185,7 @@ class MGDA(RepresentationBalancer):
             alpha = torch.zeros(t, dtype=g.dtype)
             alpha[idx] = sol.clamp_min(0) / sol.clamp_min(0).sum()
             value = float(alpha @ g @ alpha)
-            if value < best_value - 1e-12:
+            if value < best_value * (1 - 1e-9):  # relative: the least may be ~1e-8
                 best, best_value = alpha, value
         if best is None:
             best = self._frank_wolfe(g)
@@ -193,7 +199,9 @@ class MGDA(RepresentationBalancer):
             grad = g @ alpha
             j = int(grad.argmin())
             vv, vj, jj = alpha @ grad, grad[j], g[j, j]
-            gamma = ((vv - vj) / (vv - 2 * vj + jj).clamp_min(1e-20)).clamp(0, 1)
+            den = vv - 2 * vj + jj
+            gamma = torch.where(den > 0, (vv - vj) / torch.where(den > 0, den, 1.0), 0.0)
+            gamma = gamma.clamp(0, 1)
             alpha = (1 - gamma) * alpha
             alpha[j] += gamma
         return alpha
@@ -210,15 +218,20 @@ class IMTLG(RepresentationBalancer):
 
     def solve(self, gram: torch.Tensor) -> torch.Tensor:
         t = gram.shape[0]
-        if t == 1:
-            return torch.ones(1, dtype=gram.dtype, device=gram.device)
-        norm = gram.diagonal().clamp_min(1e-20).sqrt()
-        gu = gram / norm  # gu[a, b] = ⟨g_a, u_b⟩
+        g = unit_scale(gram)
+        if t == 1 or g is None:
+            return torch.ones(t, dtype=gram.dtype, device=gram.device)
+        norm = g.diagonal().sqrt()
+        if not bool((norm > 0).all()):  # a task without gradient has no direction u_t
+            return torch.full((t,), torch.nan, dtype=gram.dtype, device=gram.device)
+        gu = g / norm  # gu[a, b] = ⟨g_a, u_b⟩
         # rows of D: g_1 − g_i; of U: u_1 − u_j (i, j ≥ 2)
         du = gu[0, 0] - gu[0, 1:][None, :] - gu[1:, 0][:, None] + gu[1:, 1:]  # [T−1, T−1]
         g1u = gu[0, 0] - gu[0, 1:]  # [T−1]
-        rest = torch.linalg.solve(du.t(), g1u)  # α_{2:} = g1u (DUᵀ)⁻¹
-        return t * torch.cat([1 - rest.sum().unsqueeze(0), rest])
+        rest, info = torch.linalg.solve_ex(du.t(), g1u)  # α_{2:} = g1u (DUᵀ)⁻¹
+        if int(info) != 0:  # singular (parallel gradients): no solution, the weights stay
+            return torch.full((t,), torch.nan, dtype=gram.dtype, device=gram.device)
+        return (t * torch.cat([1 - rest.sum().unsqueeze(0), rest])).to(gram.dtype)
 
 
 class AlignedMTL(RepresentationBalancer):
@@ -227,14 +240,38 @@ class AlignedMTL(RepresentationBalancer):
     is well conditioned: with ``M = V Λ Vᵀ`` the Gram matrix (eigenvalues above tolerance),
     ``B = √λ_min · V Λ^{−1/2} Vᵀ`` and weights ``α = B 1`` (equal preferences). Orthogonal
     gradients of equal norm give weights 1.
+
+    The rank tolerance is relative to the largest eigenvalue, ``rtol · λ_max``, and the
+    eigendecomposition float64 (the paper's code: ``λ_max · T · eps`` of the float32 it runs in,
+    ~4e-7 · λ_max). A task whose gradient is 1e4× the others' puts their eigenvalues at ~1e-8 ·
+    λ_max: the float32 tolerance dropped them as rank deficiency and gave the small tasks weights
+    ~0 (or slightly negative). ``rtol = 1e-10`` keeps components down to 1e-5 of the largest
+    gradient's norm (float32 gradients are good to ~1e-7 of it, so what it drops is noise: two
+    equal gradients stay one component). The weights are not clamped: for strongly conflicting
+    tasks a weight can be negative (by up to ~10% of the largest on random conflicting
+    gradients), which is the method's own answer, as in IMTL-G; at a pure scale gap they are
+    all > 0 (the large task's ~1e-4, the others' O(1)).
     """
 
+    rtol = 1e-10
+
     def solve(self, gram: torch.Tensor) -> torch.Tensor:
-        lam, vec = torch.linalg.eigh(gram.double())
-        tol = lam.max() * max(gram.shape) * torch.finfo(torch.float32).eps
-        keep = lam > tol
-        if not bool(keep.any()):
-            return torch.ones(gram.shape[0], dtype=gram.dtype, device=gram.device)
+        t = gram.shape[0]
+        g = unit_scale(gram)
+        if g is None:
+            return torch.ones(t, dtype=gram.dtype, device=gram.device)
+        lam, vec = torch.linalg.eigh(g)
+        keep = lam > lam.max() * self.rtol
         lam, vec = lam[keep], vec[:, keep]
         b = lam.min().sqrt() * (vec / lam.sqrt()) @ vec.t()
         return b.sum(0).to(gram.dtype)
+
+
+def unit_scale(gram: torch.Tensor) -> torch.Tensor | None:
+    """``gram`` in float64 divided by its largest diagonal entry (None when that is not > 0 or
+    not finite: no task has a gradient)."""
+    g = gram.double()
+    top = g.diagonal().max()
+    if not bool(torch.isfinite(top)) or not bool(top > 0):
+        return None
+    return g / top
