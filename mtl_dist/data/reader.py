@@ -30,6 +30,7 @@ with a different number of processes still reads every remaining row once.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -39,9 +40,26 @@ import pyarrow.parquet as pq
 from torch.utils.data import IterableDataset, get_worker_info
 
 from mtl_dist.data.batch import ArrowBatchConverter, Batch, Columns
-from mtl_dist.data.source import RowFilter, list_parquet_files, partition_values, with_partitions
+from mtl_dist.data.source import (
+    RowFilter,
+    infer_partitions,
+    list_parquet_files,
+    partition_notes,
+    raw_partitions,
+    with_partitions,
+)
 
-__all__ = ["ParquetBatchReader", "describe", "list_parquet_files"]
+__all__ = [
+    "Overlap",
+    "ParquetBatchReader",
+    "Selection",
+    "count_selected",
+    "describe",
+    "filter_overlap",
+    "list_parquet_files",
+    "overlap_warning",
+    "require_selected",
+]
 
 
 @dataclass(frozen=True, eq=False)
@@ -55,18 +73,32 @@ class RowGroup:
     keep: np.ndarray | None = None  # indices of the kept rows in the group (None: all)
 
 
+def _schema_with_partitions(schema: pa.Schema, parts: dict[str, int | str]) -> pa.Schema:
+    """The columns a row of the file has as the reader reads it: a partition key replaces a
+    file column of the same name (the reader reads the key from the path)."""
+    kept = schema.empty_table().drop_columns([k for k in parts if k in schema.names])
+    return with_partitions(kept, parts).schema
+
+
 def index_row_groups(
     files: list[str],
     partitions: dict[str, dict[str, int | str]] | None = None,
     row_filter: RowFilter | None = None,
 ) -> list[RowGroup]:
     """Global row index. Without a filter from Parquet footers only (no data read). With one,
-    a file whose partition values fail it is skipped unread, and each remaining row group's
-    filter columns are read to find the rows it keeps.
+    it is bound to each file's columns and partition values (a literal of the wrong type
+    stops here, naming the file), a file whose partition values fail it is skipped unread,
+    and each remaining row group's filter columns are read to find the rows it keeps.
+
+    ``partitions``: ``{file: {key: value}}``, default :func:`infer_partitions` of ``files``
+    (one type per key over all of them).
 
     Counts come from row-group metadata: ``fragment.count_rows()`` on a row-group subset is
     known to return the whole file's count on pyarrow 26.
     """
+    if partitions is None:
+        partitions = infer_partitions(files)
+    notes = partition_notes(files) if row_filter is not None else {}
     groups: list[RowGroup] = []
     start = 0
     for path in files:
@@ -74,35 +106,188 @@ def index_row_groups(
             pf = pq.ParquetFile(path)
         except (pa.ArrowInvalid, OSError) as e:
             raise ValueError(f"{path}: not a readable Parquet file ({e})") from None
-        parts = (partitions or {}).get(path, {})
+        parts = partitions.get(path, {})
         meta = pf.metadata
+        row_filter_here, expression = None, None
         if row_filter is not None:
-            unknown = sorted(row_filter.columns - set(parts) - set(pf.schema_arrow.names))
+            names = set(pf.schema_arrow.names)
+            unknown = sorted(row_filter.columns - set(parts) - names)
             if unknown:
                 raise ValueError(
                     f"{path}: filter {row_filter.text!r} reads column(s) {unknown} that are "
                     "neither in the file nor partition keys of its path"
                 )
+            schema = _schema_with_partitions(pf.schema_arrow, parts)
+            origins = {
+                k: f"a partition key of {path}" + (f"; {notes[k]}" if notes.get(k) else "")
+                for k in parts
+            }
+            expression = row_filter.bind(schema, path, origins)
             if row_filter.columns <= set(parts):  # partitions alone decide: the whole file
-                if not len(row_filter.keep(with_partitions(pa.table({"__one__": [0]}), parts))):
+                one = with_partitions(pa.table({"__one__": [0]}), parts)
+                if not len(row_filter.keep(one, expression)):
                     continue
-                row_filter_here = None
             else:
                 row_filter_here = row_filter
-        else:
-            row_filter_here = None
         for i in range(meta.num_row_groups):
             n = meta.row_group(i).num_rows
             keep = None
             if n and row_filter_here is not None:
                 cols = sorted(row_filter_here.columns - set(parts))
                 table = with_partitions(pf.read_row_group(i, columns=cols), parts)
-                keep = row_filter_here.keep(table)
+                keep = row_filter_here.keep(table, expression)
                 n = len(keep)
             if n:
                 groups.append(RowGroup(path, i, start, n, keep))
                 start += n
     return groups
+
+
+# --- start-up checks of the filters (next to the reader's index; the caller decides) ----------
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What a filter keeps of a dataset: rows and files kept of all, and the partitions found
+    (``key=value/...`` directories, of the keys the filter reads when it reads any)."""
+
+    path: str
+    filter_text: str
+    rows: int
+    files: int
+    total_rows: int
+    total_files: int
+    partitions: tuple[str, ...]
+
+
+def _partition_dirs(files: list[str], keys: frozenset[str] | None) -> tuple[str, ...]:
+    out = []
+    for f in files:
+        parts = raw_partitions(f)
+        if keys and keys & set(parts):
+            parts = {k: v for k, v in parts.items() if k in keys}
+        d = "/".join(f"{k}={v}" for k, v in parts.items())
+        if d and d not in out:
+            out.append(d)
+    return tuple(sorted(out, reverse=True))  # newest first for dates
+
+
+def _listed(items: tuple[str, ...], most: int = 12) -> str:
+    if not items:
+        return "none (no key=value directories)"
+    head = ", ".join(items[:most])
+    return head if len(items) <= most else f"{head}, ... ({len(items)} in all)"
+
+
+def count_selected(path: str | list[str], row_filter: RowFilter | None) -> Selection:
+    """Rows and files of the dataset at ``path`` (as ``data.*_path``, or its files) that
+    ``row_filter`` keeps (all of them without a filter). Reads footers and the filter's
+    columns only; raises the reader's errors (a filter of the wrong type, an unknown
+    column)."""
+    files = list_parquet_files(path) if isinstance(path, str) else list(path)
+    name = path if isinstance(path, str) else ",".join(files)
+    total = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+    if row_filter is None:
+        groups = index_row_groups(files)
+    else:
+        groups = index_row_groups(files, infer_partitions(files), row_filter)
+    return Selection(
+        path=name,
+        filter_text=row_filter.text if row_filter is not None else "",
+        rows=sum(g.num_rows for g in groups),
+        files=len({g.file for g in groups}),
+        total_rows=total,
+        total_files=len(files),
+        partitions=_partition_dirs(files, row_filter.columns if row_filter else None),
+    )
+
+
+def require_selected(path: str | list[str], row_filter: RowFilter | None) -> Selection:
+    """:func:`count_selected`, and ``ValueError`` when the filter keeps no row, e.g.
+    ``data.val_filter "dt == '2026-12-01'" selects no row of /logs (2 files, 700 rows):
+    partitions found: dt=2026-11-30, dt=2026-11-29``."""
+    sel = count_selected(path, row_filter)
+    if sel.rows == 0:
+        what = f'{row_filter.key} "{row_filter.text}"' if row_filter else "the dataset"
+        raise ValueError(
+            f"{what} selects no row of {sel.path} ({sel.total_files} files, "
+            f"{sel.total_rows} rows): partitions found: {_listed(sel.partitions)}"
+        )
+    return sel
+
+
+@dataclass(frozen=True)
+class Overlap:
+    """Rows (and files, partitions) both the training and the validation filter keep."""
+
+    rows: int
+    files: int
+    partitions: tuple[str, ...]
+    train_rows: int
+    val_rows: int
+
+
+def _same_file(path: str) -> str:
+    local = path[len("file://") :] if path.startswith("file://") else path
+    return local if "://" in local else os.path.realpath(local)
+
+
+def filter_overlap(
+    train_path: str | list[str],
+    train_filter: RowFilter | None,
+    val_path: str | list[str],
+    val_filter: RowFilter | None,
+) -> Overlap:
+    """Rows of files in both datasets kept by both filters (each dataset's partitions typed
+    over its own files, as its reader does), counted exactly row group by row group."""
+    tfiles = list_parquet_files(train_path) if isinstance(train_path, str) else list(train_path)
+    vfiles = list_parquet_files(val_path) if isinstance(val_path, str) else list(val_path)
+    tgroups = index_row_groups(tfiles, infer_partitions(tfiles), train_filter)
+    vgroups = index_row_groups(vfiles, infer_partitions(vfiles), val_filter)
+    kept = {(_same_file(g.file), g.index): g for g in tgroups}
+    rows, files, dirs = 0, set(), []
+    for g in vgroups:
+        t = kept.get((_same_file(g.file), g.index))
+        if t is None:
+            continue
+        if t.keep is None or g.keep is None:  # one keeps the whole group: the other's rows
+            n = min(t.num_rows, g.num_rows)
+        else:
+            n = len(np.intersect1d(t.keep, g.keep, assume_unique=True))
+        if n:
+            rows += n
+            files.add(_same_file(g.file))
+            d = "/".join(f"{k}={v}" for k, v in raw_partitions(g.file).items())
+            if d and d not in dirs:
+                dirs.append(d)
+    return Overlap(
+        rows=rows,
+        files=len(files),
+        partitions=tuple(sorted(dirs, reverse=True)),
+        train_rows=sum(g.num_rows for g in tgroups),
+        val_rows=sum(g.num_rows for g in vgroups),
+    )
+
+
+def overlap_warning(
+    train_path: str | list[str],
+    train_filter: RowFilter | None,
+    val_path: str | list[str],
+    val_filter: RowFilter | None,
+) -> str | None:
+    """A start-up warning when training and validation share rows (None when they do not),
+    e.g. ``data.train_filter "dt <= '2026-11-07'" and data.val_filter "dt >= '2026-11-07'"
+    overlap: 350 rows in 1 file(s) (350 of 2100 training rows, 350 of 700 validation rows):
+    dt=2026-11-07``."""
+    o = filter_overlap(train_path, train_filter, val_path, val_filter)
+    if not o.rows:
+        return None
+    tf = f'data.train_filter "{train_filter.text}"' if train_filter else "data.train_path"
+    vf = f'data.val_filter "{val_filter.text}"' if val_filter else "data.val_path"
+    return (
+        f"{tf} and {vf} overlap: {o.rows} rows in {o.files} file(s) ({o.rows} of {o.train_rows} "
+        f"training rows, {o.rows} of {o.val_rows} validation rows): {_listed(o.partitions)}"
+    )
 
 
 def split_range(total: int, parts: int, index: int) -> tuple[int, int]:
@@ -181,7 +366,7 @@ class ParquetBatchReader(IterableDataset):
     ) -> None:
         super().__init__()
         self.files = files
-        self.partitions = {f: partition_values(f) for f in files}
+        self.partitions = infer_partitions(files)  # one type per key over all files
         self.row_filter = row_filter
         self.converter = converter
         self.batch_size = batch_size
@@ -216,7 +401,7 @@ class ParquetBatchReader(IterableDataset):
                 schema = pq.read_schema(path)
             except (pa.ArrowInvalid, OSError) as e:
                 raise ValueError(f"{path}: not a readable Parquet file ({e})") from None
-            schema = with_partitions(schema.empty_table(), self.partitions[path]).schema
+            schema = _schema_with_partitions(schema, self.partitions[path])
             missing = sorted(need - set(schema.names))
             if missing:
                 raise ValueError(f"{path}: missing column(s) {', '.join(missing)}")
