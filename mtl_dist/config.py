@@ -425,6 +425,12 @@ class CheckpointConfig:
         "also --resume) | never | a checkpoint directory",
     )
     dir: str = opt("", "checkpoint directory (default: <train.output_dir>/checkpoints)")
+    continue_finished: bool = opt(
+        False,
+        "a relaunch of a run that ended (early stop, max_steps, all epochs: recorded in "
+        "<checkpoint dir>/finished.json) trains on from its last checkpoint instead of exiting "
+        "with 'nothing to do' (a larger max_steps or epochs continues without it)",
+    )
 
 
 SHARDING_TYPES = [

@@ -17,6 +17,11 @@
   (``latest`` first), saying loudly which ones were skipped and why; when checkpoints exist
   but none verifies, the run stops naming them rather than training from step 0 over them.
 
+* :func:`run_ended` — a run that ended (early stop, ``max_steps``, all epochs) records it in
+  ``<checkpoint dir>/finished.json`` (:func:`record_finished`); relaunched with the same
+  command (a scheduler's retry) it stays ended: nothing is trained or written. A larger budget
+  (``max_steps``, ``epochs``) or ``checkpoint.continue_finished = true`` trains on.
+
 Every rank calls these at start-up; rank 0 acts and every rank gets the same outcome (an
 error raised on rank 0 is raised on all, so no rank trains alone).
 """
@@ -275,3 +280,60 @@ def open_run_dir(cfg, ckpt_root: Path, log=print) -> Path | None:
         set_aside(ckpt_root, log)
         return None
     return find_resume(cfg.checkpoint.resume, ckpt_root, log)
+
+
+FINISHED = "finished.json"  # in the checkpoint directory: how and where the run ended
+
+
+def record_finished(root: Path, record: dict[str, Any]) -> None:
+    """Rank 0: record that the run ended (``reason``: early stop | max_steps | all epochs,
+    ``step``, the budget it ran under, ``latest``'s checkpoint), atomically."""
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f"{FINISHED}.tmp"
+    with open(tmp, "w") as fh:
+        fh.write(json.dumps(record, indent=1))
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, root / FINISHED)
+
+
+def clear_finished(root: Path) -> None:
+    """Rank 0: the run trains (again): it has not ended any more."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        (root / FINISHED).unlink(missing_ok=True)
+
+
+def read_finished(root: Path) -> dict[str, Any]:
+    """The record of :func:`record_finished` (``{}``: the run has not ended), same on every rank."""
+
+    def read() -> dict[str, Any]:
+        try:
+            record = json.loads((root / FINISHED).read_text())
+        except FileNotFoundError:
+            return {}
+        except ValueError:
+            return {"reason": "unreadable record", "step": -1}
+        return record if isinstance(record, dict) else {}
+
+    return _on_main(read)
+
+
+def run_ended(cfg, root: Path) -> tuple[dict[str, Any], bool]:
+    """``(record, ended)``: how the run in ``root`` ended (``{}``: it has not) and whether it
+    stays ended under ``cfg`` — the same budget (a relaunch of the same command), no
+    ``checkpoint.continue_finished``, resuming this run (``checkpoint.resume`` auto | latest)."""
+    if cfg.checkpoint.resume not in ("auto", "latest"):
+        return {}, False  # a fresh start (never), or a checkpoint named explicitly
+    record = read_finished(root)
+    if not record or cfg.checkpoint.continue_finished:
+        return record, False
+    reason, step = record.get("reason"), int(record.get("step", 0))
+    if reason == "max_steps":  # a larger max_steps (or none) trains on
+        ended = 0 < cfg.train.max_steps <= step
+    elif reason == "all epochs":  # more epochs train on
+        ended = cfg.train.epochs <= int(record.get("epochs", 0))
+    else:  # early stop: only continue_finished trains on
+        ended = True
+    return record, ended

@@ -23,7 +23,13 @@ from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
 from mtl_dist import preempt
 from mtl_dist.attribution import attribution_figure, feature_attribution, write_attribution
-from mtl_dist.checkpoint import checkpoint_dir, load_checkpoint, point, save_checkpoint
+from mtl_dist.checkpoint import (
+    checkpoint_dir,
+    latest_target,
+    load_checkpoint,
+    point,
+    save_checkpoint,
+)
 from mtl_dist.config import DataConfig, JobConfig, load_config, to_dict
 from mtl_dist.data.batch import ArrowBatchConverter, Batch
 from mtl_dist.data.reader import ParquetBatchReader, describe, list_parquet_files
@@ -37,7 +43,13 @@ from mtl_dist.monitoring import Monitor, Telemetry, peak_memory_mb, quiet_third_
 from mtl_dist.optim import build_optimizer, dense_optimizer
 from mtl_dist.precision import LossScaler, Precision, resolve_precision, set_head_precision
 from mtl_dist.preempt import Preempted
-from mtl_dist.rundir import open_run_dir, release_run_dirs
+from mtl_dist.rundir import (
+    clear_finished,
+    open_run_dir,
+    record_finished,
+    release_run_dirs,
+    run_ended,
+)
 from mtl_dist.schedule import LRSchedule
 from mtl_dist.selection import BestTracker, fmt_metric
 
@@ -228,6 +240,19 @@ def train(cfg: JobConfig, info: DistInfo) -> dict[str, object]:
     # --- the run directory: this job's alone; what to resume from, decided before any write
     ckpt_root = checkpoint_dir(cfg)
     resumed = open_run_dir(cfg, ckpt_root, log)
+    # a run that ended (early stop, max_steps, all epochs) stays ended when relaunched with the
+    # same command (a scheduler's retry): nothing is trained, nothing written
+    finished, ended = run_ended(cfg, ckpt_root)
+    if finished:
+        how = f"[resume] run ended at step {finished.get('step')} ({finished.get('reason')})"
+        if ended:
+            log(
+                f"{how}: nothing to do (checkpoint.continue_finished = true, or a larger "
+                "train.max_steps / train.epochs, trains on)"
+            )
+            return {"ended": finished}
+        log(f"{how}: training on (checkpoint.continue_finished or a larger budget)")
+    clear_finished(ckpt_root)  # it trains: not ended until it ends again
 
     # --- data: each rank reads its own contiguous share of the rows
     train_reader, val_reader = build_readers(cfg, info)
@@ -289,6 +314,8 @@ def train(cfg: JobConfig, info: DistInfo) -> dict[str, object]:
     if resumed is not None:
         tracker.load(r.loop_state.get("best", {}))
         history = list(r.loop_state.get("history", []))
+        if finished.get("reason") == "early stop":  # continued: patience starts over
+            tracker.since = 0
 
     def save(at: int, epoch_after: int, done: bool) -> Path:
         """A checkpoint of step ``at`` (``done``: an epoch's end, so no reader position)."""
@@ -384,6 +411,12 @@ def train(cfg: JobConfig, info: DistInfo) -> dict[str, object]:
         )
     elapsed = time.perf_counter() - t0
     telemetry.close()
+    if stop:
+        end_reason = "early stop"
+    elif cfg.train.max_steps and step >= cfg.train.max_steps:
+        end_reason = "max_steps"
+    else:
+        end_reason = "all epochs"
 
     result = {
         "steps": step,
@@ -395,6 +428,7 @@ def train(cfg: JobConfig, info: DistInfo) -> dict[str, object]:
         "metrics": metrics,  # {task: {metric: value}}: defined metrics only
         "best": tracker.summary() if tracker.enabled else None,
         "early_stopped": stop,
+        "ended_by": end_reason,  # early stop | max_steps | all epochs
         "undefined_metrics": undefined,  # {task: {metric: why}}: AUC with one class, ...
         "metric_units": metric_units(cfg.tasks),  # {regression task: unit of MAE / sqrt(MSE)}
         "history": history,
@@ -415,6 +449,12 @@ def train(cfg: JobConfig, info: DistInfo) -> dict[str, object]:
     }
     if info.is_main:
         write_json(os.path.join(cfg.train.output_dir, "metrics.json"), result)
+        # the run has ended: a relaunch of the same command finds it so and does nothing
+        record_finished(ckpt_root, {
+            "reason": end_reason, "step": step, "epochs": cfg.train.epochs,
+            "max_steps": cfg.train.max_steps, "latest": latest_target(ckpt_root),
+            "run_id": run_id, "metrics": "metrics.json",
+        })  # fmt: skip
         log(
             f"\n[done] {step} steps in {elapsed:.1f}s ({telemetry.train_s:.1f}s training, {result['samples_per_s']:.0f} "
             f"samples/s over {info.world_size} ranks)"
