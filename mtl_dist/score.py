@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import torch
 
 from mtl_dist.data.batch import ArrowBatchConverter
-from mtl_dist.data.source import list_parquet_files, partition_values, with_partitions
+from mtl_dist.data.source import infer_partitions, list_parquet_files, with_partitions
 from mtl_dist.export import load_exported
 from mtl_dist.files import PARQUET_CHECKSUMS, written_whole
 
@@ -41,12 +41,14 @@ def score(model_path: Path, data: str, out: Path, keep: list[str], batch_size: i
     )  # features only; the training run's hashing  # fmt: skip
     rows, writer = 0, None
     with written_whole(out) as partial:
-        for path in list_parquet_files(data):
+        files = list_parquet_files(data)
+        typed = infer_partitions(files)  # one type per key over the dataset, as training reads
+        for path in files:
             try:  # pages written with checksums are verified as they are read
                 pf = pq.ParquetFile(path, page_checksum_verification=True)
             except (OSError, pa.ArrowException) as e:
                 raise ValueError(f"{path}: not a readable Parquet file ({e})") from None
-            parts = partition_values(path)  # hive key=value directories: columns too
+            parts = typed[path]  # hive key=value directories: columns too
             absent = [
                 c
                 for c in [*conv.columns, *keep]
