@@ -106,8 +106,9 @@ def run_ours(
         "train_s": m["train_s"],
         "wall_s": time.perf_counter() - t0,
         "peak_rss_mb": max(m["peak_memory_mb_by_rank"]),
-        "auc": {t: val[t]["auc"] for t in TASKS},
-        "oracle_auc": {t: val[t]["oracle_auc"] for t in TASKS},
+        # None where undefined (one class among the validated rows): 'undefined', never a number
+        "auc": {t: val.get(t, {}).get("auc") for t in TASKS},
+        "oracle_auc": {t: val.get(t, {}).get("oracle_auc") for t in TASKS},
     }
 
 
@@ -236,7 +237,7 @@ def with_ratios(rows: list[dict[str, object]]) -> list[dict[str, object]]:
     best = max(peers) if peers else None
     for r in rows:
         r["speed_vs_best_peer"] = r["samples_per_s"] / best if best else None
-        r["auc_gap"] = {t: r["oracle_auc"][t] - r["auc"][t] for t in TASKS}
+        r["auc_gap"] = {t: gap(r["oracle_auc"][t], r["auc"][t]) for t in TASKS}
     return rows
 
 
@@ -256,7 +257,8 @@ def markdown(result: dict[str, object]) -> str:
     for r in result["table"]:
         ratio = r["speed_vs_best_peer"]
         aucs = " | ".join(
-            f"{r['auc'][t]:.4f} ({r['oracle_auc'][t]:.4f}, {r['auc_gap'][t]:+.4f})" for t in TASKS
+            f"{num(r['auc'][t])} ({num(r['oracle_auc'][t])}, {num(r['auc_gap'][t], '+.4f')})"
+            for t in TASKS
         )
         lines.append(
             f"| {r['system']} | {r.get('precision', 'fp32')} | {r['layout'].replace('x', ' × ')} "
@@ -320,7 +322,8 @@ def markdown(result: dict[str, object]) -> str:
         ]
         for m in result["memory"]:
             aucs = " | ".join(
-                f"{m['auc'][t]:.4f} ({m['oracle_auc'][t] - m['auc'][t]:+.4f})" for t in TASKS
+                f"{num(m['auc'][t])} ({num(gap(m['oracle_auc'][t], m['auc'][t]), '+.4f')})"
+                for t in TASKS
             )
             lines.append(
                 f"| {m['rows']:,} | {m['layout'].replace('x', ' × ')} | {m['peak_rss_mb']:,.0f} "
@@ -329,11 +332,23 @@ def markdown(result: dict[str, object]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def gap(a: float | None, b: float | None) -> float | None:
+    """``a - b``, None when either is undefined."""
+    return None if a is None or b is None else a - b
+
+
+def num(x: float | None, spec: str = ".4f") -> str:
+    """A figure for the table: 'undefined' where there is none (None), never 'None'; a NaN
+    (a diverged run) is refused by :func:`check_finite` before any table is printed."""
+    return "undefined" if x is None else format(x, spec)
+
+
 def check_finite(result: dict[str, object]) -> None:
-    """Every figure of the table must be a finite number (the smoke test's contract)."""
+    """Every speed and memory figure must be a finite number, every AUC finite or undefined
+    (None, printed as 'undefined'): the smoke test's contract."""
     for r in result["table"]:
-        figures = [r["samples_per_s"], r["peak_rss_mb"], *r["auc"].values()]
-        figures += list(r["oracle_auc"].values())
+        figures = [r["samples_per_s"], r["peak_rss_mb"]]
+        figures += [x for x in (*r["auc"].values(), *r["oracle_auc"].values()) if x is not None]
         if not all(isinstance(x, (int, float)) and math.isfinite(x) for x in figures):
             raise RuntimeError(f"non-finite figure in the {r['system']} {r['layout']} row: {r}")
 

@@ -80,3 +80,29 @@ def test_roofline_from_this_runs_matmul_rate(result):
         assert r["roofline_samples_per_s"][k] == pytest.approx(
             r["matmul_gflops"][k] * 1e3 / r["model_mflop_per_sample"]
         )
+
+
+def test_an_undefined_auc_is_printed_as_undefined_and_a_nan_refused():
+    """Issue 25: an AUC that is undefined at validation (one class: None in metrics.json) is
+    'undefined' in the table and its gap, never a KeyError or a number; a NaN still stops."""
+    import math
+
+    import pytest
+
+    from mtl_dist.bench.e2e import TASKS, check_finite, markdown, with_ratios
+
+    row = {
+        "system": "mtl-dist", "precision": "fp32", "layout": "1x2", "procs": 1, "threads": 2,
+        "samples_per_s": 1000.0, "steady_samples_per_s": 1100.0, "peak_rss_mb": 500.0,
+        "auc": {t: (None if i == 1 else 0.75) for i, t in enumerate(TASKS)},
+        "oracle_auc": {t: 0.8 for t in TASKS},
+    }  # fmt: skip
+    result = {"cpu": "test CPU", "table": with_ratios([row]), "matmul_gflops": {"1x2": 100.0},
+              "roofline_samples_per_s": {"1x2": 2000.0}, "model_mflop_per_sample": 2.5}
+    check_finite(result)
+    text = markdown(result)
+    assert "0.7500 (0.8000, +0.0500) | undefined (0.8000, undefined)" in text
+    assert "None" not in text and "nan" not in text
+    row["auc"][TASKS[0]] = math.nan
+    with pytest.raises(RuntimeError, match="non-finite figure"):
+        check_finite(result)
