@@ -32,7 +32,13 @@ from mtl_dist.checkpoint import (
 )
 from mtl_dist.config import DataConfig, JobConfig, load_config, to_dict
 from mtl_dist.data.batch import ArrowBatchConverter, Batch
-from mtl_dist.data.reader import ParquetBatchReader, describe, list_parquet_files
+from mtl_dist.data.reader import (
+    ParquetBatchReader,
+    describe,
+    list_parquet_files,
+    overlap_warning,
+    require_selected,
+)
 from mtl_dist.data.source import RowFilter
 from mtl_dist.distributed.setup import DistInfo, destroy, init_distributed
 from mtl_dist.distributed.sharding import describe_plan, shard_model
@@ -86,8 +92,6 @@ def build_readers(cfg: JobConfig, info: DistInfo) -> tuple[ParquetBatchReader, P
     not sample weights). A file needs only the columns its reader uses."""
 
     def reader(path: str, training: bool) -> ParquetBatchReader:
-        text = cfg.data.train_filter if training else cfg.data.val_filter
-        key = "data.train_filter" if training else "data.val_filter"
         converter = ArrowBatchConverter(
             cfg.features.sparse, cfg.features.dense, cfg.tasks,
             group_by="" if training else cfg.train.gauc_by, dense_nan=cfg.data.dense_nan,
@@ -95,11 +99,31 @@ def build_readers(cfg: JobConfig, info: DistInfo) -> tuple[ParquetBatchReader, P
         )  # fmt: skip
         return ParquetBatchReader(
             list_parquet_files(path), converter, cfg.train.batch_size, info.rank, info.world_size,
-            cfg.data.num_workers, drop_last=training,
-            row_filter=RowFilter.parse(text, key) if text else None,
+            cfg.data.num_workers, drop_last=training, row_filter=_row_filter(cfg, training),
         )  # fmt: skip
 
     return reader(cfg.data.train_path, True), reader(cfg.data.val_path, False)
+
+
+def _row_filter(cfg: JobConfig, training: bool) -> RowFilter | None:
+    text = cfg.data.train_filter if training else cfg.data.val_filter
+    return RowFilter.parse(text, "data.train_filter" if training else "data.val_filter") if text else None
+
+
+def check_splits(cfg: JobConfig, val_reader: ParquetBatchReader, info: DistInfo) -> None:
+    """Start-up checks of the two splits, before anything trains: a validation set that keeps
+    no row raises ``ValueError`` naming the path, the filter and the partitions found (on every
+    rank alike); rows both splits keep (overlapping filters, or the same files) are counted in a
+    warning on rank 0."""
+    if val_reader.total_rows == 0:
+        require_selected(cfg.data.val_path, _row_filter(cfg, False))  # names path and partitions
+        raise ValueError(f"{cfg.data.val_path}: no validation row")
+    if info.rank == 0:
+        warning = overlap_warning(
+            cfg.data.train_path, _row_filter(cfg, True), cfg.data.val_path, _row_filter(cfg, False)
+        )
+        if warning:
+            print(f"[data] warning: {warning}", flush=True)
 
 
 class StepRunner:
@@ -257,6 +281,7 @@ def train(cfg: JobConfig, info: DistInfo) -> dict[str, object]:
     # --- data: each rank reads its own contiguous share of the rows
     train_reader, val_reader = build_readers(cfg, info)
     log(f"[data] train: {describe(train_reader)}\n[data] val:   {describe(val_reader)}")
+    check_splits(cfg, val_reader, info)
 
     # --- model: tables on meta, sharded by the planner; dense part under DDP
     loss_module = build_model_with_loss(build_ranker(cfg, "meta", info.world_size), cfg)

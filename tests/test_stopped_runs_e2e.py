@@ -118,3 +118,34 @@ def test_which_relaunch_stays_ended(tmp_path):
     assert run_ended(_cfg("--train.epochs", "9", "--train.max_steps", "999"), tmp_path)[1]
     record, ended = run_ended(_cfg("--checkpoint.continue_finished", "true"), tmp_path)
     assert record["reason"] == "early stop" and not ended
+
+
+def test_an_empty_validation_filter_stops_at_start_and_an_overlap_is_warned(data, tmp_path):
+    """Issue 25/26: a ``data.val_filter`` that keeps no row stops every rank before training,
+    naming the path, the filter and the partitions found; training and validation filters that
+    share rows train, with a start-up warning counting the shared rows."""
+    hive = tmp_path / "logs"
+    for day, split in (("2026-11-29", "train"), ("2026-11-30", "val")):
+        (hive / f"dt={day}").mkdir(parents=True)
+        src = next((data / split).glob("*.parquet"))
+        pq.write_table(pq.read_table(src), hive / f"dt={day}" / "part-0.parquet")
+    base = [a.replace(str(data / "train"), str(hive)).replace(str(data / "val_one_class"), str(hive))
+            for a in args(data, tmp_path / "run")]  # fmt: skip
+    proc = torchrun([*base, "--data.val_filter", "dt == '2026-12-01'"], nproc=2, timeout=300)
+    assert proc.returncode != 0
+    assert (
+        f"data.val_filter \"dt == '2026-12-01'\" selects no row of {hive} (2 files, 9000 rows): "
+        "partitions found: dt=2026-11-30, dt=2026-11-29"
+    ) in proc.stderr, proc.stderr[-3000:]
+    assert not (tmp_path / "run" / "metrics.json").exists()
+    proc = torchrun(
+        [*base, "--data.train_filter", "dt <= '2026-11-30'", "--data.val_filter",
+         "dt == '2026-11-30'", "--train.max_steps", "2", "--train.early_stop_patience", "0",
+         "--train.best_metric", ""],
+        nproc=2, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (
+        "[data] warning: data.train_filter \"dt <= '2026-11-30'\" and data.val_filter "
+        "\"dt == '2026-11-30'\" overlap: 1000 rows in 1 file(s)"
+    ) in proc.stdout, proc.stdout[-3000:]

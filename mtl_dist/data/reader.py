@@ -239,11 +239,19 @@ def filter_overlap(
     val_filter: RowFilter | None,
 ) -> Overlap:
     """Rows of files in both datasets kept by both filters (each dataset's partitions typed
-    over its own files, as its reader does), counted exactly row group by row group."""
+    over its own files, as its reader does), counted exactly row group by row group; only
+    the files both datasets hold are read (``train_rows`` / ``val_rows`` count those files'
+    kept rows)."""
     tfiles = list_parquet_files(train_path) if isinstance(train_path, str) else list(train_path)
     vfiles = list_parquet_files(val_path) if isinstance(val_path, str) else list(val_path)
-    tgroups = index_row_groups(tfiles, infer_partitions(tfiles), train_filter)
-    vgroups = index_row_groups(vfiles, infer_partitions(vfiles), val_filter)
+    shared = {_same_file(f) for f in tfiles} & {_same_file(f) for f in vfiles}
+    if not shared:  # disjoint files: nothing to index (the common case costs a listing)
+        return Overlap(0, 0, (), 0, 0)
+    ttyped, vtyped = infer_partitions(tfiles), infer_partitions(vfiles)  # typed over all files
+    tfiles = [f for f in tfiles if _same_file(f) in shared]
+    vfiles = [f for f in vfiles if _same_file(f) in shared]
+    tgroups = index_row_groups(tfiles, {f: ttyped[f] for f in tfiles}, train_filter)
+    vgroups = index_row_groups(vfiles, {f: vtyped[f] for f in vfiles}, val_filter)
     kept = {(_same_file(g.file), g.index): g for g in tgroups}
     rows, files, dirs = 0, set(), []
     for g in vgroups:
@@ -277,8 +285,8 @@ def overlap_warning(
 ) -> str | None:
     """A start-up warning when training and validation share rows (None when they do not),
     e.g. ``data.train_filter "dt <= '2026-11-07'" and data.val_filter "dt >= '2026-11-07'"
-    overlap: 350 rows in 1 file(s) (350 of 2100 training rows, 350 of 700 validation rows):
-    dt=2026-11-07``."""
+    overlap: 350 rows in 1 file(s) (350 of 2100 training rows, 350 of 700 validation rows in
+    the files both read): dt=2026-11-07``."""
     o = filter_overlap(train_path, train_filter, val_path, val_filter)
     if not o.rows:
         return None
@@ -286,7 +294,8 @@ def overlap_warning(
     vf = f'data.val_filter "{val_filter.text}"' if val_filter else "data.val_path"
     return (
         f"{tf} and {vf} overlap: {o.rows} rows in {o.files} file(s) ({o.rows} of {o.train_rows} "
-        f"training rows, {o.rows} of {o.val_rows} validation rows): {_listed(o.partitions)}"
+        f"training rows, {o.rows} of {o.val_rows} validation rows in the files both read): "
+        f"{_listed(o.partitions)}"
     )
 
 

@@ -246,7 +246,7 @@ def test_overlapping_train_and_val_filters_are_counted(days):
     assert msg == (
         "data.train_filter \"dt <= '2026-11-30'\" and data.val_filter \"dt >= '2026-11-30' and "
         "country == 'fr'\" overlap: 5 rows in 1 file(s) (5 of 20 training rows, 5 of 5 "
-        "validation rows): dt=2026-11-30"
+        "validation rows in the files both read): dt=2026-11-30"
     )
     disjoint = RowFilter.parse("dt < '2026-11-30'", "data.train_filter")
     assert overlap_warning(str(root), disjoint, str(root), val) is None
