@@ -213,7 +213,7 @@ def test_client_without_mtl_dist_reproduces_score(runs, client_python, tmp_path)
     subprocess.run(
         ["g++", "-std=c++17", "-O1", str(ROOT / "examples" / "serve_aoti.cpp"),
          f"-I{lib / 'include'}", f"-I{lib / 'include/torch/csrc/api/include'}", f"-L{lib / 'lib'}",
-         "-ltorch", "-ltorch_cpu", "-lc10", f"-Wl,-rpath,{lib / 'lib'}", "-o", str(exe)],
+         "-ltorch", "-ltorch_cpu", "-lc10", "-lz", f"-Wl,-rpath,{lib / 'lib'}", "-o", str(exe)],
         check=True, capture_output=True,
     )  # fmt: skip
     n_dense, n_sparse = len(cfg.features.dense), len(cfg.features.sparse)
@@ -223,6 +223,13 @@ def test_client_without_mtl_dist_reproduces_score(runs, client_python, tmp_path)
              [torch.arange(4)] * n_sparse)  # fmt: skip
     got = torch.tensor([[float(v) for v in line.split()] for line in cpp.stdout.splitlines()])
     torch.testing.assert_close(got, served(*probe), rtol=1e-5, atol=1e-6)
+    # ... and verifies the package first: a damaged, empty or truncated one is named, exit 3
+    for how, says in (("zeros", "does not match its CRC-32"), ("empty", "empty (0 bytes)"),
+                      ("half", "truncated")):  # fmt: skip
+        bad = _damaged(tmp_path / "aoti.pt2", tmp_path / f"aoti-{how}.pt2", how)
+        cpp = subprocess.run([str(exe), str(bad), "3", str(n_dense), str(n_sparse)],
+                             capture_output=True, text=True)  # fmt: skip
+        assert cpp.returncode == 3 and f"{bad}: " in cpp.stderr and says in cpp.stderr, cpp.stderr
 
     # the client, in the environment without mtl_dist: every package in one process
     script = f"""
