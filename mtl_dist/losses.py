@@ -141,14 +141,35 @@ def ctcvr_weights(
     ctr_label: torch.Tensor, ctr_mask: torch.Tensor, cvr_mask: torch.Tensor
 ) -> torch.Tensor:
     """Each row's weight ``[B]`` in ESMM's CTCVR term: the CTR task's weight where the row's
-    click∧conversion label is known, else 0.
+    click∧conversion label is known, else 0, and clicked rows with a known conversion scaled up
+    to stand for the batch's clicked rows whose conversion is unknown.
 
     Known: an unclicked row (CTCVR 0 whatever its conversion) or a clicked row whose conversion
     was observed (``cvr_mask > 0``, the CVR task's mask before any downsampling). A clicked row
     with an unknown conversion (null, e.g. not attributed yet) carries no CTCVR label — reading
     it as 0 would train it as a negative and pull pCVR down.
+
+    Dropping those rows alone would bias the CTCVR sample: it would hold a share ``q`` of the
+    clicked rows (``q`` = known clicked weight / clicked weight) but every unclicked row, so
+    pCTR × pCVR would fit a click rate too low and pCVR would come out ≈ ``q / (1 − c + c·q)``
+    times too small (``c`` the click rate). With conversions missing at random among clicked
+    rows, each known clicked row is weighted ``1 / q̂``, ``q̂`` this batch's share (from the
+    labels and masks, no gradient): ``Σ_{known clicked} m / q̂ = Σ_{clicked} m``, so the
+    weighted CTCVR sample has the batch's click share and ``Σ m·BCE`` is an unbiased estimate
+    of the full-label one (given how many conversions are known, the known ones are a uniform
+    subset of the clicked rows). Per batch, not a running estimate: no state to checkpoint or
+    synchronise, and it follows a missing share that drifts through the data (attribution
+    delay). A batch with clicked rows but no known conversion among them keeps weight 0 on them
+    (``q̂ = 0``: the factor stays 1, every weight finite).
     """
-    return ctr_mask * ((ctr_label == 0) | (cvr_mask > 0)).to(ctr_mask.dtype)
+    clicked = ctr_label != 0
+    weight = ctr_mask * ((~clicked) | (cvr_mask > 0)).to(ctr_mask.dtype)
+    clicked_weight = torch.where(clicked, ctr_mask, torch.zeros_like(ctr_mask)).sum()
+    known_weight = torch.where(clicked, weight, torch.zeros_like(weight)).sum()
+    scale = torch.where(
+        known_weight > 0, clicked_weight / torch.where(known_weight > 0, known_weight, 1.0), 1.0
+    ).detach()  # 1 / q̂
+    return torch.where(clicked, weight * scale, weight)
 
 
 def predictions(
