@@ -228,15 +228,15 @@ def test_esmm_clicked_row_with_unknown_conversion_has_no_ctcvr_weight():
 
     model = ModelWithLoss(Fixed(), tasks, esmm=(0, 1))
     assert ctcvr_weights(batch.labels[:, 0], batch.mask[:, 0], batch.mask[:, 1]).tolist() == [
-        1.0, 1.0, 0.0, 1.0,
+        1.5, 1.5, 0.0, 1.0,  # the 2 known clicked rows stand for the 3 clicked (1/q̂ = 1.5)
     ]  # fmt: skip
     loss, out = model(batch)
     (grad,) = torch.autograd.grad(loss, outputs)  # click BCE + CTCVR, weights 1
     assert grad[2, 1] == 0  # the unknown row: no CTCVR gradient on pCVR ...
     assert grad[2, 0].item() == pytest.approx((0.5 - 1) / 4)  # ... and pCTR's is click BCE's alone
     assert grad[1, 1] > 0 and grad[3, 1] > 0 and grad[0, 1] < 0  # negatives push pCVR down
-    # the CTCVR loss is the mean over the 3 known rows: p = 0.25 each (sigmoid(0)^2)
-    expect = -(math.log(0.25) + 2 * math.log(0.75)) / 3
+    # the CTCVR loss: the 3 known rows weighted 1.5, 1.5, 1 (Σ = 4): p = 0.25 each (sigmoid(0)^2)
+    expect = -(1.5 * math.log(0.25) + 2.5 * math.log(0.75)) / 4
     assert out.losses[1].item() == pytest.approx(expect, rel=1e-6)
 
 
