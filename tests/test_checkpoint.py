@@ -60,7 +60,10 @@ def reference(synth_data, tmp_path_factory):
 def test_atomic_layout_and_keep_last_k(reference):
     root = reference / "checkpoints"
     assert (root / "latest").read_text() == "step_00000060"
-    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000040", "step_00000060"]
+    assert sorted(p.name for p in root.iterdir()) == [
+        "finished.json", "latest", "step_00000040", "step_00000060",
+    ]  # fmt: skip
+    assert json.loads((root / "finished.json").read_text())["step"] == 60  # the run ended there
     extra = torch.load(root / "step_00000060" / "extra.pt", weights_only=True)
     assert extra["step"] == 60 and len(extra["ranks"]) == 2
 
