@@ -202,11 +202,12 @@ def expert_dropout(weights: torch.Tensor, p: float) -> torch.Tensor:
 
     The YouTube cure for polarization: an expert a gate relies on is sometimes missing, so the
     gate must keep others useful. A row whose every selected expert was dropped keeps its weights.
-    Every row sums to 1: a kept mass below any fixed floor (tiny softmax weights) is divided by
-    itself, not by the floor.
+    Every row sums to 1: a row whose kept mass is below 1e-12 (tiny softmax weights of a
+    near-hard gate) keeps its weights too, since dividing by such a mass gives the backward
+    a 1/mass² factor that overflows (inf / NaN gradients).
     """
     keep = (torch.rand_like(weights) >= p).to(weights.dtype)
     kept = weights * keep
     total = kept.sum(-1, keepdim=True)
-    some = total > 0
+    some = total > 1e-12
     return torch.where(some, kept / torch.where(some, total, 1.0), weights)
