@@ -26,7 +26,7 @@ def args(synth_data, out, *extra):
         "--train.output_dir", str(out), "--train.progress_bar", "false",
         "--train.batch_size", "256", "--model.expert_hidden", "64,32",
         "--checkpoint.every", "20", "--checkpoint.keep", "2", "--monitor.attribution", "false",
-        "--train.max_steps", str(STEPS), *extra,
+        "--train.max_steps", str(STEPS), "--train.precision", "fp32", *extra,
     ]  # fmt: skip
 
 

@@ -43,7 +43,7 @@ def args(data: Path, out: Path, *extra: str) -> list[str]:
         "--train.output_dir", str(out), "--train.progress_bar", "false",
         "--train.batch_size", "256", "--model.expert_hidden", "32,16", "--train.log_every", "5",
         "--checkpoint.every", "10", "--checkpoint.keep", "3", "--monitor.attribution", "false",
-        "--train.max_steps", str(STEPS), *extra,
+        "--train.max_steps", str(STEPS), "--train.precision", "fp32", *extra,
     ]  # fmt: skip
 
 
