@@ -860,7 +860,9 @@ def ctcvr_view(
             view = view.append_column("p_purchase", pa.array(p_purchase))
             (out / name).parent.mkdir(parents=True, exist_ok=True)
             pq.write_table(
-                view, out / name, row_group_size=meta["params"]["row_group_size"],
+                view,
+                out / name,
+                row_group_size=meta["params"]["row_group_size"],
                 write_page_checksum=True,
             )
             for key, arr in (("click", click), ("p_click", p_click)):

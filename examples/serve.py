@@ -107,7 +107,9 @@ def main(package: str, data: str, out: str, *keep: str) -> None:
     files = sorted(Path(data).glob("**/*.parquet")) if Path(data).is_dir() else [Path(data)]
     if not files:
         raise ValueError(f"{data}: no Parquet file")
-    fields = [pq.read_schema(files[0]).field(c) for c in keep if c in pq.read_schema(files[0]).names]
+    fields = [
+        pq.read_schema(files[0]).field(c) for c in keep if c in pq.read_schema(files[0]).names
+    ]
     schema = pa.schema(fields + [(f"pred_{t['name']}", pa.float32()) for t in meta["tasks"]])
     with pq.ParquetWriter(out, schema, write_page_checksum=True) as writer:
         for p in files:

@@ -107,7 +107,11 @@ def build_readers(cfg: JobConfig, info: DistInfo) -> tuple[ParquetBatchReader, P
 
 def _row_filter(cfg: JobConfig, training: bool) -> RowFilter | None:
     text = cfg.data.train_filter if training else cfg.data.val_filter
-    return RowFilter.parse(text, "data.train_filter" if training else "data.val_filter") if text else None
+    return (
+        RowFilter.parse(text, "data.train_filter" if training else "data.val_filter")
+        if text
+        else None
+    )
 
 
 def check_splits(cfg: JobConfig, val_reader: ParquetBatchReader, info: DistInfo) -> None:

@@ -48,6 +48,4 @@ def test_uniform_weights_of_three_scales_train_the_same_model(synth_data, tmp_pa
         for task in ("click", "conversion"):
             # float rounding of Σ w·l / Σ w differs by scale; the models stay the same
             assert math.isclose(m[task]["auc"], base[task]["auc"], abs_tol=2e-3), (scale, task)
-        assert math.isclose(
-            m["watch_time"]["mse"], base["watch_time"]["mse"], rel_tol=1e-2
-        ), scale
+        assert math.isclose(m["watch_time"]["mse"], base["watch_time"]["mse"], rel_tol=1e-2), scale

@@ -97,8 +97,13 @@ def test_an_undefined_auc_is_printed_as_undefined_and_a_nan_refused():
         "auc": {t: (None if i == 1 else 0.75) for i, t in enumerate(TASKS)},
         "oracle_auc": {t: 0.8 for t in TASKS},
     }  # fmt: skip
-    result = {"cpu": "test CPU", "table": with_ratios([row]), "matmul_gflops": {"1x2": 100.0},
-              "roofline_samples_per_s": {"1x2": 2000.0}, "model_mflop_per_sample": 2.5}
+    result = {
+        "cpu": "test CPU",
+        "table": with_ratios([row]),
+        "matmul_gflops": {"1x2": 100.0},
+        "roofline_samples_per_s": {"1x2": 2000.0},
+        "model_mflop_per_sample": 2.5,
+    }
     check_finite(result)
     text = markdown(result)
     assert "0.7500 (0.8000, +0.0500) | undefined (0.8000, undefined)" in text
