@@ -14,7 +14,7 @@ import xxhash
 
 T = torch.from_dlpack  # an Arrow array without nulls → a tensor, no copy
 INT64_MAX = 2**63 - 1
-MADE_BY = "python -m mtl_dist.export CHECKPOINT model.pt2 --format pt2 writes one"
+MADE_BY = "python -m mtl_dist.serve.export CHECKPOINT model.pt2 --format pt2 writes one"
 
 
 def verified(path: str) -> list[str]:

@@ -4,7 +4,7 @@ Every artifact the toolkit writes (metrics.json, profiles, attribution.csv, expo
 scores) goes through :func:`written_whole`: the content is written to ``<name>.partial`` beside
 the target, flushed to disk, then renamed over it (``os.replace``: atomic on POSIX); on an error
 the partial file is removed and the previous version, if any, stays. Checkpoints have their own
-protocol (:mod:`mtl_dist.checkpoint`).
+protocol (:mod:`mtl_dist.checkpoint.store`).
 
 Every such file is verifiable by its reader. Exported models (``.pt``) and serving packages
 (``.pt2``) are zip archives whose members each carry a CRC-32 (written by torch's archive

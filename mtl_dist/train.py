@@ -21,9 +21,14 @@ from torch import nn
 from torchdata.stateful_dataloader import StatefulDataLoader
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
-from mtl_dist import preempt
-from mtl_dist.attribution import attribution_figure, feature_attribution, write_attribution
-from mtl_dist.checkpoint import (
+from mtl_dist.checkpoint.rundir import (
+    clear_finished,
+    open_run_dir,
+    record_finished,
+    release_run_dirs,
+    run_ended,
+)
+from mtl_dist.checkpoint.store import (
     checkpoint_dir,
     latest_target,
     load_checkpoint,
@@ -42,22 +47,23 @@ from mtl_dist.data.reader import (
 from mtl_dist.data.source import RowFilter
 from mtl_dist.distributed.setup import DistInfo, destroy, init_distributed
 from mtl_dist.distributed.sharding import describe_plan, shard_model
-from mtl_dist.losses import StepOutput, build_model_with_loss
-from mtl_dist.metrics import compute_metrics, format_table, gather_rows, metric_units, write_json
+from mtl_dist.loop import preempt
+from mtl_dist.loop.losses import StepOutput, build_model_with_loss
+from mtl_dist.loop.optim import build_optimizer, dense_optimizer
+from mtl_dist.loop.precision import LossScaler, Precision, resolve_precision, set_head_precision
+from mtl_dist.loop.preempt import Preempted
+from mtl_dist.loop.schedule import LRSchedule
+from mtl_dist.loop.selection import BestTracker, fmt_metric
 from mtl_dist.models.ranker import build_ranker
-from mtl_dist.monitoring import Monitor, Telemetry, peak_memory_mb, quiet_third_party_logs
-from mtl_dist.optim import build_optimizer, dense_optimizer
-from mtl_dist.precision import LossScaler, Precision, resolve_precision, set_head_precision
-from mtl_dist.preempt import Preempted
-from mtl_dist.rundir import (
-    clear_finished,
-    open_run_dir,
-    record_finished,
-    release_run_dirs,
-    run_ended,
+from mtl_dist.observe.attribution import attribution_figure, feature_attribution, write_attribution
+from mtl_dist.observe.metrics import (
+    compute_metrics,
+    format_table,
+    gather_rows,
+    metric_units,
+    write_json,
 )
-from mtl_dist.schedule import LRSchedule
-from mtl_dist.selection import BestTracker, fmt_metric
+from mtl_dist.observe.telemetry import Monitor, Telemetry, peak_memory_mb, quiet_third_party_logs
 
 
 def seed_everything(seed: int) -> None:
@@ -195,7 +201,7 @@ def evaluate(
     model: torch.nn.Module, cfg: JobConfig, loader: StatefulDataLoader, device: torch.device
 ) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, str]]]:
     """Whole validation set on every rank (equal, padded batch counts) → metrics over all ranks
-    and the reasons of the undefined ones (see :func:`mtl_dist.metrics.compute_metrics`)."""
+    and the reasons of the undefined ones (see :func:`mtl_dist.observe.metrics.compute_metrics`)."""
     model.eval()
     outs = []
     batches = itertools.islice(loader, cfg.train.val_max_batches or None)
@@ -244,7 +250,7 @@ def check_writable(path: str) -> None:
 
 
 def set_up_precision(cfg: JobConfig, loss_module: nn.Module, device: torch.device) -> Precision:
-    """Resolve ``train.precision`` for this device (see :mod:`mtl_dist.precision`) and apply it:
+    """Resolve ``train.precision`` for this device (see :mod:`mtl_dist.loop.precision`) and apply it:
     the head's autocast dtype, a loss scaler for fp16, TF32 for fp32 matmuls on CUDA (per
     ``train.allow_tf32``)."""
     cap = torch.cuda.get_device_capability(device) if device.type == "cuda" else None

@@ -18,10 +18,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from mtl_dist.balancing import all_mean
 from mtl_dist.config import BALANCERS, LossConfig, TaskSpec
 from mtl_dist.data.batch import ArrowBatchConverter
-from mtl_dist.guard import GradGate
-from mtl_dist.losses import ModelWithLoss
+from mtl_dist.loop.guard import GradGate
+from mtl_dist.loop.losses import ModelWithLoss
+from mtl_dist.loop.optim import GuardedDense
 from mtl_dist.models.heads import MoE
-from mtl_dist.optim import GuardedDense
 
 TASKS = [
     TaskSpec(name="click", label="click"),

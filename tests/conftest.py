@@ -26,7 +26,7 @@ def torchrun(
 
     A training job without ``--train.precision`` runs in fp32: ``auto`` picks bf16 on a CPU
     with AMX / AVX512-BF16, and the tests' numbers (training's validation equal to
-    ``mtl_dist.score``'s fp32 AUC to 1e-6, seeds, tolerances) are those of fp32 on every CPU.
+    ``mtl_dist.serve.score``'s fp32 AUC to 1e-6, seeds, tolerances) are those of fp32 on every CPU.
     Reduced precision is tested where it is asked for by name (tests/test_precision.py).
     """
     if "mtl_dist.train" in args and "--train.precision" not in args:
@@ -70,7 +70,7 @@ def descendants(pid: int) -> list[int]:
 @pytest.fixture(scope="session")
 def small_synth_data(tmp_path_factory) -> Path:
     """A quarter-size dataset (40k training rows) for tests that train a whole epoch twice."""
-    from data_tools.synth import generate
+    from mtl_dist.data.synth import generate
 
     out = tmp_path_factory.mktemp("synth_small")
     generate(out, train_rows=40_000, val_rows=10_000, files=4, row_group_size=4096, seed=0,
@@ -81,7 +81,7 @@ def small_synth_data(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def synth_data(tmp_path_factory) -> Path:
     """A small synthetic funnel dataset (several files and row groups), generated once."""
-    from data_tools.synth import generate
+    from mtl_dist.data.synth import generate
 
     out = tmp_path_factory.mktemp("synth")
     generate(

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 from mtl_dist.config import TaskSpec
-from mtl_dist.metrics import compute_metrics
+from mtl_dist.observe.metrics import compute_metrics
 
 TASKS = [
     TaskSpec(name="click", label="click"),

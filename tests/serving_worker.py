@@ -8,9 +8,9 @@ pairs) into ``OUT/NAME``; one process pays torch's and TorchRec's import once fo
 import os
 import sys
 
+from mtl_dist.checkpoint.rundir import release_run_dirs
 from mtl_dist.config import load_config
 from mtl_dist.distributed.setup import destroy, init_distributed
-from mtl_dist.rundir import release_run_dirs
 from mtl_dist.train import train
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mtl_dist.balancing import DynamicWeightAverage, FixedWeights, GradNorm, UncertaintyWeighting
-from mtl_dist.losses import downsample_negatives, predictions
+from mtl_dist.loop.losses import downsample_negatives, predictions
 from tests.conftest import torchrun
 
 
@@ -184,7 +184,7 @@ def test_escm2_dr_risk_by_hand():
     """R_DR = Σ [ê + o (e − ê) / p̂] / n over the exposures, ê = BCE(σ(imputed), pCVR); the
     imputation loss Σ o (e − ê)² / p̂ / n trains the imputation logits only, and the risk
     reaches the CVR logit of an unclicked row (through ê), which IPS never does."""
-    from mtl_dist.losses import escm2_dr_risk
+    from mtl_dist.loop.losses import escm2_dr_risk
 
     ctr = torch.tensor([0.0, math.log(0.25 / 0.75), -10.0, 2.0])  # pCTR 0.5, 0.25, ~0, 0.88
     cvr = torch.tensor([0.5, -1.0, 0.3, 0.0], requires_grad=True)
@@ -221,7 +221,7 @@ def test_escm2_dr_risk_by_hand():
 def test_escm2_ips_risk_by_hand():
     """Clicked rows with an observed conversion: BCE / max(pCTR, 0.05), summed over them and
     divided by the exposures; unclicked rows and a click with no observed conversion add 0."""
-    from mtl_dist.losses import escm2_ips_risk
+    from mtl_dist.loop.losses import escm2_ips_risk
 
     ctr = torch.tensor([0.0, math.log(0.25 / 0.75), -10.0, 2.0])  # pCTR 0.5, 0.25, ~0, 0.88
     cvr = torch.tensor([0.5, -1.0, 0.3, 0.0])

@@ -42,7 +42,7 @@ def metrics(out):
 
 def weights(checkpoint: Path) -> dict[str, torch.Tensor]:
     """A checkpoint's model, gathered into one process (the export path)."""
-    from mtl_dist.export import export_checkpoint, load_exported
+    from mtl_dist.serve.export import export_checkpoint, load_exported
 
     export_checkpoint(checkpoint, checkpoint.parent / "export.pt")
     _, model = load_exported(checkpoint.parent / "export.pt")
@@ -159,7 +159,7 @@ def test_checkpoint_of_another_schema_is_refused(synth_data, reference, tmp_path
 def test_schema_difference_names_the_table_field_and_both_values(tmp_path):
     """One table's embedding_dim changed: the refusal names the feature, its table, the field,
     and the saved value beside the configured one (not just 'differing: features.{sparse}')."""
-    from mtl_dist.checkpoint import check_schema
+    from mtl_dist.checkpoint.store import check_schema
     from mtl_dist.config import load_config, to_dict
 
     cfg = load_config(["--config", "configs/default.toml"])
@@ -179,7 +179,7 @@ def test_schema_difference_names_the_table_field_and_both_values(tmp_path):
 def test_checkpoint_from_before_new_keys_resumes_unless_they_are_on(tmp_path):
     """A checkpoint written before a model / feature / task key existed lacks it: at its
     default it is the old model and passes; switched on, the refusal names it."""
-    from mtl_dist.checkpoint import check_schema
+    from mtl_dist.checkpoint.store import check_schema
     from mtl_dist.config import load_config, to_dict
 
     cfg = load_config(["--config", "configs/default.toml"])
@@ -205,13 +205,13 @@ def test_export_and_score_reproduce_the_live_model(synth_data, reference, tmp_pa
     model = tmp_path / "model.pt"
     cli = [sys.executable, "-m"]
     subprocess.run(
-        [*cli, "mtl_dist.export", str(reference / "checkpoints" / "step_00000060"), str(model)],
+        [*cli, "mtl_dist.serve.export", str(reference / "checkpoints" / "step_00000060"), str(model)],
         cwd=ROOT, check=True, capture_output=True,
     )  # fmt: skip
     assert torch.load(model, weights_only=True)["format"] == "mtl-dist-model/1"
     preds = tmp_path / "preds.parquet"
     subprocess.run(
-        [*cli, "mtl_dist.score", "--model", str(model), "--data", str(synth_data / "val"),
+        [*cli, "mtl_dist.serve.score", "--model", str(model), "--data", str(synth_data / "val"),
          "--out", str(preds), "--keep", "click,watch_time", "--batch-size", "3000"],
         cwd=ROOT, check=True, capture_output=True,
     )  # fmt: skip
@@ -238,7 +238,7 @@ def test_export_and_score_reproduce_the_live_model(synth_data, reference, tmp_pa
 def test_finished_run_continues_with_another_epoch(tmp_path):
     """A run that ended at an epoch's end (its checkpoint holds no reader position), started
     again with one more epoch, resumes and trains exactly that epoch."""
-    from data_tools.synth import generate
+    from mtl_dist.data.synth import generate
 
     data = tmp_path / "data"
     generate(data, train_rows=4096, val_rows=1024, files=2, verbose=False)
@@ -256,7 +256,7 @@ def test_finished_run_continues_with_another_epoch(tmp_path):
 def test_score_refuses_a_prediction_that_overflows_its_label_unit(reference, synth_data, tmp_path):
     """A log1p task's prediction of 1000 maps to expm1(1000) = inf seconds: scoring stops naming
     the task and leaves no output file (the sibling of the label cast, on the way out)."""
-    from mtl_dist.export import export_checkpoint
+    from mtl_dist.serve.export import export_checkpoint
 
     model = tmp_path / "model.pt"
     export_checkpoint(reference / "checkpoints" / "step_00000060", model)
@@ -266,7 +266,7 @@ def test_score_refuses_a_prediction_that_overflows_its_label_unit(reference, syn
     torch.save(blob, model)
     preds = tmp_path / "preds.parquet"
     proc = subprocess.run(
-        [sys.executable, "-m", "mtl_dist.score", "--model", str(model),
+        [sys.executable, "-m", "mtl_dist.serve.score", "--model", str(model),
          "--data", str(synth_data / "val"), "--out", str(preds)],
         cwd=ROOT, capture_output=True, text=True,
     )  # fmt: skip

@@ -1,4 +1,4 @@
-"""``python -m mtl_dist.compare`` end to end: real torchrun runs (2 heads x 2 seeds, few steps),
+"""``python -m mtl_dist.tools.compare`` end to end: real torchrun runs (2 heads x 2 seeds, few steps),
 the table recomputed from the runs' own metrics.json, and failures named."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mtl_dist.compare import main, sweep_tables
 from mtl_dist.config import TaskSpec, load_config
+from mtl_dist.tools.compare import main, sweep_tables
 from tests.conftest import ROOT
 
 HEADS, SEEDS = ["shared_bottom", "mmoe"], [0, 1]
@@ -36,7 +36,7 @@ def _argv(synth_data: Path, out: Path, *extra: str) -> list[str]:
 
 def compare(synth_data: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
     """The command as users run it, in a subprocess."""
-    cmd = [sys.executable, "-m", "mtl_dist.compare", *_argv(synth_data, out, *extra)]
+    cmd = [sys.executable, "-m", "mtl_dist.tools.compare", *_argv(synth_data, out, *extra)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     if proc.returncode != 0:
@@ -153,7 +153,7 @@ def test_failed_run_names_the_run_and_its_log(synth_data, tmp_path):
 def test_undefined_metric_is_left_out_of_the_mean_not_averaged_in(tmp_path):
     """Seed 1's validation set has one class for conversion (metrics.json: no 'auc', a reason
     under 'undefined_metrics'): the head's conversion AUC is seed 0's alone, '1 of 2 seeds'."""
-    from mtl_dist.compare import report, summarize
+    from mtl_dist.tools.compare import report, summarize
 
     tasks = [TaskSpec(name="click", label="click"), TaskSpec(name="conversion", label="conv")]
     reason = "one class only: 0 positive(s) among 900 labelled rows"
@@ -188,7 +188,7 @@ def test_undefined_metric_is_left_out_of_the_mean_not_averaged_in(tmp_path):
 
 
 def test_balancers_expand_every_head_and_reach_the_runs(tmp_path):
-    from mtl_dist.compare import CompareError, head_args, plan_runs, with_balancers
+    from mtl_dist.tools.compare import CompareError, head_args, plan_runs, with_balancers
 
     heads = with_balancers(["mmoe", "ple+esmm"], ["fixed", "famo"])
     assert heads == ["mmoe+fixed", "mmoe+famo", "ple+esmm+fixed", "ple+esmm+famo"]

@@ -145,7 +145,7 @@ def test_gauc_best_metric_needs_gauc_by():
 
 
 def test_undefined_best_metric_is_no_improvement_and_never_formatted():
-    from mtl_dist.selection import BestTracker, fmt_metric
+    from mtl_dist.loop.selection import BestTracker, fmt_metric
 
     cfg = load_config(["--config", DEFAULT, "--train.best_metric", "conversion/auc",
                        "--train.early_stop_patience", "2"])  # fmt: skip

@@ -1,13 +1,13 @@
 """ESMM with unknown conversions (issue 26): clicked rows whose conversion is null carry no
 CTCVR label, and the known clicked rows are reweighted by the inverse of their observed share
-in the batch (:func:`mtl_dist.losses.ctcvr_weights`), so the CTCVR estimate stays unbiased."""
+in the batch (:func:`mtl_dist.loop.losses.ctcvr_weights`), so the CTCVR estimate stays unbiased."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from mtl_dist.losses import ctcvr_weights, esmm_ctcvr_loss
+from mtl_dist.loop.losses import ctcvr_weights, esmm_ctcvr_loss
 
 
 def _funnel(n: int, seed: int, click_bias: float = -0.8, d: int = 4):

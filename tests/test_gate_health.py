@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from mtl_dist.gate_health import GateHealth, dead_units, gate_stats, heatmaps
 from mtl_dist.models.heads import PLE, MoE
+from mtl_dist.observe.gate_health import GateHealth, dead_units, gate_stats, heatmaps
 
 
 def test_stats_match_hand_computation():

@@ -16,9 +16,9 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from mtl_dist.bench.hashing import sized_config
-from mtl_dist.checkpoint import resolve_checkpoint
-from mtl_dist.export import export_checkpoint
+from mtl_dist.checkpoint.store import resolve_checkpoint
+from mtl_dist.serve.export import export_checkpoint
+from mtl_dist.tools.bench.hashing import sized_config
 from tests.conftest import ROOT, torchrun
 
 EMPTY = torch.iinfo(torch.int64).max
@@ -52,7 +52,7 @@ def _export(ckpt, out):
 def test_managed_collision_resume_reshard_export_score(tmp_path):
     logs = tmp_path / "logs"
     gen = subprocess.run(
-        [sys.executable, "-m", "data_tools.synth", "--out", str(logs), "--workload", "strings",
+        [sys.executable, "-m", "mtl_dist.data.synth", "--out", str(logs), "--workload", "strings",
          "--train-rows", "16384", "--val-rows", "4000", "--files", "4"],
         cwd=ROOT, capture_output=True, text=True,
     )  # fmt: skip
@@ -101,7 +101,7 @@ def test_managed_collision_resume_reshard_export_score(tmp_path):
 
     # scoring maps ids as training did: the scored AUC is the live validation AUC
     preds = tmp_path / "preds.parquet"
-    subprocess.run([sys.executable, "-m", "mtl_dist.score", "--model", str(tmp_path / "part.pt"),
+    subprocess.run([sys.executable, "-m", "mtl_dist.serve.score", "--model", str(tmp_path / "part.pt"),
                     "--data", str(logs / "val"), "--out", str(preds), "--keep", "click,purchase"],
                    cwd=ROOT, check=True, capture_output=True)  # fmt: skip
     t = pq.read_table(preds)

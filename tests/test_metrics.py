@@ -9,7 +9,13 @@ import torch
 from sklearn.metrics import log_loss, mean_absolute_error, mean_squared_error, roc_auc_score
 
 from mtl_dist.config import TaskSpec
-from mtl_dist.metrics import compute_metrics, format_table, group_auc, metric_units, write_json
+from mtl_dist.observe.metrics import (
+    compute_metrics,
+    format_table,
+    group_auc,
+    metric_units,
+    write_json,
+)
 from tests.conftest import torchrun
 
 

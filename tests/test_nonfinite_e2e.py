@@ -100,7 +100,7 @@ def train(data: Path, out: Path, *extra: str):
 
 def parameters(checkpoint: Path) -> dict[str, torch.Tensor]:
     """A checkpoint's parameters (tables and dense), gathered into this process."""
-    from mtl_dist.export import build_unsharded, export_checkpoint, load_exported
+    from mtl_dist.serve.export import build_unsharded, export_checkpoint, load_exported
 
     export_checkpoint(checkpoint, checkpoint.parent / f"{checkpoint.name}.pt")
     cfg, model = load_exported(checkpoint.parent / f"{checkpoint.name}.pt")

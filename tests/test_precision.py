@@ -9,8 +9,8 @@ import json
 import pytest
 import torch
 
+from mtl_dist.loop.precision import LossScaler, Precision, resolve_precision, set_head_precision
 from mtl_dist.models.heads import PLE, MoE
-from mtl_dist.precision import LossScaler, Precision, resolve_precision, set_head_precision
 from tests.conftest import torchrun
 
 
@@ -114,7 +114,7 @@ def test_tables_load_across_storage_types(tmp_path):
 
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):
-    from data_tools.synth import generate
+    from mtl_dist.data.synth import generate
 
     out = tmp_path_factory.mktemp("precision-data")
     generate(out, train_rows=24_000, val_rows=8_000, files=2, verbose=False)
@@ -149,7 +149,7 @@ def test_each_precision_trains_on_two_ranks_close_to_fp32(small, tmp_path):
         for task in ("click", "conversion"):
             gap = abs(run["metrics"][task]["auc"] - ref["metrics"][task]["auc"])
             assert gap < 0.02, (task, gap, run["config"]["train"]["precision"])
-    from mtl_dist.checkpoint import read_manifest
+    from mtl_dist.checkpoint.store import read_manifest
 
     ckpt = tmp_path / "fp16" / "checkpoints" / "step_00000184"
     assert read_manifest(ckpt)["table_dtype"] == "fp16"
@@ -165,8 +165,8 @@ def test_fp16_loss_scaling_trains_like_fp32_and_skips_an_overflowing_step():
     training follows fp32 closely; a scale that overflows the fp16 backward skips the step —
     parameters unchanged, scale halved, the skip counted."""
     from mtl_dist.data.batch import ArrowBatchConverter
-    from mtl_dist.losses import ModelWithLoss
-    from mtl_dist.optim import GuardedDense
+    from mtl_dist.loop.losses import ModelWithLoss
+    from mtl_dist.loop.optim import GuardedDense
     from tests.balancer_worker import TASKS, D, DenseRanker, batch
 
     conv = ArrowBatchConverter([], [f"x{i}" for i in range(D)], TASKS)

@@ -12,8 +12,8 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from mtl_dist.config import TrainConfig
-from mtl_dist.schedule import lr_factor
-from mtl_dist.selection import BestTracker
+from mtl_dist.loop.schedule import lr_factor
+from mtl_dist.loop.selection import BestTracker
 from tests.conftest import torchrun
 
 
@@ -58,7 +58,7 @@ def test_config_names_a_bad_best_metric():
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    from data_tools.synth import generate
+    from mtl_dist.data.synth import generate
 
     out = tmp_path_factory.mktemp("recipe-data")
     generate(out, train_rows=24_000, val_rows=4_000, files=2, verbose=False)
@@ -100,8 +100,8 @@ def test_schedules_clipping_and_best_on_two_ranks_resume_exactly(data, tmp_path)
     assert "step_00000020 at step 20" in proc.stdout
     assert resumed["metrics"] == full["metrics"] and resumed["best"] == full["best"]
     assert [h["step"] for h in resumed["history"]] == [h["step"] for h in full["history"]]
-    from mtl_dist.checkpoint import latest_target
-    from mtl_dist.export import export_checkpoint, load_exported
+    from mtl_dist.checkpoint.store import latest_target
+    from mtl_dist.serve.export import export_checkpoint, load_exported
 
     def params(run):
         root = run / "checkpoints"
@@ -123,7 +123,7 @@ def test_schedules_clipping_and_best_on_two_ranks_resume_exactly(data, tmp_path)
 
     from tests.conftest import ROOT
 
-    out = subprocess.run([sys.executable, "-m", "mtl_dist.export", str(root / "best"),
+    out = subprocess.run([sys.executable, "-m", "mtl_dist.serve.export", str(root / "best"),
                           str(tmp_path / "best.pt")], cwd=ROOT, capture_output=True, text=True)  # fmt: skip
     assert out.returncode == 0, out.stderr
     for rank in (0, 1):

@@ -12,7 +12,7 @@ import pytest
 from sklearn.metrics import mutual_info_score
 
 from mtl_dist.config import TaskSpec
-from mtl_dist.relations import discretise, task_relations
+from mtl_dist.tools.relations import discretise, task_relations
 
 TASKS = [
     TaskSpec("click", "binary", "click"),

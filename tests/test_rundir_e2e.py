@@ -29,7 +29,7 @@ STEPS = 40
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    from data_tools.synth import generate
+    from mtl_dist.data.synth import generate
 
     out = tmp_path_factory.mktemp("rundir-data")
     generate(out, train_rows=40_000, val_rows=4_000, files=2, row_group_size=4096, verbose=False)
@@ -146,7 +146,7 @@ def test_latest_empty_missing_file_or_corrupt_shard_falls_back_to_the_newest_ver
     assert f"skipping step_00000030: {shard.name} does not match its digest" in proc.stdout
     assert f"[resume] {root / 'step_00000020'} at step 20" in proc.stdout
     assert metrics(tmp_path)["metrics"] == metrics(reference)["metrics"]
-    from mtl_dist.export import export_checkpoint
+    from mtl_dist.serve.export import export_checkpoint
 
     _corrupt(sorted((root / "step_00000040").glob("*.distcp"))[0])
     with pytest.raises(ValueError, match="cannot be exported: __0_0.distcp does not match"):
@@ -172,7 +172,7 @@ def test_fresh_start_moves_old_checkpoints_aside_and_prunes_only_its_own(data, t
     # this run kept its own two newest, and latest points at its last one
     assert sorted(p.name for p in root.glob("step_*")) == ["step_00000030", "step_00000040"]
     assert (root / "latest").read_text() == "step_00000040"
-    from mtl_dist.checkpoint import read_manifest, verify_checkpoint
+    from mtl_dist.checkpoint.store import read_manifest, verify_checkpoint
 
     runs = {read_manifest(p)["run_id"] for p in root.glob("step_*")}
     old = {read_manifest(p)["run_id"] for p in aside.glob("step_*")}

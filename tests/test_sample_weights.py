@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mtl_dist.losses import (
+from mtl_dist.loop.losses import (
     MIN_PROPENSITY,
     ctcvr_weights,
     escm2_dr_risk,

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from mtl_dist.config import SparseFeature, load_config
-from mtl_dist.export import build_unsharded
-from mtl_dist.serving import (
+from mtl_dist.serve.export import build_unsharded
+from mtl_dist.serve.program import (
     IdRemap,
     PooledEmbeddings,
     RowwiseInt8Bag,
@@ -111,17 +111,17 @@ def test_export_serves_the_newer_heads(head_args):
 def test_dcn_v2_model_exports_serves_and_scores_alike_and_attributes_input_features(
     tmp_path, output
 ):
-    """A dcn_v2 model: the exported program's scores equal ``mtl_dist.score``'s on the same rows,
+    """A dcn_v2 model: the exported program's scores equal ``mtl_dist.serve.score``'s on the same rows,
     and attribution ranks the 21 sparse + 12 dense input features, each with a gradient through
     the cross network (with ``replace`` the head sees nothing else)."""
     import pyarrow.parquet as pq
 
-    from mtl_dist.attribution import feature_attribution
     from mtl_dist.config import to_dict
     from mtl_dist.data.batch import ArrowBatchConverter
-    from mtl_dist.export import FORMAT
-    from mtl_dist.score import score
-    from mtl_dist.serving import inputs_from_batch
+    from mtl_dist.observe.attribution import feature_attribution
+    from mtl_dist.serve.export import FORMAT
+    from mtl_dist.serve.program import inputs_from_batch
+    from mtl_dist.serve.score import score
     from tests.models.test_ranker import random_table
 
     cfg = load_config(

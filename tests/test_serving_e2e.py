@@ -5,7 +5,7 @@ label, clicks downsampled — over a hashed integer id, a hashed string key, mul
 one dropping out-of-range ids, one clipping them) and a ``log1p`` regression task are exported
 as ``.pt2`` packages (the MMoE one compiled with AOTInductor too) and scored by
 ``examples/serve.py`` in a fresh virtual environment that holds torch, pyarrow and xxhash only:
-its predictions equal ``mtl_dist.score``'s. Row-wise int8 and fp16 tables keep the AUC.
+its predictions equal ``mtl_dist.serve.score``'s. Row-wise int8 and fp16 tables keep the AUC.
 """
 
 from __future__ import annotations
@@ -149,7 +149,7 @@ def client_python(tmp_path_factory):
 @pytest.fixture(scope="module")
 def runs(client_python, tmp_path_factory):
     """The four tiny runs (one process: one import of torch and TorchRec) and their data."""
-    from data_tools.synth import generate
+    from mtl_dist.data.synth import generate
 
     root = tmp_path_factory.mktemp("serving")
     generate(root / "data", train_rows=4096, val_rows=2048, files=1, val_files=1, verbose=False)
@@ -173,9 +173,9 @@ def runs(client_python, tmp_path_factory):
 
 
 def test_client_without_mtl_dist_reproduces_score(runs, client_python, tmp_path):
-    from mtl_dist.export import export_checkpoint, export_package
-    from mtl_dist.score import score
-    from mtl_dist.serving import build_served, example_inputs, load_package
+    from mtl_dist.serve.export import export_checkpoint, export_package
+    from mtl_dist.serve.program import build_served, example_inputs, load_package
+    from mtl_dist.serve.score import score
 
     val = runs / "data" / "val"
     jobs = []
@@ -195,7 +195,7 @@ def test_client_without_mtl_dist_reproduces_score(runs, client_python, tmp_path)
     jobs.append(("aoti", "mmoe"))
 
     # the programs take B = 1 and empty bags (no batch size is special), eager and compiled
-    from mtl_dist.export import load_checkpoint_model
+    from mtl_dist.serve.export import load_checkpoint_model
 
     cfg, model = load_checkpoint_model(mmoe)
     served = build_served(cfg, model)
@@ -282,8 +282,13 @@ def _archive(path: Path) -> dict[str, str]:
 def test_int8_and_fp16_tables_keep_the_auc(runs, tmp_path):
     """Row-wise int8 tables (a scale and bias per row) and fp16 ones: the AUC moves by at most
     0.003 and 0.001 on the validation set, and the tables shrink."""
-    from mtl_dist.export import export_package, load_checkpoint_model, table_bytes, table_check
-    from mtl_dist.serving import build_served
+    from mtl_dist.serve.export import (
+        export_package,
+        load_checkpoint_model,
+        table_bytes,
+        table_check,
+    )
+    from mtl_dist.serve.program import build_served
 
     report = export_package(
         runs / "mmoe" / "checkpoints" / "step_00000006",
@@ -324,9 +329,9 @@ def test_damaged_models_and_bad_client_inputs_stop_with_the_file_named(
     ``load_package`` and the client without mtl-dist each name the file (and the damaged
     member); the client names the file and column a feature is missing from, and serves uint64
     ids beyond int64 as training hashes them (equal to ``score``)."""
-    from mtl_dist.export import export_checkpoint, export_package, load_exported
-    from mtl_dist.score import score
-    from mtl_dist.serving import load_package, read_metadata
+    from mtl_dist.serve.export import export_checkpoint, export_package, load_exported
+    from mtl_dist.serve.program import load_package, read_metadata
+    from mtl_dist.serve.score import score
 
     ckpt = runs / "mmoe" / "checkpoints" / "step_00000006"
     export_checkpoint(ckpt, tmp_path / "model.pt")
@@ -340,7 +345,7 @@ def test_damaged_models_and_bad_client_inputs_stop_with_the_file_named(
         bad = _damaged(tmp_path / "model.pt", tmp_path / f"{how}.pt", how)
         with pytest.raises(ValueError, match=f"{re.escape(str(bad))}: .*{re.escape(says)}") as e:
             score(bad, str(val), tmp_path / f"{how}.scores.parquet", [], 1000)
-        assert "mtl_dist.export" in str(e.value)  # what writes a good one
+        assert "mtl_dist.serve.export" in str(e.value)  # what writes a good one
         assert not (tmp_path / f"{how}.scores.parquet").exists()
         bad2 = _damaged(tmp_path / "model.pt2", tmp_path / f"{how}.pt2", how)
         for reader in (load_package, read_metadata):
@@ -350,7 +355,7 @@ def test_damaged_models_and_bad_client_inputs_stop_with_the_file_named(
         load_exported(tmp_path / "model.pt2")
     # the CLI: a non-zero exit with the message, no traceback
     cli = subprocess.run(
-        [sys.executable, "-m", "mtl_dist.score", "--model", str(tmp_path / "zeros.pt"),
+        [sys.executable, "-m", "mtl_dist.serve.score", "--model", str(tmp_path / "zeros.pt"),
          "--data", str(val), "--out", str(tmp_path / "cli.parquet")],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )  # fmt: skip

@@ -18,8 +18,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
+from mtl_dist.checkpoint.rundir import FINISHED, record_finished, run_ended
 from mtl_dist.config import load_config
-from mtl_dist.rundir import FINISHED, record_finished, run_ended
 from tests.conftest import torchrun
 
 VAL_EVERY = 5
@@ -28,7 +28,7 @@ VAL_EVERY = 5
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     """8k training rows (15 steps per epoch at 2 x 256); validation with one conversion class."""
-    from data_tools.synth import generate
+    from mtl_dist.data.synth import generate
 
     out = tmp_path_factory.mktemp("stopped-data")
     generate(out, train_rows=8_000, val_rows=1_000, files=1, row_group_size=2048, verbose=False)

@@ -20,7 +20,7 @@ from tests.conftest import ROOT, torchrun
 def test_partitioned_string_logs_train_resume_export_and_score(tmp_path):
     logs = tmp_path / "logs"
     gen = subprocess.run(
-        [sys.executable, "-m", "data_tools.synth", "--out", str(logs), "--workload", "strings",
+        [sys.executable, "-m", "mtl_dist.data.synth", "--out", str(logs), "--workload", "strings",
          "--days", "3", "--train-rows", "40000", "--val-rows", "8000", "--files", "6"],
         cwd=ROOT, capture_output=True, text=True,
     )  # fmt: skip
@@ -48,9 +48,9 @@ def test_partitioned_string_logs_train_resume_export_and_score(tmp_path):
     assert m["metrics"]["click"]["auc"] > 0.6, m["metrics"]
     model, preds = tmp_path / "model.pt", tmp_path / "preds.parquet"
     cli = [sys.executable, "-m"]
-    subprocess.run([*cli, "mtl_dist.export", str(out / "checkpoints" / "latest"), str(model)],
+    subprocess.run([*cli, "mtl_dist.serve.export", str(out / "checkpoints" / "latest"), str(model)],
                    cwd=ROOT, check=True, capture_output=True)  # fmt: skip
-    subprocess.run([*cli, "mtl_dist.score", "--model", str(model),
+    subprocess.run([*cli, "mtl_dist.serve.score", "--model", str(model),
                     "--data", str(logs / "dt=2026-11-04"), "--out", str(preds),
                     "--keep", "click,user_id"], cwd=ROOT, check=True, capture_output=True)  # fmt: skip
     t = pq.read_table(preds)

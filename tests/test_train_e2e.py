@@ -255,9 +255,9 @@ def test_every_interaction_trains_sharded_under_torchrun(synth_data, tmp_path, a
     the model learns, and attribution still ranks the 21 sparse + 12 dense input features."""
     import torch
 
-    from mtl_dist.checkpoint import resolve_checkpoint
+    from mtl_dist.checkpoint.store import resolve_checkpoint
     from mtl_dist.config import load_config
-    from mtl_dist.export import build_unsharded, load_checkpoint_model
+    from mtl_dist.serve.export import build_unsharded, load_checkpoint_model
 
     result, _ = train(
         synth_data, tmp_path, *args, "--train.max_steps", "200", "--train.batch_size", "256",

@@ -5,12 +5,12 @@ The weights that drive training are identical on every rank: learnable ones are 
 parameters (averaged by DDP); rule-based ones are computed from all-reduced statistics.
 
 In training each balancer also gets ``labelled [R, T]`` — the rows with a label per rank and
-task in this step, identical on every rank (see :class:`mtl_dist.guard.StepCheck`) — and
+task in this step, identical on every rank (see :class:`mtl_dist.loop.guard.StepCheck`) — and
 ``finite`` (every rank's losses are finite). A task without a labelled row on any rank, and
 every task in a non-finite step, leaves the balancer's state exactly as it was: no log-variance
 drift, no GradNorm step, no DWA period statistic. Weights stay finite and > 0.
 
-By cost (``python -m mtl_dist.bench.balancing`` measures each against ``fixed``):
+By cost (``python -m mtl_dist.tools.bench.balancing`` measures each against ``fixed``):
 
 * loss-only, rules (``loss_only.py``): :class:`FixedWeights` (``tasks[].weight``),
   :class:`DynamicWeightAverage` (Liu, Johns & Davison, CVPR 2019), :class:`RandomLossWeighting`

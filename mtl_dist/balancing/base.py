@@ -3,25 +3,11 @@
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
+from mtl_dist.distributed.collectives import all_mean, all_sum
 
-def all_mean(x: torch.Tensor) -> torch.Tensor:
-    """The mean of ``x`` over ranks (``x`` itself without a process group); a new tensor."""
-    x = x.detach().clone()
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(x)  # SUM: gloo has no AVG
-        x /= dist.get_world_size()
-    return x
-
-
-def all_sum(x: torch.Tensor) -> torch.Tensor:
-    """The sum of ``x`` over ranks (``x`` itself without a process group); a new tensor."""
-    x = x.detach().clone()
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(x)
-    return x
+__all__ = ["all_mean", "all_sum"]  # (re-exported: the balancers' reductions)
 
 
 def present_tasks(labelled: torch.Tensor | None, losses: torch.Tensor) -> torch.Tensor:

@@ -26,8 +26,8 @@ from torchrec.optim import RowWiseAdagrad
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
 from mtl_dist.config import OptimConfig, ShardingConfig
+from mtl_dist.distributed.fbgemm_cpu import install_cpu_eviction_reset
 from mtl_dist.distributed.setup import DistInfo
-from mtl_dist.models.collision import install_cpu_eviction_reset
 
 
 class ConfiguredEBCSharder(EmbeddingBagCollectionSharder):

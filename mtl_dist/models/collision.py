@@ -10,8 +10,8 @@ optimizer state) are reset to zero (an admitted id starts from a zero embedding)
 serving the raw ids ``id mod world_size`` routes to it, with its own miss row (the block's last).
 
 On CPU, fbgemm 1.8 lacks the kernel that resets an evicted row (``fbgemm::reset_weight_momentum``);
-:func:`install_cpu_eviction_reset` supplies it for CPU tables (plain tensor writes), so CPU
-training needs no CUDA.
+:func:`mtl_dist.distributed.fbgemm_cpu.install_cpu_eviction_reset` supplies it for CPU tables
+(plain tensor writes; applied when the model is sharded), so CPU training needs no CUDA.
 """
 
 from __future__ import annotations
@@ -140,33 +140,3 @@ def restore_history(model: nn.Module, state: dict[str, Any] | None) -> None:
             m.register_buffer(f"_history_{key}", buf, persistent=False)
             m._history_metadata[key] = buf
         m._current_history_buffer_offset = ids.numel()
-
-
-def install_cpu_eviction_reset() -> None:
-    """Give fbgemm's CPU tables the eviction reset TorchRec calls (``reset_weight_momentum`` has
-    no CPU kernel in fbgemm-gpu-cpu 1.8): zero the evicted rows and their optimizer state, which
-    TorchRec then re-initialises. CUDA tables keep fbgemm's kernel. Idempotent."""
-    from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
-        SplitTableBatchedEmbeddingBagsCodegen as TBE,
-    )
-
-    if getattr(TBE.reset_embedding_weight_momentum, "_mtl_dist_cpu", False):
-        return
-    fbgemm_reset = TBE.reset_embedding_weight_momentum
-
-    def reset(self, pruned_indices, pruned_indices_offsets, logical_table_ids, buffer_ids):
-        if self.current_device.type != "cpu":
-            return fbgemm_reset(
-                self, pruned_indices, pruned_indices_offsets, logical_table_ids, buffer_ids
-            )
-        with torch.no_grad():
-            tables = logical_table_ids.reshape(-1).tolist()
-            bounds = pruned_indices_offsets.reshape(-1).tolist()
-            for i, t in enumerate(tables):
-                rows = pruned_indices[bounds[i] : bounds[i + 1]].long()
-                self.split_embedding_weights()[t][rows] = 0.0
-                for state in self.split_optimizer_states()[t]:
-                    state[rows] = 0.0
-
-    reset._mtl_dist_cpu = True  # type: ignore[attr-defined]
-    TBE.reset_embedding_weight_momentum = reset

@@ -261,3 +261,17 @@ def fused_first_layer(x: torch.Tensor, mlps: list[StackedMLP]) -> list[torch.Ten
     y = torch.addmm(torch.cat(bs), x, torch.cat(ws, 1))
     out = iter(y.split([w.shape[1] for w in ws], 1))
     return [None if m.feature_gated else next(out) for m in mlps]
+
+
+def dead_units(h: torch.Tensor, groups: torch.Tensor | None = None, num: int = 0) -> torch.Tensor:
+    """Per expert, the share of its output units (after ReLU) that are 0 on every row: ``[G]``.
+
+    ``h``: the experts' outputs ``[G, B, H]``, or ``[N, H]`` rows with their expert ``groups``
+    ``[N]`` (sparse dispatch; ``num`` experts, NaN for one that got no row).
+    """
+    h = h.detach()  # after ReLU, >= 0: a unit is alive where its max over the rows is > 0
+    if groups is None:
+        return 1.0 - (h.amax(1) > 0).float().mean(-1)  # amax: 10x faster than (h > 0).any
+    alive = h.new_zeros(num, h.shape[1]).index_reduce_(0, groups, h, "amax") > 0
+    rows = torch.bincount(groups, minlength=num)
+    return torch.where(rows > 0, 1.0 - alive.float().mean(-1), torch.nan)

@@ -14,7 +14,7 @@ from torch import nn
 
 from mtl_dist.models.experts import PLAIN_EXPERTS, ExpertStyle, StackedMLP
 from mtl_dist.models.heads import ExpertWatch, Towers
-from mtl_dist.precision import in_precision
+from mtl_dist.models.precision import in_precision
 
 
 class AITM(ExpertWatch, nn.Module):

@@ -6,11 +6,11 @@ gate weights of the last forward are kept in ``head.last_gates`` (``{name: [B, E
 monitoring, at no extra cost; ``head.gate_experts`` maps each gate to its expert set and the
 set's expert ids it mixes (``{name: (set, [ids])}``), and ``head.shared_parameters()`` are the
 parameters every task trains (for the gradient-conflict probe). ``head.compute_dtype`` (see
-:func:`mtl_dist.precision.set_head_precision`) runs the head under autocast; outputs and aux
+:func:`mtl_dist.loop.precision.set_head_precision`) runs the head under autocast; outputs and aux
 come back float32. Set ``head.watch_experts`` and
 the next training forward keeps, per expert set, the share of each expert's output units that
 are 0 on the whole batch (``head.last_dead``: ``{set: [E]}``, see
-:func:`mtl_dist.gate_health.dead_units`) — from the activations it computes anyway.
+:func:`mtl_dist.models.experts.dead_units`) — from the activations it computes anyway.
 
 Heads: :class:`SharedBottom`, :class:`MoE` (MMoE, or OMoE with one shared gate), :class:`PLE`
 (CGC with one level) and :class:`STEM`. SharedBottom and MoE take other ``towers`` (DBMTL's
@@ -23,10 +23,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mtl_dist.gate_health import dead_units
-from mtl_dist.models.experts import PLAIN_EXPERTS, ExpertStyle, StackedMLP, fused_first_layer
+from mtl_dist.models.experts import (
+    PLAIN_EXPERTS,
+    ExpertStyle,
+    StackedMLP,
+    dead_units,
+    fused_first_layer,
+)
 from mtl_dist.models.gates import GateConfig, Gates, SelfGates
-from mtl_dist.precision import in_precision
+from mtl_dist.models.precision import in_precision
 
 
 def _aux_names(cfg: GateConfig) -> list[str]:

@@ -198,7 +198,7 @@ class Interaction(nn.Module):
     """The interaction stage: ``x [B, Din]`` → ``[x, op(x)]`` (concat, ``[B, Din + Dx]``) or
     ``op(x)`` (replace, ``[B, Dx]``).
 
-    ``compute_dtype`` (set like the head's, :func:`mtl_dist.precision.set_head_precision`) runs
+    ``compute_dtype`` (set like the head's, :func:`mtl_dist.loop.precision.set_head_precision`) runs
     ``op`` under autocast; the result comes back float32.
 
     Args:

@@ -20,7 +20,7 @@ from torch import nn
 
 from mtl_dist.models.experts import ACTIVATIONS, PLAIN_EXPERTS, ExpertStyle, StackedMLP
 from mtl_dist.models.heads import ExpertWatch
-from mtl_dist.precision import in_precision
+from mtl_dist.models.precision import in_precision
 
 
 class GateNU(nn.Module):

@@ -19,7 +19,6 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from mtl_dist.config import JobConfig, ModelConfig, SparseFeature, task_parents
 from mtl_dist.data.batch import Batch
-from mtl_dist.guard import GradGate
 from mtl_dist.models.collision import managed_ebc, managed_rows
 from mtl_dist.models.dependent import DependentTowers
 from mtl_dist.models.experts import ExpertStyle
@@ -76,7 +75,7 @@ class Ranker(nn.Module):
             :class:`~mtl_dist.models.interaction.FeatureDropout`); None: the identity.
         embedding_l2: λ of the L2 penalty on the looked-up rows: a training forward leaves
             ``embedding_penalty = λ/2 · mean_b ||pooled_b||²`` (0-dim; None otherwise), which
-            :class:`~mtl_dist.losses.ModelWithLoss` adds to the loss. Taken after the
+            :class:`~mtl_dist.loop.losses.ModelWithLoss` adds to the loss. Taken after the
             gradient gate, so a skipped step (or fp16's loss scale) treats it as the task losses.
 
     Example::
@@ -121,9 +120,10 @@ class Ranker(nn.Module):
         )
         self.embedding_l2 = embedding_l2
         self.embedding_penalty: torch.Tensor | None = None
-        # drops the gradient into the tables (and the dense input) of a step whose update the
-        # non-finite guard closed: the fused embedding optimizers update inside backward
-        self.grad_gate = GradGate()
+        # the head's input, where the trainer applies its update gate from outside
+        # (:func:`mtl_dist.loop.guard.apply_update_gate`: drops the gradient into the tables of a
+        # step whose update the non-finite guard closed); the identity in a plain model
+        self.grad_gate: nn.Module = nn.Identity()
         self.dense_names = [f"dense_{i}" for i in range(num_dense)]
         self.keep_input = False  # set to keep the head's input of the next forward (attribution)
         # ESCM2-DR (``model.escm2_dr``): a tower [B, Din] → [B, 1] imputing each exposure's

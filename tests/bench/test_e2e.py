@@ -7,9 +7,9 @@ import math
 
 import pytest
 
-from mtl_dist.bench import e2e
-from mtl_dist.bench.peers import peers_installed
-from mtl_dist.profiling import PHASES
+from mtl_dist.observe.profiling import PHASES
+from mtl_dist.tools.bench import e2e
+from mtl_dist.tools.bench.peers import peers_installed
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +89,7 @@ def test_an_undefined_auc_is_printed_as_undefined_and_a_nan_refused():
 
     import pytest
 
-    from mtl_dist.bench.e2e import TASKS, check_finite, markdown, with_ratios
+    from mtl_dist.tools.bench.e2e import TASKS, check_finite, markdown, with_ratios
 
     row = {
         "system": "mtl-dist", "precision": "fp32", "layout": "1x2", "procs": 1, "threads": 2,

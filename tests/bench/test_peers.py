@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from mtl_dist.bench.peers import PEERS, peers_installed, run_peer
+from mtl_dist.tools.bench.peers import PEERS, peers_installed, run_peer
 
 TRAIN_ROWS, VAL_ROWS = 60_000, 5_000
 MIN_AUC = 0.6
@@ -21,7 +21,7 @@ MIN_AUC = 0.6
 
 @pytest.fixture(scope="module")
 def peers_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from data_tools.synth import generate
+    from mtl_dist.data.synth import generate
 
     out = tmp_path_factory.mktemp("peers")
     generate(

@@ -7,8 +7,8 @@ import math
 
 import pytest
 
-from mtl_dist.bench import quality
-from mtl_dist.bench.peers import peers_installed
+from mtl_dist.tools.bench import quality
+from mtl_dist.tools.bench.peers import peers_installed
 
 TASKS = ("click", "purchase")
 

@@ -9,7 +9,7 @@ import torch
 from mtl_dist.config import SparseFeature, TaskSpec
 from mtl_dist.data.batch import ArrowBatchConverter
 from mtl_dist.data.reader import ParquetBatchReader
-from mtl_dist.losses import task_losses
+from mtl_dist.loop.losses import task_losses
 
 SPARSE = [SparseFeature(name="item", vocab_size=10)]
 

@@ -22,7 +22,7 @@ from mtl_dist.config import SHARDING_TYPES, JobConfig, SparseFeature, TaskSpec
 from mtl_dist.data.batch import ArrowBatchConverter
 from mtl_dist.distributed.setup import init_distributed
 from mtl_dist.distributed.sharding import shard_model
-from mtl_dist.losses import ModelWithLoss
+from mtl_dist.loop.losses import ModelWithLoss
 from mtl_dist.models.ranker import build_ranker
 
 TYPES = SHARDING_TYPES

@@ -16,7 +16,7 @@ from torchrec.distributed.types import ShardedTensor
 
 from mtl_dist.distributed.setup import init_distributed
 from mtl_dist.distributed.sharding import shard_model
-from mtl_dist.losses import ModelWithLoss
+from mtl_dist.loop.losses import ModelWithLoss
 from mtl_dist.models.ranker import build_ranker
 from tests.distributed.sharding_worker import copy_state_dict, make_batch, make_cfg
 

@@ -10,7 +10,7 @@ from tests.conftest import ROOT
 
 
 def mtl_plan(*args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "mtl_dist.plan", "--config", "configs/default.toml", *args]
+    cmd = [sys.executable, "-m", "mtl_dist.tools.plan", "--config", "configs/default.toml", *args]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 

@@ -24,9 +24,9 @@ SMALL = [
 def submit(
     slurm, synth_data, out: Path, *flags: str, steps: int = 30, train: tuple[str, ...] = ()
 ) -> str:
-    """``python -m mtl_dist.submit ...`` (sbatch from the test's Slurm); returns the job id."""
+    """``python -m mtl_dist.tools.submit ...`` (sbatch from the test's Slurm); returns the job id."""
     cmd = [
-        sys.executable, "-m", "mtl_dist.submit", "--config", "configs/default.toml",
+        sys.executable, "-m", "mtl_dist.tools.submit", "--config", "configs/default.toml",
         "--output-dir", str(out), "--workdir", str(ROOT), "--nproc-per-node", "2", *flags, "--",
         "--data.train_path", str(synth_data / "train"), "--data.val_path", str(synth_data / "val"),
         "--train.max_steps", str(steps), *SMALL, *train,

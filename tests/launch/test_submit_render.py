@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from mtl_dist.submit import SubmitSpec, expand_sweep, render
+from mtl_dist.tools.submit import SubmitSpec, expand_sweep, render
 from tests.conftest import ROOT
 
 
 def dry_run(*args: str) -> str:
-    cmd = [sys.executable, "-m", "mtl_dist.submit", "--dry-run", *args]
+    cmd = [sys.executable, "-m", "mtl_dist.tools.submit", "--dry-run", *args]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout

@@ -11,11 +11,11 @@ import xxhash
 from torchrec.modules.mc_modules import LFU_EvictionPolicy, MCHManagedCollisionModule
 from torchrec.sparse.jagged_tensor import JaggedTensor
 
-from mtl_dist.bench.hashing import sized_config
 from mtl_dist.config import ConfigError, SparseFeature, load_config
 from mtl_dist.data.batch import ArrowBatchConverter
 from mtl_dist.data.ids import RAW_ID_SPACE
 from mtl_dist.models.collision import managed_rows
+from mtl_dist.tools.bench.hashing import sized_config
 from tests.conftest import ROOT
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mtl_dist.losses import ctcvr_weights, esmm_ctcvr_loss
+from mtl_dist.loop.losses import ctcvr_weights, esmm_ctcvr_loss
 from mtl_dist.models.gates import GateConfig, Gates, expert_dropout
 from mtl_dist.models.heads import PLE, MoE, SharedBottom
 from tests.models.test_experts import loop_mlp
@@ -210,7 +210,7 @@ def test_esmm_clicked_row_with_unknown_conversion_has_no_ctcvr_weight():
     is a known negative whatever its conversion column says."""
     from mtl_dist.config import TaskSpec
     from mtl_dist.data.batch import ArrowBatchConverter
-    from mtl_dist.losses import ModelWithLoss
+    from mtl_dist.loop.losses import ModelWithLoss
 
     tasks = [TaskSpec(name="click", label="click"),
              TaskSpec(name="conversion", label="conversion", condition="click")]  # fmt: skip

@@ -245,7 +245,7 @@ def test_embedding_l2_penalty_is_added_to_the_training_loss_only():
     """λ/2 · mean over samples of Σ_f ||pooled_f||², added by ModelWithLoss in training; the
     attribution path and eval see no penalty."""
     from mtl_dist.data.batch import ArrowBatchConverter
-    from mtl_dist.losses import ModelWithLoss
+    from mtl_dist.loop.losses import ModelWithLoss
     from mtl_dist.models.ranker import build_ranker
     from tests.models.test_ranker import random_table
 
@@ -271,7 +271,7 @@ def test_embedding_l2_penalty_is_added_to_the_training_loss_only():
 
 
 def test_reduced_precision_runs_the_interaction_under_autocast_and_returns_float32():
-    from mtl_dist.precision import Precision, set_head_precision
+    from mtl_dist.loop.precision import Precision, set_head_precision
 
     stage, _ = build_interaction(model_cfg("dcn_v2"), WIDTHS, NUM_DENSE)
     ref = stage(X)

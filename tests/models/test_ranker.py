@@ -5,7 +5,7 @@ import torch
 
 from mtl_dist.config import load_config
 from mtl_dist.data.batch import ArrowBatchConverter
-from mtl_dist.losses import ModelWithLoss, task_losses
+from mtl_dist.loop.losses import ModelWithLoss, task_losses
 from mtl_dist.models.ranker import build_ranker
 
 

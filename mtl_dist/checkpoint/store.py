@@ -40,12 +40,13 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import xxhash
 from torch.distributed.checkpoint.api import CheckpointException
 
 from mtl_dist.config import JobConfig, ModelConfig, SparseFeature, TaskSpec, to_dict
+from mtl_dist.distributed import collectives
+from mtl_dist.distributed.collectives import barrier, gather_objects, is_main
 from mtl_dist.models.collision import history_state, restore_history
 
 SCHEMA_KEYS = ("features", "tasks", "model")  # what must match for weights to load
@@ -179,23 +180,6 @@ def _tuple(x: Any) -> Any:
     return tuple(_tuple(v) for v in x) if isinstance(x, list) else x
 
 
-def _gather(obj: Any) -> list[Any]:
-    if not dist.is_initialized():
-        return [obj]
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def _is_main() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
 def save_checkpoint(
     root: Path,
     step: int,
@@ -216,28 +200,28 @@ def save_checkpoint(
     """
     name = f"step_{step:08d}"
     final, partial = root / name, root / f"{name}.partial"
-    if _is_main():
+    if is_main():
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
-    _barrier()
+    barrier()
     try:
         dcp.save(
             {"model": model.state_dict(), "optim": optimizer.state_dict()}, checkpoint_id=partial
         )
-        ranks = _gather(
+        ranks = gather_objects(
             {"rng": rng_state(), "reader": reader_position, "collision": history_state(model)}
         )
-        if _is_main():
+        if is_main():
             extra = {"step": step, "epoch": epoch, "config": to_dict(cfg), "ranks": ranks,
                      "loop": loop_state or {}}  # fmt: skip
             torch.save(extra, partial / "extra.pt")
-        _barrier()
+        barrier()
         # every rank digests its share of the files (in parallel), rank 0 writes the manifest
         names = sorted(p.name for p in partial.iterdir() if p.is_file())
         rank, world = _rank_world()
         mine = {n: _describe(partial / n) for i, n in enumerate(names) if i % world == rank}
-        files = {k: v for part in _gather(mine) for k, v in part.items()}
-        if _is_main():
+        files = {k: v for part in gather_objects(mine) for k, v in part.items()}
+        if is_main():
             manifest = {
                 "format": MANIFEST_FORMAT, "run_id": run_id, "step": step, "epoch": epoch,
                 "world_size": world, "table_dtype": cfg.embedding.data_type,
@@ -245,16 +229,16 @@ def save_checkpoint(
             }  # fmt: skip
             _write_synced(partial / MANIFEST, json.dumps(manifest, indent=1))
     except (Exception, CheckpointException) as e:  # DCP's is a BaseException
-        if _is_main():
+        if is_main():
             shutil.rmtree(partial, ignore_errors=True)
         raise _explain_save_failure(e, root, step) from e
-    if _is_main():
+    if is_main():
         crash_point("before_commit", step)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(partial, final)
         point(root, name, "latest")
         prune(root, run_id, keep)
-    _barrier()
+    barrier()
     return final
 
 
@@ -278,9 +262,7 @@ def _write_synced(path: Path, text: str) -> None:
 
 
 def _rank_world() -> tuple[int, int]:
-    if not dist.is_initialized():
-        return 0, 1
-    return dist.get_rank(), dist.get_world_size()
+    return collectives.rank(), collectives.world_size()
 
 
 def _is_enospc(e: BaseException) -> bool:
@@ -436,7 +418,7 @@ def load_checkpoint(
         raise ValueError(
             f"checkpoint {path} lacks model state {[k for k in missing if k.startswith('model.')][:5]}"
         )
-    if missing and _is_main():  # a table that moved between data-parallel and sharded
+    if missing and is_main():  # a table that moved between data-parallel and sharded
         tables = sorted({k.split(".weight.")[0].rsplit(".", 1)[-1] for k in missing})
         print(f"[resume] optimizer state starts afresh for {len(missing)} entries ({tables}): "
               "their tables changed between data-parallel and sharded in the new plan")  # fmt: skip
@@ -444,8 +426,7 @@ def load_checkpoint(
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optim"])
     ranks = extra["ranks"]
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank, world = collectives.rank(), collectives.world_size()
     if len(ranks) == world:
         set_rng_state(ranks[rank]["rng"])
     restore_history(model, ranks[rank].get("collision") if len(ranks) == world else None)

@@ -1,0 +1,400 @@
+"""Per-task losses with label masks, and the model-with-loss that trainers call.
+
+Binary tasks: BCE on logits; regression tasks: MSE. The mask is each row's weight for a task:
+a missing label (mask 0) contributes nothing, a task with no label in the batch contributes 0,
+not NaN, and sample weights make the mean a weighted one: every loss here is ``Σ w·loss / Σ w``
+over its rows (see :func:`weighted_mean`), so scaling every weight by the same factor changes
+neither the loss nor its gradient.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mtl_dist.balancing import all_mean, build_balancer
+from mtl_dist.config import JobConfig, LossConfig, TaskSpec
+from mtl_dist.data.batch import Batch
+from mtl_dist.loop import preempt
+from mtl_dist.loop.guard import StepCheck, UpdateGate, UpdateSwitch, apply_update_gate
+
+
+def weighted_mean(total: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``total / weight`` (any equal shapes: ``Σ w·loss`` over the rows and ``Σ w``), and 0
+    where ``weight == 0`` (no labelled row, or every weight 0): not NaN, and with a zero, finite
+    gradient — ``total`` is then a sum of zero-weighted terms, divided by 1. Only the zero is
+    guarded: a small ``Σ w`` (normalised weights) is divided by as it is, so the mean does not
+    depend on the weights' scale."""
+    return total / torch.where(weight != 0, weight, torch.ones_like(weight))
+
+
+def task_losses(
+    outputs: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, is_binary: torch.Tensor
+) -> torch.Tensor:
+    """Weighted mean loss per task: ``Σ_i m_it · loss_it / Σ_i m_it`` (0 where ``Σ_i m_it = 0``,
+    see :func:`weighted_mean`).
+
+    Args:
+        outputs: ``[B, T]`` logits (binary tasks) or values (regression tasks).
+        labels: ``[B, T]``.
+        mask: ``[B, T]`` each row's weight for each task: 0 for a missing label, else its
+            sample weight (1 without weights); only ratios matter, not the scale.
+        is_binary: ``[T]`` bool.
+
+    Returns:
+        ``[T]`` losses.
+    """
+    bce = F.binary_cross_entropy_with_logits(outputs, labels, reduction="none")
+    mse = (outputs - labels).square()
+    per_row = torch.where(is_binary, bce, mse) * mask
+    return weighted_mean(per_row.sum(0), mask.sum(0))
+
+
+def esmm_ctcvr_loss(
+    ctr_logit: torch.Tensor, cvr_logit: torch.Tensor, ctcvr_label: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """ESMM (Ma et al., SIGIR 2018): BCE of pCTCVR = pCTR × pCVR against click∧conversion.
+
+    Computed on every exposure whose click∧conversion is known (``mask``: each row's weight, see
+    :func:`ctcvr_weights`), so pCVR is learnt over the entire space without a direct loss on the
+    clicked-only rows: ``Σ_i m_i · BCE_i / Σ_i m_i`` (0 where ``Σ m = 0``, see
+    :func:`weighted_mean`). Log-space for stability. ``[B]`` each → scalar.
+    """
+    log_p = F.logsigmoid(ctr_logit) + F.logsigmoid(cvr_logit)
+    log_not_p = torch.log1p(-torch.exp(log_p).clamp(max=1 - 1e-7))
+    per_row = -(ctcvr_label * log_p + (1 - ctcvr_label) * log_not_p) * mask
+    return weighted_mean(per_row.sum(), mask.sum())
+
+
+MIN_PROPENSITY = 0.05  # ESCM2's IPS: pCTR below this counts as this (bounded weights)
+
+
+def escm2_ips_risk(
+    ctr_logit: torch.Tensor,
+    cvr_logit: torch.Tensor,
+    conversion: torch.Tensor,
+    exposure_mask: torch.Tensor,
+    observed: torch.Tensor,
+) -> torch.Tensor:
+    """ESCM2's counterfactual CVR risk, IPS form (Wang et al., "ESCM²: Entire Space
+    Counterfactual Multi-Task Model for Post-Click Conversion Rate Estimation", SIGIR 2022):
+    ``Σ_i m_i · o_i · BCE(r_i, pCVR_i) / p̂_i / Σ_i m_i`` over the exposures (``exposure_mask``
+    m: the CTR task's weights, sample weights included), where ``o_i`` marks a clicked row whose
+    conversion ``r_i`` was observed (``observed``: the CVR task's mask, read as ``> 0`` only) and
+    the propensity ``p̂_i = pCTR_i`` (no gradient through it; at least :data:`MIN_PROPENSITY`):
+    the clicked rows reweighted to stand for every exposure, an unbiased estimate of the CVR
+    loss over the entire space. The denominator is the weighted exposure count ``Σ_i m_i``
+    (0 where it is 0, see :func:`weighted_mean`). ``[B]`` each → scalar.
+    """
+    bce = F.binary_cross_entropy_with_logits(cvr_logit, conversion, reduction="none")
+    propensity = torch.sigmoid(ctr_logit).detach().clamp_min(MIN_PROPENSITY)
+    per_row = exposure_mask * (observed > 0).to(bce.dtype) * bce / propensity
+    return weighted_mean(per_row.sum(), exposure_mask.sum())
+
+
+def escm2_dr_risk(
+    ctr_logit: torch.Tensor,
+    cvr_logit: torch.Tensor,
+    imputed_logit: torch.Tensor,
+    conversion: torch.Tensor,
+    exposure_mask: torch.Tensor,
+    observed: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """ESCM2's counterfactual CVR risk, doubly robust (DR) form (Wang et al., SIGIR 2022, after
+    Wang et al., "Doubly Robust Joint Learning for Recommendation on Data Missing Not at
+    Random", ICML 2019), and the imputation tower's loss. ``[B]`` each → two scalars.
+
+    The imputation tower predicts a conversion ``r̃_i = σ(imputed_logit_i)`` for every exposure;
+    its imputed error is ``ê_i = BCE(r̃_i, pCVR_i)`` (r̃ without gradient: the error the CVR
+    model would make against the pseudo-label). With the observed error ``e_i = BCE(r_i,
+    pCVR_i)`` on clicked rows whose conversion is known (``o_i``) and the propensity ``p̂_i =
+    max(pCTR_i, MIN_PROPENSITY)`` (no gradient):
+
+    * risk ``R_DR = Σ_i m_i [ê_i + o_i (e_i − ê_i) / p̂_i] / Σ_i m_i`` over the exposures
+      (``exposure_mask`` m: the CTR task's weights, sample weights included): unbiased when
+      either the propensity or the imputation is right; it trains the CVR tower on every
+      exposure, unclicked ones through ``ê``;
+    * imputation loss ``Σ_i m_i o_i (e_i − ê'_i)² / p̂_i / Σ_i m_i`` with ``ê'`` from the CVR
+      logits without gradient: it trains the imputation tower only, to predict the CVR
+      model's error where it is observed, reweighted to the entire space.
+
+    Both divide by the weighted exposure count ``Σ_i m_i`` and are 0 where it is 0 (see
+    :func:`weighted_mean`); ``observed`` (the CVR task's mask) is read as ``> 0`` only.
+    """
+    bce = F.binary_cross_entropy_with_logits
+    propensity = torch.sigmoid(ctr_logit).detach().clamp_min(MIN_PROPENSITY)
+    o = exposure_mask * (observed > 0).to(cvr_logit.dtype)
+    error = bce(cvr_logit, conversion, reduction="none")  # e_i (read on observed rows only)
+    imputed = bce(cvr_logit, torch.sigmoid(imputed_logit).detach(), reduction="none")  # ê_i
+    per_row = exposure_mask * imputed + o * (error - imputed) / propensity
+    total = exposure_mask.sum()  # Σ_i m_i: the weighted exposure count
+    fit = bce(cvr_logit.detach(), torch.sigmoid(imputed_logit), reduction="none")  # ê'_i
+    imputation = weighted_mean((o * (error.detach() - fit).square() / propensity).sum(), total)
+    return weighted_mean(per_row.sum(), total), imputation
+
+
+def ctcvr_weights(
+    ctr_label: torch.Tensor, ctr_mask: torch.Tensor, cvr_mask: torch.Tensor
+) -> torch.Tensor:
+    """Each row's weight ``[B]`` in ESMM's CTCVR term: the CTR task's weight where the row's
+    click∧conversion label is known, else 0, and clicked rows with a known conversion scaled up
+    to stand for the batch's clicked rows whose conversion is unknown.
+
+    Known: an unclicked row (CTCVR 0 whatever its conversion) or a clicked row whose conversion
+    was observed (``cvr_mask > 0``, the CVR task's mask before any downsampling). A clicked row
+    with an unknown conversion (null, e.g. not attributed yet) carries no CTCVR label — reading
+    it as 0 would train it as a negative and pull pCVR down.
+
+    Dropping those rows alone would bias the CTCVR sample: it would hold a share ``q`` of the
+    clicked rows (``q`` = known clicked weight / clicked weight) but every unclicked row, so
+    pCTR × pCVR would fit a click rate too low and pCVR would come out ≈ ``q / (1 − c + c·q)``
+    times too small (``c`` the click rate). With conversions missing at random among clicked
+    rows, each known clicked row is weighted ``1 / q̂``, ``q̂`` this batch's share (from the
+    labels and masks, no gradient): ``Σ_{known clicked} m / q̂ = Σ_{clicked} m``, so the
+    weighted CTCVR sample has the batch's click share and ``Σ m·BCE`` is an unbiased estimate
+    of the full-label one (given how many conversions are known, the known ones are a uniform
+    subset of the clicked rows). Per batch, not a running estimate: no state to checkpoint or
+    synchronise, and it follows a missing share that drifts through the data (attribution
+    delay). A batch with clicked rows but no known conversion among them keeps weight 0 on them
+    (``q̂ = 0``: the factor stays 1, every weight finite).
+    """
+    clicked = ctr_label != 0
+    weight = ctr_mask * ((~clicked) | (cvr_mask > 0)).to(ctr_mask.dtype)
+    clicked_weight = torch.where(clicked, ctr_mask, torch.zeros_like(ctr_mask)).sum()
+    known_weight = torch.where(clicked, weight, torch.zeros_like(weight)).sum()
+    scale = torch.where(
+        known_weight > 0, clicked_weight / torch.where(known_weight > 0, known_weight, 1.0), 1.0
+    ).detach()  # 1 / q̂
+    return torch.where(clicked, weight * scale, weight)
+
+
+def predictions(
+    outputs: torch.Tensor, is_binary: torch.Tensor, negative_rate: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Probabilities for binary tasks, values for regression: ``[B, T]``.
+
+    A task trained with its negatives kept at rate r predicts p on the sampled scale; the
+    true-scale probability is ``p / (p + (1 − p) / r)`` (``negative_rate`` ``[T]``, 1 = none).
+    """
+    p = torch.sigmoid(outputs)
+    if negative_rate is not None:
+        p = p / (p + (1 - p) / negative_rate)
+    return torch.where(is_binary, p, outputs)
+
+
+def task_predictions(
+    outputs: torch.Tensor,
+    is_binary: torch.Tensor,
+    negative_rate: torch.Tensor | None = None,
+    ctcvr: tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """:func:`predictions` ``[B, T]``, and with ``ctcvr = (ctr, cvr)`` task indices (ESMM on a
+    CTCVR label) the CVR column replaced by pCTR × pCVR. Shared by scoring and the served
+    program (:mod:`mtl_dist.serve.program`), so both compute the same numbers."""
+    preds = predictions(outputs, is_binary, negative_rate)
+    if ctcvr is not None:
+        c, v = ctcvr
+        product = preds[:, c] * preds[:, v]
+        preds = torch.cat([preds[:, :v], product.unsqueeze(1), preds[:, v + 1 :]], 1)
+    return preds
+
+
+def downsample_negatives(
+    labels: torch.Tensor, mask: torch.Tensor, negative_rate: torch.Tensor
+) -> torch.Tensor:
+    """Training mask ``[B, T]`` keeping each task's negatives (label 0) with its rate ``[T]``.
+
+    Per task, not per row: a click negative dropped from the click loss still trains the
+    other tasks. Draws from the global RNG (seeded; part of a checkpoint's RNG state).
+    """
+    keep = (labels > 0) | (torch.rand_like(mask) < negative_rate)
+    return mask * keep
+
+
+@dataclass
+class StepOutput:
+    """What a train / eval step returns besides the loss (all detached).
+
+    losses ``[T]`` (task losses, unweighted; the CVR task's is the CTCVR loss under ESMM);
+    weights ``[T]`` (the balancer's task weights this step); aux ``[A]`` (the head's auxiliary
+    losses, see ``head.aux_names``); preds, labels, mask, truth ``[B, T]`` (preds: pCTR / pCVR /
+    values on the true scale — pCVR stays available under ESMM); group ``[B]`` (GAUC ids);
+    conflict ``[T, T]`` (see :class:`GradientConflict`) on probe steps, else ``[0, 0]``.
+    """
+
+    losses: torch.Tensor
+    weights: torch.Tensor
+    aux: torch.Tensor
+    preds: torch.Tensor
+    labels: torch.Tensor
+    mask: torch.Tensor
+    truth: torch.Tensor
+    group: torch.Tensor
+    conflict: torch.Tensor  # [T, T] task-gradient cosines on probe steps, else [0, 0]
+    nonfinite: torch.Tensor  # [R, T + 1] bool
+    skipped: torch.Tensor  # [] bool
+
+
+class GradientConflict(nn.Module):
+    """Probe: cosine similarity ``[T, T]`` of the task losses' gradients on the head's shared
+    parameters (averaged over ranks first) — negative means the tasks pull the shared experts
+    apart (negative transfer). Runs in the training forward after :meth:`arm`, once; returns
+    ``[0, 0]`` otherwise. A module of its own so TorchRec's pipeline tracer keeps it a leaf.
+    """
+
+    def __init__(self, shared: Callable[[], list[nn.Parameter]]) -> None:
+        super().__init__()
+        self.shared = shared
+        self.armed = False
+
+    def arm(self) -> None:
+        self.armed = True
+
+    def forward(self, losses: torch.Tensor) -> torch.Tensor:
+        if not (self.armed and self.training and torch.is_grad_enabled()):
+            return losses.new_zeros(0, 0)
+        self.armed = False
+        params = self.shared()
+        rows = []
+        for loss in losses:
+            grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+            rows.append(
+                torch.cat([(g if g is not None else torch.zeros_like(p)).flatten()
+                           for g, p in zip(grads, params)])
+            )  # fmt: skip
+        g = F.normalize(all_mean(torch.stack(rows)), dim=1)
+        return g @ g.t()
+
+
+class ModelWithLoss(nn.Module):
+    """``forward(batch) -> (loss, StepOutput)``, the contract of TorchRec's train pipelines.
+
+    loss = balancer(losses) + Σ aux (+ the model's ``embedding_penalty`` in training, see
+    ``model.embedding_l2``), where the balancer (``mtl_dist.balancing``) weighs the
+    task losses. ``esmm=(ctr_index, cvr_index)`` trains the CVR task through pCTCVR on all
+    exposures (see :func:`esmm_ctcvr_loss`), plus ``escm2_ips`` times ESCM2's counterfactual
+    risk (:func:`escm2_ips_risk`) or ``escm2_dr`` times its doubly robust form plus the
+    imputation tower's loss (:func:`escm2_dr_risk`; the ranker's ``imputation`` tower). Tasks
+    with ``negative_rate < 1`` see their negatives downsampled in training; predictions are
+    corrected back to the true scale.
+
+    Every training step goes through the non-finite guard (:mod:`mtl_dist.loop.guard`,
+    ``on_nonfinite``): label counts and loss finiteness are gathered from every rank, the
+    balancer sees which tasks had labels, and a non-finite step's update is dropped on every
+    rank alike (``self.switch``, read by the dense optimizer and by the model's ``grad_gate``).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tasks: list[TaskSpec],
+        esmm: tuple[int, int] | None = None,
+        loss: LossConfig | None = None,
+        esmm_ctcvr_preds: bool = False,
+        on_nonfinite: str = "stop",
+        escm2_ips: float = 0.0,
+        escm2_dr: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.esmm = esmm
+        self.escm2_ips = escm2_ips
+        self.escm2_dr = escm2_dr
+        self.esmm_ctcvr_preds = esmm_ctcvr_preds
+        self.balancer = build_balancer(loss or LossConfig(), tasks, lambda: self.model.head)
+        # representation-gradient balancers read the representation the head keeps for them
+        if isinstance(getattr(model, "head", None), nn.Module):
+            model.head.keep_shared = getattr(self.balancer, "needs_representation", False)
+        self.register_buffer(
+            "is_binary", torch.tensor([t.kind == "binary" for t in tasks]), persistent=False
+        )
+        rates = [t.negative_rate for t in tasks]
+        self.register_buffer(
+            "negative_rate",
+            torch.tensor(rates) if min(rates) < 1 else None,
+            persistent=False,
+        )
+        self.conflict = GradientConflict(lambda: self.model.head.shared_parameters())
+        # the non-finite guard: one verdict per step, read by every update path
+        self.switch = UpdateSwitch(on_nonfinite)
+        apply_update_gate(model, self.switch)
+        fixed = (loss or LossConfig()).balancer == "fixed"  # reads no label counts
+        self.check = StepCheck(self.switch, wait=not fixed, stop=preempt.requested)
+        self.gate = UpdateGate(self.switch)
+
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, StepOutput]:
+        outputs, aux = self.model(batch)
+        mask = batch.mask
+        if self.training and self.negative_rate is not None:
+            mask = downsample_negatives(batch.labels, mask, self.negative_rate)
+        losses = task_losses(outputs, batch.labels, mask, self.is_binary)
+        if self.esmm is not None:
+            c, v = self.esmm
+            weight = ctcvr_weights(batch.labels[:, c], mask[:, c], batch.mask[:, v])
+            ctcvr = esmm_ctcvr_loss(
+                outputs[:, c], outputs[:, v], batch.labels[:, c] * batch.labels[:, v], weight
+            )
+            if self.escm2_ips > 0:  # + the counterfactual CVR risk (ESCM2-IPS)
+                ctcvr = ctcvr + self.escm2_ips * escm2_ips_risk(
+                    outputs[:, c], outputs[:, v], batch.labels[:, v], mask[:, c], batch.mask[:, v]
+                )
+            if self.escm2_dr > 0:  # + its doubly robust form and the imputation tower's loss
+                dr = escm2_dr_risk(
+                    outputs[:, c], outputs[:, v], self.model.last_imputation, batch.labels[:, v],
+                    mask[:, c], batch.mask[:, v],
+                )  # fmt: skip
+                ctcvr = ctcvr + self.escm2_dr * (dr[0] + dr[1])
+            losses = torch.cat([losses[:v], ctcvr.unsqueeze(0), losses[v + 1 :]])
+            mask = torch.cat([mask[:, :v], weight.unsqueeze(1), mask[:, v + 1 :]], 1)
+        conflict = self.conflict(losses)  # [T, T] when armed, else [0, 0]
+        # submodules' outputs are indexed, not unpacked: TorchRec's pipeline FX-traces this
+        check = self.check(losses, aux, mask)  # every rank's label counts and finiteness
+        labelled, finite = check[0], check[1]  # None while the all-gather runs on (fixed)
+        balanced = self.balancer(losses, labelled, finite)
+        weighted, weights = balanced[0], balanced[1]
+        loss = weighted + aux.sum()
+        penalty = getattr(self.model, "embedding_penalty", None)  # model.embedding_l2
+        if self.training and penalty is not None:
+            loss = loss + penalty
+        if self.switch.scaler is not None:  # fp16: the backward runs on the scaled loss
+            loss = loss * self.switch.scaler.scale
+        verdict = self.gate(weights)  # filled when the switch resolves, before any update
+        nonfinite, skipped = verdict[0], verdict[1]
+        out = StepOutput(
+            losses=losses.detach(),
+            weights=weights,
+            aux=aux.detach(),
+            preds=self.predict(outputs.detach()),
+            labels=batch.labels,
+            mask=batch.mask,
+            truth=batch.truth,
+            group=batch.group,
+            conflict=conflict,
+            nonfinite=nonfinite,
+            skipped=skipped,
+        )
+        return loss, out
+
+    def predict(self, outputs: torch.Tensor) -> torch.Tensor:
+        """Probabilities / values ``[B, T]`` from the head's outputs; with ESMM on a CTCVR label
+        the CVR task's column is pCTR × pCVR (what its label measures)."""
+        ctcvr = self.esmm if self.esmm_ctcvr_preds else None
+        return task_predictions(outputs, self.is_binary, self.negative_rate, ctcvr)
+
+
+def build_model_with_loss(model: nn.Module, cfg: JobConfig) -> ModelWithLoss:
+    """Wrap ``model`` with the task losses and balancer of ``cfg`` (ESMM when ``model.esmm``)."""
+    names = [t.name for t in cfg.tasks]
+    esmm = (
+        (names.index(cfg.model.esmm_ctr_task), names.index(cfg.model.esmm_cvr_task))
+        if cfg.model.esmm
+        else None
+    )
+    return ModelWithLoss(
+        model, cfg.tasks, esmm, cfg.loss, cfg.model.esmm_cvr_label == "ctcvr",
+        cfg.train.on_nonfinite, cfg.model.escm2_ips, cfg.model.escm2_dr,
+    )  # fmt: skip

@@ -1,0 +1,69 @@
+"""Loss scaling for fp16 (the training side of reduced precision; the dtype choice and the
+head's autocast are in :mod:`mtl_dist.models.precision`)."""
+
+from __future__ import annotations
+
+import torch
+
+from mtl_dist.distributed.collectives import all_max
+from mtl_dist.models.precision import (  # (re-exported: the precision API in one place)
+    PRECISIONS,
+    Precision,
+    cpu_flags,
+    in_precision,
+    resolve_precision,
+    set_head_precision,
+)
+
+__all__ = [
+    "PRECISIONS", "LossScaler", "Precision", "cpu_flags", "in_precision", "resolve_precision",
+    "set_head_precision",
+]  # fmt: skip
+
+
+class LossScaler:
+    """Dynamic loss scaling for fp16 (as ``torch.amp.GradScaler``, over TorchRec's fused
+    embedding optimizers too): the loss is multiplied by ``scale`` before backward; the
+    gradient reaching the tables and the dense gradients are divided by it before any update;
+    a step whose scaled gradients overflow is skipped on every rank and halves the scale, and
+    ``growth_interval`` good steps in a row double it. State: ``scale`` (0-dim float tensor on
+    the device), ``good_steps`` and ``skipped``. Wired through the step's
+    :class:`~mtl_dist.loop.guard.UpdateSwitch`: :class:`~mtl_dist.loop.losses.ModelWithLoss` scales the
+    loss, :class:`~mtl_dist.loop.guard.GradGate` unscales the tables' gradient
+    (:meth:`unscale_input`), :class:`~mtl_dist.loop.optim.GuardedDense` the dense ones.
+    """
+
+    def __init__(
+        self,
+        device: torch.device,
+        init_scale: float = 2.0**16,
+        growth_factor: float = 2.0,
+        backoff_factor: float = 0.5,
+        growth_interval: int = 2000,
+    ) -> None:
+        self.scale = torch.tensor(init_scale, device=device)
+        self.good_steps = torch.zeros((), dtype=torch.int32, device=device)
+        self.skipped = torch.zeros((), device=device)  # steps skipped on an overflow
+        self.growth, self.backoff, self.interval = growth_factor, backoff_factor, growth_interval
+
+    def unscale_(self, grads: list[torch.Tensor]) -> torch.Tensor:
+        """Divide ``grads`` by the scale in place; returns ``found_inf`` (0-dim float)."""
+        found_inf = torch.zeros((), device=self.scale.device)
+        if grads:
+            torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, 1.0 / self.scale)
+        return found_inf
+
+    def unscale_input(self, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The gradient at the head's input (on its way to the tables' fused optimizers)
+        divided by the scale, and whether it overflowed on any rank (0-dim bool; one all-reduce,
+        so every rank skips the tables' update alike)."""
+        grad = grad.float() / self.scale
+        overflow = all_max((~torch.isfinite(grad)).any().float())
+        return grad, overflow > 0
+
+    def update(self, found_inf: torch.Tensor) -> None:
+        """After the step: back off on an overflow, grow after ``growth_interval`` good steps."""
+        self.skipped += found_inf
+        torch._amp_update_scale_(
+            self.scale, self.good_steps, found_inf, self.growth, self.backoff, self.interval
+        )
