@@ -191,3 +191,190 @@ def test_integer_range_edges_are_accepted(tmp_path):
     bad = _write(tmp_path, '[[features.sparse]]\nname = "x"\nvocab_size = -5\n')
     with pytest.raises(ConfigError, match=r"features.sparse\[\d+\] \(x\)"):
         load_config(["--config", bad])
+
+
+# --------------------------------------------------------------------------- choices defined once
+
+CHOICE_KEYS = [
+    ("model.head", "HEADS"),
+    ("model.expert_activation", "EXPERT_ACTIVATIONS"),
+    ("model.expert_norm", "EXPERT_NORMS"),
+    ("model.interaction", "INTERACTIONS"),
+    ("model.interaction_output", "INTERACTION_OUTPUTS"),
+    ("optim.dense_optimizer", "OPTIMIZERS"),
+    ("optim.embedding_optimizer", "EMBEDDING_OPTIMIZERS"),
+    ("optim.embedding_weight_decay_mode", "WEIGHT_DECAY_MODES"),
+    ("optim.dense_schedule", "SCHEDULES"),
+    ("optim.embedding_schedule", "SCHEDULES"),
+    ("embedding.data_type", "DATA_TYPES"),
+    ("loss.balancer", "BALANCERS"),
+    ("monitor.on_polarization", "ON_POLARIZATION"),
+    ("data.dense_nan", "DENSE_NANS"),
+    ("train.device", "DEVICES"),
+    ("train.precision", "PRECISIONS"),
+    ("train.on_nonfinite", "ON_NONFINITE"),
+]
+# what a name needs besides itself to make a valid job
+NEEDS = {"pepnet": ["--model.pepnet_domain_features", "device_type"]}
+
+
+def _help_line(key: str) -> str:
+    lines = help_text().splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith(f"  --{key} "))
+    return lines[at + 1]
+
+
+@pytest.mark.parametrize(("key", "const"), CHOICE_KEYS)
+def test_every_allowed_name_is_accepted_and_in_the_help(key, const):
+    import mtl_dist.config as config
+
+    names = getattr(config, const)
+    assert names and len(set(names)) == len(names)
+    line = _help_line(key)
+    section, name = key.split(".")
+    for value in names:
+        assert re.search(rf"(?<!\w){re.escape(value)}(?!\w)", line), (key, value, line)
+        cfg = load_config(["--config", DEFAULT, f"--{key}", value, *NEEDS.get(value, [])])
+        assert getattr(getattr(cfg, section), name) == value
+
+
+@pytest.mark.parametrize(
+    ("key", "typo", "needle"),
+    [
+        ("model.head", "mmeo", "model.head: unknown head 'mmeo' (did you mean 'mmoe'?)"),
+        ("model.expert_norm", "layr", "model.expert_norm must be none | batch | layer, got 'layr'"),
+        ("model.interaction", "dcn_v3", "(did you mean 'dcn_v2'?)"),
+        ("loss.balancer", "gradnrom", "loss.balancer: unknown balancer 'gradnrom' (did you mean"),
+        ("optim.dense_schedule", "cosin", "optim.dense_schedule: unknown schedule 'cosin'"),
+        ("train.precision", "bf61", "train.precision: expected auto | fp32 | bf16 | fp16, got"),
+        ("train.on_nonfinite", "skp", "(did you mean 'skip'?)"),
+        ("optim.embedding_optimizer", "adam", "(rowwise_adagrad | adagrad | sgd)"),
+    ],
+)
+def test_a_wrong_name_is_refused_naming_the_key_and_the_close_match(key, typo, needle):
+    with pytest.raises(ConfigError) as e:
+        load_config(["--config", DEFAULT, f"--{key}", typo])
+    assert needle in str(e.value)
+
+
+def test_the_error_lists_the_same_names_as_the_constant():
+    from mtl_dist.config import EXPERT_NORMS, HEADS
+
+    with pytest.raises(ConfigError) as e:
+        load_config(["--config", DEFAULT, "--model.expert_norm", "x"])
+    assert f"must be {' | '.join(EXPERT_NORMS)}," in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        load_config(["--config", DEFAULT, "--model.head", "zzz"])
+    assert f"(valid: {', '.join(sorted(HEADS))})" in str(e.value)
+
+
+# --------------------------------------------------------------------------- validate()'s families
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        # model_checks.check_head: a head's own keys against the tasks / features
+        (["--model.head", "aitm", "--model.aitm_chain", "click,watch_time"],
+         "model.aitm_chain ['click', 'watch_time']: needs 2 or more distinct binary tasks"),
+        (["--model.head", "pepnet"], "model.head = pepnet needs model.pepnet_domain_features"),
+        (["--model.head", "dbmtl", "--model.dbmtl_parents", "click:conversion,conversion:click"],
+         "model.dbmtl_parents: a cycle"),
+        # model_checks.check_esmm
+        (["--model.esmm", "true", "--model.esmm_cvr_task", "watch_time"],
+         "model.esmm_cvr_task: task 'watch_time' must be binary"),
+        # model_checks.check_experts
+        (["--model.expert_self_gate", "true"], "model.expert_self_gate mixes each task's own"),
+        (["--model.expert_feature_gate_rank", "4", "--model.gate_top_k", "2"],
+         "model.expert_feature_gate_rank = 4: must be >= 0 and, > 0, not with top-k"),
+        # model_checks.check_gates
+        (["--model.gate_dselect_k", "2", "--model.gate_noisy", "true"],
+         "model.gate_dselect_k = 2 needs gate_dselect_gamma > 0 and replaces the softmax gate: "
+         "not with gate_noisy"),
+        (["--model.gate_top_k", "5"], "model.gate_top_k: 5 must lie in [0, num_experts]"),
+        # model_checks.check_embedding_regularisers
+        (["--optim.embedding_weight_decay", "0.01", "--optim.embedding_optimizer", "sgd"],
+         "optim.embedding_weight_decay = 0.01: must be >= 0, and > 0 needs embedding_optimizer"),
+        # checks.check_loss / check_optim / check_train
+        (["--loss.cagrad_c", "1"], "loss.cagrad_c must lie in [0, 1), got 1.0"),
+        (["--optim.schedule_gamma", "2"], "optim.schedule_step_size must be >= 1 and schedule_gamma"),
+        (["--train.early_stop_patience", "2"], "train.early_stop_patience needs train.best_metric"),
+        (["--train.best_metric", "watch_time/auc"], "did you mean 'watch_time/mae'"),
+    ],
+)  # fmt: skip
+def test_family_rules_name_their_keys(args, needle):
+    with pytest.raises(ConfigError) as e:
+        load_config(["--config", DEFAULT, *args])
+    assert needle in str(e.value)
+
+
+MINIMAL = """
+[[features.sparse]]
+name = "user_id"
+vocab_size = 10
+{extra_feature}
+[[tasks]]
+name = "click"
+label = "click"
+"""
+
+
+def test_interaction_needs_enough_fields(tmp_path):
+    p = tmp_path / "one.toml"
+    p.write_text(MINIMAL.format(extra_feature=""))
+    with pytest.raises(ConfigError, match=r"model.interaction = fm needs a sparse feature and 2"):
+        load_config(["--config", str(p), "--model.interaction", "fm"])
+    assert load_config(["--config", str(p)]).model.interaction == "none"
+
+
+def test_feature_and_task_rules_name_the_entry(tmp_path):
+    managed = '[[features.sparse]]\nname = "m"\nhash_buckets = 100\ncollision = "managed"\n'
+    p = _write(tmp_path, managed)
+    with pytest.raises(ConfigError, match=r"features.sparse\[\d+\] \(m\): collision = 'managed' "
+                                          r"tables shard row_wise only"):  # fmt: skip
+        load_config(["--config", p, "--sharding.force", "table_wise"])
+    with pytest.raises(ConfigError, match=r"\(m\): a collision = 'managed' feature cannot have"):
+        load_config(["--config", p, "--model.head", "stem"])
+    cond = _write(tmp_path, '[[tasks]]\nname = "t"\nlabel = "t"\ncondition = "watch_time"\n')
+    with pytest.raises(
+        ConfigError, match=r"tasks\[3\] \(t\): condition 'watch_time' must name another binary"
+    ):
+        load_config(["--config", cond])
+
+
+def test_filter_syntax_is_not_checked_by_validate():
+    """The filters' syntax moved out of validate() (``mtl_dist.config`` imports nothing else
+    from mtl_dist): ``RowFilter.parse`` checks it where the reader is built."""
+    cfg = load_config(["--config", DEFAULT, "--data.val_filter", "hour <"])
+    assert cfg.data.val_filter == "hour <"
+
+
+def test_to_dict_from_dict_round_trip():
+    from mtl_dist.config import from_dict, to_dict
+
+    cfg = load_config(["--config", DEFAULT, "--model.expert_hidden", "32,16"])
+    assert from_dict(to_dict(cfg)) == cfg and to_dict(from_dict(to_dict(cfg))) == to_dict(cfg)
+
+
+# --------------------------------------------------------------------------- the package's shape
+
+
+def test_config_package_is_small_pieces_importing_only_itself():
+    """Every file of mtl_dist/config is at most ~400 lines, every function at most 80, and it
+    imports nothing from mtl_dist outside ``mtl_dist.config``."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1] / "mtl_dist" / "config"
+    files = sorted(root.glob("*.py"))
+    assert files and not (root.parent / "config.py").exists()
+    for path in files:
+        text = path.read_text()
+        assert len(text.splitlines()) <= 400, path.name
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.FunctionDef):
+                assert node.end_lineno - node.lineno < 80, f"{path.name}: {node.name}"
+            if isinstance(node, ast.ImportFrom) and node.module:
+                mod = node.module
+                assert not mod.startswith("mtl_dist") or mod.startswith("mtl_dist.config"), mod
+            if isinstance(node, ast.Import):
+                assert not any(a.name.startswith("mtl_dist") for a in node.names), path.name

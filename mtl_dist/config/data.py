@@ -1,0 +1,143 @@
+"""The input sections: ``[data]``, ``[features]`` (``[[features.sparse]]`` entries) and
+``[[tasks]]``, with the names their choice keys allow.
+
+``data.train_filter`` / ``val_filter`` are plain strings here: their syntax is checked where they
+are parsed (``mtl_dist.data.source.RowFilter.parse``, at the train entry point's start-up), since
+this package imports nothing from mtl_dist outside it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mtl_dist.config.base import one_of, opt
+
+POOLINGS = ("sum", "mean")
+INVALID_IDS = ("error", "clip", "hash", "drop")
+COLLISIONS = ("modulo", "managed")
+EVICTIONS = ("lfu", "lru")
+TASK_KINDS = ("binary", "regression")
+TRANSFORMS = ("none", "log1p")
+ON_INVALID = ("error", "mask")
+DENSE_NANS = ("error", "zero")
+
+
+@dataclass
+class SparseFeature:
+    """A categorical column looked up in an embedding table (one row of ``[[features.sparse]]``)."""
+
+    name: str = opt(
+        "",
+        "Parquet column: integer or string ids (single-hot) or a list of them (multi-hot); "
+        "string ids need hash_buckets",
+    )
+    vocab_size: int = opt(0, "ids lie in [0, vocab_size); rows of the table")
+    hash_buckets: int = opt(
+        0,
+        "if > 0, ids are hashed into this many rows instead: integer id mod buckets, string "
+        "xxh3_64(utf-8 bytes, data.hash_seed) mod buckets",
+    )
+    embedding_dim: int = opt(16, "embedding width D")
+    table: str = opt("", "table name; features naming the same table share it (default: name)")
+    multi_hot: bool = opt(False, "column holds variable-length id lists")
+    pooling: str = opt("sum", f"pooling of a multi-hot list: {one_of(POOLINGS)}")
+    invalid_ids: str = opt(
+        "error",
+        "ids outside [0, vocab_size) and nulls inside lists: "
+        + one_of(
+            INVALID_IDS,
+            clip="(into [0, vocab_size-1])",
+            hash="(id mod vocab_size)",
+            drop="(from the bag)",
+        )
+        + "; clip/hash drop list nulls too",
+    )
+    collision: str = opt(
+        "modulo",
+        "how ids map to the hash_buckets rows: "
+        + one_of(
+            COLLISIONS,
+            modulo="(id mod buckets: distinct ids may share a row)",
+            managed="(TorchRec managed collision: the ids seen most (lfu) or last (lru) each "
+            "own a row, the rest share the table's miss row; row-wise sharded)",
+        ),
+    )
+    eviction: str = opt(
+        "lfu", f"collision = managed: which ids keep their rows, {one_of(EVICTIONS)}"
+    )
+    eviction_interval: int = opt(
+        10,
+        "collision = managed: admit new ids (evicting others) every N training steps; in "
+        "between, new ids read the miss row. Each admission costs about one step",
+    )
+
+    @property
+    def table_name(self) -> str:
+        return self.table or self.name
+
+    @property
+    def num_rows(self) -> int:
+        return self.hash_buckets or self.vocab_size
+
+
+@dataclass
+class TaskSpec:
+    """One prediction task (one row of ``[[tasks]]``)."""
+
+    name: str = opt("", "task name, used in logs and metric tags")
+    kind: str = opt(
+        "binary",
+        one_of(TASK_KINDS, binary="(logit, BCE loss)", regression="(value, MSE loss)"),
+    )
+    label: str = opt("", "label column; null / NaN values are masked out of loss and metrics")
+    truth: str = opt("", "optional column with the true probability / expected value (oracle)")
+    transform: str = opt("none", f"regression target transform: {one_of(TRANSFORMS)}")
+    weight: float = opt(1.0, "fixed loss weight (the fixed balancer; initial weight of others)")
+    missing_values: list[float] = opt(
+        [], "label values that mean 'no label', e.g. [-1] (null and NaN always do)"
+    )
+    condition: str = opt(
+        "", "a binary task whose label must be 1 for this label to count (conversion: 'click')"
+    )
+    sample_weight: str = opt("", "column of per-row loss weights (finite, >= 0)")
+    on_invalid: str = opt(
+        "error",
+        "label outside the task's domain (binary not 0/1, infinite target): " + one_of(ON_INVALID),
+    )
+    negative_rate: float = opt(
+        1.0,
+        "binary: keep each negative with this rate in training (downsampling); predictions and "
+        "metrics are corrected back: p' = p / (p + (1 - p) / rate)",
+    )
+
+
+@dataclass
+class FeaturesConfig:
+    sparse: list[SparseFeature] = opt([], "sparse features ([[features.sparse]] tables in TOML)")
+    dense: list[str] = opt([], "dense float columns fed beside the pooled embeddings")
+
+
+@dataclass
+class DataConfig:
+    train_path: str = opt(
+        "data/synth/train",
+        "training Parquet: a directory (hive partitions key=value/ become columns), a glob, "
+        "comma-separated files, or a URI pyarrow.fs resolves (file://, s3://, gs://, ...)",
+    )
+    val_path: str = opt("data/synth/val", "validation Parquet: as train_path")
+    num_workers: int = opt(0, "loader worker processes per rank (0 reads in the training process)")
+    prefetch_batches: int = opt(2, "batches each worker reads ahead (memory bound: batch x this)")
+    dense_nan: str = opt(
+        "error",
+        "NaN / infinite dense values: "
+        + one_of(DENSE_NANS, error="(names the column)")
+        + "; nulls read as 0",
+    )
+    hash_seed: int = opt(
+        0, "seed of xxh3_64, the hash of string ids (a row = xxh3_64(utf-8 bytes, seed) mod N)"
+    )
+    train_filter: str = opt(
+        "",
+        "rows to train on: an expression over file and hive-partition columns, e.g. "
+        "\"dt >= '2026-11-01' and dt < '2026-11-08'\" (== != < <= > >= in, and or not)",
+    )
+    val_filter: str = opt("", "rows to validate on, as train_filter (e.g. \"dt == '2026-11-08'\")")
