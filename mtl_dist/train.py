@@ -44,7 +44,7 @@ from mtl_dist.data.reader import (
     overlap_warning,
     require_selected,
 )
-from mtl_dist.data.source import RowFilter
+from mtl_dist.data.source import RowFilter, check_filters
 from mtl_dist.distributed.setup import DistInfo, destroy, init_distributed
 from mtl_dist.distributed.sharding import describe_plan, shard_model
 from mtl_dist.loop import preempt
@@ -508,7 +508,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = [
         a for x in argv for a in (["--checkpoint.resume", "latest"] if x == "--resume" else [x])
     ]
-    cfg = load_config(argv)
+    cfg = check_filters(load_config(argv))  # every key checked before any process group
     preempt.install()  # SIGTERM: stop at a step every rank agrees on, save, exit 75
     info = init_distributed(cfg.train.device, cfg.train.threads)
     code = 0

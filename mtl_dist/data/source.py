@@ -43,6 +43,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
+from mtl_dist.config import ConfigError, JobConfig
+
 
 def list_parquet_files(spec: str) -> list[str]:
     """Resolve a directory, a glob, a file, a URI or a comma-separated list of them into sorted
@@ -446,3 +448,18 @@ class _Converter:
             f"{self.key}: {ast.unparse(node)!r} is not allowed (comparisons of columns and "
             "literals joined by and / or / not)"
         )
+
+
+def check_filters(cfg: JobConfig) -> JobConfig:
+    """``cfg`` once ``data.train_filter`` and ``data.val_filter`` parse (see
+    :meth:`RowFilter.parse`); ``ConfigError`` naming the key and what is not allowed. The
+    config package checks every other key; filters need this stage's parser, so every entry
+    point that loads a job config calls this right after :func:`mtl_dist.config.load_config`."""
+    for key in ("train_filter", "val_filter"):
+        text = getattr(cfg.data, key)
+        if text:
+            try:
+                RowFilter.parse(text, f"data.{key}")
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+    return cfg

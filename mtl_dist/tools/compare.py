@@ -48,6 +48,7 @@ from typing import Any
 import numpy as np
 
 from mtl_dist.config import BALANCERS, ConfigError, JobConfig, TaskSpec, load_config, to_dict
+from mtl_dist.data.source import check_filters
 from mtl_dist.observe.metrics import label_unit
 from mtl_dist.tools.relations import RELATION_COLUMNS, format_markdown, task_relations
 
@@ -122,7 +123,7 @@ def plan_runs(
                 "--train.output_dir", str(run_dir), "--train.progress_bar", "false",
             ]  # fmt: skip
             try:
-                cfg = load_config(argv)
+                cfg = check_filters(load_config(argv))
             except ConfigError as e:
                 raise CompareError(f"run {head}/seed{seed}: {e}") from None
             # through JSON, as metrics.json holds it (tuples become lists)
@@ -583,7 +584,7 @@ def compare(args: argparse.Namespace, overrides: list[str]) -> None:
     """Relations, then every head × seed, then the table (one dataset)."""
     out = Path(args.out)
     try:
-        cfg = load_config(["--config", args.config, *overrides])
+        cfg = check_filters(load_config(["--config", args.config, *overrides]))
     except ConfigError as e:
         raise CompareError(str(e)) from None
     print(report_relations(cfg, out, args.bins, args.relation_rows), flush=True)
@@ -614,7 +615,7 @@ def sweep(args: argparse.Namespace, overrides: list[str]) -> None:
         generate(data, args.rows, args.val_rows, seed=args.data_seed, task_correlation=rho)
         paths = ["--data.train_path", str(data / "train"), "--data.val_path", str(data / "val")]
         try:
-            cfg = load_config(["--config", args.config, *overrides, *paths])
+            cfg = check_filters(load_config(["--config", args.config, *overrides, *paths]))
         except ConfigError as e:
             raise CompareError(str(e)) from None
         print(f"\n== task correlation {rho:g} ==")

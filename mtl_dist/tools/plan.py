@@ -33,6 +33,7 @@ from torchrec.distributed.planner.types import PlannerError, ShardingOption, Sta
 from torchrec.distributed.types import ModuleSharder
 
 from mtl_dist.config import ConfigError, JobConfig, load_config
+from mtl_dist.data.source import check_filters
 from mtl_dist.distributed.sharding import sharders_for, sharding_constraints
 from mtl_dist.models.ranker import build_ranker
 from mtl_dist.observe.telemetry import quiet_third_party_logs
@@ -333,7 +334,9 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     local = args.procs_per_node or (args.gpus_per_node if args.device == "cuda" else 1)
     try:
-        cfg = resize_tables(load_config(["--config", args.config, *args.overrides]), args.rows)
+        cfg = resize_tables(
+            check_filters(load_config(["--config", args.config, *args.overrides])), args.rows
+        )
         spec = ClusterSpec(
             nodes=args.nodes,
             local_world_size=local,

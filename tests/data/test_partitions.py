@@ -13,7 +13,7 @@ import pytest
 from mtl_dist.config import ConfigError, SparseFeature, TaskSpec, load_config
 from mtl_dist.data.batch import ArrowBatchConverter
 from mtl_dist.data.reader import ParquetBatchReader
-from mtl_dist.data.source import RowFilter, list_parquet_files, partition_values
+from mtl_dist.data.source import RowFilter, check_filters, list_parquet_files, partition_values
 
 DAYS = ["2026-11-01", "2026-11-02", "2026-11-03"]
 # rid is unique over the dataset; dense "hour" is a file column, "shop" a partition column
@@ -115,7 +115,9 @@ def test_filter_text_is_parsed_not_evaluated_and_errors_name_the_key(dataset):
         with pytest.raises(ValueError, match=r"^data.train_filter: "):
             RowFilter.parse(text, "data.train_filter")
     with pytest.raises(ConfigError, match=r"data.val_filter: 'hour <' is not an expression"):
-        load_config(["--config", "configs/default.toml", "--data.val_filter", "hour <"])
+        check_filters(
+            load_config(["--config", "configs/default.toml", "--data.val_filter", "hour <"])
+        )
     root, _ = dataset
     with pytest.raises(ValueError, match=r"reads column\(s\) \['country'\] that are neither"):
         ParquetBatchReader(list_parquet_files(str(root)), CONV, 32,
