@@ -12,14 +12,12 @@ import random
 import sys
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 from torchdata.stateful_dataloader import StatefulDataLoader
-from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
 from mtl_dist.checkpoint.rundir import (
     clear_finished,
@@ -36,7 +34,7 @@ from mtl_dist.checkpoint.store import (
     save_checkpoint,
 )
 from mtl_dist.config import DataConfig, JobConfig, load_config, to_dict
-from mtl_dist.data.batch import ArrowBatchConverter, Batch
+from mtl_dist.data.batch import ArrowBatchConverter
 from mtl_dist.data.reader import (
     ParquetBatchReader,
     describe,
@@ -48,12 +46,13 @@ from mtl_dist.data.source import RowFilter, check_filters
 from mtl_dist.distributed.setup import DistInfo, destroy, init_distributed
 from mtl_dist.distributed.sharding import describe_plan, shard_model
 from mtl_dist.loop import preempt
-from mtl_dist.loop.losses import StepOutput, build_model_with_loss
+from mtl_dist.loop.losses import build_model_with_loss
 from mtl_dist.loop.optim import build_optimizer, dense_optimizer
 from mtl_dist.loop.precision import LossScaler, Precision, resolve_precision, set_head_precision
 from mtl_dist.loop.preempt import Preempted
 from mtl_dist.loop.schedule import LRSchedule
 from mtl_dist.loop.selection import BestTracker, fmt_metric
+from mtl_dist.loop.step import StepRunner, TrainStep
 from mtl_dist.models.ranker import build_ranker
 from mtl_dist.observe.attribution import attribution_figure, feature_attribution, write_attribution
 from mtl_dist.observe.metrics import (
@@ -136,66 +135,6 @@ def check_splits(cfg: JobConfig, val_reader: ParquetBatchReader, info: DistInfo)
             print(f"[data] warning: {warning}", flush=True)
 
 
-class StepRunner:
-    """Runs training steps, through TorchRec's ``TrainPipelineSparseDist`` or plainly.
-
-    The pipeline overlaps the next batch's sparse input distribution with this batch's
-    forward/backward (and host→device copies on GPU). It holds batches in flight, so the reader
-    position of the batch just trained is tracked here (``trained_position``), not the reader's.
-    """
-
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        optimizer: torch.optim.Optimizer,
-        device: torch.device,
-        pipelined: bool,
-    ) -> None:
-        self.model = model
-        self.optimizer = optimizer
-        self.device = device
-        self.pipeline = (
-            TrainPipelineSparseDist(model, optimizer, device, execute_all_batches=True)
-            if pipelined
-            else None
-        )
-        self._in_flight: list[tuple[int, int]] = []
-        self.trained_position: tuple[int, int] | None = None
-        self.trained: dict[int, int] = {}  # global worker → rows consumed, as of trained batches
-
-    def _track(self, batches: Iterator[Batch]) -> Iterator[Batch]:
-        for b in batches:
-            self._in_flight.append(b.position)
-            yield b
-
-    def _trained(self, position: tuple[int, int]) -> None:
-        self.trained_position = position
-        self.trained[position[0]] = position[1]
-
-    def run(self, batches: Iterator[Batch]) -> Iterator[StepOutput]:
-        """Train on every batch of ``batches``; yields each step's output."""
-        tracked = self._track(batches)
-        if self.pipeline is not None:
-            self.pipeline.attach(self.model)
-            while True:
-                try:
-                    out = self.pipeline.progress(tracked)
-                except StopIteration:
-                    break
-                self._trained(self._in_flight.pop(0))
-                yield out
-            self.pipeline.detach()  # restore plain forwards (validation calls the model directly)
-            self.pipeline.reset()
-        else:
-            for batch in tracked:
-                self.optimizer.zero_grad()
-                loss, out = self.model(batch.to(self.device, non_blocking=True))
-                loss.backward()
-                self.optimizer.step()
-                self._trained(self._in_flight.pop(0))
-                yield out
-
-
 @torch.no_grad()
 def evaluate(
     model: torch.nn.Module, cfg: JobConfig, loader: StatefulDataLoader, device: torch.device
@@ -249,7 +188,9 @@ def check_writable(path: str) -> None:
         raise PermissionError(f"train.output_dir {path!r} is not writable: {e}") from None
 
 
-def set_up_precision(cfg: JobConfig, loss_module: nn.Module, device: torch.device) -> Precision:
+def set_up_precision(
+    cfg: JobConfig, loss_module: nn.Module, step: TrainStep, device: torch.device
+) -> Precision:
     """Resolve ``train.precision`` for this device (see :mod:`mtl_dist.loop.precision`) and apply it:
     the head's autocast dtype, a loss scaler for fp16, TF32 for fp32 matmuls on CUDA (per
     ``train.allow_tf32``)."""
@@ -261,7 +202,7 @@ def set_up_precision(cfg: JobConfig, loss_module: nn.Module, device: torch.devic
     set_head_precision(loss_module.model.head, precision)
     set_head_precision(loss_module.model.interaction, precision)  # an Identity: ignored
     if precision.loss_scaling:  # fp16: dynamic loss scaling over dense and fused table updates
-        loss_module.switch.scaler = LossScaler(device)
+        step.switch.scaler = LossScaler(device)
     return precision
 
 
@@ -295,7 +236,8 @@ def train(cfg: JobConfig, info: DistInfo) -> dict[str, object]:
 
     # --- model: tables on meta, sharded by the planner; dense part under DDP
     loss_module = build_model_with_loss(build_ranker(cfg, "meta", info.world_size), cfg)
-    precision = set_up_precision(cfg, loss_module, info.device)
+    step_fn = TrainStep(loss_module, cfg.train.on_nonfinite)  # the guard's gate goes in here
+    precision = set_up_precision(cfg, loss_module, step_fn, info.device)
     log(
         f"[precision] dense {precision.name} ({precision.reason}); tables {cfg.embedding.data_type}"
     )
@@ -308,10 +250,10 @@ def train(cfg: JobConfig, info: DistInfo) -> dict[str, object]:
     log(
         f"[model] world {info.world_size} on {info.device} ({info.backend}); sharding plan:\n{describe_plan(plan)}"
     )
-    optimizer = build_optimizer(cfg.optim, model, loss_module.switch)
+    optimizer = build_optimizer(cfg.optim, model, step_fn.switch)
     loss_module.balancer.attach(dense_optimizer(optimizer))
     dict(optimizer.optimizers)["dense"].before_step.append(loss_module.balancer.before_step)
-    runner = StepRunner(model, optimizer, info.device, cfg.sharding.pipeline)
+    runner = StepRunner(model, optimizer, info.device, step_fn, cfg.sharding.pipeline)
 
     # --- resume: the newest verified checkpoint of this run (or the one named), any world size
     step, epoch0, run_id = 0, 0, uuid.uuid4().hex  # a fresh run gets a new run id
@@ -341,7 +283,7 @@ def train(cfg: JobConfig, info: DistInfo) -> dict[str, object]:
         )
     val_every = cfg.train.val_every or steps_per_epoch
     ckpt_every = cfg.checkpoint.every
-    telemetry = Telemetry(cfg, info, total - step, model, loss_module, optimizer, step)
+    telemetry = Telemetry(cfg, info, total - step, model, loss_module, step_fn, optimizer, step)
     schedule = LRSchedule(cfg.optim, optimizer, total)  # a function of the step: resumes exactly
     schedule.apply(step + 1)
     tracker = BestTracker(cfg.train)  # train.best_metric, early_stop_patience

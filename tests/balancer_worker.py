@@ -21,6 +21,7 @@ from mtl_dist.data.batch import ArrowBatchConverter
 from mtl_dist.loop.guard import GradGate
 from mtl_dist.loop.losses import ModelWithLoss
 from mtl_dist.loop.optim import GuardedDense
+from mtl_dist.loop.step import TrainStep
 from mtl_dist.models.heads import MoE
 
 TASKS = [
@@ -61,6 +62,7 @@ def run(balancer: str, rank: int) -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
     cfg = LossConfig(balancer=balancer, dwa_period=5, gradnorm_lr=0.1)
     model = ModelWithLoss(DenseRanker(), TASKS, loss=cfg)
+    step_fn = TrainStep(model)  # the step check, balancer and update gate
     ddp = DDP(model)
     named = dict(ddp.named_parameters())
     # the balancer's own parameters at a high learning rate: the drift the fix prevents shows
@@ -72,13 +74,13 @@ def run(balancer: str, rank: int) -> dict[str, torch.Tensor]:
                   {"params": [p for p in params if id(p) in own], "lr": 0.5}]  # fmt: skip
         return torch.optim.Adam([g for g in groups if g["params"]], fused=True)
 
-    opt = GuardedDense(named, adam, model.switch)
+    opt = GuardedDense(named, adam, step_fn.switch)
     model.balancer.attach(opt._optimizer)
     opt.before_step.append(model.balancer.before_step)
     conv = ArrowBatchConverter([], [f"x{i}" for i in range(D)], TASKS)
     weights, log_vars = [], []
     for step in range(STEPS):
-        loss, out = ddp(batch(step, rank, conv))
+        loss, out = step_fn.loss(ddp(batch(step, rank, conv)))
         opt.zero_grad()
         loss.backward()
         opt.step()

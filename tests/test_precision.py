@@ -167,6 +167,7 @@ def test_fp16_loss_scaling_trains_like_fp32_and_skips_an_overflowing_step():
     from mtl_dist.data.batch import ArrowBatchConverter
     from mtl_dist.loop.losses import ModelWithLoss
     from mtl_dist.loop.optim import GuardedDense
+    from mtl_dist.loop.step import TrainStep
     from tests.balancer_worker import TASKS, D, DenseRanker, batch
 
     conv = ArrowBatchConverter([], [f"x{i}" for i in range(D)], TASKS)
@@ -174,15 +175,16 @@ def test_fp16_loss_scaling_trains_like_fp32_and_skips_an_overflowing_step():
     def setup(fp16: bool):
         torch.manual_seed(0)
         model = ModelWithLoss(DenseRanker(), TASKS)
+        model.step = TrainStep(model)  # (the test's handle on the step of this model)
         if fp16:
             set_head_precision(model.model.head, Precision("fp16", "test"))
-            model.switch.scaler = LossScaler(torch.device("cpu"), init_scale=1024.0)
+            model.step.switch.scaler = LossScaler(torch.device("cpu"), init_scale=1024.0)
         params = dict(model.named_parameters())
-        opt = GuardedDense(params, lambda p: torch.optim.Adam(p, lr=1e-3, fused=True), model.switch)
-        return model, opt
+        adam = lambda p: torch.optim.Adam(p, lr=1e-3, fused=True)  # noqa: E731
+        return model, GuardedDense(params, adam, model.step.switch)
 
     def step(model, opt, i):
-        loss, _ = model(batch(i, 0, conv))
+        loss, _ = model.step.loss(model(batch(i, 0, conv)))
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -193,7 +195,7 @@ def test_fp16_loss_scaling_trains_like_fp32_and_skips_an_overflowing_step():
         step(m16, o16, i)
     for (name, a), b in zip(m32.named_parameters(), m16.parameters()):
         torch.testing.assert_close(b, a, rtol=0.05, atol=2e-3, msg=name)
-    scaler = m16.switch.scaler
+    scaler = m16.step.switch.scaler
     assert scaler.skipped.item() == 0 and scaler.scale.item() == 1024.0
     before = {k: v.detach().clone() for k, v in m16.named_parameters()}
     scaler.scale.fill_(2.0**60)  # the fp16 backward overflows

@@ -217,23 +217,6 @@ class StepCheck(nn.Module):
         return labelled, ~nonfinite.any()
 
 
-class UpdateGate(nn.Module):
-    """Hands this step's balancer weights to the :class:`UpdateSwitch` and returns the step's
-    ``(nonfinite [R, T + 1], skipped [])`` buffers, filled once the switch resolves (before the
-    backward reaches the tables, and before the optimizer step)."""
-
-    def __init__(self, switch: UpdateSwitch) -> None:
-        super().__init__()
-        self.switch = switch
-
-    def forward(self, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if not (self.training and torch.is_grad_enabled()):
-            flags = torch.zeros(1, weights.numel() + 1, dtype=torch.bool, device=weights.device)
-            return flags, flags.new_zeros(())
-        self.switch.weights(weights)
-        return self.switch.nonfinite, self.switch.skipped
-
-
 class NonFiniteLoss(RuntimeError):
     """Training stopped on a non-finite loss (``train.on_nonfinite``); the message names the
     step(s), the task(s) and the rank(s)."""

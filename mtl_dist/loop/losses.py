@@ -1,4 +1,4 @@
-"""Per-task losses with label masks, and the model-with-loss that trainers call.
+"""Per-task losses with label masks, and the model-with-loss the training step calls.
 
 Binary tasks: BCE on logits; regression tasks: MSE. The mask is each row's weight for a task:
 a missing label (mask 0) contributes nothing, a task with no label in the batch contributes 0,
@@ -9,18 +9,16 @@ neither the loss nor its gradient.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mtl_dist.balancing import all_mean, build_balancer
+from mtl_dist.balancing import build_balancer
 from mtl_dist.config import JobConfig, LossConfig, TaskSpec
 from mtl_dist.data.batch import Batch
-from mtl_dist.loop import preempt
-from mtl_dist.loop.guard import StepCheck, UpdateGate, UpdateSwitch, apply_update_gate
 
 
 def weighted_mean(total: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -215,77 +213,60 @@ def downsample_negatives(
     return mask * keep
 
 
+class TaskLosses(NamedTuple):
+    """What a training forward hands the step (:class:`mtl_dist.loop.step.TrainStep`), which
+    turns it into one scalar and runs the backward: ``losses [T]`` (unweighted task losses; the
+    CVR task's is the CTCVR loss under ESMM), ``aux [A]`` (the head's auxiliary losses),
+    ``mask [B, T]`` (each row's loss weight per task, as the losses used it: labelled rows are
+    those with weight > 0) and ``penalty`` (0-dim: ``model.embedding_l2``'s penalty in
+    training, else None). Not detached: the graph of this step hangs on them. A named tuple,
+    so DDP (static graph) finds these tensors in the forward's output: a dataclass would hide
+    them from its output traversal and its gradient sync would go wrong."""
+
+    losses: torch.Tensor
+    aux: torch.Tensor
+    mask: torch.Tensor
+    penalty: torch.Tensor | None
+
+
 @dataclass
 class StepOutput:
     """What a train / eval step returns besides the loss (all detached).
 
-    losses ``[T]`` (task losses, unweighted; the CVR task's is the CTCVR loss under ESMM);
-    weights ``[T]`` (the balancer's task weights this step); aux ``[A]`` (the head's auxiliary
-    losses, see ``head.aux_names``); preds, labels, mask, truth ``[B, T]`` (preds: pCTR / pCVR /
-    values on the true scale — pCVR stays available under ESMM); group ``[B]`` (GAUC ids);
-    conflict ``[T, T]`` (see :class:`GradientConflict`) on probe steps, else ``[0, 0]``.
+    From the forward: losses ``[T]`` (task losses, unweighted; the CVR task's is the CTCVR loss
+    under ESMM); aux ``[A]`` (the head's auxiliary losses, see ``head.aux_names``); preds,
+    labels, mask, truth ``[B, T]`` (preds: pCTR / pCVR / values on the true scale — pCVR stays
+    available under ESMM); group ``[B]`` (GAUC ids). From the training step
+    (:class:`mtl_dist.loop.step.TrainStep`; None after an evaluation forward): weights ``[T]``
+    (the balancer's task weights), conflict ``[T, T]`` (task-gradient cosines on probe steps,
+    else ``[0, 0]``), nonfinite ``[R, T + 1]`` and skipped ``[]`` (bool, the guard's verdict).
     """
 
     losses: torch.Tensor
-    weights: torch.Tensor
     aux: torch.Tensor
     preds: torch.Tensor
     labels: torch.Tensor
     mask: torch.Tensor
     truth: torch.Tensor
     group: torch.Tensor
-    conflict: torch.Tensor  # [T, T] task-gradient cosines on probe steps, else [0, 0]
-    nonfinite: torch.Tensor  # [R, T + 1] bool
-    skipped: torch.Tensor  # [] bool
-
-
-class GradientConflict(nn.Module):
-    """Probe: cosine similarity ``[T, T]`` of the task losses' gradients on the head's shared
-    parameters (averaged over ranks first) — negative means the tasks pull the shared experts
-    apart (negative transfer). Runs in the training forward after :meth:`arm`, once; returns
-    ``[0, 0]`` otherwise. A module of its own so TorchRec's pipeline tracer keeps it a leaf.
-    """
-
-    def __init__(self, shared: Callable[[], list[nn.Parameter]]) -> None:
-        super().__init__()
-        self.shared = shared
-        self.armed = False
-
-    def arm(self) -> None:
-        self.armed = True
-
-    def forward(self, losses: torch.Tensor) -> torch.Tensor:
-        if not (self.armed and self.training and torch.is_grad_enabled()):
-            return losses.new_zeros(0, 0)
-        self.armed = False
-        params = self.shared()
-        rows = []
-        for loss in losses:
-            grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
-            rows.append(
-                torch.cat([(g if g is not None else torch.zeros_like(p)).flatten()
-                           for g, p in zip(grads, params)])
-            )  # fmt: skip
-        g = F.normalize(all_mean(torch.stack(rows)), dim=1)
-        return g @ g.t()
+    weights: torch.Tensor | None = None
+    conflict: torch.Tensor | None = None
+    nonfinite: torch.Tensor | None = None
+    skipped: torch.Tensor | None = None
 
 
 class ModelWithLoss(nn.Module):
-    """``forward(batch) -> (loss, StepOutput)``, the contract of TorchRec's train pipelines.
+    """``forward(batch) -> (TaskLosses, StepOutput)``: the model and its task losses, what
+    TorchRec's train pipelines call; the step (:mod:`mtl_dist.loop.step`) combines the losses
+    and runs the backward.
 
-    loss = balancer(losses) + Σ aux (+ the model's ``embedding_penalty`` in training, see
-    ``model.embedding_l2``), where the balancer (``mtl_dist.balancing``) weighs the
-    task losses. ``esmm=(ctr_index, cvr_index)`` trains the CVR task through pCTCVR on all
-    exposures (see :func:`esmm_ctcvr_loss`), plus ``escm2_ips`` times ESCM2's counterfactual
-    risk (:func:`escm2_ips_risk`) or ``escm2_dr`` times its doubly robust form plus the
-    imputation tower's loss (:func:`escm2_dr_risk`; the ranker's ``imputation`` tower). Tasks
-    with ``negative_rate < 1`` see their negatives downsampled in training; predictions are
-    corrected back to the true scale.
-
-    Every training step goes through the non-finite guard (:mod:`mtl_dist.loop.guard`,
-    ``on_nonfinite``): label counts and loss finiteness are gathered from every rank, the
-    balancer sees which tasks had labels, and a non-finite step's update is dropped on every
-    rank alike (``self.switch``, read by the dense optimizer and by the model's ``grad_gate``).
+    ``esmm=(ctr_index, cvr_index)`` trains the CVR task through pCTCVR on all exposures (see
+    :func:`esmm_ctcvr_loss`), plus ``escm2_ips`` times ESCM2's counterfactual risk
+    (:func:`escm2_ips_risk`) or ``escm2_dr`` times its doubly robust form plus the imputation
+    tower's loss (:func:`escm2_dr_risk`; the ranker's ``imputation`` tower). Tasks with
+    ``negative_rate < 1`` see their negatives downsampled in training; predictions are
+    corrected back to the true scale. ``balancer`` (``mtl_dist.balancing``, per ``loss``) is
+    held here so its learnable state trains and checkpoints with the model; the step calls it.
     """
 
     def __init__(
@@ -295,7 +276,6 @@ class ModelWithLoss(nn.Module):
         esmm: tuple[int, int] | None = None,
         loss: LossConfig | None = None,
         esmm_ctcvr_preds: bool = False,
-        on_nonfinite: str = "stop",
         escm2_ips: float = 0.0,
         escm2_dr: float = 0.0,
     ) -> None:
@@ -305,7 +285,9 @@ class ModelWithLoss(nn.Module):
         self.escm2_ips = escm2_ips
         self.escm2_dr = escm2_dr
         self.esmm_ctcvr_preds = esmm_ctcvr_preds
-        self.balancer = build_balancer(loss or LossConfig(), tasks, lambda: self.model.head)
+        loss = loss or LossConfig()
+        self.balancer = build_balancer(loss, tasks, lambda: self.model.head)
+        self.fixed_weights = loss.balancer == "fixed"  # reads no label counts in the forward
         # representation-gradient balancers read the representation the head keeps for them
         if isinstance(getattr(model, "head", None), nn.Module):
             model.head.keep_shared = getattr(self.balancer, "needs_representation", False)
@@ -318,66 +300,50 @@ class ModelWithLoss(nn.Module):
             torch.tensor(rates) if min(rates) < 1 else None,
             persistent=False,
         )
-        self.conflict = GradientConflict(lambda: self.model.head.shared_parameters())
-        # the non-finite guard: one verdict per step, read by every update path
-        self.switch = UpdateSwitch(on_nonfinite)
-        apply_update_gate(model, self.switch)
-        fixed = (loss or LossConfig()).balancer == "fixed"  # reads no label counts
-        self.check = StepCheck(self.switch, wait=not fixed, stop=preempt.requested)
-        self.gate = UpdateGate(self.switch)
 
-    def forward(self, batch: Batch) -> tuple[torch.Tensor, StepOutput]:
+    def forward(self, batch: Batch) -> tuple[TaskLosses, StepOutput]:
         outputs, aux = self.model(batch)
         mask = batch.mask
         if self.training and self.negative_rate is not None:
             mask = downsample_negatives(batch.labels, mask, self.negative_rate)
         losses = task_losses(outputs, batch.labels, mask, self.is_binary)
         if self.esmm is not None:
-            c, v = self.esmm
-            weight = ctcvr_weights(batch.labels[:, c], mask[:, c], batch.mask[:, v])
-            ctcvr = esmm_ctcvr_loss(
-                outputs[:, c], outputs[:, v], batch.labels[:, c] * batch.labels[:, v], weight
-            )
-            if self.escm2_ips > 0:  # + the counterfactual CVR risk (ESCM2-IPS)
-                ctcvr = ctcvr + self.escm2_ips * escm2_ips_risk(
-                    outputs[:, c], outputs[:, v], batch.labels[:, v], mask[:, c], batch.mask[:, v]
-                )
-            if self.escm2_dr > 0:  # + its doubly robust form and the imputation tower's loss
-                dr = escm2_dr_risk(
-                    outputs[:, c], outputs[:, v], self.model.last_imputation, batch.labels[:, v],
-                    mask[:, c], batch.mask[:, v],
-                )  # fmt: skip
-                ctcvr = ctcvr + self.escm2_dr * (dr[0] + dr[1])
-            losses = torch.cat([losses[:v], ctcvr.unsqueeze(0), losses[v + 1 :]])
-            mask = torch.cat([mask[:, :v], weight.unsqueeze(1), mask[:, v + 1 :]], 1)
-        conflict = self.conflict(losses)  # [T, T] when armed, else [0, 0]
-        # submodules' outputs are indexed, not unpacked: TorchRec's pipeline FX-traces this
-        check = self.check(losses, aux, mask)  # every rank's label counts and finiteness
-        labelled, finite = check[0], check[1]  # None while the all-gather runs on (fixed)
-        balanced = self.balancer(losses, labelled, finite)
-        weighted, weights = balanced[0], balanced[1]
-        loss = weighted + aux.sum()
+            losses, mask = self._esmm(outputs, batch, losses, mask)
         penalty = getattr(self.model, "embedding_penalty", None)  # model.embedding_l2
-        if self.training and penalty is not None:
-            loss = loss + penalty
-        if self.switch.scaler is not None:  # fp16: the backward runs on the scaled loss
-            loss = loss * self.switch.scaler.scale
-        verdict = self.gate(weights)  # filled when the switch resolves, before any update
-        nonfinite, skipped = verdict[0], verdict[1]
         out = StepOutput(
             losses=losses.detach(),
-            weights=weights,
             aux=aux.detach(),
             preds=self.predict(outputs.detach()),
             labels=batch.labels,
             mask=batch.mask,
             truth=batch.truth,
             group=batch.group,
-            conflict=conflict,
-            nonfinite=nonfinite,
-            skipped=skipped,
         )
-        return loss, out
+        return TaskLosses(losses, aux, mask, penalty if self.training else None), out
+
+    def _esmm(
+        self, outputs: torch.Tensor, batch: Batch, losses: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The CVR task's loss replaced by ESMM's CTCVR loss (+ ESCM2's risks), and its mask
+        column by the CTCVR weights (see :func:`ctcvr_weights`)."""
+        c, v = self.esmm
+        weight = ctcvr_weights(batch.labels[:, c], mask[:, c], batch.mask[:, v])
+        ctcvr = esmm_ctcvr_loss(
+            outputs[:, c], outputs[:, v], batch.labels[:, c] * batch.labels[:, v], weight
+        )
+        if self.escm2_ips > 0:  # + the counterfactual CVR risk (ESCM2-IPS)
+            ctcvr = ctcvr + self.escm2_ips * escm2_ips_risk(
+                outputs[:, c], outputs[:, v], batch.labels[:, v], mask[:, c], batch.mask[:, v]
+            )
+        if self.escm2_dr > 0:  # + its doubly robust form and the imputation tower's loss
+            dr = escm2_dr_risk(
+                outputs[:, c], outputs[:, v], self.model.last_imputation, batch.labels[:, v],
+                mask[:, c], batch.mask[:, v],
+            )  # fmt: skip
+            ctcvr = ctcvr + self.escm2_dr * (dr[0] + dr[1])
+        losses = torch.cat([losses[:v], ctcvr.unsqueeze(0), losses[v + 1 :]])
+        mask = torch.cat([mask[:, :v], weight.unsqueeze(1), mask[:, v + 1 :]], 1)
+        return losses, mask
 
     def predict(self, outputs: torch.Tensor) -> torch.Tensor:
         """Probabilities / values ``[B, T]`` from the head's outputs; with ESMM on a CTCVR label
@@ -396,5 +362,5 @@ def build_model_with_loss(model: nn.Module, cfg: JobConfig) -> ModelWithLoss:
     )
     return ModelWithLoss(
         model, cfg.tasks, esmm, cfg.loss, cfg.model.esmm_cvr_label == "ctcvr",
-        cfg.train.on_nonfinite, cfg.model.escm2_ips, cfg.model.escm2_dr,
+        cfg.model.escm2_ips, cfg.model.escm2_dr,
     )  # fmt: skip

@@ -34,6 +34,7 @@ from mtl_dist.distributed.setup import DistInfo
 from mtl_dist.loop.guard import NonFiniteWatch
 from mtl_dist.loop.losses import StepOutput
 from mtl_dist.loop.optim import learning_rates
+from mtl_dist.loop.step import TrainStep
 from mtl_dist.models.gates import Gates
 from mtl_dist.observe.gate_health import Alarm, GateHealth, heatmaps
 from mtl_dist.observe.metrics import write_json
@@ -213,6 +214,7 @@ class Telemetry:
         total_steps: int,
         model: nn.Module,
         loss_module: nn.Module,
+        train_step: TrainStep,
         optimizer: torch.optim.Optimizer,
         start_step: int = 0,
     ) -> None:
@@ -220,7 +222,7 @@ class Telemetry:
         self.start_step = start_step  # a resumed run's first step: throughput counts from here
         self.log = print if info.is_main else (lambda *a, **k: None)
         self.monitor = Monitor(cfg.train.output_dir, info.rank, total_steps, cfg.train.progress_bar)
-        self.loss_module, self.optimizer = loss_module, optimizer
+        self.loss_module, self.train_step, self.optimizer = loss_module, train_step, optimizer
         self.head = loss_module.model.head
         self.timer = StepTimer(model, optimizer, info.device) if cfg.monitor.step_timing else None
         self.gates = (
@@ -242,7 +244,7 @@ class Telemetry:
         self.loss_steps = 0
         self.loss_counted = torch.zeros((), device=info.device)  # steps not skipped
         # the non-finite guard's flags, read on the host only where that costs no sync
-        self.guard = NonFiniteWatch(cfg, info, loss_module.switch, self.log)
+        self.guard = NonFiniteWatch(cfg, info, train_step.switch, self.log)
         self.weights: list[float] = []
         self.train_s = 0.0  # training wall time (validation excluded)
         self.global_rate = 0.0  # samples/s over all ranks, as of the last write
@@ -288,7 +290,7 @@ class Telemetry:
             }
             mon.scalars(step, pairs, main_only=True)
         if cfg.monitor.conflict_every and step % cfg.monitor.conflict_every == 0:
-            self.loss_module.conflict.arm()  # measured in the next training forward
+            self.train_step.conflict.arm()  # measured in the next training step
         if self.gates is not None and step % cfg.monitor.gate_every == 0:
             own, across, alarms = self.gates.update(step, self.head.last_gates, self.head.last_dead)
             self.head.last_dead = {}
@@ -362,7 +364,7 @@ class Telemetry:
         dense = dict(self.optimizer.optimizers)["dense"]
         if getattr(dense, "grad_norm", None) is not None:  # clipping on: the pre-clip norm
             scalars["train/grad_norm"] = float(dense.grad_norm)
-        scaler = self.loss_module.switch.scaler
+        scaler = self.train_step.switch.scaler
         if scaler is not None:  # fp16
             scalars["train/loss_scale"] = float(scaler.scale)
             scalars["train/overflow_steps"] = float(scaler.skipped)

@@ -23,6 +23,7 @@ from mtl_dist.data.batch import ArrowBatchConverter
 from mtl_dist.distributed.setup import init_distributed
 from mtl_dist.distributed.sharding import shard_model
 from mtl_dist.loop.losses import ModelWithLoss
+from mtl_dist.loop.step import TrainStep
 from mtl_dist.models.ranker import build_ranker
 
 TYPES = SHARDING_TYPES
@@ -116,16 +117,18 @@ def main(out_dir: str) -> None:
         cfg = make_cfg(force)
         torch.manual_seed(0)
         ref = ModelWithLoss(build_ranker(cfg, device="cpu"), cfg.tasks)
+        ref_step = TrainStep(ref)
         ref_sd = {k: v.detach().clone() for k, v in ref.state_dict().items()}
         torch.manual_seed(0)
         model = ModelWithLoss(build_ranker(cfg, device="meta"), cfg.tasks)
+        step_fn = TrainStep(model)
         dmp, plan = shard_model(model, cfg.sharding, cfg.optim, info)
         types = {ps.sharding_type for mp in plan.plan.values() for ps in mp.values()}
         copy_state_dict(dmp.state_dict(), ref_sd)
 
         batches = [make_batch(cfg, r) for r in range(world)]
         mine = batches[info.rank]
-        loss, out = dmp(mine)
+        loss, out = step_fn.loss(dmp(mine))
         _, ref_out = ref(mine)
         fwd_diff = (out.preds - ref_out.preds).abs().max().item()
 
@@ -134,7 +137,7 @@ def main(out_dir: str) -> None:
         # reference: gradient summed over the ranks' losses (or averaged for data_parallel)
         ref.zero_grad()
         for b in batches:
-            ref(b)[0].backward()
+            ref_step.loss(ref(b))[0].backward()
         scale = 1.0 / world if force == "data_parallel" else 1.0
         with torch.no_grad():
             for name, p in ref.named_parameters():
@@ -154,7 +157,7 @@ def main(out_dir: str) -> None:
         losses = [mean_over_ranks(loss)]
         for _ in range(30):
             dense.zero_grad()
-            loss, _ = dmp(mine)
+            loss, _ = step_fn.loss(dmp(mine))
             loss.backward()
             dense.step()
             losses.append(mean_over_ranks(loss))

@@ -17,6 +17,7 @@ from torchrec.distributed.types import ShardedTensor
 from mtl_dist.distributed.setup import init_distributed
 from mtl_dist.distributed.sharding import shard_model
 from mtl_dist.loop.losses import ModelWithLoss
+from mtl_dist.loop.step import TrainStep
 from mtl_dist.models.ranker import build_ranker
 from tests.distributed.sharding_worker import copy_state_dict, make_batch, make_cfg
 
@@ -33,9 +34,10 @@ def sharded(cfg, info):
     torch.manual_seed(0)
     ref_sd = ModelWithLoss(build_ranker(cfg, device="cpu"), cfg.tasks).state_dict()
     model = ModelWithLoss(build_ranker(cfg, device="meta"), cfg.tasks)
+    step_fn = TrainStep(model)
     dmp, _ = shard_model(model, cfg.sharding, cfg.optim, info)
     copy_state_dict(dmp.state_dict(), ref_sd)
-    return dmp, model
+    return dmp, model, step_fn
 
 
 def main(out_dir: str) -> None:
@@ -45,10 +47,10 @@ def main(out_dir: str) -> None:
         cfg = make_cfg("table_wise")  # fused SGD
         cfg.optim.embedding_lr = LR
         cfg.model.embedding_l2 = l2
-        dmp, model = sharded(cfg, info)
+        dmp, model, step_fn = sharded(cfg, info)
         batch = make_batch(cfg, 0)
         before = user_table(dmp)
-        loss, _ = dmp(batch)
+        loss, _ = step_fn.loss(dmp(batch))
         loss.backward()
         results[f"l2_{l2:g}"] = {
             "before": before.tolist(),

@@ -211,6 +211,7 @@ def test_esmm_clicked_row_with_unknown_conversion_has_no_ctcvr_weight():
     from mtl_dist.config import TaskSpec
     from mtl_dist.data.batch import ArrowBatchConverter
     from mtl_dist.loop.losses import ModelWithLoss
+    from mtl_dist.loop.step import TrainStep
 
     tasks = [TaskSpec(name="click", label="click"),
              TaskSpec(name="conversion", label="conversion", condition="click")]  # fmt: skip
@@ -230,7 +231,7 @@ def test_esmm_clicked_row_with_unknown_conversion_has_no_ctcvr_weight():
     assert ctcvr_weights(batch.labels[:, 0], batch.mask[:, 0], batch.mask[:, 1]).tolist() == [
         1.5, 1.5, 0.0, 1.0,  # the 2 known clicked rows stand for the 3 clicked (1/q̂ = 1.5)
     ]  # fmt: skip
-    loss, out = model(batch)
+    loss, out = TrainStep(model).loss(model(batch))
     (grad,) = torch.autograd.grad(loss, outputs)  # click BCE + CTCVR, weights 1
     assert grad[2, 1] == 0  # the unknown row: no CTCVR gradient on pCVR ...
     assert grad[2, 0].item() == pytest.approx((0.5 - 1) / 4)  # ... and pCTR's is click BCE's alone

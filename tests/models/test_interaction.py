@@ -246,6 +246,7 @@ def test_embedding_l2_penalty_is_added_to_the_training_loss_only():
     attribution path and eval see no penalty."""
     from mtl_dist.data.batch import ArrowBatchConverter
     from mtl_dist.loop.losses import ModelWithLoss
+    from mtl_dist.loop.step import TrainStep
     from mtl_dist.models.ranker import build_ranker
     from tests.models.test_ranker import random_table
 
@@ -263,11 +264,14 @@ def test_embedding_l2_penalty_is_added_to_the_training_loss_only():
     kt = ranker.ebc(batch.sparse)
     pooled = torch.cat([kt[name] for name in ranker.feature_order], 1)  # [B, Σ w_f]
     expected = 0.5 * 0.3 * float(pooled.square().sum(1).mean())
-    loss, _ = model(batch)
+    loss, _ = TrainStep(model).loss(model(batch))
     assert float(ranker.embedding_penalty) == pytest.approx(expected, rel=1e-5)
-    assert float(loss - plain(batch)[0]) == pytest.approx(expected, rel=1e-4)
+    assert float(model(batch)[0].penalty) == pytest.approx(expected, rel=1e-5)
+    assert float(loss - TrainStep(plain).loss(plain(batch))[0]) == pytest.approx(expected, rel=1e-4)
     model.eval(), plain.eval()
-    assert float(model(batch)[0]) == pytest.approx(float(plain(batch)[0]), rel=1e-6)
+    evaluated, plain_evaluated = model(batch)[0], plain(batch)[0]
+    assert evaluated.penalty is None
+    torch.testing.assert_close(evaluated.losses, plain_evaluated.losses, rtol=1e-6, atol=0)
 
 
 def test_reduced_precision_runs_the_interaction_under_autocast_and_returns_float32():

@@ -6,6 +6,7 @@ import torch
 from mtl_dist.config import load_config
 from mtl_dist.data.batch import ArrowBatchConverter
 from mtl_dist.loop.losses import ModelWithLoss, task_losses
+from mtl_dist.loop.step import TrainStep
 from mtl_dist.models.ranker import build_ranker
 
 
@@ -46,8 +47,8 @@ def test_forward_shapes_and_gradients_reach_embedding_tables():
     batch = ArrowBatchConverter(cfg.features.sparse, cfg.features.dense, cfg.tasks)(
         random_table(cfg, 32)
     )
-    loss, out = model(batch)
-    assert out.preds.shape == (32, 3) and out.aux.numel() == 0
+    loss, out = TrainStep(model).loss(model(batch))
+    assert out.preds.shape == (32, 3) and out.aux.numel() == 0 and out.weights.shape == (3,)
     assert model.model.head.last_gates["click"].shape == (32, 4)
     assert torch.isfinite(loss)
     loss.backward()
