@@ -1,7 +1,9 @@
 """Train a multi-task ranker: ``torchrun --nproc_per_node N -m mtl_dist.train --config X.toml``.
 
-The recipe: config → process group → data → model → sharding (DMP) → optimizers → train loop
-with periodic validation → metrics out → clean exit. ``--help`` lists every config key.
+The recipe (:func:`train`): config → process group → the run directory → data → model → the
+training step (:mod:`mtl_dist.loop.step`, where the backward runs) → sharding (DMP) →
+optimizers → resume → the loop: segments of steps ending at validation / checkpoint steps and
+epoch ends → metrics out → clean exit. ``--help`` lists every config key.
 """
 
 from __future__ import annotations
@@ -12,12 +14,12 @@ import random
 import sys
 import time
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
-from torchdata.stateful_dataloader import StatefulDataLoader
 
 from mtl_dist.checkpoint.rundir import (
     clear_finished,
@@ -33,36 +35,24 @@ from mtl_dist.checkpoint.store import (
     point,
     save_checkpoint,
 )
-from mtl_dist.config import DataConfig, JobConfig, load_config, to_dict
-from mtl_dist.data.batch import ArrowBatchConverter
-from mtl_dist.data.reader import (
-    ParquetBatchReader,
-    describe,
-    list_parquet_files,
-    overlap_warning,
-    require_selected,
-)
-from mtl_dist.data.source import RowFilter, check_filters
+from mtl_dist.config import JobConfig, load_config, to_dict
+from mtl_dist.data.loaders import build_loader, build_readers, check_splits, validation_loader
+from mtl_dist.data.reader import ParquetBatchReader, describe
+from mtl_dist.data.source import check_filters
 from mtl_dist.distributed.setup import DistInfo, destroy, init_distributed
 from mtl_dist.distributed.sharding import describe_plan, shard_model
 from mtl_dist.loop import preempt
-from mtl_dist.loop.losses import build_model_with_loss
+from mtl_dist.loop.losses import ModelWithLoss, build_model_with_loss
 from mtl_dist.loop.optim import build_optimizer, dense_optimizer
-from mtl_dist.loop.precision import LossScaler, Precision, resolve_precision, set_head_precision
+from mtl_dist.loop.precision import set_up_precision
 from mtl_dist.loop.preempt import Preempted
 from mtl_dist.loop.schedule import LRSchedule
 from mtl_dist.loop.selection import BestTracker, fmt_metric
 from mtl_dist.loop.step import StepRunner, TrainStep
 from mtl_dist.models.ranker import build_ranker
-from mtl_dist.observe.attribution import attribution_figure, feature_attribution, write_attribution
-from mtl_dist.observe.metrics import (
-    compute_metrics,
-    format_table,
-    gather_rows,
-    metric_units,
-    write_json,
-)
-from mtl_dist.observe.telemetry import Monitor, Telemetry, peak_memory_mb, quiet_third_party_logs
+from mtl_dist.observe.metrics import format_table, gather_rows, metric_units, write_json
+from mtl_dist.observe.telemetry import Telemetry, peak_memory_mb, quiet_third_party_logs
+from mtl_dist.observe.validation import evaluate, flat_metrics, report_attribution
 
 
 def seed_everything(seed: int) -> None:
@@ -70,111 +60,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def build_loader(reader: ParquetBatchReader, cfg: DataConfig) -> StatefulDataLoader:
-    """Batches come pre-built from the reader (``batch_size=None``)."""
-    workers = cfg.num_workers
-    return StatefulDataLoader(
-        reader,
-        batch_size=None,
-        num_workers=workers,
-        prefetch_factor=cfg.prefetch_batches if workers else None,
-        persistent_workers=False,
-        pin_memory=torch.cuda.is_available(),  # pinned host batches copy to the GPU asynchronously
-    )
-
-
-def validation_loader(reader: ParquetBatchReader, cfg: DataConfig) -> StatefulDataLoader:
-    """A loader over the whole validation set, from its first row."""
-    reader.rewind()
-    return build_loader(reader, cfg)
-
-
-def build_readers(cfg: JobConfig, info: DistInfo) -> tuple[ParquetBatchReader, ParquetBatchReader]:
-    """Training reader (drops ragged batches; reads sample weights, not the oracle's truth) and
-    validation reader (pads them so every row counts; reads truth and the GAUC group column,
-    not sample weights). A file needs only the columns its reader uses."""
-
-    def reader(path: str, training: bool) -> ParquetBatchReader:
-        converter = ArrowBatchConverter(
-            cfg.features.sparse, cfg.features.dense, cfg.tasks,
-            group_by="" if training else cfg.train.gauc_by, dense_nan=cfg.data.dense_nan,
-            sample_weights=training, truth=not training, hash_seed=cfg.data.hash_seed,
-        )  # fmt: skip
-        return ParquetBatchReader(
-            list_parquet_files(path), converter, cfg.train.batch_size, info.rank, info.world_size,
-            cfg.data.num_workers, drop_last=training, row_filter=_row_filter(cfg, training),
-        )  # fmt: skip
-
-    return reader(cfg.data.train_path, True), reader(cfg.data.val_path, False)
-
-
-def _row_filter(cfg: JobConfig, training: bool) -> RowFilter | None:
-    text = cfg.data.train_filter if training else cfg.data.val_filter
-    return (
-        RowFilter.parse(text, "data.train_filter" if training else "data.val_filter")
-        if text
-        else None
-    )
-
-
-def check_splits(cfg: JobConfig, val_reader: ParquetBatchReader, info: DistInfo) -> None:
-    """Start-up checks of the two splits, before anything trains: a validation set that keeps
-    no row raises ``ValueError`` naming the path, the filter and the partitions found (on every
-    rank alike); rows both splits keep (overlapping filters, or the same files) are counted in a
-    warning on rank 0."""
-    if val_reader.total_rows == 0:
-        require_selected(cfg.data.val_path, _row_filter(cfg, False))  # names path and partitions
-        raise ValueError(f"{cfg.data.val_path}: no validation row")
-    if info.rank == 0:
-        warning = overlap_warning(
-            cfg.data.train_path, _row_filter(cfg, True), cfg.data.val_path, _row_filter(cfg, False)
-        )
-        if warning:
-            print(f"[data] warning: {warning}", flush=True)
-
-
-@torch.no_grad()
-def evaluate(
-    model: torch.nn.Module, cfg: JobConfig, loader: StatefulDataLoader, device: torch.device
-) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, str]]]:
-    """Whole validation set on every rank (equal, padded batch counts) → metrics over all ranks
-    and the reasons of the undefined ones (see :func:`mtl_dist.observe.metrics.compute_metrics`)."""
-    model.eval()
-    outs = []
-    batches = itertools.islice(loader, cfg.train.val_max_batches or None)
-    for batch in batches:
-        _, out = model(batch.to(device, non_blocking=True))
-        outs.append(out)
-    model.train()
-    cat = lambda name: torch.cat([getattr(o, name) for o in outs])  # noqa: E731
-    group = cat("group") if cfg.train.gauc_by else None
-    return compute_metrics(cfg.tasks, cat("preds"), cat("labels"), cat("mask"), cat("truth"), group)
-
-
-def flat_metrics(metrics: dict[str, dict[str, float]], prefix: str = "val") -> dict[str, float]:
-    """TensorBoard scalars (only defined metrics are in ``metrics``)."""
-    return {f"{prefix}/{task}/{k}": v for task, m in metrics.items() for k, v in m.items()}
-
-
-def report_attribution(
-    cfg: JobConfig,
-    ranker: torch.nn.Module,
-    val_reader: ParquetBatchReader,
-    info: DistInfo,
-    monitor: Monitor,
-    step: int,
-) -> None:
-    """Per-task feature attribution on the first validation batches: ``attribution.csv`` and a
-    heatmap image ``attribution`` in TensorBoard (rank 0)."""
-    loader = validation_loader(val_reader, cfg.data)
-    batches = itertools.islice(loader, cfg.monitor.attribution_batches)
-    features, attr = feature_attribution(ranker, batches, info.device)
-    if info.is_main:
-        tasks = [t.name for t in cfg.tasks]
-        write_attribution(Path(cfg.train.output_dir) / "attribution.csv", features, tasks, attr)
-        monitor.figure("attribution", attribution_figure(features, tasks, attr), step)
 
 
 def check_writable(path: str) -> None:
@@ -188,22 +73,271 @@ def check_writable(path: str) -> None:
         raise PermissionError(f"train.output_dir {path!r} is not writable: {e}") from None
 
 
-def set_up_precision(
-    cfg: JobConfig, loss_module: nn.Module, step: TrainStep, device: torch.device
-) -> Precision:
-    """Resolve ``train.precision`` for this device (see :mod:`mtl_dist.loop.precision`) and apply it:
-    the head's autocast dtype, a loss scaler for fp16, TF32 for fp32 matmuls on CUDA (per
-    ``train.allow_tf32``)."""
-    cap = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
-    precision = resolve_precision(cfg.train.precision, device.type, cap)
-    if device.type == "cuda":
-        tf32 = cfg.train.allow_tf32 and precision.name == "fp32"
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
-    set_head_precision(loss_module.model.head, precision)
-    set_head_precision(loss_module.model.interaction, precision)  # an Identity: ignored
-    if precision.loss_scaling:  # fp16: dynamic loss scaling over dense and fused table updates
-        step.switch.scaler = LossScaler(device)
-    return precision
+@dataclass
+class Job:
+    """What the build stages made, for the loop: the readers, the model with its loss (plain
+    and DMP-wrapped), the step, the optimizers and the runner."""
+
+    cfg: JobConfig
+    info: DistInfo
+    ckpt_root: Path
+    train_reader: ParquetBatchReader
+    val_reader: ParquetBatchReader
+    loss_module: ModelWithLoss
+    step_fn: TrainStep
+    model: torch.nn.Module
+    plan: Any
+    optimizer: torch.optim.Optimizer
+    runner: StepRunner
+
+    def log(self, *a: object) -> None:
+        if self.info.is_main:
+            print(*a, flush=True)
+
+
+@dataclass
+class LoopState:
+    """What the loop carries from step to step (and a checkpoint carries across restarts)."""
+
+    step: int
+    epoch: int
+    run_id: str
+    tracker: BestTracker
+    history: list[dict[str, Any]] = field(default_factory=list)
+    metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    undefined: dict[str, dict[str, str]] = field(default_factory=dict)
+    stop: bool = False
+
+
+def build_job(cfg: JobConfig, info: DistInfo, ckpt_root: Path) -> Job:
+    """Data → model → step → precision → sharding → optimizers → runner."""
+    log = print if info.is_main else (lambda *a, **k: None)
+    # --- data: each rank reads its own contiguous share of the rows
+    train_reader, val_reader = build_readers(cfg, info)
+    log(f"[data] train: {describe(train_reader)}\n[data] val:   {describe(val_reader)}")
+    check_splits(cfg, val_reader, info)
+    # --- model: tables on meta, sharded by the planner; dense part under DDP
+    loss_module = build_model_with_loss(build_ranker(cfg, "meta", info.world_size), cfg)
+    step_fn = TrainStep(loss_module, cfg.train.on_nonfinite)  # the guard's gate goes in here
+    precision = set_up_precision(cfg, loss_module.model, step_fn.switch, info.device)
+    log(
+        f"[precision] dense {precision.name} ({precision.reason}); tables {cfg.embedding.data_type}"
+    )
+    if cfg.optim.embedding_weight_decay and info.device.type != "cuda":
+        raise ValueError(
+            "optim.embedding_weight_decay: fbgemm's CPU kernels ignore weight decay (measured in "
+            "tests/distributed/test_embedding_weight_decay.py); use model.embedding_l2 on CPU"
+        )
+    model, plan = shard_model(loss_module, cfg.sharding, cfg.optim, info)
+    log(
+        f"[model] world {info.world_size} on {info.device} ({info.backend}); sharding plan:\n{describe_plan(plan)}"
+    )
+    optimizer = build_optimizer(cfg.optim, model, step_fn.switch)
+    loss_module.balancer.attach(dense_optimizer(optimizer))
+    dict(optimizer.optimizers)["dense"].before_step.append(loss_module.balancer.before_step)
+    runner = StepRunner(model, optimizer, info.device, step_fn, cfg.sharding.pipeline)
+    return Job(cfg, info, ckpt_root, train_reader, val_reader, loss_module, step_fn, model,
+               plan, optimizer, runner)  # fmt: skip
+
+
+def resume(job: Job, resumed: Path | None, finished: dict[str, Any]) -> LoopState:
+    """The loop's state: fresh (a new run id), or from the newest verified checkpoint of this
+    run (or the one named), at any world size; the readers placed where it left off."""
+    cfg = job.cfg
+    state = LoopState(0, 0, uuid.uuid4().hex, BestTracker(cfg.train))
+    if resumed is None:
+        return state
+    r = load_checkpoint(resumed, job.model, job.optimizer, cfg)
+    state.step, state.epoch, state.run_id = r.step, r.epoch, r.run_id or state.run_id
+    # a checkpoint taken at an epoch's end holds no position: the next epoch starts afresh
+    exact = job.train_reader.resume_pass(r.positions) if any(r.positions) else True
+    job.log(
+        f"[resume] {resumed} at step {state.step}, epoch {state.epoch}: saved by {r.saved_world_size} "
+        f"ranks, {'continuing each reader exactly' if exact else 're-splitting the rows not yet trained'}"
+    )
+    if r.table_dtype != cfg.embedding.data_type:
+        job.log(f"[resume] tables saved as {r.table_dtype}, loaded as {cfg.embedding.data_type}")
+    job.log(f"[data] train: {describe(job.train_reader)}")
+    state.tracker.load(r.loop_state.get("best", {}))
+    state.history = list(r.loop_state.get("history", []))
+    if finished.get("reason") == "early stop":  # continued: patience starts over
+        state.tracker.since = 0
+    return state
+
+
+def save(job: Job, state: LoopState, at: int, epoch_after: int, done: bool) -> Path:
+    """A checkpoint of step ``at`` (``done``: an epoch's end, so no reader position)."""
+    position = {} if done else job.train_reader.position(job.runner.trained)
+    loop_state = {"best": state.tracker.state(), "history": state.history}
+    path = save_checkpoint(
+        job.ckpt_root, at, epoch_after, job.model, job.optimizer, position, job.cfg,
+        job.cfg.checkpoint.keep, state.run_id, loop_state,
+    )  # fmt: skip
+    job.log(f"[checkpoint] step {at}: {path}")
+    return path
+
+
+def validate(
+    job: Job, state: LoopState, telemetry: Telemetry, at: int, epoch_after: int, done: bool,
+    saved: Path | None,
+) -> bool:  # fmt: skip
+    """Validate at step ``at``; track the best (a checkpoint of a new best, ``best`` pointing
+    at it); returns whether to stop early."""
+    cfg, tracker = job.cfg, state.tracker
+    loader = validation_loader(job.val_reader, cfg.data)
+    state.metrics, state.undefined = evaluate(job.model, cfg, loader, job.info.device)
+    telemetry.monitor.scalars(at, flat_metrics(state.metrics), main_only=True)
+    state.history.append({"step": at, "metrics": state.metrics, "undefined": state.undefined})
+    if cfg.monitor.attribution:
+        report_attribution(cfg, job.loss_module.model, job.val_reader, job.info,
+                           telemetry.monitor, at)  # fmt: skip
+    if tracker.enabled and tracker.update(at, state.metrics):
+        tracker.checkpoint = f"step_{at:08d}"
+        saved = saved or save(job, state, at, epoch_after, done)
+        if job.info.is_main:
+            point(job.ckpt_root, saved.name, "best")
+        job.log(f"[best] {tracker.name} = {fmt_metric(tracker.value)} at step {at}: {saved}")
+    elif tracker.enabled and (note := tracker.undefined_note(at, state.metrics, state.undefined)):
+        job.log(note)  # one class in validation, ...: no improvement, never a number
+    if tracker.stop:
+        job.log(
+            f"[early stop] {tracker.name} has not improved in "
+            f"{tracker.since} validations (best {tracker.describe_best()})"
+        )
+        if cfg.checkpoint.at_end and saved is None:
+            save(job, state, at, epoch_after, done)
+    return tracker.stop
+
+
+def run_segment(job: Job, state: LoopState, telemetry: Telemetry, schedule: LRSchedule,
+                batches, segment_end: int) -> None:  # fmt: skip
+    """Train up to step ``segment_end`` (or a preemption on some rank)."""
+    start = state.step
+    for out in job.runner.run(telemetry.batches(itertools.islice(batches, segment_end - start))):
+        state.step += 1
+        telemetry.step(state.step, out, flush=state.step == segment_end)
+        schedule.apply(state.step + 1)  # the rates of the next step
+        if telemetry.preempted:  # SIGTERM on some rank: every rank stops after this step
+            break
+    if state.step == start:
+        raise RuntimeError(f"training data ended early at step {start} (expected {segment_end})")
+
+
+def run_epochs(job: Job, state: LoopState, telemetry: Telemetry, total: int,
+               resumed: bool) -> None:  # fmt: skip
+    """The loop: segments end at validation / checkpoint steps and at epoch ends; a checkpoint
+    is saved before its validation (a failing validation costs only the validation)."""
+    cfg, reader = job.cfg, job.train_reader
+    val_every = cfg.train.val_every or len(reader)
+    ckpt_every = cfg.checkpoint.every
+    schedule = LRSchedule(cfg.optim, job.optimizer, total)  # a function of the step
+    schedule.apply(state.step + 1)
+    for epoch in range(state.epoch, cfg.train.epochs):
+        if state.step >= total or state.stop:
+            break
+        if epoch != state.epoch or not resumed:
+            reader.start_pass()
+        pass_end = state.step + reader.steps_left()  # this epoch's last step
+        epoch_end = min(pass_end, total)
+        batches = iter(build_loader(reader, cfg.data))
+        while state.step < epoch_end and not state.stop:
+            boundaries = [epoch_end, (state.step // val_every + 1) * val_every]
+            if ckpt_every:
+                boundaries.append((state.step // ckpt_every + 1) * ckpt_every)
+            run_segment(job, state, telemetry, schedule, batches, min(boundaries))
+            step = state.step
+            telemetry.pause(step)
+            done = step == pass_end  # a finished epoch resumes at the next one's start
+            ckpt_due = (ckpt_every and step % ckpt_every == 0) or (
+                step == total and cfg.checkpoint.at_end
+            )
+            saved = (
+                save(job, state, step, epoch + done, done)
+                if ckpt_due or telemetry.preempted
+                else None
+            )
+            if telemetry.preempted:
+                telemetry.close()
+                raise Preempted(step, str(saved))
+            if step % val_every == 0 or step == epoch_end:
+                state.stop = validate(job, state, telemetry, step, epoch + done, done, saved)
+            telemetry.resume()
+
+
+def total_steps(job: Job, state: LoopState, resumed: bool) -> int:
+    """The step the run ends at: this pass's remaining steps, whole further epochs, capped by
+    ``train.max_steps``; ``ValueError`` when a rank's share is less than one batch."""
+    cfg, reader = job.cfg, job.train_reader
+    per_epoch = len(reader)  # a full pass
+    if per_epoch == 0:
+        raise ValueError(
+            f"{cfg.data.train_path}: fewer rows than one batch per rank "
+            f"({reader.total_rows} rows, batch {cfg.train.batch_size}, world {job.info.world_size})"
+        )
+    total = state.step + (reader.steps_left() if resumed else per_epoch)
+    total += per_epoch * (cfg.train.epochs - state.epoch - 1)
+    return min(total, cfg.train.max_steps) if cfg.train.max_steps else total
+
+
+def summarize(job: Job, state: LoopState, telemetry: Telemetry, elapsed: float) -> dict[str, Any]:
+    """``metrics.json``'s content (the same on every rank), and why the run ended."""
+    cfg, info = job.cfg, job.info
+    if state.stop:
+        end_reason = "early stop"
+    elif cfg.train.max_steps and state.step >= cfg.train.max_steps:
+        end_reason = "max_steps"
+    else:
+        end_reason = "all epochs"
+    return {
+        "steps": state.step,
+        "world_size": info.world_size,
+        "samples_per_s": telemetry.global_rate,
+        "steady_samples_per_s": telemetry.steady_rate,  # after the first 10 steps (0: shorter)
+        "elapsed_s": elapsed,
+        "train_s": telemetry.train_s,
+        "metrics": state.metrics,  # {task: {metric: value}}: defined metrics only
+        "best": state.tracker.summary() if state.tracker.enabled else None,
+        "early_stopped": state.stop,
+        "ended_by": end_reason,  # early stop | max_steps | all epochs
+        "undefined_metrics": state.undefined,  # {task: {metric: why}}: AUC with one class, ...
+        "metric_units": metric_units(cfg.tasks),  # {regression task: unit of MAE / sqrt(MSE)}
+        "history": state.history,
+        "plan": describe_plan(job.plan),
+        "last_trained_position": job.runner.trained_position,  # (global worker, rows) of rank 0
+        # the balancer's final task weights as each rank holds them (they must agree)
+        "task_weights_by_rank": gather_rows(
+            torch.tensor([telemetry.weights], device=info.device)
+        ).tolist(),
+        # peak resident memory (CUDA: peak allocated) of every rank, MiB
+        "peak_memory_mb_by_rank": gather_rows(
+            torch.tensor([[peak_memory_mb(info.device)]], device=info.device)
+        )
+        .flatten()
+        .tolist(),
+        "profile": telemetry.profile,  # rank 0's step profile (monitor.profile_steps)
+        "config": to_dict(cfg),
+    }
+
+
+def report(job: Job, state: LoopState, result: dict[str, Any]) -> None:
+    """Rank 0: ``metrics.json``, the run recorded as ended (a relaunch of the same command finds
+    it so and does nothing), and the summary with the validation table."""
+    cfg = job.cfg
+    write_json(os.path.join(cfg.train.output_dir, "metrics.json"), result)
+    record_finished(job.ckpt_root, {
+        "reason": result["ended_by"], "step": state.step, "epochs": cfg.train.epochs,
+        "max_steps": cfg.train.max_steps, "latest": latest_target(job.ckpt_root),
+        "run_id": state.run_id, "metrics": "metrics.json",
+    })  # fmt: skip
+    job.log(
+        f"\n[done] {state.step} steps in {result['elapsed_s']:.1f}s ({result['train_s']:.1f}s training, "
+        f"{result['samples_per_s']:.0f} samples/s over {job.info.world_size} ranks)"
+    )
+    job.log(
+        "validation (model vs oracle, the best achievable on this data):\n"
+        + format_table(cfg.tasks, state.metrics, state.undefined)
+    )
+    job.log(f"TensorBoard: tensorboard --logdir {os.path.join(cfg.train.output_dir, 'tb')}")
 
 
 def train(cfg: JobConfig, info: DistInfo) -> dict[str, object]:
@@ -229,217 +363,38 @@ def train(cfg: JobConfig, info: DistInfo) -> dict[str, object]:
         log(f"{how}: training on (checkpoint.continue_finished or a larger budget)")
     clear_finished(ckpt_root)  # it trains: not ended until it ends again
 
-    # --- data: each rank reads its own contiguous share of the rows
-    train_reader, val_reader = build_readers(cfg, info)
-    log(f"[data] train: {describe(train_reader)}\n[data] val:   {describe(val_reader)}")
-    check_splits(cfg, val_reader, info)
-
-    # --- model: tables on meta, sharded by the planner; dense part under DDP
-    loss_module = build_model_with_loss(build_ranker(cfg, "meta", info.world_size), cfg)
-    step_fn = TrainStep(loss_module, cfg.train.on_nonfinite)  # the guard's gate goes in here
-    precision = set_up_precision(cfg, loss_module, step_fn, info.device)
-    log(
-        f"[precision] dense {precision.name} ({precision.reason}); tables {cfg.embedding.data_type}"
-    )
-    if cfg.optim.embedding_weight_decay and info.device.type != "cuda":
-        raise ValueError(
-            "optim.embedding_weight_decay: fbgemm's CPU kernels ignore weight decay (measured in "
-            "tests/distributed/test_embedding_weight_decay.py); use model.embedding_l2 on CPU"
-        )
-    model, plan = shard_model(loss_module, cfg.sharding, cfg.optim, info)
-    log(
-        f"[model] world {info.world_size} on {info.device} ({info.backend}); sharding plan:\n{describe_plan(plan)}"
-    )
-    optimizer = build_optimizer(cfg.optim, model, step_fn.switch)
-    loss_module.balancer.attach(dense_optimizer(optimizer))
-    dict(optimizer.optimizers)["dense"].before_step.append(loss_module.balancer.before_step)
-    runner = StepRunner(model, optimizer, info.device, step_fn, cfg.sharding.pipeline)
-
-    # --- resume: the newest verified checkpoint of this run (or the one named), any world size
-    step, epoch0, run_id = 0, 0, uuid.uuid4().hex  # a fresh run gets a new run id
-    steps_per_epoch = len(train_reader)  # a full pass
-    if resumed is not None:
-        r = load_checkpoint(resumed, model, optimizer, cfg)
-        step, epoch0, run_id = r.step, r.epoch, r.run_id or run_id
-        # a checkpoint taken at an epoch's end holds no position: the next epoch starts afresh
-        exact = train_reader.resume_pass(r.positions) if any(r.positions) else True
-        log(
-            f"[resume] {resumed} at step {step}, epoch {epoch0}: saved by {r.saved_world_size} "
-            f"ranks, {'continuing each reader exactly' if exact else 're-splitting the rows not yet trained'}"
-        )
-        if r.table_dtype != cfg.embedding.data_type:
-            log(f"[resume] tables saved as {r.table_dtype}, loaded as {cfg.embedding.data_type}")
-        log(f"[data] train: {describe(train_reader)}")
-
-    # --- loop: segments end at validation / checkpoint steps and at epoch ends
-    total = step + (train_reader.steps_left() if resumed is not None else steps_per_epoch)
-    total += steps_per_epoch * (cfg.train.epochs - epoch0 - 1)
-    if cfg.train.max_steps:
-        total = min(total, cfg.train.max_steps)
-    if steps_per_epoch == 0:
-        raise ValueError(
-            f"{cfg.data.train_path}: fewer rows than one batch per rank "
-            f"({train_reader.total_rows} rows, batch {cfg.train.batch_size}, world {info.world_size})"
-        )
-    val_every = cfg.train.val_every or steps_per_epoch
-    ckpt_every = cfg.checkpoint.every
-    telemetry = Telemetry(cfg, info, total - step, model, loss_module, step_fn, optimizer, step)
-    schedule = LRSchedule(cfg.optim, optimizer, total)  # a function of the step: resumes exactly
-    schedule.apply(step + 1)
-    tracker = BestTracker(cfg.train)  # train.best_metric, early_stop_patience
-    metrics, undefined, history = {}, {}, []
-    if resumed is not None:
-        tracker.load(r.loop_state.get("best", {}))
-        history = list(r.loop_state.get("history", []))
-        if finished.get("reason") == "early stop":  # continued: patience starts over
-            tracker.since = 0
-
-    def save(at: int, epoch_after: int, done: bool) -> Path:
-        """A checkpoint of step ``at`` (``done``: an epoch's end, so no reader position)."""
-        position = {} if done else train_reader.position(runner.trained)
-        loop_state = {"best": tracker.state(), "history": history}
-        path = save_checkpoint(
-            ckpt_root, at, epoch_after, model, optimizer, position, cfg, cfg.checkpoint.keep,
-            run_id, loop_state,
-        )  # fmt: skip
-        log(f"[checkpoint] step {at}: {path}")
-        return path
-
-    def validate(at: int, epoch_after: int, done: bool, saved: Path | None) -> bool:
-        """Validate at step ``at``; track the best (a checkpoint of a new best, ``best``
-        pointing at it); returns whether to stop early."""
-        nonlocal metrics, undefined
-        metrics, undefined = evaluate(
-            model, cfg, validation_loader(val_reader, cfg.data), info.device
-        )
-        telemetry.monitor.scalars(at, flat_metrics(metrics), main_only=True)
-        history.append({"step": at, "metrics": metrics, "undefined": undefined})
-        if cfg.monitor.attribution:
-            report_attribution(cfg, loss_module.model, val_reader, info, telemetry.monitor, at)
-        if tracker.enabled and tracker.update(at, metrics):
-            tracker.checkpoint = f"step_{at:08d}"
-            saved = saved or save(at, epoch_after, done)
-            if info.is_main:
-                point(ckpt_root, saved.name, "best")
-            log(f"[best] {tracker.name} = {fmt_metric(tracker.value)} at step {at}: {saved}")
-        elif tracker.enabled and (note := tracker.undefined_note(at, metrics, undefined)):
-            log(note)  # one class in validation, ...: no improvement, never a number
-        if tracker.stop:
-            log(
-                f"[early stop] {tracker.name} has not improved in "
-                f"{tracker.since} validations (best {tracker.describe_best()})"
-            )
-            if cfg.checkpoint.at_end and saved is None:
-                save(at, epoch_after, done)
-        return tracker.stop
+    # --- build: data, model, the step, sharding, optimizers; then resume
+    job = build_job(cfg, info, ckpt_root)
+    state = resume(job, resumed, finished)
+    total = total_steps(job, state, resumed is not None)
+    telemetry = Telemetry(cfg, info, total - state.step, job.model, job.loss_module,
+                          job.step_fn, job.optimizer, state.step)  # fmt: skip
 
     # a checkpoint written before its validation ran (a failed validation, a preemption
     # between them): validate that step now, as the uninterrupted run did
-    stop = False
+    val_every = cfg.train.val_every or len(job.train_reader)
+    history = state.history
     if (
         resumed is not None
-        and step % val_every == 0
-        and step
-        and (not history or history[-1]["step"] < step)
+        and state.step
+        and state.step % val_every == 0
+        and (not history or history[-1]["step"] < state.step)
     ):
-        stop = validate(step, epoch0, False, resumed)
+        state.stop = validate(job, state, telemetry, state.step, state.epoch, False, resumed)
+
+    # --- the loop
     t0 = time.perf_counter()
-    for epoch in range(epoch0, cfg.train.epochs):
-        if step >= total or stop:
-            break
-        if epoch != epoch0 or resumed is None:
-            train_reader.start_pass()
-        pass_end = step + train_reader.steps_left()  # this epoch's last step
-        epoch_end = min(pass_end, total)
-        batches = iter(build_loader(train_reader, cfg.data))
-        while step < epoch_end and not stop:
-            boundaries = [epoch_end, (step // val_every + 1) * val_every]
-            if ckpt_every:
-                boundaries.append((step // ckpt_every + 1) * ckpt_every)
-            segment_end = min(boundaries)
-            segment_start = step
-            segment = telemetry.batches(itertools.islice(batches, segment_end - step))
-            for out in runner.run(segment):
-                step += 1
-                telemetry.step(step, out, flush=step == segment_end)
-                schedule.apply(step + 1)  # the rates of the next step
-                if telemetry.preempted:  # SIGTERM on some rank: every rank stops after this step
-                    break
-            if step == segment_start:
-                raise RuntimeError(
-                    f"training data ended early at step {step} (expected {segment_end})"
-                )
-            telemetry.pause(step)
-            done = step == pass_end  # a finished epoch resumes at the next one's start
-            # saved before validating: a failing validation costs only the validation
-            ckpt_due = (ckpt_every and step % ckpt_every == 0) or (
-                step == total and cfg.checkpoint.at_end
-            )
-            saved = save(step, epoch + done, done) if ckpt_due or telemetry.preempted else None
-            if telemetry.preempted:
-                telemetry.close()
-                raise Preempted(step, str(saved))
-            if step % val_every == 0 or step == epoch_end:
-                stop = validate(step, epoch + done, done, saved)
-            telemetry.resume()
-    if not metrics:  # resumed at the very end: report the final model all the same
-        metrics, undefined = evaluate(
-            model, cfg, validation_loader(val_reader, cfg.data), info.device
-        )
+    run_epochs(job, state, telemetry, total, resumed is not None)
+    if not state.metrics:  # resumed at the very end: report the final model all the same
+        loader = validation_loader(job.val_reader, cfg.data)
+        state.metrics, state.undefined = evaluate(job.model, cfg, loader, info.device)
     elapsed = time.perf_counter() - t0
     telemetry.close()
-    if stop:
-        end_reason = "early stop"
-    elif cfg.train.max_steps and step >= cfg.train.max_steps:
-        end_reason = "max_steps"
-    else:
-        end_reason = "all epochs"
 
-    result = {
-        "steps": step,
-        "world_size": info.world_size,
-        "samples_per_s": telemetry.global_rate,
-        "steady_samples_per_s": telemetry.steady_rate,  # after the first 10 steps (0: shorter)
-        "elapsed_s": elapsed,
-        "train_s": telemetry.train_s,
-        "metrics": metrics,  # {task: {metric: value}}: defined metrics only
-        "best": tracker.summary() if tracker.enabled else None,
-        "early_stopped": stop,
-        "ended_by": end_reason,  # early stop | max_steps | all epochs
-        "undefined_metrics": undefined,  # {task: {metric: why}}: AUC with one class, ...
-        "metric_units": metric_units(cfg.tasks),  # {regression task: unit of MAE / sqrt(MSE)}
-        "history": history,
-        "plan": describe_plan(plan),
-        "last_trained_position": runner.trained_position,  # (global worker, rows consumed) of rank 0
-        # the balancer's final task weights as each rank holds them (they must agree)
-        "task_weights_by_rank": gather_rows(
-            torch.tensor([telemetry.weights], device=info.device)
-        ).tolist(),
-        # peak resident memory (CUDA: peak allocated) of every rank, MiB
-        "peak_memory_mb_by_rank": gather_rows(
-            torch.tensor([[peak_memory_mb(info.device)]], device=info.device)
-        )
-        .flatten()
-        .tolist(),
-        "profile": telemetry.profile,  # rank 0's step profile (monitor.profile_steps)
-        "config": to_dict(cfg),
-    }
+    # --- out: metrics.json, the run recorded as ended, the summary
+    result = summarize(job, state, telemetry, elapsed)
     if info.is_main:
-        write_json(os.path.join(cfg.train.output_dir, "metrics.json"), result)
-        # the run has ended: a relaunch of the same command finds it so and does nothing
-        record_finished(ckpt_root, {
-            "reason": end_reason, "step": step, "epochs": cfg.train.epochs,
-            "max_steps": cfg.train.max_steps, "latest": latest_target(ckpt_root),
-            "run_id": run_id, "metrics": "metrics.json",
-        })  # fmt: skip
-        log(
-            f"\n[done] {step} steps in {elapsed:.1f}s ({telemetry.train_s:.1f}s training, {result['samples_per_s']:.0f} "
-            f"samples/s over {info.world_size} ranks)"
-        )
-        log(
-            f"validation (model vs oracle, the best achievable on this data):\n{format_table(cfg.tasks, metrics, undefined)}"
-        )
-        log(f"TensorBoard: tensorboard --logdir {os.path.join(cfg.train.output_dir, 'tb')}")
+        report(job, state, result)
     return result
 
 

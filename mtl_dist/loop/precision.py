@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import torch
 
+from mtl_dist.config import JobConfig
 from mtl_dist.distributed.collectives import all_max
+from mtl_dist.loop.guard import UpdateSwitch
 from mtl_dist.models.precision import (  # (re-exported: the precision API in one place)
     PRECISIONS,
     Precision,
@@ -17,8 +19,26 @@ from mtl_dist.models.precision import (  # (re-exported: the precision API in on
 
 __all__ = [
     "PRECISIONS", "LossScaler", "Precision", "cpu_flags", "in_precision", "resolve_precision",
-    "set_head_precision",
+    "set_head_precision", "set_up_precision",
 ]  # fmt: skip
+
+
+def set_up_precision(
+    cfg: JobConfig, ranker: torch.nn.Module, switch: UpdateSwitch, device: torch.device
+) -> Precision:
+    """Resolve ``train.precision`` for ``device`` (see :mod:`mtl_dist.models.precision`) and
+    apply it: the head's (and interaction's) autocast dtype, a :class:`LossScaler` on the
+    step's ``switch`` for fp16, TF32 for fp32 matmuls on CUDA (per ``train.allow_tf32``)."""
+    cap = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+    precision = resolve_precision(cfg.train.precision, device.type, cap)
+    if device.type == "cuda":
+        tf32 = cfg.train.allow_tf32 and precision.name == "fp32"
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+    set_head_precision(ranker.head, precision)
+    set_head_precision(ranker.interaction, precision)  # an Identity: ignored
+    if precision.loss_scaling:  # fp16: dynamic loss scaling over dense and fused table updates
+        switch.scaler = LossScaler(device)
+    return precision
 
 
 class LossScaler:
