@@ -42,8 +42,10 @@ from mtl_dist.data.source import check_filters
 from mtl_dist.distributed.setup import DistInfo, destroy, init_distributed
 from mtl_dist.distributed.sharding import describe_plan, shard_model
 from mtl_dist.loop import preempt
+from mtl_dist.loop.guard import NonFiniteWatch
 from mtl_dist.loop.losses import ModelWithLoss, build_model_with_loss
 from mtl_dist.loop.optim import build_optimizer, dense_optimizer
+from mtl_dist.loop.polarization import react
 from mtl_dist.loop.precision import set_up_precision
 from mtl_dist.loop.preempt import Preempted
 from mtl_dist.loop.schedule import LRSchedule
@@ -89,6 +91,7 @@ class Job:
     plan: Any
     optimizer: torch.optim.Optimizer
     runner: StepRunner
+    watch: NonFiniteWatch  # the guard's host side: stops on non-finite steps, sees SIGTERM
 
     def log(self, *a: object) -> None:
         if self.info.is_main:
@@ -136,8 +139,10 @@ def build_job(cfg: JobConfig, info: DistInfo, ckpt_root: Path) -> Job:
     loss_module.balancer.attach(dense_optimizer(optimizer))
     dict(optimizer.optimizers)["dense"].before_step.append(loss_module.balancer.before_step)
     runner = StepRunner(model, optimizer, info.device, step_fn, cfg.sharding.pipeline)
+    # the non-finite guard's flags, read on the host only where that costs no sync
+    watch = NonFiniteWatch(cfg, info, step_fn.switch, log)
     return Job(cfg, info, ckpt_root, train_reader, val_reader, loss_module, step_fn, model,
-               plan, optimizer, runner)  # fmt: skip
+               plan, optimizer, runner, watch)  # fmt: skip
 
 
 def resume(job: Job, resumed: Path | None, finished: dict[str, Any]) -> LoopState:
@@ -213,11 +218,16 @@ def run_segment(job: Job, state: LoopState, telemetry: Telemetry, schedule: LRSc
                 batches, segment_end: int) -> None:  # fmt: skip
     """Train up to step ``segment_end`` (or a preemption on some rank)."""
     start = state.step
+    cfg, head = job.cfg, job.loss_module.model.head
     for out in job.runner.run(telemetry.batches(itertools.islice(batches, segment_end - start))):
         state.step += 1
-        telemetry.step(state.step, out, flush=state.step == segment_end)
+        flush = state.step == segment_end
+        job.watch.step(state.step, out.nonfinite, out.skipped, telemetry.monitor.scalars, flush)
+        alarms = telemetry.step(state.step, out, flush=flush)
+        if alarms:
+            react(cfg.monitor.on_polarization, alarms, telemetry.gates.dropout_acts, head, job.log)
         schedule.apply(state.step + 1)  # the rates of the next step
-        if telemetry.preempted:  # SIGTERM on some rank: every rank stops after this step
+        if job.watch.preempted:  # SIGTERM on some rank: every rank stops after this step
             break
     if state.step == start:
         raise RuntimeError(f"training data ended early at step {start} (expected {segment_end})")
@@ -253,10 +263,10 @@ def run_epochs(job: Job, state: LoopState, telemetry: Telemetry, total: int,
             )
             saved = (
                 save(job, state, step, epoch + done, done)
-                if ckpt_due or telemetry.preempted
+                if ckpt_due or job.watch.preempted
                 else None
             )
-            if telemetry.preempted:
+            if job.watch.preempted:
                 telemetry.close()
                 raise Preempted(step, str(saved))
             if step % val_every == 0 or step == epoch_end:

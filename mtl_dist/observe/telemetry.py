@@ -31,11 +31,9 @@ from tqdm import tqdm
 from mtl_dist.balancing import all_mean
 from mtl_dist.config import JobConfig, ModelConfig
 from mtl_dist.distributed.setup import DistInfo
-from mtl_dist.loop.guard import NonFiniteWatch
 from mtl_dist.loop.losses import StepOutput
 from mtl_dist.loop.optim import learning_rates
 from mtl_dist.loop.step import TrainStep
-from mtl_dist.models.gates import Gates
 from mtl_dist.observe.gate_health import Alarm, GateHealth, heatmaps
 from mtl_dist.observe.metrics import write_json
 from mtl_dist.observe.profiling import format_profile, step_profile
@@ -202,7 +200,8 @@ def routed_experts(
 class Telemetry:
     """What the train loop reports each step, in one place: losses, the balancer's task
     weights, learning rates, samples/s (per rank and global), step phases, peak memory, gate
-    health and its alarms (with the configured reaction), and the gradient-conflict probe.
+    health and its alarms, and the gradient-conflict probe (armed here for the step). A
+    reporter only: what to do about an alarm, a non-finite step or a preemption is the loop's.
 
     Every rank calls :meth:`step` at the same steps (gate health and throughput all-gather).
     """
@@ -243,8 +242,6 @@ class Telemetry:
         self.loss_sum = torch.zeros(len(self.loss_tags), device=info.device)
         self.loss_steps = 0
         self.loss_counted = torch.zeros((), device=info.device)  # steps not skipped
-        # the non-finite guard's flags, read on the host only where that costs no sync
-        self.guard = NonFiniteWatch(cfg, info, train_step.switch, self.log)
         self.weights: list[float] = []
         self.train_s = 0.0  # training wall time (validation excluded)
         self.global_rate = 0.0  # samples/s over all ranks, as of the last write
@@ -260,13 +257,10 @@ class Telemetry:
     def batches(self, it: Iterator) -> Iterator:
         return self.timer.batches(it) if self.timer is not None else it
 
-    @property
-    def preempted(self) -> bool:
-        """Some rank got SIGTERM: every rank stops after the step just recorded."""
-        return self.guard.preempted
-
-    def step(self, step: int, out: StepOutput, flush: bool = False) -> None:
-        """Record the step just trained; write scalars every ``log_every`` steps (or ``flush``)."""
+    def step(self, step: int, out: StepOutput, flush: bool = False) -> list[Alarm]:
+        """Record the step just trained; write scalars every ``log_every`` steps (or ``flush``).
+        Returns the gate-health alarms that started at this step (identical on every rank;
+        logged here, acted on by the loop: :func:`mtl_dist.loop.polarization.react`)."""
         cfg, mon = self.cfg, self.monitor
         if self.timer is not None:
             self.timer.step_done()
@@ -274,7 +268,6 @@ class Telemetry:
         self.loss_sum += torch.where(kept, torch.cat([out.losses, out.aux]), 0.0)
         self.loss_counted += kept
         self.loss_steps += 1
-        self.guard.step(step, out.nonfinite, out.skipped, mon.scalars, force=flush)
         changing = cfg.loss.balancer != "fixed" or not self.weights  # fixed: log them once
         if changing and (now := out.weights.tolist()) != self.weights:
             self.weights = now
@@ -291,12 +284,14 @@ class Telemetry:
             mon.scalars(step, pairs, main_only=True)
         if cfg.monitor.conflict_every and step % cfg.monitor.conflict_every == 0:
             self.train_step.conflict.arm()  # measured in the next training step
+        alarms: list[Alarm] = []
         if self.gates is not None and step % cfg.monitor.gate_every == 0:
             own, across, alarms = self.gates.update(step, self.head.last_gates, self.head.last_dead)
             self.head.last_dead = {}
             mon.scalars(step, own)
             mon.scalars(step, across, main_only=True)
-            self._react(alarms)
+            for a in alarms:
+                self.log(a.message())
         self._arm_dead_units(step)
         every = cfg.monitor.heatmap_every
         if every and step % every == 0 and self.head.gate_experts:
@@ -308,6 +303,7 @@ class Telemetry:
             self._write(step)
         if cfg.monitor.profile_steps:
             self._profile(step)
+        return alarms
 
     def _arm_dead_units(self, step: int) -> None:
         """Ask the head to keep its experts' dead units in the forward of step + 1 when gate
@@ -377,27 +373,6 @@ class Telemetry:
         self.loss_counted.zero_()
         self.loss_steps = 0
         self.global_rate = total_rate
-
-    def _react(self, alarms: list[Alarm]) -> None:
-        """Warn (rank 0; alarms are identical on every rank), then stop or strengthen."""
-        for a in alarms:
-            self.log(a.message())
-        if not alarms:
-            return
-        action = self.cfg.monitor.on_polarization
-        if action == "stop":
-            raise RuntimeError(f"stopping (monitor.on_polarization = stop): {alarms[0].message()}")
-        if action == "strengthen" and not any(self.gates.dropout_acts(a) for a in alarms):
-            self.log(
-                "[gates] not strengthening: expert dropout cannot act on a gate that routes each "
-                "sample to one expert (top-1 / Gumbel); model.load_balance_coef spreads its load"
-            )
-        elif action == "strengthen":
-            cfgs = {id(g.cfg): g.cfg for g in self.head.modules() if isinstance(g, Gates)}
-            for gc in cfgs.values():
-                gc.expert_dropout = min(0.5, gc.expert_dropout + 0.1)
-            drops = sorted({gc.expert_dropout for gc in cfgs.values()})
-            self.log(f"[gates] strengthening the cure: expert dropout now {drops}")
 
     def pause(self, step: int) -> None:
         """Validation starts: its time is not training time (nor profiled)."""
