@@ -62,7 +62,7 @@ def main(out_dir: str) -> None:
     cfg.optim.embedding_optimizer = "rowwise_adagrad"
     cfg.optim.embedding_weight_decay = 0.25
     cfg.optim.embedding_weight_decay_mode = "decouple"
-    _, model = sharded(cfg, info)
+    _, model, _ = sharded(cfg, info)
     results["fused"] = [
         (m.optimizer.name, m.optimizer_args.weight_decay, m.optimizer_args.weight_decay_mode)
         for lookup in model.model.ebc._lookups
