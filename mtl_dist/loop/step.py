@@ -34,6 +34,7 @@ from torch import nn
 from torch.autograd.profiler import record_function
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
+from mtl_dist.balancing.base import task_gradients
 from mtl_dist.data.batch import Batch
 from mtl_dist.distributed.collectives import all_mean
 from mtl_dist.loop import preempt
@@ -45,7 +46,8 @@ class ConflictProbe:
     """Cosine similarity ``[T, T]`` of the task losses' gradients on the head's shared
     parameters (averaged over ranks first): negative means the tasks pull the shared experts
     apart (negative transfer). Measured once in the step after :meth:`arm`; ``[0, 0]``
-    otherwise. One ``autograd.grad`` per task (the graph retained for the backward)."""
+    otherwise. One ``autograd.grad`` per task (:func:`~mtl_dist.balancing.base.task_gradients`,
+    the graph retained for the backward)."""
 
     def __init__(self, shared: Callable[[], list[nn.Parameter]]) -> None:
         self.shared = shared
@@ -58,15 +60,7 @@ class ConflictProbe:
         if not self.armed:
             return losses.new_zeros(0, 0)
         self.armed = False
-        params = self.shared()
-        rows = []
-        for loss in losses:
-            grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
-            rows.append(
-                torch.cat([(g if g is not None else torch.zeros_like(p)).flatten()
-                           for g, p in zip(grads, params)])
-            )  # fmt: skip
-        g = F.normalize(all_mean(torch.stack(rows)), dim=1)
+        g = F.normalize(all_mean(task_gradients(losses, self.shared())), dim=1)
         return g @ g.t()
 
 
