@@ -7,7 +7,7 @@ dataset (:func:`infer_partitions`): int64 when every one of its values is an int
 ``shop=04``, ``shop=x1``: three strings, ``'3'``, ``'04'``, ``'x1'``; ``id=99999999999999999999``,
 beyond int64, makes ``id`` a string). (pyarrow types integers int32; here they are int64.) They
 can be read as features, labels or GAUC groups like file columns (:func:`with_partitions` adds
-them to a table as constant columns).
+them to a table as constant columns, :func:`schema_with_partitions` to a schema).
 
 Paths may be URIs (``s3://bucket/dt=1/x.parquet``): the scheme is left out. Nothing here reads
 a file or raises; a directory without ``=`` (or with an empty key) is not a partition.
@@ -95,3 +95,10 @@ def with_partitions(table: pa.Table, parts: dict[str, int | str]) -> pa.Table:
             kind = pa.string() if isinstance(value, str) else pa.int64()
             table = table.append_column(key, pa.array([value] * table.num_rows, kind))
     return table
+
+
+def schema_with_partitions(schema: pa.Schema, parts: dict[str, int | str]) -> pa.Schema:
+    """The columns a row of the file has as the reader reads it: a partition key replaces a
+    file column of the same name (the reader reads the key from the path)."""
+    kept = schema.empty_table().drop_columns([k for k in parts if k in schema.names])
+    return with_partitions(kept, parts).schema
