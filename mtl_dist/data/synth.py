@@ -37,10 +37,18 @@ or two features (click: hour x device, conversion: price x user_level, watch: it
 category). Scales/offsets are calibrated once on a seeded sample to hit the target click
 rate / AUC and conversion rate / AUC. ``--workload interactions`` (the peers' columns)
 replaces the task-only terms with pairwise products f_a(x_a) * f_b(x_b) of projections of the
-features' latent rows, five per task, two pairs shared by both tasks (see ``_INTERACTION_TERMS``
-and :func:`interaction_share`). All latent parameters come from ``seed`` only; rows
+features' latent rows, five per task, two pairs shared by both tasks (see
+:mod:`mtl_dist.data.synth_model`'s ``_INTERACTION_TERMS`` and :func:`interaction_share`). All latent parameters come from ``seed`` only; rows
 are generated in fixed-size chunks, each with its own seeded stream, so same parameters and
 seed give identical values, with memory bounded for any size.
+
+The pieces: :mod:`~mtl_dist.data.synth_workloads` (columns, workloads, schema),
+:mod:`~mtl_dist.data.synth_model` (latent parameters, scores, labels),
+:mod:`~mtl_dist.data.synth_stats` (AUC, log loss, calibration, oracle metrics),
+:mod:`~mtl_dist.data.synth_write` (:func:`generate`: files, layout, ``meta.json``) and
+:mod:`~mtl_dist.data.synth_ctcvr` (:func:`ctcvr_view`). This module holds the ``mtl-datagen``
+command (:func:`main`; ``ValueError`` from :func:`generate` becomes a usage error, exit 2) and
+re-exports their names (``__all__``).
 """
 
 from __future__ import annotations

@@ -191,6 +191,35 @@ def _columns(wl: Workload) -> dict[str, Any]:
     }
 
 
+def _params(
+    train_rows: int,
+    val_rows: int,
+    files: int,
+    val_files: int,
+    row_group_size: int,
+    seed: int,
+    task_correlation: float,
+    workload: str,
+    days: int,
+) -> dict[str, Any]:
+    """``meta.json``'s ``params``: what a dataset is reused for when equal."""
+    params = {
+        "version": GENERATOR_VERSION,
+        "train_rows": int(train_rows),
+        "val_rows": int(val_rows),
+        "files": int(files),
+        "val_files": int(val_files),
+        "row_group_size": int(row_group_size),
+        "seed": int(seed),
+        "task_correlation": float(task_correlation),
+    }
+    if workload != "funnel":  # funnel datasets written before workloads existed stay reusable
+        params["workload"] = workload
+    if days:
+        params["days"] = int(days)
+    return params
+
+
 def generate(
     out_dir: str | os.PathLike[str],
     train_rows: int = 300_000,
@@ -227,20 +256,8 @@ def generate(
     if train_rows < files or val_rows < val_files:
         raise ValueError("need at least one row per file in each split")
     out = Path(out_dir)
-    params = {
-        "version": GENERATOR_VERSION,
-        "train_rows": int(train_rows),
-        "val_rows": int(val_rows),
-        "files": int(files),
-        "val_files": int(val_files),
-        "row_group_size": int(row_group_size),
-        "seed": int(seed),
-        "task_correlation": float(task_correlation),
-    }
-    if workload != "funnel":  # funnel datasets written before workloads existed stay reusable
-        params["workload"] = workload
-    if days:
-        params["days"] = int(days)
+    counts = (train_rows, val_rows, files, val_files, row_group_size, seed)
+    params = _params(*counts, task_correlation, workload, days)
     if not force and (old := _reused(out, params, verbose)) is not None:
         return old
 
