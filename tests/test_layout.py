@@ -167,3 +167,14 @@ def test_old_command_paths_run():
     )
     assert proc.returncode == 0, proc.stderr
     assert "--model" in proc.stdout
+
+
+def test_paths_computed_from_module_files_exist():
+    """A module that finds the repository from its own file (``parents[N]``) must follow it
+    when it moves a level down (the peers' config, the checkout put on PYTHONPATH)."""
+    from mtl_dist.tools.bench import e2e
+
+    assert Path(e2e.CONFIG).is_file(), e2e.CONFIG
+    text = (PACKAGE / "tools" / "bench" / "peers.py").read_text()
+    assert "Path(__file__).resolve().parents[3])  # the repository root" in text
+    assert (Path(e2e.__file__).resolve().parents[3] / "pyproject.toml").is_file()

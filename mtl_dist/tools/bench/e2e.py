@@ -38,7 +38,7 @@ from mtl_dist.tools.bench.peers import PEERS, peers_installed, run_peer
 from mtl_dist.tools.bench.training import cpu_line, run_training
 
 TASKS = ("click", "purchase")
-CONFIG = str(Path(__file__).resolve().parents[2] / "configs" / "peers.toml")
+CONFIG = str(Path(__file__).resolve().parents[3] / "configs" / "peers.toml")
 
 
 def dataset(

@@ -150,32 +150,10 @@ def _in(head: nn.Module, precision: Precision, step: Callable[[], None]) -> Call
     return run
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--batch", type=int, default=4096)
-    p.add_argument("--in-dim", type=int, default=256)
-    p.add_argument("--experts", type=int, default=8)
-    p.add_argument("--hidden", default="256,128")
-    p.add_argument("--tasks", type=int, default=3)
-    p.add_argument("--reps", type=int, default=2)
-    p.add_argument("--rounds", type=int, default=7)
-    p.add_argument(
-        "--precisions",
-        default="",
-        help="comma list (default: fp32, bf16 where native: CUDA, AMX-BF16 / AVX512-BF16; fp16 on CUDA)",
-    )
-    a = p.parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    tuned = device.type == "cpu" and keep_large_buffers()  # as training does on CPU
-    hidden = [int(h) for h in a.hidden.split(",")]
-    B, D, E, T = a.batch, a.in_dim, a.experts, a.tasks
-    names = [f"t{i}" for i in range(T)]
-    x = torch.randn(B, D, device=device, requires_grad=True)  # as embeddings are in training
-    torch.manual_seed(0)
-
-    heads: dict[str, nn.Module] = {
+def build_heads(D: int, names: list[str], E: int, hidden: list[int]) -> dict[str, nn.Module]:
+    """Every head timed, by its row label: the loop MMoE baseline first."""
+    T = len(names)
+    return {
         "loop MMoE (baseline)": LoopMMoE(D, T, E, hidden, [64]),
         "mmoe": MoE(D, names, E, hidden, [64]),
         "omoe": MoE(D, names, E, hidden, [64], shared_gate=True),
@@ -213,6 +191,52 @@ def main(argv: list[str] | None = None) -> None:
             self_gate=True,
         ),  # fmt: skip
     }
+
+
+def pick_precisions(requested: str, device: torch.device) -> list[str]:
+    """``--precisions``, or fp32 plus what the device computes natively."""
+    if requested:
+        precisions = requested.split(",")
+    elif device.type == "cuda":
+        precisions = ["fp32", "bf16", "fp16"]
+    else:  # bf16 where the CPU computes it natively; emulated it is 10-30x slower than fp32
+        auto = resolve_precision("auto", "cpu")
+        precisions = ["fp32", "bf16"] if auto.name == "bf16" else ["fp32"]
+        if auto.name != "bf16":
+            print(f"\nbf16 not timed: {auto.reason} (--precisions fp32,bf16 times it anyway)")
+    return precisions
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--batch", type=int, default=4096)
+    p.add_argument("--in-dim", type=int, default=256)
+    p.add_argument("--experts", type=int, default=8)
+    p.add_argument("--hidden", default="256,128")
+    p.add_argument("--tasks", type=int, default=3)
+    p.add_argument("--reps", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument(
+        "--precisions",
+        default="",
+        help="comma list (default: fp32, bf16 where native: CUDA, AMX-BF16 / AVX512-BF16; fp16 on CUDA)",
+    )
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = build_parser().parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tuned = device.type == "cpu" and keep_large_buffers()  # as training does on CPU
+    hidden = [int(h) for h in a.hidden.split(",")]
+    B, D, E, T = a.batch, a.in_dim, a.experts, a.tasks
+    names = [f"t{i}" for i in range(T)]
+    x = torch.randn(B, D, device=device, requires_grad=True)  # as embeddings are in training
+    torch.manual_seed(0)
+
+    heads = build_heads(D, names, E, hidden)
     fns = {name: fwd_bwd(model.to(device), x) for name, model in heads.items()}
 
     # the machine's plain matmul rate, same device, same run
@@ -258,16 +282,7 @@ def main(argv: list[str] | None = None) -> None:
         f"{secs['loop MMoE (baseline)'] / roof:.2f}x"
     )
 
-    if a.precisions:
-        precisions = a.precisions.split(",")
-    elif device.type == "cuda":
-        precisions = ["fp32", "bf16", "fp16"]
-    else:  # bf16 where the CPU computes it natively; emulated it is 10-30x slower than fp32
-        auto = resolve_precision("auto", "cpu")
-        precisions = ["fp32", "bf16"] if auto.name == "bf16" else ["fp32"]
-        if auto.name != "bf16":
-            print(f"\nbf16 not timed: {auto.reason} (--precisions fp32,bf16 times it anyway)")
-    by_precision(heads, x, precisions, device, n, a.reps, a.rounds)
+    by_precision(heads, x, pick_precisions(a.precisions, device), device, n, a.reps, a.rounds)
 
     flops = 3 * 2 * B * E * sum(i * o for i, o in zip([D, *hidden], hidden))  # fwd + bwd
     t_dense, t_sparse = secs["dense experts"], secs["top-2 experts"]

@@ -280,7 +280,7 @@ def run_peer(
     """
     if system not in PEERS:
         raise ValueError(f"system must be one of {PEERS}, got {system!r}")
-    root = str(Path(__file__).resolve().parents[2])
+    root = str(Path(__file__).resolve().parents[3])  # the repository root
     path = os.environ.get("PYTHONPATH")
     env = {
         **os.environ,

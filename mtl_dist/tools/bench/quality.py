@@ -233,7 +233,8 @@ def check_finite(result: dict[str, object]) -> None:
             raise RuntimeError(f"non-finite figure in run {key_of(r)}: {r}")
 
 
-def main(argv: list[str] | None = None) -> dict[str, object]:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line, checked (``SystemExit`` naming an unknown option)."""
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -272,13 +273,24 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     ]
     if bad or not set(a.head_list) <= set(HEADS):
         raise SystemExit(f"unknown option(s): {bad or a.head_list}")
+    return a
+
+
+def pick_peers(requested: str) -> list[str]:
+    """``--peers``: auto (the installed ones) | none | a list (each must be installed)."""
     installed = peers_installed()
-    if a.peers in ("auto", "none"):
-        peers = [s for s in PEERS if installed[s]] if a.peers == "auto" else []
+    if requested in ("auto", "none"):
+        peers = [s for s in PEERS if installed[s]] if requested == "auto" else []
     else:
-        peers = [s for s in a.peers.split(",") if s]
+        peers = [s for s in requested.split(",") if s]
         if missing := [s for s in peers if not installed.get(s)]:
             raise SystemExit(f"--peers: {missing} not installed (pip install -e .[bench])")
+    return peers
+
+
+def main(argv: list[str] | None = None) -> dict[str, object]:
+    a = parse_args(argv)
+    peers = pick_peers(a.peers)
     if unknown := [w for w in a.workloads.split(",") if w and w not in WORKLOADS]:
         raise SystemExit(f"--workloads: unknown {unknown} (known: {', '.join(WORKLOADS)})")
     out = Path(a.out)
