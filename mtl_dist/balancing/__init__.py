@@ -10,6 +10,15 @@ task in this step, identical on every rank (see :class:`mtl_dist.loop.guard.Step
 every task in a non-finite step, leaves the balancer's state exactly as it was: no log-variance
 drift, no GradNorm step, no DWA period statistic. Weights stay finite and > 0.
 
+One template (:class:`~mtl_dist.balancing.base.Balancer`, as LibMTL's ``AbsWeighting``):
+``forward(losses [T], labelled [R, T] | None, finite [] | None) → (loss, weights [T])`` is
+written once. In a training step (training mode, autograd on) it calls ``update(losses,
+labelled, finite)`` — the only place state moves and collectives run, the same ones in the same
+order on every rank — and then ``total(losses, weights, labelled)`` (``Σ_t w_t · L_t`` unless
+the method adds terms or combines otherwise); outside one (eval, or no grad) it returns
+``current(losses)``, the weights as they stand, and moves nothing. A balancer overrides only
+the steps it changes.
+
 By cost (``python -m mtl_dist.tools.bench.balancing`` measures each against ``fixed``):
 
 * loss-only, rules (``loss_only.py``): :class:`FixedWeights` (``tasks[].weight``),

@@ -1,4 +1,6 @@
-"""What every balancer shares: the interface and the cross-rank reductions."""
+"""What every balancer shares: the template :class:`Balancer` (``forward`` written once, calling
+a subclass's ``update`` / ``current`` / ``total``), the helpers its steps use (tasks present,
+finiteness, rank-averaged losses, per-task gradients) and the cross-rank reductions."""
 
 from __future__ import annotations
 
@@ -59,9 +61,54 @@ def training_step(module: nn.Module) -> bool:
 
 
 class Balancer(nn.Module):
-    """``forward(losses [T], labelled [R, T] | None, finite [] | None)`` →
-    ``(loss, weights [T])`` (see the module docstring); :meth:`attach` hooks the dense
-    optimizer where a balancer's learnable state needs it."""
+    """The template every balancer fills in (as LibMTL's ``AbsWeighting``): :meth:`forward` is
+    written here once and a subclass says only what differs about it —
+
+    * :meth:`update` ``(losses, labelled, finite)``: the state change of one training step (a
+      training forward with autograd on, :func:`training_step`: the only time a balancer moves
+      its state or runs a collective); nothing by default. It may return the step's weights
+      where they are not :meth:`current`'s after it (drawn anew, or those from before it);
+    * :meth:`current` ``(losses)``: the weights as they stand, moving nothing — what every
+      forward outside a training step returns; a copy of the ``weights`` buffer by default;
+    * :meth:`total` ``(losses, weights, labelled)``: the training loss; ``Σ_t w_t · L_t`` by
+      default, with the method's own terms (or another combination) where it has them.
+
+    :meth:`attach` and :meth:`before_step` hook the dense optimizer where a balancer's learnable
+    state or gradient edit needs it."""
+
+    def forward(
+        self,
+        losses: torch.Tensor,
+        labelled: torch.Tensor | None = None,
+        finite: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``losses [T]``, ``labelled [R, T] | None`` (rows with a label per rank and task, the
+        same on every rank; None: one process, every task labelled), ``finite [] | None`` (every
+        rank's losses are finite; None: this rank's) → ``(loss, weights [T])``."""
+        weights = None
+        if training_step(self):
+            weights = self.update(losses, labelled, all_finite(finite, losses))
+        if weights is None:
+            weights = self.current(losses)
+        return self.total(losses, weights, labelled), weights
+
+    def update(
+        self, losses: torch.Tensor, labelled: torch.Tensor | None, finite: torch.Tensor
+    ) -> torch.Tensor | None:
+        """One training step's state change (``finite``: a bool ``[]``, resolved); the same
+        collectives in the same order on every rank, none skipped on one of them. Returns the
+        step's weights, or None for :meth:`current` after it; nothing changes by default."""
+        return None
+
+    def current(self, losses: torch.Tensor) -> torch.Tensor:
+        """The weights ``[T]`` as they stand (a copy: the state stays the balancer's)."""
+        return self.weights.clone()
+
+    def total(
+        self, losses: torch.Tensor, weights: torch.Tensor, labelled: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The training loss from ``losses [T]`` and this forward's ``weights [T]``."""
+        return (weights * losses).sum()
 
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
         """Called once with the dense (torch) optimizer; nothing by default."""
@@ -76,27 +123,22 @@ class GlobalLossRule(Balancer):
     """A balancer whose weights are a function of this step's losses averaged over ranks
     (:func:`global_losses`): ``weights(L̄ [T], ok [T]) → [T]`` on the tasks labelled somewhere
     this step; the others keep their last weight (their loss is 0). A non-finite step changes
-    nothing. The training loss ``Σ_t w_t L_t`` (``w`` detached) has the method's gradient."""
+    nothing. The training loss ``Σ_t w_t L_t`` (``w`` detached: this step's, after the rule) has
+    the method's gradient."""
 
     def __init__(self, num_tasks: int) -> None:
         super().__init__()
         self.register_buffer("weights", torch.ones(num_tasks))
 
-    def forward(
-        self,
-        losses: torch.Tensor,
-        labelled: torch.Tensor | None = None,
-        finite: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        if training_step(self):
-            mean, present = global_losses(losses.detach(), labelled)
-            ok = present & all_finite(finite, losses)
-            with torch.no_grad():
-                new = torch.where(ok, self.rule(mean, ok), self.weights)
-                keep = ok.any() & torch.isfinite(new).all()
-                self.weights.copy_(torch.where(keep, new, self.weights))
-        w = self.weights.clone()
-        return (w * losses).sum(), w
+    def update(
+        self, losses: torch.Tensor, labelled: torch.Tensor | None, finite: torch.Tensor
+    ) -> None:
+        mean, present = global_losses(losses.detach(), labelled)
+        ok = present & finite
+        with torch.no_grad():
+            new = torch.where(ok, self.rule(mean, ok), self.weights)
+            keep = ok.any() & torch.isfinite(new).all()
+            self.weights.copy_(torch.where(keep, new, self.weights))
 
     def rule(self, mean: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mtl_dist.balancing.base import Balancer, GlobalLossRule, present_tasks, training_step
+from mtl_dist.balancing.base import Balancer, GlobalLossRule, present_tasks
 
 
 class UncertaintyWeighting(Balancer):
@@ -28,19 +28,22 @@ class UncertaintyWeighting(Balancer):
         self._frozen: torch.Tensor | None = None  # [T] tasks kept as they are this step
         self._before: torch.Tensor | None = None
 
-    def forward(
-        self,
-        losses: torch.Tensor,
-        labelled: torch.Tensor | None = None,
-        finite: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self, losses: torch.Tensor, labelled: torch.Tensor | None, finite: torch.Tensor
+    ) -> None:
+        self._frozen = ~present_tasks(labelled, losses)
+
+    def current(self, losses: torch.Tensor) -> torch.Tensor:
+        return self.scale * torch.exp(-self.log_vars.detach())
+
+    def total(
+        self, losses: torch.Tensor, weights: torch.Tensor, labelled: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The weights again, with their graph to ``s`` (on the tasks with labels), + ``s / 2``."""
         present = present_tasks(labelled, losses)
-        if training_step(self):
-            self._frozen = ~present
         s = torch.where(present, self.log_vars, self.log_vars.detach())
         w = self.scale * torch.exp(-s)
-        loss = (w * losses).sum() + 0.5 * torch.where(present, s, 0.0).sum()
-        return loss, w.detach()
+        return (w * losses).sum() + 0.5 * torch.where(present, s, 0.0).sum()
 
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
         def before(*_) -> None:

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from mtl_dist.balancing.base import Balancer, GlobalLossRule, all_finite, all_sum, training_step
+from mtl_dist.balancing.base import Balancer, GlobalLossRule, all_sum
 
 
 class FixedWeights(Balancer):
@@ -17,14 +17,6 @@ class FixedWeights(Balancer):
     def __init__(self, weights: list[float]) -> None:
         super().__init__()
         self.register_buffer("weights", torch.tensor(weights, dtype=torch.float32))
-
-    def forward(
-        self,
-        losses: torch.Tensor,
-        labelled: torch.Tensor | None = None,
-        finite: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        return (self.weights * losses).sum(), self.weights
 
 
 class DynamicWeightAverage(Balancer):
@@ -50,27 +42,24 @@ class DynamicWeightAverage(Balancer):
         self.steps = 0  # steps into the current period (checkpointed via extra state)
         self.periods = 0
 
-    def forward(
-        self,
-        losses: torch.Tensor,
-        labelled: torch.Tensor | None = None,
-        finite: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self, losses: torch.Tensor, labelled: torch.Tensor | None, finite: torch.Tensor
+    ) -> torch.Tensor:
+        """Count this step into the period (ending it after ``period`` steps); the step's loss
+        uses the weights from before."""
         w = self.weights.clone()
-        if training_step(self):
-            ok = all_finite(finite, losses)
-            if labelled is None:  # one process: every task counts
-                mine = counted = ok.expand_as(losses)
-            else:  # this rank's labels, and how many ranks had them
-                rank = dist.get_rank() if labelled.shape[0] > 1 else 0
-                mine = (labelled[rank] > 0) & ok
-                counted = ((labelled > 0) & ok).sum(0)
-            self.loss_sum += torch.where(mine, losses.detach(), 0.0)
-            self.loss_count += counted
-            self.steps += 1
-            if self.steps == self.period:
-                self._end_period()
-        return (w * losses).sum(), w
+        if labelled is None:  # one process: every task counts
+            mine = counted = finite.expand_as(losses)
+        else:  # this rank's labels, and how many ranks had them
+            rank = dist.get_rank() if labelled.shape[0] > 1 else 0
+            mine = (labelled[rank] > 0) & finite
+            counted = ((labelled > 0) & finite).sum(0)
+        self.loss_sum += torch.where(mine, losses.detach(), 0.0)
+        self.loss_count += counted
+        self.steps += 1
+        if self.steps == self.period:
+            self._end_period()
+        return w
 
     @torch.no_grad()
     def _end_period(self) -> None:
@@ -109,18 +98,15 @@ class RandomLossWeighting(Balancer):
         self.num_tasks = num_tasks
         self.steps = 0
 
-    def forward(
-        self,
-        losses: torch.Tensor,
-        labelled: torch.Tensor | None = None,
-        finite: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        if not training_step(self):
-            w = torch.ones_like(losses)
-            return (w * losses).sum(), w
+    def update(
+        self, losses: torch.Tensor, labelled: torch.Tensor | None, finite: torch.Tensor
+    ) -> torch.Tensor:
         w = self.draw(self.steps).to(losses.device)
         self.steps += 1
-        return (w * losses).sum(), w
+        return w
+
+    def current(self, losses: torch.Tensor) -> torch.Tensor:
+        return torch.ones_like(losses)
 
     def draw(self, step: int) -> torch.Tensor:
         """The weights ``[T]`` of training step ``step``."""

@@ -21,11 +21,9 @@ from torch import nn
 
 from mtl_dist.balancing.base import (
     Balancer,
-    all_finite,
     all_mean,
     present_tasks,
     task_gradients,
-    training_step,
 )
 
 
@@ -43,22 +41,23 @@ class ParameterBalancer(Balancer):
         self.steps = 0
         self._pending: tuple[list[nn.Parameter], torch.Tensor] | None = None
 
-    def forward(
-        self,
-        losses: torch.Tensor,
-        labelled: torch.Tensor | None = None,
-        finite: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        if training_step(self):
-            params = [p for p in self.parameters_of() if p.requires_grad]
-            g = all_mean(task_gradients(losses, params))  # [T, n], the same on every rank
-            ok = present_tasks(labelled, losses) & all_finite(finite, losses)
-            with torch.no_grad():
-                combined = self.combine(g, ok)
-            self._pending = (params, combined) if bool(ok.any()) else None
-            self.steps += 1
-        w = self.weights.clone()
-        return losses.sum(), w
+    def update(
+        self, losses: torch.Tensor, labelled: torch.Tensor | None, finite: torch.Tensor
+    ) -> None:
+        """The tasks' gradients (a collective), :meth:`combine`, kept for :meth:`before_step`."""
+        params = [p for p in self.parameters_of() if p.requires_grad]
+        g = all_mean(task_gradients(losses, params))  # [T, n], the same on every rank
+        ok = present_tasks(labelled, losses) & finite
+        with torch.no_grad():
+            combined = self.combine(g, ok)
+        self._pending = (params, combined) if bool(ok.any()) else None
+        self.steps += 1
+
+    def total(
+        self, losses: torch.Tensor, weights: torch.Tensor, labelled: torch.Tensor | None
+    ) -> torch.Tensor:
+        """``Σ_t L_t``: the combination is in the gradient :meth:`before_step` writes."""
+        return losses.sum()
 
     def combine(self, g: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

@@ -9,12 +9,10 @@ import torch
 
 from mtl_dist.balancing.base import (
     Balancer,
-    all_finite,
     all_mean,
     all_sum,
     present_tasks,
     task_gradients,
-    training_step,
 )
 
 
@@ -52,21 +50,12 @@ class GradNorm(Balancer):
         self.register_buffer("initial_losses", torch.zeros(len(weights)))
         self.alpha, self.lr, self.shared = alpha, lr, shared
 
-    def forward(
-        self,
-        losses: torch.Tensor,
-        labelled: torch.Tensor | None = None,
-        finite: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        w = self.weights.clone()
-        if training_step(self):
-            self.update(losses, labelled, all_finite(finite, losses))
-        return (w * losses).sum(), w
-
     def update(
         self, losses: torch.Tensor, labelled: torch.Tensor | None, finite: torch.Tensor
-    ) -> None:
-        """One GradNorm step on ``self.weights`` from this step's task losses (with graph)."""
+    ) -> torch.Tensor:
+        """One GradNorm step on ``self.weights`` from this step's task losses (with graph); the
+        step's loss uses the weights from before it."""
+        before = self.weights.clone()
         W = self.shared()
         g = all_mean(task_gradients(losses, [W])).norm(dim=1)  # [T]
         present = present_tasks(labelled, losses)
@@ -90,6 +79,7 @@ class GradNorm(Balancer):
             scale = (len(w) - fixed) / moved.sum().clamp_min(1e-12)
             new = torch.where(ok, w * scale, w)
             self.weights.copy_(torch.where(ok.any() & torch.isfinite(new).all(), new, self.weights))
+        return before
 
 
 class RepresentationBalancer(Balancer):
@@ -119,19 +109,11 @@ class RepresentationBalancer(Balancer):
         self.representation = representation
         self.register_buffer("weights", torch.ones(num_tasks))
 
-    def forward(
-        self,
-        losses: torch.Tensor,
-        labelled: torch.Tensor | None = None,
-        finite: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        if training_step(self):
-            self.update(losses, present_tasks(labelled, losses) & all_finite(finite, losses))
-        w = self.weights.clone()
-        return (w * losses).sum(), w
-
-    def update(self, losses: torch.Tensor, ok: torch.Tensor) -> None:
+    def update(
+        self, losses: torch.Tensor, labelled: torch.Tensor | None, finite: torch.Tensor
+    ) -> None:
         """Per-task gradients on Z, the global Gram matrix, :meth:`solve` (a collective)."""
+        ok = present_tasks(labelled, losses) & finite
         z = self.representation()
         if z is None or not z.requires_grad:
             raise RuntimeError(
