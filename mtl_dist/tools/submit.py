@@ -136,10 +136,8 @@ def _directive_value(key: str, value: str) -> str:
     return f'"{value}"' if re.search(r"\s", value) else value
 
 
-def render(spec: SubmitSpec, argv: list[str] | None = None) -> str:
-    """The sbatch script for ``spec`` (see the module docstring)."""
-    q = shlex.quote
-    elements = expand_sweep(spec.config, spec.sweep)
+def _sbatch_header(spec: SubmitSpec, elements: list) -> list[str]:
+    """``#!/bin/bash`` and the ``#SBATCH`` directives (an array over a sweep's elements)."""
     array = len(elements) > 1
     root = spec.run_root
     log = os.path.join(root, "logs", f"{safe_name(spec.job_name)}-{'%A_%a' if array else '%j'}.out")
@@ -171,6 +169,62 @@ def render(spec: SubmitSpec, argv: list[str] | None = None) -> str:
         lines.append(f"#SBATCH --{key}" + (f"={_directive_value(key, value)}" if value else ""))
     for extra in spec.sbatch_args:
         lines.append(f"#SBATCH {_directive_value('sbatch-arg', extra)}")
+    return lines
+
+
+def _trap_lines() -> list[str]:
+    """The SIGTERM trap of a requeueable job (``--requeue``)."""
+    return [
+        "# SIGTERM (sent --signal seconds before the time limit, or on preemption): pass it",
+        "# on to training, which saves a checkpoint at a step every rank agrees on and exits",
+        "# 75; then requeue: the job comes back with the same id and the same run dir",
+        "PREEMPTED=0",
+        "on_term() {",
+        "  PREEMPTED=1",
+        '  echo "[mtl-submit] SIGTERM: asking training to save and stop (run dir ${RUN_DIR})"',
+        "  # to the training step's tasks (torchrun passes it to the workers); a SIGTERM to",
+        "  # srun itself would make it kill the step after KillWait, before the save is done",
+        '  scancel --signal=TERM "${SLURM_JOB_ID}.0" 2>/dev/null || kill -TERM "$TRAIN_PID"',
+        "}",
+        "trap on_term TERM",
+    ]
+
+
+def _launch_lines(spec: SubmitSpec) -> list[str]:
+    """``srun`` one torchrun per node in the background, and wait for it (through a trapped
+    signal too)."""
+    q = shlex.quote
+    srun = ["srun", f"--nodes={spec.nodes}", f"--ntasks={spec.nodes}", "--ntasks-per-node=1"]
+    if spec.cpus_per_node:
+        srun.append(f"--cpus-per-task={spec.cpus_per_node}")
+    srun.append("--kill-on-bad-exit=1")
+    torchrun = [
+        spec.python, "-m", "torch.distributed.run", f"--nnodes={spec.nodes}",
+        f"--nproc_per_node={spec.nproc}", "--rdzv_backend=c10d",
+    ]  # fmt: skip
+    train = ["-m", "mtl_dist.train"]
+    return [
+        "# one task per node, each a torchrun over the node's ranks; in the background so the",
+        "# SIGTERM trap runs while training does",
+        " ".join(q(a) for a in srun + torchrun)
+        + ' --rdzv_endpoint="${MASTER_ADDR}:${MASTER_PORT}" --rdzv_id="${SLURM_JOB_ID}" '
+        + " ".join(q(a) for a in train)
+        + ' "${RUN_ARGS[@]}" --train.output_dir "$RUN_DIR" --train.progress_bar false'
+        + "".join(" " + q(a) for a in spec.train_args)
+        + " &",
+        "TRAIN_PID=$!",
+        'wait "$TRAIN_PID" && RC=0 || RC=$?',
+        "# a trapped signal ends the wait early: wait on until training has saved and exited",
+        'while kill -0 "$TRAIN_PID" 2>/dev/null; do wait "$TRAIN_PID" && RC=0 || RC=$?; done',
+        'echo "[mtl-submit] training exited with ${RC}"',
+    ]
+
+
+def render(spec: SubmitSpec, argv: list[str] | None = None) -> str:
+    """The sbatch script for ``spec`` (see the module docstring)."""
+    q = shlex.quote
+    elements = expand_sweep(spec.config, spec.sweep)
+    lines = _sbatch_header(spec, elements)
     if argv is not None:
         lines.append("# rendered by: mtl-submit " + " ".join(q(a) for a in argv).replace("\n", " "))
     lines += ["set -euo pipefail", f"cd {q(os.path.abspath(spec.workdir))}"]
@@ -187,7 +241,7 @@ def render(spec: SubmitSpec, argv: list[str] | None = None) -> str:
     lines += [
         '  *) echo "no sweep element ${SLURM_ARRAY_TASK_ID}" >&2; exit 2 ;;',
         "esac",
-        f"RUN_DIR={q(root)}${{RUN_NAME:+/$RUN_NAME}}",
+        f"RUN_DIR={q(spec.run_root)}${{RUN_NAME:+/$RUN_NAME}}",
         'mkdir -p "$RUN_DIR"',
         "",
         "# rendezvous on the allocation's first node; the same id on every node",
@@ -209,44 +263,8 @@ def render(spec: SubmitSpec, argv: list[str] | None = None) -> str:
         "",
     ]
     if spec.requeue:
-        lines += [
-            "# SIGTERM (sent --signal seconds before the time limit, or on preemption): pass it",
-            "# on to training, which saves a checkpoint at a step every rank agrees on and exits",
-            "# 75; then requeue: the job comes back with the same id and the same run dir",
-            "PREEMPTED=0",
-            "on_term() {",
-            "  PREEMPTED=1",
-            '  echo "[mtl-submit] SIGTERM: asking training to save and stop (run dir ${RUN_DIR})"',
-            "  # to the training step's tasks (torchrun passes it to the workers); a SIGTERM to",
-            "  # srun itself would make it kill the step after KillWait, before the save is done",
-            '  scancel --signal=TERM "${SLURM_JOB_ID}.0" 2>/dev/null || kill -TERM "$TRAIN_PID"',
-            "}",
-            "trap on_term TERM",
-        ]
-    srun = ["srun", f"--nodes={spec.nodes}", f"--ntasks={spec.nodes}", "--ntasks-per-node=1"]
-    if spec.cpus_per_node:
-        srun.append(f"--cpus-per-task={spec.cpus_per_node}")
-    srun.append("--kill-on-bad-exit=1")
-    torchrun = [
-        spec.python, "-m", "torch.distributed.run", f"--nnodes={spec.nodes}",
-        f"--nproc_per_node={spec.nproc}", "--rdzv_backend=c10d",
-    ]  # fmt: skip
-    train = ["-m", "mtl_dist.train"]
-    lines += [
-        "# one task per node, each a torchrun over the node's ranks; in the background so the",
-        "# SIGTERM trap runs while training does",
-        " ".join(q(a) for a in srun + torchrun)
-        + ' --rdzv_endpoint="${MASTER_ADDR}:${MASTER_PORT}" --rdzv_id="${SLURM_JOB_ID}" '
-        + " ".join(q(a) for a in train)
-        + ' "${RUN_ARGS[@]}" --train.output_dir "$RUN_DIR" --train.progress_bar false'
-        + "".join(" " + q(a) for a in spec.train_args)
-        + " &",
-        "TRAIN_PID=$!",
-        'wait "$TRAIN_PID" && RC=0 || RC=$?',
-        "# a trapped signal ends the wait early: wait on until training has saved and exited",
-        'while kill -0 "$TRAIN_PID" 2>/dev/null; do wait "$TRAIN_PID" && RC=0 || RC=$?; done',
-        'echo "[mtl-submit] training exited with ${RC}"',
-    ]
+        lines += _trap_lines()
+    lines += _launch_lines(spec)
     if spec.requeue:
         lines += [
             f'if [ "$PREEMPTED" = 1 ] || [ "$RC" = {REQUEUE_EXIT_CODE} ]; then',
