@@ -73,6 +73,50 @@ def metric_units(tasks: list[TaskSpec]) -> dict[str, str]:
     return {t.name: label_unit(t) for t in tasks if t.kind == "regression"}
 
 
+def _gauc(scores: torch.Tensor, label: torch.Tensor, group: torch.Tensor, key: str,
+          out: dict[str, float], undefined: dict[str, str]) -> None:  # fmt: skip
+    gauc = group_auc(scores.double().numpy(), label.numpy(), group.numpy())
+    if math.isnan(gauc):
+        undefined[key] = "no group has both classes"
+    else:
+        out[key] = gauc
+
+
+def _binary_metrics(
+    pred: torch.Tensor,
+    label: torch.Tensor,
+    truth: torch.Tensor | None,
+    group: torch.Tensor | None,
+    out: dict[str, float],
+    undefined: dict[str, str],
+) -> None:
+    """A binary task's figures into ``out`` / ``undefined`` (see :func:`task_metrics`);
+    ``truth`` None: no oracle figures."""
+    y = label.double()
+    one_class = _two_classes(y)
+    if one_class:
+        undefined["auc"] = one_class
+        if truth is not None:
+            undefined["oracle_auc"] = one_class
+    else:
+        out["auc"] = float(binary_auroc(pred.double(), label.long()))
+    out["logloss"] = _logloss(pred, y)
+    out["label_mean"] = float(y.mean())
+    out["pred_mean"] = float(pred.double().mean())
+    if out["label_mean"] > 0:
+        out["calibration"] = out["pred_mean"] / out["label_mean"]
+    else:
+        undefined["calibration"] = "no positive label (mean label 0)"
+    if group is not None:
+        _gauc(pred, label, group, "gauc", out, undefined)
+    if truth is not None:
+        if not one_class:
+            out["oracle_auc"] = float(binary_auroc(truth.double(), label.long()))
+        out["oracle_logloss"] = _logloss(truth, y)
+        if group is not None:
+            _gauc(truth, label, group, "oracle_gauc", out, undefined)
+
+
 def task_metrics(
     task: TaskSpec,
     pred: torch.Tensor,
@@ -110,37 +154,7 @@ def task_metrics(
             }
         )
     if task.kind == "binary":
-        y = label.double()
-        one_class = _two_classes(y)
-        if one_class:
-            undefined["auc"] = one_class
-            if has_truth:
-                undefined["oracle_auc"] = one_class
-        else:
-            out["auc"] = float(binary_auroc(pred.double(), label.long()))
-        out["logloss"] = _logloss(pred, y)
-        out["label_mean"] = float(y.mean())
-        out["pred_mean"] = float(pred.double().mean())
-        if out["label_mean"] > 0:
-            out["calibration"] = out["pred_mean"] / out["label_mean"]
-        else:
-            undefined["calibration"] = "no positive label (mean label 0)"
-        if group is not None:
-            gauc = group_auc(pred.double().numpy(), label.numpy(), group.numpy())
-            if math.isnan(gauc):
-                undefined["gauc"] = "no group has both classes"
-            else:
-                out["gauc"] = gauc
-        if has_truth:
-            if not one_class:
-                out["oracle_auc"] = float(binary_auroc(truth.double(), label.long()))
-            out["oracle_logloss"] = _logloss(truth, y)
-            if group is not None:
-                gauc = group_auc(truth.double().numpy(), label.numpy(), group.numpy())
-                if math.isnan(gauc):
-                    undefined["oracle_gauc"] = "no group has both classes"
-                else:
-                    out["oracle_gauc"] = gauc
+        _binary_metrics(pred, label, truth if has_truth else None, group, out, undefined)
     else:
         err = pred.double() - label.double()
         out["mse"] = float(err.square().mean())
