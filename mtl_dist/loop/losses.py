@@ -19,6 +19,7 @@ from torch import nn
 from mtl_dist.balancing import build_balancer
 from mtl_dist.config import JobConfig, LossConfig, TaskSpec
 from mtl_dist.data.batch import Batch
+from mtl_dist.models.ranker import RankerOutput
 
 
 def weighted_mean(total: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -302,14 +303,14 @@ class ModelWithLoss(nn.Module):
         )
 
     def forward(self, batch: Batch) -> tuple[TaskLosses, StepOutput]:
-        outputs, aux = self.model(batch)
+        ranked = RankerOutput(*self.model(batch))  # (a bare head's (logits, aux) too)
+        outputs, aux = ranked.logits, ranked.aux
         mask = batch.mask
         if self.training and self.negative_rate is not None:
             mask = downsample_negatives(batch.labels, mask, self.negative_rate)
         losses = task_losses(outputs, batch.labels, mask, self.is_binary)
         if self.esmm is not None:
-            losses, mask = self._esmm(outputs, batch, losses, mask)
-        penalty = getattr(self.model, "embedding_penalty", None)  # model.embedding_l2
+            losses, mask = self._esmm(outputs, ranked.imputation, batch, losses, mask)
         out = StepOutput(
             losses=losses.detach(),
             aux=aux.detach(),
@@ -319,10 +320,15 @@ class ModelWithLoss(nn.Module):
             truth=batch.truth,
             group=batch.group,
         )
-        return TaskLosses(losses, aux, mask, penalty if self.training else None), out
+        return TaskLosses(losses, aux, mask, ranked.penalty if self.training else None), out
 
     def _esmm(
-        self, outputs: torch.Tensor, batch: Batch, losses: torch.Tensor, mask: torch.Tensor
+        self,
+        outputs: torch.Tensor,
+        imputation: torch.Tensor | None,
+        batch: Batch,
+        losses: torch.Tensor,
+        mask: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The CVR task's loss replaced by ESMM's CTCVR loss (+ ESCM2's risks), and its mask
         column by the CTCVR weights (see :func:`ctcvr_weights`)."""
@@ -335,9 +341,9 @@ class ModelWithLoss(nn.Module):
             ctcvr = ctcvr + self.escm2_ips * escm2_ips_risk(
                 outputs[:, c], outputs[:, v], batch.labels[:, v], mask[:, c], batch.mask[:, v]
             )
-        if self.escm2_dr > 0:  # + its doubly robust form and the imputation tower's loss
+        if self.escm2_dr > 0 and imputation is not None:  # + DR and the imputation loss (training)
             dr = escm2_dr_risk(
-                outputs[:, c], outputs[:, v], self.model.last_imputation, batch.labels[:, v],
+                outputs[:, c], outputs[:, v], imputation, batch.labels[:, v],
                 mask[:, c], batch.mask[:, v],
             )  # fmt: skip
             ctcvr = ctcvr + self.escm2_dr * (dr[0] + dr[1])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import defaultdict
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -55,6 +56,19 @@ def embedding_bag_configs(
     ]
 
 
+class RankerOutput(NamedTuple):
+    """What :class:`Ranker` computes: ``logits [B, T]`` (values for regression tasks), the
+    head's ``aux [A]`` losses, and in training only: ``penalty`` (0-dim, ``model.embedding_l2``'s
+    ``λ/2 · mean_b ||pooled_b||²``; None without it) and ``imputation [B]`` (ESCM2-DR's imputed
+    conversion logits; None without ``model.escm2_dr``). A head's ``(logits, aux)`` is one too:
+    ``RankerOutput(*head(x))``."""
+
+    logits: torch.Tensor
+    aux: torch.Tensor
+    penalty: torch.Tensor | None = None
+    imputation: torch.Tensor | None = None
+
+
 class Ranker(nn.Module):
     """Pooled embeddings ``[B, F·D]`` ⊕ dense ``[B, Dd]`` → interaction → head → outputs
     ``[B, T]`` + aux ``[A]``.
@@ -73,8 +87,8 @@ class Ranker(nn.Module):
             the raw input, so attribution still ranks the input features.
         embedding_dropout: applied to the pooled embeddings ``[B, Σ w_f]`` (a
             :class:`~mtl_dist.models.interaction.FeatureDropout`); None: the identity.
-        embedding_l2: λ of the L2 penalty on the looked-up rows: a training forward leaves
-            ``embedding_penalty = λ/2 · mean_b ||pooled_b||²`` (0-dim; None otherwise), which
+        embedding_l2: λ of the L2 penalty on the looked-up rows: a training forward returns
+            ``penalty = λ/2 · mean_b ||pooled_b||²`` (:class:`RankerOutput`), which
             :class:`~mtl_dist.loop.losses.ModelWithLoss` adds to the loss. Taken after the
             gradient gate, so a skipped step (or fp16's loss scale) treats it as the task losses.
 
@@ -82,7 +96,7 @@ class Ranker(nn.Module):
 
         cfg = load_config(["--config", "configs/default.toml"])
         model = build_ranker(cfg, device=torch.device("cpu"))
-        out, aux = model(batch)   # [B, T], [A]
+        out = model(batch)   # RankerOutput: logits [B, T], aux [A], ...
     """
 
     def __init__(
@@ -119,7 +133,6 @@ class Ranker(nn.Module):
             embedding_dropout if embedding_dropout is not None else nn.Identity()
         )
         self.embedding_l2 = embedding_l2
-        self.embedding_penalty: torch.Tensor | None = None
         # the head's input, where the trainer applies its update gate from outside
         # (:func:`mtl_dist.loop.guard.apply_update_gate`: drops the gradient into the tables of a
         # step whose update the non-finite guard closed); the identity in a plain model
@@ -127,29 +140,27 @@ class Ranker(nn.Module):
         self.dense_names = [f"dense_{i}" for i in range(num_dense)]
         self.keep_input = False  # set to keep the head's input of the next forward (attribution)
         # ESCM2-DR (``model.escm2_dr``): a tower [B, Din] → [B, 1] imputing each exposure's
-        # conversion; its logits of the last training forward ([B]) feed the loss
+        # conversion; its logits of a training forward ([B]) feed the loss
         self.imputation: nn.Module | None = None
-        self.last_imputation: torch.Tensor | None = None
         self.last_input: tuple[torch.Tensor, list[str], list[int]] | None = None
 
-    def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, batch: Batch) -> RankerOutput:
         kts = [self.ebc(batch.sparse)] if self.ebc is not None else []
         if self.mc_ebc is not None:
             kts.append(self.managed_lookup(batch.sparse))
         pooled = KeyedTensor.regroup(kts, [self.feature_order])[0]  # [B, Σ dims], fixed order
         pooled = self.embedding_dropout(pooled.float())  # fp16 tables: fp32 from here
         x = self.grad_gate(torch.cat([pooled, self.dense_norm(batch.dense)], dim=1))  # [B, Din]
+        penalty = imputation = None
         if self.embedding_l2 and self.training:  # L2 on the looked-up rows (ModelWithLoss adds it)
-            self.embedding_penalty = (
-                0.5 * self.embedding_l2 * x[:, : pooled.shape[1]].square().sum(1).mean()
-            )
+            penalty = 0.5 * self.embedding_l2 * x[:, : pooled.shape[1]].square().sum(1).mean()
         if self.keep_input:  # x with the feature each column block belongs to
             dims = {k: d for kt in kts for k, d in zip(kt.keys(), kt.length_per_key())}
             widths = [dims[k] for k in self.feature_order]
             names = [*self.feature_order, *self.dense_names]
             self.last_input = (x, names, [*widths, *[1] * len(self.dense_names)])
         if self.imputation is not None and self.training:  # no gradient into the input
-            self.last_imputation = self.imputation(x.detach())[:, 0]
+            imputation = self.imputation(x.detach())[:, 0]
         x = self.interaction(x)  # [B, Din'] (the identity without one)
         if self.task_ebcs is None:
             out = self.head(x)
@@ -163,7 +174,8 @@ class Ranker(nn.Module):
                 )
             )
             out = self.head(x, own)
-        return out[0], out[1]  # indexed, not unpacked: TorchRec's pipeline FX-traces this forward
+        # indexed, not unpacked: TorchRec's pipeline FX-traces this forward
+        return RankerOutput(out[0], out[1], penalty, imputation)
 
     def managed_lookup(self, sparse: KeyedJaggedTensor) -> KeyedTensor:
         """Pooled embeddings of the managed features. Training, or sharded: the MC-EBC (which

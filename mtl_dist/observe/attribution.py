@@ -37,7 +37,7 @@ def feature_attribution(
         for batch in batches:
             batch = batch.to(device)
             with torch.enable_grad():
-                outputs, _ = ranker(batch)  # [B, T]
+                outputs = ranker(batch)[0]  # [B, T]
                 x, names, widths = ranker.last_input
                 per_task = []
                 for t in range(outputs.shape[1]):

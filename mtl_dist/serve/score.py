@@ -63,7 +63,7 @@ def score(model_path: Path, data: str, out: Path, keep: list[str], batch_size: i
                     batch = conv(table)
                 except ValueError as e:
                     raise ValueError(f"{path}: {e}") from None
-                outputs, _ = model.model(batch)
+                outputs = model.model(batch)[0]  # logits [B, T]
                 preds = model.predict(outputs).numpy()
                 cols = {c: table.column(c) for c in keep}
                 for j, t in enumerate(cfg.tasks):

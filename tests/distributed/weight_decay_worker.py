@@ -50,12 +50,13 @@ def main(out_dir: str) -> None:
         dmp, model, step_fn = sharded(cfg, info)
         batch = make_batch(cfg, 0)
         before = user_table(dmp)
-        loss, _ = step_fn.loss(dmp(batch))
+        forward = dmp(batch)
+        loss, _ = step_fn.loss(forward)
         loss.backward()
         results[f"l2_{l2:g}"] = {
             "before": before.tolist(),
             "after": user_table(dmp).tolist(),
-            "penalty": float(model.model.embedding_penalty) if l2 else None,
+            "penalty": float(forward[0].penalty) if l2 else None,
         }
         results["ids"] = batch.sparse["user"].values().tolist()
     cfg = make_cfg("table_wise")

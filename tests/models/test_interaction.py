@@ -265,7 +265,7 @@ def test_embedding_l2_penalty_is_added_to_the_training_loss_only():
     pooled = torch.cat([kt[name] for name in ranker.feature_order], 1)  # [B, Σ w_f]
     expected = 0.5 * 0.3 * float(pooled.square().sum(1).mean())
     loss, _ = TrainStep(model).loss(model(batch))
-    assert float(ranker.embedding_penalty) == pytest.approx(expected, rel=1e-5)
+    assert float(ranker(batch).penalty) == pytest.approx(expected, rel=1e-5)
     assert float(model(batch)[0].penalty) == pytest.approx(expected, rel=1e-5)
     assert float(loss - TrainStep(plain).loss(plain(batch))[0]) == pytest.approx(expected, rel=1e-4)
     model.eval(), plain.eval()
