@@ -1,0 +1,158 @@
+"""The end-to-end benchmark's runs: the peers' workload (generated or reused), ours under
+torchrun at a layout (timed, or profiled), each installed peer through its own API, and rounds of
+them all taking turns."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+from mtl_dist.data.synth import generate
+from mtl_dist.tools.bench.peers import PEERS, peers_installed, run_peer
+from mtl_dist.tools.bench.training import run_training
+
+TASKS = ("click", "purchase")
+CONFIG = str(Path(__file__).resolve().parents[3] / "configs" / "peers.toml")
+
+
+def dataset(
+    root: str, rows: int, test_rows: int, seed: int, workload: str = "peers"
+) -> tuple[str, dict]:
+    """``mtl-datagen --workload <workload>`` (default the peers') with ``rows`` training rows
+    under ``root`` (reused when present)."""
+    path = os.path.join(root, f"{workload}_{rows}_{test_rows}_s{seed}")
+    files = max(4, rows // 200_000)  # several files: ranks and workers split them evenly
+    meta = generate(
+        path, rows, test_rows, files=files, seed=seed, workload=workload, val_files=2, verbose=True
+    )
+    return path, meta
+
+
+def layout(spec: str) -> tuple[int, int]:
+    """``"2x1"`` → (2 processes, 1 thread each)."""
+    try:
+        procs, threads = (int(x) for x in spec.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"--ours: {spec!r} is not PROCSxTHREADS (e.g. 1x2)") from None
+    return procs, threads
+
+
+def train_ours(
+    data: str,
+    procs: int,
+    threads: int,
+    args: argparse.Namespace,
+    extra: list[str],
+    precision: str = "fp32",
+    config: str = CONFIG,
+) -> dict[str, object]:
+    """One torchrun training of ours on ``data`` (the benchmark's batch and seed) with
+    ``config`` (default ``configs/peers.toml``); its metrics."""
+    overrides = [
+        "--data.train_path", f"{data}/train", "--data.val_path", f"{data}/val",
+        "--train.batch_size", str(args.batch), "--train.seed", str(args.seed),
+        "--checkpoint.at_end", "false", "--train.precision", precision, *extra,
+    ]  # fmt: skip
+    return run_training(config, overrides, procs, threads, timeout=args.timeout)
+
+
+def run_ours(
+    data: str,
+    procs: int,
+    threads: int,
+    args: argparse.Namespace,
+    extra: list[str],
+    precision: str = "fp32",
+    config: str = CONFIG,
+) -> dict[str, object]:
+    """One epoch of ours at ``precision``; the row of the table."""
+    t0 = time.perf_counter()
+    m = train_ours(data, procs, threads, args, extra, precision, config)
+    val = m["metrics"]
+    return {
+        "system": "mtl-dist",
+        "precision": precision,
+        "layout": f"{procs}x{threads}",
+        "procs": procs,
+        "threads": threads,
+        "samples_per_s": m["samples_per_s"],
+        "steady_samples_per_s": m["steady_samples_per_s"],  # after 10 warm-up steps
+        "train_s": m["train_s"],
+        "wall_s": time.perf_counter() - t0,
+        "peak_rss_mb": max(m["peak_memory_mb_by_rank"]),
+        # None where undefined (one class among the validated rows): 'undefined', never a number
+        "auc": {t: val.get(t, {}).get("auc") for t in TASKS},
+        "oracle_auc": {t: val.get(t, {}).get("oracle_auc") for t in TASKS},
+    }
+
+
+def profile_ours(
+    data: str, procs: int, threads: int, args: argparse.Namespace
+) -> dict[str, object]:
+    """Rank 0's step profile over ``--profile-steps`` steps after 10 warm-up steps."""
+    after = 10
+    extra = [
+        "--monitor.profile_steps", str(args.profile_steps),
+        "--monitor.profile_after", str(after),
+        "--train.max_steps", str(after + args.profile_steps),
+        "--train.val_max_batches", "1", "--monitor.attribution", "false",
+    ]  # fmt: skip
+    profile = train_ours(data, procs, threads, args, extra)["profile"]
+    if not profile:
+        raise RuntimeError(
+            f"{procs}x{threads}: an epoch of {args.rows} rows is shorter than the {after} warm-up "
+            f"+ {args.profile_steps} profiled steps; lower --profile-steps or add --rows"
+        )
+    return profile
+
+
+def run_peers(data: str, args: argparse.Namespace) -> list[dict[str, object]]:
+    """Each selected, installed peer once (``--peers``); missing ones are reported, not run."""
+    wanted = (
+        PEERS if args.peers in ("auto", "all") else tuple(p for p in args.peers.split(",") if p)
+    )
+    if args.peers == "none":
+        return []
+    installed = peers_installed()
+    rows = []
+    for system in wanted:
+        if system not in installed:
+            raise ValueError(f"--peers: unknown system {system!r} (known: {', '.join(PEERS)})")
+        if not installed[system]:
+            if args.peers != "auto":
+                raise RuntimeError(f"{system} is not installed: pip install -e .[bench]")
+            print(f"[e2e] {system} not installed (pip install -e .[bench]): its column is left out")
+            continue
+        r = run_peer(system, data, args.batch, 1, args.threads, args.seed, timeout=args.timeout)
+        rows.append({**r, "layout": f"1x{args.threads}", "procs": 1, "precision": "fp32"})
+    return rows
+
+
+def best_of_rounds(
+    data: str, layouts: list[tuple[int, int]], args: argparse.Namespace
+) -> list[dict[str, object]]:
+    """``--repeats`` rounds of every system, taking turns so a noisy neighbour slows them alike;
+    each row is its fastest round (the AUCs are the same every round: same seed)."""
+    rounds: dict[tuple[str, str, str], list[dict[str, object]]] = {}
+    reduced = [p for p in args.precision_list if p != "fp32"]  # at the first layout
+    for _ in range(args.repeats):
+        ours = [run_ours(data, procs, threads, args, []) for procs, threads in layouts]
+        ours += [run_ours(data, *layouts[0], args, [], p) for p in reduced]
+        for r in ours + run_peers(data, args):
+            rounds.setdefault((r["system"], r["layout"], r["precision"]), []).append(r)
+    return [
+        {**max(rs, key=lambda r: r["samples_per_s"]), "rounds": [r["samples_per_s"] for r in rs]}
+        for rs in rounds.values()
+    ]
+
+
+LEVERS = {  # name: overrides of our defaults, each measured alone against the defaults
+    "defaults": [],
+    "no TrainPipelineSparseDist": ["--sharding.pipeline", "false"],
+    "reader in 1 worker process": ["--data.num_workers", "1"],
+    "monitoring off": ["--monitor.gate_every", "0", "--monitor.step_timing", "false"],
+    "tables data_parallel": ["--sharding.force", "data_parallel"],
+    "tables table_wise": ["--sharding.force", "table_wise"],
+}
