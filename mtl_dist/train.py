@@ -299,8 +299,9 @@ def train(cfg: JobConfig, info: DistInfo) -> dict[str, object]:
         position = {} if done else train_reader.position(runner.trained)
         loop_state = {"best": tracker.state(), "history": history}
         path = save_checkpoint(
-            ckpt_root, at, epoch_after, model, optimizer, position, cfg, cfg.checkpoint.keep,
-            run_id, loop_state,
+            ckpt_root, step=at, epoch=epoch_after, model=model, optimizer=optimizer,
+            reader_position=position, cfg=cfg, keep=cfg.checkpoint.keep, run_id=run_id,
+            loop_state=loop_state,
         )  # fmt: skip
         log(f"[checkpoint] step {at}: {path}")
         return path
