@@ -175,8 +175,9 @@ def save(job: Job, state: LoopState, at: int, epoch_after: int, done: bool) -> P
     position = {} if done else job.train_reader.position(job.runner.trained)
     loop_state = {"best": state.tracker.state(), "history": state.history}
     path = save_checkpoint(
-        job.ckpt_root, at, epoch_after, job.model, job.optimizer, position, job.cfg,
-        job.cfg.checkpoint.keep, state.run_id, loop_state,
+        job.ckpt_root, step=at, epoch=epoch_after, model=job.model, optimizer=job.optimizer,
+        reader_position=position, cfg=job.cfg, keep=job.cfg.checkpoint.keep,
+        run_id=state.run_id, loop_state=loop_state,
     )  # fmt: skip
     job.log(f"[checkpoint] step {at}: {path}")
     return path

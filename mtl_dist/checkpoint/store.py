@@ -25,12 +25,15 @@ Loading goes through ``torch.distributed.checkpoint``, which reshards: a checkpo
 processes loads under M and under another sharding plan; the reader positions reshard too
 (see :meth:`ParquetBatchReader.resume_pass`). ``extra.pt`` holds only tensors and plain Python
 values and is read with ``weights_only=True``.
+
+Here: saving and loading (the collectives), RNG states, the schema check. The files' side —
+manifest and digests, verifying, listing, the pointers, pruning — is
+:mod:`mtl_dist.checkpoint.manifest` (its names import from here too).
 """
 
 from __future__ import annotations
 
 import errno
-import json
 import os
 import random
 import shutil
@@ -41,104 +44,38 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
-import xxhash
 from torch.distributed.checkpoint.api import CheckpointException
 
+from mtl_dist.checkpoint.manifest import (
+    _CHUNK,
+    MANIFEST,
+    MANIFEST_FORMAT,
+    checkpoint_dir,
+    describe_file,
+    digest_file,
+    latest_target,
+    list_checkpoints,
+    point,
+    prune,
+    read_manifest,
+    resolve_checkpoint,
+    verify_checkpoint,
+    write_manifest,
+)
 from mtl_dist.config import JobConfig, ModelConfig, SparseFeature, TaskSpec, to_dict
 from mtl_dist.distributed import collectives
 from mtl_dist.distributed.collectives import barrier, gather_objects, is_main
 from mtl_dist.models.collision import history_state, restore_history
 
+__all__ = [  # the manifest's side moved to checkpoint/manifest.py: its old path stays
+    "MANIFEST", "MANIFEST_FORMAT", "SCHEMA_KEYS", "_CHUNK", "Resumed", "check_schema",
+    "checkpoint_dir", "crash_point", "digest_file", "latest_target", "list_checkpoints",
+    "load_checkpoint", "point", "prune", "read_manifest", "resolve_checkpoint", "rng_state",
+    "save_checkpoint", "schema_differences", "set_rng_state", "verify_checkpoint",
+    "with_new_keys",
+]  # fmt: skip
+
 SCHEMA_KEYS = ("features", "tasks", "model")  # what must match for weights to load
-MANIFEST = "manifest.json"
-MANIFEST_FORMAT = "mtl-dist-checkpoint/1"
-_CHUNK = 8 << 20  # bytes read at a time while digesting
-
-
-def digest_file(path: Path) -> str:
-    """xxh3-128 of a file's bytes (xxHash, a non-cryptographic checksum: ~12 GB/s in memory
-    here, so verifying costs about what reading the file costs)."""
-    h = xxhash.xxh3_128()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _describe(path: Path) -> dict[str, Any]:
-    return {"size": path.stat().st_size, "xxh3_128": digest_file(path)}
-
-
-def verify_checkpoint(path: Path) -> str:
-    """'' when ``path`` is a complete checkpoint whose every file matches its manifest (size,
-    then digest), else what is wrong — the file named."""
-    if not path.is_dir():
-        return "not a directory"
-    try:
-        manifest = json.loads((path / MANIFEST).read_text())
-    except FileNotFoundError:
-        return f"no {MANIFEST} (unfinished, or written before checkpoints were verified)"
-    except ValueError:
-        return f"{MANIFEST} is not valid JSON"
-    files = manifest.get("files", {})
-    if "extra.pt" not in files or ".metadata" not in files:
-        return f"{MANIFEST} lists no extra.pt / .metadata"
-    for name, want in sorted(files.items()):
-        f = path / name
-        if not f.is_file():
-            return f"{name} is missing"
-        size = f.stat().st_size
-        if size != want["size"]:
-            return f"{name} has {size} bytes, {want['size']} when written"
-        if digest_file(f) != want["xxh3_128"]:
-            return f"{name} does not match its digest (the file changed after it was written)"
-    return ""
-
-
-def read_manifest(path: Path) -> dict[str, Any]:
-    """A checkpoint's manifest (``{}`` when absent or unreadable)."""
-    try:
-        return json.loads((path / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def list_checkpoints(root: Path) -> list[Path]:
-    """Complete-looking checkpoint directories under ``root``, ``latest``'s target first, then
-    by step, newest first (``*.partial`` and ``previous-*`` left out; none is verified here)."""
-    found = [
-        p for p in root.glob("step_*")
-        if p.is_dir() and not p.name.endswith(".partial") and p.name[5:].isdigit()
-    ]  # fmt: skip
-    found.sort(key=lambda p: int(p.name[5:]), reverse=True)
-    target = latest_target(root)
-    return sorted(found, key=lambda p: p.name != target)  # stable: latest's first
-
-
-def latest_target(root: Path, pointer: str = "latest") -> str:
-    """The name ``latest`` (or another pointer: ``best``) points at ('' when absent or empty)."""
-    try:
-        return (root / pointer).read_text().strip()
-    except OSError:
-        return ""
-
-
-def point(root: Path, name: str, pointer: str) -> None:
-    """Make ``root/pointer`` (``latest``, ``best``) name checkpoint ``name``, atomically."""
-    tmp = root / f"{pointer}.tmp"
-    _write_synced(tmp, name)
-    os.replace(tmp, root / pointer)
-
-
-def resolve_checkpoint(path: Path) -> Path:
-    """A checkpoint directory, or the one a ``latest`` / ``best`` pointer file names."""
-    if path.is_file() and path.name in ("latest", "best"):
-        return path.parent / path.read_text().strip()
-    return path
-
-
-def checkpoint_dir(cfg: JobConfig) -> Path:
-    return Path(cfg.checkpoint.dir or os.path.join(cfg.train.output_dir, "checkpoints"))
 
 
 def rng_state() -> dict[str, Any]:
@@ -182,6 +119,7 @@ def _tuple(x: Any) -> Any:
 
 def save_checkpoint(
     root: Path,
+    *,
     step: int,
     epoch: int,
     model: torch.nn.Module,
@@ -219,15 +157,14 @@ def save_checkpoint(
         # every rank digests its share of the files (in parallel), rank 0 writes the manifest
         names = sorted(p.name for p in partial.iterdir() if p.is_file())
         rank, world = _rank_world()
-        mine = {n: _describe(partial / n) for i, n in enumerate(names) if i % world == rank}
+        mine = {n: describe_file(partial / n) for i, n in enumerate(names) if i % world == rank}
         files = {k: v for part in gather_objects(mine) for k, v in part.items()}
         if is_main():
-            manifest = {
-                "format": MANIFEST_FORMAT, "run_id": run_id, "step": step, "epoch": epoch,
-                "world_size": world, "table_dtype": cfg.embedding.data_type,
-                "dense_precision": cfg.train.precision, "files": files,
-            }  # fmt: skip
-            _write_synced(partial / MANIFEST, json.dumps(manifest, indent=1))
+            write_manifest(
+                partial, run_id=run_id, step=step, epoch=epoch, world_size=world,
+                table_dtype=cfg.embedding.data_type, dense_precision=cfg.train.precision,
+                files=files,
+            )  # fmt: skip
     except (Exception, CheckpointException) as e:  # DCP's is a BaseException
         if is_main():
             shutil.rmtree(partial, ignore_errors=True)
@@ -240,25 +177,6 @@ def save_checkpoint(
         prune(root, run_id, keep)
     barrier()
     return final
-
-
-def prune(root: Path, run_id: str, keep: int) -> list[str]:
-    """Delete this run's checkpoints beyond the newest ``keep`` (by step); never another run's
-    (another run id), nor the target of ``latest`` or ``best``. Returns the names deleted."""
-    kept = {latest_target(root), latest_target(root, "best")}
-    mine = [p for p in list_checkpoints(root) if read_manifest(p).get("run_id") == run_id]
-    mine.sort(key=lambda p: int(p.name[5:]), reverse=True)
-    gone = [p.name for p in mine[keep:] if p.name not in kept]
-    for name in gone:
-        shutil.rmtree(root / name, ignore_errors=True)
-    return gone
-
-
-def _write_synced(path: Path, text: str) -> None:
-    with open(path, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
 
 
 def _rank_world() -> tuple[int, int]:
