@@ -14,7 +14,7 @@ import random
 import sys
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,18 +24,16 @@ import torch
 from mtl_dist.checkpoint.rundir import (
     clear_finished,
     open_run_dir,
-    record_finished,
     release_run_dirs,
     run_ended,
 )
 from mtl_dist.checkpoint.store import (
     checkpoint_dir,
-    latest_target,
     load_checkpoint,
     point,
     save_checkpoint,
 )
-from mtl_dist.config import JobConfig, load_config, to_dict
+from mtl_dist.config import JobConfig, load_config
 from mtl_dist.data.loaders import build_loader, build_readers, check_splits, validation_loader
 from mtl_dist.data.reader import ParquetBatchReader, describe
 from mtl_dist.data.source import check_filters
@@ -50,10 +48,11 @@ from mtl_dist.loop.precision import set_up_precision
 from mtl_dist.loop.preempt import Preempted
 from mtl_dist.loop.schedule import LRSchedule
 from mtl_dist.loop.selection import BestTracker, fmt_metric
+from mtl_dist.loop.state import LoopState
 from mtl_dist.loop.step import StepRunner, TrainStep
 from mtl_dist.models.ranker import build_ranker
-from mtl_dist.observe.metrics import format_table, gather_rows, metric_units, write_json
-from mtl_dist.observe.telemetry import Telemetry, peak_memory_mb, quiet_third_party_logs
+from mtl_dist.observe.summary import report, summarize
+from mtl_dist.observe.telemetry import Telemetry, quiet_third_party_logs
 from mtl_dist.observe.validation import evaluate, flat_metrics, report_attribution
 
 
@@ -96,20 +95,6 @@ class Job:
     def log(self, *a: object) -> None:
         if self.info.is_main:
             print(*a, flush=True)
-
-
-@dataclass
-class LoopState:
-    """What the loop carries from step to step (and a checkpoint carries across restarts)."""
-
-    step: int
-    epoch: int
-    run_id: str
-    tracker: BestTracker
-    history: list[dict[str, Any]] = field(default_factory=list)
-    metrics: dict[str, dict[str, float]] = field(default_factory=dict)
-    undefined: dict[str, dict[str, str]] = field(default_factory=dict)
-    stop: bool = False
 
 
 def build_job(cfg: JobConfig, info: DistInfo, ckpt_root: Path) -> Job:
@@ -290,67 +275,6 @@ def total_steps(job: Job, state: LoopState, resumed: bool) -> int:
     return min(total, cfg.train.max_steps) if cfg.train.max_steps else total
 
 
-def summarize(job: Job, state: LoopState, telemetry: Telemetry, elapsed: float) -> dict[str, Any]:
-    """``metrics.json``'s content (the same on every rank), and why the run ended."""
-    cfg, info = job.cfg, job.info
-    if state.stop:
-        end_reason = "early stop"
-    elif cfg.train.max_steps and state.step >= cfg.train.max_steps:
-        end_reason = "max_steps"
-    else:
-        end_reason = "all epochs"
-    return {
-        "steps": state.step,
-        "world_size": info.world_size,
-        "samples_per_s": telemetry.global_rate,
-        "steady_samples_per_s": telemetry.steady_rate,  # after the first 10 steps (0: shorter)
-        "elapsed_s": elapsed,
-        "train_s": telemetry.train_s,
-        "metrics": state.metrics,  # {task: {metric: value}}: defined metrics only
-        "best": state.tracker.summary() if state.tracker.enabled else None,
-        "early_stopped": state.stop,
-        "ended_by": end_reason,  # early stop | max_steps | all epochs
-        "undefined_metrics": state.undefined,  # {task: {metric: why}}: AUC with one class, ...
-        "metric_units": metric_units(cfg.tasks),  # {regression task: unit of MAE / sqrt(MSE)}
-        "history": state.history,
-        "plan": describe_plan(job.plan),
-        "last_trained_position": job.runner.trained_position,  # (global worker, rows) of rank 0
-        # the balancer's final task weights as each rank holds them (they must agree)
-        "task_weights_by_rank": gather_rows(
-            torch.tensor([telemetry.weights], device=info.device)
-        ).tolist(),
-        # peak resident memory (CUDA: peak allocated) of every rank, MiB
-        "peak_memory_mb_by_rank": gather_rows(
-            torch.tensor([[peak_memory_mb(info.device)]], device=info.device)
-        )
-        .flatten()
-        .tolist(),
-        "profile": telemetry.profile,  # rank 0's step profile (monitor.profile_steps)
-        "config": to_dict(cfg),
-    }
-
-
-def report(job: Job, state: LoopState, result: dict[str, Any]) -> None:
-    """Rank 0: ``metrics.json``, the run recorded as ended (a relaunch of the same command finds
-    it so and does nothing), and the summary with the validation table."""
-    cfg = job.cfg
-    write_json(os.path.join(cfg.train.output_dir, "metrics.json"), result)
-    record_finished(job.ckpt_root, {
-        "reason": result["ended_by"], "step": state.step, "epochs": cfg.train.epochs,
-        "max_steps": cfg.train.max_steps, "latest": latest_target(job.ckpt_root),
-        "run_id": state.run_id, "metrics": "metrics.json",
-    })  # fmt: skip
-    job.log(
-        f"\n[done] {state.step} steps in {result['elapsed_s']:.1f}s ({result['train_s']:.1f}s training, "
-        f"{result['samples_per_s']:.0f} samples/s over {job.info.world_size} ranks)"
-    )
-    job.log(
-        "validation (model vs oracle, the best achievable on this data):\n"
-        + format_table(cfg.tasks, state.metrics, state.undefined)
-    )
-    job.log(f"TensorBoard: tensorboard --logdir {os.path.join(cfg.train.output_dir, 'tb')}")
-
-
 def train(cfg: JobConfig, info: DistInfo) -> dict[str, object]:
     """Train per ``cfg`` on this rank; returns the final validation metrics (same on all ranks)."""
     seed_everything(cfg.train.seed)
@@ -403,9 +327,9 @@ def train(cfg: JobConfig, info: DistInfo) -> dict[str, object]:
     telemetry.close()
 
     # --- out: metrics.json, the run recorded as ended, the summary
-    result = summarize(job, state, telemetry, elapsed)
+    result = summarize(cfg, info, state, telemetry, job.plan, job.runner.trained_position, elapsed)
     if info.is_main:
-        report(job, state, result)
+        report(cfg, ckpt_root, state, result)
     return result
 
 
