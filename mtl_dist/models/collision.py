@@ -96,6 +96,20 @@ def managed_rows(
     return torch.where(hit, mapping[idx], miss)
 
 
+def feature_remappings(
+    mc: ManagedCollisionEmbeddingBagCollection,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per managed feature of an (unsharded) MC-EBC, its table's trained ``(sorted raw ids,
+    rows)`` ``[N]`` each, as :func:`managed_rows` reads them: the one walk through TorchRec's
+    private attributes, shared by the ranker's eval lookup and the served program."""
+    modules = mc._managed_collision_collection._managed_collision_modules
+    return {
+        f: (modules[cfg.name]._mch_sorted_raw_ids, modules[cfg.name]._mch_remapped_ids_mapping)
+        for cfg in mc._embedding_module.embedding_bag_configs()
+        for f in cfg.feature_names
+    }
+
+
 def collision_modules(model: nn.Module) -> dict[str, MCHManagedCollisionModule]:
     """Every (local) MCH module in ``model`` by its qualified name (sharded or not)."""
     return {n: m for n, m in model.named_modules() if isinstance(m, MCHManagedCollisionModule)}

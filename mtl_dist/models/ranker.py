@@ -20,7 +20,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from mtl_dist.config import JobConfig, ModelConfig, SparseFeature, task_parents
 from mtl_dist.data.batch import Batch
-from mtl_dist.models.collision import managed_ebc, managed_rows
+from mtl_dist.models.collision import feature_remappings, managed_ebc, managed_rows
 from mtl_dist.models.dependent import DependentTowers
 from mtl_dist.models.experts import ExpertStyle
 from mtl_dist.models.funnel import AITM
@@ -188,16 +188,10 @@ class Ranker(nn.Module):
         ebc = mc._embedding_module
         names = _embedding_names(ebc)
         jts = sparse.to_dict()
-        table_of = {f: t.name for t in ebc.embedding_bag_configs() for f in t.feature_names}
-        modules = mc._managed_collision_collection._managed_collision_modules
+        remap = feature_remappings(mc)
         values, lengths = [], []
         for f in names:
-            m = modules[table_of[f]]
-            raw = jts[f].values()
-            rows = managed_rows(
-                raw, m._mch_sorted_raw_ids, m._mch_remapped_ids_mapping, self.managed_buckets
-            )
-            values.append(rows)
+            values.append(managed_rows(jts[f].values(), *remap[f], self.managed_buckets))
             lengths.append(jts[f].lengths())
         kjt = KeyedJaggedTensor(keys=names, values=torch.cat(values), lengths=torch.cat(lengths))
         return ebc(kjt)

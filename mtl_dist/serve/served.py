@@ -19,6 +19,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from mtl_dist.config import JobConfig
 from mtl_dist.data.batch import Batch
 from mtl_dist.loop.losses import ModelWithLoss, task_predictions
+from mtl_dist.models.collision import feature_remappings
 from mtl_dist.models.heads import MoE
 from mtl_dist.serve.lookups import IdRemap, PooledEmbeddings
 
@@ -140,12 +141,7 @@ def _remappings(ranker: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor
     """Per managed feature, its table's trained ``(sorted raw ids, rows)``."""
     if ranker.mc_ebc is None:
         return {}
-    modules = ranker.mc_ebc._managed_collision_collection._managed_collision_modules
-    return {
-        f: (modules[cfg.name]._mch_sorted_raw_ids, modules[cfg.name]._mch_remapped_ids_mapping)
-        for cfg in ranker.mc_ebc._embedding_module.embedding_bag_configs()
-        for f in cfg.feature_names
-    }
+    return feature_remappings(ranker.mc_ebc)
 
 
 def example_inputs(
