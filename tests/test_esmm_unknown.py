@@ -7,7 +7,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mtl_dist.loop.losses import ctcvr_weights, esmm_ctcvr_loss
+from mtl_dist.loop.losses import (
+    ctcvr_weights,
+    escm2_dr_risk,
+    escm2_ips_risk,
+    esmm_ctcvr_loss,
+    observed_conversions,
+)
 
 
 def _funnel(n: int, seed: int, click_bias: float = -0.8, d: int = 4):
@@ -126,3 +132,38 @@ def test_training_keeps_conversion_calibration_with_half_the_conversions_unknown
     assert biased < 0.8, biased
     # the bias predicted from the dropped share (exact for a constant click rate; here ~0.61)
     assert abs(biased - q / (1 - c + c * q)) < 0.08, (biased, q / (1 - c + c * q))
+
+
+# ESCM2's IPS / DR risks: the same missing share completes their propensity (pCTR · q̂)
+
+
+def test_observed_conversions_are_the_known_clicked_rows_over_their_share():
+    click = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0, 0.0])
+    cvr_mask = torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0, 0.0])  # row 4: unclicked, conversion 0
+    observed = observed_conversions(click, torch.ones(6), cvr_mask)
+    # q̂ = 2 / 4: each known clicked row stands for 2; an unclicked row is never observed, even
+    # with its conversion stored as 0 (not null) and so masked in
+    assert observed.tolist() == [2.0, 0.0, 2.0, 0.0, 0.0, 0.0]
+    assert observed_conversions(click, torch.ones(6), torch.zeros(6)).tolist() == [0.0] * 6
+
+
+def test_escm2_risks_with_half_the_conversions_unknown_match_the_full_label_risks():
+    n = 200_000
+    _, click, conv, known = _funnel(n, 5)
+    g = torch.Generator().manual_seed(6)
+    ctr = torch.randn(n, generator=g, dtype=torch.float64) * 0.5 - 0.8
+    cvr = torch.randn(n, generator=g, dtype=torch.float64) * 0.5 - 0.5
+    imputed = torch.randn(n, generator=g, dtype=torch.float64) * 0.5 - 0.5
+    ones = torch.ones(n, dtype=torch.float64)
+    full_o = observed_conversions(click, ones, click)  # every clicked conversion known
+    part_o = observed_conversions(click, ones, click * known)
+    assert full_o.tolist() == click.tolist()
+    q = ((click * known).sum() / click.sum()).item()
+    full = escm2_ips_risk(ctr, cvr, conv, ones, full_o).item()
+    fixed = escm2_ips_risk(ctr, cvr, conv, ones, part_o).item()
+    old = escm2_ips_risk(ctr, cvr, conv, ones, click * known).item()  # propensity pCTR alone
+    assert abs(fixed / full - 1) < 0.01, (fixed, full)
+    assert abs(old / full - q) < 0.01, (old / full, q)  # shrunk by the known share
+    full_dr, full_imp = (t.item() for t in escm2_dr_risk(ctr, cvr, imputed, conv, ones, full_o))
+    dr, imp = (t.item() for t in escm2_dr_risk(ctr, cvr, imputed, conv, ones, part_o))
+    assert abs(dr / full_dr - 1) < 0.01 and abs(imp / full_imp - 1) < 0.02, (dr, full_dr)

@@ -83,15 +83,16 @@ def escm2_ips_risk(
     Counterfactual Multi-Task Model for Post-Click Conversion Rate Estimation", SIGIR 2022):
     ``Σ_i m_i · o_i · BCE(r_i, pCVR_i) / p̂_i / Σ_i m_i`` over the exposures (``exposure_mask``
     m: the CTR task's weights, sample weights included), where ``o_i`` marks a clicked row whose
-    conversion ``r_i`` was observed (``observed``: the CVR task's mask, read as ``> 0`` only) and
-    the propensity ``p̂_i = pCTR_i`` (no gradient through it; at least :data:`MIN_PROPENSITY`):
-    the clicked rows reweighted to stand for every exposure, an unbiased estimate of the CVR
-    loss over the entire space. The denominator is the weighted exposure count ``Σ_i m_i``
+    conversion ``r_i`` was observed, divided by the batch's known share ``q̂`` of the clicked
+    rows (``observed`` = ``o_i / q̂``, :func:`observed_conversions`) and the propensity
+    ``p̂_i = pCTR_i`` (no gradient through it; at least :data:`MIN_PROPENSITY`): the observed
+    conversions reweighted by ``1 / (pCTR_i · q̂)``, the probability of being observed, to stand
+    for every exposure — an unbiased estimate of the CVR loss over the entire space. The denominator is the weighted exposure count ``Σ_i m_i``
     (0 where it is 0, see :func:`weighted_mean`). ``[B]`` each → scalar.
     """
     bce = F.binary_cross_entropy_with_logits(cvr_logit, conversion, reduction="none")
     propensity = torch.sigmoid(ctr_logit).detach().clamp_min(MIN_PROPENSITY)
-    per_row = exposure_mask * (observed > 0).to(bce.dtype) * bce / propensity
+    per_row = exposure_mask * observed.to(bce.dtype) * bce / propensity
     return weighted_mean(per_row.sum(), exposure_mask.sum())
 
 
@@ -122,11 +123,12 @@ def escm2_dr_risk(
       model's error where it is observed, reweighted to the entire space.
 
     Both divide by the weighted exposure count ``Σ_i m_i`` and are 0 where it is 0 (see
-    :func:`weighted_mean`); ``observed`` (the CVR task's mask) is read as ``> 0`` only.
+    :func:`weighted_mean`); ``observed`` is ``o_i / q̂`` (:func:`observed_conversions`: the known
+    share ``q̂`` of the clicked rows completes the propensity ``p̂_i · q̂``).
     """
     bce = F.binary_cross_entropy_with_logits
     propensity = torch.sigmoid(ctr_logit).detach().clamp_min(MIN_PROPENSITY)
-    o = exposure_mask * (observed > 0).to(cvr_logit.dtype)
+    o = exposure_mask * observed.to(cvr_logit.dtype)
     error = bce(cvr_logit, conversion, reduction="none")  # e_i (read on observed rows only)
     imputed = bce(cvr_logit, torch.sigmoid(imputed_logit).detach(), reduction="none")  # ê_i
     per_row = exposure_mask * imputed + o * (error - imputed) / propensity
@@ -163,12 +165,39 @@ def ctcvr_weights(
     """
     clicked = ctr_label != 0
     weight = ctr_mask * ((~clicked) | (cvr_mask > 0)).to(ctr_mask.dtype)
+    return torch.where(clicked, weight * _inverse_known_share(clicked, ctr_mask, weight), weight)
+
+
+def _inverse_known_share(
+    clicked: torch.Tensor, ctr_mask: torch.Tensor, known: torch.Tensor
+) -> torch.Tensor:
+    """``1 / q̂`` (a detached scalar): the batch's clicked weight over the known clicked weight
+    (``known``: each row's weight where its conversion is known); 1 where no clicked row's
+    conversion is known (every weight stays finite)."""
     clicked_weight = torch.where(clicked, ctr_mask, torch.zeros_like(ctr_mask)).sum()
-    known_weight = torch.where(clicked, weight, torch.zeros_like(weight)).sum()
-    scale = torch.where(
+    known_weight = torch.where(clicked, known, torch.zeros_like(known)).sum()
+    return torch.where(
         known_weight > 0, clicked_weight / torch.where(known_weight > 0, known_weight, 1.0), 1.0
-    ).detach()  # 1 / q̂
-    return torch.where(clicked, weight * scale, weight)
+    ).detach()
+
+
+def observed_conversions(
+    ctr_label: torch.Tensor, ctr_mask: torch.Tensor, cvr_mask: torch.Tensor
+) -> torch.Tensor:
+    """ESCM2's observation indicator ``o_i / q̂`` ``[B]``: 1 / q̂ on clicked rows whose
+    conversion is known (``cvr_mask > 0``), 0 elsewhere — an unclicked row is never an
+    observed conversion, even where the data stores its conversion as 0 rather than null.
+
+    The IPS / DR risks divide ``o_i`` by the probability that row i's conversion is observed.
+    With conversions missing at random among clicked rows that probability is ``pCTR_i · q``
+    (``q`` the known share of the clicked weight, estimated per batch as in
+    :func:`ctcvr_weights`), not ``pCTR_i``: dividing by pCTR alone would shrink the risk's
+    observed part by ``q`` and bias pCVR as dropping the unknown rows biases ESMM's CTCVR term.
+    """
+    clicked = ctr_label != 0
+    known = ctr_mask * (clicked & (cvr_mask > 0)).to(ctr_mask.dtype)
+    inverse = _inverse_known_share(clicked, ctr_mask, known)
+    return torch.where(known > 0, inverse, torch.zeros_like(known))
 
 
 def predictions(
@@ -334,17 +363,18 @@ class ModelWithLoss(nn.Module):
         column by the CTCVR weights (see :func:`ctcvr_weights`)."""
         c, v = self.esmm
         weight = ctcvr_weights(batch.labels[:, c], mask[:, c], batch.mask[:, v])
+        observed = observed_conversions(batch.labels[:, c], mask[:, c], batch.mask[:, v])
         ctcvr = esmm_ctcvr_loss(
             outputs[:, c], outputs[:, v], batch.labels[:, c] * batch.labels[:, v], weight
         )
         if self.escm2_ips > 0:  # + the counterfactual CVR risk (ESCM2-IPS)
             ctcvr = ctcvr + self.escm2_ips * escm2_ips_risk(
-                outputs[:, c], outputs[:, v], batch.labels[:, v], mask[:, c], batch.mask[:, v]
+                outputs[:, c], outputs[:, v], batch.labels[:, v], mask[:, c], observed
             )
         if self.escm2_dr > 0 and imputation is not None:  # + DR and the imputation loss (training)
             dr = escm2_dr_risk(
                 outputs[:, c], outputs[:, v], imputation, batch.labels[:, v],
-                mask[:, c], batch.mask[:, v],
+                mask[:, c], observed,
             )  # fmt: skip
             ctcvr = ctcvr + self.escm2_dr * (dr[0] + dr[1])
         losses = torch.cat([losses[:v], ctcvr.unsqueeze(0), losses[v + 1 :]])
