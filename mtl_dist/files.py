@@ -83,3 +83,40 @@ def check_archive(path: str | Path, what: str, producer: str) -> None:
             f"{path}: member {bad} does not match its CRC-32 (the file was damaged after it was "
             f"written): {hint}"
         )
+
+
+def read_json(path: str | Path, what: str, producer: str) -> dict:
+    """The JSON object another process of ours wrote (``metrics.json``, a dataset's
+    ``meta.json``, a benchmark's record), read and checked before use.
+
+    ``what`` names the record ("run metrics"), ``producer`` the command that writes it; both go
+    into the error. Written whole (:func:`written_whole`), such a file is complete or absent,
+    so a file that does not parse was damaged or truncated after it was written, or was never
+    ours.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist (naming ``producer``).
+        ValueError: naming ``path`` when it is empty, not valid JSON (with the line and column)
+            or not a JSON object.
+    """
+    import json
+
+    path = Path(path)
+    hint = f"not a complete {what}; {producer} writes one"
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such file ({producer} writes the {what})") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not text ({e.reason} at byte {e.start}): {hint}") from None
+    if not text.strip():
+        raise ValueError(f"{path}: the file is empty: {hint}")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(
+            f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno}): {hint}"
+        ) from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a JSON {type(data).__name__}, not an object: {hint}")
+    return data

@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 
 from mtl_dist.data.synth_stats import oracle_metrics
 from mtl_dist.data.synth_write import files_present, write_meta
+from mtl_dist.files import read_json
 
 
 def ctcvr_view(
@@ -35,7 +36,7 @@ def ctcvr_view(
     source parameters.
     """
     src, out = Path(src), Path(dst)
-    meta = json.loads((src / "meta.json").read_text())
+    meta = read_json(src / "meta.json", "dataset description", "mtl-datagen")
     if meta["columns"]["multi_hot"] == [] or "conversion" not in meta["columns"]["labels"]:
         raise ValueError(f"{src} is not a funnel dataset")
     source = {"path": str(src.resolve()), "params": meta["params"]}

@@ -13,6 +13,7 @@ import sys
 import time
 from typing import Any
 
+from mtl_dist.files import read_json
 from mtl_dist.tools.compare_plan import CompareError, Run
 from mtl_dist.tools.compare_summary import is_number
 
@@ -55,7 +56,7 @@ def execute(run: Run, nproc: int, force: bool = False) -> tuple[dict[str, Any], 
             f"run {run.name} failed (exit code {proc.returncode}): "
             f"{_error_line(log.read_text(errors='replace'))}\n  full log: {log}"
         )
-    return json.loads(metrics_path.read_text()), False
+    return read_json(metrics_path, "run's metrics", "mtl_dist.train"), False
 
 
 def execute_all(runs: list[Run], nproc: int, force: bool = False) -> dict[str, list[dict]]:

@@ -34,6 +34,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from mtl_dist.files import read_json
+
 PEERS = ("torch_rechub", "deepctr_torch")
 DISTRIBUTIONS = {"torch_rechub": "torch-rechub", "deepctr_torch": "deepctr-torch"}
 TASKS = ("click", "purchase")
@@ -234,7 +236,7 @@ def bench(a: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(a.seed)
     np.random.seed(a.seed)
     data = Path(a.data)
-    meta = json.loads((data / "meta.json").read_text())
+    meta = read_json(data / "meta.json", "dataset description", "mtl-datagen --workload peers")
     if meta["columns"].get("multi_hot") or "purchase" not in meta["columns"]["labels"]:
         raise ValueError(f"{data} is not a peers dataset (make it with --workload peers)")
     t0 = time.perf_counter()
@@ -307,7 +309,7 @@ def run_peer(
             raise RuntimeError(
                 f"{system} peer benchmark failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}"
             )
-        return json.loads(out.read_text())
+        return read_json(out, f"{system} peer result", "mtl_dist.bench.peers")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

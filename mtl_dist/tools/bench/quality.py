@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 from mtl_dist.data.synth import ctcvr_view
+from mtl_dist.files import read_json
 from mtl_dist.tools.bench.e2e import CONFIG, TASKS, dataset, run_ours
 from mtl_dist.tools.bench.peers import PEERS, peers_installed, run_peer
 from mtl_dist.tools.bench.training import cpu_line
@@ -304,7 +305,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     }
     done = {}
     if (a.resume or a.render) and (out / "quality.json").exists():
-        old = json.loads((out / "quality.json").read_text())
+        old = read_json(out / "quality.json", "quality record", "mtl_dist.bench.quality")
         if a.render:  # the table as it was run
             result.update(cpu=old["cpu"], date=old["date"], params=old["params"])
         elif old["params"] != result["params"]:

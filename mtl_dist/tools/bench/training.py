@@ -33,6 +33,7 @@ import torch
 from mtl_dist.config import load_config
 from mtl_dist.data.batch import ArrowBatchConverter
 from mtl_dist.data.reader import ParquetBatchReader, list_parquet_files
+from mtl_dist.files import read_json
 
 
 def bench_reader(config: str, overrides: list[str], repeats: int = 3) -> dict[str, float]:
@@ -74,8 +75,7 @@ def run_training(
             raise RuntimeError(
                 f"training run failed ({nproc} procs x {threads} threads):\n{proc.stderr[-3000:]}"
             )
-        with open(os.path.join(out, "metrics.json")) as fh:
-            return json.load(fh)
+        return read_json(os.path.join(out, "metrics.json"), "run's metrics", "mtl_dist.train")
 
 
 def bench_training(
