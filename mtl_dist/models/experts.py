@@ -151,6 +151,8 @@ class StackedMLP(nn.Module):
                     w_all, b_all = self.first_layer()
                     first = torch.addmm(b_all, x, w_all)
                 x = first.view(first.shape[0], self.groups, -1).transpose(0, 1)
+                if _needs_standard_batch_strides(x):
+                    x = x.contiguous()
             else:
                 x = torch.baddbmm(b, x, w)
             if self.norms is not None and i < last:
@@ -225,6 +227,18 @@ class StackedMLP(nn.Module):
 
 
 ACTIVATIONS = {"relu": torch.relu, "swish": F.silu}
+
+
+def _needs_standard_batch_strides(x: torch.Tensor) -> bool:
+    """Whether the batched matmuls after the shared first layer want ``x`` ``[G, B, H]`` made
+    contiguous. ``x`` is a transposed view of the ``[B, G·H]`` matmul output (batch stride H):
+    CPU fp32 (MKL) multiplies it and its transpose in place, but the bf16 / fp16 CPU kernels
+    and cuBLAS' strided-batched GEMM take only standard batch strides, and copy ``x``ᵀ in the
+    backward through a slow strided path (a third of a bf16 MMoE step on a Sapphire Rapids
+    CPU, issue 28) — one contiguous copy in the forward is far cheaper."""
+    return x.dtype != torch.float32 or x.device.type != "cpu"
+
+
 OUTPUT_NORMS = ("none", "batch", "layer")
 
 

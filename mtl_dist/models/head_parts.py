@@ -76,6 +76,20 @@ def task_expert_index(tasks: int, shared: int, per_task: int) -> torch.Tensor:
     )
 
 
+def mix_selected(weights: torch.Tensor, experts: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Each task's mix of the experts it selects: ``[B, T, K]`` weights over the ``K`` experts
+    ``index`` ``[T, K]`` names, of experts ``[E, B, H]`` → ``[T, B, H]``.
+
+    The weights are scattered into ``[B, T, E]`` (zeros for the experts a task does not read)
+    and mixed over all E in one einsum: gathering ``experts[index]`` instead materialises
+    ``[T, K, B, H]`` and its backward is an accumulating index_put, a fifth of a PLE step
+    (issue 28); the scatter touches only the small weight tensor.
+    """
+    b, t, k = weights.shape
+    full = weights.new_zeros(b, t, experts.shape[0]).scatter(2, index.expand(b, t, k), weights)
+    return torch.einsum("bte,ebh->tbh", full, experts)
+
+
 class Towers(nn.Module):
     """T task towers as one :class:`StackedMLP`: ``[T, B, H]`` → ``[B, T]`` (logit or value)."""
 

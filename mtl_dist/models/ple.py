@@ -13,6 +13,7 @@ from mtl_dist.models.head_parts import (
     ExpertWatch,
     Towers,
     gate_aux_names,
+    mix_selected,
     stack_aux,
     task_expert_index,
 )
@@ -140,7 +141,7 @@ class PLE(ExpertWatch, nn.Module):
             self._share(out)  # the last level's stays
             w, aux = mods["task_gates"](task_in, first[1])  # [B, T, Es+Et]
             auxes.append(aux)
-            next_task = torch.einsum("bte,tebh->tbh", w, out[self.task_index])  # [T, B, H]
+            next_task = mix_selected(w, out, self.task_index)  # [T, B, H]
             if "self_gates" in mods:  # + each task's own experts, sigmoid-weighted
                 own = out[Es:].unflatten(0, (self.num_tasks, Et))  # [T, Et, B, H]
                 next_task = next_task + mods["self_gates"](task_in, own)
@@ -227,7 +228,7 @@ class STEM(ExpertWatch, nn.Module):
         self._watched()
         w, aux = self.gates(z)  # [B, T, Es+Et], gate t reads z_t
         self.last_gates = {t: w[:, i].detach() for i, t in enumerate(self.task_names)}
-        mixed = torch.einsum("bte,tebh->tbh", w, out[self.task_index])
+        mixed = mix_selected(w, out, self.task_index)
         if self.self_gates is not None:  # + each task's own experts, sigmoid-weighted
             mixed = mixed + self.self_gates(z, task_out.unflatten(0, (T, self.task_experts)))
         return self.towers(mixed), stack_aux(self.aux_names, [aux], x)
