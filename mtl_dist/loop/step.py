@@ -9,13 +9,13 @@ One batch through it (the same for the pipelined and the plain path):
    task losses ``[T]``, the aux losses ``[A]``, the loss mask ``[B, T]`` and the embedding
    penalty (:class:`~mtl_dist.loop.losses.TaskLosses`) with the detached
    :class:`~mtl_dist.loop.losses.StepOutput`;
-2. :meth:`TrainStep.loss`: the step check (:class:`StepCheck`: every
-   rank's label counts, loss finiteness and stop request, one all-gather), the gradient-conflict
-   probe when armed, the balancer (``loss.balancer``) → one scalar, + Σ aux + penalty, × the
-   fp16 loss scale; the balancer's weights join the guard's verdict;
+2. :meth:`TrainStep.loss`: the step check (:class:`StepCheck`: every rank's label counts, loss
+   finiteness and stop request, one all-gather), the gradient-conflict probe when armed, the
+   balancer (``loss.balancer``) → one scalar, + Σ aux + penalty, × the fp16 loss scale; the
+   balancer's weights join the guard's verdict;
 3. :meth:`TrainStep.backward`: ``loss.backward()`` — the update gate at the head's input
-   (:func:`apply_update_gate`) zeroes the tables' gradient of a step the
-   guard closed, and the fused embedding optimizers update inside it;
+   (:func:`apply_update_gate`) zeroes the tables' gradient of a step the guard closed, and the
+   fused embedding optimizers update inside it;
 4. the optimizer step (:class:`~mtl_dist.loop.optim.GuardedDense`: skipped where the guard
    closed the step).
 
