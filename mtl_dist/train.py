@@ -1,9 +1,11 @@
 """Train a multi-task ranker: ``torchrun --nproc_per_node N -m mtl_dist.train --config X.toml``.
 
-The recipe (:func:`train`): config → process group → the run directory → data → model → the
-training step (:mod:`mtl_dist.loop.step`, where the backward runs) → sharding (DMP) →
-optimizers → resume → the loop: segments of steps ending at validation / checkpoint steps and
-epoch ends → metrics out → clean exit. ``--help`` lists every config key.
+The recipe (:func:`train`): config → process group → the run directory (a run that ended
+stays ended) → data → model → the training step (:mod:`mtl_dist.loop.step`, where the backward
+runs) → sharding (DMP) → optimizers → the checkpointer
+(:class:`~mtl_dist.checkpoint.checkpointer.Checkpointer`: when to save, saving, resume) →
+resume → the loop: segments of steps ending at validation / checkpoint steps and epoch ends →
+metrics out → clean exit. ``--help`` lists every config key.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ import os
 import random
 import sys
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,18 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from mtl_dist.checkpoint.rundir import (
-    clear_finished,
-    open_run_dir,
-    release_run_dirs,
-    run_ended,
-)
-from mtl_dist.checkpoint.store import (
-    checkpoint_dir,
-    load_checkpoint,
-    point,
-    save_checkpoint,
-)
+from mtl_dist.checkpoint.checkpointer import Checkpointer, RunStart, States
+from mtl_dist.checkpoint.rundir import release_run_dirs
 from mtl_dist.config import JobConfig, load_config
 from mtl_dist.data.loaders import build_loader, build_readers, check_splits, validation_loader
 from mtl_dist.data.reader import ParquetBatchReader, describe
@@ -47,7 +38,7 @@ from mtl_dist.loop.polarization import react
 from mtl_dist.loop.precision import set_up_precision
 from mtl_dist.loop.preempt import Preempted
 from mtl_dist.loop.schedule import LRSchedule
-from mtl_dist.loop.selection import BestTracker, fmt_metric
+from mtl_dist.loop.selection import fmt_metric
 from mtl_dist.loop.state import LoopState
 from mtl_dist.loop.step import StepRunner, TrainStep
 from mtl_dist.models.ranker import build_ranker
@@ -81,7 +72,6 @@ class Job:
 
     cfg: JobConfig
     info: DistInfo
-    ckpt_root: Path
     train_reader: ParquetBatchReader
     val_reader: ParquetBatchReader
     loss_module: ModelWithLoss
@@ -91,14 +81,15 @@ class Job:
     optimizer: torch.optim.Optimizer
     runner: StepRunner
     watch: NonFiniteWatch  # the guard's host side: stops on non-finite steps, sees SIGTERM
+    ckpt: Checkpointer  # when to save, saving, loading
 
     def log(self, *a: object) -> None:
         if self.info.is_main:
             print(*a, flush=True)
 
 
-def build_job(cfg: JobConfig, info: DistInfo, ckpt_root: Path) -> Job:
-    """Data → model → step → precision → sharding → optimizers → runner."""
+def build_job(cfg: JobConfig, info: DistInfo, start: RunStart) -> Job:
+    """Data → model → step → precision → sharding → optimizers → runner → checkpointer."""
     log = print if info.is_main else (lambda *a, **k: None)
     # --- data: each rank reads its own contiguous share of the rows
     train_reader, val_reader = build_readers(cfg, info)
@@ -126,46 +117,10 @@ def build_job(cfg: JobConfig, info: DistInfo, ckpt_root: Path) -> Job:
     runner = StepRunner(model, optimizer, info.device, step_fn, cfg.sharding.pipeline)
     # the non-finite guard's flags, read on the host only where that costs no sync
     watch = NonFiniteWatch(cfg, info, step_fn.switch, log)
-    return Job(cfg, info, ckpt_root, train_reader, val_reader, loss_module, step_fn, model,
-               plan, optimizer, runner, watch)  # fmt: skip
-
-
-def resume(job: Job, resumed: Path | None, finished: dict[str, Any]) -> LoopState:
-    """The loop's state: fresh (a new run id), or from the newest verified checkpoint of this
-    run (or the one named), at any world size; the readers placed where it left off."""
-    cfg = job.cfg
-    state = LoopState(0, 0, uuid.uuid4().hex, BestTracker(cfg.train))
-    if resumed is None:
-        return state
-    r = load_checkpoint(resumed, job.model, job.optimizer, cfg)
-    state.step, state.epoch, state.run_id = r.step, r.epoch, r.run_id or state.run_id
-    # a checkpoint taken at an epoch's end holds no position: the next epoch starts afresh
-    exact = job.train_reader.resume_pass(r.positions) if any(r.positions) else True
-    job.log(
-        f"[resume] {resumed} at step {state.step}, epoch {state.epoch}: saved by {r.saved_world_size} "
-        f"ranks, {'continuing each reader exactly' if exact else 're-splitting the rows not yet trained'}"
-    )
-    if r.table_dtype != cfg.embedding.data_type:
-        job.log(f"[resume] tables saved as {r.table_dtype}, loaded as {cfg.embedding.data_type}")
-    job.log(f"[data] train: {describe(job.train_reader)}")
-    state.tracker.load(r.loop_state.get("best", {}))
-    state.history = list(r.loop_state.get("history", []))
-    if finished.get("reason") == "early stop":  # continued: patience starts over
-        state.tracker.since = 0
-    return state
-
-
-def save(job: Job, state: LoopState, at: int, epoch_after: int, done: bool) -> Path:
-    """A checkpoint of step ``at`` (``done``: an epoch's end, so no reader position)."""
-    position = {} if done else job.train_reader.position(job.runner.trained)
-    loop_state = {"best": state.tracker.state(), "history": state.history}
-    path = save_checkpoint(
-        job.ckpt_root, step=at, epoch=epoch_after, model=job.model, optimizer=job.optimizer,
-        reader_position=position, cfg=job.cfg, keep=job.cfg.checkpoint.keep,
-        run_id=state.run_id, loop_state=loop_state,
-    )  # fmt: skip
-    job.log(f"[checkpoint] step {at}: {path}")
-    return path
+    states = States(model, optimizer, train_reader, runner.trained)
+    ckpt = Checkpointer(start.root, cfg, states, start, log)
+    return Job(cfg, info, train_reader, val_reader, loss_module, step_fn, model,
+               plan, optimizer, runner, watch, ckpt)  # fmt: skip
 
 
 def validate(
@@ -184,9 +139,8 @@ def validate(
                            telemetry.monitor, at)  # fmt: skip
     if tracker.enabled and tracker.update(at, state.metrics):
         tracker.checkpoint = f"step_{at:08d}"
-        saved = saved or save(job, state, at, epoch_after, done)
-        if job.info.is_main:
-            point(job.ckpt_root, saved.name, "best")
+        saved = saved or job.ckpt.save(state, at, epoch_after, done)
+        job.ckpt.mark_best(saved)
         job.log(f"[best] {tracker.name} = {fmt_metric(tracker.value)} at step {at}: {saved}")
     elif tracker.enabled and (note := tracker.undefined_note(at, state.metrics, state.undefined)):
         job.log(note)  # one class in validation, ...: no improvement, never a number
@@ -195,8 +149,8 @@ def validate(
             f"[early stop] {tracker.name} has not improved in "
             f"{tracker.since} validations (best {tracker.describe_best()})"
         )
-        if cfg.checkpoint.at_end and saved is None:
-            save(job, state, at, epoch_after, done)
+        if saved is None and job.ckpt.due(at, end=True):
+            job.ckpt.save(state, at, epoch_after, done)
     return tracker.stop
 
 
@@ -223,9 +177,8 @@ def run_epochs(job: Job, state: LoopState, telemetry: Telemetry, total: int,
                resumed: bool) -> None:  # fmt: skip
     """The loop: segments end at validation / checkpoint steps and at epoch ends; a checkpoint
     is saved before its validation (a failing validation costs only the validation)."""
-    cfg, reader = job.cfg, job.train_reader
+    cfg, reader, ckpt = job.cfg, job.train_reader, job.ckpt
     val_every = cfg.train.val_every or len(reader)
-    ckpt_every = cfg.checkpoint.every
     schedule = LRSchedule(cfg.optim, job.optimizer, total)  # a function of the step
     schedule.apply(state.step + 1)
     for epoch in range(state.epoch, cfg.train.epochs):
@@ -238,20 +191,14 @@ def run_epochs(job: Job, state: LoopState, telemetry: Telemetry, total: int,
         batches = iter(build_loader(reader, cfg.data))
         while state.step < epoch_end and not state.stop:
             boundaries = [epoch_end, (state.step // val_every + 1) * val_every]
-            if ckpt_every:
-                boundaries.append((state.step // ckpt_every + 1) * ckpt_every)
+            if (next_save := ckpt.next_due(state.step)) is not None:
+                boundaries.append(next_save)
             run_segment(job, state, telemetry, schedule, batches, min(boundaries))
             step = state.step
             telemetry.pause(step)
             done = step == pass_end  # a finished epoch resumes at the next one's start
-            ckpt_due = (ckpt_every and step % ckpt_every == 0) or (
-                step == total and cfg.checkpoint.at_end
-            )
-            saved = (
-                save(job, state, step, epoch + done, done)
-                if ckpt_due or job.watch.preempted
-                else None
-            )
+            due = ckpt.due(step, end=step == total, preempted=job.watch.preempted)
+            saved = ckpt.save(state, step, epoch + done, done) if due else None
             if job.watch.preempted:
                 telemetry.close()
                 raise Preempted(step, str(saved))
@@ -281,55 +228,40 @@ def train(cfg: JobConfig, info: DistInfo) -> dict[str, object]:
     log = print if info.is_main else (lambda *a, **k: None)
     check_writable(cfg.train.output_dir)
 
-    # --- the run directory: this job's alone; what to resume from, decided before any write
-    ckpt_root = checkpoint_dir(cfg)
-    resumed = open_run_dir(cfg, ckpt_root, log)
-    # a run that ended (early stop, max_steps, all epochs) stays ended when relaunched with the
-    # same command (a scheduler's retry): nothing is trained, nothing written
-    finished, ended = run_ended(cfg, ckpt_root)
-    if finished:
-        how = f"[resume] run ended at step {finished.get('step')} ({finished.get('reason')})"
-        if ended:
-            log(
-                f"{how}: nothing to do (checkpoint.continue_finished = true, or a larger "
-                "train.max_steps / train.epochs, trains on)"
-            )
-            return {"ended": finished}
-        log(f"{how}: training on (checkpoint.continue_finished or a larger budget)")
-    clear_finished(ckpt_root)  # it trains: not ended until it ends again
+    # --- the run directory: this job's alone; what to resume from, decided before any write.
+    # A run that ended (early stop, max_steps, all epochs) stays ended when relaunched with the
+    # same command (a scheduler's retry): nothing is built, trained or written
+    start = Checkpointer.open_run(cfg, log)
+    if start.ended:
+        return {"ended": start.finished}
 
-    # --- build: data, model, the step, sharding, optimizers; then resume
-    job = build_job(cfg, info, ckpt_root)
-    state = resume(job, resumed, finished)
-    total = total_steps(job, state, resumed is not None)
+    # --- build: data, model, the step, sharding, optimizers, the checkpointer; then resume
+    job = build_job(cfg, info, start)
+    state = job.ckpt.load()
+    total = total_steps(job, state, job.ckpt.resumed is not None)
     telemetry = Telemetry(cfg, info, total - state.step, job.model, job.loss_module,
                           job.step_fn, job.optimizer, state.step)  # fmt: skip
 
     # a checkpoint written before its validation ran (a failed validation, a preemption
     # between them): validate that step now, as the uninterrupted run did
-    val_every = cfg.train.val_every or len(job.train_reader)
-    history = state.history
-    if (
-        resumed is not None
-        and state.step
-        and state.step % val_every == 0
-        and (not history or history[-1]["step"] < state.step)
-    ):
-        state.stop = validate(job, state, telemetry, state.step, state.epoch, False, resumed)
+    if job.ckpt.unvalidated(state, cfg.train.val_every or len(job.train_reader)):
+        state.stop = validate(job, state, telemetry, state.step, state.epoch, False,
+                              job.ckpt.resumed)  # fmt: skip
 
     # --- the loop
     t0 = time.perf_counter()
-    run_epochs(job, state, telemetry, total, resumed is not None)
+    run_epochs(job, state, telemetry, total, job.ckpt.resumed is not None)
     if not state.metrics:  # resumed at the very end: report the final model all the same
         loader = validation_loader(job.val_reader, cfg.data)
         state.metrics, state.undefined = evaluate(job.model, cfg, loader, info.device)
     elapsed = time.perf_counter() - t0
     telemetry.close()
 
-    # --- out: metrics.json, the run recorded as ended, the summary
+    # --- out: metrics.json and the summary, the run recorded as ended (finished.json)
     result = summarize(cfg, info, state, telemetry, job.plan, job.runner.trained_position, elapsed)
     if info.is_main:
-        report(cfg, ckpt_root, state, result)
+        report(cfg, state, result)
+    job.ckpt.finish(state, result["ended_by"])
     return result
 
 

@@ -1,6 +1,8 @@
 """What every balancer shares: the template :class:`Balancer` (``forward`` written once, calling
 a subclass's ``update`` / ``current`` / ``total``), the helpers its steps use (tasks present,
-finiteness, rank-averaged losses, per-task gradients) and the cross-rank reductions."""
+finiteness, rank-averaged losses, per-task gradients) and the cross-rank reductions; and the
+default balancer, :class:`FixedWeights` (``loss.balancer = fixed``), so that a default run's step
+needs no other balancing file."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ from torch import nn
 
 from mtl_dist.distributed.collectives import all_mean, all_sum
 
-__all__ = ["all_mean", "all_sum"]  # (re-exported: the balancers' reductions)
+__all__ = ["Balancer", "FixedWeights", "GlobalLossRule", "all_mean", "all_sum"]
 
 
 def present_tasks(labelled: torch.Tensor | None, losses: torch.Tensor) -> torch.Tensor:
@@ -117,6 +119,22 @@ class Balancer(nn.Module):
         """Called by the dense optimizer first thing in each step, after DDP averaged the
         gradients and before clipping (parameter-gradient balancers write theirs); nothing by
         default."""
+
+
+class FixedWeights(Balancer):
+    """``loss = Σ_t w_t · loss_t`` with constant weights ``[T]`` (``tasks[].weight``): the
+    default balancer. Moves no state and runs no collective.
+
+    Example::
+
+        >>> loss, w = FixedWeights([1.0, 0.5])(torch.tensor([2.0, 4.0]))
+        >>> float(loss), w.tolist()
+        (4.0, [1.0, 0.5])
+    """
+
+    def __init__(self, weights: list[float]) -> None:
+        super().__init__()
+        self.register_buffer("weights", torch.tensor(weights, dtype=torch.float32))
 
 
 class GlobalLossRule(Balancer):

@@ -1,5 +1,6 @@
 """Loss-only balancers driven by rules: the weights are a function of the losses (averaged over
-ranks first), the step, or constants — about free."""
+ranks first), the step, or constants — about free. The constant one, :class:`FixedWeights` (the
+default), is in :mod:`mtl_dist.balancing.base` and imports from here too."""
 
 from __future__ import annotations
 
@@ -8,15 +9,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from mtl_dist.balancing.base import Balancer, GlobalLossRule, all_sum
+from mtl_dist.balancing.base import Balancer, FixedWeights, GlobalLossRule, all_sum
 
-
-class FixedWeights(Balancer):
-    """``loss = Σ_t w_t · loss_t`` with constant weights."""
-
-    def __init__(self, weights: list[float]) -> None:
-        super().__init__()
-        self.register_buffer("weights", torch.tensor(weights, dtype=torch.float32))
+__all__ = [
+    "DynamicWeightAverage", "FixedWeights", "GeometricLoss", "RandomLossWeighting",
+    "SmoothTchebycheff",
+]  # fmt: skip
 
 
 class DynamicWeightAverage(Balancer):

@@ -1,21 +1,24 @@
 """The non-finite guard: a step whose loss is not finite on some rank updates nothing, anywhere.
 
-Each training forward, :class:`StepCheck` all-gathers one small row per rank — the labelled
-rows of every task, whether each task loss and the auxiliary losses are finite, and whether the
-rank was asked to stop (SIGTERM, see :mod:`mtl_dist.loop.preempt`) — so every rank holds the same
-``labelled [R, T]``, ``nonfinite [R, T + 1]`` and stop request, and acts on them alike. The all-gather is started
-asynchronously: with the ``fixed`` balancer nothing waits for it until the backward reaches the
-head's input, so its latency hides behind the head's backward; the other balancers read
-``labelled`` in the forward (a task without labels over all ranks must not move their state)
-and wait there. :class:`UpdateSwitch` turns the gathered flags (and the balancer's weights,
-identical on every rank) into this step's verdict, read on the device by every update path,
-with no host synchronisation:
+Here: the design and the host side (:class:`NonFiniteWatch`, read after each step). The device
+side runs in the step and lives in :mod:`mtl_dist.loop.step` (its names import from here too).
+
+Each training step, :class:`~mtl_dist.loop.step.StepCheck` all-gathers one small row per rank —
+the labelled rows of every task, whether each task loss and the auxiliary losses are finite, and
+whether the rank was asked to stop (SIGTERM, see :mod:`mtl_dist.loop.preempt`) — so every rank
+holds the same ``labelled [R, T]``, ``nonfinite [R, T + 1]`` and stop request, and acts on them
+alike. The all-gather is started asynchronously: with the ``fixed`` balancer nothing waits for
+it until the backward reaches the head's input, so its latency hides behind the head's
+backward; the other balancers read ``labelled`` before the backward (a task without labels over
+all ranks must not move their state) and wait there. :class:`~mtl_dist.loop.step.UpdateSwitch`
+turns the gathered flags (and the balancer's weights, identical on every rank) into this step's
+verdict, read on the device by every update path, with no host synchronisation:
 
 * the dense optimizer gets it as ``found_inf``: its fused kernel skips the update, the moments
   and the step count, as under a GradScaler (:class:`mtl_dist.loop.optim.GuardedDense`);
-* :class:`GradGate`, on the head's input, zeroes the gradient that flows into the embedding
-  tables, so their fused optimizers (SGD, Adagrad, row-wise Adagrad: an update proportional to
-  the gradient) leave rows and optimizer state as they were;
+* :class:`~mtl_dist.loop.step.GradGate`, on the head's input, zeroes the gradient that flows
+  into the embedding tables, so their fused optimizers (SGD, Adagrad, row-wise Adagrad: an
+  update proportional to the gradient) leave rows and optimizer state as they were;
 * the balancers leave their state as it was.
 
 ``train.on_nonfinite``: ``stop`` keeps the switch closed from the first non-finite step on, and
@@ -32,189 +35,26 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
-import torch.distributed as dist
-from torch import nn
+
+from mtl_dist.loop.step import (  # the device side, at its old path
+    ON_NONFINITE,
+    GradGate,
+    StepCheck,
+    UpdateSwitch,
+    apply_update_gate,
+)
 
 if TYPE_CHECKING:  # (annotations only)
     from mtl_dist.config import JobConfig
     from mtl_dist.distributed.setup import DistInfo
 
+__all__ = [
+    "ON_NONFINITE", "GradGate", "NonFiniteLoss", "NonFiniteWatch", "ScalarWriter", "StepCheck",
+    "UpdateSwitch", "apply_update_gate",
+]  # fmt: skip
+
 # writes scalars for a step, as :meth:`mtl_dist.observe.telemetry.Monitor.scalars` does
 ScalarWriter = Callable[[int, dict[str, float]], None]
-
-ON_NONFINITE = ("stop", "skip", "off")
-# (the host side, :class:`NonFiniteWatch`, is at the end of this module)
-
-
-class UpdateSwitch:
-    """This step's verdict, shared by every update path (see the module docstring).
-
-    :meth:`start` launches the step's all-gather; :meth:`resolve` waits for it and sets
-    ``open`` (0-dim bool on the device; ``None`` — everything applies — while the guard is off
-    or before the first training step), fills this step's ``nonfinite [R, T + 1]`` and
-    ``skipped`` (0-dim bool) buffers and advances ``tripped`` (a non-finite step was seen) and
-    ``consecutive`` (non-finite steps in a row). Resolving twice is a no-op.
-    """
-
-    def __init__(self, mode: str = "stop") -> None:
-        if mode not in ON_NONFINITE:
-            raise ValueError(f"on_nonfinite must be one of {ON_NONFINITE}, got {mode!r}")
-        self.mode = mode
-        self.open: torch.Tensor | None = None
-        self.tripped: torch.Tensor | None = None
-        self.consecutive: torch.Tensor | None = None
-        self.nonfinite: torch.Tensor | None = None
-        self.skipped: torch.Tensor | None = None
-        self._work = None  # the all-gather in flight
-        self._rows: torch.Tensor | None = None  # [R, 2T + 2] once gathered
-        self._weights_ok: torch.Tensor | None = None
-        self._decided = True
-        self.scaler = None  # a LossScaler under fp16: gradients arrive scaled
-        self.grad_overflow: torch.Tensor | None = None  # fp16: the tables' gradient overflowed
-
-    def start(self, row: torch.Tensor, gather: bool) -> None:
-        """A training step begins: gather ``row`` ``[2T + 2]`` from every rank (async): label
-        counts ``[T]``, task losses not finite ``[T]``, aux not finite, stop requested."""
-        self.resolve()  # a previous step nobody resolved (no backward ran): settle it first
-        world = dist.get_world_size() if gather and dist.is_initialized() else 1
-        self._rows = row.new_empty(world, row.numel())
-        if world > 1:
-            self._work = dist.all_gather(list(self._rows.split(1)), row.unsqueeze(0), async_op=True)
-        else:
-            self._rows.copy_(row.unsqueeze(0))
-        T = (row.numel() - 2) // 2
-        self.nonfinite = torch.zeros(world, T + 1, dtype=torch.bool, device=row.device)
-        self.skipped = torch.zeros((), dtype=torch.bool, device=row.device)
-        self._weights_ok = None
-        self._decided = False
-
-    def gathered(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Wait for the all-gather: ``(labelled [R, T], nonfinite [R, T + 1])``."""
-        if self._work is not None:
-            self._work.wait()
-            self._work = None
-        T = (self._rows.shape[1] - 2) // 2
-        return self._rows[:, :T], self._rows[:, T:-1] > 0
-
-    def stop_requested(self) -> torch.Tensor:
-        """0-dim bool: some rank was asked to stop before this step (once gathered)."""
-        if self._rows is None:
-            return torch.zeros((), dtype=torch.bool)
-        self.gathered()
-        return (self._rows[:, -1] > 0).any()
-
-    def weights(self, weights: torch.Tensor) -> None:
-        """The balancer's weights of this step (identical on every rank) count too."""
-        self._weights_ok = torch.isfinite(weights).all()
-
-    def resolve(self) -> None:
-        """Decide this step (waiting for the all-gather if it is still in flight)."""
-        if self._decided:
-            return
-        self._decided = True
-        _, nonfinite = self.gathered()
-        self.nonfinite.copy_(nonfinite)
-        finite = ~nonfinite.any()
-        if self._weights_ok is not None:
-            finite = finite & self._weights_ok
-        if self.mode == "off":
-            return
-        if self.tripped is None:
-            self.tripped = torch.zeros_like(finite)
-            self.consecutive = torch.zeros((), dtype=torch.int64, device=finite.device)
-        ok = finite & ~self.tripped if self.mode == "stop" else finite
-        self.tripped = self.tripped | ~finite
-        self.consecutive = torch.where(finite, 0, self.consecutive + 1)
-        self.skipped.copy_(~ok)
-        self.open = ok
-
-
-class _GateGrad(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, switch: UpdateSwitch) -> torch.Tensor:
-        ctx.switch = switch
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        switch = ctx.switch
-        switch.resolve()
-        if switch.scaler is not None:  # fp16: unscale before the fused table update
-            grad, switch.grad_overflow = switch.scaler.unscale_input(grad)
-            is_open = (
-                ~switch.grad_overflow
-                if switch.open is None
-                else switch.open & ~switch.grad_overflow
-            )
-            return torch.where(is_open, grad, 0.0), None
-        if switch.open is None:
-            return grad, None
-        if grad.device.type == "cpu":  # reading the verdict costs no device sync here
-            return (grad if bool(switch.open) else torch.zeros_like(grad)), None
-        return torch.where(switch.open, grad, 0.0), None  # a NaN gradient becomes 0
-
-
-class GradGate(nn.Module):
-    """Identity in the forward; in training, its backward passes the gradient only while the
-    step's :class:`UpdateSwitch` is open (a NaN gradient becomes 0, not NaN × 0). ``x``: any
-    shape, returned as a view."""
-
-    def __init__(self, switch: UpdateSwitch | None = None) -> None:
-        super().__init__()
-        self.switch = switch if switch is not None else UpdateSwitch()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.training and torch.is_grad_enabled()):
-            return x
-        return _GateGrad.apply(x, self.switch)
-
-
-def apply_update_gate(model: nn.Module, switch: UpdateSwitch) -> None:
-    """Put a :class:`GradGate` reading ``switch`` at ``model.grad_gate`` (the head's input of a
-    :class:`~mtl_dist.models.ranker.Ranker`, an identity until then), from outside the model as
-    parallelism is applied: the gradient into the embedding tables of a step whose update the
-    guard closed becomes 0, so their fused optimizers (which update inside the backward) leave
-    rows and state as they were. A model without ``grad_gate`` is left as it is."""
-    if hasattr(model, "grad_gate"):
-        model.grad_gate = GradGate(switch)
-
-
-class StepCheck(nn.Module):
-    """Starts this step's check over all ranks (one all-gather of ``2T + 2`` floats per rank,
-    in training; this rank's row alone in evaluation). ``stop`` says whether this process was
-    asked to stop (read as the row is built).
-
-    ``forward(losses [T], aux [A], loss_mask [B, T])`` → ``(labelled [R, T]`` rows with a loss
-    weight > 0 per rank and task, ``finite`` 0-dim bool: every rank's losses are finite)``
-    when ``wait`` (a balancer needs them in the forward), else ``(None, None)`` and the
-    all-gather completes in the background until :meth:`UpdateSwitch.resolve`.
-    """
-
-    def __init__(
-        self,
-        switch: UpdateSwitch,
-        wait: bool = True,
-        stop: Callable[[], bool] = lambda: False,
-    ) -> None:
-        super().__init__()
-        self.switch, self.wait, self.stop = switch, wait, stop
-
-    def forward(
-        self, losses: torch.Tensor, aux: torch.Tensor, loss_mask: torch.Tensor
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        T = losses.numel()
-        row = torch.cat(
-            [(loss_mask > 0).sum(0).to(losses.dtype), (~torch.isfinite(losses)).to(losses.dtype),
-             (~torch.isfinite(aux)).any().unsqueeze(0).to(losses.dtype),
-             losses.new_full((1,), float(self.stop()))]
-        )  # fmt: skip
-        if not (self.training and torch.is_grad_enabled()):
-            return row[:T].unsqueeze(0), ~(row[T:-1] > 0).any()
-        self.switch.start(row.detach(), gather=True)
-        if not self.wait:
-            return None, None
-        labelled, nonfinite = self.switch.gathered()
-        return labelled, ~nonfinite.any()
 
 
 class NonFiniteLoss(RuntimeError):

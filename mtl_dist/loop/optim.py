@@ -10,7 +10,7 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from mtl_dist.config import OptimConfig
-from mtl_dist.loop.guard import UpdateSwitch
+from mtl_dist.loop.step import UpdateSwitch
 
 _DENSE = {
     "adam": torch.optim.Adam,
@@ -32,7 +32,7 @@ def fused_available(name: str, device: torch.device) -> bool:
 
 class GuardedDense(KeyedOptimizerWrapper):
     """The dense optimizer, skipping its whole step (update, moments, step count) when the
-    step's :class:`~mtl_dist.loop.guard.UpdateSwitch` is closed.
+    step's :class:`~mtl_dist.loop.step.UpdateSwitch` is closed.
 
     With a fused kernel the skip happens on the device (``found_inf``, as a GradScaler sets
     it): no host synchronisation. Without one, the switch is read on the host. Under fp16 the

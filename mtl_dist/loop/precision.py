@@ -7,7 +7,7 @@ import torch
 
 from mtl_dist.config import JobConfig
 from mtl_dist.distributed.collectives import all_max
-from mtl_dist.loop.guard import UpdateSwitch
+from mtl_dist.loop.step import UpdateSwitch
 from mtl_dist.models.precision import (  # (re-exported: the precision API in one place)
     PRECISIONS,
     Precision,
@@ -48,8 +48,8 @@ class LossScaler:
     a step whose scaled gradients overflow is skipped on every rank and halves the scale, and
     ``growth_interval`` good steps in a row double it. State: ``scale`` (0-dim float tensor on
     the device), ``good_steps`` and ``skipped``. Wired through the step's
-    :class:`~mtl_dist.loop.guard.UpdateSwitch`: :class:`~mtl_dist.loop.losses.ModelWithLoss` scales the
-    loss, :class:`~mtl_dist.loop.guard.GradGate` unscales the tables' gradient
+    :class:`~mtl_dist.loop.step.UpdateSwitch`: :class:`~mtl_dist.loop.losses.ModelWithLoss` scales the
+    loss, :class:`~mtl_dist.loop.step.GradGate` unscales the tables' gradient
     (:meth:`unscale_input`), :class:`~mtl_dist.loop.optim.GuardedDense` the dense ones.
     """
 

@@ -2,7 +2,7 @@
 every rank agrees on, with a checkpoint of that step, and exit code 75 — "requeue me".
 
 The signal handler only records the request. The request rides on the all-gather every
-training step already makes (:class:`mtl_dist.loop.guard.StepCheck`), so a SIGTERM that reaches one
+training step already makes (:class:`mtl_dist.loop.step.StepCheck`), so a SIGTERM that reaches one
 rank stops them all after the same step; the loop then saves a checkpoint with the exact reader
 position of that step and exits with :data:`REQUEUE_EXIT_CODE` (``EX_TEMPFAIL``). Resuming
 from it continues exactly where the run stopped. The save must finish within the launcher's

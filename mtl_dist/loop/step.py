@@ -1,5 +1,7 @@
 """The training step, in our code: forward → the step check across ranks → the balancer → loss
-scaling → ``backward()`` → the optimizer step.
+scaling → ``backward()`` → the optimizer step; and the device side of the non-finite guard
+(:class:`StepCheck`, :class:`UpdateSwitch`, :class:`GradGate`; the design and the host side,
+``NonFiniteWatch``, are :mod:`mtl_dist.loop.guard`).
 
 One batch through it (the same for the pipelined and the plain path):
 
@@ -7,13 +9,13 @@ One batch through it (the same for the pipelined and the plain path):
    task losses ``[T]``, the aux losses ``[A]``, the loss mask ``[B, T]`` and the embedding
    penalty (:class:`~mtl_dist.loop.losses.TaskLosses`) with the detached
    :class:`~mtl_dist.loop.losses.StepOutput`;
-2. :meth:`TrainStep.loss`: the step check (:class:`~mtl_dist.loop.guard.StepCheck`: every
-   rank's label counts, loss finiteness and stop request, one all-gather), the gradient-conflict
-   probe when armed, the balancer (``loss.balancer``) → one scalar, + Σ aux + penalty, × the
-   fp16 loss scale; the balancer's weights join the guard's verdict;
+2. :meth:`TrainStep.loss`: the step check (:class:`StepCheck`: every rank's label counts, loss
+   finiteness and stop request, one all-gather), the gradient-conflict probe when armed, the
+   balancer (``loss.balancer``) → one scalar, + Σ aux + penalty, × the fp16 loss scale; the
+   balancer's weights join the guard's verdict;
 3. :meth:`TrainStep.backward`: ``loss.backward()`` — the update gate at the head's input
-   (:func:`~mtl_dist.loop.guard.apply_update_gate`) zeroes the tables' gradient of a step the
-   guard closed, and the fused embedding optimizers update inside it;
+   (:func:`apply_update_gate`) zeroes the tables' gradient of a step the guard closed, and the
+   fused embedding optimizers update inside it;
 4. the optimizer step (:class:`~mtl_dist.loop.optim.GuardedDense`: skipped where the guard
    closed the step).
 
@@ -29,6 +31,7 @@ import dataclasses
 from collections.abc import Callable, Iterator
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd.profiler import record_function
@@ -38,8 +41,175 @@ from mtl_dist.balancing.base import task_gradients
 from mtl_dist.data.batch import Batch
 from mtl_dist.distributed.collectives import all_mean
 from mtl_dist.loop import preempt
-from mtl_dist.loop.guard import StepCheck, UpdateSwitch, apply_update_gate
 from mtl_dist.loop.losses import ModelWithLoss, StepOutput, TaskLosses
+
+ON_NONFINITE = ("stop", "skip", "off")  # train.on_nonfinite
+
+
+class UpdateSwitch:
+    """This step's verdict, shared by every update path (see :mod:`mtl_dist.loop.guard`).
+
+    :meth:`start` launches the step's all-gather; :meth:`resolve` waits for it and sets
+    ``open`` (0-dim bool on the device; ``None`` — everything applies — while the guard is off
+    or before the first training step), fills this step's ``nonfinite [R, T + 1]`` and
+    ``skipped`` (0-dim bool) buffers and advances ``tripped`` (a non-finite step was seen) and
+    ``consecutive`` (non-finite steps in a row). Resolving twice is a no-op. ``mode``:
+    ``train.on_nonfinite``; another raises ``ValueError``.
+    """
+
+    def __init__(self, mode: str = "stop") -> None:
+        if mode not in ON_NONFINITE:
+            raise ValueError(f"on_nonfinite must be one of {ON_NONFINITE}, got {mode!r}")
+        self.mode = mode
+        self.open: torch.Tensor | None = None
+        self.tripped: torch.Tensor | None = None
+        self.consecutive: torch.Tensor | None = None
+        self.nonfinite: torch.Tensor | None = None
+        self.skipped: torch.Tensor | None = None
+        self._work = None  # the all-gather in flight
+        self._rows: torch.Tensor | None = None  # [R, 2T + 2] once gathered
+        self._weights_ok: torch.Tensor | None = None
+        self._decided = True
+        self.scaler = None  # a LossScaler under fp16: gradients arrive scaled
+        self.grad_overflow: torch.Tensor | None = None  # fp16: the tables' gradient overflowed
+
+    def start(self, row: torch.Tensor, gather: bool) -> None:
+        """A training step begins: gather ``row`` ``[2T + 2]`` from every rank (async): label
+        counts ``[T]``, task losses not finite ``[T]``, aux not finite, stop requested."""
+        self.resolve()  # a previous step nobody resolved (no backward ran): settle it first
+        world = dist.get_world_size() if gather and dist.is_initialized() else 1
+        self._rows = row.new_empty(world, row.numel())
+        if world > 1:
+            self._work = dist.all_gather(list(self._rows.split(1)), row.unsqueeze(0), async_op=True)
+        else:
+            self._rows.copy_(row.unsqueeze(0))
+        T = (row.numel() - 2) // 2
+        self.nonfinite = torch.zeros(world, T + 1, dtype=torch.bool, device=row.device)
+        self.skipped = torch.zeros((), dtype=torch.bool, device=row.device)
+        self._weights_ok = None
+        self._decided = False
+
+    def gathered(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Wait for the all-gather: ``(labelled [R, T], nonfinite [R, T + 1])``."""
+        if self._work is not None:
+            self._work.wait()
+            self._work = None
+        T = (self._rows.shape[1] - 2) // 2
+        return self._rows[:, :T], self._rows[:, T:-1] > 0
+
+    def stop_requested(self) -> torch.Tensor:
+        """0-dim bool: some rank was asked to stop before this step (once gathered)."""
+        if self._rows is None:
+            return torch.zeros((), dtype=torch.bool)
+        self.gathered()
+        return (self._rows[:, -1] > 0).any()
+
+    def weights(self, weights: torch.Tensor) -> None:
+        """The balancer's weights of this step (identical on every rank) count too."""
+        self._weights_ok = torch.isfinite(weights).all()
+
+    def resolve(self) -> None:
+        """Decide this step (waiting for the all-gather if it is still in flight)."""
+        if self._decided:
+            return
+        self._decided = True
+        _, nonfinite = self.gathered()
+        self.nonfinite.copy_(nonfinite)
+        finite = ~nonfinite.any()
+        if self._weights_ok is not None:
+            finite = finite & self._weights_ok
+        if self.mode == "off":
+            return
+        if self.tripped is None:
+            self.tripped = torch.zeros_like(finite)
+            self.consecutive = torch.zeros((), dtype=torch.int64, device=finite.device)
+        ok = finite & ~self.tripped if self.mode == "stop" else finite
+        self.tripped = self.tripped | ~finite
+        self.consecutive = torch.where(finite, 0, self.consecutive + 1)
+        self.skipped.copy_(~ok)
+        self.open = ok
+
+
+class _GateGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, switch: UpdateSwitch) -> torch.Tensor:
+        ctx.switch = switch
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        switch = ctx.switch
+        switch.resolve()
+        if switch.scaler is not None:  # fp16: unscale before the fused table update
+            grad, switch.grad_overflow = switch.scaler.unscale_input(grad)
+            is_open = (
+                ~switch.grad_overflow
+                if switch.open is None
+                else switch.open & ~switch.grad_overflow
+            )
+            return torch.where(is_open, grad, 0.0), None
+        if switch.open is None:
+            return grad, None
+        if grad.device.type == "cpu":  # reading the verdict costs no device sync here
+            return (grad if bool(switch.open) else torch.zeros_like(grad)), None
+        return torch.where(switch.open, grad, 0.0), None  # a NaN gradient becomes 0
+
+
+class GradGate(nn.Module):
+    """Identity in the forward; in training, its backward passes the gradient only while the
+    step's :class:`UpdateSwitch` is open (a NaN gradient becomes 0, not NaN × 0). ``x``: any
+    shape, returned as a view."""
+
+    def __init__(self, switch: UpdateSwitch | None = None) -> None:
+        super().__init__()
+        self.switch = switch if switch is not None else UpdateSwitch()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and torch.is_grad_enabled()):
+            return x
+        return _GateGrad.apply(x, self.switch)
+
+
+def apply_update_gate(model: nn.Module, switch: UpdateSwitch) -> None:
+    """Put a :class:`GradGate` reading ``switch`` at ``model.grad_gate`` (the head's input of a
+    :class:`~mtl_dist.models.ranker.Ranker`, an identity until then), from outside the model as
+    parallelism is applied: the gradient into the embedding tables of a step whose update the
+    guard closed becomes 0, so their fused optimizers (which update inside the backward) leave
+    rows and state as they were. A model without ``grad_gate`` is left as it is."""
+    if hasattr(model, "grad_gate"):
+        model.grad_gate = GradGate(switch)
+
+
+class StepCheck:
+    """Starts a training step's check over all ranks: one all-gather of ``2T + 2`` floats per
+    rank — label counts ``[T]``, task losses not finite ``[T]``, aux not finite, and ``stop()``
+    (this process was asked to stop, read as the row is built) — on the step's
+    :class:`UpdateSwitch`. :class:`TrainStep` calls it in training steps only.
+
+    ``check(losses [T], aux [A], loss_mask [B, T])`` → ``(labelled [R, T]`` rows with a loss
+    weight > 0 per rank and task, ``finite`` 0-dim bool: every rank's losses are finite)``
+    when ``wait`` (a balancer needs them in the step), else ``(None, None)`` and the
+    all-gather completes in the background until :meth:`UpdateSwitch.resolve`.
+    """
+
+    def __init__(
+        self, switch: UpdateSwitch, wait: bool = True, stop: Callable[[], bool] = lambda: False
+    ) -> None:
+        self.switch, self.wait, self.stop = switch, wait, stop
+
+    def __call__(
+        self, losses: torch.Tensor, aux: torch.Tensor, loss_mask: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        row = torch.cat(
+            [(loss_mask > 0).sum(0).to(losses.dtype), (~torch.isfinite(losses)).to(losses.dtype),
+             (~torch.isfinite(aux)).any().unsqueeze(0).to(losses.dtype),
+             losses.new_full((1,), float(self.stop()))]
+        )  # fmt: skip
+        self.switch.start(row.detach(), gather=True)
+        if not self.wait:
+            return None, None
+        labelled, nonfinite = self.switch.gathered()
+        return labelled, ~nonfinite.any()
 
 
 class ConflictProbe:
@@ -81,7 +251,7 @@ class TrainStep:
     update gate goes into its model here).
 
     ``on_nonfinite``: the guard's mode (``train.on_nonfinite``). ``switch``
-    (:class:`~mtl_dist.loop.guard.UpdateSwitch`) is this step's verdict, read by the dense
+    (:class:`UpdateSwitch`) is this step's verdict, read by the dense
     optimizer (:func:`mtl_dist.loop.optim.build_optimizer`) and the update gate; ``scaler`` on
     it (fp16) scales the loss here. ``conflict.arm()`` measures the gradient conflict in the
     next step.

@@ -5,13 +5,10 @@ the file, the run recorded as ended and the printed summary with the validation 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from mtl_dist.checkpoint.manifest import latest_target
-from mtl_dist.checkpoint.rundir import record_finished
 from mtl_dist.config import JobConfig, to_dict
 from mtl_dist.distributed.setup import DistInfo
 from mtl_dist.distributed.sharding import describe_plan
@@ -63,15 +60,10 @@ def summarize(
     }
 
 
-def report(cfg: JobConfig, ckpt_root: Path, state: LoopState, result: dict[str, Any]) -> None:
-    """Rank 0: ``metrics.json``, the run recorded as ended (a relaunch of the same command finds
-    it so and does nothing), and the summary with the validation table."""
+def report(cfg: JobConfig, state: LoopState, result: dict[str, Any]) -> None:
+    """Rank 0: ``metrics.json`` and the summary with the validation table (the run is recorded
+    as ended by :meth:`mtl_dist.checkpoint.checkpointer.Checkpointer.finish`)."""
     write_json(os.path.join(cfg.train.output_dir, "metrics.json"), result)
-    record_finished(ckpt_root, {
-        "reason": result["ended_by"], "step": state.step, "epochs": cfg.train.epochs,
-        "max_steps": cfg.train.max_steps, "latest": latest_target(ckpt_root),
-        "run_id": state.run_id, "metrics": "metrics.json",
-    })  # fmt: skip
     print(
         f"\n[done] {state.step} steps in {result['elapsed_s']:.1f}s ({result['train_s']:.1f}s training, "
         f"{result['samples_per_s']:.0f} samples/s over {result['world_size']} ranks)"

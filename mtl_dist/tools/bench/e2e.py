@@ -42,6 +42,7 @@ from mtl_dist.tools.bench.e2e_runs import (
     CONFIG,
     LEVERS,
     TASKS,
+    Ours,
     best_of_rounds,
     dataset,
     layout,
@@ -55,6 +56,7 @@ from mtl_dist.tools.bench.training import cpu_line
 __all__ = [
     "CONFIG",
     "LEVERS",
+    "Ours",
     "TASKS",
     "best_of_rounds",
     "check_finite",
@@ -171,7 +173,7 @@ def measure(args: argparse.Namespace, layouts: list[tuple[int, int]]) -> dict[st
     if args.levers:
         procs, threads = layouts[0]
         result["levers"] = {
-            name: run_ours(data, procs, threads, args, extra)["samples_per_s"]
+            name: run_ours(Ours(data, procs, threads, tuple(extra)), args)["samples_per_s"]
             for name, extra in LEVERS.items()
         }
         result["levers_layout"] = f"{procs}x{threads}"
@@ -180,7 +182,7 @@ def measure(args: argparse.Namespace, layouts: list[tuple[int, int]]) -> dict[st
         procs, threads = layouts[0]
         result["memory"] = [
             {**by_layout[f"{procs}x{threads}"], "rows": args.rows},
-            {**run_ours(big, procs, threads, args, []), "rows": args.memory_rows},
+            {**run_ours(Ours(big, procs, threads), args), "rows": args.memory_rows},
         ]
     return result
 

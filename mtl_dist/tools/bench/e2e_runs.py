@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from mtl_dist.data.synth import generate
@@ -39,44 +40,51 @@ def layout(spec: str) -> tuple[int, int]:
     return procs, threads
 
 
-def train_ours(
-    data: str,
-    procs: int,
-    threads: int,
-    args: argparse.Namespace,
-    extra: list[str],
-    precision: str = "fp32",
-    config: str = CONFIG,
-) -> dict[str, object]:
-    """One torchrun training of ours on ``data`` (the benchmark's batch and seed) with
-    ``config`` (default ``configs/peers.toml``); its metrics."""
+@dataclass(frozen=True)
+class Ours:
+    """One training of ours: where its data is, its layout (``procs`` processes × ``threads``
+    threads each), the overrides on top of the benchmark's, its precision and its config.
+
+    Example::
+
+        >>> Ours("data/peers_400000_100000_s0", 2, 1).layout
+        '2x1'
+    """
+
+    data: str
+    procs: int
+    threads: int
+    extra: tuple[str, ...] = ()
+    precision: str = "fp32"
+    config: str = CONFIG
+
+    @property
+    def layout(self) -> str:
+        return f"{self.procs}x{self.threads}"
+
+
+def train_ours(run: Ours, args: argparse.Namespace) -> dict[str, object]:
+    """One torchrun training of ``run`` (the benchmark's batch, seed and timeout from ``args``);
+    its metrics. Raises ``RuntimeError`` when the training fails (:func:`run_training`)."""
     overrides = [
-        "--data.train_path", f"{data}/train", "--data.val_path", f"{data}/val",
+        "--data.train_path", f"{run.data}/train", "--data.val_path", f"{run.data}/val",
         "--train.batch_size", str(args.batch), "--train.seed", str(args.seed),
-        "--checkpoint.at_end", "false", "--train.precision", precision, *extra,
+        "--checkpoint.at_end", "false", "--train.precision", run.precision, *run.extra,
     ]  # fmt: skip
-    return run_training(config, overrides, procs, threads, timeout=args.timeout)
+    return run_training(run.config, overrides, run.procs, run.threads, timeout=args.timeout)
 
 
-def run_ours(
-    data: str,
-    procs: int,
-    threads: int,
-    args: argparse.Namespace,
-    extra: list[str],
-    precision: str = "fp32",
-    config: str = CONFIG,
-) -> dict[str, object]:
-    """One epoch of ours at ``precision``; the row of the table."""
+def run_ours(run: Ours, args: argparse.Namespace) -> dict[str, object]:
+    """One epoch of ``run``; the row of the table. Raises as :func:`train_ours`."""
     t0 = time.perf_counter()
-    m = train_ours(data, procs, threads, args, extra, precision, config)
+    m = train_ours(run, args)
     val = m["metrics"]
     return {
         "system": "mtl-dist",
-        "precision": precision,
-        "layout": f"{procs}x{threads}",
-        "procs": procs,
-        "threads": threads,
+        "precision": run.precision,
+        "layout": run.layout,
+        "procs": run.procs,
+        "threads": run.threads,
         "samples_per_s": m["samples_per_s"],
         "steady_samples_per_s": m["steady_samples_per_s"],  # after 10 warm-up steps
         "train_s": m["train_s"],
@@ -99,7 +107,7 @@ def profile_ours(
         "--train.max_steps", str(after + args.profile_steps),
         "--train.val_max_batches", "1", "--monitor.attribution", "false",
     ]  # fmt: skip
-    profile = train_ours(data, procs, threads, args, extra)["profile"]
+    profile = train_ours(Ours(data, procs, threads, tuple(extra)), args)["profile"]
     if not profile:
         raise RuntimeError(
             f"{procs}x{threads}: an epoch of {args.rows} rows is shorter than the {after} warm-up "
@@ -138,8 +146,8 @@ def best_of_rounds(
     rounds: dict[tuple[str, str, str], list[dict[str, object]]] = {}
     reduced = [p for p in args.precision_list if p != "fp32"]  # at the first layout
     for _ in range(args.repeats):
-        ours = [run_ours(data, procs, threads, args, []) for procs, threads in layouts]
-        ours += [run_ours(data, *layouts[0], args, [], p) for p in reduced]
+        ours = [run_ours(Ours(data, procs, threads), args) for procs, threads in layouts]
+        ours += [run_ours(Ours(data, *layouts[0], precision=p), args) for p in reduced]
         for r in ours + run_peers(data, args):
             rounds.setdefault((r["system"], r["layout"], r["precision"]), []).append(r)
     return [

@@ -36,7 +36,7 @@ from pathlib import Path
 
 from mtl_dist.data.synth import ctcvr_view
 from mtl_dist.files import read_json
-from mtl_dist.tools.bench.e2e import CONFIG, TASKS, dataset, run_ours
+from mtl_dist.tools.bench.e2e import CONFIG, TASKS, Ours, dataset, run_ours
 from mtl_dist.tools.bench.peers import PEERS, peers_installed, run_peer
 from mtl_dist.tools.bench.training import cpu_line
 
@@ -334,7 +334,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
                 if kind == "peer":
                     r = run_peer(system, path, a.batch, 1, a.threads, seed, timeout=a.timeout)
                 else:
-                    r = run_ours(path, 1, a.threads, args, v["extra"], config=config)
+                    r = run_ours(Ours(path, 1, a.threads, tuple(v["extra"]), config=config), args)
                 run = {
                     "workload": wl, "system": system, "head": head, "interaction": inter,
                     "reg": reg, "seed": seed, "auc": r["auc"], "oracle_auc": r["oracle_auc"],
