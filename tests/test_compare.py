@@ -21,8 +21,8 @@ from tests.conftest import ROOT
 HEADS, SEEDS = ["shared_bottom", "mmoe"], [0, 1]
 SMALL = [
     "--set", "train.max_steps=20", "--set", "train.val_max_batches=2",
-    "--set", "train.batch_size=256", "--set", "model.expert_hidden=32",
-    "--set", "model.bottom_hidden=32", "--set", "train.log_every=10",
+    "--set", "train.batch_size=256", "--set", "model.experts.hidden=32",
+    "--set", "model.shared_bottom.hidden=32", "--set", "train.log_every=10",
 ]  # fmt: skip
 
 

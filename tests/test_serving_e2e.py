@@ -116,7 +116,7 @@ RUNS = {
     "mmoe": "",
     "ple": "--model.head ple",
     "stem": "--model.head stem",
-    "esmm": "--model.esmm true --model.esmm_cvr_label ctcvr",
+    "esmm": "--model.esmm.enabled true --model.esmm.cvr_label ctcvr",
 }
 
 

@@ -1,4 +1,4 @@
-"""The embedding regularisers on the fused table optimizers: ``model.embedding_l2`` (any
+"""The embedding regularisers on the fused table optimizers: ``model.embedding.l2`` (any
 device) and ``optim.embedding_weight_decay`` (fbgemm's row-wise Adagrad, CUDA only)."""
 
 import json
@@ -93,4 +93,4 @@ def test_training_on_cpu_refuses_fused_weight_decay(synth_data, tmp_path):
     )  # fmt: skip
     assert proc.returncode != 0
     assert "fbgemm's CPU kernels ignore weight decay" in proc.stderr
-    assert "model.embedding_l2" in proc.stderr
+    assert "model.embedding.l2" in proc.stderr
