@@ -195,7 +195,7 @@ def test_balancers_expand_every_head_and_reach_the_runs(tmp_path):
     assert with_balancers(["mmoe"], []) == ["mmoe"]
     runs = plan_runs("configs/default.toml", [], heads, [0], tmp_path)
     assert [r.config["loss"]["balancer"] for r in runs] == ["fixed", "famo"] * 2
-    assert [r.config["model"]["esmm"] for r in runs] == [False, False, True, True]
+    assert [r.config["model"]["esmm"]["enabled"] for r in runs] == [False, False, True, True]
     assert runs[1].dir == tmp_path / "mmoe+famo" / "seed0"
     with pytest.raises(CompareError, match="unknown modifier 'famu'.*famo"):
         head_args("mmoe+famu")

@@ -68,7 +68,7 @@ def test_heads_with_dselect_train_and_report_the_regulariser():
 def test_dselect_replaces_the_softmax_gate_options():
     from mtl_dist.config import ConfigError, load_config
 
-    with pytest.raises(ConfigError, match="replaces the softmax gate: not with gate_top_k"):
+    with pytest.raises(ConfigError, match="replaces the softmax gate: not with model.gate.top_k"):
         load_config(["--config", "configs/default.toml", "--model.gate.dselect_k", "2",
                      "--model.gate.top_k", "2"])  # fmt: skip
 

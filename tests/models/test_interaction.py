@@ -174,11 +174,11 @@ def test_config_rejects_bad_interaction_keys():
     assert load_config([*base, "--model.interaction.kind", "dcn_v2"]).model.interaction.kind == "dcn_v2"
     with pytest.raises(ConfigError, match="did you mean 'dcn_v2'"):
         load_config([*base, "--model.interaction.kind", "dcn_v3"])
-    with pytest.raises(ConfigError, match="interaction_output"):
+    with pytest.raises(ConfigError, match="model.interaction.output"):
         load_config([*base, "--model.interaction.output", "add"])
-    with pytest.raises(ConfigError, match="cross_layers"):
+    with pytest.raises(ConfigError, match="model.interaction.cross_layers"):
         load_config([*base, "--model.interaction.cross_layers", "0"])
-    with pytest.raises(ConfigError, match="embedding_dropout"):
+    with pytest.raises(ConfigError, match="model.embedding.dropout"):
         load_config([*base, "--model.embedding.dropout", "1.0"])
     with pytest.raises(ConfigError, match="rowwise_adagrad"):
         load_config(
