@@ -249,6 +249,6 @@ def test_esmm_refuses_negative_downsampling_of_its_cvr_task():
     validate(cfg)
     cfg.tasks[1].negative_rate = 0.2
     with pytest.raises(
-        ConfigError, match=r"tasks\[1\] \(conversion\).negative_rate = 0.2 with model.esmm"
+        ConfigError, match=r"tasks\[1\] \(conversion\).negative_rate = 0.2 with model.esmm.enabled"
     ):
         validate(cfg)
