@@ -34,14 +34,18 @@ val_path = "{data}/val"
 hash_seed = 7
 [model]
 head = "mmoe"
-num_experts = 2
-expert_hidden = [16]
-tower_hidden = [8]
-ple_levels = 2
-ple_shared_experts = 1
-ple_task_experts = 1
-stem_dim = 4
-stem_features = ["user_id", "item_key", "hist_category_ids"]
+[model.experts]
+num = 2
+hidden = [16]
+[model.tower]
+hidden = [8]
+[model.ple]
+levels = 2
+shared_experts = 1
+task_experts = 1
+[model.stem]
+dim = 4
+features = ["user_id", "item_key", "hist_category_ids"]
 [train]
 batch_size = 256
 max_steps = 6
