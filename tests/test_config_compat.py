@@ -138,3 +138,12 @@ def test_help_lists_every_nested_model_key():
     for new in FLAT_MODEL_KEYS.values():
         assert f"--model.{new} " in text, new
     assert "--model.head " in text and "--model.dense_batch_norm " in text
+
+
+def test_a_config_built_in_python_has_its_choice_keys_checked():
+    from mtl_dist.config import ExpertsConfig, validate
+
+    cfg = load_config(["--config", DEFAULT])
+    cfg.model.experts = ExpertsConfig(norm="layr")
+    with pytest.raises(ConfigError, match=r"model.experts.norm: expected none \| batch \| layer"):
+        validate(cfg)
