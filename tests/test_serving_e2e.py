@@ -34,18 +34,10 @@ val_path = "{data}/val"
 hash_seed = 7
 [model]
 head = "mmoe"
-[model.experts]
-num = 2
-hidden = [16]
-[model.tower]
-hidden = [8]
-[model.ple]
-levels = 2
-shared_experts = 1
-task_experts = 1
-[model.stem]
-dim = 4
-features = ["user_id", "item_key", "hist_category_ids"]
+experts = {{num = 2, hidden = [16]}}
+tower = {{hidden = [8]}}
+ple = {{levels = 2, shared_experts = 1, task_experts = 1}}
+stem = {{dim = 4, features = ["user_id", "item_key", "hist_category_ids"]}}
 [train]
 batch_size = 256
 max_steps = 6

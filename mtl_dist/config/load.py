@@ -208,7 +208,7 @@ def help_text(prog: str = "python -m mtl_dist.train") -> str:
         "config keys:",
     ]
     for key, tp, default, help_ in _walk(JobConfig):
-        lines.append(f"  --{key:<32} {_type_name(tp):<12} default={default!r}")
+        lines.append(f"  --{key:<36} {_type_name(tp):<12} default={default!r}")
         lines.append(f"      {help_}")
     for cls, name in ((SparseFeature, "features.sparse[]"), (TaskSpec, "tasks[]")):
         lines.append(f"\n  {name} entries (TOML only):")
