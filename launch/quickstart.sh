@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The README's first command: set up, generate the default synthetic data, train MMoE on 2 ranks.
 #
-#   bash launch/quickstart.sh [train overrides ...]     e.g. --model.num_experts 8
+#   bash launch/quickstart.sh [train overrides ...]     e.g. --model.experts.num 8
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/setup_env.sh .venv dev

@@ -105,7 +105,7 @@ def build_job(cfg: JobConfig, info: DistInfo, start: RunStart) -> Job:
     if cfg.optim.embedding_weight_decay and info.device.type != "cuda":
         raise ValueError(
             "optim.embedding_weight_decay: fbgemm's CPU kernels ignore weight decay (measured in "
-            "tests/distributed/test_embedding_weight_decay.py); use model.embedding_l2 on CPU"
+            "tests/distributed/test_embedding_weight_decay.py); use model.embedding.l2 on CPU"
         )
     model, plan = shard_model(loss_module, cfg.sharding, cfg.optim, info)
     log(

@@ -42,9 +42,11 @@ label = "watch"
 
 [model]
 head = "mmoe"
-num_experts = 2
-expert_hidden = [32, 16]
-tower_hidden = [8]
+[model.experts]
+num = 2
+hidden = [32, 16]
+[model.tower]
+hidden = [8]
 
 [optim]
 embedding_lr = 0.2

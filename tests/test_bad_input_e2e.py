@@ -15,9 +15,11 @@ CONFIG = """
 num_workers = 0
 [model]
 head = "mmoe"
-num_experts = 2
-expert_hidden = [16]
-tower_hidden = [8]
+[model.experts]
+num = 2
+hidden = [16]
+[model.tower]
+hidden = [8]
 [train]
 batch_size = 32
 log_every = 1

@@ -24,7 +24,7 @@ def args(synth_data, out, *extra):
         "-m", "mtl_dist.train", "--config", "configs/default.toml",
         "--data.train_path", str(synth_data / "train"), "--data.val_path", str(synth_data / "val"),
         "--train.output_dir", str(out), "--train.progress_bar", "false",
-        "--train.batch_size", "256", "--model.expert_hidden", "64,32",
+        "--train.batch_size", "256", "--model.experts.hidden", "64,32",
         "--checkpoint.every", "20", "--checkpoint.keep", "2", "--monitor.attribution", "false",
         "--train.max_steps", str(STEPS), "--train.precision", "fp32", *extra,
     ]  # fmt: skip
@@ -151,9 +151,9 @@ def test_reshard_on_load(small_synth_data, tmp_path, before, after):
 def test_checkpoint_of_another_schema_is_refused(synth_data, reference, tmp_path):
     proc = run(
         synth_data, tmp_path, "--checkpoint.resume", str(reference / "checkpoints" / "step_00000060"),
-        "--model.num_experts", "8", ok=False,
+        "--model.experts.num", "8", ok=False,
     )  # fmt: skip
-    assert "was written for another schema: model.num_experts: saved 4, configured 8" in proc.stderr
+    assert "was written for another schema: model.experts.num: saved 4, configured 8" in proc.stderr
 
 
 def test_schema_difference_names_the_table_field_and_both_values(tmp_path):
@@ -184,13 +184,15 @@ def test_checkpoint_from_before_new_keys_resumes_unless_they_are_on(tmp_path):
 
     cfg = load_config(["--config", "configs/default.toml"])
     saved = to_dict(cfg)
-    for key in ("escm2_dr", "expert_self_gate", "expert_feature_gate_rank", "pepnet_gate_hidden"):
-        del saved["model"][key]
+    for section, key in (("esmm", "escm2_dr"), ("experts", "self_gate"),
+                         ("experts", "feature_gate_rank"), ("pepnet", "gate_hidden")):  # fmt: skip
+        del saved["model"][section][key]
+    del saved["model"]["stem"]  # a whole section newer than the checkpoint
     del saved["features"]["sparse"][0]["collision"]
     del saved["tasks"][0]["negative_rate"]
     check_schema(saved, cfg, tmp_path)  # nothing differs
-    cfg.model.expert_feature_gate_rank = 8
-    with pytest.raises(ValueError, match="model.expert_feature_gate_rank: saved 0, configured 8"):
+    cfg.model.experts.feature_gate_rank = 8
+    with pytest.raises(ValueError, match="model.experts.feature_gate_rank: saved 0, configured 8"):
         check_schema(saved, cfg, tmp_path)
 
 

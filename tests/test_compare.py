@@ -21,8 +21,8 @@ from tests.conftest import ROOT
 HEADS, SEEDS = ["shared_bottom", "mmoe"], [0, 1]
 SMALL = [
     "--set", "train.max_steps=20", "--set", "train.val_max_batches=2",
-    "--set", "train.batch_size=256", "--set", "model.expert_hidden=32",
-    "--set", "model.bottom_hidden=32", "--set", "train.log_every=10",
+    "--set", "train.batch_size=256", "--set", "model.experts.hidden=32",
+    "--set", "model.shared_bottom.hidden=32", "--set", "train.log_every=10",
 ]  # fmt: skip
 
 
@@ -119,7 +119,7 @@ def test_sweep_advantage_is_paired_over_seeds(compared):
 
 
 def test_unknown_head_stops_before_training(synth_data, tmp_path):
-    with pytest.raises(SystemExit, match="run nope/seed0: model.head: unknown head 'nope'"):
+    with pytest.raises(SystemExit, match="run nope/seed0: --model.head: expected shared_bottom .*, got 'nope'"):
         main(_argv(synth_data, tmp_path, "--heads", "mmoe,nope", "--seeds", "0"))
     assert not (tmp_path / "mmoe").exists()  # nothing trained
 
@@ -195,7 +195,7 @@ def test_balancers_expand_every_head_and_reach_the_runs(tmp_path):
     assert with_balancers(["mmoe"], []) == ["mmoe"]
     runs = plan_runs("configs/default.toml", [], heads, [0], tmp_path)
     assert [r.config["loss"]["balancer"] for r in runs] == ["fixed", "famo"] * 2
-    assert [r.config["model"]["esmm"] for r in runs] == [False, False, True, True]
+    assert [r.config["model"]["esmm"]["enabled"] for r in runs] == [False, False, True, True]
     assert runs[1].dir == tmp_path / "mmoe+famo" / "seed0"
     with pytest.raises(CompareError, match="unknown modifier 'famu'.*famo"):
         head_args("mmoe+famu")

@@ -1,5 +1,6 @@
 """Config tree: TOML + CLI overrides, type and key errors that name the key."""
 
+import functools
 import re
 from pathlib import Path
 
@@ -15,10 +16,10 @@ def test_toml_then_overrides():
         [
             "--config",
             DEFAULT,
-            "--model.num_experts",
+            "--model.experts.num",
             "8",
             "--train.batch_size=4096",
-            "--model.expert_hidden",
+            "--model.experts.hidden",
             "64,32",
             "--sharding.pipeline",
             "false",
@@ -26,9 +27,9 @@ def test_toml_then_overrides():
             "0.01",
         ]
     )
-    assert cfg.model.num_experts == 8
+    assert cfg.model.experts.num == 8
     assert cfg.train.batch_size == 4096
-    assert cfg.model.expert_hidden == [64, 32]
+    assert cfg.model.experts.hidden == [64, 32]
     assert cfg.sharding.pipeline is False
     assert cfg.optim.dense_lr == pytest.approx(0.01)
     # untouched values come from the TOML file, not the dataclass defaults
@@ -41,19 +42,19 @@ def test_toml_then_overrides():
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
-        (["--model.num_expert", "8"], "did you mean 'model.num_experts'"),
+        (["--model.num_expert", "8"], "did you mean 'model.experts.num'"),
         (["--modle.num_experts", "8"], "did you mean 'model"),
-        (["--model.num_experts", "eight"], "--model.num_experts: expected int"),
+        (["--model.experts.num", "eight"], "--model.experts.num: expected int"),
         (["--sharding.pipeline", "maybe"], "--sharding.pipeline: expected bool"),
-        (["--model.expert_hidden", "64,x"], "--model.expert_hidden: expected int"),
+        (["--model.experts.hidden", "64,x"], "--model.experts.hidden: expected int"),
         (["--model", "3"], "is a section"),
-        (["--model.head", "transformer"], "model.head: unknown head 'transformer'"),
+        (["--model.head", "transformer"], "--model.head: expected shared_bottom | omoe | mmoe"),
         (["--sharding.force", "row_wsie"], "did you mean 'row_wise'"),
         (["--optim.embedding_optimizer", "adam"], "not a fused CPU/GPU optimizer"),
         (["--train.batch_size"], "missing value"),
-        (["--model.escm2_dr", "0.1"], "model.escm2_dr = 0.1: must be >= 0, and > 0 needs"),
+        (["--model.esmm.escm2_dr", "0.1"], "model.esmm.escm2_dr = 0.1: must be >= 0, and > 0 needs"),
         (
-            ["--model.esmm", "true", "--model.escm2_dr", "0.1", "--model.escm2_ips", "0.1"],
+            ["--model.esmm.enabled", "true", "--model.esmm.escm2_dr", "0.1", "--model.esmm.escm2_ips", "0.1"],
             "choose one form of ESCM2's risk",
         ),
     ],
@@ -113,14 +114,14 @@ def test_help_lists_every_key_with_type_default_and_meaning(capsys):
     text = help_text()
     for key in [
         "--train.batch_size",
-        "--model.num_experts",
-        "--model.expert_hidden",
+        "--model.experts.num",
+        "--model.experts.hidden",
         "--sharding.sharding_types",
         "--optim.embedding_optimizer",
         "--data.train_path",
     ]:
         assert key in text
-    assert re.search(r"--model.num_experts +int +default=4\n +experts E", text)
+    assert re.search(r"--model.experts.num +int +default=4\n +experts E", text)
     assert "vocab_size" in text and "hash_buckets" in text  # schema entries documented too
     with pytest.raises(SystemExit) as e:
         load_config(["--help"])
@@ -130,9 +131,9 @@ def test_help_lists_every_key_with_type_default_and_meaning(capsys):
 
 def test_defaults_are_a_valid_tree():
     cfg = JobConfig()
-    assert cfg.model.expert_hidden == [256, 128]
+    assert cfg.model.experts.hidden == [256, 128]
     assert (
-        cfg.model.expert_hidden is not JobConfig().model.expert_hidden
+        cfg.model.experts.hidden is not JobConfig().model.experts.hidden
     )  # no shared mutable default
 
 
@@ -175,7 +176,7 @@ def test_undefined_best_metric_is_no_improvement_and_never_formatted():
         (["--train.epochs", "0"], "train.epochs = 0: must lie in [1, 2^63)"),
         (["--data.num_workers", "-2"], "data.num_workers = -2: must lie in [0, 2^63)"),
         (["--monitor.gate_every", "-1"], "monitor.gate_every = -1: must lie in [0, 2^63)"),
-        (["--model.expert_hidden", "64,0"], "model.expert_hidden[1] = 0: must lie in [1, 2^63)"),
+        (["--model.experts.hidden", "64,0"], "model.experts.hidden[1] = 0: must lie in [1, 2^63)"),
     ],
 )
 def test_integer_keys_out_of_range_are_refused_naming_key_and_range(args, needle):
@@ -197,10 +198,10 @@ def test_integer_range_edges_are_accepted(tmp_path):
 
 CHOICE_KEYS = [
     ("model.head", "HEADS"),
-    ("model.expert_activation", "EXPERT_ACTIVATIONS"),
-    ("model.expert_norm", "EXPERT_NORMS"),
-    ("model.interaction", "INTERACTIONS"),
-    ("model.interaction_output", "INTERACTION_OUTPUTS"),
+    ("model.experts.activation", "EXPERT_ACTIVATIONS"),
+    ("model.experts.norm", "EXPERT_NORMS"),
+    ("model.interaction.kind", "INTERACTIONS"),
+    ("model.interaction.output", "INTERACTION_OUTPUTS"),
     ("optim.dense_optimizer", "OPTIMIZERS"),
     ("optim.embedding_optimizer", "EMBEDDING_OPTIMIZERS"),
     ("optim.embedding_weight_decay_mode", "WEIGHT_DECAY_MODES"),
@@ -215,7 +216,7 @@ CHOICE_KEYS = [
     ("train.on_nonfinite", "ON_NONFINITE"),
 ]
 # what a name needs besides itself to make a valid job
-NEEDS = {"pepnet": ["--model.pepnet_domain_features", "device_type"]}
+NEEDS = {"pepnet": ["--model.pepnet.domain_features", "device_type"]}
 
 
 def _help_line(key: str) -> str:
@@ -231,19 +232,18 @@ def test_every_allowed_name_is_accepted_and_in_the_help(key, const):
     names = getattr(config, const)
     assert names and len(set(names)) == len(names)
     line = _help_line(key)
-    section, name = key.split(".")
     for value in names:
         assert re.search(rf"(?<!\w){re.escape(value)}(?!\w)", line), (key, value, line)
         cfg = load_config(["--config", DEFAULT, f"--{key}", value, *NEEDS.get(value, [])])
-        assert getattr(getattr(cfg, section), name) == value
+        assert functools.reduce(getattr, key.split("."), cfg) == value
 
 
 @pytest.mark.parametrize(
     ("key", "typo", "needle"),
     [
-        ("model.head", "mmeo", "model.head: unknown head 'mmeo' (did you mean 'mmoe'?)"),
-        ("model.expert_norm", "layr", "model.expert_norm must be none | batch | layer, got 'layr'"),
-        ("model.interaction", "dcn_v3", "(did you mean 'dcn_v2'?)"),
+        ("model.head", "mmeo", "--model.head: expected shared_bottom | omoe | mmoe | ple | stem | aitm | dbmtl | pepnet, got 'mmeo' (did you mean 'mmoe'?)"),
+        ("model.experts.norm", "layr", "--model.experts.norm: expected none | batch | layer, got 'layr'"),
+        ("model.interaction.kind", "dcn_v3", "(did you mean 'dcn_v2'?)"),
         ("loss.balancer", "gradnrom", "loss.balancer: unknown balancer 'gradnrom' (did you mean"),
         ("optim.dense_schedule", "cosin", "optim.dense_schedule: unknown schedule 'cosin'"),
         ("train.precision", "bf61", "train.precision: expected auto | fp32 | bf16 | fp16, got"),
@@ -261,8 +261,8 @@ def test_the_error_lists_the_same_names_as_the_constant():
     from mtl_dist.config import EXPERT_NORMS, HEADS
 
     with pytest.raises(ConfigError) as e:
-        load_config(["--config", DEFAULT, "--model.expert_norm", "x"])
-    assert f"must be {' | '.join(EXPERT_NORMS)}," in str(e.value)
+        load_config(["--config", DEFAULT, "--model.experts.norm", "x"])
+    assert f"expected {' | '.join(EXPERT_NORMS)}," in str(e.value)
     with pytest.raises(ConfigError) as e:
         load_config(["--config", DEFAULT, "--model.head", "zzz"])
     assert f"(valid: {', '.join(sorted(HEADS))})" in str(e.value)
@@ -275,23 +275,23 @@ def test_the_error_lists_the_same_names_as_the_constant():
     ("args", "needle"),
     [
         # model_checks.check_head: a head's own keys against the tasks / features
-        (["--model.head", "aitm", "--model.aitm_chain", "click,watch_time"],
-         "model.aitm_chain ['click', 'watch_time']: needs 2 or more distinct binary tasks"),
-        (["--model.head", "pepnet"], "model.head = pepnet needs model.pepnet_domain_features"),
-        (["--model.head", "dbmtl", "--model.dbmtl_parents", "click:conversion,conversion:click"],
-         "model.dbmtl_parents: a cycle"),
+        (["--model.head", "aitm", "--model.aitm.chain", "click,watch_time"],
+         "model.aitm.chain ['click', 'watch_time']: needs 2 or more distinct binary tasks"),
+        (["--model.head", "pepnet"], "model.head = pepnet needs model.pepnet.domain_features"),
+        (["--model.head", "dbmtl", "--model.dbmtl.parents", "click:conversion,conversion:click"],
+         "model.dbmtl.parents: a cycle"),
         # model_checks.check_esmm
-        (["--model.esmm", "true", "--model.esmm_cvr_task", "watch_time"],
-         "model.esmm_cvr_task: task 'watch_time' must be binary"),
+        (["--model.esmm.enabled", "true", "--model.esmm.cvr_task", "watch_time"],
+         "model.esmm.cvr_task: task 'watch_time' must be binary"),
         # model_checks.check_experts
-        (["--model.expert_self_gate", "true"], "model.expert_self_gate mixes each task's own"),
-        (["--model.expert_feature_gate_rank", "4", "--model.gate_top_k", "2"],
-         "model.expert_feature_gate_rank = 4: must be >= 0 and, > 0, not with top-k"),
+        (["--model.experts.self_gate", "true"], "model.experts.self_gate mixes each task's own"),
+        (["--model.experts.feature_gate_rank", "4", "--model.gate.top_k", "2"],
+         "model.experts.feature_gate_rank = 4: must be >= 0 and, > 0, not with top-k"),
         # model_checks.check_gates
-        (["--model.gate_dselect_k", "2", "--model.gate_noisy", "true"],
-         "model.gate_dselect_k = 2 needs gate_dselect_gamma > 0 and replaces the softmax gate: "
-         "not with gate_noisy"),
-        (["--model.gate_top_k", "5"], "model.gate_top_k: 5 must lie in [0, num_experts]"),
+        (["--model.gate.dselect_k", "2", "--model.gate.noisy", "true"],
+         "model.gate.dselect_k = 2 needs model.gate.dselect_gamma > 0 and replaces the softmax gate: "
+         "not with model.gate.noisy"),
+        (["--model.gate.top_k", "5"], "model.gate.top_k: 5 must lie in [0, model.experts.num]"),
         # model_checks.check_embedding_regularisers
         (["--optim.embedding_weight_decay", "0.01", "--optim.embedding_optimizer", "sgd"],
          "optim.embedding_weight_decay = 0.01: must be >= 0, and > 0 needs embedding_optimizer"),
@@ -322,9 +322,9 @@ label = "click"
 def test_interaction_needs_enough_fields(tmp_path):
     p = tmp_path / "one.toml"
     p.write_text(MINIMAL.format(extra_feature=""))
-    with pytest.raises(ConfigError, match=r"model.interaction = fm needs a sparse feature and 2"):
-        load_config(["--config", str(p), "--model.interaction", "fm"])
-    assert load_config(["--config", str(p)]).model.interaction == "none"
+    with pytest.raises(ConfigError, match=r"model.interaction.kind = fm needs a sparse feature and 2"):
+        load_config(["--config", str(p), "--model.interaction.kind", "fm"])
+    assert load_config(["--config", str(p)]).model.interaction.kind == "none"
 
 
 def test_feature_and_task_rules_name_the_entry(tmp_path):
@@ -352,7 +352,7 @@ def test_filter_syntax_is_not_checked_by_validate():
 def test_to_dict_from_dict_round_trip():
     from mtl_dist.config import from_dict, to_dict
 
-    cfg = load_config(["--config", DEFAULT, "--model.expert_hidden", "32,16"])
+    cfg = load_config(["--config", DEFAULT, "--model.experts.hidden", "32,16"])
     assert from_dict(to_dict(cfg)) == cfg and to_dict(from_dict(to_dict(cfg))) == to_dict(cfg)
 
 

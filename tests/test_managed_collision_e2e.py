@@ -64,8 +64,8 @@ def test_managed_collision_resume_reshard_export_score(tmp_path):
         return ["-m", "mtl_dist.train", "--config", str(cfg),
                 "--data.train_path", str(logs / "train"), "--data.val_path", str(logs / "val"),
                 "--train.output_dir", str(out), "--train.progress_bar", "false",
-                "--train.batch_size", "512", "--model.expert_hidden", "32",
-                "--model.tower_hidden", "16", *more]  # fmt: skip
+                "--train.batch_size", "512", "--model.experts.hidden", "32",
+                "--model.tower.hidden", "16", *more]  # fmt: skip
 
     whole, part, one = tmp_path / "whole", tmp_path / "part", tmp_path / "one"
     proc = torchrun(job(whole))  # 16 steps: admissions at 4, 8, 12, 16

@@ -126,7 +126,7 @@ def train(data, out, *extra):
         "-m", "mtl_dist.train", "--config", "configs/default.toml",
         "--data.train_path", str(data / "train"), "--data.val_path", str(data / "val"),
         "--train.output_dir", str(out), "--train.progress_bar", "false",
-        "--train.batch_size", "256", "--model.expert_hidden", "64,32",
+        "--train.batch_size", "256", "--model.experts.hidden", "64,32",
         "--monitor.attribution", "false", "--train.epochs", "4", *extra,
     ]  # fmt: skip
     proc = torchrun(args, nproc=2, timeout=600)

@@ -79,7 +79,7 @@ def train(data, out, *extra, env=None, ok=True):
         "-m", "mtl_dist.train", "--config", "configs/default.toml",
         "--data.train_path", str(data / "train"), "--data.val_path", str(data / "val"),
         "--train.output_dir", str(out), "--train.progress_bar", "false",
-        "--train.batch_size", "256", "--model.expert_hidden", "32,16", "--train.log_every", "1",
+        "--train.batch_size", "256", "--model.experts.hidden", "32,16", "--train.log_every", "1",
         "--monitor.attribution", "false", "--train.epochs", "2", "--train.max_steps", "60",
         *RECIPE, *extra,
     ]  # fmt: skip

@@ -41,7 +41,7 @@ def args(data: Path, out: Path, *extra: str) -> list[str]:
         "-m", "mtl_dist.train", "--config", "configs/default.toml",
         "--data.train_path", str(data / "train"), "--data.val_path", str(data / "val"),
         "--train.output_dir", str(out), "--train.progress_bar", "false",
-        "--train.batch_size", "256", "--model.expert_hidden", "32,16", "--train.log_every", "5",
+        "--train.batch_size", "256", "--model.experts.hidden", "32,16", "--train.log_every", "5",
         "--checkpoint.every", "10", "--checkpoint.keep", "3", "--monitor.attribution", "false",
         "--train.max_steps", str(STEPS), "--train.precision", "fp32", *extra,
     ]  # fmt: skip

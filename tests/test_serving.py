@@ -73,9 +73,9 @@ def test_plain_lookups_equal_torchrec_pooling():
 @pytest.mark.parametrize("norm", ["batch", "layer"])
 def test_export_serves_any_batch_with_tower_batch_norm_and_top_k_gates(norm):
     cfg = load_config(
-        ["--config", "configs/default.toml", "--model.head", "stem", "--model.expert_hidden",
-         "32,16", "--model.tower_batch_norm", "true", "--model.gate_top_k", "1",
-         "--model.expert_activation", "swish", "--model.expert_norm", norm]
+        ["--config", "configs/default.toml", "--model.head", "stem", "--model.experts.hidden",
+         "32,16", "--model.tower.batch_norm", "true", "--model.gate.top_k", "1",
+         "--model.experts.activation", "swish", "--model.experts.norm", norm]
     )  # fmt: skip
     served = build_served(cfg, build_unsharded(cfg).eval())
     program = export_program(cfg, served).module()
@@ -88,18 +88,18 @@ def test_export_serves_any_batch_with_tower_batch_norm_and_top_k_gates(norm):
 @pytest.mark.parametrize(
     "head_args",
     [
-        ["--model.head", "dbmtl", "--model.dbmtl_parents", "conversion:click"],
-        ["--model.head", "pepnet", "--model.pepnet_domain_features", "device_type",
-         "--model.pepnet_prior_features", "user_id,dense_0"],
-        ["--model.head", "ple", "--model.expert_self_gate", "true",
-         "--model.expert_feature_gate_rank", "4", "--model.esmm", "true", "--model.escm2_dr",
+        ["--model.head", "dbmtl", "--model.dbmtl.parents", "conversion:click"],
+        ["--model.head", "pepnet", "--model.pepnet.domain_features", "device_type",
+         "--model.pepnet.prior_features", "user_id,dense_0"],
+        ["--model.head", "ple", "--model.experts.self_gate", "true",
+         "--model.experts.feature_gate_rank", "4", "--model.esmm.enabled", "true", "--model.esmm.escm2_dr",
          "0.1"],
     ],
     ids=["dbmtl", "pepnet", "ple_home_gates_escm2_dr"],
 )  # fmt: skip
 def test_export_serves_the_newer_heads(head_args):
     """DBMTL, PEPNet and HoME's gates export; the program equals the eager model at B = 1, 7."""
-    cfg = load_config(["--config", "configs/default.toml", "--model.expert_hidden", "32,16",
+    cfg = load_config(["--config", "configs/default.toml", "--model.experts.hidden", "32,16",
                        *head_args])  # fmt: skip
     served = build_served(cfg, build_unsharded(cfg).eval())
     program = export_program(cfg, served).module()
@@ -125,9 +125,9 @@ def test_dcn_v2_model_exports_serves_and_scores_alike_and_attributes_input_featu
     from tests.models.test_ranker import random_table
 
     cfg = load_config(
-        ["--config", "configs/default.toml", "--model.expert_hidden", "16,8",
-         "--model.interaction", "dcn_v2", "--model.interaction_output", output,
-         "--model.cross_layers", "2"]
+        ["--config", "configs/default.toml", "--model.experts.hidden", "16,8",
+         "--model.interaction.kind", "dcn_v2", "--model.interaction.output", output,
+         "--model.interaction.cross_layers", "2"]
     )  # fmt: skip
     model = build_unsharded(cfg).eval()
     with torch.no_grad():  # a non-trivial cross: biases off zero
@@ -161,8 +161,8 @@ def test_every_interaction_exports_with_a_free_batch_size(kind):
     import dataclasses
 
     cfg = load_config(
-        ["--config", "configs/default.toml", "--model.expert_hidden", "16,8",
-         "--model.interaction", kind, "--model.cross_low_rank", "8"]
+        ["--config", "configs/default.toml", "--model.experts.hidden", "16,8",
+         "--model.interaction.kind", kind, "--model.interaction.cross_low_rank", "8"]
     )  # fmt: skip
     tables = [f.table_name for f in cfg.features.sparse]
     cfg.features.sparse = [

@@ -34,14 +34,10 @@ val_path = "{data}/val"
 hash_seed = 7
 [model]
 head = "mmoe"
-num_experts = 2
-expert_hidden = [16]
-tower_hidden = [8]
-ple_levels = 2
-ple_shared_experts = 1
-ple_task_experts = 1
-stem_dim = 4
-stem_features = ["user_id", "item_key", "hist_category_ids"]
+experts = {{num = 2, hidden = [16]}}
+tower = {{hidden = [8]}}
+ple = {{levels = 2, shared_experts = 1, task_experts = 1}}
+stem = {{dim = 4, features = ["user_id", "item_key", "hist_category_ids"]}}
 [train]
 batch_size = 256
 max_steps = 6
@@ -116,7 +112,7 @@ RUNS = {
     "mmoe": "",
     "ple": "--model.head ple",
     "stem": "--model.head stem",
-    "esmm": "--model.esmm true --model.esmm_cvr_label ctcvr",
+    "esmm": "--model.esmm.enabled true --model.esmm.cvr_label ctcvr",
 }
 
 

@@ -34,7 +34,7 @@ def test_partitioned_string_logs_train_resume_export_and_score(tmp_path):
         "--data.train_path", str(logs), "--data.train_filter", "dt < '2026-11-04'",
         "--data.val_path", str(logs), "--data.val_filter", "dt == '2026-11-04'",
         "--train.output_dir", str(out), "--train.progress_bar", "false",
-        "--train.batch_size", "512", "--model.expert_hidden", "64,32",
+        "--train.batch_size", "512", "--model.experts.hidden", "64,32",
     ]  # fmt: skip
     proc = torchrun([*job, "--train.max_steps", "15"], nproc=2)
     assert proc.returncode == 0, proc.stderr[-3000:]

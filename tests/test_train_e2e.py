@@ -121,22 +121,22 @@ def test_same_seed_same_numbers(synth_data, tmp_path):
         [
             "--model.head",
             "dbmtl",
-            "--model.dbmtl_base",
+            "--model.dbmtl.base",
             "shared_bottom",
-            "--model.dbmtl_parents",
+            "--model.dbmtl.parents",
             "conversion:click",
             "--loss.balancer",
             "famo",
         ],
-        ["--model.head", "omoe", "--model.expert_dropout", "0.1", "--loss.balancer", "gls"],
+        ["--model.head", "omoe", "--model.gate.expert_dropout", "0.1", "--loss.balancer", "gls"],
         [
             "--model.head",
             "mmoe",
-            "--model.gate_top_k",
+            "--model.gate.top_k",
             "2",
-            "--model.gate_noisy",
+            "--model.gate.noisy",
             "true",
-            "--model.load_balance_coef",
+            "--model.gate.load_balance_coef",
             "0.01",
             "--loss.balancer",
             "mgda",
@@ -144,35 +144,35 @@ def test_same_seed_same_numbers(synth_data, tmp_path):
         [
             "--model.head",
             "ple",
-            "--model.ple_levels",
+            "--model.ple.levels",
             "2",
-            "--model.gate_entropy_coef",
+            "--model.gate.entropy_coef",
             "0.01",
-            "--model.expert_activation",
+            "--model.experts.activation",
             "swish",
-            "--model.expert_norm",
+            "--model.experts.norm",
             "layer",
-            "--model.expert_self_gate",
+            "--model.experts.self_gate",
             "true",
-            "--model.expert_feature_gate_rank",
+            "--model.experts.feature_gate_rank",
             "8",
         ],
         [
             "--model.head",
             "mmoe",
-            "--model.esmm",
+            "--model.esmm.enabled",
             "true",
-            "--model.gate_dselect_k",
+            "--model.gate.dselect_k",
             "2",
-            "--model.escm2_dr",
+            "--model.esmm.escm2_dr",
             "0.2",
         ],
         [
             "--model.head",
             "stem",
-            "--model.stem_features",
+            "--model.stem.features",
             "user_id,item_id,author_id",
-            "--model.ple_task_experts",
+            "--model.ple.task_experts",
             "1",
             "--loss.balancer",
             "pcgrad",
@@ -180,9 +180,9 @@ def test_same_seed_same_numbers(synth_data, tmp_path):
         [
             "--model.head",
             "pepnet",
-            "--model.pepnet_domain_features",
+            "--model.pepnet.domain_features",
             "device_type,network_type",
-            "--model.pepnet_prior_features",
+            "--model.pepnet.prior_features",
             "user_id,item_id,author_id",
             "--loss.balancer",
             "imtl_g",
@@ -190,7 +190,7 @@ def test_same_seed_same_numbers(synth_data, tmp_path):
         [
             "--model.head",
             "aitm",
-            "--model.aitm_chain",
+            "--model.aitm.chain",
             "click,conversion",
             "--loss.balancer",
             "stch",
@@ -202,7 +202,7 @@ def test_every_head_trains_sharded_under_torchrun(synth_data, tmp_path, head_arg
     """Each head trains on the sharded-embedding path with 2 processes and learns something."""
     result, _ = train(
         synth_data, tmp_path, *head_args, "--train.max_steps", "200", "--train.batch_size", "256",
-        "--model.expert_hidden", "64,32", "--model.bottom_hidden", "64,32", "--train.log_every", "20",
+        "--model.experts.hidden", "64,32", "--model.shared_bottom.hidden", "64,32", "--train.log_every", "20",
     )  # fmt: skip
     m = result["metrics"]
     assert result["steps"] == 200
@@ -210,13 +210,13 @@ def test_every_head_trains_sharded_under_torchrun(synth_data, tmp_path, head_arg
     acc = EventAccumulator(str(tmp_path / "tb" / "rank_0"))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
-    if "--model.load_balance_coef" in head_args:
+    if "--model.gate.load_balance_coef" in head_args:
         assert "train/aux/load_balance" in tags
-    if "--model.gate_entropy_coef" in head_args:
+    if "--model.gate.entropy_coef" in head_args:
         assert "train/aux/gate_entropy" in tags
     if "aitm" in head_args:
         assert "train/aux/aitm_calibration" in tags
-    if "--model.gate_dselect_k" in head_args:
+    if "--model.gate.dselect_k" in head_args:
         assert "train/aux/dselect_entropy" in tags
     if "--loss.balancer" in head_args:  # a new balancer's weights, logged per task
         assert {"train/weight/click", "train/weight/conversion"} <= tags, tags
@@ -226,24 +226,24 @@ def test_every_head_trains_sharded_under_torchrun(synth_data, tmp_path, head_arg
 
 
 INTERACTION_RUNS = {  # each option once, each under another head; the dense part is DDP-trained
-    "dot_ple": ["--model.interaction", "dot", "--model.head", "ple", "--model.ple_levels", "1"],
+    "dot_ple": ["--model.interaction.kind", "dot", "--model.head", "ple", "--model.ple.levels", "1"],
     "fm_shared_bottom": [
-        "--model.interaction", "fm", "--model.head", "shared_bottom",
-        "--model.embedding_dropout", "0.1",
+        "--model.interaction.kind", "fm", "--model.head", "shared_bottom",
+        "--model.embedding.dropout", "0.1",
     ],
     "dcn_v2_stem": [
-        "--model.interaction", "dcn_v2", "--model.cross_layers", "2", "--model.head", "stem",
-        "--model.stem_features", "user_id,item_id", "--model.ple_task_experts", "1",
-        "--model.embedding_l2", "1e-4",
+        "--model.interaction.kind", "dcn_v2", "--model.interaction.cross_layers", "2", "--model.head", "stem",
+        "--model.stem.features", "user_id,item_id", "--model.ple.task_experts", "1",
+        "--model.embedding.l2", "1e-4",
     ],
     "dcn_v2_lowrank_replace_aitm": [
-        "--model.interaction", "dcn_v2_lowrank", "--model.interaction_output", "replace",
-        "--model.cross_low_rank", "32", "--model.head", "aitm",
-        "--model.aitm_chain", "click,conversion",
+        "--model.interaction.kind", "dcn_v2_lowrank", "--model.interaction.output", "replace",
+        "--model.interaction.cross_low_rank", "32", "--model.head", "aitm",
+        "--model.aitm.chain", "click,conversion",
     ],
     "dcn_mix_mmoe_top2": [
-        "--model.interaction", "dcn_mix", "--model.cross_layers", "2", "--model.cross_low_rank",
-        "16", "--model.gate_top_k", "2", "--model.load_balance_coef", "0.01",
+        "--model.interaction.kind", "dcn_mix", "--model.interaction.cross_layers", "2", "--model.interaction.cross_low_rank",
+        "16", "--model.gate.top_k", "2", "--model.gate.load_balance_coef", "0.01",
     ],
 }  # fmt: skip
 
@@ -261,7 +261,7 @@ def test_every_interaction_trains_sharded_under_torchrun(synth_data, tmp_path, a
 
     result, _ = train(
         synth_data, tmp_path, *args, "--train.max_steps", "200", "--train.batch_size", "256",
-        "--model.expert_hidden", "32,16", "--model.bottom_hidden", "32,16",
+        "--model.experts.hidden", "32,16", "--model.shared_bottom.hidden", "32,16",
         "--train.val_max_batches", "20", "--monitor.attribution_batches", "2",
     )  # fmt: skip
     m = result["metrics"]
@@ -271,7 +271,7 @@ def test_every_interaction_trains_sharded_under_torchrun(synth_data, tmp_path, a
     assert len(attribution) == 1 + 21 + 12
     assert {row.split(",")[0] for row in attribution[1:]} >= {"user_id", "dense_0"}
     cfg, trained = load_checkpoint_model(resolve_checkpoint(tmp_path / "checkpoints" / "latest"))
-    assert cfg.model.interaction == args[1]
+    assert cfg.model.interaction.kind == args[1]
     fresh = build_unsharded(load_config(["--config", "configs/default.toml", *args]))
     moved = [
         not torch.equal(p, dict(fresh.model.interaction.named_parameters())[name])
@@ -292,7 +292,7 @@ def test_balancers_train_with_equal_weights_on_every_rank(synth_data, tmp_path, 
         synth_data, tmp_path / "run", "--config", str(tmp_path / "job.toml"),
         "--loss.balancer", balancer, "--loss.dwa_period", "20", "--train.gauc_by", "user_id",
         "--train.max_steps", "120", "--train.batch_size", "256", "--train.log_every", "20",
-        "--model.expert_hidden", "64,32",
+        "--model.experts.hidden", "64,32",
     )  # fmt: skip
     by_rank = result["task_weights_by_rank"]
     assert len(by_rank) == 2 and by_rank[0] == by_rank[1]
@@ -314,7 +314,7 @@ def gate_run(synth_data, tmp_path, *extra: str):
         "-m", "mtl_dist.train", "--config", "configs/default.toml",
         "--data.train_path", str(synth_data / "train"), "--data.val_path", str(synth_data / "val"),
         "--train.output_dir", str(tmp_path), "--train.progress_bar", "false",
-        "--train.max_steps", "40", "--train.batch_size", "256", "--model.expert_hidden", "32,16",
+        "--train.max_steps", "40", "--train.batch_size", "256", "--model.experts.hidden", "32,16",
         "--monitor.gate_every", "10", *extra,
     ]  # fmt: skip
     return torchrun(args, nproc=2, timeout=300)
@@ -324,7 +324,7 @@ def gate_run(synth_data, tmp_path, *extra: str):
 def test_polarising_gate_stops_the_run_or_strengthens_the_cure(synth_data, tmp_path, action):
     """A near-hard gate (temperature 0.02) polarises; every rank reacts alike, none hangs."""
     proc = gate_run(
-        synth_data, tmp_path, "--model.gate_temperature", "0.02",
+        synth_data, tmp_path, "--model.gate.temperature", "0.02",
         "--monitor.on_polarization", action,
     )  # fmt: skip
     assert "polarised since step 10" in proc.stdout + proc.stderr
@@ -342,7 +342,7 @@ def test_top1_routing_is_not_polarised_and_logs_dead_units(synth_data, tmp_path)
     on_polarization = stop must finish (it used to be killed at the first check), judged by
     the routed load; every expert's dead-unit share is logged with gate health."""
     proc = gate_run(
-        synth_data, tmp_path, "--model.gate_top_k", "1", "--model.load_balance_coef", "0.01",
+        synth_data, tmp_path, "--model.gate.top_k", "1", "--model.gate.load_balance_coef", "0.01",
         "--monitor.on_polarization", "stop",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -63,6 +63,7 @@ from mtl_dist.checkpoint.manifest import (
     write_manifest,
 )
 from mtl_dist.config import JobConfig, ModelConfig, SparseFeature, TaskSpec, to_dict
+from mtl_dist.config.compat import nest_model_keys
 from mtl_dist.distributed import collectives
 from mtl_dist.distributed.collectives import barrier, gather_objects, is_main
 from mtl_dist.models.collision import history_state, restore_history
@@ -284,8 +285,10 @@ def with_new_keys(saved: dict[str, Any]) -> dict[str, Any]:
     option starts off), so an unchanged model resumes after an upgrade of mtl-dist instead of
     being refused for keys it never had."""
     out = dict(saved)
-    if isinstance(out.get("model"), dict):
-        out["model"] = {**_defaults(ModelConfig), **out["model"]}
+    if isinstance(out.get("model"), dict):  # the previous release's flat keys nested first
+        base, model = to_dict(ModelConfig()), nest_model_keys(out["model"])
+        out["model"] = {**base, **{k: {**base[k], **v} if isinstance(v, dict) and isinstance(
+            base.get(k), dict) else v for k, v in model.items()}}  # fmt: skip
     features = out.get("features")
     if isinstance(features, dict) and isinstance(features.get("sparse"), list):
         sparse = [{**_defaults(SparseFeature), **f} for f in features["sparse"]]

@@ -8,24 +8,27 @@ wrong model. It imports nothing from mtl_dist outside ``mtl_dist.config`` (only 
 library), so every other package may import it.
 
 Files:
-    base.py          ConfigError, ``opt`` fields, the choices helpers (one tuple per choice key)
+    base.py          ConfigError, ``opt`` fields, the choices helpers
     data.py          [data], [features] ([[features.sparse]]), [[tasks]]
-    model.py         [model] and the allowed names of its choice keys (HEADS, INTERACTIONS, ...)
+    model.py         [model] and its nested sections ([model.gate], [model.experts], ...); the
+                     choice keys' ``Literal`` types (HEADS, INTERACTIONS, ... their get_args)
+    compat.py        the previous release's flat [model] keys -> the nested ones (one table)
     training.py      [optim], [embedding], [loss], [train] (OPTIMIZERS, SCHEDULES, BALANCERS, ...)
     runtime.py       [monitor], [checkpoint], [sharding] (SHARDING_TYPES)
     job.py           JobConfig, the root
-    model_checks.py  the model families' cross-field rules (heads, ESMM, experts, gates, ...)
+    model_checks.py  the model sections' cross-field rules, keyed by section (MODEL_CHECKS)
     checks.py        validate(): the model checks, one check per section, the integer ranges
     load.py          TOML, ``--section.key`` overrides, ``--help``, to_dict / from_dict
 
 Example::
 
-    cfg = load_config(["--config", "configs/default.toml", "--model.num_experts", "8"])
-    cfg.model.num_experts  # 8
+    cfg = load_config(["--config", "configs/default.toml", "--model.experts.num", "8"])
+    cfg.model.experts.num  # 8
 """
 
 from mtl_dist.config.base import ConfigError, opt
 from mtl_dist.config.checks import INT_RANGES, SPARSE_INT_RANGES, WIDTH_LISTS, validate
+from mtl_dist.config.compat import FLAT_MODEL_KEYS
 from mtl_dist.config.data import (
     COLLISIONS,
     DENSE_NANS,
@@ -57,7 +60,19 @@ from mtl_dist.config.model import (
     HEADS,
     INTERACTION_OUTPUTS,
     INTERACTIONS,
+    AITMConfig,
+    DBMTLConfig,
+    ESMMConfig,
+    ExpertsConfig,
+    GateConfig,
+    InteractionConfig,
     ModelConfig,
+    ModelEmbeddingConfig,
+    PEPNetConfig,
+    PLEConfig,
+    SharedBottomConfig,
+    STEMConfig,
+    TowerConfig,
 )
 from mtl_dist.config.model_checks import task_parents
 from mtl_dist.config.runtime import (
@@ -88,11 +103,14 @@ from mtl_dist.config.training import (
 __all__ = [
     # the tree
     "JobConfig", "DataConfig", "FeaturesConfig", "SparseFeature", "TaskSpec", "ModelConfig",
+    "ExpertsConfig", "GateConfig", "TowerConfig", "SharedBottomConfig", "PLEConfig", "STEMConfig",
+    "AITMConfig", "DBMTLConfig", "PEPNetConfig", "ESMMConfig", "InteractionConfig",
+    "ModelEmbeddingConfig",
     "EmbeddingConfig", "OptimConfig", "LossConfig", "MonitorConfig", "CheckpointConfig",
     "ShardingConfig", "TrainConfig",
     # loading, checking, plain data
     "ConfigError", "opt", "load_config", "load_toml", "apply_override", "help_text", "validate",
-    "from_dict", "to_dict", "task_parents",
+    "from_dict", "to_dict", "task_parents", "FLAT_MODEL_KEYS",
     # the allowed names of the choice keys
     "POOLINGS", "INVALID_IDS", "COLLISIONS", "EVICTIONS", "TASK_KINDS", "TRANSFORMS",
     "ON_INVALID", "DENSE_NANS", "HEADS", "EXPERT_ACTIVATIONS", "EXPERT_NORMS", "DBMTL_BASES",

@@ -8,6 +8,11 @@ nothing from mtl_dist outside it); the train entry point parses them with
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import typing
+from typing import Any
+
 from mtl_dist.config.base import ConfigError, check_choices, one_of, suggest
 from mtl_dist.config.data import (
     COLLISIONS,
@@ -62,10 +67,10 @@ def _check_collision(f: SparseFeature, where: str, cfg: JobConfig) -> None:
         )
     if f.eviction_interval < 1:
         raise ConfigError(f"{where}: eviction_interval must be >= 1, got {f.eviction_interval}")
-    if cfg.model.head == "stem" and f.name in (cfg.model.stem_features or [f.name]):
+    if cfg.model.head == "stem" and f.name in (cfg.model.stem.features or [f.name]):
         raise ConfigError(
             f"{where}: a collision = 'managed' feature cannot have STEM's per-task tables (each "
-            "would need an id remapping of its own): list model.stem_features without it"
+            "would need an id remapping of its own): list model.stem.features without it"
         )
     if cfg.sharding.force and cfg.sharding.force != "row_wise":
         raise ConfigError(
@@ -248,12 +253,13 @@ _I64 = 1 << 63  # the upper bound of every other integer key: ids, sizes and cou
 INT_RANGES: dict[str, tuple[int, int]] = {
     "data.num_workers": (0, _I64), "data.prefetch_batches": (1, _I64),
     "data.hash_seed": (0, 1 << 64),
-    "model.num_experts": (1, _I64), "model.expert_feature_gate_rank": (0, _I64),
-    "model.ple_levels": (1, _I64), "model.ple_shared_experts": (0, _I64),
-    "model.ple_task_experts": (0, _I64), "model.pepnet_gate_hidden": (1, _I64),
-    "model.stem_dim": (1, _I64), "model.gate_top_k": (0, _I64),
-    "model.gate_dselect_k": (0, _I64), "model.cross_layers": (1, _I64),
-    "model.cross_low_rank": (1, _I64), "model.cross_experts": (1, _I64),
+    "model.experts.num": (1, _I64), "model.experts.feature_gate_rank": (0, _I64),
+    "model.ple.levels": (1, _I64), "model.ple.shared_experts": (0, _I64),
+    "model.ple.task_experts": (0, _I64), "model.pepnet.gate_hidden": (1, _I64),
+    "model.stem.dim": (1, _I64), "model.gate.top_k": (0, _I64),
+    "model.gate.dselect_k": (0, _I64), "model.interaction.cross_layers": (1, _I64),
+    "model.interaction.cross_low_rank": (1, _I64),
+    "model.interaction.cross_experts": (1, _I64),
     "optim.dense_warmup_steps": (0, _I64), "optim.embedding_warmup_steps": (0, _I64),
     "optim.schedule_step_size": (1, _I64), "loss.dwa_period": (1, _I64),
     "monitor.gate_every": (0, _I64), "monitor.heatmap_every": (0, _I64),
@@ -270,8 +276,30 @@ SPARSE_INT_RANGES = {
     "eviction_interval": (1, _I64),
 }  # fmt: skip
 # list[int] keys: layer widths, each >= 1
-WIDTH_LISTS = ("model.expert_hidden", "model.bottom_hidden", "model.tower_hidden",
-               "model.gate_hidden", "model.dbmtl_relation_hidden")  # fmt: skip
+WIDTH_LISTS = ("model.experts.hidden", "model.shared_bottom.hidden", "model.tower.hidden",
+               "model.gate.hidden", "model.dbmtl.relation_hidden")  # fmt: skip
+
+
+def _get(cfg: JobConfig, dotted: str) -> Any:
+    """``cfg.<dotted>`` (``model.gate.top_k``)."""
+    return functools.reduce(getattr, dotted.split("."), cfg)
+
+
+def check_literals(cfg: Any, where: str = "") -> None:
+    """Every choice key (a ``Literal`` type) holds an allowed name: the parser checks TOML and
+    the command line, this a config built in Python (``ModelConfig(head=...)``)."""
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value, path = getattr(cfg, f.name), f"{where}.{f.name}" if where else f.name
+        if dataclasses.is_dataclass(value):
+            check_literals(value, path)
+        elif typing.get_origin(hints[f.name]) is typing.Literal:
+            allowed = typing.get_args(hints[f.name])
+            if value not in allowed:
+                raise ConfigError(
+                    f"{path}: expected {one_of(allowed)}, got {value!r}"
+                    + suggest(str(value), allowed)
+                )
 
 
 def _bound(n: int) -> str:
@@ -287,11 +315,9 @@ def check_int_ranges(cfg: JobConfig) -> None:
     """Every integer key with a range (:data:`INT_RANGES`, the sparse features' sizes, the
     layer widths): a value outside it is refused, naming the key and the range."""
     for key, (low, high) in INT_RANGES.items():
-        section, name = key.split(".")
-        _check_range(key, getattr(getattr(cfg, section), name), low, high)
+        _check_range(key, _get(cfg, key), low, high)
     for key in WIDTH_LISTS:
-        section, name = key.split(".")
-        for i, width in enumerate(getattr(getattr(cfg, section), name)):
+        for i, width in enumerate(_get(cfg, key)):
             _check_range(f"{key}[{i}]", width, 1, _I64)
     for i, f in enumerate(cfg.features.sparse):
         for name, (low, high) in SPARSE_INT_RANGES.items():
@@ -300,6 +326,8 @@ def check_int_ranges(cfg: JobConfig) -> None:
 
 
 SECTION_CHECKS = (
+    check_literals,
+    *MODEL_CHECKS.values(),
     check_features,
     check_tasks,
     check_loss,
@@ -314,11 +342,12 @@ SECTION_CHECKS = (
 def validate(cfg: JobConfig) -> None:
     """Cross-field checks that types alone cannot express.
 
-    Runs the model families' rules (:data:`~mtl_dist.config.model_checks.MODEL_CHECKS`), then
-    one check per section (:data:`SECTION_CHECKS`), the integer ranges last.
+    Runs the choice keys' check, the model families' rules
+    (:data:`~mtl_dist.config.model_checks.MODEL_CHECKS`), then one check per section
+    (:data:`SECTION_CHECKS`), the integer ranges last.
 
     Raises:
         ConfigError: the first rule broken, naming the key at fault.
     """
-    for check in (*MODEL_CHECKS, *SECTION_CHECKS):
+    for check in SECTION_CHECKS:
         check(cfg)

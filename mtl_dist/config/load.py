@@ -18,10 +18,12 @@ from typing import Any
 
 import tomllib
 
-from mtl_dist.config.base import ConfigError, suggest
+from mtl_dist.config.base import ConfigError, one_of, suggest
 from mtl_dist.config.checks import validate
+from mtl_dist.config.compat import nest_model_keys, nest_model_override
 from mtl_dist.config.data import SparseFeature, TaskSpec
 from mtl_dist.config.job import JobConfig
+from mtl_dist.config.model import ModelConfig
 
 # --------------------------------------------------------------------------- building from dicts
 
@@ -30,9 +32,22 @@ def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
+def check_literal(value: Any, tp: Any, where: str) -> Any:
+    """``value`` if it is one of the names the ``Literal`` type ``tp`` allows, else a
+    :class:`ConfigError` naming ``where``, the allowed names and the close match."""
+    allowed = typing.get_args(tp)
+    if value not in allowed:
+        raise ConfigError(
+            f"{where}: expected {one_of(allowed)}, got {value!r}" + suggest(str(value), allowed)
+        )
+    return value
+
+
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Check ``value`` (from TOML) against type ``tp``; ints are accepted where floats are."""
     origin = typing.get_origin(tp)
+    if origin is typing.Literal:
+        return check_literal(value, tp, where)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a table, got {type(value).__name__} {value!r}")
@@ -57,6 +72,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
 
 def _build(cls: type, data: dict[str, Any], where: str = "") -> Any:
     hints = _hints(cls)
+    if cls is ModelConfig:  # the previous release's flat keys, for one release
+        data = nest_model_keys(data, where or "model")
     kwargs = {}
     for key, value in data.items():
         path = f"{where}.{key}" if where else key
@@ -100,6 +117,8 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 def _parse_cli_value(text: str, tp: Any, key: str) -> Any:
     """Turn a command-line string into a value of ``tp`` (``256,128`` is a list of ints)."""
     origin = typing.get_origin(tp)
+    if origin is typing.Literal:
+        return check_literal(text, tp, f"--{key}")
     try:
         if tp is bool:
             low = text.lower()
@@ -131,6 +150,7 @@ def _parse_cli_value(text: str, tp: Any, key: str) -> Any:
 def apply_override(cfg: JobConfig, dotted: str, text: str) -> None:
     """Set ``cfg.<dotted>`` from a command-line string, checking key and type."""
     obj: Any = cfg
+    dotted = nest_model_override(dotted)
     parts = dotted.split(".")
     for i, part in enumerate(parts):
         hints = _hints(type(obj))
@@ -170,6 +190,8 @@ def _walk(cls: type, prefix: str = ""):
 
 
 def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is typing.Literal:
+        return "choice"
     if typing.get_origin(tp) is list:
         (item,) = typing.get_args(tp)
         return f"list[{getattr(item, '__name__', item)}]"
@@ -181,12 +203,12 @@ def help_text(prog: str = "python -m mtl_dist.train") -> str:
     lines = [
         "usage: torchrun --nproc_per_node N -m mtl_dist.train [--config FILE.toml] [--section.key VALUE ...]",
         "",
-        "Values: dataclass defaults < TOML file < command-line overrides. Lists: --model.expert_hidden 256,128",
+        "Values: dataclass defaults < TOML file < command-line overrides. Lists: --model.experts.hidden 256,128",
         "",
         "config keys:",
     ]
     for key, tp, default, help_ in _walk(JobConfig):
-        lines.append(f"  --{key:<32} {_type_name(tp):<12} default={default!r}")
+        lines.append(f"  --{key:<36} {_type_name(tp):<12} default={default!r}")
         lines.append(f"      {help_}")
     for cls, name in ((SparseFeature, "features.sparse[]"), (TaskSpec, "tasks[]")):
         lines.append(f"\n  {name} entries (TOML only):")

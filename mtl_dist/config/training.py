@@ -40,7 +40,7 @@ class OptimConfig:
         0.0,
         "weight decay of the embedding rows a batch touches, inside fbgemm's fused "
         "rowwise_adagrad on CUDA (fbgemm's CPU kernels ignore it: refused on CPU, use "
-        "model.embedding_l2 there; 0: off)",
+        "model.embedding.l2 there; 0: off)",
     )
     embedding_weight_decay_mode: str = opt(
         "l2",

@@ -248,7 +248,7 @@ class TaskLosses(NamedTuple):
     turns it into one scalar and runs the backward: ``losses [T]`` (unweighted task losses; the
     CVR task's is the CTCVR loss under ESMM), ``aux [A]`` (the head's auxiliary losses),
     ``mask [B, T]`` (each row's loss weight per task, as the losses used it: labelled rows are
-    those with weight > 0) and ``penalty`` (0-dim: ``model.embedding_l2``'s penalty in
+    those with weight > 0) and ``penalty`` (0-dim: ``model.embedding.l2``'s penalty in
     training, else None). Not detached: the graph of this step hangs on them. A named tuple,
     so DDP (static graph) finds these tensors in the forward's output: a dataclass would hide
     them from its output traversal and its gradient sync would go wrong."""
@@ -389,14 +389,14 @@ class ModelWithLoss(nn.Module):
 
 
 def build_model_with_loss(model: nn.Module, cfg: JobConfig) -> ModelWithLoss:
-    """Wrap ``model`` with the task losses and balancer of ``cfg`` (ESMM when ``model.esmm``)."""
+    """Wrap ``model`` with the task losses and balancer of ``cfg`` (ESMM when ``model.esmm.enabled``)."""
     names = [t.name for t in cfg.tasks]
     esmm = (
-        (names.index(cfg.model.esmm_ctr_task), names.index(cfg.model.esmm_cvr_task))
-        if cfg.model.esmm
+        (names.index(cfg.model.esmm.ctr_task), names.index(cfg.model.esmm.cvr_task))
+        if cfg.model.esmm.enabled
         else None
     )
     return ModelWithLoss(
-        model, cfg.tasks, esmm, cfg.loss, cfg.model.esmm_cvr_label == "ctcvr",
-        cfg.model.escm2_ips, cfg.model.escm2_dr,
+        model, cfg.tasks, esmm, cfg.loss, cfg.model.esmm.cvr_label == "ctcvr",
+        cfg.model.esmm.escm2_ips, cfg.model.esmm.escm2_dr,
     )  # fmt: skip

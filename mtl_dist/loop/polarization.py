@@ -30,7 +30,7 @@ def react(
     if not any(dropout_acts(a) for a in alarms):
         log(
             "[gates] not strengthening: expert dropout cannot act on a gate that routes each "
-            "sample to one expert (top-1 / Gumbel); model.load_balance_coef spreads its load"
+            "sample to one expert (top-1 / Gumbel); model.gate.load_balance_coef spreads its load"
         )
         return
     cfgs = {id(g.cfg): g.cfg for g in head.modules() if isinstance(g, Gates)}

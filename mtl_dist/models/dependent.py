@@ -4,7 +4,7 @@
 Recommender Systems", arXiv:1902.09154 (Alibaba, 2019). The joint probability of the targets is
 factorised along the task graph, ``p(y_1, …, y_T | x) = Π_t p(y_t | y_parents(t), x)``, and each
 factor is a network that reads the shared representation and its parent tasks' hidden layers.
-Over a Shared-Bottom or MMoE representation (``model.dbmtl_base``), as in TorchEasyRec's DBMTL.
+Over a Shared-Bottom or MMoE representation (``model.dbmtl.base``), as in TorchEasyRec's DBMTL.
 """
 
 from __future__ import annotations

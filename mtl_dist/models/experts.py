@@ -23,7 +23,7 @@ from torch import nn
 
 @dataclass(frozen=True)
 class ExpertStyle:
-    """How an expert set computes (``model.expert_activation`` / ``expert_norm``): see
+    """How an expert set computes (``model.experts.activation`` / ``norm``): see
     :class:`StackedMLP`'s ``activation`` and ``output_norm``."""
 
     activation: str = "relu"

@@ -9,31 +9,15 @@ G gates over E experts are computed together: one linear layer (or small MLP) gi
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mtl_dist.config.model import GateConfig  # the [model.gate] section, read as is
 from mtl_dist.models.experts import StackedMLP
 
-
-@dataclass
-class GateConfig:
-    """Gate options shared by every head (mirrors ``ModelConfig``'s gate keys)."""
-
-    temperature: float = 1.0
-    hidden: tuple[int, ...] = ()
-    top_k: int = 0  # 0: dense softmax over all experts
-    noisy: bool = False
-    gumbel: bool = False
-    expert_dropout: float = 0.0
-    entropy_coef: float = 0.0
-    load_balance_coef: float = 0.0
-    uniform_init: bool = False
-    dselect_k: int = 0  # > 0: DSelect-k with this many selectors (replaces the softmax)
-    dselect_gamma: float = 1.0
-    dselect_entropy_coef: float = 0.0
+__all__ = ["GateConfig", "Gates", "SelfGates", "expert_dropout", "smooth_step"]
 
 
 class Gates(nn.Module):

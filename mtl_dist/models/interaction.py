@@ -2,10 +2,10 @@
 
 The head's input ``x [B, Din]`` is the pooled embedding of each sparse feature (``F`` blocks of
 widths ``w_f``, in the ranker's ``feature_order``) then the ``Dd`` normalised dense values. An
-interaction maps it to ``[B, Dx]``; with ``model.interaction_output = concat`` the head reads
+interaction maps it to ``[B, Dx]``; with ``model.interaction.output = concat`` the head reads
 ``[x, interaction(x)]`` (``Din + Dx``), with ``replace`` the interaction's output alone (``Dx``).
 
-Options (``model.interaction``), built from TorchRec's modules where they exist:
+Options (``model.interaction.kind``), built from TorchRec's modules where they exist:
 
 * ``dot`` — DLRM (Naumov et al. 2019): the pairwise dot products of the feature vectors
   (:class:`torchrec.models.dlrm.InteractionArch`). ``Dx = D + C(F+1, 2)``.
@@ -37,7 +37,7 @@ from torch import nn
 from torchrec.models.dlrm import InteractionArch
 from torchrec.modules.crossnet import CrossNet, LowRankCrossNet, LowRankMixtureCrossNet
 
-from mtl_dist.config import INTERACTION_OUTPUTS, INTERACTIONS, ModelConfig
+from mtl_dist.config import INTERACTION_OUTPUTS, INTERACTIONS, InteractionConfig
 
 
 class FieldEmbeddings(nn.Module):
@@ -235,11 +235,11 @@ class Interaction(nn.Module):
         return torch.cat([x, y], 1) if self.concat else y
 
 
-def build_interaction(m: ModelConfig, widths: list[int], num_dense: int) -> tuple[nn.Module, int]:
+def build_interaction(m: InteractionConfig, widths: list[int], num_dense: int) -> tuple[nn.Module, int]:
     """The configured interaction stage and the head's input width it yields.
 
     Args:
-        m: the model config (``interaction``, ``interaction_output``, ``cross_layers``,
+        m: ``[model.interaction]`` (``kind``, ``output``, ``cross_layers``,
             ``cross_low_rank``, ``cross_experts``).
         widths: ``w_f`` per sparse feature in the ranker's ``feature_order``.
         num_dense: Dd.
@@ -252,12 +252,12 @@ def build_interaction(m: ModelConfig, widths: list[int], num_dense: int) -> tupl
 
     Example::
 
-        m = ModelConfig(interaction="dcn_v2_lowrank", cross_low_rank=4)
+        m = InteractionConfig(kind="dcn_v2_lowrank", cross_low_rank=4)
         stage, width = build_interaction(m, widths=[8, 8, 4], num_dense=3)   # width 2 · 23
         stage(torch.randn(5, 23)).shape   # [5, 46]
     """
     in_dim = sum(widths) + num_dense
-    kind = m.interaction
+    kind = m.kind
     if kind == "none":
         return nn.Identity(), in_dim
     if kind == "dot":
@@ -277,7 +277,7 @@ def build_interaction(m: ModelConfig, widths: list[int], num_dense: int) -> tupl
         op_dim = in_dim
     else:
         raise ValueError(f"unknown interaction {kind!r}: one of {', '.join(INTERACTIONS)}")
-    stage = Interaction(op, in_dim, op_dim, m.interaction_output)
+    stage = Interaction(op, in_dim, op_dim, m.output)
     return stage, stage.out_dim
 
 

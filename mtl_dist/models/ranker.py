@@ -24,7 +24,6 @@ from mtl_dist.models.collision import feature_remappings, managed_ebc, managed_r
 from mtl_dist.models.dependent import DependentTowers
 from mtl_dist.models.experts import ExpertStyle
 from mtl_dist.models.funnel import AITM
-from mtl_dist.models.gates import GateConfig
 from mtl_dist.models.heads import PLE, STEM, MoE, SharedBottom, Towers
 from mtl_dist.models.interaction import FeatureDropout, build_interaction
 from mtl_dist.models.pepnet import PEPNet
@@ -58,9 +57,9 @@ def embedding_bag_configs(
 
 class RankerOutput(NamedTuple):
     """What :class:`Ranker` computes: ``logits [B, T]`` (values for regression tasks), the
-    head's ``aux [A]`` losses, and in training only: ``penalty`` (0-dim, ``model.embedding_l2``'s
+    head's ``aux [A]`` losses, and in training only: ``penalty`` (0-dim, ``model.embedding.l2``'s
     ``λ/2 · mean_b ||pooled_b||²``; None without it) and ``imputation [B]`` (ESCM2-DR's imputed
-    conversion logits; None without ``model.escm2_dr``). A head's ``(logits, aux)`` is one too:
+    conversion logits; None without ``model.esmm.escm2_dr``). A head's ``(logits, aux)`` is one too:
     ``RankerOutput(*head(x))``."""
 
     logits: torch.Tensor
@@ -139,7 +138,7 @@ class Ranker(nn.Module):
         self.grad_gate: nn.Module = nn.Identity()
         self.dense_names = [f"dense_{i}" for i in range(num_dense)]
         self.keep_input = False  # set to keep the head's input of the next forward (attribution)
-        # ESCM2-DR (``model.escm2_dr``): a tower [B, Din] → [B, 1] imputing each exposure's
+        # ESCM2-DR (``model.esmm.escm2_dr``): a tower [B, Din] → [B, 1] imputing each exposure's
         # conversion; its logits of a training forward ([B]) feed the loss
         self.imputation: nn.Module | None = None
         self.last_input: tuple[torch.Tensor, list[str], list[int]] | None = None
@@ -248,13 +247,13 @@ def build_ranker(
     order = feature_order(ebc, mc_ebc)
     widths = [dims[name] for name in order]
     raw_dim = sum(widths) + len(cfg.features.dense)  # x: the pooled embeddings, dense values
-    interaction, in_dim = build_interaction(cfg.model, widths, len(cfg.features.dense))
+    interaction, in_dim = build_interaction(cfg.model.interaction, widths, len(cfg.features.dense))
     task_names = [t.name for t in cfg.tasks]
     task_ebcs, task_dim = None, 0
     if cfg.model.head == "stem":
-        names = cfg.model.stem_features or [f.name for f in cfg.features.sparse]
+        names = cfg.model.stem.features or [f.name for f in cfg.features.sparse]
         own = [
-            dataclasses.replace(f, embedding_dim=cfg.model.stem_dim)
+            dataclasses.replace(f, embedding_dim=cfg.model.stem.dim)
             for f in cfg.features.sparse
             if f.name in names
         ]
@@ -267,24 +266,24 @@ def build_ranker(
                 for t in task_names
             }
         )
-        task_dim = cfg.model.stem_dim * len(own)
+        task_dim = cfg.model.stem.dim * len(own)
     binary = [t.name for t in cfg.tasks if t.kind == "binary"]
     layout = [(f, dims[f]) for f in order] + [(d, 1) for d in cfg.features.dense]  # raw x
-    if cfg.model.interaction != "none":  # concat: x, then the interaction's columns; replace: those
-        concat = cfg.model.interaction_output == "concat"
+    if cfg.model.interaction.kind != "none":  # concat: x, then the interaction's columns; replace: those
+        concat = cfg.model.interaction.output == "concat"
         extra = [("interaction", in_dim - raw_dim if concat else in_dim)]
         layout = layout + extra if concat else extra
     head = build_head(cfg.model, in_dim, task_names, task_dim, binary, layout)
     dropout = (
-        FeatureDropout(widths, cfg.model.embedding_dropout) if cfg.model.embedding_dropout else None
+        FeatureDropout(widths, cfg.model.embedding.dropout) if cfg.model.embedding.dropout else None
     )
     model = Ranker(
         ebc, len(cfg.features.dense), head, cfg.model.dense_batch_norm, task_ebcs, mc_ebc,
-        interaction, dropout, cfg.model.embedding_l2,
+        interaction, dropout, cfg.model.embedding.l2,
     )  # fmt: skip
     model.dense_names = list(cfg.features.dense)
-    if cfg.model.escm2_dr > 0:
-        model.imputation = Towers(1, raw_dim, cfg.model.tower_hidden)  # reads x
+    if cfg.model.esmm.escm2_dr > 0:
+        model.imputation = Towers(1, raw_dim, cfg.model.tower.hidden)  # reads x
     return model
 
 
@@ -318,62 +317,49 @@ def build_head(
     Raises:
         ValueError: PEPNet without a ``layout`` holding its features."""
     binary_tasks = binary_tasks if binary_tasks is not None else list(task_names)
-    gate = GateConfig(
-        temperature=m.gate_temperature,
-        hidden=tuple(m.gate_hidden),
-        top_k=m.gate_top_k,
-        noisy=m.gate_noisy,
-        gumbel=m.gate_gumbel,
-        expert_dropout=m.expert_dropout,
-        entropy_coef=m.gate_entropy_coef,
-        load_balance_coef=m.load_balance_coef,
-        uniform_init=m.gate_uniform_init,
-        dselect_k=m.gate_dselect_k,
-        dselect_gamma=m.gate_dselect_gamma,
-        dselect_entropy_coef=m.gate_dselect_entropy_coef,
-    )
-    style = ExpertStyle(m.expert_activation, m.expert_norm, m.expert_feature_gate_rank)
+    gate = dataclasses.replace(m.gate)  # a copy: the polarization cure raises its dropout
+    style = ExpertStyle(m.experts.activation, m.experts.norm, m.experts.feature_gate_rank)
     if m.head == "pepnet":
         return PEPNet(
-            in_dim, task_names, input_columns(layout, m.pepnet_domain_features),
-            input_columns(layout, m.pepnet_prior_features), m.tower_hidden,
-            m.pepnet_gate_hidden, style,
+            in_dim, task_names, input_columns(layout, m.pepnet.domain_features),
+            input_columns(layout, m.pepnet.prior_features), m.tower.hidden,
+            m.pepnet.gate_hidden, style,
         )  # fmt: skip
     towers = None
     if m.head == "dbmtl":  # DBMTL: towers that read their parent tasks', over a base head
         index = {t: i for i, t in enumerate(task_names)}
-        parents = task_parents(m.dbmtl_parents, task_names)
+        parents = task_parents(m.dbmtl.parents, task_names)
         towers = DependentTowers(
             len(task_names),
-            (m.bottom_hidden if m.dbmtl_base == "shared_bottom" else m.expert_hidden)[-1],
-            m.tower_hidden, m.dbmtl_relation_hidden,
+            (m.shared_bottom.hidden if m.dbmtl.base == "shared_bottom" else m.experts.hidden)[-1],
+            m.tower.hidden, m.dbmtl.relation_hidden,
             {index[t]: [index[p] for p in ps] for t, ps in parents.items()},
-            m.tower_dropout, m.tower_batch_norm,
+            m.tower.dropout, m.tower.batch_norm,
         )  # fmt: skip
-        m = dataclasses.replace(m, head=m.dbmtl_base)
+        m = dataclasses.replace(m, head=m.dbmtl.base)
     if m.head == "aitm":
         return AITM(
-            in_dim, task_names, m.aitm_chain or binary_tasks, m.expert_hidden, m.tower_hidden,
-            m.aitm_calibration, m.tower_dropout, style,
+            in_dim, task_names, m.aitm.chain or binary_tasks, m.experts.hidden, m.tower.hidden,
+            m.aitm.calibration, m.tower.dropout, style,
         )  # fmt: skip
     if m.head == "shared_bottom":
         return SharedBottom(
-            in_dim, len(task_names), m.bottom_hidden, m.tower_hidden, m.tower_dropout,
-            m.tower_batch_norm, style, towers,
+            in_dim, len(task_names), m.shared_bottom.hidden, m.tower.hidden, m.tower.dropout,
+            m.tower.batch_norm, style, towers,
         )  # fmt: skip
     if m.head == "stem":
         return STEM(
-            in_dim, task_dim, task_names, m.ple_shared_experts, m.ple_task_experts,
-            m.expert_hidden, m.tower_hidden, gate, m.tower_dropout, m.tower_batch_norm, style,
-            m.expert_self_gate,
+            in_dim, task_dim, task_names, m.ple.shared_experts, m.ple.task_experts,
+            m.experts.hidden, m.tower.hidden, gate, m.tower.dropout, m.tower.batch_norm, style,
+            m.experts.self_gate,
         )  # fmt: skip
     if m.head == "ple":
         return PLE(
-            in_dim, task_names, m.ple_levels, m.ple_shared_experts, m.ple_task_experts,
-            m.expert_hidden, m.tower_hidden, gate, m.tower_dropout, m.tower_batch_norm, style,
-            m.expert_self_gate,
+            in_dim, task_names, m.ple.levels, m.ple.shared_experts, m.ple.task_experts,
+            m.experts.hidden, m.tower.hidden, gate, m.tower.dropout, m.tower.batch_norm, style,
+            m.experts.self_gate,
         )  # fmt: skip
     return MoE(
-        in_dim, task_names, m.num_experts, m.expert_hidden, m.tower_hidden, gate,
-        shared_gate=m.head == "omoe", tower_dropout=m.tower_dropout, tower_batch_norm=m.tower_batch_norm, sparse_max_fraction=m.sparse_max_fraction, style=style, towers=towers,
+        in_dim, task_names, m.experts.num, m.experts.hidden, m.tower.hidden, gate,
+        shared_gate=m.head == "omoe", tower_dropout=m.tower.dropout, tower_batch_norm=m.tower.batch_norm, sparse_max_fraction=m.gate.sparse_max_fraction, style=style, towers=towers,
     )  # fmt: skip

@@ -188,12 +188,12 @@ WARMUP_STEPS = 10  # steps left out of the steady-state throughput
 def routed_experts(
     m: ModelConfig, gate_experts: dict[str, tuple[str, list[int]]]
 ) -> dict[str, int]:
-    """Per gate, the experts each sample is routed to: 1 (Gumbel), ``gate_top_k`` where it is
+    """Per gate, the experts each sample is routed to: 1 (Gumbel), ``gate.top_k`` where it is
     below the gate's expert count, else all of them (a dense softmax)."""
     out = {}
     for gate, (_, ids) in gate_experts.items():
-        E, k = len(ids), m.gate_top_k
-        out[gate] = 1 if m.gate_gumbel else (k if 0 < k < E else E)
+        E, k = len(ids), m.gate.top_k
+        out[gate] = 1 if m.gate.gumbel else (k if 0 < k < E else E)
     return out
 
 

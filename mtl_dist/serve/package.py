@@ -32,7 +32,7 @@ def metadata(cfg: JobConfig, embedding_dtype: str, compiled: str) -> dict[str, A
         "torch": torch.__version__,
         "program": compiled,
         "embedding_dtype": embedding_dtype,
-        "head": cfg.model.head + (" + esmm" if cfg.model.esmm else ""),
+        "head": cfg.model.head + (" + esmm" if cfg.model.esmm.enabled else ""),
         "inputs": ["dense", *[f"values/{n}" for n in names], *[f"offsets/{n}" for n in names]],
         "output": "[B, T] float32, one column per task in tasks order",
         "tasks": [

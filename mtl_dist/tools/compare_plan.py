@@ -30,7 +30,7 @@ def head_args(label: str) -> list[str]:
             f"--heads: {label!r}: unknown modifier {unknown[0]!r} (known: esmm, "
             f"{', '.join(BALANCERS)})"
         )
-    args = ["--model.head", base, "--model.esmm", "true" if "esmm" in mods else "false"]
+    args = ["--model.head", base, "--model.esmm.enabled", "true" if "esmm" in mods else "false"]
     return args + [a for m in mods if m in BALANCERS for a in ("--loss.balancer", m)]
 
 
@@ -41,7 +41,7 @@ def with_balancers(heads: list[str], balancers: list[str]) -> list[str]:
 
 def has_esmm_tasks(cfg: JobConfig) -> bool:
     kinds = {t.name: t.kind for t in cfg.tasks}
-    return all(kinds.get(n) == "binary" for n in (cfg.model.esmm_ctr_task, cfg.model.esmm_cvr_task))
+    return all(kinds.get(n) == "binary" for n in (cfg.model.esmm.ctr_task, cfg.model.esmm.cvr_task))
 
 
 def default_heads(cfg: JobConfig) -> list[str]:

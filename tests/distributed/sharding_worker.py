@@ -46,8 +46,8 @@ def make_cfg(force: str) -> JobConfig:
     ]
     cfg.features.dense = ["d0", "d1"]
     cfg.tasks = [TaskSpec(name="a", label="a"), TaskSpec(name="b", label="b", kind="regression")]
-    cfg.model.expert_hidden = [16, 8]
-    cfg.model.tower_hidden = [4]
+    cfg.model.experts.hidden = [16, 8]
+    cfg.model.tower.hidden = [4]
     cfg.model.dense_batch_norm = False  # BN statistics are per rank; keep the forward comparable
     cfg.optim.embedding_optimizer = "sgd"
     cfg.optim.embedding_lr = LR
@@ -172,7 +172,7 @@ def main(out_dir: str) -> None:
     # STEM's per-task tables live in their own EBCs: they must get the configured fused
     # optimizer too (not TorchRec's default), and be planned like the shared tables
     cfg = make_cfg("")
-    cfg.model.head, cfg.model.stem_features, cfg.optim.embedding_lr = "stem", ["user"], 0.3
+    cfg.model.head, cfg.model.stem.features, cfg.optim.embedding_lr = "stem", ["user"], 0.3
     torch.manual_seed(0)
     stem = ModelWithLoss(build_ranker(cfg, device="meta"), cfg.tasks)
     dmp, plan = shard_model(stem, cfg.sharding, cfg.optim, info)

@@ -1,4 +1,4 @@
-"""The embedding regularisers on the fused table optimizers: ``model.embedding_l2`` (any
+"""The embedding regularisers on the fused table optimizers: ``model.embedding.l2`` (any
 device) and ``optim.embedding_weight_decay`` (fbgemm's row-wise Adagrad, CUDA only)."""
 
 import json
@@ -83,7 +83,7 @@ def test_fbgemm_cuda_rowwise_adagrad_applies_weight_decay():
 
 
 def test_training_on_cpu_refuses_fused_weight_decay(synth_data, tmp_path):
-    """A silent no-op would mislead: the CPU run stops at start-up, naming model.embedding_l2."""
+    """A silent no-op would mislead: the CPU run stops at start-up, naming model.embedding.l2."""
     proc = torchrun(
         ["-m", "mtl_dist.train", "--config", "configs/default.toml",
          "--data.train_path", str(synth_data / "train"), "--data.val_path",
@@ -93,4 +93,4 @@ def test_training_on_cpu_refuses_fused_weight_decay(synth_data, tmp_path):
     )  # fmt: skip
     assert proc.returncode != 0
     assert "fbgemm's CPU kernels ignore weight decay" in proc.stderr
-    assert "model.embedding_l2" in proc.stderr
+    assert "model.embedding.l2" in proc.stderr

@@ -1,7 +1,7 @@
 """Run under ``torchrun --nproc_per_node 1``: the embedding regularisers through DMP's fused
 table optimizers, one step from the same weights on the same batch.
 
-* ``model.embedding_l2`` with fused SGD, λ = 0 and λ = L2: the ``user`` table (single-hot, its
+* ``model.embedding.l2`` with fused SGD, λ = 0 and λ = L2: the ``user`` table (single-hot, its
   own table) before and after the step, and how often the batch looked up each row;
 * ``optim.embedding_weight_decay``: the weight decay and mode fbgemm's row-wise Adagrad got.
 
@@ -46,7 +46,7 @@ def main(out_dir: str) -> None:
     for l2 in (0.0, L2):
         cfg = make_cfg("table_wise")  # fused SGD
         cfg.optim.embedding_lr = LR
-        cfg.model.embedding_l2 = l2
+        cfg.model.embedding.l2 = l2
         dmp, model, step_fn = sharded(cfg, info)
         batch = make_batch(cfg, 0)
         before = user_table(dmp)

@@ -15,7 +15,7 @@ from tests.conftest import ROOT, torchrun
 ARGS = [
     "--config", "configs/default.toml", "--train.max_steps", "30", "--train.batch_size", "256",
     "--train.val_max_batches", "5", "--train.progress_bar", "false", "--train.threads", "1",
-    "--model.expert_hidden", "64,32", "--sharding.force", "row_wise",
+    "--model.experts.hidden", "64,32", "--sharding.force", "row_wise",
     "--train.precision", "fp32",  # auto is bf16 on AMX; the numbers compared are fp32's
 ]  # fmt: skip
 

@@ -17,7 +17,7 @@ from tests.conftest import ROOT
 
 SMALL = [
     "--train.batch_size", "256", "--train.log_every", "10", "--train.val_max_batches", "5",
-    "--model.expert_hidden", "64,32", "--sharding.force", "row_wise", "--train.precision", "fp32",
+    "--model.experts.hidden", "64,32", "--sharding.force", "row_wise", "--train.precision", "fp32",
 ]  # fmt: skip
 
 

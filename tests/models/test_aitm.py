@@ -60,4 +60,4 @@ def test_bad_chain_is_refused():
 
     with pytest.raises(ConfigError, match="not binary tasks: \\['watch_time'\\]"):
         load_config(["--config", "configs/default.toml", "--model.head", "aitm",
-                     "--model.aitm_chain", "click,watch_time"])  # fmt: skip
+                     "--model.aitm.chain", "click,watch_time"])  # fmt: skip

@@ -86,7 +86,7 @@ def test_managed_feature_limits(tmp_path, args, needle):
     with pytest.raises(ConfigError, match=needle):
         load_config(["--config", str(toml), *args])
     if args[0] == "--model.head":  # STEM over the other features only: fine
-        load_config(["--config", str(toml), *args, "--model.stem_features", "item_id,city_id"])
+        load_config(["--config", str(toml), *args, "--model.stem.features", "item_id,city_id"])
 
 
 def test_managed_collision_needs_buckets_and_a_known_policy(tmp_path):

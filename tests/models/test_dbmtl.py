@@ -74,8 +74,8 @@ def test_task_parents_parsing():
 @pytest.mark.parametrize("base", ["mmoe", "shared_bottom"])
 def test_build_head_over_either_base(base):
     cfg = load_config(
-        ["--config", "configs/default.toml", "--model.head", "dbmtl", "--model.dbmtl_base", base,
-         "--model.dbmtl_parents", "conversion:click"]
+        ["--config", "configs/default.toml", "--model.head", "dbmtl", "--model.dbmtl.base", base,
+         "--model.dbmtl.parents", "conversion:click"]
     )  # fmt: skip
     names = [t.name for t in cfg.tasks]
     head = build_head(cfg.model, 20, names)

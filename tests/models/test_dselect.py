@@ -68,9 +68,9 @@ def test_heads_with_dselect_train_and_report_the_regulariser():
 def test_dselect_replaces_the_softmax_gate_options():
     from mtl_dist.config import ConfigError, load_config
 
-    with pytest.raises(ConfigError, match="replaces the softmax gate: not with gate_top_k"):
-        load_config(["--config", "configs/default.toml", "--model.gate_dselect_k", "2",
-                     "--model.gate_top_k", "2"])  # fmt: skip
+    with pytest.raises(ConfigError, match="replaces the softmax gate: not with model.gate.top_k"):
+        load_config(["--config", "configs/default.toml", "--model.gate.dselect_k", "2",
+                     "--model.gate.top_k", "2"])  # fmt: skip
 
 
 # issue 26: E not a power of 2 — a selector on an unused code must not leave the gate all zero

@@ -85,8 +85,8 @@ def test_every_head_takes_the_style(head):
     from mtl_dist.models.ranker import build_head
 
     cfg = load_config(["--config", "configs/default.toml", "--model.head", head,
-                       "--model.expert_activation", "swish", "--model.expert_norm", "layer",
-                       "--model.expert_hidden", "8", "--model.bottom_hidden", "8"])  # fmt: skip
+                       "--model.experts.activation", "swish", "--model.experts.norm", "layer",
+                       "--model.experts.hidden", "8", "--model.shared_bottom.hidden", "8"])  # fmt: skip
     m = build_head(cfg.model, 12, ["a", "b"], task_dim=4 if head == "stem" else 0)
     mlps = [x for x in m.modules() if isinstance(x, StackedMLP) and x.output_norm == "layer"]
     assert mlps and all(x.act is F.silu for x in mlps)

@@ -244,11 +244,11 @@ def test_esmm_clicked_row_with_unknown_conversion_has_no_ctcvr_weight():
 def test_esmm_refuses_negative_downsampling_of_its_cvr_task():
     from mtl_dist.config import ConfigError, load_config, validate
 
-    cfg = load_config(["--config", "configs/default.toml", "--model.esmm", "true"])
+    cfg = load_config(["--config", "configs/default.toml", "--model.esmm.enabled", "true"])
     cfg.tasks[0].negative_rate = 0.2  # the CTR task may be downsampled (consistent under ESMM)
     validate(cfg)
     cfg.tasks[1].negative_rate = 0.2
     with pytest.raises(
-        ConfigError, match=r"tasks\[1\] \(conversion\).negative_rate = 0.2 with model.esmm"
+        ConfigError, match=r"tasks\[1\] \(conversion\).negative_rate = 0.2 with model.esmm.enabled"
     ):
         validate(cfg)

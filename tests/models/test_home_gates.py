@@ -93,12 +93,12 @@ def test_stem_self_gate_and_config():
     assert out.shape == (5, 2) and head.self_gates.last_weights.shape == (2, 5, 2)
     base = ["--config", "configs/default.toml"]
     with pytest.raises(ConfigError, match="needs model.head = ple or stem"):
-        load_config([*base, "--model.expert_self_gate", "true"])
+        load_config([*base, "--model.experts.self_gate", "true"])
     with pytest.raises(ConfigError, match="not with top-k or Gumbel"):
-        load_config([*base, "--model.expert_feature_gate_rank", "4", "--model.gate_top_k", "2"])
+        load_config([*base, "--model.experts.feature_gate_rank", "4", "--model.gate.top_k", "2"])
     cfg = load_config(
-        [*base, "--model.head", "ple", "--model.expert_self_gate", "true",
-         "--model.expert_feature_gate_rank", "4"]
+        [*base, "--model.head", "ple", "--model.experts.self_gate", "true",
+         "--model.experts.feature_gate_rank", "4"]
     )  # fmt: skip
     model = build_ranker(cfg, "cpu")
     assert "self_gates" in model.head.levels[0] and model.head.levels[0]["experts"].feature_gated

@@ -8,7 +8,14 @@ import pytest
 import torch
 from torchmetrics.functional.classification import binary_auroc
 
-from mtl_dist.config import ConfigError, ModelConfig, load_config
+from mtl_dist.config import (
+    ConfigError,
+    InteractionConfig,
+    ModelConfig,
+    SharedBottomConfig,
+    TowerConfig,
+    load_config,
+)
 from mtl_dist.models.interaction import (
     DotInteraction,
     FeatureDropout,
@@ -29,8 +36,8 @@ X = torch.tensor(
 WIDTHS, NUM_DENSE = [2, 2], 1
 
 
-def model_cfg(interaction: str, output: str = "concat", **kw) -> ModelConfig:
-    return ModelConfig(interaction=interaction, interaction_output=output, **kw)
+def model_cfg(interaction: str, output: str = "concat", **kw) -> InteractionConfig:
+    return InteractionConfig(kind=interaction, output=output, **kw)
 
 
 def cross_by_hand(x: list[float], kernels, biases) -> list[float]:
@@ -164,15 +171,15 @@ def test_head_input_width_for_concat_and_replace(kind, concat, replace):
 
 def test_config_rejects_bad_interaction_keys():
     base = ["--config", "configs/default.toml"]
-    assert load_config([*base, "--model.interaction", "dcn_v2"]).model.interaction == "dcn_v2"
+    assert load_config([*base, "--model.interaction.kind", "dcn_v2"]).model.interaction.kind == "dcn_v2"
     with pytest.raises(ConfigError, match="did you mean 'dcn_v2'"):
-        load_config([*base, "--model.interaction", "dcn_v3"])
-    with pytest.raises(ConfigError, match="interaction_output"):
-        load_config([*base, "--model.interaction_output", "add"])
-    with pytest.raises(ConfigError, match="cross_layers"):
-        load_config([*base, "--model.cross_layers", "0"])
-    with pytest.raises(ConfigError, match="embedding_dropout"):
-        load_config([*base, "--model.embedding_dropout", "1.0"])
+        load_config([*base, "--model.interaction.kind", "dcn_v3"])
+    with pytest.raises(ConfigError, match="model.interaction.output"):
+        load_config([*base, "--model.interaction.output", "add"])
+    with pytest.raises(ConfigError, match="model.interaction.cross_layers"):
+        load_config([*base, "--model.interaction.cross_layers", "0"])
+    with pytest.raises(ConfigError, match="model.embedding.dropout"):
+        load_config([*base, "--model.embedding.dropout", "1.0"])
     with pytest.raises(ConfigError, match="rowwise_adagrad"):
         load_config(
             [*base, "--optim.embedding_weight_decay", "0.01", "--optim.embedding_optimizer", "sgd"]
@@ -210,11 +217,11 @@ def pairwise_task(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.
 def train_auc(interaction: str, steps: int = 300) -> float:
     """Test AUC of a shared-bottom head (bottom [16]) after ``steps`` Adam steps of 256 rows."""
     m = ModelConfig(
-        head="shared_bottom", bottom_hidden=[16], tower_hidden=[4], interaction=interaction,
-        cross_layers=1,
+        head="shared_bottom", shared_bottom=SharedBottomConfig([16]), tower=TowerConfig([4]),
+        interaction=InteractionConfig(kind=interaction, cross_layers=1),
     )  # fmt: skip
     torch.manual_seed(0)
-    stage, width = build_interaction(m, [4] * 12, 2)
+    stage, width = build_interaction(m.interaction, [4] * 12, 2)
     head = build_head(m, width, ["t"])
     opt = torch.optim.Adam([*stage.parameters(), *head.parameters()], lr=0.01)
     x, y, _ = pairwise_task(256 * steps, seed=1)
@@ -250,8 +257,8 @@ def test_embedding_l2_penalty_is_added_to_the_training_loss_only():
     from mtl_dist.models.ranker import build_ranker
     from tests.models.test_ranker import random_table
 
-    args = ["--config", "configs/default.toml", "--model.expert_hidden", "16,8"]
-    cfg = load_config([*args, "--model.embedding_l2", "0.3"])
+    args = ["--config", "configs/default.toml", "--model.experts.hidden", "16,8"]
+    cfg = load_config([*args, "--model.embedding.l2", "0.3"])
     torch.manual_seed(0)
     model = ModelWithLoss(build_ranker(cfg, device="cpu"), cfg.tasks)
     plain_cfg = load_config(args)
@@ -294,8 +301,8 @@ def test_pepnet_reads_its_features_from_the_raw_input_before_the_interaction_col
     from tests.models.test_ranker import random_table
 
     args = ["--config", "configs/default.toml", "--model.head", "pepnet",
-            "--model.pepnet_domain_features", "device_type", "--model.pepnet_prior_features",
-            "user_id,dense_0", "--model.interaction", "dcn_v2"]  # fmt: skip
+            "--model.pepnet.domain_features", "device_type", "--model.pepnet.prior_features",
+            "user_id,dense_0", "--model.interaction.kind", "dcn_v2"]  # fmt: skip
     cfg = load_config(args)
     torch.manual_seed(0)
     ranker = build_ranker(cfg, device="cpu")
@@ -308,7 +315,7 @@ def test_pepnet_reads_its_features_from_the_raw_input_before_the_interaction_col
     )
     assert ranker(batch)[0].shape == (8, 3)
     with pytest.raises(ValueError, match="device_type"):
-        build_ranker(load_config([*args, "--model.interaction_output", "replace"]), device="cpu")
+        build_ranker(load_config([*args, "--model.interaction.output", "replace"]), device="cpu")
 
 
 def test_mixture_experts_start_with_a_real_cross_term():
@@ -321,7 +328,7 @@ def test_mixture_experts_start_with_a_real_cross_term():
 
     torch.manual_seed(0)
     stage, _ = build_interaction(
-        ModelConfig(interaction="dcn_mix", interaction_output="replace"), [16] * 16, 8
+        InteractionConfig(kind="dcn_mix", output="replace"), [16] * 16, 8
     )
     x = torch.randn(512, 264)
     with torch.no_grad():

@@ -76,8 +76,8 @@ def test_gate_inputs_stop_the_gradient_of_the_general_input():
 def test_columns_from_the_config_and_errors():
     base = ["--config", "configs/default.toml", "--model.head", "pepnet"]
     cfg = load_config(
-        [*base, "--model.pepnet_domain_features", "device_type",
-         "--model.pepnet_prior_features", "user_id,dense_1"]
+        [*base, "--model.pepnet.domain_features", "device_type",
+         "--model.pepnet.prior_features", "user_id,dense_1"]
     )  # fmt: skip
     model = build_ranker(cfg, "cpu")
     dims = {f.name: f.embedding_dim for f in cfg.features.sparse}
@@ -86,8 +86,8 @@ def test_columns_from_the_config_and_errors():
     emb = sum(dims.values())
     assert model.head.prior_columns.tolist() == [*range(dims["user_id"]), emb + 1]
     with pytest.raises(ConfigError, match="did you mean 'user_id'"):
-        load_config([*base, "--model.pepnet_prior_features", "userid"])
-    with pytest.raises(ConfigError, match="needs model.pepnet_domain_features or"):
+        load_config([*base, "--model.pepnet.prior_features", "userid"])
+    with pytest.raises(ConfigError, match="needs model.pepnet.domain_features or"):
         load_config(base)
     with pytest.raises(ValueError, match=r"features \['z'\] are not in"):
         input_columns([("a", 2)], ["z"])

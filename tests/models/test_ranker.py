@@ -15,9 +15,9 @@ def small_cfg():
         [
             "--config",
             "configs/default.toml",
-            "--model.expert_hidden",
+            "--model.experts.hidden",
             "16,8",
-            "--model.tower_hidden",
+            "--model.tower.hidden",
             "4",
         ]
     )
@@ -76,8 +76,8 @@ def test_missing_labels_are_masked_and_empty_task_gives_zero_not_nan():
 
 def test_stem_task_loss_trains_only_its_own_and_the_shared_tables():
     cfg = load_config(
-        ["--config", "configs/default.toml", "--model.head", "stem", "--model.stem_features", "user_id,item_id",
-         "--model.stem_dim", "4", "--model.expert_hidden", "16,8", "--model.tower_hidden", "4"]
+        ["--config", "configs/default.toml", "--model.head", "stem", "--model.stem.features", "user_id,item_id",
+         "--model.stem.dim", "4", "--model.experts.hidden", "16,8", "--model.tower.hidden", "4"]
     )  # fmt: skip
     torch.manual_seed(0)
     model = build_ranker(cfg, device="cpu")

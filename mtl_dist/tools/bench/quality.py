@@ -12,7 +12,7 @@ option beside torch-rechub's and DeepCTR-Torch's MMoE, with the samples/s each p
   out for every system;
 * ours, one epoch at the peers' model size (``configs/peers.toml``: 16-dim embeddings, 4 experts
   of (256, 128), towers (64,), batch 2048, 1 process × ``--threads``) for each ``--heads`` × each
-  ``--interactions`` option, passed as ``--model.head`` / ``--model.interaction`` overrides;
+  ``--interactions`` option, passed as ``--model.head`` / ``--model.interaction.kind`` overrides;
   PLE is kept at the same size: one extraction level (CGC), 2 shared + 1 per-task experts;
 * ``--regularisation`` rows: ``--reg-base`` (MMoE + dcn_v2) with each embedding regulariser on;
 * each installed peer's MMoE through its own API (``mtl_dist.tools.bench.peers``) on the same rows;
@@ -45,15 +45,15 @@ INTERACTIONS = ("none", "dot", "fm", "dcn_v2", "dcn_v2_lowrank", "dcn_mix")
 HEADS = {  # the peers' size: 4 experts of (256, 128) either way
     "mmoe": ["--model.head", "mmoe"],
     "ple": [
-        "--model.head", "ple", "--model.ple_levels", "1",
-        "--model.ple_shared_experts", "2", "--model.ple_task_experts", "1",
+        "--model.head", "ple", "--model.ple.levels", "1",
+        "--model.ple.shared_experts", "2", "--model.ple.task_experts", "1",
     ],
 }  # fmt: skip
 REGULARISERS = {  # name: (config key, value); a row each, on top of --reg-base (untuned values)
-    "embedding dropout 0.1": ("model.embedding_dropout", "0.1"),
+    "embedding dropout 0.1": ("model.embedding.dropout", "0.1"),
     # L2 on the looked-up rows through the loss (optim.embedding_weight_decay, fbgemm's fused
     # decay, is refused on CPU: its CPU kernels ignore it)
-    "embedding L2 1e-3": ("model.embedding_l2", "1e-3"),
+    "embedding L2 1e-3": ("model.embedding.l2", "1e-3"),
 }
 AUC_MARGIN, SPEED_RATIO = 0.005, 2.0  # issue 19's target against the best peer
 
@@ -87,12 +87,12 @@ def variants(a: argparse.Namespace) -> list[dict[str, object]]:
     out = []
     for head in a.head_list:
         for inter in a.interaction_list:
-            extra = [*HEADS[head], "--model.interaction", inter]
+            extra = [*HEADS[head], "--model.interaction.kind", inter]
             out.append({"head": head, "interaction": inter, "reg": "", "extra": extra})
     head, inter = a.reg_base.split(":")
     for name in a.reg_list:
         key, value = REGULARISERS[name]
-        extra = [*HEADS[head], "--model.interaction", inter, f"--{key}", value]
+        extra = [*HEADS[head], "--model.interaction.kind", inter, f"--{key}", value]
         out.append({"head": head, "interaction": inter, "reg": name, "extra": extra})
     return out
 
