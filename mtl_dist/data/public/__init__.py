@@ -15,11 +15,12 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from mtl_dist.data.public import census
+from mtl_dist.data.public import aliccp, census
 from mtl_dist.data.public.common import PrepareError
 
 DATASETS: dict[str, ModuleType] = {
     "census": census,
+    "aliccp": aliccp,
 }
 
 __all__ = ["DATASETS", "PrepareError"]

@@ -113,10 +113,17 @@ def csv_batches(
 
 
 def numbers(
-    col: pa.Array, to: pa.DataType, path: Path, first_line: int, field: str, *, blank=None
+    col: pa.Array,
+    to: pa.DataType,
+    path: Path,
+    lines: int | np.ndarray,
+    field: str,
+    *,
+    blank: str = "error",
 ) -> pa.Array:
     """``col`` (strings, whitespace trimmed) as numbers of type ``to``; an empty string is null
-    when ``blank`` is ``"null"``, else an error.
+    when ``blank`` is ``"null"``, else an error. ``lines``: the file line of ``col[0]`` (rows on
+    consecutive lines) or the line of every value.
 
     Raises:
         PrepareError: the first value that is not a number, naming file, line and field.
@@ -131,7 +138,8 @@ def numbers(
             try:
                 pc.cast(pa.array([v], pa.string()), to)
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-                raise PrepareError(path, first_line + i, field, f"not a number: {v!r}") from None
+                at = lines + i if isinstance(lines, int) else int(lines[i])
+                raise PrepareError(path, at, field, f"not a number: {v!r}") from None
         raise
 
 
