@@ -152,3 +152,11 @@ def test_generated_config_trains_two_ranks(prepared, tmp_path):
     )  # fmt: skip
     assert proc.returncode == 0
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["steps"] == 3
+
+
+def test_committed_config_loads():
+    from mtl_dist.config import load_config
+    from tests.conftest import ROOT
+
+    cfg = load_config(["--config", str(ROOT / "configs" / "aliccp.toml")])
+    assert [t.condition for t in cfg.tasks] == ["", "click"] and len(cfg.features.sparse) == 23

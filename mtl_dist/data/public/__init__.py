@@ -15,12 +15,13 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from mtl_dist.data.public import aliccp, census
+from mtl_dist.data.public import aliccp, aliexpress, census
 from mtl_dist.data.public.common import PrepareError
 
 DATASETS: dict[str, ModuleType] = {
     "census": census,
     "aliccp": aliccp,
+    "aliexpress": aliexpress,
 }
 
 __all__ = ["DATASETS", "PrepareError"]
