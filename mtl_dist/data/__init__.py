@@ -2,7 +2,7 @@
 (row_filter); the global row index cut per rank × worker (row_index), streamed and resumed
 exactly (reader), with the filters' start-up checks (selection); model batches with their KJT
 (batch), id hashing (ids) and the synthetic generator with known true probabilities (synth:
-synth_workloads, synth_model, synth_stats, synth_write, synth_ctcvr).
+synth_workloads, synth_model, synth_stats, synth_write, synth_ctcvr) and the public benchmarks' preparers (public: ``mtl-prepare``).
 
 May import: config, files, distributed.
 """
