@@ -7,6 +7,7 @@ One module per dataset, each with ``prepare(raw_dir, out_dir) -> dict`` (writes
 - ``census``: Census-Income (KDD), UCI (:mod:`.census`)
 - ``aliccp``: Ali-CCP, Alibaba click and conversion prediction (:mod:`.aliccp`)
 - ``aliexpress``: AliExpress country splits NL / ES / FR / US (:mod:`.aliexpress`)
+- ``kuairand``: KuaiRand Pure / 1K, logs joined with user and video features (:mod:`.kuairand`)
 
 May import: config, files, data (the data stage).
 """
@@ -15,13 +16,14 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from mtl_dist.data.public import aliccp, aliexpress, census
+from mtl_dist.data.public import aliccp, aliexpress, census, kuairand
 from mtl_dist.data.public.common import PrepareError
 
 DATASETS: dict[str, ModuleType] = {
     "census": census,
     "aliccp": aliccp,
     "aliexpress": aliexpress,
+    "kuairand": kuairand,
 }
 
 __all__ = ["DATASETS", "PrepareError"]

@@ -43,6 +43,7 @@ from mtl_dist.data.public.common import (
     SplitWriter,
     alternate,
     csv_batches,
+    lists,
     numbers,
     require,
     sha256,
@@ -64,13 +65,6 @@ SKELETON = ["sample_id", "click", "conversion", "common_feature_index", "feature
 COMMON = ["common_feature_index", "feature_num", "features"]
 IDS = pa.list_(pa.int64())
 SCHEMA = pa.schema([pa.field(c, IDS) for c in COLUMNS] + [pa.field(n, pa.int8()) for n in LABELS])
-
-
-def _lists(n: int, parent: np.ndarray, values: np.ndarray) -> pa.ListArray:
-    """A list array of ``n`` rows: row r holds ``values[parent == r]`` in order (parent sorted)."""
-    offsets = np.zeros(n + 1, np.int32)
-    np.cumsum(np.bincount(parent, minlength=n), out=offsets[1:])
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, pa.int64()))
 
 
 def _entry_parts(flat: pa.Array, sep: str, path: Path, lines: np.ndarray, what: str):
@@ -114,7 +108,7 @@ def parse_features(
     for f, col in zip(FIELDS, COLUMNS, strict=True):
         mask = field == f
         kept += int(mask.sum())
-        out[col] = _lists(n, parent[mask], ids[mask])
+        out[col] = lists(n, parent[mask], ids[mask])
     return out, len(ids) - kept
 
 
@@ -141,7 +135,7 @@ def _concat(a: pa.ListArray, b: pa.ListArray) -> pa.ListArray:
     va, vb = (np.asarray(pc.list_flatten(x)) for x in (a, b))
     parent = np.concatenate([pa_, pb])
     order = np.argsort(parent, kind="stable")
-    return _lists(len(a), parent[order], np.concatenate([va, vb])[order])
+    return lists(len(a), parent[order], np.concatenate([va, vb])[order])
 
 
 def _labels(batch: pa.RecordBatch, path: Path, line: int) -> dict[str, pa.Array]:

@@ -217,6 +217,13 @@ class SplitWriter:
         }
 
 
+def lists(n: int, parent: np.ndarray, values: np.ndarray) -> pa.ListArray:
+    """A list array of ``n`` rows: row r holds ``values[parent == r]`` in order (parent sorted)."""
+    offsets = np.zeros(n + 1, np.int32)
+    np.cumsum(np.bincount(parent, minlength=n), out=offsets[1:])
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, pa.int64()))
+
+
 def alternate(n: int, first_line: int) -> tuple[np.ndarray, np.ndarray]:
     """Row positions of a batch of ``n`` rows starting at file line ``first_line`` whose line is
     odd (validation) and even (test): the rule that halves a test file."""
