@@ -118,7 +118,7 @@ def _edit(line: str, what: str) -> str:
 @pytest.mark.parametrize(
     "what,field",
     [
-        ("columns", "-"),
+        ("columns", "features"),
         ("count", "feature_num"),
         ("index", "common_feature_index"),
         ("label", "click"),

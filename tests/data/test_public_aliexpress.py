@@ -76,7 +76,7 @@ def test_rows_match_the_raw_values(raw, tmp_path):
 
 @pytest.mark.parametrize(
     "col,value,field",
-    [(None, None, "-"), (20, "x1", "numerical_4"), (-1, "3", "conversion")],
+    [(None, None, "(after conversion)"), (20, "x1", "numerical_4"), (-1, "3", "conversion")],
     ids=["column_count", "non_numeric", "bad_label"],
 )
 def test_malformed_line_names_file_line_and_field(raw, tmp_path, col, value, field):

@@ -111,7 +111,7 @@ def test_rows_and_columns_match_the_raw_values(raw, prepared):
 @pytest.mark.parametrize(
     "edit,line,field",
     [
-        (lambda v: v[:-1], 4, "-"),  # 41 columns
+        (lambda v: v[:-1], 4, "income"),  # 41 columns: the label missing
         (lambda v: ["abc", *v[1:]], 4, "age"),
         (lambda v: [*v[:-1], " 40000."], 4, "income"),
     ],

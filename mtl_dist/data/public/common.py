@@ -68,7 +68,8 @@ def csv_batches(
     are exact), a header line first when ``header`` (its names are replaced by ``names``).
 
     Raises:
-        PrepareError: a line with another number of columns than ``names`` (file, line named).
+        PrepareError: a line with another number of columns than ``names``, naming file, line
+            and the first field missing (or ``(after LAST)`` for a line too long).
     """
     bad: list[Any] = []
 
@@ -103,10 +104,11 @@ def csv_batches(
             raise PrepareError(path, None, "-", f"unparseable CSV: {e}") from e
         row = bad[0]
         at = row.number if row.number is not None and row.number > 0 else None
+        short = row.actual_columns < len(names)
         raise PrepareError(
             path,
             at,
-            "-",
+            names[row.actual_columns] if short else f"(after {names[-1]})",
             f"expected {row.expected_columns} columns, found {row.actual_columns}: "
             f"{row.text[:120]!r}",
         ) from None
