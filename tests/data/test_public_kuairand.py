@@ -135,7 +135,9 @@ def test_malformed_line_names_file_line_and_field(raw, tmp_path):
     assert "log_standard_4_08_to_4_21_pure.csv:5: field long_view:" in str(e.value), str(e.value)
     lines[4] = ",".join(cols[:-2])
     path.write_text("\n".join(lines))
-    with pytest.raises(PrepareError, match="pure.csv:5: field is_rand: expected 16 columns, found 14"):
+    with pytest.raises(
+        PrepareError, match="pure.csv:5: field is_rand: expected 16 columns, found 14"
+    ):
         run("kuairand", bad, tmp_path / "out")
 
 
