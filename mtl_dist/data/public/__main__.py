@@ -45,8 +45,18 @@ def main(argv: list[str] | None = None) -> None:
         default="NL",
         help="aliexpress: the country split (NL, ES, FR, US): RAW_DIR/AliExpress_<C>/",
     )
+    parser.add_argument(
+        "--buckets",
+        type=int,
+        default=1,
+        help="aliccp: join in this many hash buckets of common_feature_index, holding about "
+        "1 / buckets of a split's parsed common features in memory (1: all of them)",
+    )
     args = parser.parse_args(argv)
-    options = {"country": args.country} if args.dataset == "aliexpress" else {}
+    options = {
+        "aliexpress": {"country": args.country},
+        "aliccp": {"buckets": args.buckets},
+    }.get(args.dataset, {})
     try:
         info = run(args.dataset, args.raw_dir, args.out_dir, **options)
     except (PrepareError, FileNotFoundError) as e:

@@ -20,9 +20,12 @@ Splits: ``train/`` the training files, ``val/`` / ``test/`` the test files' odd 
 The ids are not re-numbered: configs map them into ``hash_buckets`` rows (``id mod buckets``),
 so one streaming pass suffices; ``dataset.json`` records each field's distinct ids in training.
 
-Memory: the skeleton files are streamed in blocks; a split's common features are parsed into
-Arrow columns of the kept fields (ids only, about 8 bytes per id, not the raw text) and held for
-the join, which looks indices up with ``pyarrow.compute.index_in``.
+Memory: the skeleton files are streamed in blocks. By default (``buckets`` 1) a split's common
+features are parsed into Arrow columns of the kept fields (ids only, about 8 bytes per id, not
+the raw text) and held for the join, which looks indices up with ``pyarrow.compute.index_in``.
+With ``buckets`` K > 1 both files are first spilled into K Parquet files by the xxh3_64 of
+``common_feature_index`` and joined bucket by bucket: about 1 / K of the parsed common features
+is held at a time (the rows then come out grouped by bucket, each bucket in file order).
 
 Errors: :class:`~mtl_dist.data.public.common.PrepareError` naming file, line and field for a
 wrong column count, a non-numeric id / label / value, a malformed entry, a ``feature_num`` that
@@ -31,17 +34,19 @@ disagrees with the list, a label not 0 / 1, a duplicated or unknown ``common_fea
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import xxhash
 
 from mtl_dist.data.public.common import (
     PrepareError,
     SplitWriter,
-    alternate,
     csv_batches,
     lists,
     numbers,
@@ -112,21 +117,26 @@ def parse_features(
     return out, len(ids) - kept
 
 
-def _common(path: Path) -> tuple[pa.Table, int]:
-    """The common features of a split: index (string) + one ids column per field."""
-    parts, other = [], 0
-    for line, batch in csv_batches(path, COMMON, quoting=False):
+def _parsed(path: Path, names: list[str], stats: dict[str, Any]):
+    """Blocks of a skeleton or common-features file parsed: the index, one ids column per
+    field, the labels (skeleton files) and each row's file ``line``."""
+    for line, batch in csv_batches(path, names, quoting=False):
         cols, dropped = parse_features(batch["features"], batch["feature_num"], path, line)
-        other += dropped
-        parts.append(pa.table({"index": batch["common_feature_index"], **cols}))
-    table = pa.concat_tables(parts) if parts else pa.table({"index": pa.array([], pa.string())})
-    if len(table) and pc.count_distinct(table["index"]).as_py() != len(table):
+        stats["other_field_entries"] += dropped
+        labels = _labels(batch, path, line) if "click" in names else {}
+        lines = pa.array(np.arange(line, line + batch.num_rows), pa.int64())
+        yield pa.table({"index": batch["common_feature_index"], **cols, **labels, "line": lines})
+
+
+def _unique(common: pa.Table, path: Path) -> pa.Table:
+    """``common`` (its chunks combined) if no index repeats, else the error naming the line."""
+    if len(common) and pc.count_distinct(common["index"]).as_py() != len(common):
         seen: set[str] = set()
-        for i, key in enumerate(table["index"].to_pylist()):
+        for key, line in zip(common["index"].to_pylist(), common["line"].to_pylist()):
             if key in seen:
-                raise PrepareError(path, i + 1, "common_feature_index", f"repeated: {key!r}")
+                raise PrepareError(path, line, "common_feature_index", f"repeated: {key!r}")
             seen.add(key)
-    return table.combine_chunks(), other
+    return common.combine_chunks()
 
 
 def _concat(a: pa.ListArray, b: pa.ListArray) -> pa.ListArray:
@@ -149,21 +159,71 @@ def _labels(batch: pa.RecordBatch, path: Path, line: int) -> dict[str, pa.Array]
     return out
 
 
-def _samples(skeleton: Path, common: pa.Table, stats: dict[str, Any]):
-    """(first line, joined table) per block of a skeleton file."""
-    for line, batch in csv_batches(skeleton, SKELETON, quoting=False):
-        cols, dropped = parse_features(batch["features"], batch["feature_num"], skeleton, line)
-        stats["other_field_entries"] += dropped
-        pos = pc.index_in(batch["common_feature_index"], value_set=common["index"])
-        if pos.null_count:
-            r = int(np.flatnonzero(np.asarray(pc.is_null(pos)))[0])
-            key = batch["common_feature_index"][r].as_py()
-            raise PrepareError(
-                skeleton, line + r, "common_feature_index", f"{key!r} not in the common features"
-            )
-        user = common.take(pos)
-        joined = {c: _concat(cols[c], user[c].combine_chunks()) for c in COLUMNS}
-        yield line, pa.table({**joined, **_labels(batch, skeleton, line)})
+def _join(samples: pa.Table, common: pa.Table, path: Path) -> pa.Table:
+    """Samples with their common features appended per field (``line`` kept)."""
+    pos = pc.index_in(samples["index"], value_set=common["index"])
+    if pos.null_count:
+        r = int(np.flatnonzero(np.asarray(pc.is_null(pos)))[0])
+        key, line = samples["index"][r].as_py(), samples["line"][r].as_py()
+        raise PrepareError(
+            path, line, "common_feature_index", f"{key!r} not in the common features"
+        )
+    user = common.take(pos)
+    joined = {c: _concat(samples[c].combine_chunks(), user[c].combine_chunks()) for c in COLUMNS}
+    return pa.table({**joined, **{n: samples[n] for n in (*LABELS, "line")}})
+
+
+def _bucket(table: pa.Table, k: int) -> np.ndarray:
+    """Each row's bucket: xxh3_64 of its common_feature_index mod ``k``."""
+    keys = table["index"].to_pylist()
+    return np.fromiter(
+        (xxhash.xxh3_64_intdigest(key.encode()) % k for key in keys), np.int64, len(keys)
+    )
+
+
+def _spill(tables, k: int, base: Path) -> list[Path]:
+    """Write ``tables``' rows into ``k`` Parquet files by :func:`_bucket`; their paths."""
+    paths = [base.with_name(f"{base.name}-{j:03d}.parquet") for j in range(k)]
+    writers: list[pq.ParquetWriter | None] = [None] * k
+    try:
+        for table in tables:
+            b = _bucket(table, k)
+            for j in np.unique(b):
+                part = table.filter(pa.array(b == j))
+                if writers[j] is None:
+                    writers[j] = pq.ParquetWriter(paths[j], part.schema)
+                writers[j].write_table(part)
+    finally:
+        for w in writers:
+            if w is not None:
+                w.close()
+    return paths
+
+
+def _joined(skeleton: Path, common_path: Path, buckets: int, tmp: Path, stats: dict[str, Any]):
+    """Joined tables of one split: the common features in memory (``buckets`` 1), or both files
+    spilled into ``buckets`` files by index, joined bucket by bucket (1 / buckets of them held)."""
+    if buckets == 1:
+        tables = list(_parsed(common_path, COMMON, stats))
+        empty = pa.table({"index": pa.array([], pa.string())})
+        common = _unique(pa.concat_tables(tables), common_path) if tables else empty
+        for samples in _parsed(skeleton, SKELETON, stats):
+            yield _join(samples, common, skeleton)
+        return
+    tmp.mkdir(parents=True, exist_ok=True)
+    c_paths = _spill(_parsed(common_path, COMMON, stats), buckets, tmp / "common")
+    s_paths = _spill(_parsed(skeleton, SKELETON, stats), buckets, tmp / "samples")
+    for c_path, s_path in zip(c_paths, s_paths):
+        if not s_path.exists():
+            continue
+        common = _unique(pq.read_table(c_path), common_path) if c_path.exists() else None
+        for batch in pq.ParquetFile(s_path).iter_batches(batch_size=1 << 16):
+            samples = pa.Table.from_batches([batch])
+            if common is None:
+                common = pa.table({"index": pa.array([], pa.string())})
+            yield _join(samples, common, skeleton)
+        c_path.unlink(missing_ok=True)
+        s_path.unlink()
 
 
 def _count_ids(distinct: dict[str, np.ndarray], table: pa.Table) -> None:
@@ -172,13 +232,20 @@ def _count_ids(distinct: dict[str, np.ndarray], table: pa.Table) -> None:
         distinct[c] = np.union1d(distinct.get(c, ids[:0]), ids)
 
 
-def prepare(raw: Path, out: Path) -> dict[str, Any]:
+def prepare(raw: Path, out: Path, buckets: int = 1) -> dict[str, Any]:
     """Write the Ali-CCP splits under ``out``; returns ``dataset.json``'s content.
+
+    ``buckets`` > 1 bounds the memory of the join to about 1 / buckets of a split's parsed
+    common features (both files are first spilled into ``buckets`` Parquet files under
+    ``out/.spill``, by the xxh3_64 of the index; rows then come out bucket by bucket).
 
     Raises:
         FileNotFoundError: a raw file missing from ``raw``.
         PrepareError: a malformed line (file, line and field named).
+        ValueError: ``buckets`` < 1.
     """
+    if buckets < 1:
+        raise ValueError(f"buckets must be >= 1, got {buckets}")
     files = {
         (kind, s): require(raw / f"{kind}_{s}.csv")
         for kind in ("sample_skeleton", "common_features")
@@ -188,21 +255,21 @@ def prepare(raw: Path, out: Path) -> dict[str, Any]:
     stats: dict[str, Any] = {"other_field_entries": 0}
     distinct: dict[str, np.ndarray] = {}
     for source in ("train", "test"):
-        common, other = _common(files["common_features", source])
-        stats["other_field_entries"] += other
-        for line, table in _samples(files["sample_skeleton", source], common, stats):
+        paths = files["sample_skeleton", source], files["common_features", source]
+        for table in _joined(*paths, buckets, out / ".spill", stats):
             if source == "train":
                 _count_ids(distinct, table)
                 writers["train"].write(table)
             else:
-                odd, even = alternate(table.num_rows, line)
-                writers["val"].write(table.take(odd))
-                writers["test"].write(table.take(even))
-        del common
+                odd = pa.array(np.asarray(table["line"]) % 2 == 1)
+                writers["val"].write(table.filter(odd))
+                writers["test"].write(table.filter(pc.invert(odd)))
+    shutil.rmtree(out / ".spill", ignore_errors=True)
     return {
         "dataset": "aliccp",
         "splits": {s: w.close() for s, w in writers.items()},
         "split_rule": "train: the *_train files; val / test: sample_skeleton_test's odd / even lines",
+        "join_buckets": buckets,
         "sources": {p.name: sha256(p) for p in files.values()},
         "vocab_sizes": {c: int(len(distinct.get(c, ()))) for c in COLUMNS},
         "id_ranges": {
