@@ -169,6 +169,19 @@ def test_bucketed_join_writes_the_same_rows(raw, prepared, tmp_path):
     assert not (tmp_path / ".spill").exists() or not any((tmp_path / ".spill").iterdir())
 
 
+def test_small_blocks_give_the_same_rows(raw, prepared, tmp_path, monkeypatch):
+    """Read in 2 KiB blocks (many batches: the common table built from several): same rows."""
+    from mtl_dist.data.public import common
+
+    monkeypatch.setattr(common, "BLOCK_BYTES", 2048)
+    out, info = prepared
+    small = run("aliccp", raw[0], tmp_path)
+    assert small["splits"] == info["splits"] and small["vocab_sizes"] == info["vocab_sizes"]
+    for split in ("train", "val", "test"):
+        a = ds.dataset(out / split).to_table()
+        assert a.equals(ds.dataset(tmp_path / split).to_table()), split
+
+
 def test_committed_config_loads():
     from mtl_dist.config import load_config
     from tests.conftest import ROOT

@@ -138,6 +138,28 @@ def test_malformed_line_names_file_line_and_field(raw, tmp_path, edit, line, fie
     assert proc.returncode == 2 and f":{line}: field {field}" in proc.stderr, proc.stderr
 
 
+def test_small_blocks_give_the_same_rows_and_lines(raw, prepared, tmp_path, monkeypatch):
+    """Read in 4 KiB blocks (many batches per file): the same rows, and a bad value deep in
+    the file still names its line."""
+    from mtl_dist.data.public import common
+
+    monkeypatch.setattr(common, "BLOCK_BYTES", 4096)
+    out, info = prepared
+    small = run("census", raw[0], tmp_path / "small")
+    assert small["splits"] == info["splits"]
+    for split in ("train", "val", "test"):
+        a = ds.dataset(out / split).to_table()
+        assert a.equals(ds.dataset(tmp_path / "small" / split).to_table()), split
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    lines = (raw[0] / "census-income.data").read_text().splitlines()
+    lines[250] = ",".join(["x7", *lines[250].split(",")[1:]])
+    (bad / "census-income.data").write_text("\n".join(lines) + "\n")
+    (bad / "census-income.test").write_text((raw[0] / "census-income.test").read_text())
+    with pytest.raises(PrepareError, match=r"census-income.data:251: field age: not a number"):
+        run("census", bad, tmp_path / "o")
+
+
 def test_committed_config_loads():
     from mtl_dist.config import load_config
 

@@ -60,7 +60,7 @@ def csv_batches(
     delimiter: str = ",",
     header: bool = False,
     quoting: bool = True,
-    block_size: int = BLOCK_BYTES,
+    block_size: int | None = None,
 ) -> Iterator[tuple[int, pa.RecordBatch]]:
     """Stream ``path`` as string columns ``names``; yields ``(line of the first row, batch)``.
 
@@ -81,7 +81,7 @@ def csv_batches(
         column_names=names,
         skip_rows=int(header),
         use_threads=False,
-        block_size=block_size,
+        block_size=block_size or BLOCK_BYTES,
     )
     parse = pacsv.ParseOptions(
         delimiter=delimiter,
