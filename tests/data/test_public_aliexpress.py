@@ -102,3 +102,20 @@ def test_committed_config_loads():
 
     cfg = load_config(["--config", str(ROOT / "configs" / "aliexpress.toml")])
     assert len(cfg.features.sparse) == 16 and len(cfg.features.dense) == 63
+
+
+def test_generated_config_trains_two_ranks(raw, tmp_path):
+    import json
+
+    from tests.conftest import torchrun
+
+    run("aliexpress", raw[0], tmp_path / "data", country="NL")
+    proc = torchrun(
+        [
+            "-m", "mtl_dist.train", "--config", str(tmp_path / "data" / "aliexpress.toml"),
+            "--train.output_dir", str(tmp_path / "run"), "--train.progress_bar", "false",
+            "--train.batch_size", "32", "--train.max_steps", "2", "--train.precision", "fp32",
+        ]
+    )  # fmt: skip
+    assert proc.returncode == 0
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["steps"] == 2

@@ -5,7 +5,8 @@ Writes ``OUT_DIR/{train,val,test}/part-*.parquet``, ``OUT_DIR/dataset.json`` (ro
 split, the positive rate of every label, the raw files' sha256 digests, vocabulary sizes) and
 the configs ``OUT_DIR/<name>.toml`` pointing at ``OUT_DIR`` with the exact table sizes.
 
-Exits 2 with the message of a missing raw file or a malformed line (file, line, field).
+Exits 2 with the message of a missing raw file, a malformed line (file, line, field) or a bad
+option value.
 """
 
 from __future__ import annotations
@@ -36,7 +37,11 @@ def run(dataset: str, raw: Path, out: Path, **options) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="mtl-prepare", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="mtl-prepare",
+        description="A public benchmark's raw files in; Parquet splits (train / val / test), "
+        "dataset.json and training configs out (docs/public-datasets.md).",
+    )
     parser.add_argument("dataset", choices=sorted(DATASETS))
     parser.add_argument("raw_dir", type=Path, help="directory holding the raw files")
     parser.add_argument("out_dir", type=Path, help="where the Parquet splits are written")
@@ -59,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     }.get(args.dataset, {})
     try:
         info = run(args.dataset, args.raw_dir, args.out_dir, **options)
-    except (PrepareError, FileNotFoundError) as e:
+    except (PrepareError, ValueError, FileNotFoundError) as e:  # (a bad --country, --buckets)
         print(f"mtl-prepare: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     for split, s in info["splits"].items():
