@@ -163,7 +163,7 @@ def test_small_blocks_give_the_same_rows_and_lines(raw, prepared, tmp_path, monk
 def test_committed_config_loads():
     from mtl_dist.config import load_config
 
-    for name in ("census", "census_education"):
+    for name in ("census", "census_education", "census_income_education"):
         cfg = load_config(["--config", str(ROOT / "configs" / f"{name}.toml")])
         assert len(cfg.tasks) == 2 and cfg.model.head == "mmoe"
 

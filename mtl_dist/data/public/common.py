@@ -71,11 +71,15 @@ def csv_batches(
         PrepareError: a line with another number of columns than ``names``, naming file, line
             and the first field missing (or ``(after LAST)`` for a line too long).
     """
-    bad: list[Any] = []
+    bad: list[tuple[int | None, int, int, str]] = []
 
     def on_invalid(row: Any) -> str:
-        bad.append(row)
-        return "error"
+        # skipped, not "error": the reader stops cleanly and the error is raised outside it (an
+        # error raised inside pyarrow's streaming reader could abort the process at exit)
+        if not bad:
+            at = row.number if row.number is not None and row.number > 0 else None
+            bad.append((at, row.expected_columns, row.actual_columns, row.text[:120]))
+        return "skip"
 
     reader_opts = pacsv.ReadOptions(
         column_names=names,
@@ -97,21 +101,18 @@ def csv_batches(
     try:
         with pacsv.open_csv(path, reader_opts, parse, convert) as reader:
             for batch in reader:
+                if bad:  # (the batch holding the bad line is never yielded)
+                    break
                 yield line, batch
                 line += batch.num_rows
     except pa.ArrowInvalid as e:
-        if not bad:
-            raise PrepareError(path, None, "-", f"unparseable CSV: {e}") from e
-        row = bad[0]
-        at = row.number if row.number is not None and row.number > 0 else None
-        short = row.actual_columns < len(names)
+        raise PrepareError(path, None, "-", f"unparseable CSV: {e}") from None
+    if bad:
+        at, expected, actual, text = bad[0]
+        field = names[actual] if actual < len(names) else f"(after {names[-1]})"
         raise PrepareError(
-            path,
-            at,
-            names[row.actual_columns] if short else f"(after {names[-1]})",
-            f"expected {row.expected_columns} columns, found {row.actual_columns}: "
-            f"{row.text[:120]!r}",
-        ) from None
+            path, at, field, f"expected {expected} columns, found {actual}: {text!r}"
+        )
 
 
 def numbers(
