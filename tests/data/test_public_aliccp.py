@@ -112,6 +112,8 @@ def _edit(line: str, what: str) -> str:
         return ",".join([cols[0], "2", *cols[2:]])
     if what == "id":
         return ",".join([*cols[:4], "1", "205\x02x9\x031.0"])
+    if what == "negative":
+        return ",".join([*cols[:4], "1", "205\x02-9\x031.0"])
     return ",".join([*cols[:4], "1", "205\x029"])  # no value
 
 
@@ -123,6 +125,7 @@ def _edit(line: str, what: str) -> str:
         ("index", "common_feature_index"),
         ("label", "click"),
         ("id", "feature_list (feature id)"),
+        ("negative", "feature_list (feature id)"),
         ("entry", "feature_list"),
     ],
 )

@@ -88,7 +88,8 @@ def parse_features(
     """A block's feature lists → ({column: ids per row}, entries of other fields).
 
     Raises:
-        PrepareError: a malformed entry, a non-numeric id or value, a count that disagrees.
+        PrepareError: a malformed entry, a non-numeric or negative id, a non-numeric value, a
+            count that disagrees.
     """
     n = len(text)
     entries = pc.split_pattern(text, "\x01")
@@ -107,14 +108,16 @@ def parse_features(
     field, rest = _entry_parts(flat, "\x02", path, lines, "not field\\x02id\\x03value")
     fid, value = _entry_parts(rest, "\x03", path, lines, "not field\\x02id\\x03value")
     ids = np.asarray(numbers(fid, pa.int64(), path, lines, "feature_list (feature id)"))
+    if (negative := np.flatnonzero(ids < 0)).size:
+        r = int(negative[0])
+        raise PrepareError(path, int(lines[r]), "feature_list (feature id)", f"{ids[r]} < 0")
     numbers(value, pa.float64(), path, lines, "feature_list (value)")
-    field = np.asarray(field.to_numpy(zero_copy_only=False))
-    out, kept = {}, 0
-    for f, col in zip(FIELDS, COLUMNS, strict=True):
-        mask = field == f
-        kept += int(mask.sum())
+    code = np.asarray(pc.fill_null(pc.index_in(field, value_set=pa.array(FIELDS)), -1))
+    out = {}
+    for j, col in enumerate(COLUMNS):
+        mask = code == j
         out[col] = lists(n, parent[mask], ids[mask])
-    return out, len(ids) - kept
+    return out, int((code < 0).sum())
 
 
 def _parsed(path: Path, names: list[str], stats: dict[str, Any]):
