@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -64,8 +65,9 @@ def csv_batches(
 ) -> Iterator[tuple[int, pa.RecordBatch]]:
     """Stream ``path`` as string columns ``names``; yields ``(line of the first row, batch)``.
 
-    Format: delimited text, one record per line (empty lines count as records, so line numbers
-    are exact), a header line first when ``header`` (its names are replaced by ``names``).
+    Format: delimited text, one record per line (an empty line is a record of empty strings,
+    so line numbers stay exact), a header line first when ``header`` (its names are replaced
+    by ``names``).
 
     Raises:
         PrepareError: a line with another number of columns than ``names``, naming file, line
@@ -172,8 +174,10 @@ class Vocab:
 
 
 class SplitWriter:
-    """Parquet files ``OUT/<split>/part-NNNNN.parquet`` of ``ROW_GROUP``-row groups, each written
-    whole (:func:`mtl_dist.files.written_whole`, page checksums); counts rows and positives."""
+    """Parquet files ``OUT/<split>/part-NNNNN.parquet`` of exact ``ROW_GROUP``-row groups (the
+    last one of a split shorter), ``FILE_ROWS`` rows a file, each written whole
+    (:func:`mtl_dist.files.written_whole`, page checksums); counts rows and positives. At most
+    one row group's rows are held: a file is streamed to disk as it fills."""
 
     def __init__(self, out: Path, split: str, schema: pa.Schema, labels: list[str]):
         self.dir = out / split
@@ -185,32 +189,50 @@ class SplitWriter:
         self.positives = dict.fromkeys(labels, 0)
         self._pending: list[pa.Table] = []
         self._pending_rows = 0
+        self._file: tuple[ExitStack, pq.ParquetWriter] | None = None
+        self._file_rows = 0
 
     def write(self, table: pa.Table) -> None:
-        """Queue ``table`` (cast to the schema); writes a file per ``FILE_ROWS`` rows."""
+        """Append ``table`` (cast to the schema); whole row groups go to disk at once."""
         table = table.select(self.schema.names).cast(self.schema)
         for name in self.labels:
             self.positives[name] += int(pc.sum(table[name]).as_py() or 0)
         self.rows += table.num_rows
         self._pending.append(table)
         self._pending_rows += table.num_rows
-        if self._pending_rows >= FILE_ROWS:
-            self._flush()
-
-    def _flush(self) -> None:
-        if not self._pending_rows:
-            return
-        path = self.dir / f"part-{self.files:05d}.parquet"
-        with written_whole(path) as tmp:
-            pq.write_table(
-                pa.concat_tables(self._pending), tmp, row_group_size=ROW_GROUP, **PARQUET_CHECKSUMS
+        while self._pending_rows >= ROW_GROUP:
+            merged = pa.concat_tables(self._pending)
+            self._emit(merged.slice(0, ROW_GROUP))
+            self._pending, self._pending_rows = (
+                [merged.slice(ROW_GROUP)],
+                merged.num_rows - ROW_GROUP,
             )
-        self.files += 1
-        self._pending, self._pending_rows = [], 0
+
+    def _emit(self, group: pa.Table) -> None:
+        """Write one row group into the open file (opening one first), closing it when full."""
+        if self._file is None:
+            stack = ExitStack()
+            tmp = stack.enter_context(written_whole(self.dir / f"part-{self.files:05d}.parquet"))
+            self._file = stack, pq.ParquetWriter(tmp, self.schema, **PARQUET_CHECKSUMS)
+        self._file[1].write_table(group, row_group_size=ROW_GROUP)
+        self._file_rows += group.num_rows
+        if self._file_rows >= FILE_ROWS:
+            self._end_file()
+
+    def _end_file(self) -> None:
+        if self._file is not None:
+            stack, writer = self._file
+            writer.close()
+            stack.close()  # (renames the partial file into place)
+            self.files += 1
+            self._file, self._file_rows = None, 0
 
     def close(self) -> dict[str, Any]:
-        """Write what is queued; the split's summary for ``dataset.json``."""
-        self._flush()
+        """Write what is pending and close the file; the split's summary for ``dataset.json``."""
+        if self._pending_rows:
+            self._emit(pa.concat_tables(self._pending))
+            self._pending, self._pending_rows = [], 0
+        self._end_file()
         return {
             "rows": self.rows,
             "files": self.files,
