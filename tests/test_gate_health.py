@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from mtl_dist.models.heads import PLE, MoE
+from mtl_dist.models.ple import MixedExperts
 from mtl_dist.observe.gate_health import GateHealth, dead_units, gate_stats, heatmaps
 
 
@@ -69,7 +70,7 @@ def test_dead_expert_needs_every_gate_to_ignore_it():
 
 def test_ple_gates_per_level_and_heatmaps():
     torch.manual_seed(0)
-    head = PLE(8, ["a", "b"], 2, 2, 1, [8], [4])
+    head = PLE(8, ["a", "b"], 2, MixedExperts(2, 1, [8], [4]))
     head(torch.randn(16, 8))
     health = GateHealth(head.gate_experts)
     own, _, _ = health.update(1, head.last_gates)
@@ -152,7 +153,7 @@ def test_dead_units_by_hand_and_from_the_head_when_armed():
     health = GateHealth(head.gate_experts)
     own, _, _ = health.update(1, head.last_gates, head.last_dead)
     assert own["gates/experts/dead_activation/expert_3"] == 1.0
-    ple = PLE(8, ["a", "b"], 2, 1, 1, [8], [4])
+    ple = PLE(8, ["a", "b"], 2, MixedExperts(1, 1, [8], [4]))
     ple.watch_experts = True
     ple(x)
     assert set(ple.last_dead) == {"level0", "level1"} and ple.last_dead["level1"].shape == (3,)

@@ -11,6 +11,7 @@ import torch
 
 from mtl_dist.loop.precision import LossScaler, Precision, resolve_precision, set_head_precision
 from mtl_dist.models.heads import PLE, MoE
+from mtl_dist.models.ple import MixedExperts
 from tests.conftest import torchrun
 
 
@@ -43,7 +44,7 @@ def test_fp16_without_cuda_and_bf16_on_old_gpus_are_refused():
 
 @pytest.mark.parametrize("make", [
     lambda: MoE(32, ["a", "b", "c"], 4, [64, 32], [16]),
-    lambda: PLE(32, ["a", "b"], 2, 2, 1, [64, 32], [16]),
+    lambda: PLE(32, ["a", "b"], 2, MixedExperts(2, 1, [64, 32], [16])),
 ])  # fmt: skip
 def test_head_in_bf16_matches_fp32_within_bf16_tolerance(make):
     """Same weights: outputs and gradients of the head under bf16 autocast against fp32; the

@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 from torch import nn
 
@@ -18,34 +20,48 @@ from mtl_dist.models.head_parts import (
 )
 from mtl_dist.models.precision import in_precision
 
-__all__ = ["PLE", "STEM"]
+__all__ = ["PLE", "STEM", "MixedExperts"]
 
 
-def _start(head: ExpertWatch, task_names: list[str], gate: GateConfig | None) -> GateConfig:
-    """What PLE's and STEM's constructors begin with (after ``nn.Module``'s): the task names,
-    the aux names of ``gate`` (the default when None, returned) and empty monitoring records."""
-    gate = gate or GateConfig()
+@dataclass(frozen=True)
+class MixedExperts:
+    """What PLE and STEM are both built from: ``shared_experts`` (Es) shared and
+    ``task_experts`` (Et) per-task experts of widths ``expert_hidden`` (their style and, with
+    ``self_gate``, HoME's self-gates on each task's own experts), the gates over them (``gate``)
+    and the towers (``tower_hidden``, ``tower_dropout``, ``tower_batch_norm``).
+
+    Example::
+
+        MixedExperts(shared_experts=2, task_experts=1, expert_hidden=[16], tower_hidden=[8])
+    """
+
+    shared_experts: int
+    task_experts: int
+    expert_hidden: list[int]
+    tower_hidden: list[int]
+    gate: GateConfig = field(default_factory=GateConfig)
+    tower_dropout: float = 0.0
+    tower_batch_norm: bool = False
+    style: ExpertStyle = PLAIN_EXPERTS
+    self_gate: bool = False
+
+
+def _start(head: ExpertWatch, task_names: list[str], mix: MixedExperts) -> None:
+    """What PLE's and STEM's constructors begin with (after ``nn.Module``'s): the task names
+    and the aux names of the gates."""
     head.task_names = list(task_names)
-    head.aux_names = gate_aux_names(gate)
+    head.aux_names = gate_aux_names(mix.gate)
     head.last_gates = {}
     head.last_dead = {}
-    return gate
 
 
-def _finish(
-    head: nn.Module,
-    shared: int,
-    per_task: int,
-    dim: int,
-    tower_hidden: list[int],
-    tower_dropout: float,
-    tower_batch_norm: bool,
-) -> None:
+def _finish(head: nn.Module, mix: MixedExperts, dim: int) -> None:
     """What they end with, once the experts are built: ``task_index`` (which experts task t
     mixes) and the towers on the ``dim``-wide mixes."""
     T = len(head.task_names)
-    head.register_buffer("task_index", task_expert_index(T, shared, per_task), persistent=False)
-    head.towers = Towers(T, dim, tower_hidden, tower_dropout, tower_batch_norm)
+    index = task_expert_index(T, mix.shared_experts, mix.task_experts)
+    head.register_buffer("task_index", index, persistent=False)
+    head.towers = Towers(T, dim, mix.tower_hidden, mix.tower_dropout, mix.tower_batch_norm)
 
 
 class PLE(ExpertWatch, nn.Module):
@@ -58,29 +74,19 @@ class PLE(ExpertWatch, nn.Module):
 
     Example::
 
-        head = PLE(32, ["a", "b"], levels=2, shared_experts=2, task_experts=1,
-                   expert_hidden=[16], tower_hidden=[8])
+        mix = MixedExperts(shared_experts=2, task_experts=1, expert_hidden=[16], tower_hidden=[8])
+        head = PLE(32, ["a", "b"], levels=2, experts=mix)
         out, aux = head(torch.randn(5, 32))   # [5, 2]
     """
 
     def __init__(
-        self,
-        in_dim: int,
-        task_names: list[str],
-        levels: int,
-        shared_experts: int,
-        task_experts: int,
-        expert_hidden: list[int],
-        tower_hidden: list[int],
-        gate: GateConfig | None = None,
-        tower_dropout: float = 0.0,
-        tower_batch_norm: bool = False,
-        style: ExpertStyle = PLAIN_EXPERTS,
-        self_gate: bool = False,
+        self, in_dim: int, task_names: list[str], levels: int, experts: MixedExperts
     ) -> None:
         super().__init__()
-        gate = _start(self, task_names, gate)
-        T, Es, Et = len(task_names), shared_experts, task_experts
+        _start(self, task_names, experts)
+        gate, style, expert_hidden = experts.gate, experts.style, experts.expert_hidden
+        self_gate = experts.self_gate
+        T, Es, Et = len(task_names), experts.shared_experts, experts.task_experts
         self.num_tasks, self.shared_experts, self.task_experts = T, Es, Et
         if self_gate and not Et:
             raise ValueError("the self-gate mixes each task's own experts: task_experts is 0")
@@ -99,7 +105,7 @@ class PLE(ExpertWatch, nn.Module):
                 mods["shared_gate"] = Gates(dim, 1, Es + T * Et, gate)
             self.levels.append(mods)
             dim = expert_hidden[-1]
-        _finish(self, Es, Et, dim, tower_hidden, tower_dropout, tower_batch_norm)
+        _finish(self, experts, dim)
         self.gate_experts = {}
         for level in range(levels):
             for i, t in enumerate(self.task_names):
@@ -169,36 +175,25 @@ class STEM(ExpertWatch, nn.Module):
 
     Example::
 
-        head = STEM(32, 4, ["a", "b"], shared_experts=1, task_experts=1, expert_hidden=[16],
-                    tower_hidden=[8])
+        mix = MixedExperts(shared_experts=1, task_experts=1, expert_hidden=[16], tower_hidden=[8])
+        head = STEM(32, 4, ["a", "b"], experts=mix)
         out, aux = head(torch.randn(5, 32), torch.randn(2, 5, 4))   # [5, 2]
     """
 
     def __init__(
-        self,
-        in_dim: int,
-        task_dim: int,
-        task_names: list[str],
-        shared_experts: int,
-        task_experts: int,
-        expert_hidden: list[int],
-        tower_hidden: list[int],
-        gate: GateConfig | None = None,
-        tower_dropout: float = 0.0,
-        tower_batch_norm: bool = False,
-        style: ExpertStyle = PLAIN_EXPERTS,
-        self_gate: bool = False,
+        self, in_dim: int, task_dim: int, task_names: list[str], experts: MixedExperts
     ) -> None:
         super().__init__()
-        gate = _start(self, task_names, gate)
-        T, Es, Et = len(task_names), shared_experts, task_experts
+        _start(self, task_names, experts)
+        gate, style, expert_hidden = experts.gate, experts.style, experts.expert_hidden
+        T, Es, Et = len(task_names), experts.shared_experts, experts.task_experts
         self.task_experts = Et
         z_dim = in_dim + T * task_dim
         self.shared = StackedMLP(Es, in_dim, expert_hidden, **style.kwargs()) if Es else None
         self.task = StackedMLP(T * Et, z_dim, expert_hidden, **style.kwargs())
         self.gates = Gates(z_dim, T, Es + Et, gate)
-        self.self_gates = SelfGates(z_dim, T, Et) if self_gate else None
-        _finish(self, Es, Et, expert_hidden[-1], tower_hidden, tower_dropout, tower_batch_norm)
+        self.self_gates = SelfGates(z_dim, T, Et) if experts.self_gate else None
+        _finish(self, experts, expert_hidden[-1])
         self.register_buffer("own_mask", torch.eye(T).view(T, T, 1, 1), persistent=False)
         self.gate_experts = {
             t: ("experts", self.task_index[i].tolist()) for i, t in enumerate(self.task_names)

@@ -28,6 +28,7 @@ from mtl_dist.models.gates import GateConfig
 from mtl_dist.models.heads import PLE, STEM, MoE, SharedBottom, Towers
 from mtl_dist.models.interaction import FeatureDropout, build_interaction
 from mtl_dist.models.pepnet import PEPNet
+from mtl_dist.models.ple import MixedExperts
 
 
 def embedding_bag_configs(
@@ -361,18 +362,15 @@ def build_head(
             in_dim, len(task_names), m.bottom_hidden, m.tower_hidden, m.tower_dropout,
             m.tower_batch_norm, style, towers,
         )  # fmt: skip
-    if m.head == "stem":
-        return STEM(
-            in_dim, task_dim, task_names, m.ple_shared_experts, m.ple_task_experts,
+    if m.head in ("stem", "ple"):
+        mix = MixedExperts(
+            m.ple_shared_experts, m.ple_task_experts,
             m.expert_hidden, m.tower_hidden, gate, m.tower_dropout, m.tower_batch_norm, style,
             m.expert_self_gate,
         )  # fmt: skip
-    if m.head == "ple":
-        return PLE(
-            in_dim, task_names, m.ple_levels, m.ple_shared_experts, m.ple_task_experts,
-            m.expert_hidden, m.tower_hidden, gate, m.tower_dropout, m.tower_batch_norm, style,
-            m.expert_self_gate,
-        )  # fmt: skip
+        if m.head == "stem":
+            return STEM(in_dim, task_dim, task_names, mix)
+        return PLE(in_dim, task_names, m.ple_levels, mix)
     return MoE(
         in_dim, task_names, m.num_experts, m.expert_hidden, m.tower_hidden, gate,
         shared_gate=m.head == "omoe", tower_dropout=m.tower_dropout, tower_batch_norm=m.tower_batch_norm, sparse_max_fraction=m.sparse_max_fraction, style=style, towers=towers,

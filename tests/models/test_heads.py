@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from mtl_dist.loop.losses import ctcvr_weights, esmm_ctcvr_loss
 from mtl_dist.models.gates import GateConfig, Gates, expert_dropout
 from mtl_dist.models.heads import PLE, MoE, SharedBottom
+from mtl_dist.models.ple import MixedExperts
 from tests.models.test_experts import loop_mlp
 
 TASKS = ["a", "b", "c"]
@@ -126,9 +127,8 @@ def loop_ple(head: PLE, x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("levels", [1, 2, 3])
 def test_ple_matches_loop_reference(levels):
     torch.manual_seed(4)
-    head = PLE(
-        10, TASKS, levels, shared_experts=2, task_experts=2, expert_hidden=[12, 8], tower_hidden=[4]
-    )
+    mix = MixedExperts(shared_experts=2, task_experts=2, expert_hidden=[12, 8], tower_hidden=[4])
+    head = PLE(10, TASKS, levels, mix)
     x = torch.randn(7, 10, requires_grad=True)
     out, _ = head(x)
     ref = loop_ple(head, x)

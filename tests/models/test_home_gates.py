@@ -7,6 +7,7 @@ from mtl_dist.config import ConfigError, load_config
 from mtl_dist.models.experts import ExpertStyle, StackedMLP, fused_first_layer
 from mtl_dist.models.gates import GateConfig
 from mtl_dist.models.heads import PLE, STEM, MoE
+from mtl_dist.models.ple import MixedExperts
 from mtl_dist.models.ranker import build_ranker
 
 
@@ -52,7 +53,9 @@ def test_fused_first_layer_leaves_out_gated_modules_and_moe_stays_exact():
 
 def _ple(self_gate: bool) -> PLE:
     torch.manual_seed(3)
-    return PLE(6, ["dense", "sparse"], 1, 1, 1, [4], [3], GateConfig(), self_gate=self_gate)
+    return PLE(
+        6, ["dense", "sparse"], 1, MixedExperts(1, 1, [4], [3], GateConfig(), self_gate=self_gate)
+    )
 
 
 def test_self_gate_by_hand():
@@ -88,7 +91,7 @@ def test_self_gate_keeps_a_starved_task_training_its_own_expert():
 
 def test_stem_self_gate_and_config():
     torch.manual_seed(0)
-    head = STEM(6, 2, ["a", "b"], 1, 2, [4], [3], self_gate=True)
+    head = STEM(6, 2, ["a", "b"], MixedExperts(1, 2, [4], [3], self_gate=True))
     out, _ = head(torch.randn(5, 6), torch.randn(2, 5, 2))
     assert out.shape == (5, 2) and head.self_gates.last_weights.shape == (2, 5, 2)
     base = ["--config", "configs/default.toml"]
