@@ -1,5 +1,5 @@
 """The heads with shared and task-specific experts: :class:`PLE` (CGC with one level) and
-:class:`STEM`. What a head returns and keeps: see :mod:`mtl_dist.models.heads`.
+:class:`STEM`. What a head returns: see :mod:`mtl_dist.models.heads`.
 """
 
 from __future__ import annotations
@@ -13,11 +13,13 @@ from mtl_dist.models.experts import PLAIN_EXPERTS, ExpertStyle, StackedMLP, fuse
 from mtl_dist.models.gates import GateConfig, Gates, SelfGates
 from mtl_dist.models.head_parts import (
     ExpertWatch,
+    Probe,
     Towers,
     gate_aux_names,
     stack_aux,
     task_expert_index,
 )
+from mtl_dist.models.outputs import NO_PROBES, HeadOutput, Probes
 from mtl_dist.models.precision import in_precision
 
 __all__ = ["PLE", "STEM", "MixedExperts"]
@@ -51,8 +53,6 @@ def _start(head: ExpertWatch, task_names: list[str], mix: MixedExperts) -> None:
     and the aux names of the gates."""
     head.task_names = list(task_names)
     head.aux_names = gate_aux_names(mix.gate)
-    head.last_gates = {}
-    head.last_dead = {}
 
 
 def _finish(head: nn.Module, mix: MixedExperts, dim: int) -> None:
@@ -76,7 +76,7 @@ class PLE(ExpertWatch, nn.Module):
 
         mix = MixedExperts(shared_experts=2, task_experts=1, expert_hidden=[16], tower_hidden=[8])
         head = PLE(32, ["a", "b"], levels=2, experts=mix)
-        out, aux = head(torch.randn(5, 32))   # [5, 2]
+        out = head(torch.randn(5, 32))   # HeadOutput: logits [5, 2], aux [0]
     """
 
     def __init__(
@@ -127,10 +127,11 @@ class PLE(ExpertWatch, nn.Module):
         return [p for mods in self.levels for p in mods["experts"].parameters()]
 
     @in_precision
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, probes: Probes = NO_PROBES) -> HeadOutput:
+        probe = Probe(probes, self.training)
         Es, Et = self.shared_experts, self.task_experts
         task_in, shared_in = x, x  # level 0: every expert and gate reads x ([B, Din])
-        auxes, gates = [], {}
+        auxes = []
         for level, mods in enumerate(self.levels):
             first: list[torch.Tensor | None] = [None, None, None]  # experts, task / shared gates
             if task_in.dim() == 2:  # level 0: all experts and gates read x, one first matmul
@@ -142,8 +143,8 @@ class PLE(ExpertWatch, nn.Module):
             else:  # shared experts read the shared input, task t's experts read task t's
                 inputs = torch.cat([shared_in.expand(Es, -1, -1), task_in.repeat_interleave(Et, 0)])
                 out = mods["experts"](inputs)
-            self._watch(f"level{level}", out)
-            self._share(out)  # the last level's stays
+            probe.watch(f"level{level}", out)
+            probe.share(out)  # the last level's stays
             w, aux = mods["task_gates"](task_in, first[1])  # [B, T, Es+Et]
             auxes.append(aux)
             next_task = torch.einsum("bte,tebh->tbh", w, out[self.task_index])  # [T, B, H]
@@ -151,18 +152,16 @@ class PLE(ExpertWatch, nn.Module):
                 own = out[Es:].unflatten(0, (self.num_tasks, Et))  # [T, Et, B, H]
                 next_task = next_task + mods["self_gates"](task_in, own)
             for i, t in enumerate(self.task_names):
-                gates[f"{t}/level{level}"] = w[:, i].detach()
+                probe.gate(f"{t}/level{level}", w[:, i])
             if "shared_gate" in mods:
                 ws, aux = mods["shared_gate"](
                     shared_in if shared_in.dim() == 2 else shared_in[0], first[2]
                 )
                 auxes.append(aux)
-                gates[f"shared/level{level}"] = ws[:, 0].detach()
+                probe.gate(f"shared/level{level}", ws[:, 0])
                 shared_in = torch.einsum("be,ebh->bh", ws[:, 0], out).unsqueeze(0)  # [1, B, H]
             task_in = next_task
-        self._watched()
-        self.last_gates = gates
-        return self.towers(task_in), stack_aux(self.aux_names, auxes, x)
+        return probe.output(self.towers(task_in), stack_aux(self.aux_names, auxes, x))
 
 
 class STEM(ExpertWatch, nn.Module):
@@ -177,7 +176,7 @@ class STEM(ExpertWatch, nn.Module):
 
         mix = MixedExperts(shared_experts=1, task_experts=1, expert_hidden=[16], tower_hidden=[8])
         head = STEM(32, 4, ["a", "b"], experts=mix)
-        out, aux = head(torch.randn(5, 32), torch.randn(2, 5, 4))   # [5, 2]
+        out = head(torch.randn(5, 32), torch.randn(2, 5, 4))   # logits [5, 2]
     """
 
     def __init__(
@@ -207,8 +206,9 @@ class STEM(ExpertWatch, nn.Module):
         return list((self.shared or self.task).parameters())
 
     @in_precision
-    def forward(self, x: torch.Tensor, own: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, own: torch.Tensor, probes: Probes = NO_PROBES) -> HeadOutput:
         """``x``: shared input ``[B, Din]``; ``own``: task embeddings ``[T, B, Dt]``."""
+        probe = Probe(probes, self.training)
         T = own.shape[0]
         stopped = own.detach()
         # every[t, s] = e_s in value; the gradient reaches e_s only from task s (t == s)
@@ -217,12 +217,12 @@ class STEM(ExpertWatch, nn.Module):
         z = torch.cat([x.expand(T, -1, -1), *every.unbind(1)], -1)
         task_out = self.task(z.repeat_interleave(self.task_experts, 0))  # [T*Et, B, H]
         out = task_out if self.shared is None else torch.cat([self.shared(x), task_out])
-        self._watch("experts", out)
-        self._share(out)
-        self._watched()
+        probe.watch("experts", out)
+        probe.share(out)
         w, aux = self.gates(z)  # [B, T, Es+Et], gate t reads z_t
-        self.last_gates = {t: w[:, i].detach() for i, t in enumerate(self.task_names)}
+        for i, t in enumerate(self.task_names):
+            probe.gate(t, w[:, i])
         mixed = torch.einsum("bte,tebh->tbh", w, out[self.task_index])
         if self.self_gates is not None:  # + each task's own experts, sigmoid-weighted
             mixed = mixed + self.self_gates(z, task_out.unflatten(0, (T, self.task_experts)))
-        return self.towers(mixed), stack_aux(self.aux_names, [aux], x)
+        return probe.output(self.towers(mixed), stack_aux(self.aux_names, [aux], x))
