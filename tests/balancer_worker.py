@@ -23,6 +23,7 @@ from mtl_dist.loop.losses import ModelWithLoss
 from mtl_dist.loop.optim import GuardedDense
 from mtl_dist.loop.step import TrainStep
 from mtl_dist.models.heads import MoE
+from mtl_dist.models.outputs import NO_PROBES
 
 TASKS = [
     TaskSpec(name="click", label="click"),
@@ -43,7 +44,7 @@ class DenseRanker(nn.Module):
         self.grad_gate = GradGate()
 
     def forward(self, batch):
-        return self.head(self.grad_gate(batch.dense))
+        return self.head(self.grad_gate(batch.dense), getattr(self, "probes", NO_PROBES))
 
 
 def batch(step: int, rank: int, conv: ArrowBatchConverter):

@@ -9,6 +9,7 @@ import torch
 
 from mtl_dist.balancing import IMTLG, MGDA, AlignedMTL
 from mtl_dist.models.heads import MoE
+from mtl_dist.models.outputs import Probes
 
 
 def _gram(g: torch.Tensor) -> torch.Tensor:
@@ -60,12 +61,13 @@ def test_aligned_mtl_makes_the_task_components_orthogonal_and_equal():
 def test_weights_come_from_the_heads_shared_representation(cls):
     torch.manual_seed(0)
     head = MoE(6, ["a", "b"], 3, [8], [4]).train()
-    head.keep_shared = True
-    bal = cls(2, lambda: head.last_shared).train()
-    out, _ = head(torch.randn(32, 6))
+    ranked = head(torch.randn(32, 6), Probes(shared=True))
+    z = ranked.shared  # the experts' output [E, B, H], with its graph
+    assert z.shape == (3, 32, 8) and z.requires_grad
+    bal = cls(2, lambda: z).train()
+    out = ranked.logits
     losses = torch.stack([out[:, 0].square().mean(), (out[:, 1] - 1).square().mean()])
     _, w = bal(losses)
-    z = head.last_shared
     g = torch.stack(
         [torch.autograd.grad(loss, z, retain_graph=True)[0].flatten() for loss in losses]
     )

@@ -119,7 +119,9 @@ def test_sweep_advantage_is_paired_over_seeds(compared):
 
 
 def test_unknown_head_stops_before_training(synth_data, tmp_path):
-    with pytest.raises(SystemExit, match="run nope/seed0: --model.head: expected shared_bottom .*, got 'nope'"):
+    with pytest.raises(
+        SystemExit, match="run nope/seed0: --model.head: expected shared_bottom .*, got 'nope'"
+    ):
         main(_argv(synth_data, tmp_path, "--heads", "mmoe,nope", "--seeds", "0"))
     assert not (tmp_path / "mmoe").exists()  # nothing trained
 

@@ -52,9 +52,19 @@ def test_toml_then_overrides():
         (["--sharding.force", "row_wsie"], "did you mean 'row_wise'"),
         (["--optim.embedding_optimizer", "adam"], "not a fused CPU/GPU optimizer"),
         (["--train.batch_size"], "missing value"),
-        (["--model.esmm.escm2_dr", "0.1"], "model.esmm.escm2_dr = 0.1: must be >= 0, and > 0 needs"),
         (
-            ["--model.esmm.enabled", "true", "--model.esmm.escm2_dr", "0.1", "--model.esmm.escm2_ips", "0.1"],
+            ["--model.esmm.escm2_dr", "0.1"],
+            "model.esmm.escm2_dr = 0.1: must be >= 0, and > 0 needs",
+        ),
+        (
+            [
+                "--model.esmm.enabled",
+                "true",
+                "--model.esmm.escm2_dr",
+                "0.1",
+                "--model.esmm.escm2_ips",
+                "0.1",
+            ],
             "choose one form of ESCM2's risk",
         ),
     ],
@@ -241,8 +251,16 @@ def test_every_allowed_name_is_accepted_and_in_the_help(key, const):
 @pytest.mark.parametrize(
     ("key", "typo", "needle"),
     [
-        ("model.head", "mmeo", "--model.head: expected shared_bottom | omoe | mmoe | ple | stem | aitm | dbmtl | pepnet, got 'mmeo' (did you mean 'mmoe'?)"),
-        ("model.experts.norm", "layr", "--model.experts.norm: expected none | batch | layer, got 'layr'"),
+        (
+            "model.head",
+            "mmeo",
+            "--model.head: expected shared_bottom | omoe | mmoe | ple | stem | aitm | dbmtl | pepnet, got 'mmeo' (did you mean 'mmoe'?)",
+        ),
+        (
+            "model.experts.norm",
+            "layr",
+            "--model.experts.norm: expected none | batch | layer, got 'layr'",
+        ),
         ("model.interaction.kind", "dcn_v3", "(did you mean 'dcn_v2'?)"),
         ("loss.balancer", "gradnrom", "loss.balancer: unknown balancer 'gradnrom' (did you mean"),
         ("optim.dense_schedule", "cosin", "optim.dense_schedule: unknown schedule 'cosin'"),
@@ -322,7 +340,9 @@ label = "click"
 def test_interaction_needs_enough_fields(tmp_path):
     p = tmp_path / "one.toml"
     p.write_text(MINIMAL.format(extra_feature=""))
-    with pytest.raises(ConfigError, match=r"model.interaction.kind = fm needs a sparse feature and 2"):
+    with pytest.raises(
+        ConfigError, match=r"model.interaction.kind = fm needs a sparse feature and 2"
+    ):
         load_config(["--config", str(p), "--model.interaction.kind", "fm"])
     assert load_config(["--config", str(p)]).model.interaction.kind == "none"
 

@@ -6,7 +6,11 @@ import pytest
 import torch
 
 from mtl_dist.models.heads import PLE, MoE
+from mtl_dist.models.outputs import Probes
+from mtl_dist.models.ple import MixedExperts
 from mtl_dist.observe.gate_health import GateHealth, dead_units, gate_stats, heatmaps
+
+GATES = Probes(gates=True)
 
 
 def test_stats_match_hand_computation():
@@ -34,8 +38,7 @@ def test_forced_polarisation_raises_alarm_and_flag_uniform_does_not():
     with torch.no_grad():  # near-uniform gates
         for w in head.gates.logits.weights:
             w.mul_(1e-4)
-    head(x)
-    own, across, alarms = health.update(10, head.last_gates)
+    own, across, alarms = health.update(10, head(x, GATES).gates)
     assert alarms == [] and own["gates/click/polarized"] == 0.0
     assert own["gates/click/entropy_gating"] > 0.99
     assert own["gates/experts/unused_expert_count"] == 0.0
@@ -43,16 +46,15 @@ def test_forced_polarisation_raises_alarm_and_flag_uniform_does_not():
 
     with torch.no_grad():  # a huge bias on expert 2 for the click gate
         head.gates.logits.biases[0][0, 0, 2] = 50.0
-    head(x)
-    own, _, alarms = health.update(20, head.last_gates)
+    own, _, alarms = health.update(20, head(x, GATES).gates)
     assert own["gates/click/polarized"] == 1.0 and own["gates/click/max_weight"] > 0.99
     assert own["gates/conv/polarized"] == 0.0
     (alarm,) = [a for a in alarms if a.kind == "polarized"]
     assert (alarm.rank, alarm.where, alarm.expert, alarm.since) == (0, "click", 2, 20)
     assert "rank 0: gate 'click' polarised since step 20" in alarm.message()
     # still polarised at the next check: no new alarm, the 'since' step is kept
-    head(x)
-    assert [a for a in health.update(30, head.last_gates)[2] if a.kind == "polarized"] == []
+    gates = head(x, GATES).gates
+    assert [a for a in health.update(30, gates)[2] if a.kind == "polarized"] == []
 
 
 def test_dead_expert_needs_every_gate_to_ignore_it():
@@ -69,10 +71,10 @@ def test_dead_expert_needs_every_gate_to_ignore_it():
 
 def test_ple_gates_per_level_and_heatmaps():
     torch.manual_seed(0)
-    head = PLE(8, ["a", "b"], 2, 2, 1, [8], [4])
-    head(torch.randn(16, 8))
+    head = PLE(8, ["a", "b"], 2, MixedExperts(2, 1, [8], [4]))
+    gates = head(torch.randn(16, 8), GATES).gates
     health = GateHealth(head.gate_experts)
-    own, _, _ = health.update(1, head.last_gates)
+    own, _, _ = health.update(1, gates)
     assert {
         "gates/a/level0/max_weight",
         "gates/shared/level0/max_weight",
@@ -83,7 +85,7 @@ def test_ple_gates_per_level_and_heatmaps():
         "gates/a/level0/utilization/expert_2" in own
         and "gates/a/level0/utilization/expert_3" not in own
     )
-    figs = heatmaps(head.gate_experts, head.last_gates)
+    figs = heatmaps(head.gate_experts, gates)
     assert set(figs) == {"level0", "level1"}
     layout = health.layout()
     assert "gates a/level0" in layout and "polarisation" in layout["gates a/level0"]
@@ -139,20 +141,19 @@ def test_dead_units_by_hand_and_from_the_head_when_armed():
     torch.manual_seed(0)
     head = MoE(8, ["click", "conv"], 4, [8, 6], [4])
     x = torch.randn(32, 8)
-    head(x)
-    assert head.last_dead == {}  # not armed: nothing computed
+    out = head(x)
+    assert out.dead is None and out.gates is None  # not asked for: nothing computed
     with torch.no_grad():  # expert 3's output layer: every unit dead
         head.experts.weights[-1][3].zero_()
         head.experts.biases[-1][3].fill_(-1.0)
-    head.watch_experts = True
-    head(x)
-    dead = head.last_dead["experts"]
+    out = head(x, Probes(gates=True, dead_units=True))
+    dead = out.dead["experts"]
     assert dead.shape == (4,) and dead[3] == 1.0 and (dead[:3] < 1).all()
-    assert not head.watch_experts  # one forward only
+    assert head.eval()(x, Probes(dead_units=True)).dead is None  # training forwards only
+    head.train()
     health = GateHealth(head.gate_experts)
-    own, _, _ = health.update(1, head.last_gates, head.last_dead)
+    own, _, _ = health.update(1, out.gates, out.dead)
     assert own["gates/experts/dead_activation/expert_3"] == 1.0
-    ple = PLE(8, ["a", "b"], 2, 1, 1, [8], [4])
-    ple.watch_experts = True
-    ple(x)
-    assert set(ple.last_dead) == {"level0", "level1"} and ple.last_dead["level1"].shape == (3,)
+    ple = PLE(8, ["a", "b"], 2, MixedExperts(1, 1, [8], [4]))
+    dead = ple(x, Probes(dead_units=True)).dead
+    assert set(dead) == {"level0", "level1"} and dead["level1"].shape == (3,)

@@ -11,6 +11,8 @@ import torch
 
 from mtl_dist.loop.precision import LossScaler, Precision, resolve_precision, set_head_precision
 from mtl_dist.models.heads import PLE, MoE
+from mtl_dist.models.outputs import Probes
+from mtl_dist.models.ple import MixedExperts
 from tests.conftest import torchrun
 
 
@@ -43,7 +45,7 @@ def test_fp16_without_cuda_and_bf16_on_old_gpus_are_refused():
 
 @pytest.mark.parametrize("make", [
     lambda: MoE(32, ["a", "b", "c"], 4, [64, 32], [16]),
-    lambda: PLE(32, ["a", "b"], 2, 2, 1, [64, 32], [16]),
+    lambda: PLE(32, ["a", "b"], 2, MixedExperts(2, 1, [64, 32], [16])),
 ])  # fmt: skip
 def test_head_in_bf16_matches_fp32_within_bf16_tolerance(make):
     """Same weights: outputs and gradients of the head under bf16 autocast against fp32; the
@@ -51,10 +53,10 @@ def test_head_in_bf16_matches_fp32_within_bf16_tolerance(make):
     torch.manual_seed(0)
     head = make()
     x = torch.randn(256, 32)
-    out32, _ = head(x)
+    out32 = head(x).logits
     (g32,) = torch.autograd.grad(out32.square().mean(), head.towers.mlp.weights[0])
     set_head_precision(head, Precision("bf16", "test"))
-    out16, aux = head(x)
+    out16, aux, gates, _, _ = head(x, Probes(gates=True))
     assert out16.dtype == torch.float32 and aux.dtype == torch.float32
     assert all(p.dtype == torch.float32 for p in head.parameters())
     # bf16 keeps 8 bits of mantissa: relative error ~ 2^-8 per op, a few ops deep
@@ -63,7 +65,7 @@ def test_head_in_bf16_matches_fp32_within_bf16_tolerance(make):
     assert g16.dtype == torch.float32
     cos = torch.nn.functional.cosine_similarity(g16.flatten(), g32.flatten(), dim=0)
     assert cos > 0.99, cos
-    assert any(w.dtype == torch.bfloat16 for w in head.last_gates.values())  # computed in bf16
+    assert any(w.dtype == torch.bfloat16 for w in gates.values())  # computed in bf16
 
 
 def test_loss_scaler_unscales_skips_overflow_and_adapts_the_scale():

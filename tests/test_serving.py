@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from mtl_dist.config import SparseFeature, load_config
+from mtl_dist.models.outputs import NO_PROBES
 from mtl_dist.serve.export import build_unsharded
 from mtl_dist.serve.program import (
     IdRemap,
@@ -151,7 +152,7 @@ def test_dcn_v2_model_exports_serves_and_scores_alike_and_attributes_input_featu
     assert names == [*model.model.feature_order, *cfg.features.dense]
     assert attr.shape == (3, 21 + 12)
     assert (attr > 0).all() and torch.isfinite(attr).all()
-    assert model.model.last_input is None  # attribution leaves nothing behind
+    assert model.model.probes == NO_PROBES  # attribution leaves the probes as they were
 
 
 @pytest.mark.parametrize("kind", ["dot", "fm", "dcn_v2_lowrank", "dcn_mix"])

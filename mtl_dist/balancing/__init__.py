@@ -41,6 +41,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 from torch import nn
 
 from mtl_dist.balancing.base import Balancer, all_mean, all_sum
@@ -63,7 +64,9 @@ from mtl_dist.balancing.representation import (
 from mtl_dist.config import BALANCERS, LossConfig, TaskSpec
 
 Head = Callable[[], nn.Module]  # the head (at call time: after any wrapping)
-REGISTRY: dict[str, Callable[[LossConfig, list[TaskSpec], Head], Balancer]] = {
+# the step's shared representation (ModelWithLoss: the model's output's ``shared``)
+Representation = Callable[[], torch.Tensor | None]
+REGISTRY: dict[str, Callable[..., Balancer]] = {
     "fixed": lambda cfg, tasks, shared: FixedWeights([t.weight for t in tasks]),
     "uncertainty": lambda cfg, tasks, shared: UncertaintyWeighting(
         [t.kind == "binary" for t in tasks]
@@ -81,9 +84,9 @@ REGISTRY: dict[str, Callable[[LossConfig, list[TaskSpec], Head], Balancer]] = {
     "gls": lambda cfg, tasks, shared: GeometricLoss(len(tasks)),
     "stch": lambda cfg, tasks, shared: SmoothTchebycheff(len(tasks), cfg.stch_mu),
     "famo": lambda cfg, tasks, shared: FAMO(len(tasks), cfg.famo_lr, cfg.famo_weight_decay),
-    "mgda": lambda cfg, tasks, head: MGDA(len(tasks), lambda: head().last_shared),
-    "imtl_g": lambda cfg, tasks, head: IMTLG(len(tasks), lambda: head().last_shared),
-    "aligned_mtl": lambda cfg, tasks, head: AlignedMTL(len(tasks), lambda: head().last_shared),
+    "mgda": lambda cfg, tasks, head, rep=None: MGDA(len(tasks), rep),
+    "imtl_g": lambda cfg, tasks, head, rep=None: IMTLG(len(tasks), rep),
+    "aligned_mtl": lambda cfg, tasks, head, rep=None: AlignedMTL(len(tasks), rep),
     "pcgrad": lambda cfg, tasks, head: PCGrad(len(tasks), lambda: head().shared_parameters()),
     "cagrad": lambda cfg, tasks, head: CAGrad(
         len(tasks), lambda: head().shared_parameters(), cfg.cagrad_c
@@ -92,10 +95,21 @@ REGISTRY: dict[str, Callable[[LossConfig, list[TaskSpec], Head], Balancer]] = {
 assert list(REGISTRY) == BALANCERS, "config.BALANCERS lists the registry's names, in order"
 
 
-def build_balancer(cfg: LossConfig, tasks: list[TaskSpec], head: Head) -> Balancer:
+def build_balancer(
+    cfg: LossConfig,
+    tasks: list[TaskSpec],
+    head: Head,
+    representation: Representation | None = None,
+) -> Balancer:
     """The configured balancer; ``head()`` returns the multi-task head (GradNorm reads its last
-    shared layer, the representation balancers its ``last_shared``)."""
-    return REGISTRY[cfg.balancer](cfg, tasks, head)
+    shared layer, the parameter balancers its shared parameters), ``representation()`` the
+    step's shared representation (the model's output's ``shared``: the representation
+    balancers differentiate on it). Every entry of ``REGISTRY`` is called ``(cfg, tasks, head)``
+    and the representation balancers' with ``representation`` too."""
+    make = REGISTRY[cfg.balancer]
+    if cfg.balancer in ("mgda", "imtl_g", "aligned_mtl"):
+        return make(cfg, tasks, head, representation)
+    return make(cfg, tasks, head)
 
 
 __all__ = [

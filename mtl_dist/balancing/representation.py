@@ -84,7 +84,8 @@ class GradNorm(Balancer):
 
 class RepresentationBalancer(Balancer):
     """Weights from the task gradients on the head's shared representation ``Z`` (the experts'
-    or bottom's output, ``head.last_shared``; MultiBalance's idea of balancing there rather than
+    or bottom's output: the model's output's ``shared``, which ``representation()`` returns for
+    the step; MultiBalance's idea of balancing there rather than
     on parameters), through one extra backward per task that stops at ``Z`` — through the towers
     and gates, never the experts or the tables.
 
@@ -104,9 +105,11 @@ class RepresentationBalancer(Balancer):
 
     needs_representation = True
 
-    def __init__(self, num_tasks: int, representation: Callable[[], torch.Tensor | None]) -> None:
+    def __init__(
+        self, num_tasks: int, representation: Callable[[], torch.Tensor | None] | None
+    ) -> None:
         super().__init__()
-        self.representation = representation
+        self.representation = representation or (lambda: None)
         self.register_buffer("weights", torch.ones(num_tasks))
 
     def update(
@@ -117,8 +120,8 @@ class RepresentationBalancer(Balancer):
         z = self.representation()
         if z is None or not z.requires_grad:
             raise RuntimeError(
-                f"{type(self).__name__} needs the head's shared representation: the head kept "
-                "none (head.keep_shared is set by ModelWithLoss)"
+                f"{type(self).__name__} needs the head's shared representation: the model returned "
+                "none (ModelWithLoss asks the model for it: probes.shared)"
             )
         flat = task_gradients(losses, [z]).double()  # [T, n]
         # float64: with one task's gradient 1e4× another's, their Gram entries are 1e8 apart

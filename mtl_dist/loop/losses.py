@@ -9,7 +9,7 @@ neither the loss nor its gradient.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import torch
@@ -19,7 +19,7 @@ from torch import nn
 from mtl_dist.balancing import build_balancer
 from mtl_dist.config import JobConfig, LossConfig, TaskSpec
 from mtl_dist.data.batch import Batch
-from mtl_dist.models.ranker import RankerOutput
+from mtl_dist.models.outputs import NO_PROBES, HeadOutput, RankerOutput
 
 
 def weighted_mean(total: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -270,6 +270,11 @@ class StepOutput:
     (:class:`mtl_dist.loop.step.TrainStep`; None after an evaluation forward): weights ``[T]``
     (the balancer's task weights), conflict ``[T, T]`` (task-gradient cosines on probe steps,
     else ``[0, 0]``), nonfinite ``[R, T + 1]`` and skipped ``[]`` (bool, the guard's verdict).
+    What the model's probes (``ranker.probes``) asked for, else None: gates ``{gate: [B, E]}``
+    and dead ``{set: [E]}`` (read by the telemetry's gate health) and shared, the head's shared
+    representation (the one field with its graph: the representation balancers differentiate
+    the task losses on it). A dataclass, so DDP's output traversal leaves these alone (it would
+    pass ``shared`` through its sink and cut it off the losses' graph).
     """
 
     losses: torch.Tensor
@@ -283,6 +288,9 @@ class StepOutput:
     conflict: torch.Tensor | None = None
     nonfinite: torch.Tensor | None = None
     skipped: torch.Tensor | None = None
+    gates: dict[str, torch.Tensor] | None = None
+    dead: dict[str, torch.Tensor] | None = None
+    shared: torch.Tensor | None = None
 
 
 class ModelWithLoss(nn.Module):
@@ -316,11 +324,15 @@ class ModelWithLoss(nn.Module):
         self.escm2_dr = escm2_dr
         self.esmm_ctcvr_preds = esmm_ctcvr_preds
         loss = loss or LossConfig()
-        self.balancer = build_balancer(loss, tasks, lambda: self.model.head)
+        self.balancer = build_balancer(
+            loss, tasks, lambda: self.model.head, lambda: self._step_shared
+        )
         self.fixed_weights = loss.balancer == "fixed"  # reads no label counts in the forward
-        # representation-gradient balancers read the representation the head keeps for them
-        if isinstance(getattr(model, "head", None), nn.Module):
-            model.head.keep_shared = getattr(self.balancer, "needs_representation", False)
+        # representation-gradient balancers differentiate on the head's shared representation:
+        # the model returns it (probes.shared); the step's output and the balancer get it
+        self._step_shared: torch.Tensor | None = None
+        if getattr(self.balancer, "needs_representation", False):
+            model.probes = replace(getattr(model, "probes", NO_PROBES), shared=True)
         self.register_buffer(
             "is_binary", torch.tensor([t.kind == "binary" for t in tasks]), persistent=False
         )
@@ -332,7 +344,14 @@ class ModelWithLoss(nn.Module):
         )
 
     def forward(self, batch: Batch) -> tuple[TaskLosses, StepOutput]:
-        ranked = RankerOutput(*self.model(batch))  # (a bare head's (logits, aux) too)
+        ranked = self.model(batch)
+        if isinstance(ranked, HeadOutput):  # a bare head
+            ranked = RankerOutput.of_head(ranked)
+        elif not isinstance(ranked, RankerOutput):  # a plain (logits, aux)
+            ranked = RankerOutput(*ranked)
+        # this step's representation, for the balancer the step calls: what reaches the step
+        # (TaskLosses) crosses DDP, whose output hook would cut it off the graph
+        self._step_shared = ranked.shared
         outputs, aux = ranked.logits, ranked.aux
         mask = batch.mask
         if self.training and self.negative_rate is not None:
@@ -348,6 +367,9 @@ class ModelWithLoss(nn.Module):
             mask=batch.mask,
             truth=batch.truth,
             group=batch.group,
+            gates=ranked.gates,
+            dead=ranked.dead,
+            shared=ranked.shared,
         )
         return TaskLosses(losses, aux, mask, ranked.penalty if self.training else None), out
 

@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from mtl_dist.models.experts import PLAIN_EXPERTS, ExpertStyle, StackedMLP
-from mtl_dist.models.heads import ExpertWatch, Towers
+from mtl_dist.models.heads import ExpertWatch, Probe, Towers
+from mtl_dist.models.outputs import NO_PROBES, HeadOutput, Probes
 from mtl_dist.models.precision import in_precision
 
 
@@ -43,7 +44,7 @@ class AITM(ExpertWatch, nn.Module):
     Example::
 
         head = AITM(32, ["click", "conversion"], ["click", "conversion"], [64, 32], [16])
-        out, aux = head(torch.randn(8, 32))   # [8, 2], [1]
+        out, aux, *_ = head(torch.randn(8, 32))   # [8, 2], [1]
     """
 
     def __init__(
@@ -76,9 +77,7 @@ class AITM(ExpertWatch, nn.Module):
         # h1, h2, h3 of each chain task after the first: [links, H, 3H]
         self.attend = StackedMLP(links, h, [3 * h], activate_last=False)
         self.outputs = Towers(T, h, output_hidden, output_dropout)
-        self.last_gates: dict[str, torch.Tensor] = {}
         self.gate_experts: dict[str, tuple[str, list[int]]] = {}
-        self.last_dead: dict[str, torch.Tensor] = {}
         self.last_attention: torch.Tensor | None = None  # [links, B, 2]: weight on p, on q
 
     def shared_layer(self) -> torch.Tensor:
@@ -89,11 +88,11 @@ class AITM(ExpertWatch, nn.Module):
         return list(self.towers_in.parameters())
 
     @in_precision
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, probes: Probes = NO_PROBES) -> HeadOutput:
+        probe = Probe(probes, self.training)
         q = self.towers_in(x)  # [T, B, H]
-        self._watch("towers", q)
-        self._share(x)  # no layer is shared: the towers' common input
-        self._watched()
+        probe.watch("towers", q)
+        probe.share(x)  # no layer is shared: the towers' common input
         z = list(q.unbind(0))
         h = q.shape[-1]
         attention = []
@@ -108,7 +107,7 @@ class AITM(ExpertWatch, nn.Module):
         self.last_attention = torch.stack(attention)
         out = self.outputs(torch.stack(z))  # [B, T]
         if not self.aux_names:
-            return out, x.new_zeros(0)
+            return probe.output(out, x.new_zeros(0))
         probs = torch.sigmoid(out[:, self.chain])  # [B, C]
         excess = torch.relu(probs[:, 1:] - probs[:, :-1]).sum(1).mean()
-        return out, (self.calibration * excess).unsqueeze(0)
+        return probe.output(out, (self.calibration * excess).unsqueeze(0))

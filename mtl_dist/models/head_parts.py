@@ -1,5 +1,6 @@
 """What every multi-task head is built from: :class:`Towers`, the :class:`ExpertWatch` probes,
-:func:`task_expert_index` and the auxiliary-loss helpers.
+:func:`task_expert_index` the auxiliary-loss helpers and :class:`Probe`, which gathers the extras
+a forward returns.
 
 The heads themselves are in :mod:`mtl_dist.models.heads` (SharedBottom, MoE) and
 :mod:`mtl_dist.models.ple` (PLE, STEM); see :mod:`mtl_dist.models.heads` for what a head returns
@@ -13,8 +14,18 @@ from torch import nn
 
 from mtl_dist.models.experts import StackedMLP, dead_units
 from mtl_dist.models.gates import GateConfig
+from mtl_dist.models.outputs import HeadOutput, Probes
 
-__all__ = ["ExpertWatch", "Towers", "gate_aux_names", "stack_aux", "task_expert_index"]
+__all__ = [
+    "ExpertWatch",
+    "HeadOutput",
+    "Probe",
+    "Probes",
+    "Towers",
+    "gate_aux_names",
+    "stack_aux",
+    "task_expert_index",
+]
 
 
 def gate_aux_names(cfg: GateConfig) -> list[str]:
@@ -40,29 +51,39 @@ def stack_aux(
 
 
 class ExpertWatch:
-    """The dead-activation probe every head carries (see :mod:`mtl_dist.models.heads`)."""
+    """The heads' common base (old exported models name it). What a head probes lives in the
+    :class:`Probe` its forward makes, and comes back in its :class:`HeadOutput`."""
 
-    watch_experts: bool = False
-    last_dead: dict[str, torch.Tensor]
 
-    def _watch(self, expert_set: str, h: torch.Tensor, *groups) -> None:
-        """Record ``dead_units(h, *groups)`` for ``expert_set`` when armed, in training."""
-        if self.watch_experts and self.training:
-            self.last_dead[expert_set] = dead_units(h, *groups)
+class Probe:
+    """One forward's extras, as ``probes`` asked for: the head records into it while it
+    computes and returns :meth:`output` (see :class:`~mtl_dist.models.outputs.Probes`)."""
 
-    def _watched(self) -> None:
-        """The armed forward is over: disarm."""
-        if self.training:
-            self.watch_experts = False
+    def __init__(self, probes: Probes, training: bool) -> None:
+        self.probes, self.training = probes, training
+        self.gates: dict[str, torch.Tensor] | None = {} if probes.gates else None
+        self.dead: dict[str, torch.Tensor] | None = {} if probes.dead_units and training else None
+        self.shared: torch.Tensor | None = None
 
-    keep_shared: bool = False  # set by a representation-gradient balancer
-    last_shared: torch.Tensor | None = None
+    def gate(self, name: str, w: torch.Tensor) -> None:
+        """Keep gate ``name``'s weights ``[B, E]`` (detached) when asked for."""
+        if self.gates is not None:
+            self.gates[name] = w.detach()
 
-    def _share(self, z: torch.Tensor) -> None:
+    def watch(self, expert_set: str, h: torch.Tensor, *groups) -> None:
+        """Keep ``dead_units(h, *groups)`` ``[E]`` for ``expert_set`` when asked for."""
+        if self.dead is not None:
+            self.dead[expert_set] = dead_units(h, *groups)
+
+    def share(self, z: torch.Tensor) -> None:
         """Keep ``z``, the representation every task's loss reaches through its own modules only
-        (experts' or bottom's output), when a balancer asked for it, in training."""
-        if self.keep_shared and self.training:
-            self.last_shared = z
+        (experts' or bottom's output), when asked for, in training (the last call's stays)."""
+        if self.probes.shared and self.training:
+            self.shared = z
+
+    def output(self, logits: torch.Tensor, aux: torch.Tensor) -> HeadOutput:
+        """The head's :class:`HeadOutput`: ``logits [B, T]``, ``aux [A]`` and the extras."""
+        return HeadOutput(logits, aux, self.gates, self.dead, self.shared)
 
 
 def task_expert_index(tasks: int, shared: int, per_task: int) -> torch.Tensor:

@@ -1,16 +1,18 @@
 """Multi-task heads: from the shared input ``[B, Din]`` to one output per task ``[B, T]``.
 
-Every head returns ``(outputs [B, T], aux [A])``: task logits (binary) or values (regression),
-and its auxiliary losses stacked in the order of ``head.aux_names`` (empty when none is on). The
-gate weights of the last forward are kept in ``head.last_gates`` (``{name: [B, E]}``) for
-monitoring, at no extra cost; ``head.gate_experts`` maps each gate to its expert set and the
-set's expert ids it mixes (``{name: (set, [ids])}``), and ``head.shared_parameters()`` are the
-parameters every task trains (for the gradient-conflict probe). ``head.compute_dtype`` (see
-:func:`mtl_dist.loop.precision.set_head_precision`) runs the head under autocast; outputs and aux
-come back float32. Set ``head.watch_experts`` and
-the next training forward keeps, per expert set, the share of each expert's output units that
-are 0 on the whole batch (``head.last_dead``: ``{set: [E]}``, see
-:func:`mtl_dist.models.experts.dead_units`) — from the activations it computes anyway.
+Every head's ``forward(x [B, Din], probes=NO_PROBES)`` returns a
+:class:`~mtl_dist.models.outputs.HeadOutput`: ``logits [B, T]`` (task logits, or values for
+regression tasks), ``aux [A]`` (its auxiliary losses stacked in the order of
+``head.aux_names``; empty when none is on) and the extras ``probes``
+(:class:`~mtl_dist.models.outputs.Probes`) asks for, None otherwise: the gate weights
+``gates`` (``{name: [B, E]}``, detached, at no extra cost), per expert set the share of each
+expert's output units that are 0 on the whole batch (``dead``: ``{set: [E]}``, see
+:func:`mtl_dist.models.experts.dead_units`; training only, from the activations the forward
+computes anyway) and the ``shared`` representation (training only). ``head.gate_experts`` maps
+each gate to its expert set and the set's expert ids it mixes (``{name: (set, [ids])}``), and
+``head.shared_parameters()`` are the parameters every task trains (for the gradient-conflict
+probe). ``head.compute_dtype`` (see :func:`mtl_dist.loop.precision.set_head_precision`) runs the
+head under autocast; logits and aux come back float32.
 
 Heads: :class:`SharedBottom`, :class:`MoE` (MMoE, or OMoE with one shared gate), and in
 :mod:`mtl_dist.models.ple` :class:`PLE` (CGC with one level) and :class:`STEM`; the pieces they
@@ -28,11 +30,13 @@ from mtl_dist.models.experts import PLAIN_EXPERTS, ExpertStyle, StackedMLP, fuse
 from mtl_dist.models.gates import GateConfig, Gates
 from mtl_dist.models.head_parts import (
     ExpertWatch,
+    Probe,
     Towers,
     gate_aux_names,
     stack_aux,
     task_expert_index,
 )
+from mtl_dist.models.outputs import NO_PROBES, HeadOutput, Probes
 from mtl_dist.models.ple import PLE, STEM
 from mtl_dist.models.precision import in_precision
 
@@ -48,7 +52,7 @@ class SharedBottom(ExpertWatch, nn.Module):
     Example::
 
         head = SharedBottom(in_dim=32, num_tasks=2, bottom_hidden=[64, 16], tower_hidden=[8])
-        out, aux = head(torch.randn(5, 32))   # [5, 2], []
+        out, aux, *_ = head(torch.randn(5, 32))   # [5, 2], []
     """
 
     aux_names: list[str] = []
@@ -70,9 +74,7 @@ class SharedBottom(ExpertWatch, nn.Module):
         self.towers = towers or Towers(
             num_tasks, bottom_hidden[-1], tower_hidden, tower_dropout, tower_batch_norm
         )
-        self.last_gates: dict[str, torch.Tensor] = {}
         self.gate_experts: dict[str, tuple[str, list[int]]] = {}
-        self.last_dead: dict[str, torch.Tensor] = {}
 
     def shared_layer(self) -> torch.Tensor:
         """The last layer every task reads (GradNorm measures task gradients on it)."""
@@ -82,10 +84,11 @@ class SharedBottom(ExpertWatch, nn.Module):
         return list(self.bottom.parameters())
 
     @in_precision
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, probes: Probes = NO_PROBES) -> HeadOutput:
+        probe = Probe(probes, self.training)
         shared = self.bottom(x)  # [1, B, H]
-        self._share(shared)
-        return self.towers(shared.expand(self.num_tasks, -1, -1)), x.new_zeros(0)
+        probe.share(shared)
+        return probe.output(self.towers(shared.expand(self.num_tasks, -1, -1)), x.new_zeros(0))
 
 
 class MoE(ExpertWatch, nn.Module):
@@ -102,7 +105,8 @@ class MoE(ExpertWatch, nn.Module):
 
         head = MoE(in_dim=32, task_names=["click", "conv", "watch"], num_experts=4,
                    expert_hidden=[64, 16], tower_hidden=[8])
-        out, aux = head(torch.randn(5, 32))   # out [5, 3]; head.last_gates["click"]: [5, 4]
+        out = head(torch.randn(5, 32), Probes(gates=True))
+        out.logits.shape, out.gates["click"].shape   # [5, 3], [5, 4]
     """
 
     def __init__(
@@ -133,10 +137,8 @@ class MoE(ExpertWatch, nn.Module):
         )
         self.aux_names = gate_aux_names(gate)
         self.sparse = 0 < gate.top_k < num_experts or gate.gumbel
-        self.last_gates: dict[str, torch.Tensor] = {}
         self.gate_experts = {t: ("experts", list(range(num_experts))) for t in self.task_names}
         self.last_dispatch = "dense"
-        self.last_dead: dict[str, torch.Tensor] = {}
 
     def shared_layer(self) -> torch.Tensor:
         """The experts' last layer ``[E, H', H]``, shared by every task's mix."""
@@ -146,7 +148,8 @@ class MoE(ExpertWatch, nn.Module):
         return list(self.experts.parameters())
 
     @in_precision
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, probes: Probes = NO_PROBES) -> HeadOutput:
+        probe = Probe(probes, self.training)
         experts = None
         if self.sparse:  # gates first: they decide which experts run on which rows
             weights, aux = self.gates(x)  # [B, G, E]
@@ -154,29 +157,26 @@ class MoE(ExpertWatch, nn.Module):
             first_e, first_g = fused_first_layer(x, [self.experts, self.gates.logits])
             weights, aux = self.gates(x, first_g)
             experts = self.experts(x, first_e)  # [E, B, H]
-        self.last_gates = {
-            t: weights[:, 0 if self.shared_gate else i].detach()
-            for i, t in enumerate(self.task_names)
-        }
+        for i, t in enumerate(self.task_names):
+            probe.gate(t, weights[:, 0 if self.shared_gate else i])
         mixed = None
         if self.sparse:
             selected = (weights > 0).any(1)  # [B, E]
             if selected.float().mean().item() <= self.sparse_max_fraction:
-                mixed = self._sparse_mix(x, weights, selected)
+                mixed = self._sparse_mix(x, weights, selected, probe)
                 self.last_dispatch = f"sparse/{self.experts.last_grouped}"
         if mixed is None:
             experts = self.experts(x) if experts is None else experts
-            self._watch("experts", experts)
-            self._share(experts)
+            probe.watch("experts", experts)
+            probe.share(experts)
             mixed = torch.einsum("bge,ebh->gbh", weights, experts)  # [G, B, H]
             self.last_dispatch = "dense"
-        self._watched()
         if self.shared_gate:  # OMoE: one mix, read by every tower
             mixed = mixed.expand(self.num_tasks, -1, -1)
-        return self.towers(mixed), stack_aux(self.aux_names, [aux], x)
+        return probe.output(self.towers(mixed), stack_aux(self.aux_names, [aux], x))
 
     def _sparse_mix(
-        self, x: torch.Tensor, weights: torch.Tensor, selected: torch.Tensor
+        self, x: torch.Tensor, weights: torch.Tensor, selected: torch.Tensor, probe: Probe
     ) -> torch.Tensor:
         """Each expert on its routed rows only, weighted results scattered back: ``[G, B, H]``.
 
@@ -184,8 +184,8 @@ class MoE(ExpertWatch, nn.Module):
         """
         expert, row = selected.t().nonzero(as_tuple=True)  # [N] pairs, sorted by expert
         h = self.experts.forward_grouped(x.index_select(0, row), expert)  # [N, H]
-        self._share(h)
-        self._watch("experts", h, expert, self.experts.groups)
+        probe.share(h)
+        probe.watch("experts", h, expert, self.experts.groups)
         w = weights[row, :, expert]  # [N, G]
         mixed = x.new_zeros(x.shape[0], weights.shape[1], h.shape[1])
         mixed = mixed.index_add(0, row, w.unsqueeze(-1) * h.unsqueeze(1))  # [B, G, H]

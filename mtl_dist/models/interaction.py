@@ -235,7 +235,9 @@ class Interaction(nn.Module):
         return torch.cat([x, y], 1) if self.concat else y
 
 
-def build_interaction(m: InteractionConfig, widths: list[int], num_dense: int) -> tuple[nn.Module, int]:
+def build_interaction(
+    m: InteractionConfig, widths: list[int], num_dense: int
+) -> tuple[nn.Module, int]:
     """The configured interaction stage and the head's input width it yields.
 
     Args:

@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from mtl_dist.models.experts import ACTIVATIONS, PLAIN_EXPERTS, ExpertStyle, StackedMLP
-from mtl_dist.models.heads import ExpertWatch
+from mtl_dist.models.heads import ExpertWatch, Probe
+from mtl_dist.models.outputs import NO_PROBES, HeadOutput, Probes
 from mtl_dist.models.precision import in_precision
 
 
@@ -60,7 +61,7 @@ class PEPNet(ExpertWatch, nn.Module):
 
         head = PEPNet(32, ["click", "conversion"], domain_columns=[0, 1],
                       prior_columns=list(range(2, 10)), tower_hidden=[16], gate_hidden=8)
-        out, aux = head(torch.randn(5, 32))   # [5, 2], []
+        out, aux, *_ = head(torch.randn(5, 32))   # [5, 2], []
     """
 
     aux_names: list[str] = []
@@ -98,9 +99,7 @@ class PEPNet(ExpertWatch, nn.Module):
             if prior_columns
             else None
         )
-        self.last_gates: dict[str, torch.Tensor] = {}
         self.gate_experts: dict[str, tuple[str, list[int]]] = {}
-        self.last_dead: dict[str, torch.Tensor] = {}
 
     def shared_layer(self) -> torch.Tensor:
         """EPNet's output layer (every task reads its gate), else PPNet's first gate's."""
@@ -113,11 +112,12 @@ class PEPNet(ExpertWatch, nn.Module):
         ]
 
     @in_precision
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, probes: Probes = NO_PROBES) -> HeadOutput:
+        probe = Probe(probes, self.training)
         o_ep = x
         if self.epnet is not None:  # δ_domain from the domain features and ∅(x)
             o_ep = x * self.epnet(torch.cat([x[:, self.domain_columns], x.detach()], 1))
-        self._share(o_ep)
+        probe.share(o_ep)
         prior = (
             torch.cat([x[:, self.prior_columns], o_ep.detach()], 1)
             if self.ppnet is not None
@@ -133,6 +133,5 @@ class PEPNet(ExpertWatch, nn.Module):
             if layer < last:
                 h = self.act(h)
                 if layer == last - 1:
-                    self._watch("towers", h)
-        self._watched()
-        return h.squeeze(-1).t(), x.new_zeros(0)
+                    probe.watch("towers", h)
+        return probe.output(h.squeeze(-1).t(), x.new_zeros(0))

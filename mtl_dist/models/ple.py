@@ -1,8 +1,10 @@
 """The heads with shared and task-specific experts: :class:`PLE` (CGC with one level) and
-:class:`STEM`. What a head returns and keeps: see :mod:`mtl_dist.models.heads`.
+:class:`STEM`. What a head returns: see :mod:`mtl_dist.models.heads`.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -11,42 +13,56 @@ from mtl_dist.models.experts import PLAIN_EXPERTS, ExpertStyle, StackedMLP, fuse
 from mtl_dist.models.gates import GateConfig, Gates, SelfGates
 from mtl_dist.models.head_parts import (
     ExpertWatch,
+    Probe,
     Towers,
     gate_aux_names,
     mix_selected,
     stack_aux,
     task_expert_index,
 )
+from mtl_dist.models.outputs import NO_PROBES, HeadOutput, Probes
 from mtl_dist.models.precision import in_precision
 
-__all__ = ["PLE", "STEM"]
+__all__ = ["PLE", "STEM", "MixedExperts"]
 
 
-def _start(head: ExpertWatch, task_names: list[str], gate: GateConfig | None) -> GateConfig:
-    """What PLE's and STEM's constructors begin with (after ``nn.Module``'s): the task names,
-    the aux names of ``gate`` (the default when None, returned) and empty monitoring records."""
-    gate = gate or GateConfig()
+@dataclass(frozen=True)
+class MixedExperts:
+    """What PLE and STEM are both built from: ``shared_experts`` (Es) shared and
+    ``task_experts`` (Et) per-task experts of widths ``expert_hidden`` (their style and, with
+    ``self_gate``, HoME's self-gates on each task's own experts), the gates over them (``gate``)
+    and the towers (``tower_hidden``, ``tower_dropout``, ``tower_batch_norm``).
+
+    Example::
+
+        MixedExperts(shared_experts=2, task_experts=1, expert_hidden=[16], tower_hidden=[8])
+    """
+
+    shared_experts: int
+    task_experts: int
+    expert_hidden: list[int]
+    tower_hidden: list[int]
+    gate: GateConfig = field(default_factory=GateConfig)
+    tower_dropout: float = 0.0
+    tower_batch_norm: bool = False
+    style: ExpertStyle = PLAIN_EXPERTS
+    self_gate: bool = False
+
+
+def _start(head: ExpertWatch, task_names: list[str], mix: MixedExperts) -> None:
+    """What PLE's and STEM's constructors begin with (after ``nn.Module``'s): the task names
+    and the aux names of the gates."""
     head.task_names = list(task_names)
-    head.aux_names = gate_aux_names(gate)
-    head.last_gates = {}
-    head.last_dead = {}
-    return gate
+    head.aux_names = gate_aux_names(mix.gate)
 
 
-def _finish(
-    head: nn.Module,
-    shared: int,
-    per_task: int,
-    dim: int,
-    tower_hidden: list[int],
-    tower_dropout: float,
-    tower_batch_norm: bool,
-) -> None:
+def _finish(head: nn.Module, mix: MixedExperts, dim: int) -> None:
     """What they end with, once the experts are built: ``task_index`` (which experts task t
     mixes) and the towers on the ``dim``-wide mixes."""
     T = len(head.task_names)
-    head.register_buffer("task_index", task_expert_index(T, shared, per_task), persistent=False)
-    head.towers = Towers(T, dim, tower_hidden, tower_dropout, tower_batch_norm)
+    index = task_expert_index(T, mix.shared_experts, mix.task_experts)
+    head.register_buffer("task_index", index, persistent=False)
+    head.towers = Towers(T, dim, mix.tower_hidden, mix.tower_dropout, mix.tower_batch_norm)
 
 
 class PLE(ExpertWatch, nn.Module):
@@ -59,29 +75,19 @@ class PLE(ExpertWatch, nn.Module):
 
     Example::
 
-        head = PLE(32, ["a", "b"], levels=2, shared_experts=2, task_experts=1,
-                   expert_hidden=[16], tower_hidden=[8])
-        out, aux = head(torch.randn(5, 32))   # [5, 2]
+        mix = MixedExperts(shared_experts=2, task_experts=1, expert_hidden=[16], tower_hidden=[8])
+        head = PLE(32, ["a", "b"], levels=2, experts=mix)
+        out = head(torch.randn(5, 32))   # HeadOutput: logits [5, 2], aux [0]
     """
 
     def __init__(
-        self,
-        in_dim: int,
-        task_names: list[str],
-        levels: int,
-        shared_experts: int,
-        task_experts: int,
-        expert_hidden: list[int],
-        tower_hidden: list[int],
-        gate: GateConfig | None = None,
-        tower_dropout: float = 0.0,
-        tower_batch_norm: bool = False,
-        style: ExpertStyle = PLAIN_EXPERTS,
-        self_gate: bool = False,
+        self, in_dim: int, task_names: list[str], levels: int, experts: MixedExperts
     ) -> None:
         super().__init__()
-        gate = _start(self, task_names, gate)
-        T, Es, Et = len(task_names), shared_experts, task_experts
+        _start(self, task_names, experts)
+        gate, style, expert_hidden = experts.gate, experts.style, experts.expert_hidden
+        self_gate = experts.self_gate
+        T, Es, Et = len(task_names), experts.shared_experts, experts.task_experts
         self.num_tasks, self.shared_experts, self.task_experts = T, Es, Et
         if self_gate and not Et:
             raise ValueError("the self-gate mixes each task's own experts: task_experts is 0")
@@ -100,7 +106,7 @@ class PLE(ExpertWatch, nn.Module):
                 mods["shared_gate"] = Gates(dim, 1, Es + T * Et, gate)
             self.levels.append(mods)
             dim = expert_hidden[-1]
-        _finish(self, Es, Et, dim, tower_hidden, tower_dropout, tower_batch_norm)
+        _finish(self, experts, dim)
         self.gate_experts = {}
         for level in range(levels):
             for i, t in enumerate(self.task_names):
@@ -122,10 +128,11 @@ class PLE(ExpertWatch, nn.Module):
         return [p for mods in self.levels for p in mods["experts"].parameters()]
 
     @in_precision
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, probes: Probes = NO_PROBES) -> HeadOutput:
+        probe = Probe(probes, self.training)
         Es, Et = self.shared_experts, self.task_experts
         task_in, shared_in = x, x  # level 0: every expert and gate reads x ([B, Din])
-        auxes, gates = [], {}
+        auxes = []
         for level, mods in enumerate(self.levels):
             first: list[torch.Tensor | None] = [None, None, None]  # experts, task / shared gates
             if task_in.dim() == 2:  # level 0: all experts and gates read x, one first matmul
@@ -137,8 +144,8 @@ class PLE(ExpertWatch, nn.Module):
             else:  # shared experts read the shared input, task t's experts read task t's
                 inputs = torch.cat([shared_in.expand(Es, -1, -1), task_in.repeat_interleave(Et, 0)])
                 out = mods["experts"](inputs)
-            self._watch(f"level{level}", out)
-            self._share(out)  # the last level's stays
+            probe.watch(f"level{level}", out)
+            probe.share(out)  # the last level's stays
             w, aux = mods["task_gates"](task_in, first[1])  # [B, T, Es+Et]
             auxes.append(aux)
             next_task = mix_selected(w, out, self.task_index)  # [T, B, H]
@@ -146,18 +153,16 @@ class PLE(ExpertWatch, nn.Module):
                 own = out[Es:].unflatten(0, (self.num_tasks, Et))  # [T, Et, B, H]
                 next_task = next_task + mods["self_gates"](task_in, own)
             for i, t in enumerate(self.task_names):
-                gates[f"{t}/level{level}"] = w[:, i].detach()
+                probe.gate(f"{t}/level{level}", w[:, i])
             if "shared_gate" in mods:
                 ws, aux = mods["shared_gate"](
                     shared_in if shared_in.dim() == 2 else shared_in[0], first[2]
                 )
                 auxes.append(aux)
-                gates[f"shared/level{level}"] = ws[:, 0].detach()
+                probe.gate(f"shared/level{level}", ws[:, 0])
                 shared_in = torch.einsum("be,ebh->bh", ws[:, 0], out).unsqueeze(0)  # [1, B, H]
             task_in = next_task
-        self._watched()
-        self.last_gates = gates
-        return self.towers(task_in), stack_aux(self.aux_names, auxes, x)
+        return probe.output(self.towers(task_in), stack_aux(self.aux_names, auxes, x))
 
 
 class STEM(ExpertWatch, nn.Module):
@@ -170,36 +175,25 @@ class STEM(ExpertWatch, nn.Module):
 
     Example::
 
-        head = STEM(32, 4, ["a", "b"], shared_experts=1, task_experts=1, expert_hidden=[16],
-                    tower_hidden=[8])
-        out, aux = head(torch.randn(5, 32), torch.randn(2, 5, 4))   # [5, 2]
+        mix = MixedExperts(shared_experts=1, task_experts=1, expert_hidden=[16], tower_hidden=[8])
+        head = STEM(32, 4, ["a", "b"], experts=mix)
+        out = head(torch.randn(5, 32), torch.randn(2, 5, 4))   # logits [5, 2]
     """
 
     def __init__(
-        self,
-        in_dim: int,
-        task_dim: int,
-        task_names: list[str],
-        shared_experts: int,
-        task_experts: int,
-        expert_hidden: list[int],
-        tower_hidden: list[int],
-        gate: GateConfig | None = None,
-        tower_dropout: float = 0.0,
-        tower_batch_norm: bool = False,
-        style: ExpertStyle = PLAIN_EXPERTS,
-        self_gate: bool = False,
+        self, in_dim: int, task_dim: int, task_names: list[str], experts: MixedExperts
     ) -> None:
         super().__init__()
-        gate = _start(self, task_names, gate)
-        T, Es, Et = len(task_names), shared_experts, task_experts
+        _start(self, task_names, experts)
+        gate, style, expert_hidden = experts.gate, experts.style, experts.expert_hidden
+        T, Es, Et = len(task_names), experts.shared_experts, experts.task_experts
         self.task_experts = Et
         z_dim = in_dim + T * task_dim
         self.shared = StackedMLP(Es, in_dim, expert_hidden, **style.kwargs()) if Es else None
         self.task = StackedMLP(T * Et, z_dim, expert_hidden, **style.kwargs())
         self.gates = Gates(z_dim, T, Es + Et, gate)
-        self.self_gates = SelfGates(z_dim, T, Et) if self_gate else None
-        _finish(self, Es, Et, expert_hidden[-1], tower_hidden, tower_dropout, tower_batch_norm)
+        self.self_gates = SelfGates(z_dim, T, Et) if experts.self_gate else None
+        _finish(self, experts, expert_hidden[-1])
         self.register_buffer("own_mask", torch.eye(T).view(T, T, 1, 1), persistent=False)
         self.gate_experts = {
             t: ("experts", self.task_index[i].tolist()) for i, t in enumerate(self.task_names)
@@ -213,8 +207,9 @@ class STEM(ExpertWatch, nn.Module):
         return list((self.shared or self.task).parameters())
 
     @in_precision
-    def forward(self, x: torch.Tensor, own: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, own: torch.Tensor, probes: Probes = NO_PROBES) -> HeadOutput:
         """``x``: shared input ``[B, Din]``; ``own``: task embeddings ``[T, B, Dt]``."""
+        probe = Probe(probes, self.training)
         T = own.shape[0]
         stopped = own.detach()
         # every[t, s] = e_s in value; the gradient reaches e_s only from task s (t == s)
@@ -223,12 +218,12 @@ class STEM(ExpertWatch, nn.Module):
         z = torch.cat([x.expand(T, -1, -1), *every.unbind(1)], -1)
         task_out = self.task(z.repeat_interleave(self.task_experts, 0))  # [T*Et, B, H]
         out = task_out if self.shared is None else torch.cat([self.shared(x), task_out])
-        self._watch("experts", out)
-        self._share(out)
-        self._watched()
+        probe.watch("experts", out)
+        probe.share(out)
         w, aux = self.gates(z)  # [B, T, Es+Et], gate t reads z_t
-        self.last_gates = {t: w[:, i].detach() for i, t in enumerate(self.task_names)}
+        for i, t in enumerate(self.task_names):
+            probe.gate(t, w[:, i])
         mixed = mix_selected(w, out, self.task_index)
         if self.self_gates is not None:  # + each task's own experts, sigmoid-weighted
             mixed = mixed + self.self_gates(z, task_out.unflatten(0, (T, self.task_experts)))
-        return self.towers(mixed), stack_aux(self.aux_names, [aux], x)
+        return probe.output(self.towers(mixed), stack_aux(self.aux_names, [aux], x))

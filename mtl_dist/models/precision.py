@@ -110,18 +110,20 @@ def resolve_precision(
 
 
 def in_precision(forward: Callable) -> Callable:
-    """Decorate a head's ``forward`` returning ``(outputs, aux)``: run it under autocast in the
-    head's ``compute_dtype`` (set by :func:`set_head_precision`; None = fp32) and return both
-    in float32, so losses, metrics and balancers never see reduced precision."""
+    """Decorate a head's ``forward`` returning a
+    :class:`~mtl_dist.models.outputs.HeadOutput`: run it under autocast in the head's
+    ``compute_dtype`` (set by :func:`set_head_precision`; None = fp32) and return its logits and
+    aux in float32, so losses, metrics and balancers never see reduced precision (the probes'
+    extras stay as computed)."""
 
     @functools.wraps(forward)
-    def wrapped(self, x: torch.Tensor, *args):
+    def wrapped(self, x: torch.Tensor, *args, **kwargs):
         dtype = getattr(self, "compute_dtype", None)
         if dtype is None:
-            return forward(self, x, *args)
+            return forward(self, x, *args, **kwargs)
         with torch.autocast(x.device.type, dtype=dtype):
-            out, aux = forward(self, x, *args)
-        return out.float(), aux.float()
+            out = forward(self, x, *args, **kwargs)
+        return out._replace(logits=out.logits.float(), aux=out.aux.float())
 
     return wrapped
 

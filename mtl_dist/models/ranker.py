@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections import defaultdict
-from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -26,7 +25,9 @@ from mtl_dist.models.experts import ExpertStyle
 from mtl_dist.models.funnel import AITM
 from mtl_dist.models.heads import PLE, STEM, MoE, SharedBottom, Towers
 from mtl_dist.models.interaction import FeatureDropout, build_interaction
+from mtl_dist.models.outputs import NO_PROBES, RankerOutput, model_body
 from mtl_dist.models.pepnet import PEPNet
+from mtl_dist.models.ple import MixedExperts
 
 
 def embedding_bag_configs(
@@ -55,19 +56,6 @@ def embedding_bag_configs(
     ]
 
 
-class RankerOutput(NamedTuple):
-    """What :class:`Ranker` computes: ``logits [B, T]`` (values for regression tasks), the
-    head's ``aux [A]`` losses, and in training only: ``penalty`` (0-dim, ``model.embedding.l2``'s
-    ``λ/2 · mean_b ||pooled_b||²``; None without it) and ``imputation [B]`` (ESCM2-DR's imputed
-    conversion logits; None without ``model.esmm.escm2_dr``). A head's ``(logits, aux)`` is one too:
-    ``RankerOutput(*head(x))``."""
-
-    logits: torch.Tensor
-    aux: torch.Tensor
-    penalty: torch.Tensor | None = None
-    imputation: torch.Tensor | None = None
-
-
 class Ranker(nn.Module):
     """Pooled embeddings ``[B, F·D]`` ⊕ dense ``[B, Dd]`` → interaction → head → outputs
     ``[B, T]`` + aux ``[A]``.
@@ -75,14 +63,14 @@ class Ranker(nn.Module):
     Args:
         ebc: the EmbeddingBagCollection (plain, or sharded by DMP); None when every table is managed.
         num_dense: Dd.
-        head: maps ``[B, Din]`` to ``(outputs [B, T], aux losses [A])`` (see ``models/heads.py``).
+        head: maps ``[B, Din]`` to a :class:`HeadOutput` (see ``models/heads.py``).
         dense_batch_norm: batch-normalise raw dense features.
         task_ebcs: STEM only: one EBC of task-specific tables per task (in task order); the
             head then also gets their pooled outputs ``[T, B, Dt]``.
         mc_ebc: the managed-collision tables (``collision = "managed"``: see
             ``models/collision.py``), plain or sharded; None without any.
         interaction: maps the head's raw input ``[B, Din]`` to what the head reads (see
-            ``models/interaction.py``); None: the identity. ``last_input`` (attribution) keeps
+            ``models/interaction.py``); None: the identity. ``head_input`` (attribution) is
             the raw input, so attribution still ranks the input features.
         embedding_dropout: applied to the pooled embeddings ``[B, Σ w_f]`` (a
             :class:`~mtl_dist.models.interaction.FeatureDropout`); None: the identity.
@@ -90,6 +78,10 @@ class Ranker(nn.Module):
             ``penalty = λ/2 · mean_b ||pooled_b||²`` (:class:`RankerOutput`), which
             :class:`~mtl_dist.loop.losses.ModelWithLoss` adds to the loss. Taken after the
             gradient gate, so a skipped step (or fp16's loss scale) treats it as the task losses.
+
+    ``ranker.probes`` (:class:`~mtl_dist.models.outputs.Probes`, set from outside: the loop,
+    the telemetry, attribution) says which extras the forwards return in their
+    :class:`RankerOutput`.
 
     Example::
 
@@ -137,11 +129,25 @@ class Ranker(nn.Module):
         # step whose update the non-finite guard closed); the identity in a plain model
         self.grad_gate: nn.Module = nn.Identity()
         self.dense_names = [f"dense_{i}" for i in range(num_dense)]
-        self.keep_input = False  # set to keep the head's input of the next forward (attribution)
+        self.probes = NO_PROBES  # the extras a forward returns (set from outside)
         # ESCM2-DR (``model.esmm.escm2_dr``): a tower [B, Din] → [B, 1] imputing each exposure's
         # conversion; its logits of a training forward ([B]) feed the loss
         self.imputation: nn.Module | None = None
-        self.last_input: tuple[torch.Tensor, list[str], list[int]] | None = None
+        # the pooled embeddings' widths, in feature_order (the head input's column blocks)
+        dims = {
+            f: t.embedding_dim
+            for e in (ebc, mc_ebc._embedding_module if mc_ebc is not None else None)
+            if e is not None
+            for t in e.embedding_bag_configs()
+            for f in t.feature_names
+        }
+        self.feature_widths = [dims[f] for f in self.feature_order]
+
+    def input_blocks(self) -> tuple[list[str], list[int]]:
+        """The column blocks of ``head_input`` ``[B, Din]``: feature names and widths (each
+        sparse feature's pooled embedding, then each dense value)."""
+        names = [*self.feature_order, *self.dense_names]
+        return names, [*self.feature_widths, *[1] * len(self.dense_names)]
 
     def forward(self, batch: Batch) -> RankerOutput:
         kts = [self.ebc(batch.sparse)] if self.ebc is not None else []
@@ -153,17 +159,10 @@ class Ranker(nn.Module):
         penalty = imputation = None
         if self.embedding_l2 and self.training:  # L2 on the looked-up rows (ModelWithLoss adds it)
             penalty = 0.5 * self.embedding_l2 * x[:, : pooled.shape[1]].square().sum(1).mean()
-        if self.keep_input:  # x with the feature each column block belongs to
-            dims = {k: d for kt in kts for k, d in zip(kt.keys(), kt.length_per_key())}
-            widths = [dims[k] for k in self.feature_order]
-            names = [*self.feature_order, *self.dense_names]
-            self.last_input = (x, names, [*widths, *[1] * len(self.dense_names)])
         if self.imputation is not None and self.training:  # no gradient into the input
             imputation = self.imputation(x.detach())[:, 0]
-        x = self.interaction(x)  # [B, Din'] (the identity without one)
-        if self.task_ebcs is None:
-            out = self.head(x)
-        else:  # STEM: each task's own tables, [T, B, Dt]
+        own = None
+        if self.task_ebcs is not None:  # STEM: each task's own tables, [T, B, Dt]
             own = self.grad_gate(
                 torch.stack(
                     [
@@ -172,9 +171,12 @@ class Ranker(nn.Module):
                     ]
                 )
             )
-            out = self.head(x, own)
+        out = model_body(self.interaction, self.head, x, own, self.probes)
+        head_input = x if self.probes.head_input else None
         # indexed, not unpacked: TorchRec's pipeline FX-traces this forward
-        return RankerOutput(out[0], out[1], penalty, imputation)
+        return RankerOutput(
+            out[0], out[1], penalty, imputation, out[2], out[3], out[4], head_input
+        )  # fmt: skip
 
     def managed_lookup(self, sparse: KeyedJaggedTensor) -> KeyedTensor:
         """Pooled embeddings of the managed features. Training, or sharded: the MC-EBC (which
@@ -269,7 +271,9 @@ def build_ranker(
         task_dim = cfg.model.stem.dim * len(own)
     binary = [t.name for t in cfg.tasks if t.kind == "binary"]
     layout = [(f, dims[f]) for f in order] + [(d, 1) for d in cfg.features.dense]  # raw x
-    if cfg.model.interaction.kind != "none":  # concat: x, then the interaction's columns; replace: those
+    if (
+        cfg.model.interaction.kind != "none"
+    ):  # concat: x, then the interaction's columns; replace: those
         concat = cfg.model.interaction.output == "concat"
         extra = [("interaction", in_dim - raw_dim if concat else in_dim)]
         layout = layout + extra if concat else extra
@@ -347,18 +351,15 @@ def build_head(
             in_dim, len(task_names), m.shared_bottom.hidden, m.tower.hidden, m.tower.dropout,
             m.tower.batch_norm, style, towers,
         )  # fmt: skip
-    if m.head == "stem":
-        return STEM(
-            in_dim, task_dim, task_names, m.ple.shared_experts, m.ple.task_experts,
+    if m.head in ("stem", "ple"):
+        mix = MixedExperts(
+            m.ple.shared_experts, m.ple.task_experts,
             m.experts.hidden, m.tower.hidden, gate, m.tower.dropout, m.tower.batch_norm, style,
             m.experts.self_gate,
         )  # fmt: skip
-    if m.head == "ple":
-        return PLE(
-            in_dim, task_names, m.ple.levels, m.ple.shared_experts, m.ple.task_experts,
-            m.experts.hidden, m.tower.hidden, gate, m.tower.dropout, m.tower.batch_norm, style,
-            m.experts.self_gate,
-        )  # fmt: skip
+        if m.head == "stem":
+            return STEM(in_dim, task_dim, task_names, mix)
+        return PLE(in_dim, task_names, m.ple.levels, mix)
     return MoE(
         in_dim, task_names, m.experts.num, m.experts.hidden, m.tower.hidden, gate,
         shared_gate=m.head == "omoe", tower_dropout=m.tower.dropout, tower_batch_norm=m.tower.batch_norm, sparse_max_fraction=m.gate.sparse_max_fraction, style=style, towers=towers,

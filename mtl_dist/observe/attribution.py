@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 from collections.abc import Iterable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -29,16 +30,17 @@ def feature_attribution(
     ``ranker`` is the (sharded) :class:`~mtl_dist.models.ranker.Ranker`, called directly —
     outside DDP, which would wait for a parameter backward that never comes.
     """
-    was_training = ranker.training
+    was_training, probes = ranker.training, ranker.probes
     ranker.eval()
-    ranker.keep_input = True
-    total, count, names = None, 0, []
+    ranker.probes = replace(probes, head_input=True)  # the output's head_input: x [B, Din]
+    names, widths = ranker.input_blocks()
+    total, count = None, 0
     try:
         for batch in batches:
             batch = batch.to(device)
             with torch.enable_grad():
-                outputs = ranker(batch)[0]  # [B, T]
-                x, names, widths = ranker.last_input
+                ranked = ranker(batch)
+                outputs, x = ranked.logits, ranked.head_input  # [B, T], [B, Din]
                 per_task = []
                 for t in range(outputs.shape[1]):
                     (g,) = torch.autograd.grad(outputs[:, t].sum(), x, retain_graph=True)
@@ -49,8 +51,7 @@ def feature_attribution(
             total = part if total is None else total + part
             count += int(keep.sum())
     finally:
-        ranker.keep_input = False
-        ranker.last_input = None
+        ranker.probes = probes
         ranker.train(was_training)
     if total is None:
         raise ValueError("feature attribution needs at least one batch")

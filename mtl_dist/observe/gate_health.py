@@ -199,7 +199,7 @@ class GateHealth:
         """Call on every rank at the same steps (one all-gather).
 
         ``dead``: per expert set, :func:`dead_units` of its experts ``[E]`` this step (from
-        the head's ``last_dead``; written as this rank's ``dead_activation`` scalars).
+        the output's ``dead``; written as this rank's ``dead_activation`` scalars).
 
         Returns this rank's scalars, the cross-rank scalars (for rank 0 to write) and the alarms
         that started at this step (identical on every rank).

@@ -21,6 +21,7 @@ import time
 import warnings
 from collections import defaultdict
 from collections.abc import Iterator
+from dataclasses import replace
 
 import torch
 from tensorboard.compat.proto.summary_pb2 import Summary
@@ -34,6 +35,7 @@ from mtl_dist.distributed.setup import DistInfo
 from mtl_dist.loop.losses import StepOutput
 from mtl_dist.loop.optim import learning_rates
 from mtl_dist.loop.step import TrainStep
+from mtl_dist.models.outputs import NO_PROBES
 from mtl_dist.observe.gate_health import Alarm, GateHealth, heatmaps
 from mtl_dist.observe.metrics import write_json
 from mtl_dist.observe.profiling import format_profile, step_profile
@@ -222,7 +224,8 @@ class Telemetry:
         self.log = print if info.is_main else (lambda *a, **k: None)
         self.monitor = Monitor(cfg.train.output_dir, info.rank, total_steps, cfg.train.progress_bar)
         self.loss_module, self.train_step, self.optimizer = loss_module, train_step, optimizer
-        self.head = loss_module.model.head
+        self.ranker = loss_module.model  # its probes: the extras of the steps gate health reads
+        self.head = self.ranker.head
         self.timer = StepTimer(model, optimizer, info.device) if cfg.monitor.step_timing else None
         self.gates = (
             GateHealth(
@@ -234,7 +237,7 @@ class Telemetry:
             if cfg.monitor.gate_every and self.head.gate_experts
             else None
         )
-        self._arm_dead_units(start_step)
+        self._arm_probes(start_step)
         if self.gates is not None:
             self.monitor.layout(self.gates.layout())
         self.loss_tags = [f"train/loss/{t.name}" for t in cfg.tasks]
@@ -286,16 +289,15 @@ class Telemetry:
             self.train_step.conflict.arm()  # measured in the next training step
         alarms: list[Alarm] = []
         if self.gates is not None and step % cfg.monitor.gate_every == 0:
-            own, across, alarms = self.gates.update(step, self.head.last_gates, self.head.last_dead)
-            self.head.last_dead = {}
+            own, across, alarms = self.gates.update(step, out.gates or {}, out.dead or {})
             mon.scalars(step, own)
             mon.scalars(step, across, main_only=True)
             for a in alarms:
                 self.log(a.message())
-        self._arm_dead_units(step)
+        self._arm_probes(step)
         every = cfg.monitor.heatmap_every
-        if every and step % every == 0 and self.head.gate_experts:
-            for name, fig in heatmaps(self.head.gate_experts, self.head.last_gates).items():
+        if every and step % every == 0 and self.head.gate_experts and out.gates:
+            for name, fig in heatmaps(self.head.gate_experts, out.gates).items():
                 mon.figure(f"gates/{name}/heatmap", fig, step)
         if step == self.start_step + WARMUP_STEPS:
             self._warm = (step, self.train_s + time.perf_counter() - self._since)
@@ -305,12 +307,15 @@ class Telemetry:
             self._profile(step)
         return alarms
 
-    def _arm_dead_units(self, step: int) -> None:
-        """Ask the head to keep its experts' dead units in the forward of step + 1 when gate
-        health is due then (from the activations that forward computes anyway)."""
-        every = self.cfg.monitor.gate_every
-        if self.gates is not None and (step + 1) % every == 0:
-            self.head.watch_experts = True
+    def _arm_probes(self, step: int) -> None:
+        """Ask the model for the gate weights and its experts' dead units in the output of
+        step + 1 when gate health (or a heatmap) is due then, and for neither otherwise (from
+        what that forward computes anyway)."""
+        every, heat = self.cfg.monitor.gate_every, self.cfg.monitor.heatmap_every
+        health = self.gates is not None and (step + 1) % every == 0
+        heatmap = bool(heat) and (step + 1) % heat == 0 and bool(self.head.gate_experts)
+        probes = getattr(self.ranker, "probes", NO_PROBES)
+        self.ranker.probes = replace(probes, gates=health or heatmap, dead_units=health)
 
     def _profile(self, step: int) -> None:
         """Start the profiler after ``profile_after`` steps; stop and report N steps later."""

@@ -21,6 +21,7 @@ from mtl_dist.data.batch import Batch
 from mtl_dist.loop.losses import ModelWithLoss, task_predictions
 from mtl_dist.models.collision import feature_remappings
 from mtl_dist.models.heads import MoE
+from mtl_dist.models.outputs import model_body
 from mtl_dist.serve.lookups import IdRemap, PooledEmbeddings
 
 EMBEDDING_DTYPES = ("fp32", "fp16", "int8")
@@ -70,12 +71,10 @@ class ServedRanker(nn.Module):
         if self.zero_nonfinite_dense:  # data.dense_nan = "zero"
             dense = torch.where(torch.isfinite(dense), dense, torch.zeros_like(dense))
         x = torch.cat([self.shared(rows, offsets), self.dense_norm(dense)], dim=1)  # [B, Din]
-        x = self.interaction(x)
-        if self.per_task is None:
-            out = self.head(x)[0]
-        else:  # STEM: each task's own tables, [T, B, Dt]
+        own = None
+        if self.per_task is not None:  # STEM: each task's own tables, [T, B, Dt]
             own = torch.stack([lookup(rows, offsets) for lookup in self.per_task])
-            out = self.head(x, own)[0]
+        out = model_body(self.interaction, self.head, x, own).logits  # training's, in eval mode
         preds = task_predictions(out, self.is_binary, self.negative_rate, self.ctcvr)
         return torch.where(self.expm1, torch.expm1(preds), preds)
 
@@ -181,7 +180,7 @@ def export_program(cfg: JobConfig, served: ServedRanker) -> torch.export.Exporte
         _BatchedMixes(),
         warnings.catch_warnings(),
     ):
-        warnings.filterwarnings("ignore", "The tensor attributes self.head.last_")  # monitoring
+        warnings.filterwarnings("ignore", "The tensor attributes self.head.last_")  # AITM's
         fx_log = logging.getLogger("torch.fx._symbolic_trace")  # "is_fx_tracing ..." per call
         level = fx_log.level
         fx_log.setLevel(logging.ERROR)

@@ -13,7 +13,7 @@ def test_forward_by_hand():
     torch.manual_seed(0)
     head = AITM(3, ["ctr", "watch", "cvr"], ["ctr", "cvr"], [2], [], calibration=0.5)
     x = torch.tensor([[1.0, -1.0, 0.5], [0.2, 0.3, -0.4]])
-    out, aux = head(x)
+    out, aux, *_ = head(x)
     # by hand, from the parameters
     relu = torch.relu
     W0, b0 = head.towers_in.weights[0], head.towers_in.biases[0]  # [3, 3, 2], [3, 1, 2]
@@ -46,7 +46,7 @@ def test_calibrator_pushes_the_later_probability_under_the_earlier():
         head.outputs.mlp.biases[-1][1].fill_(3.0)
         head.outputs.mlp.biases[-1][0].fill_(-3.0)
     x = torch.randn(16, 4)
-    _, aux = head(x)
+    _, aux, *_ = head(x)
     assert aux.item() > 0.5
     aux.sum().backward()
     assert head.outputs.mlp.biases[-1].grad[1].item() > 0  # descent lowers conv's bias

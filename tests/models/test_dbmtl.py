@@ -82,5 +82,5 @@ def test_build_head_over_either_base(base):
     assert isinstance(head, MoE if base == "mmoe" else SharedBottom)
     assert isinstance(head.towers, DependentTowers)
     assert head.towers.parents == {0: [], 1: [0], 2: []}
-    out, aux = head(torch.randn(6, 20))
+    out, aux, *_ = head(torch.randn(6, 20))
     assert out.shape == (6, 3) and torch.isfinite(out).all()

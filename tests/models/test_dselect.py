@@ -9,6 +9,7 @@ import torch
 
 from mtl_dist.models.gates import GateConfig, Gates, smooth_step
 from mtl_dist.models.heads import PLE, MoE
+from mtl_dist.models.ple import MixedExperts
 
 
 def test_smooth_step_by_hand():
@@ -56,8 +57,11 @@ def test_entropy_regulariser_is_the_selectors_mean_entropy():
 def test_heads_with_dselect_train_and_report_the_regulariser():
     cfg = GateConfig(dselect_k=2, dselect_entropy_coef=0.01)
     torch.manual_seed(0)
-    for head in (MoE(6, ["a", "b"], 4, [8], [4], cfg), PLE(6, ["a", "b"], 2, 1, 2, [8], [4], cfg)):
-        out, aux = head(torch.randn(16, 6))
+    for head in (
+        MoE(6, ["a", "b"], 4, [8], [4], cfg),
+        PLE(6, ["a", "b"], 2, MixedExperts(1, 2, [8], [4], cfg)),
+    ):
+        out, aux, *_ = head(torch.randn(16, 6))
         assert out.shape == (16, 2) and head.aux_names == ["dselect_entropy"]
         assert aux.shape == (1,) and aux.item() > 0
         (out.sum() + aux.sum()).backward()

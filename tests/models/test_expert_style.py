@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from mtl_dist.models.experts import ExpertStyle, StackedMLP
 from mtl_dist.models.heads import MoE
+from mtl_dist.models.outputs import Probes
 
 X = torch.tensor([[1.0, -2.0, 0.5], [0.0, 1.0, -1.0], [2.0, 0.5, 1.5]])  # [B=3, Din=3]
 
@@ -71,10 +72,9 @@ def test_dead_activation_shows_what_normalisation_cures():
         head = MoE(8, ["a", "b"], 3, [8, 6], [4], style=style)
         with torch.no_grad():
             head.experts.biases[-1].fill_(-50.0)
-        head.watch_experts = True
-        out, _ = head(x)
-        assert torch.isfinite(out).all()
-        dead[style.activation] = head.last_dead["experts"]
+        out = head(x, Probes(dead_units=True))
+        assert torch.isfinite(out.logits).all()
+        dead[style.activation] = out.dead["experts"]
     assert dead["relu"].tolist() == [1.0, 1.0, 1.0]
     assert dead["swish"].max() < 0.5
 

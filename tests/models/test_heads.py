@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from mtl_dist.loop.losses import ctcvr_weights, esmm_ctcvr_loss
 from mtl_dist.models.gates import GateConfig, Gates, expert_dropout
 from mtl_dist.models.heads import PLE, MoE, SharedBottom
+from mtl_dist.models.outputs import Probes
+from mtl_dist.models.ple import MixedExperts
 from tests.models.test_experts import loop_mlp
 
 TASKS = ["a", "b", "c"]
@@ -46,7 +48,7 @@ def test_moe_matches_loop_reference_with_gradients(shared_gate):
     torch.manual_seed(0)
     head = MoE(10, TASKS, 4, [16, 8], [6], GateConfig(temperature=2.0), shared_gate=shared_gate)
     x = torch.randn(11, 10, requires_grad=True)
-    out, aux = head(x)
+    out, aux, gates, *_ = head(x, Probes(gates=True))
     ref = loop_moe(head, x)
     assert out.shape == (11, 3) and aux.numel() == 0
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
@@ -55,8 +57,11 @@ def test_moe_matches_loop_reference_with_gradients(shared_gate):
     for a, b in zip(g1, g2):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     for t in TASKS:
-        assert head.last_gates[t].shape == (11, 4)
-        torch.testing.assert_close(head.last_gates[t].sum(-1), torch.ones(11))
+        assert gates[t].shape == (11, 4) and not gates[t].requires_grad
+        torch.testing.assert_close(gates[t].sum(-1), torch.ones(11))
+        # what the head mixed with: its gates' weights on the same input
+        w, _ = head.gates(x)
+        torch.testing.assert_close(gates[t], w[:, 0 if shared_gate else TASKS.index(t)])
 
 
 def test_omoe_equals_mmoe_with_tied_gates():
@@ -82,19 +87,19 @@ def test_top_k_sparse_dispatch_equals_masked_dense(k, in_dim, kernel):
     torch.manual_seed(2)
     head = MoE(in_dim, TASKS, 6, [16, 8], [4], GateConfig(top_k=k), sparse_max_fraction=1.0)
     x = torch.randn(32, in_dim, requires_grad=True)
-    sparse, _ = head(x)
+    sparse, _, gates, *_ = head(x, Probes(gates=True))
     assert head.last_dispatch == f"sparse/{kernel}"
     ref = loop_moe(head, x, top_k=k)
     torch.testing.assert_close(sparse, ref, rtol=1e-5, atol=1e-5)
     gs = torch.autograd.grad(sparse.sum(), [x, *head.parameters()])
     head.sparse_max_fraction = 0.0  # force the masked dense combine
-    dense, _ = head(x)
+    dense, _, *_ = head(x)
     assert head.last_dispatch == "dense"
     torch.testing.assert_close(sparse, dense, rtol=1e-5, atol=1e-5)
     gd = torch.autograd.grad(dense.sum(), [x, *head.parameters()])
     for a, b in zip(gs, gd):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-    assert all(((w > 0).sum(-1) == k).all() for w in head.last_gates.values())
+    assert all(((w > 0).sum(-1) == k).all() for w in gates.values())
 
 
 def test_top_k_equal_to_e_is_plain_softmax():
@@ -126,19 +131,20 @@ def loop_ple(head: PLE, x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("levels", [1, 2, 3])
 def test_ple_matches_loop_reference(levels):
     torch.manual_seed(4)
-    head = PLE(
-        10, TASKS, levels, shared_experts=2, task_experts=2, expert_hidden=[12, 8], tower_hidden=[4]
-    )
+    mix = MixedExperts(shared_experts=2, task_experts=2, expert_hidden=[12, 8], tower_hidden=[4])
+    head = PLE(10, TASKS, levels, mix)
     x = torch.randn(7, 10, requires_grad=True)
-    out, _ = head(x)
+    out, _, *_ = head(x)
     ref = loop_ple(head, x)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     g1 = torch.autograd.grad(out.sum(), [x, *head.parameters()])
     g2 = torch.autograd.grad(ref.sum(), [x, *head.parameters()])
     for a, b in zip(g1, g2):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-    assert set(head.last_gates) >= {f"{t}/level0" for t in TASKS}
-    assert ("shared/level0" in head.last_gates) == (levels > 1)
+    gates = head(x, Probes(gates=True)).gates
+    assert set(gates) >= {f"{t}/level0" for t in TASKS}
+    assert ("shared/level0" in gates) == (levels > 1)
+    assert all(torch.allclose(w.sum(-1), torch.ones(7)) for w in gates.values())
 
 
 def test_shared_bottom_matches_reference():
@@ -171,8 +177,8 @@ def test_gumbel_gate_is_one_hot_and_differentiable():
     torch.manual_seed(7)
     head = MoE(10, TASKS, 4, [8], [4], GateConfig(gumbel=True), sparse_max_fraction=1.0)
     x = torch.randn(16, 10)
-    out, _ = head(x)
-    for w in head.last_gates.values():
+    out, _, gates, *_ = head(x, Probes(gates=True))
+    for w in gates.values():
         assert ((w > 0).sum(-1) == 1).all()
     out.sum().backward()
     assert head.gates.logits.weights[0].grad.abs().sum() > 0  # straight-through gradient

@@ -7,6 +7,7 @@ from mtl_dist.config import ConfigError, load_config
 from mtl_dist.models.experts import ExpertStyle, StackedMLP, fused_first_layer
 from mtl_dist.models.gates import GateConfig
 from mtl_dist.models.heads import PLE, STEM, MoE
+from mtl_dist.models.ple import MixedExperts
 from mtl_dist.models.ranker import build_ranker
 
 
@@ -44,7 +45,7 @@ def test_fused_first_layer_leaves_out_gated_modules_and_moe_stays_exact():
     x = torch.randn(5, 8)
     first = fused_first_layer(x, [head.experts, head.gates.logits])
     assert first[0] is None and first[1].shape == (5, 2 * 3)
-    out, _ = head(x)
+    out, _, *_ = head(x)
     weights, _ = head.gates(x)
     mixed = torch.einsum("bge,ebh->gbh", weights, head.experts(x))
     torch.testing.assert_close(out, head.towers(mixed))
@@ -52,13 +53,15 @@ def test_fused_first_layer_leaves_out_gated_modules_and_moe_stays_exact():
 
 def _ple(self_gate: bool) -> PLE:
     torch.manual_seed(3)
-    return PLE(6, ["dense", "sparse"], 1, 1, 1, [4], [3], GateConfig(), self_gate=self_gate)
+    return PLE(
+        6, ["dense", "sparse"], 1, MixedExperts(1, 1, [4], [3], GateConfig(), self_gate=self_gate)
+    )
 
 
 def test_self_gate_by_hand():
     head = _ple(True)
     x = torch.randn(5, 6)
-    out, _ = head(x)
+    out, _, *_ = head(x)
     mods = head.levels[0]
     experts = mods["experts"](x)  # [Es + T·Et, B, H]: shared, then task 0's, task 1's
     w, _ = mods["task_gates"](x)  # [B, T, Es + Et]
@@ -79,7 +82,7 @@ def test_self_gate_keeps_a_starved_task_training_its_own_expert():
         head = _ple(self_gate)
         with torch.no_grad():  # task gates: shared expert logit +20
             head.levels[0]["task_gates"].logits.biases[0][:, :, 0] = 20.0
-        out, _ = head(torch.randn(64, 6))
+        out, _, *_ = head(torch.randn(64, 6))
         out[:, 1].sum().backward()  # the sparse task's loss only
         w = head.levels[0]["experts"].weights[0].grad  # [3, Din, H]: shared, dense's, sparse's
         grads[self_gate] = w[2].abs().sum().item()
@@ -88,8 +91,8 @@ def test_self_gate_keeps_a_starved_task_training_its_own_expert():
 
 def test_stem_self_gate_and_config():
     torch.manual_seed(0)
-    head = STEM(6, 2, ["a", "b"], 1, 2, [4], [3], self_gate=True)
-    out, _ = head(torch.randn(5, 6), torch.randn(2, 5, 2))
+    head = STEM(6, 2, ["a", "b"], MixedExperts(1, 2, [4], [3], self_gate=True))
+    out, _, *_ = head(torch.randn(5, 6), torch.randn(2, 5, 2))
     assert out.shape == (5, 2) and head.self_gates.last_weights.shape == (2, 5, 2)
     base = ["--config", "configs/default.toml"]
     with pytest.raises(ConfigError, match="needs model.head = ple or stem"):

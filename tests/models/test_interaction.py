@@ -171,7 +171,10 @@ def test_head_input_width_for_concat_and_replace(kind, concat, replace):
 
 def test_config_rejects_bad_interaction_keys():
     base = ["--config", "configs/default.toml"]
-    assert load_config([*base, "--model.interaction.kind", "dcn_v2"]).model.interaction.kind == "dcn_v2"
+    assert (
+        load_config([*base, "--model.interaction.kind", "dcn_v2"]).model.interaction.kind
+        == "dcn_v2"
+    )
     with pytest.raises(ConfigError, match="did you mean 'dcn_v2'"):
         load_config([*base, "--model.interaction.kind", "dcn_v3"])
     with pytest.raises(ConfigError, match="model.interaction.output"):
@@ -327,9 +330,7 @@ def test_mixture_experts_start_with_a_real_cross_term():
     from torchrec.modules.crossnet import LowRankMixtureCrossNet
 
     torch.manual_seed(0)
-    stage, _ = build_interaction(
-        InteractionConfig(kind="dcn_mix", output="replace"), [16] * 16, 8
-    )
+    stage, _ = build_interaction(InteractionConfig(kind="dcn_mix", output="replace"), [16] * 16, 8)
     x = torch.randn(512, 264)
     with torch.no_grad():
         ours = ((stage(x) - x).std() / x.std()).item()

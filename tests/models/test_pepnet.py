@@ -24,7 +24,7 @@ def test_gates_start_at_one_so_pepnet_starts_as_plain_towers():
     head = PEPNet(6, ["a", "b"], [0], [1, 2], tower_hidden=[4], gate_hidden=3)
     x = torch.randn(5, 6)
     assert torch.equal(head.epnet(torch.randn(5, 7)), torch.ones(5, 6))
-    out, aux = head(x)
+    out, aux, *_ = head(x)
     plain = head.towers(x).squeeze(-1).t()
     torch.testing.assert_close(out, plain)
     assert out.shape == (5, 2) and aux.numel() == 0

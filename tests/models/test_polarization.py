@@ -8,6 +8,7 @@ import torch
 
 from mtl_dist.models.gates import GateConfig
 from mtl_dist.models.heads import MoE
+from mtl_dist.models.outputs import Probes
 
 
 def two_tasks(n: int, d: int = 16, rho: float = 0.5, seed: int = 0):
@@ -35,15 +36,15 @@ def mean_max_gate(gate: GateConfig, steps: int = 600, lr: float = 0.02) -> float
     g = torch.Generator().manual_seed(1)
     for _ in range(steps):
         idx = torch.randint(0, 8192, (256,), generator=g)
-        out, aux = head(x[idx])
+        out, aux, *_ = head(x[idx])
         loss = (out - y[idx]).square().mean() + aux.sum()
         opt.zero_grad()
         loss.backward()
         opt.step()
     head.eval()
     with torch.no_grad():
-        head(x[:2048])
-    return sum(w.max(-1).values.mean().item() for w in head.last_gates.values()) / 2
+        gates = head(x[:2048], Probes(gates=True)).gates
+    return sum(w.max(-1).values.mean().item() for w in gates.values()) / 2
 
 
 @pytest.fixture(scope="module")

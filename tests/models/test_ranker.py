@@ -7,6 +7,7 @@ from mtl_dist.config import load_config
 from mtl_dist.data.batch import ArrowBatchConverter
 from mtl_dist.loop.losses import ModelWithLoss, task_losses
 from mtl_dist.loop.step import TrainStep
+from mtl_dist.models.outputs import Probes
 from mtl_dist.models.ranker import build_ranker
 
 
@@ -47,9 +48,13 @@ def test_forward_shapes_and_gradients_reach_embedding_tables():
     batch = ArrowBatchConverter(cfg.features.sparse, cfg.features.dense, cfg.tasks)(
         random_table(cfg, 32)
     )
+    assert model(batch)[1].gates is None  # not asked for
+    model.model.probes = Probes(gates=True, dead_units=True)
     loss, out = TrainStep(model).loss(model(batch))
     assert out.preds.shape == (32, 3) and out.aux.numel() == 0 and out.weights.shape == (3,)
-    assert model.model.head.last_gates["click"].shape == (32, 4)
+    assert out.gates["click"].shape == (32, 4) and out.dead["experts"].shape == (4,)
+    torch.testing.assert_close(out.gates["click"].sum(-1), torch.ones(32))
+    assert out.shared is None  # no representation balancer
     assert torch.isfinite(loss)
     loss.backward()
     ebc = model.model.ebc

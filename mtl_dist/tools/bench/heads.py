@@ -27,6 +27,7 @@ from mtl_dist.models.funnel import AITM
 from mtl_dist.models.gates import GateConfig
 from mtl_dist.models.heads import PLE, MoE, SharedBottom
 from mtl_dist.models.pepnet import PEPNet
+from mtl_dist.models.ple import MixedExperts
 from mtl_dist.models.precision import Precision, resolve_precision, set_head_precision
 from mtl_dist.tools.bench.training import cpu_line
 
@@ -158,7 +159,7 @@ def build_heads(D: int, names: list[str], E: int, hidden: list[int]) -> dict[str
         "mmoe": MoE(D, names, E, hidden, [64]),
         "omoe": MoE(D, names, E, hidden, [64], shared_gate=True),
         "shared_bottom": SharedBottom(D, T, hidden, [64]),
-        "ple (2 levels, 2+2 experts)": PLE(D, names, 2, 2, 2, hidden, [64]),
+        "ple (2 levels, 2+2 experts)": PLE(D, names, 2, MixedExperts(2, 2, hidden, [64])),
         "mmoe top-2": MoE(D, names, E, hidden, [64], GateConfig(top_k=2)),
         "omoe top-2 (one gate)": MoE(
             D, names, E, hidden, [64], GateConfig(top_k=2), shared_gate=True
@@ -183,12 +184,9 @@ def build_heads(D: int, names: list[str], E: int, hidden: list[int]) -> dict[str
             D,
             names,
             2,
-            2,
-            2,
-            hidden,
-            [64],
-            style=ExpertStyle(feature_gate_rank=8),
-            self_gate=True,
+            MixedExperts(
+                2, 2, hidden, [64], style=ExpertStyle(feature_gate_rank=8), self_gate=True
+            ),
         ),  # fmt: skip
     }
 

@@ -25,6 +25,7 @@ from torch.profiler import ProfilerActivity, profile
 from mtl_dist.models import experts as experts_module
 from mtl_dist.models import ple as ple_module
 from mtl_dist.models.heads import PLE, MoE
+from mtl_dist.models.ple import MixedExperts
 from mtl_dist.models.precision import Precision, set_head_precision
 from mtl_dist.tools.bench.heads import fwd_bwd, interleaved, sync
 from mtl_dist.tools.bench.training import cpu_line
@@ -94,7 +95,7 @@ def build(name: str, in_dim: int, tasks: list[str], experts: int, hidden: list[i
     if name == "mmoe":
         return MoE(in_dim, tasks, experts, hidden, [64])
     if name == "ple":
-        return PLE(in_dim, tasks, 2, 2, 2, hidden, [64])
+        return PLE(in_dim, tasks, 2, MixedExperts(2, 2, hidden, [64]))
     raise SystemExit(f"--heads: {name!r} is not mmoe or ple")
 
 
