@@ -101,11 +101,15 @@ def mix_selected(weights: torch.Tensor, experts: torch.Tensor, index: torch.Tens
     """Each task's mix of the experts it selects: ``[B, T, K]`` weights over the ``K`` experts
     ``index`` ``[T, K]`` names, of experts ``[E, B, H]`` → ``[T, B, H]``.
 
-    The weights are scattered into ``[B, T, E]`` (zeros for the experts a task does not read)
+    In training the weights are scattered into ``[B, T, E]`` (zeros for the experts a task does not read)
     and mixed over all E in one einsum: gathering ``experts[index]`` instead materialises
     ``[T, K, B, H]`` and its backward is an accumulating index_put, a fifth of a PLE step
-    (issue 28); the scatter touches only the small weight tensor.
+    (issue 28); the scatter touches only the small weight tensor. Without gradients (scoring)
+    and in ``torch.export`` (whose batch-size guards the scatter would change: B = 1 would be
+    specialised) the gather runs, with the same values (``tests/models/test_fast_paths.py``).
     """
+    if not torch.is_grad_enabled() or torch.compiler.is_exporting():  # no backward to pay for
+        return torch.einsum("bte,tebh->tbh", weights, experts[index])
     b, t, k = weights.shape
     full = weights.new_zeros(b, t, experts.shape[0]).scatter(2, index.expand(b, t, k), weights)
     return torch.einsum("bte,ebh->tbh", full, experts)

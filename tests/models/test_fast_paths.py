@@ -25,6 +25,10 @@ def test_mix_selected_equals_the_gathered_einsum_forward_and_gradients():
     plain_grads = torch.autograd.grad(plain, (weights, experts), g)
     for a, b in zip(fast_grads, plain_grads):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    with torch.no_grad():  # scoring / export take the gather: the same values
+        torch.testing.assert_close(
+            mix_selected(weights, experts, index), fast, rtol=1e-6, atol=1e-6
+        )
     # an expert no task of this batch reads gets exactly zero gradient
     only_shared = torch.zeros_like(weights)
     only_shared[..., 0] = 1
