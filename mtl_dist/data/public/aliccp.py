@@ -47,7 +47,9 @@ import xxhash
 from mtl_dist.data.public.common import (
     PrepareError,
     SplitWriter,
+    binary_tasks,
     csv_batches,
+    job_config,
     lists,
     numbers,
     require,
@@ -301,41 +303,17 @@ def config(rows: dict[str, int], data_dir: str) -> str:
         f'[[features.sparse]]\nname = "{c}"\nhash_buckets = {rows[c]}\nmulti_hot = true\n'
         for c in COLUMNS
     )
-    return f"""# Ali-CCP (the ESMM data set): click, and conversion after a click.
+    header = f"""# Ali-CCP (the ESMM data set): click, and conversion after a click.
 # Prepared by `mtl-prepare aliccp RAW_DIR {data_dir}` (docs/public-datasets.md).
 # Model: ESMM is a shared bottom with its CVR task trained through pCTCVR: add
-# `--model.esmm true`. The paper's sizes (Ma et al., SIGIR 2018, Section 4: embeddings of 18,
-# an MLP of 360 x 200 x 80) are not set here: the [model] keys are being renamed, so the
-# widths stay at their defaults (and the embeddings at 16, a multiple of 4 for the kernels).
-
-[data]
-train_path = "{data_dir}/train"
-val_path = "{data_dir}/val"
-
-[model]
-head = "shared_bottom"
-
-[optim]
-dense_optimizer = "adam"
-dense_lr = 0.001
-
-[train]
-batch_size = 1024
-epochs = 1
-output_dir = "runs/aliccp"
-
-{sparse}
-[[tasks]]
-name = "click"
-kind = "binary"
-label = "click"
-
-[[tasks]]
-name = "conversion"
-kind = "binary"
-label = "conversion"
-condition = "click"
+# `--model.esmm.enabled true`. The paper's sizes (Ma et al., SIGIR 2018, Section 4: embeddings
+# of 18, an MLP of 360 x 200 x 80) are set with --model.tower.hidden 360,200,80; the embeddings
+# stay at 16 (a multiple of 4 for the kernels).
 """
+    return job_config(
+        header, data_dir, '[model]\nhead = "shared_bottom"\n', 1024, 1, "runs/aliccp", sparse,
+        binary_tasks(["click", "conversion"], {"conversion": "click"}),
+    )  # fmt: skip
 
 
 def configs(info: dict[str, Any], data_dir: str) -> dict[str, str]:

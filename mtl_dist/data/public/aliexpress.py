@@ -28,11 +28,13 @@ from mtl_dist.data.public.common import (
     PrepareError,
     SplitWriter,
     Vocab,
-    alternate,
+    binary_tasks,
     csv_batches,
+    job_config,
     numbers,
     require,
     sha256,
+    vocab_then_split,
 )
 
 CATEGORICAL = [f"categorical_{i}" for i in range(1, 17)]
@@ -86,19 +88,8 @@ def prepare(raw: Path, out: Path, country: str = "NL") -> dict[str, Any]:
         raise ValueError(f"country must be one of {COUNTRIES}, got {country!r}")
     src = raw if (raw / "train.csv").is_file() else raw / f"AliExpress_{country}"
     train, test = require(src / "train.csv"), require(src / "test.csv")
-    vocab = Vocab()
-    for _, cols in _batches(train):
-        for n in CATEGORICAL:
-            vocab.add(n, cols[n])
-    vocab.freeze()
     writers = {s: SplitWriter(out, s, SCHEMA, LABELS) for s in ("train", "val", "test")}
-    for line, cols in _batches(train):
-        writers["train"].write(_table(cols, vocab, train, line))
-    for line, cols in _batches(test):
-        table = _table(cols, vocab, test, line)
-        odd, even = alternate(table.num_rows, line)
-        writers["val"].write(table.take(odd))
-        writers["test"].write(table.take(even))
+    vocab = vocab_then_split(train, test, _batches, CATEGORICAL, _table, writers)
     return {
         "dataset": "aliexpress",
         "country": country,
@@ -118,43 +109,18 @@ def config(sizes: dict[str, int], data_dir: str, country: str) -> str:
     dense = ",\n         ".join(
         ", ".join(f'"{n}"' for n in NUMERIC[i : i + 6]) for i in range(0, len(NUMERIC), 6)
     )
-    return f"""# AliExpress ({country}): click, and conversion after a click (AITM's tasks).
+    header = f"""# AliExpress ({country}): click, and conversion after a click (AITM's tasks).
 # Prepared by `mtl-prepare aliexpress RAW_DIR {data_dir} --country {country}`
 # (docs/public-datasets.md).
-# Model: AITM. The paper's sizes (Xi et al., KDD 2021, Section 4; MTReclib's defaults) are not
-# set here: the [model] keys are being renamed, so the widths stay at their defaults.
-
-[data]
-train_path = "{data_dir}/train"
-val_path = "{data_dir}/val"
-
-[model]
-head = "aitm"
-
-[optim]
-dense_optimizer = "adam"
-dense_lr = 0.001
-
-[train]
-batch_size = 2048
-epochs = 1
-output_dir = "runs/aliexpress_{country.lower()}"
-
-[features]
-dense = [{dense}]
-
-{sparse}
-[[tasks]]
-name = "click"
-kind = "binary"
-label = "click"
-
-[[tasks]]
-name = "conversion"
-kind = "binary"
-label = "conversion"
-condition = "click"
+# Model: AITM at mtl-dist's default widths; the paper's (Xi et al., KDD 2021, Section 4) are set
+# with --model.experts.hidden / --model.tower.hidden.
 """
+    features = f"[features]\ndense = [{dense}]\n\n{sparse}"
+    return job_config(
+        header, data_dir, '[model]\nhead = "aitm"\n', 2048, 1,
+        f"runs/aliexpress_{country.lower()}", features,
+        binary_tasks(["click", "conversion"], {"conversion": "click"}),
+    )  # fmt: skip
 
 
 # rows per table in configs/aliexpress.toml (ids past them hashed); OUT_DIR/aliexpress.toml has the exact sizes

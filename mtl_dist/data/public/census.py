@@ -33,11 +33,13 @@ from mtl_dist.data.public.common import (
     PrepareError,
     SplitWriter,
     Vocab,
-    alternate,
+    binary_tasks,
     csv_batches,
+    job_config,
     numbers,
     require,
     sha256,
+    vocab_then_split,
 )
 
 # The 42 fields of census-income.names, in file order: (column, the names file's description).
@@ -158,19 +160,8 @@ def prepare(raw: Path, out: Path) -> dict[str, Any]:
         PrepareError: a malformed line (file, line and field named).
     """
     train, test = (require(raw / RAW_FILES[s]) for s in ("train", "test"))
-    vocab = Vocab()
-    for _, cols in _batches(train):
-        for n in CATEGORICAL:
-            vocab.add(n, cols[n])
-    vocab.freeze()
     writers = {s: SplitWriter(out, s, SCHEMA, LABELS) for s in ("train", "val", "test")}
-    for line, cols in _batches(train):
-        writers["train"].write(_table(cols, vocab, train, line))
-    for line, cols in _batches(test):
-        table = _table(cols, vocab, test, line)
-        odd, even = alternate(table.num_rows, line)
-        writers["val"].write(table.take(odd))
-        writers["test"].write(table.take(even))
+    vocab = vocab_then_split(train, test, _batches, CATEGORICAL, _table, writers)
     return {
         "dataset": "census",
         "splits": {s: w.close() for s, w in writers.items()},
@@ -210,35 +201,25 @@ def config(sizes: dict[str, int], data_dir: str, group: str = "income") -> str:
         if n not in drop
     )
     dense = ", ".join(f'"{n}"' for n in NUMERIC)
-    task_text = "".join(f'[[tasks]]\nname = "{t}"\nkind = "binary"\nlabel = "{t}"\n' for t in tasks)
-    return f"""# Census-Income (KDD), {GROUP_NOTES[group]}: {" + ".join(tasks)}.
+    header = f"""# Census-Income (KDD), {GROUP_NOTES[group]}: {" + ".join(tasks)}.
 # Prepared by `mtl-prepare census RAW_DIR {data_dir}` (docs/public-datasets.md).
-# Model: MMoE. The paper's sizes (Ma et al., KDD 2018, Section 6.3; drawbridge/keras-mmoe's
-# census demo uses 8 experts of 4 units and towers of 8) are not set here: the [model] keys
-# are being renamed, so the expert / gate / tower widths stay at their defaults. Set them on
-# the command line (see `mtl-train --help`).
-
-[data]
-train_path = "{data_dir}/train"
-val_path = "{data_dir}/val"
-
-[model]
+# Model: MMoE at the size of drawbridge/keras-mmoe's census demo (after Ma et al., KDD 2018,
+# Section 6.3): 8 experts of 4 units, towers of 8.
+"""
+    model = """[model]
 head = "mmoe"
 
-[optim]
-dense_optimizer = "adam"
-dense_lr = 0.001
+[model.experts]
+num = 8
+hidden = [4]
 
-[train]
-batch_size = 1024
-epochs = 10
-output_dir = "runs/census_{group}"
-
-[features]
-dense = [{dense}]
-
-{sparse}
-{task_text}"""
+[model.tower]
+hidden = [8]
+"""
+    features = f"[features]\ndense = [{dense}]\n\n{sparse}"
+    return job_config(
+        header, data_dir, model, 1024, 10, f"runs/census_{group}", features, binary_tasks(tasks)
+    )
 
 
 def configs(info: dict[str, Any], data_dir: str) -> dict[str, str]:

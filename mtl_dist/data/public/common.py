@@ -260,3 +260,76 @@ def write_dataset_json(out: Path, info: dict[str, Any]) -> None:
     """``OUT/dataset.json`` (indented, strict JSON), written whole."""
     with written_whole(out / "dataset.json") as tmp:
         tmp.write_text(json.dumps(info, indent=2, allow_nan=False) + "\n")
+
+
+def vocab_then_split(
+    train: Path,
+    test: Path,
+    batches: Any,
+    categorical: list[str],
+    table: Any,
+    writers: dict[str, SplitWriter],
+) -> Vocab:
+    """The Census / AliExpress recipe: a vocabulary per ``categorical`` column built on the
+    training file (a first pass), then ``train`` written to the train split and ``test``
+    halved by line parity into validation (odd lines) and test (even lines).
+
+    ``batches(path)`` yields ``(first line, {column: values})``; ``table(cols, vocab, path,
+    line)`` turns one batch into the Parquet table written. Returns the vocabulary.
+    """
+    vocab = Vocab()
+    for _, cols in batches(train):
+        for n in categorical:
+            vocab.add(n, cols[n])
+    vocab.freeze()
+    for line, cols in batches(train):
+        writers["train"].write(table(cols, vocab, train, line))
+    for line, cols in batches(test):
+        part = table(cols, vocab, test, line)
+        odd, even = alternate(part.num_rows, line)
+        writers["val"].write(part.take(odd))
+        writers["test"].write(part.take(even))
+    return vocab
+
+
+def binary_tasks(names: list[str], condition: dict[str, str] | None = None) -> str:
+    """``[[tasks]]`` tables (TOML) of binary tasks labelled by their own column; ``condition``:
+    a task's conditioning task (``{"conversion": "click"}``)."""
+    condition = condition or {}
+    return "\n".join(
+        f'[[tasks]]\nname = "{t}"\nkind = "binary"\nlabel = "{t}"\n'
+        + (f'condition = "{condition[t]}"\n' if t in condition else "")
+        for t in names
+    )
+
+
+def job_config(
+    header: str,
+    data_dir: str,
+    model: str,
+    batch_size: int,
+    epochs: int,
+    output_dir: str,
+    features: str,
+    tasks: str,
+) -> str:
+    """A prepared copy's training config (TOML text): ``header`` (comment lines), the splits
+    under ``data_dir``, the ``model`` tables (TOML), Adam at 1e-3, the ``features`` and
+    ``tasks`` tables."""
+    return f"""{header}
+[data]
+train_path = "{data_dir}/train"
+val_path = "{data_dir}/val"
+
+{model}
+[optim]
+dense_optimizer = "adam"
+dense_lr = 0.001
+
+[train]
+batch_size = {batch_size}
+epochs = {epochs}
+output_dir = "{output_dir}"
+
+{features}
+{tasks}"""

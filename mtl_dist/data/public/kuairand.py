@@ -38,7 +38,9 @@ from mtl_dist.data.public.common import (
     SplitWriter,
     Vocab,
     alternate,
+    binary_tasks,
     csv_batches,
+    job_config,
     lists,
     numbers,
     sha256,
@@ -208,33 +210,22 @@ def config(info: dict[str, Any], data_dir: str) -> str:
         for n, k in sizes.items()
     )
     dense = ", ".join(f'"{n}"' for n in info["dense"])
-    tasks = "".join(f'[[tasks]]\nname = "{t}"\nkind = "binary"\nlabel = "{t}"\n\n' for t in TASKS)
-    return f"""# KuaiRand: click, long view and like on the standard logs (other labels are in the Parquet).
+    header = f"""# KuaiRand: click, long view and like on the standard logs (other labels are in the Parquet).
 # Prepared by `mtl-prepare kuairand RAW_DIR {data_dir}` (docs/public-datasets.md).
-# Model: MMoE at its default widths (the KuaiRand paper proposes no multi-task model; the
-# [model] keys are being renamed, so only the head is set here).
-
-[data]
-train_path = "{data_dir}/train"
-val_path = "{data_dir}/val"
-
-[model]
-head = "mmoe"
-
-[optim]
-dense_optimizer = "adam"
-dense_lr = 0.001
-
-[train]
-batch_size = 1024
-epochs = 1
-output_dir = "runs/kuairand"
-
-[features]
-dense = [{dense}]
-
-{sparse}
-{tasks}"""
+# Model: MMoE at its default widths (the KuaiRand paper proposes no multi-task model; its
+# widths are set with --model.experts.hidden / --model.tower.hidden).
+"""
+    features = f"[features]\ndense = [{dense}]\n\n{sparse}"
+    return job_config(
+        header,
+        data_dir,
+        '[model]\nhead = "mmoe"\n',
+        1024,
+        1,
+        "runs/kuairand",
+        features,
+        binary_tasks(TASKS),
+    )
 
 
 def configs(info: dict[str, Any], data_dir: str) -> dict[str, str]:
