@@ -8,17 +8,26 @@ this package imports nothing from mtl_dist outside it."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 from mtl_dist.config.base import one_of, opt
 
-POOLINGS = ("sum", "mean")
-INVALID_IDS = ("error", "clip", "hash", "drop")
-COLLISIONS = ("modulo", "managed")
-EVICTIONS = ("lfu", "lru")
-TASK_KINDS = ("binary", "regression")
-TRANSFORMS = ("none", "log1p")
-ON_INVALID = ("error", "mask")
-DENSE_NANS = ("error", "zero")
+Pooling = Literal["sum", "mean"]
+POOLINGS = get_args(Pooling)
+InvalidIds = Literal["error", "clip", "hash", "drop"]
+INVALID_IDS = get_args(InvalidIds)
+Collision = Literal["modulo", "managed"]
+COLLISIONS = get_args(Collision)
+Eviction = Literal["lfu", "lru"]
+EVICTIONS = get_args(Eviction)
+TaskKind = Literal["binary", "regression"]
+TASK_KINDS = get_args(TaskKind)
+Transform = Literal["none", "log1p"]
+TRANSFORMS = get_args(Transform)
+OnInvalid = Literal["error", "mask"]
+ON_INVALID = get_args(OnInvalid)
+DenseNan = Literal["error", "zero"]
+DENSE_NANS = get_args(DenseNan)
 
 
 @dataclass
@@ -39,8 +48,8 @@ class SparseFeature:
     embedding_dim: int = opt(16, "embedding width D")
     table: str = opt("", "table name; features naming the same table share it (default: name)")
     multi_hot: bool = opt(False, "column holds variable-length id lists")
-    pooling: str = opt("sum", f"pooling of a multi-hot list: {one_of(POOLINGS)}")
-    invalid_ids: str = opt(
+    pooling: Pooling = opt("sum", f"pooling of a multi-hot list: {one_of(POOLINGS)}")
+    invalid_ids: InvalidIds = opt(
         "error",
         "ids outside [0, vocab_size) and nulls inside lists: "
         + one_of(
@@ -51,7 +60,7 @@ class SparseFeature:
         )
         + "; clip/hash drop list nulls too",
     )
-    collision: str = opt(
+    collision: Collision = opt(
         "modulo",
         "how ids map to the hash_buckets rows: "
         + one_of(
@@ -61,7 +70,7 @@ class SparseFeature:
             "own a row, the rest share the table's miss row; row-wise sharded)",
         ),
     )
-    eviction: str = opt(
+    eviction: Eviction = opt(
         "lfu", f"collision = managed: which ids keep their rows, {one_of(EVICTIONS)}"
     )
     eviction_interval: int = opt(
@@ -84,13 +93,13 @@ class TaskSpec:
     """One prediction task (one row of ``[[tasks]]``)."""
 
     name: str = opt("", "task name, used in logs and metric tags")
-    kind: str = opt(
+    kind: TaskKind = opt(
         "binary",
         one_of(TASK_KINDS, binary="(logit, BCE loss)", regression="(value, MSE loss)"),
     )
     label: str = opt("", "label column; null / NaN values are masked out of loss and metrics")
     truth: str = opt("", "optional column with the true probability / expected value (oracle)")
-    transform: str = opt("none", f"regression target transform: {one_of(TRANSFORMS)}")
+    transform: Transform = opt("none", f"regression target transform: {one_of(TRANSFORMS)}")
     weight: float = opt(1.0, "fixed loss weight (the fixed balancer; initial weight of others)")
     missing_values: list[float] = opt(
         [], "label values that mean 'no label', e.g. [-1] (null and NaN always do)"
@@ -99,7 +108,7 @@ class TaskSpec:
         "", "a binary task whose label must be 1 for this label to count (conversion: 'click')"
     )
     sample_weight: str = opt("", "column of per-row loss weights (finite, >= 0)")
-    on_invalid: str = opt(
+    on_invalid: OnInvalid = opt(
         "error",
         "label outside the task's domain (binary not 0/1, infinite target): " + one_of(ON_INVALID),
     )
@@ -126,7 +135,7 @@ class DataConfig:
     val_path: str = opt("data/synth/val", "validation Parquet: as train_path")
     num_workers: int = opt(0, "loader worker processes per rank (0 reads in the training process)")
     prefetch_batches: int = opt(2, "batches each worker reads ahead (memory bound: batch x this)")
-    dense_nan: str = opt(
+    dense_nan: DenseNan = opt(
         "error",
         "NaN / infinite dense values: "
         + one_of(DENSE_NANS, error="(names the column)")

@@ -4,10 +4,12 @@ choice keys allow."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 from mtl_dist.config.base import one_of, opt
 
-ON_POLARIZATION = ("warn", "stop", "strengthen")
+OnPolarization = Literal["warn", "stop", "strengthen"]
+ON_POLARIZATION = get_args(OnPolarization)
 SHARDING_TYPES = [
     "data_parallel",
     "table_wise",
@@ -30,7 +32,7 @@ class MonitorConfig:
     dead_threshold: float = opt(
         0.05, "an expert is unused when its utilisation is below this in every gate"
     )
-    on_polarization: str = opt(
+    on_polarization: OnPolarization = opt(
         "warn",
         "when a gate polarises or an expert dies: "
         + one_of(

@@ -4,22 +4,31 @@ names their choice keys allow."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 from mtl_dist.config.base import one_of, opt
 
-OPTIMIZERS = ("adam", "adamw", "sgd", "adagrad")
+DenseOptimizer = Literal["adam", "adamw", "sgd", "adagrad"]
+OPTIMIZERS = get_args(DenseOptimizer)
 # fbgemm's fused embedding optimizers that run on CPU and GPU
-EMBEDDING_OPTIMIZERS = ("rowwise_adagrad", "adagrad", "sgd")
-WEIGHT_DECAY_MODES = ("l2", "decouple")
-SCHEDULES = ("constant", "cosine", "step", "exponential")
-DATA_TYPES = ("fp32", "fp16")
+EmbeddingOptimizer = Literal["rowwise_adagrad", "adagrad", "sgd"]
+EMBEDDING_OPTIMIZERS = get_args(EmbeddingOptimizer)
+WeightDecayMode = Literal["l2", "decouple"]
+WEIGHT_DECAY_MODES = get_args(WeightDecayMode)
+Schedule = Literal["constant", "cosine", "step", "exponential"]
+SCHEDULES = get_args(Schedule)
+DataType = Literal["fp32", "fp16"]
+DATA_TYPES = get_args(DataType)
 BALANCERS = [
     "fixed", "uncertainty", "gradnorm", "dwa", "rlw", "gls", "stch", "famo", "mgda", "imtl_g",
     "aligned_mtl", "pcgrad", "cagrad",
 ]  # fmt: skip
-DEVICES = ("auto", "cpu", "cuda")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-ON_NONFINITE = ("stop", "skip", "off")
+Device = Literal["auto", "cpu", "cuda"]
+DEVICES = get_args(Device)
+PrecisionName = Literal["auto", "fp32", "bf16", "fp16"]
+PRECISIONS = get_args(PrecisionName)
+OnNonFinite = Literal["stop", "skip", "off"]
+ON_NONFINITE = get_args(OnNonFinite)
 # metrics train.best_metric may name, per task kind; the first ones are "higher is better"
 BEST_METRICS = {"binary": ("auc", "gauc", "logloss"), "regression": ("mse", "mae")}
 HIGHER_IS_BETTER = ("auc", "gauc")
@@ -28,7 +37,9 @@ _LOWER_IS_BETTER = [m for ms in BEST_METRICS.values() for m in ms if m not in HI
 
 @dataclass
 class OptimConfig:
-    dense_optimizer: str = opt("adam", f"optimizer for the dense part: {one_of(OPTIMIZERS)}")
+    dense_optimizer: DenseOptimizer = opt(
+        "adam", f"optimizer for the dense part: {one_of(OPTIMIZERS)}"
+    )
     dense_lr: float = opt(1e-3, "learning rate of the dense part")
     weight_decay: float = opt(0.0, "weight decay of the dense part")
     embedding_optimizer: str = opt(
@@ -42,7 +53,7 @@ class OptimConfig:
         "rowwise_adagrad on CUDA (fbgemm's CPU kernels ignore it: refused on CPU, use "
         "model.embedding.l2 there; 0: off)",
     )
-    embedding_weight_decay_mode: str = opt(
+    embedding_weight_decay_mode: WeightDecayMode = opt(
         "l2",
         "embedding_weight_decay: "
         + one_of(
@@ -51,9 +62,11 @@ class OptimConfig:
             decouple="(w -= lr * wd * w, AdamW-style)",
         ),
     )
-    dense_schedule: str = opt("constant", f"dense lr after warm-up: {one_of(SCHEDULES)}")
+    dense_schedule: Schedule = opt("constant", f"dense lr after warm-up: {one_of(SCHEDULES)}")
     dense_warmup_steps: int = opt(0, "dense lr: linear warm-up over this many steps")
-    embedding_schedule: str = opt("constant", f"embedding lr after warm-up: {one_of(SCHEDULES)}")
+    embedding_schedule: Schedule = opt(
+        "constant", f"embedding lr after warm-up: {one_of(SCHEDULES)}"
+    )
     embedding_warmup_steps: int = opt(0, "embedding lr: linear warm-up over this many steps")
     schedule_gamma: float = opt(0.5, "step / exponential: the factor per schedule_step_size steps")
     schedule_step_size: int = opt(1000, "step / exponential: steps per factor of schedule_gamma")
@@ -69,7 +82,7 @@ class OptimConfig:
 class EmbeddingConfig:
     """How the embedding tables are stored (TorchRec's ``EmbeddingBagConfig.data_type``)."""
 
-    data_type: str = opt(
+    data_type: DataType = opt(
         "fp32",
         "table storage: "
         + one_of(
@@ -127,10 +140,10 @@ class TrainConfig:
     )
     output_dir: str = opt("runs/default", "run directory: TensorBoard logs and metrics.json")
     gauc_by: str = opt("", "validation: also report group AUC (GAUC) grouped by this id column")
-    device: str = opt("auto", one_of(DEVICES, auto="(cuda when present, else cpu)"))
+    device: Device = opt("auto", one_of(DEVICES, auto="(cuda when present, else cpu)"))
     threads: int = opt(0, "torch intra-op threads per rank (0: cores / local ranks)")
     progress_bar: bool = opt(True, "tqdm bar on rank 0")
-    precision: str = opt(
+    precision: PrecisionName = opt(
         "auto",
         "dense compute: "
         + one_of(
@@ -151,7 +164,7 @@ class TrainConfig:
     early_stop_patience: int = opt(
         0, "with best_metric: stop after this many validations without improvement (0: off)"
     )
-    on_nonfinite: str = opt(
+    on_nonfinite: OnNonFinite = opt(
         "stop",
         "a non-finite total or task loss on any rank: "
         + one_of(
