@@ -8,11 +8,11 @@ import torch
 from mtl_dist.config import JobConfig
 from mtl_dist.distributed.collectives import all_max
 from mtl_dist.loop.step import UpdateSwitch
-from mtl_dist.models.precision import (  # (re-exported: the precision API in one place)
+from mtl_dist.models.head_parts import in_precision  # (re-exported: the precision API in one place)
+from mtl_dist.models.precision import (
     PRECISIONS,
     Precision,
     cpu_flags,
-    in_precision,
     resolve_precision,
     set_head_precision,
 )

@@ -13,10 +13,11 @@ is read once per training step, so a validation pass in progress finishes first.
 from __future__ import annotations
 
 import signal
+import threading
 
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL (sysexits.h): a temporary failure, try again
 
-_requested: list[int] = []  # signals received
+STOP_REQUESTED = threading.Event()  # set by the SIGTERM handler; the step check reads it
 
 
 class Preempted(Exception):
@@ -29,9 +30,9 @@ class Preempted(Exception):
 
 def install() -> None:
     """Record SIGTERM instead of dying at once (the main thread's handler)."""
-    signal.signal(signal.SIGTERM, lambda signum, frame: _requested.append(signum))
+    signal.signal(signal.SIGTERM, lambda signum, frame: STOP_REQUESTED.set())
 
 
 def requested() -> bool:
     """Whether this process has been asked to stop."""
-    return bool(_requested)
+    return STOP_REQUESTED.is_set()

@@ -41,7 +41,8 @@ from mtl_dist.balancing.base import task_gradients
 from mtl_dist.data.batch import Batch
 from mtl_dist.distributed.collectives import all_mean
 from mtl_dist.loop import preempt
-from mtl_dist.loop.losses import ModelWithLoss, StepOutput, TaskLosses
+from mtl_dist.loop.losses import ModelWithLoss
+from mtl_dist.loop.outputs import StepOutput, TaskLosses
 
 ON_NONFINITE = ("stop", "skip", "off")  # train.on_nonfinite
 
@@ -270,7 +271,7 @@ class TrainStep:
         # a balancer that reads label counts waits for the all-gather in the step; with fixed
         # weights it completes behind the head's backward
         self.check = StepCheck(
-            self.switch, wait=not loss_module.fixed_weights, stop=preempt.requested
+            self.switch, wait=not loss_module.fixed_weights, stop=preempt.STOP_REQUESTED.is_set
         )
         self.conflict = ConflictProbe(lambda: loss_module.model.head.shared_parameters())
 

@@ -106,7 +106,6 @@ class StackedMLP(nn.Module):
                 torch.randn(groups, in_dim, feature_gate_rank) / math.sqrt(in_dim)
             )
             self.gate_up = nn.Parameter(torch.zeros(groups, feature_gate_rank, in_dim))
-        self.last_grouped = ""  # which kernel forward_grouped last ran: grouped_mm or loop
         dims = [in_dim, *widths]
         self.weights = nn.ParameterList(
             nn.Parameter(torch.empty(groups, d_in, d_out)) for d_in, d_out in zip(dims, dims[1:])
@@ -185,6 +184,11 @@ class StackedMLP(nn.Module):
             return x * w.index_select(0, group) + b.index_select(0, group)
         return x
 
+    def grouped_kernel(self, x: torch.Tensor) -> str:
+        """What :meth:`forward_grouped` runs on rows like ``x`` ``[N, Din]``: ``grouped_mm`` (one
+        grouped GEMM per layer) where torch has it for this device and dtype, else ``loop``."""
+        return "grouped_mm" if grouped_mm_supported(x, [x.shape[1], *self.widths]) else "loop"
+
     def forward_grouped(self, x: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
         """Each row through its own group's MLP (sparse top-k dispatch): ``[N, Din]`` → ``[N, H]``.
 
@@ -194,9 +198,7 @@ class StackedMLP(nn.Module):
         if self.norms is not None or self.feature_gated:
             raise ValueError("grouped dispatch does not support batch_norm or feature gates")
         counts = torch.bincount(group, minlength=self.groups)
-        use_grouped_mm = grouped_mm_supported(x, [x.shape[1], *self.widths])
-        self.last_grouped = "grouped_mm" if use_grouped_mm else "loop"
-        if not use_grouped_mm:
+        if self.grouped_kernel(x) == "loop":
             bounds = [0, *counts.cumsum(0).tolist()]
             blocks = [
                 self.forward_group(g, x[s:e]) for g, (s, e) in enumerate(zip(bounds, bounds[1:]))

@@ -13,9 +13,8 @@ import torch
 from torch import nn
 
 from mtl_dist.models.experts import PLAIN_EXPERTS, ExpertStyle, StackedMLP
-from mtl_dist.models.heads import ExpertWatch, Probe, Towers
+from mtl_dist.models.head_parts import ExpertWatch, Probe, Towers, in_precision
 from mtl_dist.models.outputs import NO_PROBES, HeadOutput, Probes
-from mtl_dist.models.precision import in_precision
 
 
 class AITM(ExpertWatch, nn.Module):
@@ -32,6 +31,10 @@ class AITM(ExpertWatch, nn.Module):
     probability should not exceed the earlier one, ``α · mean_B Σ_t max(ŷ_t − ŷ_{t−1}, 0)``
     over consecutive chain tasks (binary tasks, sigmoid of their logits; every row, labelled
     or not).
+
+    With ``Probes(gates=True)`` the output's ``gates`` hold each chain task's attention
+    ``"<task>/transfer"`` ``[B, 2]`` (weight on ``p_{t−1}``, on ``q_t``; rows sum to 1). They
+    are not expert gates: ``gate_experts`` is empty, so gate health does not read them.
 
     Args:
         in_dim: Din.
@@ -78,7 +81,6 @@ class AITM(ExpertWatch, nn.Module):
         self.attend = StackedMLP(links, h, [3 * h], activate_last=False)
         self.outputs = Towers(T, h, output_hidden, output_dropout)
         self.gate_experts: dict[str, tuple[str, list[int]]] = {}
-        self.last_attention: torch.Tensor | None = None  # [links, B, 2]: weight on p, on q
 
     def shared_layer(self) -> torch.Tensor:
         """The first tower layer (every task's tower reads the shared input through it)."""
@@ -95,7 +97,6 @@ class AITM(ExpertWatch, nn.Module):
         probe.share(x)  # no layer is shared: the towers' common input
         z = list(q.unbind(0))
         h = q.shape[-1]
-        attention = []
         for link, (prev, t) in enumerate(zip(self.chain, self.chain[1:])):
             p = self.transfer.forward_group(link, z[prev])  # [B, H]
             u = torch.stack([p, z[t]])  # [2, B, H]: the two candidates
@@ -103,8 +104,7 @@ class AITM(ExpertWatch, nn.Module):
             h1, h2, h3 = (u @ w + b).split(h, dim=-1)
             a = torch.softmax((h2 * h3).sum(-1) / math.sqrt(h), dim=0)  # [2, B]
             z[t] = (a.unsqueeze(-1) * h1).sum(0)
-            attention.append(a.detach().t())
-        self.last_attention = torch.stack(attention)
+            probe.gate(f"{self.task_names[t]}/transfer", a.t())
         out = self.outputs(torch.stack(z))  # [B, T]
         if not self.aux_names:
             return probe.output(out, x.new_zeros(0))

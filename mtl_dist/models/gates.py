@@ -153,8 +153,8 @@ class SelfGates(nn.Module):
     and adds that mix to its softmax mix, so its own experts always receive its gradient.
 
     ``forward(x, own)``: ``x`` ``[B, Din]`` or ``[T, B, Din]`` (each task's gate input), ``own``
-    ``[T, Et, B, H]`` (task t's own experts' outputs) → ``[T, B, H]``; the weights of the last
-    forward stay in ``last_weights`` ``[T, B, Et]``.
+    ``[T, Et, B, H]`` (task t's own experts' outputs) → ``[T, B, H]``; :meth:`weights` gives
+    the sigmoid weights ``[T, B, Et]`` it mixes with.
 
     Example::
 
@@ -165,11 +165,13 @@ class SelfGates(nn.Module):
     def __init__(self, in_dim: int, num_tasks: int, task_experts: int) -> None:
         super().__init__()
         self.logits = StackedMLP(num_tasks, in_dim, [task_experts], activate_last=False)
-        self.last_weights: torch.Tensor | None = None
+
+    def weights(self, x: torch.Tensor) -> torch.Tensor:
+        """Each task's independent weights of its own experts: ``[T, B, Et]`` in (0, 1)."""
+        return torch.sigmoid(self.logits(x))
 
     def forward(self, x: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
-        w = torch.sigmoid(self.logits(x))  # [T, B, Et]
-        self.last_weights = w.detach()
+        w = self.weights(x)  # [T, B, Et]
         # the heads' mix einsum, which export rewrites batch-free (serving._BatchedMixes)
         return torch.einsum("bte,tebh->tbh", w.transpose(0, 1), own)
 

@@ -1,6 +1,7 @@
 """What every multi-task head is built from: :class:`Towers`, the :class:`ExpertWatch` probes,
-:func:`task_expert_index` the auxiliary-loss helpers and :class:`Probe`, which gathers the extras
-a forward returns.
+:func:`task_expert_index`, the auxiliary-loss helpers, :func:`in_precision` (every head's
+forward runs in its compute dtype through it) and :class:`Probe`, which gathers the extras a
+forward returns.
 
 The heads themselves are in :mod:`mtl_dist.models.heads` (SharedBottom, MoE) and
 :mod:`mtl_dist.models.ple` (PLE, STEM); see :mod:`mtl_dist.models.heads` for what a head returns
@@ -8,6 +9,9 @@ and keeps.
 """
 
 from __future__ import annotations
+
+import functools
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -23,9 +27,29 @@ __all__ = [
     "Probes",
     "Towers",
     "gate_aux_names",
+    "in_precision",
     "stack_aux",
     "task_expert_index",
 ]
+
+
+def in_precision(forward: Callable) -> Callable:
+    """Decorate a head's ``forward`` returning a
+    :class:`~mtl_dist.models.outputs.HeadOutput`: run it under autocast in the head's
+    ``compute_dtype`` (set by :func:`set_head_precision`; None = fp32) and return its logits and
+    aux in float32, so losses, metrics and balancers never see reduced precision (the probes'
+    extras stay as computed)."""
+
+    @functools.wraps(forward)
+    def wrapped(self, x: torch.Tensor, *args, **kwargs):
+        dtype = getattr(self, "compute_dtype", None)
+        if dtype is None:
+            return forward(self, x, *args, **kwargs)
+        with torch.autocast(x.device.type, dtype=dtype):
+            out = forward(self, x, *args, **kwargs)
+        return out._replace(logits=out.logits.float(), aux=out.aux.float())
+
+    return wrapped
 
 
 def gate_aux_names(cfg: GateConfig) -> list[str]:

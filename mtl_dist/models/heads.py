@@ -33,12 +33,12 @@ from mtl_dist.models.head_parts import (
     Probe,
     Towers,
     gate_aux_names,
+    in_precision,
     stack_aux,
     task_expert_index,
 )
 from mtl_dist.models.outputs import NO_PROBES, HeadOutput, Probes
 from mtl_dist.models.ple import PLE, STEM
-from mtl_dist.models.precision import in_precision
 
 # the old path of what moved stays: imports, and exported models pickled as mtl_dist.models.heads.PLE
 __all__ = [
@@ -98,8 +98,8 @@ class MoE(ExpertWatch, nn.Module):
     the per-task mix is one einsum ``[B,T,E] × [E,B,H]``. With top-k gating the experts run only
     on the rows some task routed to them (sparse dispatch: one grouped GEMM per layer), unless
     more than ``sparse_max_fraction`` of the (sample, expert) pairs are selected, where a dense
-    compute with zeroed weights is faster; ``last_dispatch`` says which ran (``dense``,
-    ``sparse/grouped_mm`` or ``sparse/loop`` where the device has no grouped GEMM).
+    compute with zeroed weights is faster; :meth:`dispatch` says which runs on a batch
+    (``dense``, ``sparse/grouped_mm`` or ``sparse/loop`` where the device has no grouped GEMM).
 
     Example::
 
@@ -138,7 +138,6 @@ class MoE(ExpertWatch, nn.Module):
         self.aux_names = gate_aux_names(gate)
         self.sparse = 0 < gate.top_k < num_experts or gate.gumbel
         self.gate_experts = {t: ("experts", list(range(num_experts))) for t in self.task_names}
-        self.last_dispatch = "dense"
 
     def shared_layer(self) -> torch.Tensor:
         """The experts' last layer ``[E, H', H]``, shared by every task's mix."""
@@ -159,21 +158,30 @@ class MoE(ExpertWatch, nn.Module):
             experts = self.experts(x, first_e)  # [E, B, H]
         for i, t in enumerate(self.task_names):
             probe.gate(t, weights[:, 0 if self.shared_gate else i])
-        mixed = None
-        if self.sparse:
-            selected = (weights > 0).any(1)  # [B, E]
-            if selected.float().mean().item() <= self.sparse_max_fraction:
-                mixed = self._sparse_mix(x, weights, selected, probe)
-                self.last_dispatch = f"sparse/{self.experts.last_grouped}"
-        if mixed is None:
+        if self.sparse and self._routes_sparse(weights):
+            mixed = self._sparse_mix(x, weights, (weights > 0).any(1), probe)
+        else:
             experts = self.experts(x) if experts is None else experts
             probe.watch("experts", experts)
             probe.share(experts)
             mixed = torch.einsum("bge,ebh->gbh", weights, experts)  # [G, B, H]
-            self.last_dispatch = "dense"
         if self.shared_gate:  # OMoE: one mix, read by every tower
             mixed = mixed.expand(self.num_tasks, -1, -1)
         return probe.output(self.towers(mixed), stack_aux(self.aux_names, [aux], x))
+
+    def _routes_sparse(self, weights: torch.Tensor) -> bool:
+        """Whether the gates' ``weights`` ``[B, G, E]`` select few enough (sample, expert)
+        pairs (at most ``sparse_max_fraction``) for the sparse dispatch to pay."""
+        return (weights > 0).any(1).float().mean().item() <= self.sparse_max_fraction
+
+    @torch.no_grad()
+    def dispatch(self, x: torch.Tensor) -> str:
+        """What :meth:`forward` runs on ``x`` ``[B, Din]`` (the gates' routing decides, so the
+        answer holds for this batch, and for a stochastic gate this draw):
+        ``dense``, ``sparse/grouped_mm`` or ``sparse/loop``."""
+        if self.sparse and self._routes_sparse(self.gates(x)[0]):
+            return f"sparse/{self.experts.grouped_kernel(x)}"
+        return "dense"
 
     def _sparse_mix(
         self, x: torch.Tensor, weights: torch.Tensor, selected: torch.Tensor, probe: Probe

@@ -4,8 +4,8 @@
 balancer's need) and the telemetry (gate health, heatmaps) set it on the ranker
 (``ranker.probes = replace(ranker.probes, gates=True)``); the ranker hands it to its head. A
 head returns a :class:`HeadOutput`, the ranker a :class:`~mtl_dist.models.ranker.RankerOutput`
-holding the same extras; :func:`model_body` is the part of the model training and serving
-share. Both outputs are NamedTuples: what crosses DDP / TorchRec's DMP must be tuples,
+holding the same extras (:func:`mtl_dist.models.ranker.model_body` is the part of the model
+training and serving share). Both outputs are NamedTuples: what crosses DDP / TorchRec's DMP must be tuples,
 dicts and lists of tensors, or DDP does not see the tensors in them.
 
 Legend: ``B`` batch, ``E`` a gate's experts, ``H`` hidden, ``T`` tasks, ``A`` aux losses.
@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
-from torch import nn
 
 
 @dataclass(frozen=True)
@@ -82,20 +81,3 @@ class RankerOutput(NamedTuple):
     def of_head(cls, out: HeadOutput, **extra) -> RankerOutput:
         """``out``'s logits, aux and extras (and the fields in ``extra``) as a RankerOutput."""
         return cls(out.logits, out.aux, gates=out.gates, dead=out.dead, shared=out.shared, **extra)
-
-
-def model_body(
-    interaction: nn.Module,
-    head: nn.Module,
-    x: torch.Tensor,
-    own: torch.Tensor | None = None,
-    probes: Probes = NO_PROBES,
-) -> HeadOutput:
-    """The model both :class:`~mtl_dist.models.ranker.Ranker` (training, evaluation) and the served program
-    (:class:`mtl_dist.serve.served.ServedRanker`) run on the head's raw input ``x [B, Din]``
-    (pooled embeddings ⊕ normalised dense): the interaction, then the head (STEM's with its
-    task embeddings ``own [T, B, Dt]``) → :class:`HeadOutput` (``logits [B, T]``, ``aux [A]``)."""
-    x = interaction(x)  # [B, Din'] (the identity without one)
-    if own is None:
-        return head(x, probes)
-    return head(x, own, probes)

@@ -19,9 +19,8 @@ import torch
 from torch import nn
 
 from mtl_dist.models.experts import ACTIVATIONS, PLAIN_EXPERTS, ExpertStyle, StackedMLP
-from mtl_dist.models.heads import ExpertWatch, Probe
+from mtl_dist.models.head_parts import ExpertWatch, Probe, in_precision
 from mtl_dist.models.outputs import NO_PROBES, HeadOutput, Probes
-from mtl_dist.models.precision import in_precision
 
 
 class GateNU(nn.Module):

@@ -16,12 +16,12 @@ from mtl_dist.models.head_parts import (
     Probe,
     Towers,
     gate_aux_names,
+    in_precision,
     mix_selected,
     stack_aux,
     task_expert_index,
 )
 from mtl_dist.models.outputs import NO_PROBES, HeadOutput, Probes
-from mtl_dist.models.precision import in_precision
 
 __all__ = ["PLE", "STEM", "MixedExperts"]
 

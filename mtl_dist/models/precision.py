@@ -20,8 +20,6 @@ the dense precision before the head.
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -107,25 +105,6 @@ def resolve_precision(
             "train.precision = bf16 on a CPU without amx_bf16 / avx512_bf16: emulated, slower",
         )
     return Precision(requested, f"train.precision = {requested}")
-
-
-def in_precision(forward: Callable) -> Callable:
-    """Decorate a head's ``forward`` returning a
-    :class:`~mtl_dist.models.outputs.HeadOutput`: run it under autocast in the head's
-    ``compute_dtype`` (set by :func:`set_head_precision`; None = fp32) and return its logits and
-    aux in float32, so losses, metrics and balancers never see reduced precision (the probes'
-    extras stay as computed)."""
-
-    @functools.wraps(forward)
-    def wrapped(self, x: torch.Tensor, *args, **kwargs):
-        dtype = getattr(self, "compute_dtype", None)
-        if dtype is None:
-            return forward(self, x, *args, **kwargs)
-        with torch.autocast(x.device.type, dtype=dtype):
-            out = forward(self, x, *args, **kwargs)
-        return out._replace(logits=out.logits.float(), aux=out.aux.float())
-
-    return wrapped
 
 
 def set_head_precision(head: torch.nn.Module, precision: Precision) -> None:

@@ -25,7 +25,7 @@ from mtl_dist.models.experts import ExpertStyle
 from mtl_dist.models.funnel import AITM
 from mtl_dist.models.heads import PLE, STEM, MoE, SharedBottom, Towers
 from mtl_dist.models.interaction import FeatureDropout, build_interaction
-from mtl_dist.models.outputs import NO_PROBES, RankerOutput, model_body
+from mtl_dist.models.outputs import NO_PROBES, HeadOutput, Probes, RankerOutput
 from mtl_dist.models.pepnet import PEPNet
 from mtl_dist.models.ple import MixedExperts
 
@@ -54,6 +54,23 @@ def embedding_bag_configs(
         )
         for table, fs in by_table.items()
     ]
+
+
+def model_body(
+    interaction: nn.Module,
+    head: nn.Module,
+    x: torch.Tensor,
+    own: torch.Tensor | None = None,
+    probes: Probes = NO_PROBES,
+) -> HeadOutput:
+    """The model both :class:`~mtl_dist.models.ranker.Ranker` (training, evaluation) and the served program
+    (:class:`mtl_dist.serve.served.ServedRanker`) run on the head's raw input ``x [B, Din]``
+    (pooled embeddings ⊕ normalised dense): the interaction, then the head (STEM's with its
+    task embeddings ``own [T, B, Dt]``) → :class:`HeadOutput` (``logits [B, T]``, ``aux [A]``)."""
+    x = interaction(x)  # [B, Din'] (the identity without one)
+    if own is None:
+        return head(x, probes)
+    return head(x, own, probes)
 
 
 class Ranker(nn.Module):

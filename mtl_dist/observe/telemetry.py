@@ -32,8 +32,8 @@ from tqdm import tqdm
 from mtl_dist.balancing import all_mean
 from mtl_dist.config import JobConfig, ModelConfig
 from mtl_dist.distributed.setup import DistInfo
-from mtl_dist.loop.losses import StepOutput
 from mtl_dist.loop.optim import learning_rates
+from mtl_dist.loop.outputs import StepOutput
 from mtl_dist.loop.step import TrainStep
 from mtl_dist.models.outputs import NO_PROBES
 from mtl_dist.observe.gate_health import Alarm, GateHealth, heatmaps

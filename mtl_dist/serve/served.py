@@ -21,7 +21,7 @@ from mtl_dist.data.batch import Batch
 from mtl_dist.loop.losses import ModelWithLoss, task_predictions
 from mtl_dist.models.collision import feature_remappings
 from mtl_dist.models.heads import MoE
-from mtl_dist.models.outputs import model_body
+from mtl_dist.models.ranker import model_body
 from mtl_dist.serve.lookups import IdRemap, PooledEmbeddings
 
 EMBEDDING_DTYPES = ("fp32", "fp16", "int8")

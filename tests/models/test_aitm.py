@@ -7,13 +7,14 @@ import pytest
 import torch
 
 from mtl_dist.models.funnel import AITM
+from mtl_dist.models.outputs import Probes
 
 
 def test_forward_by_hand():
     torch.manual_seed(0)
     head = AITM(3, ["ctr", "watch", "cvr"], ["ctr", "cvr"], [2], [], calibration=0.5)
     x = torch.tensor([[1.0, -1.0, 0.5], [0.2, 0.3, -0.4]])
-    out, aux, *_ = head(x)
+    out, aux, attention, *_ = head(x, Probes(gates=True))
     # by hand, from the parameters
     relu = torch.relu
     W0, b0 = head.towers_in.weights[0], head.towers_in.biases[0]  # [3, 3, 2], [3, 1, 2]
@@ -34,7 +35,8 @@ def test_forward_by_hand():
     z = [q[0], q[1], z_cvr]  # ctr: first of the chain; watch: outside it
     expect = torch.cat([z[t] @ Wo[t] + bo[t] for t in range(3)], 1)
     assert out.shape == (2, 3) and torch.allclose(out, expect, atol=1e-6)
-    assert torch.allclose(head.last_attention[0, :, 0], ap.detach(), atol=1e-6)
+    assert list(attention) == ["cvr/transfer"]
+    assert torch.allclose(attention["cvr/transfer"][:, 0], ap.detach(), atol=1e-6)
     calib = torch.relu(torch.sigmoid(expect[:, 2]) - torch.sigmoid(expect[:, 0])).mean()
     assert aux.shape == (1,) and aux.item() == pytest.approx(0.5 * calib.item(), abs=1e-7)
 

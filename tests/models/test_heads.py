@@ -88,13 +88,13 @@ def test_top_k_sparse_dispatch_equals_masked_dense(k, in_dim, kernel):
     head = MoE(in_dim, TASKS, 6, [16, 8], [4], GateConfig(top_k=k), sparse_max_fraction=1.0)
     x = torch.randn(32, in_dim, requires_grad=True)
     sparse, _, gates, *_ = head(x, Probes(gates=True))
-    assert head.last_dispatch == f"sparse/{kernel}"
+    assert head.dispatch(x) == f"sparse/{kernel}"
     ref = loop_moe(head, x, top_k=k)
     torch.testing.assert_close(sparse, ref, rtol=1e-5, atol=1e-5)
     gs = torch.autograd.grad(sparse.sum(), [x, *head.parameters()])
     head.sparse_max_fraction = 0.0  # force the masked dense combine
     dense, _, *_ = head(x)
-    assert head.last_dispatch == "dense"
+    assert head.dispatch(x) == "dense"
     torch.testing.assert_close(sparse, dense, rtol=1e-5, atol=1e-5)
     gd = torch.autograd.grad(dense.sum(), [x, *head.parameters()])
     for a, b in zip(gs, gd):

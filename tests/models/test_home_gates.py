@@ -93,7 +93,10 @@ def test_stem_self_gate_and_config():
     torch.manual_seed(0)
     head = STEM(6, 2, ["a", "b"], MixedExperts(1, 2, [4], [3], self_gate=True))
     out, _, *_ = head(torch.randn(5, 6), torch.randn(2, 5, 2))
-    assert out.shape == (5, 2) and head.self_gates.last_weights.shape == (2, 5, 2)
+    assert out.shape == (5, 2) and head.self_gates is not None
+    z = torch.randn(5, head.self_gates.logits.weights[0].shape[1])  # the gates' input [B, Dz]
+    w = head.self_gates.weights(z)  # [T, B, Et], independent sigmoids
+    assert w.shape == (2, 5, 2) and bool(((w > 0) & (w < 1)).all())
     base = ["--config", "configs/default.toml"]
     with pytest.raises(ConfigError, match="needs model.head = ple or stem"):
         load_config([*base, "--model.experts.self_gate", "true"])

@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> None:
     size = {name: sum(q.numel() for q in model.parameters()) for name, model in heads.items()}
     print(f"  {'head':<40}{'samples/s':>12}{'vs mmoe':>9}{'parameters':>12}{'vs mmoe':>9}")
     for name, model in heads.items():
-        note = f"  dispatch={model.last_dispatch}" if isinstance(model, MoE) else ""
+        note = f"  dispatch={model.dispatch(x)}" if isinstance(model, MoE) else ""
         print(f"  {name:<40}{B / secs[name]:>12,.0f}{secs['mmoe'] / secs[name]:>9.2f}"
               f"{size[name]:>12,}{size[name] / size['mmoe']:>9.2f}{note}")  # fmt: skip
     ratio = secs["loop MMoE (baseline)"] / secs["mmoe"]
@@ -290,7 +290,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     f = selected.float().mean().item()
     print(
-        f"top-2 of {E}, one gate ({sparse.experts.last_grouped}): computed fraction f = {f:.3f}; "
+        f"top-2 of {E}, one gate ({sparse.experts.grouped_kernel(x)}): computed fraction f = {f:.3f}; "
         f"expert time {t_sparse / t_dense:.2f} of dense (target <= 1.5 f = {1.5 * f:.2f}); "
         f"speed-up {t_dense / t_sparse:.2f}x"
     )
