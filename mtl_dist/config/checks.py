@@ -206,6 +206,10 @@ def check_data_sharding_embedding(cfg: JobConfig) -> None:
             raise ConfigError(
                 f"sharding: unknown sharding type {st!r}" + suggest(st, SHARDING_TYPES)
             )
+    if cfg.sharding.ddp_bucket_cap_mb < 1:
+        raise ConfigError(
+            f"sharding.ddp_bucket_cap_mb must be >= 1 MiB, got {cfg.sharding.ddp_bucket_cap_mb}"
+        )
     _expect("data.dense_nan", cfg.data.dense_nan, DENSE_NANS)
     _expect("embedding.data_type", cfg.embedding.data_type, DATA_TYPES)
 

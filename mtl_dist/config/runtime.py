@@ -92,3 +92,9 @@ class ShardingConfig:
     pipeline: bool = opt(
         True, "train with TorchRec's TrainPipelineSparseDist (overlaps input dist)"
     )
+    ddp_bucket_cap_mb: int = opt(
+        25,
+        "DDP's gradient bucket size for the dense part, MiB (torch's and TorchRec's default 25); "
+        "smaller buckets start their all-reduce earlier in the backward (TorchRec's DDP already "
+        "sets gradient_as_bucket_view and static_graph)",
+    )

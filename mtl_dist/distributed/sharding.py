@@ -17,7 +17,10 @@ from fbgemm_gpu.split_table_batched_embeddings_ops_training import WeightDecayMo
 from torch import nn
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.mc_embeddingbag import ManagedCollisionEmbeddingBagCollectionSharder
-from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.distributed.model_parallel import (
+    DefaultDataParallelWrapper,
+    DistributedModelParallel,
+)
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
 from torchrec.distributed.types import ModuleSharder, ShardingPlan
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
@@ -129,7 +132,11 @@ def shard_model(
         install_cpu_eviction_reset()
     sharders = sharders_for(sharding)
     plan = plan_sharding(model, sharding, info, sharders)
-    dmp = DistributedModelParallel(module=model, device=info.device, plan=plan, sharders=sharders)
+    # the dense part's DDP: TorchRec's (static graph, gradients as bucket views), our bucket size
+    ddp = DefaultDataParallelWrapper(bucket_cap_mb=sharding.ddp_bucket_cap_mb)
+    dmp = DistributedModelParallel(
+        module=model, device=info.device, plan=plan, sharders=sharders, data_parallel_wrapper=ddp
+    )
     return dmp, plan
 
 

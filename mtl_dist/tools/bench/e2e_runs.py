@@ -163,4 +163,6 @@ LEVERS = {  # name: overrides of our defaults, each measured alone against the d
     "monitoring off": ["--monitor.gate_every", "0", "--monitor.step_timing", "false"],
     "tables data_parallel": ["--sharding.force", "data_parallel"],
     "tables table_wise": ["--sharding.force", "table_wise"],
+    "DDP buckets of 1 MiB": ["--sharding.ddp_bucket_cap_mb", "1"],
+    "DDP buckets of 4 MiB": ["--sharding.ddp_bucket_cap_mb", "4"],
 }
