@@ -1,4 +1,5 @@
-"""Peer baselines: torch-rechub's and DeepCTR-Torch's MMoE trained through their own APIs.
+"""Peer baselines: torch-rechub's and DeepCTR-Torch's MMoE trained through their own APIs
+(built in :mod:`mtl_dist.tools.bench.peer_models`).
 
 ``python -m mtl_dist.tools.bench.peers --system {torch_rechub,deepctr_torch} --data DIR`` reads a
 ``--workload peers`` dataset (``mtl_dist.data.synth``) with pyarrow, builds the peer's MMoE with the
@@ -27,7 +28,6 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -35,15 +35,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mtl_dist.files import read_json
-
-PEERS = ("torch_rechub", "deepctr_torch")
-DISTRIBUTIONS = {"torch_rechub": "torch-rechub", "deepctr_torch": "deepctr-torch"}
-TASKS = ("click", "purchase")
-EMBED_DIM = 16
-NUM_EXPERTS = 4
-EXPERT_DIMS = (256, 128)
-TOWER_DIMS = (64,)
-Split = tuple[dict[str, np.ndarray], np.ndarray]  # ({column: values}, labels [N, tasks])
+from mtl_dist.tools.bench.peer_models import (
+    BUILDERS,
+    PEERS,
+    TASKS,
+    MissingPeer,
+    PeerModel,
+    Split,
+)
 
 
 def peers_installed() -> dict[str, bool]:
@@ -51,175 +50,30 @@ def peers_installed() -> dict[str, bool]:
     return {p: importlib.util.find_spec(p) is not None for p in PEERS}
 
 
-class MissingPeer(RuntimeError):
-    """A peer toolkit (or one of its imports) is not installed."""
-
-
-def _missing(system: str, err: ImportError) -> MissingPeer:
-    return MissingPeer(
-        f"{system}: cannot import {err.name or DISTRIBUTIONS[system]!r} ({err}); the peer "
-        f"baselines need the bench extra (torch-rechub, deepctr-torch, pandas, scikit-learn): "
-        f"pip install -e .[bench]"
-    )
-
-
 # --------------------------------------------------------------------------- data
 
 
-def load_split(data_dir: Path, meta: dict[str, Any], split: str) -> Split:
-    """One split as ``({column: 1-d array}, labels [N, len(TASKS)] float32)``.
+def load_split(
+    data_dir: Path, meta: dict[str, Any], split: str, files: Sequence[str] = ()
+) -> Split:
+    """One split (or ``files`` of it, relative to ``data_dir``) as ``({column: 1-d array},
+    labels [N, len(TASKS)] float32)``.
 
     Sparse ids stay int64 and dense features float32, as both peers' examples feed them.
     """
     sparse = [f["name"] for f in meta["columns"]["sparse"]]
     dense = list(meta["columns"]["dense"])
-    files = [data_dir / f for f in meta["splits"][split]["files"]]
+    files = [data_dir / f for f in (files or meta["splits"][split]["files"])]
     table = pa.concat_tables(pq.read_table(f, columns=[*sparse, *dense, *TASKS]) for f in files)
     x = {c: table.column(c).to_numpy() for c in (*sparse, *dense)}
     y = np.stack([table.column(t).to_numpy().astype(np.float32) for t in TASKS], axis=1)
     return x, y
 
 
-def _head(x: dict[str, np.ndarray], y: np.ndarray, n: int) -> Split:
-    return {k: v[:n] for k, v in x.items()}, y[:n]
-
-
-# --------------------------------------------------------------------------- peers
-
-
-def _train_torch_rechub(
-    meta: dict[str, Any], train: Split, val: Split, a: argparse.Namespace
-) -> tuple[float, np.ndarray, str]:
-    """torch-rechub: ``MMOE`` + ``MTLTrainer.fit`` on its ``DataGenerator`` loaders.
-
-    ``MTLTrainer.fit`` always evaluates each epoch and saves the weights; it gets one val batch
-    (not the val split) and a temporary model_path, so the timed ``fit`` is the training epochs
-    plus a one-batch evaluation, an early-stopper state_dict copy and one ``torch.save`` per run
-    (well under 1% of it). Its MLPs always carry BatchNorm; the gates are linear + softmax.
-    """
-    try:
-        import torch
-        from torch.utils.data import DataLoader
-        from torch_rechub.basic.features import DenseFeature, SparseFeature
-        from torch_rechub.models.multi_task import MMOE
-        from torch_rechub.trainers import MTLTrainer
-        from torch_rechub.utils.data import DataGenerator, PredictDataset
-    except ImportError as e:
-        raise _missing("torch_rechub", e) from e
-
-    features = [
-        SparseFeature(f["name"], vocab_size=f["vocab"], embed_dim=EMBED_DIM)
-        for f in meta["columns"]["sparse"]
-    ] + [DenseFeature(n) for n in meta["columns"]["dense"]]
-    task_types = ["classification"] * len(TASKS)
-    model = MMOE(
-        features,
-        task_types,
-        n_expert=NUM_EXPERTS,
-        expert_params={"dims": list(EXPERT_DIMS)},
-        tower_params_list=[{"dims": list(TOWER_DIMS)} for _ in TASKS],
-    )
-    (x_train, y_train), (x_val, y_val) = train, val
-    x_head, y_head = _head(x_val, y_val, a.batch)
-    train_dl, val_dl, _ = DataGenerator(x_train, y_train).generate_dataloader(
-        x_val=x_head, y_val=y_head, x_test=x_head, y_test=y_head, batch_size=a.batch
-    )
-    with tempfile.TemporaryDirectory() as model_path:
-        trainer = MTLTrainer(
-            model,
-            task_types,
-            optimizer_fn=torch.optim.Adam,
-            # its default optimizer_params are {"lr": 1e-3, "weight_decay": 1e-5}; keep the decay
-            optimizer_params={"lr": a.lr, "weight_decay": 1e-5},
-            n_epoch=a.epochs,
-            earlystop_patience=a.epochs + 1,  # never stops early nor reloads "best" weights
-            device="cpu",
-            model_path=model_path,
-        )
-        t0 = time.perf_counter()
-        trainer.fit(train_dl, val_dl)
-        train_s = time.perf_counter() - t0
-    pred_dl = DataLoader(PredictDataset(x_val), batch_size=a.batch, shuffle=False)
-    preds = np.asarray(trainer.predict(trainer.model, pred_dl), dtype=np.float64)
-    return train_s, preds, importlib.metadata.version("torch-rechub")
-
-
-def _import_deepctr_torch() -> Any:
-    """Import deepctr_torch without its import-time PyPI version check.
-
-    Its ``__init__`` starts a non-daemon thread calling ``requests.get`` on PyPI with no
-    timeout: it prints to stdout when offline and can hold the process open while the request
-    hangs. Here that one URL answers "not OK" at once, so the check returns silently.
-    """
-    import requests
-
-    real_get = requests.get
-
-    def get(url: str, *args: Any, **kwargs: Any) -> Any:
-        if "pypi.python.org/pypi/deepctr-torch" in str(url):
-            return SimpleNamespace(status_code=0, text="")
-        return real_get(url, *args, **kwargs)
-
-    requests.get = get
-    import deepctr_torch
-
-    return deepctr_torch
-
-
-def _train_deepctr_torch(
-    meta: dict[str, Any], train: Split, val: Split, a: argparse.Namespace
-) -> tuple[float, np.ndarray, str]:
-    """DeepCTR-Torch: ``MMOE`` + ``compile`` + ``fit`` (no validation data, so none runs).
-
-    The timed ``fit`` includes its own input preparation: it concatenates all columns into one
-    float64 matrix and wraps it in a TensorDataset (well under 1% of it). Its defaults stay:
-    L2 1e-5 on the embedding tables (a full-table term every step), no BatchNorm; the gates are
-    set linear (``gate_dnn_hidden_units=()``) like torch-rechub's and the MMoE paper's.
-    """
-    try:
-        import torch
-
-        _import_deepctr_torch()
-        from deepctr_torch.inputs import DenseFeat, SparseFeat
-        from deepctr_torch.models import MMOE
-    except ImportError as e:
-        raise _missing("deepctr_torch", e) from e
-
-    columns = [
-        SparseFeat(f["name"], vocabulary_size=f["vocab"], embedding_dim=EMBED_DIM)
-        for f in meta["columns"]["sparse"]
-    ] + [DenseFeat(n, 1) for n in meta["columns"]["dense"]]
-    model = MMOE(
-        columns,
-        num_experts=NUM_EXPERTS,
-        expert_dnn_hidden_units=EXPERT_DIMS,
-        gate_dnn_hidden_units=(),
-        tower_dnn_hidden_units=TOWER_DIMS,
-        task_types=tuple("binary" for _ in TASKS),
-        task_names=TASKS,
-        seed=a.seed,
-        device="cpu",
-    )
-    # the same as compile("adam", ...) (torch Adam at its default 1e-3), but honours --lr
-    model.compile(
-        torch.optim.Adam(model.parameters(), lr=a.lr),
-        loss=["binary_crossentropy"] * len(TASKS),
-    )
-    (x_train, y_train), (x_val, _) = train, val
-    t0 = time.perf_counter()
-    model.fit(x_train, y_train, batch_size=a.batch, epochs=a.epochs, verbose=2, shuffle=True)
-    train_s = time.perf_counter() - t0
-    preds = model.predict(x_val, batch_size=a.batch)
-    return train_s, preds, importlib.metadata.version("deepctr-torch")
-
-
-TRAINERS = {"torch_rechub": _train_torch_rechub, "deepctr_torch": _train_deepctr_torch}
-
-
 # --------------------------------------------------------------------------- entry points
 
 
-def _auc(labels: np.ndarray, scores: np.ndarray) -> float:
+def finite_auc(labels: np.ndarray, scores: np.ndarray) -> float:
     """sklearn's ROC AUC; NaN when the scores are not all finite (a diverged model)."""
     from sklearn.metrics import roc_auc_score
 
@@ -228,8 +82,37 @@ def _auc(labels: np.ndarray, scores: np.ndarray) -> float:
     return float(roc_auc_score(labels, scores))
 
 
+def train_to_best(
+    model: PeerModel, val: Split, test: Split, max_epochs: int, patience: int
+) -> tuple[float, list[dict[str, Any]], int]:
+    """Epochs until the first task's validation AUC has not improved for ``patience`` epochs
+    (or ``max_epochs``): ``(training seconds, per epoch {epoch, val_auc, test_auc}, the best
+    epoch)``. Each epoch's predictions are outside the timed training."""
+    train_s, history, best, best_epoch, since = 0.0, [], -math.inf, 0, 0
+    for epoch in range(1, max_epochs + 1):
+        t0 = time.perf_counter()
+        model.fit_epoch()
+        train_s += time.perf_counter() - t0
+        aucs = {}
+        for name, (x, y) in (("val_auc", val), ("test_auc", test)):
+            preds = model.predict(x)
+            aucs[name] = {t: finite_auc(y[:, i], preds[:, i]) for i, t in enumerate(TASKS)}
+        history.append({"epoch": epoch, **aucs})
+        if aucs["val_auc"][TASKS[0]] > best:  # a NaN (diverged) never improves
+            best, best_epoch, since = aucs["val_auc"][TASKS[0]], epoch, 0
+        else:
+            since += 1
+        if since >= patience:
+            break
+    return train_s, history, best_epoch
+
+
 def bench(a: argparse.Namespace) -> dict[str, Any]:
-    """Load, train and evaluate one peer in this process; return the result record."""
+    """Load, train and evaluate one peer in this process; return the result record.
+
+    ``a.patience == 0``: ``a.epochs`` epochs, AUC on the val split. Else the early-stopping
+    rule of :func:`train_to_best` on ``a.val_files`` with ``a.test_files`` held out: ``auc`` is
+    the best epoch's test AUC, ``first_epoch_auc`` the first's, ``history`` every epoch's."""
     import torch
 
     torch.set_num_threads(a.threads)
@@ -240,29 +123,39 @@ def bench(a: argparse.Namespace) -> dict[str, Any]:
     if meta["columns"].get("multi_hot") or "purchase" not in meta["columns"]["labels"]:
         raise ValueError(f"{data} is not a peers dataset (make it with --workload peers)")
     t0 = time.perf_counter()
-    train, val = load_split(data, meta, "train"), load_split(data, meta, "val")
+    files = [f for f in a.val_files.split(",") if f]
+    train, val = load_split(data, meta, "train"), load_split(data, meta, "val", files)
+    test = load_split(data, meta, "val", [f for f in a.test_files.split(",") if f])
     load_s = time.perf_counter() - t0
     rows = len(train[1])
+    record: dict[str, Any] = {"system": a.system, "rows": rows, "threads": a.threads,
+                              "batch": a.batch, "val_rows": len(val[1]), "torch": torch.__version__}  # fmt: skip
     # the peers print progress to stdout; keep it for the JSON line alone
     with contextlib.redirect_stdout(sys.stderr):
-        train_s, preds, version = TRAINERS[a.system](meta, train, val, a)
-    y_val = val[1]
-    oracle = meta["splits"]["val"]["oracle"]
-    return {
-        "system": a.system,
-        "version": version,
-        "rows": rows,
-        "samples_per_s": rows * a.epochs / train_s,
+        model = BUILDERS[a.system](meta, train, val, a)
+        if a.patience:
+            train_s, history, best = train_to_best(model, val, test, a.epochs, a.patience)
+            epochs = len(history)
+            record |= {"history": history, "best_epoch": best, "test_rows": len(test[1]),
+                       "auc": history[best - 1]["test_auc"] if best else None,
+                       "first_epoch_auc": history[0]["test_auc"]}  # fmt: skip
+        else:
+            t0 = time.perf_counter()
+            for _ in range(a.epochs):
+                model.fit_epoch()
+            train_s, epochs = time.perf_counter() - t0, a.epochs
+            preds = model.predict(val[0])
+            record["auc"] = {t: finite_auc(val[1][:, i], preds[:, i]) for i, t in enumerate(TASKS)}
+            record["oracle_auc"] = {
+                t: meta["splits"]["val"]["oracle"][f"{t}_auc"] for t in TASKS
+            }
+    return record | {
+        "version": model.version,
+        "samples_per_s": rows * epochs / train_s,
         "train_s": train_s,
         "load_s": load_s,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "threads": a.threads,
-        "batch": a.batch,
-        "epochs": a.epochs,
-        "val_rows": len(y_val),
-        "auc": {t: _auc(y_val[:, i], preds[:, i]) for i, t in enumerate(TASKS)},
-        "oracle_auc": {t: oracle[f"{t}_auc"] for t in TASKS},
-        "torch": torch.__version__,
+        "epochs": epochs,
     }
 
 
@@ -274,8 +167,12 @@ def run_peer(
     threads: int,
     seed: int,
     timeout: float | None = None,
+    early_stop: tuple[int, Sequence[str], Sequence[str]] | None = None,
 ) -> dict:
     """Run this module for ``system`` in a fresh process and return its JSON record.
+
+    ``early_stop = (patience, val files, test files)``: up to ``epochs`` epochs under
+    :func:`train_to_best`'s rule (see :func:`bench`).
 
     The child gets ``OMP_NUM_THREADS=threads`` and this checkout's package on PYTHONPATH;
     RuntimeError with the tail of its stderr when it fails or runs past ``timeout`` seconds.
@@ -299,6 +196,10 @@ def run_peer(
             *("--epochs", str(epochs), "--threads", str(threads), "--seed", str(seed)),
             *("--json", str(out)),
         ]
+        if early_stop:
+            patience, val_files, test_files = early_stop
+            cmd += ["--patience", str(patience), "--val-files", ",".join(val_files),
+                    "--test-files", ",".join(test_files)]  # fmt: skip
         try:
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired as e:
@@ -324,8 +225,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    ap.add_argument(
+        "--patience", type=int, default=0,
+        help="early stopping: up to --epochs epochs, stop after this many without a better "
+        "first-task validation AUC (0: train --epochs epochs, report the val split's AUC)",
+    )  # fmt: skip
+    ap.add_argument("--val-files", default="", help="validation files (default: the val split)")
+    ap.add_argument("--test-files", default="", help="with --patience: the held-out test files")
     ap.add_argument("--json", default=None, help="also write the record here")
     a = ap.parse_args(argv)
+    if a.patience and not a.test_files:
+        ap.error("--patience needs --test-files (the split the reported AUC is measured on)")
     try:
         result = bench(a)
     except MissingPeer as e:  # say which package is missing and how to install it

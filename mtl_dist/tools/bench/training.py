@@ -19,6 +19,7 @@ Figures are printed and written as JSON; nothing here asserts a speed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -58,11 +59,17 @@ def bench_reader(config: str, overrides: list[str], repeats: int = 3) -> dict[st
 
 
 def run_training(
-    config: str, overrides: list[str], nproc: int, threads: int = 0, timeout: float | None = None
+    config: str,
+    overrides: list[str],
+    nproc: int,
+    threads: int = 0,
+    timeout: float | None = None,
+    output_dir: str | None = None,
 ) -> dict:
     """Run the real entry point under torchrun (``threads`` per process, default cores / nproc)
-    in a scratch run dir; returns its metrics.json."""
-    with tempfile.TemporaryDirectory() as out:
+    in a scratch run dir (or ``output_dir``, kept: its checkpoints); returns its metrics.json."""
+    with contextlib.ExitStack() as stack:
+        out = output_dir or stack.enter_context(tempfile.TemporaryDirectory())
         threads = threads or max(1, (os.cpu_count() or 1) // nproc)
         cmd = [
             sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
