@@ -146,9 +146,7 @@ def bench(a: argparse.Namespace) -> dict[str, Any]:
             train_s, epochs = time.perf_counter() - t0, a.epochs
             preds = model.predict(val[0])
             record["auc"] = {t: finite_auc(val[1][:, i], preds[:, i]) for i, t in enumerate(TASKS)}
-            record["oracle_auc"] = {
-                t: meta["splits"]["val"]["oracle"][f"{t}_auc"] for t in TASKS
-            }
+            record["oracle_auc"] = {t: meta["splits"]["val"]["oracle"][f"{t}_auc"] for t in TASKS}
     return record | {
         "version": model.version,
         "samples_per_s": rows * epochs / train_s,
