@@ -22,9 +22,11 @@ import torch
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
+from mtl_dist.config.model import GateConfig, InteractionConfig
 from mtl_dist.models import experts as experts_module
 from mtl_dist.models import ple as ple_module
 from mtl_dist.models.heads import PLE, MoE
+from mtl_dist.models.interaction import build_interaction
 from mtl_dist.models.ple import MixedExperts
 from mtl_dist.models.precision import Precision, set_head_precision
 from mtl_dist.tools.bench.heads import fwd_bwd, interleaved, sync
@@ -91,12 +93,39 @@ def _variant(step: Callable[[], None], before: bool) -> Callable[[], None]:
     return run
 
 
+class WithInteraction(nn.Module):
+    """A head behind an interaction stage, as the ranker runs them (``model_body``)."""
+
+    def __init__(self, interaction: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.interaction, self.head = interaction, head
+
+    def forward(self, x: torch.Tensor):
+        return self.head(self.interaction(x))
+
+
+HEADS = ("mmoe", "ple", "mmoe_dselect", "mmoe_dcn_v2")
+
+
 def build(name: str, in_dim: int, tasks: list[str], experts: int, hidden: list[int]) -> nn.Module:
+    """One of :data:`HEADS`: MMoE, PLE (2 shared + 2 per-task experts), MMoE with DSelect-k
+    gates (k = 2), MMoE behind a DCN-V2 cross stage (3 layers, its output beside the input)."""
     if name == "mmoe":
         return MoE(in_dim, tasks, experts, hidden, [64])
     if name == "ple":
         return PLE(in_dim, tasks, 2, MixedExperts(2, 2, hidden, [64]))
-    raise SystemExit(f"--heads: {name!r} is not mmoe or ple")
+    if name == "mmoe_dselect":
+        return MoE(in_dim, tasks, experts, hidden, [64], GateConfig(dselect_k=2))
+    if name == "mmoe_dcn_v2":
+        cross, width = build_interaction(InteractionConfig(kind="dcn_v2"), [in_dim], 0)
+        return WithInteraction(cross, MoE(width, tasks, experts, hidden, [64]))
+    raise SystemExit(f"--heads: {name!r} is not one of {', '.join(HEADS)}")
+
+
+def set_precision(model: nn.Module, precision: Precision) -> None:
+    """The head's (and an interaction stage's) compute dtype, as training sets them."""
+    for m in (model, *model.children()) if isinstance(model, WithInteraction) else (model,):
+        set_head_precision(m, precision)
 
 
 def print_table(title: str, now: dict, before: dict) -> None:
@@ -113,7 +142,7 @@ def print_table(title: str, now: dict, before: dict) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--heads", default="mmoe,ple")
+    p.add_argument("--heads", default="mmoe,ple", help=f"of {', '.join(HEADS)}")
     p.add_argument("--precisions", default="fp32,bf16")
     p.add_argument("--batch", type=int, default=2048)
     p.add_argument("--in-dim", type=int, default=264)
@@ -129,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
         for precision in a.precisions.split(","):
             torch.manual_seed(0)
             head = build(name, a.in_dim, ["click", "purchase"], a.experts, hidden).to(device)
-            set_head_precision(head, Precision(precision, "bench"))
+            set_precision(head, Precision(precision, "bench"))
             steps[(name, precision)] = fwd_bwd(head, x)
     fns = {
         f"{k} {v}": _variant(s, v == "before") for k, s in steps.items() for v in ("before", "now")
