@@ -51,11 +51,12 @@ def test_converged_bench_end_to_end(tmp_path):
     """Ours (and one installed peer) on a tiny workload: disjoint validation and test files, the
     best epoch is the validation maximum, its test AUC is what is reported."""
     peer = next((p for p, ok in peers_installed().items() if ok), None)
-    result = converged.main([
+    args = [
         "--rows", "12000", "--test-rows", "6000", "--seeds", "1", "--max-epochs", "2",
         "--patience", "1", "--threads", "1", "--batch", "1024", "--peers", peer or "none",
         "--data-root", str(tmp_path / "data"), "--out", str(tmp_path / "out"),
-    ])  # fmt: skip
+    ]  # fmt: skip
+    result = converged.main(args)
     val_file, test_file = result["files"]
     assert val_file != test_file
     for name, runs in result["runs"].items():
@@ -67,3 +68,6 @@ def test_converged_bench_end_to_end(tmp_path):
         if "test_auc_history" in run:  # a peer: the reported AUC is its best epoch's test AUC
             assert run["auc"] == run["test_auc_history"][run["best_epoch"] - 1]
     assert (tmp_path / "out" / "converged.md").read_text().count("|") > 20
+    # --resume keeps every finished run (nothing trains again: the same records)
+    again = converged.main([*args, "--resume"])
+    assert again["runs"] == result["runs"]

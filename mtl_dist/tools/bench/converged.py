@@ -21,7 +21,9 @@ one rule, on a validation split that is not the test split (issue 30).
 
 A system *converged* when early stopping ended it (its best epoch is before its last); one that
 ran all ``--max-epochs`` is marked "still improving". Writes ``converged.md`` and
-``converged.json`` under ``--out``. Nothing here asserts a figure.
+``converged.json`` under ``--out``, rewritten after every run (an interrupted benchmark keeps
+what it finished; ``--resume`` skips the runs ``converged.json`` already holds). Nothing here
+asserts a figure.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from mtl_dist.checkpoint.manifest import resolve_checkpoint
+from mtl_dist.files import read_json
 from mtl_dist.serve.export import export_checkpoint
 from mtl_dist.serve.score import score
 from mtl_dist.tools.bench.e2e_runs import CONFIG, TASKS, dataset
@@ -195,6 +198,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--peers", default="auto", help="auto | none | a comma-separated list")
     p.add_argument("--timeout", type=float, default=7200)
     p.add_argument("--out", default="bench_out/converged")
+    p.add_argument("--resume", action="store_true", help="keep the runs converged.json holds")
     a = p.parse_args(argv)
     if a.patience < 1 or a.max_epochs < 1 or a.seeds < 1:
         p.error("--patience, --max-epochs and --seeds must be >= 1")
@@ -209,28 +213,44 @@ def main(argv: list[str] | None = None) -> dict:
     peers = [p for p in (PEERS if a.peers == "auto" else a.peers.split(",")) if p and p != "none"]
     peers = [p for p in peers if installed.get(p) or a.peers != "auto"]
     options = dict(o.split("=", 1) for o in (a.ours or ["mtl-dist="]))
-    runs: dict[str, list[dict]] = {}
+    saved = Path(a.out, "converged.json")
+    runs: dict[str, list[dict]] = (
+        read_json(saved, "benchmark record", "bench.converged")["runs"] if a.resume else {}
+    )
+    os.makedirs(a.out, exist_ok=True)
+    result: dict = {}
     for seed in range(a.seeds):  # systems take turns within a seed: a noisy neighbour hits all
-        for name, flags in options.items():
-            runs.setdefault(name, []).append(ours_to_best(data, files, flags.split(), seed, a))
-        for peer in peers:
-            runs.setdefault(peer, []).append(peer_to_best(peer, data, files, seed, a))
+        for name in [*options, *peers]:
+            if len(runs.get(name, [])) > seed:
+                continue  # --resume: already measured
+            if name in options:
+                run = ours_to_best(data, files, options[name].split(), seed, a)
+            else:
+                run = peer_to_best(name, data, files, seed, a)
+            runs.setdefault(name, []).append(run)
+            result = report(a, files, data, runs, options, peers)
+    return result or report(a, files, data, runs, options, peers)
+
+
+def report(a: argparse.Namespace, files: tuple[str, str], data: str, runs: dict[str, list[dict]],
+           options: dict[str, str], peers: list[str]) -> dict:  # fmt: skip
+    """The result of the runs so far, written as ``converged.json`` / ``converged.md``."""
     systems = {name: summarize(rs) for name, rs in runs.items()}
     result = {"cpu": cpu_line(), "train_rows": a.rows, "files": files, "max_epochs": a.max_epochs,
               "patience": a.patience, "seeds": a.seeds,
               "oracle_auc": oracle_aucs(os.path.join(data, files[1])),
               "systems": systems, "runs": runs}  # fmt: skip
-    if peers:
-        for name in options:
-            best_peer = {t: max(systems[p]["auc"][t] for p in peers) for t in TASKS}
-            result.setdefault("leads", {})[f"{name} vs the best peer"] = leads(
-                systems[name], {"auc": best_peer}, a.seeds
-            )
-    os.makedirs(a.out, exist_ok=True)
+    done = [p for p in peers if p in systems]
+    for name in (n for n in options if n in systems and done):
+        best_peer = {t: max(systems[p]["auc"][t] for p in done) for t in TASKS}
+        seeds = min(systems[n]["seeds"] for n in [name, *done])
+        result.setdefault("leads", {})[f"{name} vs the best peer"] = leads(
+            systems[name], {"auc": best_peer}, seeds
+        )
     table = markdown(result)
     Path(a.out, "converged.md").write_text(table)
     Path(a.out, "converged.json").write_text(json.dumps(result, indent=2))
-    print(table)
+    print(table, flush=True)
     return result
 
 
