@@ -33,6 +33,7 @@ from mtl_dist.distributed.sharding import describe_plan, shard_model
 from mtl_dist.loop import preempt
 from mtl_dist.loop.guard import NonFiniteWatch
 from mtl_dist.loop.losses import ModelWithLoss, build_model_with_loss
+from mtl_dist.loop.multi_epoch import begin_epoch
 from mtl_dist.loop.optim import build_optimizer, dense_optimizer
 from mtl_dist.loop.polarization import react
 from mtl_dist.loop.precision import set_up_precision
@@ -186,6 +187,7 @@ def run_epochs(job: Job, state: LoopState, telemetry: Telemetry, total: int,
             break
         if epoch != state.epoch or not resumed:
             reader.start_pass()
+        begin_epoch(cfg, job.model, job.optimizer, state, epoch, job.log)  # train.multi_epoch
         pass_end = state.step + reader.steps_left()  # this epoch's last step
         epoch_end = min(pass_end, total)
         batches = iter(build_loader(reader, cfg.data))
