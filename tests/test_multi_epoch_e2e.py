@@ -72,3 +72,37 @@ def test_meda_resumes_exactly_and_none_is_the_old_loop(data, tmp_path):
     assert [h["step"] for h in plain["history"]] == [46, 92, 138]
     assert plain["history"][0]["metrics"] == full["history"][0]["metrics"]
     assert plain["history"][1]["metrics"] != full["history"][1]["metrics"]
+
+
+@pytest.fixture(scope="module")
+def peers_data(tmp_path_factory):
+    from mtl_dist.data.synth import generate
+
+    out = tmp_path_factory.mktemp("multi-epoch-peers")
+    generate(out, train_rows=50_000, val_rows=20_000, files=2, workload="peers", verbose=False)
+    return out
+
+
+def test_meda_three_epochs_beat_one_and_plain_three_do_not(peers_data, tmp_path):
+    """The peers' workload at 50k rows (Zipf ids up to 200k: most ids rare), 3 epochs, same
+    seed. Plain multi-epoch training overfits after epoch 1 (the one-epoch phenomenon: each
+    task's AUC falls); MEDA's third epoch is above its first on each task. Measured here
+    (2 ranks x 256, fp32): none 0.7558 / 0.8125 -> 0.7263 / 0.7766, meda -> 0.7679 / 0.8178."""
+    common = [
+        "-m", "mtl_dist.train", "--config", "configs/peers.toml",
+        "--data.train_path", str(peers_data / "train"), "--data.val_path",
+        str(peers_data / "val"), "--train.progress_bar", "false", "--train.batch_size", "256",
+        "--model.experts.hidden", "64,32", "--train.epochs", "3", "--checkpoint.at_end", "false",
+    ]  # fmt: skip
+    auc = {}
+    for kind in ("none", "meda"):
+        out = tmp_path / kind
+        proc = torchrun([*common, "--train.output_dir", str(out), "--train.multi_epoch", kind])
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        history = json.loads((out / "metrics.json").read_text())["history"]
+        auc[kind] = [[h["metrics"][t]["auc"] for t in ("click", "purchase")] for h in history]
+    assert auc["none"][0] == auc["meda"][0]  # epoch 1 is the same run
+    for t in (0, 1):
+        one = auc["none"][0][t]
+        assert auc["none"][2][t] < one - 0.01, auc  # plain: worse after 3 epochs
+        assert auc["meda"][2][t] > one + 0.004, auc  # meda: better than one epoch
