@@ -1,6 +1,7 @@
-"""Multi-epoch training against one epoch: ``train.multi_epoch`` on the peers' workload.
+"""Multi-epoch training against one epoch: ``train.multi_epoch`` on the peers' workloads.
 
-``python -m mtl_dist.tools.bench.multi_epoch [--rows 400000] [--epochs 3] [--seeds 0,1,2]``
+``python -m mtl_dist.tools.bench.multi_epoch [--workload peers | interactions] [--rows 400000]
+[--epochs 3] [--seeds 0,1,2]``
 
 For each training seed (the data fixed, generated with seed 0): one run per
 ``--variants`` entry (``none``, ``meda``), each ``--epochs`` epochs at the peers' model size
@@ -61,7 +62,7 @@ def render(runs: list[dict], args: argparse.Namespace, oracle: dict) -> str:
         return f"{statistics.mean(xs):.4f} ± {sd:.4f}"
 
     lines = [
-        f"{cpu_line()}; peers workload, {args.rows} training rows, {args.procs} ranks x "
+        f"{cpu_line()}; {args.workload} workload, {args.rows} training rows, {args.procs} ranks x "
         f"{args.batch}, seeds {args.seeds}",
         "",
         "| row | " + " | ".join(f"{t} AUC" for t in TASKS) + " | samples/s |",
@@ -83,13 +84,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--seeds", default="0,1,2", help="training seeds, comma-separated")
     p.add_argument("--variants", default="none,meda", help=f"of {', '.join(VARIANTS)}")
+    p.add_argument(
+        "--workload",
+        default="peers",
+        choices=("peers", "interactions"),
+        help="mtl-datagen workload (the peers' columns and tasks)",
+    )
     p.add_argument("--procs", type=int, default=2, help="torchrun processes (1 thread each)")
     p.add_argument("--batch", type=int, default=1024, help="per-rank batch")
     p.add_argument("--data-root", default="data/bench")
     p.add_argument("--out", default="runs/bench_multi_epoch")
     p.add_argument("--timeout", type=int, default=3600)
     args = p.parse_args(argv)
-    data, meta = dataset(args.data_root, args.rows, args.val_rows, 0)
+    data, meta = dataset(args.data_root, args.rows, args.val_rows, 0, args.workload)
     oracle = {t: meta["splits"]["val"]["oracle"][f"{t}_auc"] for t in TASKS}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
