@@ -19,6 +19,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from mtl_dist.config import JobConfig, ModelConfig, SparseFeature, task_parents
 from mtl_dist.data.batch import Batch
+from mtl_dist.models.admission import IdCounts
 from mtl_dist.models.collision import feature_remappings, managed_ebc, managed_rows
 from mtl_dist.models.dependent import DependentTowers
 from mtl_dist.models.experts import ExpertStyle
@@ -133,6 +134,8 @@ class Ranker(nn.Module):
         # ESCM2-DR (``model.esmm.escm2_dr``): a tower [B, Din] → [B, 1] imputing each exposure's
         # conversion; its logits of a training forward ([B]) feed the loss
         self.imputation: nn.Module | None = None
+        # feature admission's id counts (models/admission.py), set by build_ranker; no forward
+        self.id_counts: nn.Module | None = None
         # the pooled embeddings' widths, in feature_order (the head input's column blocks)
         dims = {
             f: t.embedding_dim
@@ -286,6 +289,8 @@ def build_ranker(
         interaction, dropout, cfg.model.embedding.l2,
     )  # fmt: skip
     model.dense_names = list(cfg.features.dense)
+    if admitted := [f for f in cfg.features.sparse if f.admit_min_count]:  # feature admission
+        model.id_counts = IdCounts(admitted)
     if cfg.model.esmm.escm2_dr > 0:
         model.imputation = Towers(1, raw_dim, cfg.model.tower.hidden)  # reads x
     return model
