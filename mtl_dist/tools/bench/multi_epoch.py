@@ -11,7 +11,9 @@ processes × ``--batch`` rows, validating at each epoch's end. The rows of the t
 * ``1 epoch``: the first validation of the ``none`` runs (the schedules are constant, so the
   first epoch of a longer run is a one-epoch run);
 * ``none × E`` / ``meda × E``: the last epoch's validation of each run; ``none × E, best
-  epoch``: the best epoch by click AUC (what ``train.best_metric`` keeps).
+  epoch``: the best epoch by click AUC (what ``train.best_metric`` keeps);
+* ``admit`` / ``admit+meda``: the same with ``admit_min_count = --admit`` on the three
+  large-vocabulary features (``admit, 1 epoch``: its first validation).
 
 Prints AUC mean ± std per task over the seeds and the mean samples/s of each row, with the
 CPU; writes ``multi_epoch.json`` (every run's history) and ``multi_epoch.md``. A difference is
@@ -28,7 +30,22 @@ from pathlib import Path
 from mtl_dist.tools.bench.e2e_runs import CONFIG, TASKS, dataset
 from mtl_dist.tools.bench.training import cpu_line, run_training
 
-VARIANTS = {"none": [], "meda": ["--train.multi_epoch", "meda"]}
+VARIANTS = {"none": [], "meda": ["--train.multi_epoch", "meda"], "admit": [],
+            "admit+meda": ["--train.multi_epoch", "meda"]}  # fmt: skip
+ADMITTED = ("user_id", "item_id", "author_id")  # the 200k / 100k / 50k-id features
+
+
+def admission_config(out: Path, n: int) -> str:
+    """``configs/peers.toml`` with ``admit_min_count = n`` on :data:`ADMITTED`; its path."""
+    text = Path(CONFIG).read_text()
+    for name in ADMITTED:
+        head = f'name = "{name}"\n'
+        if head not in text:
+            raise ValueError(f"{CONFIG}: no feature {name!r} to admit")
+        text = text.replace(head, head + f"admit_min_count = {n}\n")
+    path = out / f"peers_admit{n}.toml"
+    path.write_text(text)
+    return str(path)
 
 
 def train_variant(args: argparse.Namespace, data: str, variant: str, seed: int) -> dict:
@@ -39,7 +56,8 @@ def train_variant(args: argparse.Namespace, data: str, variant: str, seed: int) 
         "--train.epochs", str(args.epochs), "--checkpoint.at_end", "false",
         "--train.precision", "fp32", *VARIANTS[variant],
     ]  # fmt: skip
-    m = run_training(CONFIG, overrides, args.procs, 1, timeout=args.timeout)
+    config = admission_config(Path(args.out), args.admit) if "admit" in variant else CONFIG
+    m = run_training(config, overrides, args.procs, 1, timeout=args.timeout)
     aucs = [[h["metrics"][t]["auc"] for t in TASKS] for h in m["history"]]
     return {"variant": variant, "seed": seed, "auc": aucs, "samples_per_s": m["samples_per_s"]}
 
@@ -48,6 +66,8 @@ def rows_of(runs: list[dict], epochs: int) -> dict[str, list[tuple[list[float], 
     """Table rows → per seed ``([auc per task], samples/s)``."""
     out: dict[str, list[tuple[list[float], float]]] = {}
     for r in runs:
+        if r["variant"] == "admit":
+            out.setdefault("admit, 1 epoch", []).append((r["auc"][0], r["samples_per_s"]))
         if r["variant"] == "none":
             out.setdefault("1 epoch", []).append((r["auc"][0], r["samples_per_s"]))
             best = max(r["auc"], key=lambda a: a[0])
@@ -89,6 +109,12 @@ def main(argv: list[str] | None = None) -> None:
         default="peers",
         choices=("peers", "interactions"),
         help="mtl-datagen workload (the peers' columns and tasks)",
+    )
+    p.add_argument(
+        "--admit",
+        type=int,
+        default=2,
+        help=f"admit variants: admit_min_count on {', '.join(ADMITTED)}",
     )
     p.add_argument("--procs", type=int, default=2, help="torchrun processes (1 thread each)")
     p.add_argument("--batch", type=int, default=1024, help="per-rank batch")
