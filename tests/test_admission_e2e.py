@@ -30,13 +30,13 @@ def _config(path):
     return path
 
 
-def train(data, cfg, out, env=None, ok=True):
+def train(data, cfg, out, env=None, ok=True, extra=()):
     args = [
         "-m", "mtl_dist.train", "--config", str(cfg),
         "--data.train_path", str(data / "train"), "--data.val_path", str(data / "val"),
         "--train.output_dir", str(out), "--train.progress_bar", "false",
         "--train.batch_size", "256", "--model.experts.hidden", "32,16",
-        "--monitor.attribution", "false", "--checkpoint.every", "20",
+        "--monitor.attribution", "false", "--checkpoint.every", "20", *extra,
     ]  # fmt: skip
     proc = torchrun(args, nproc=2, timeout=600, env=env)
     assert (proc.returncode == 0) == ok, proc.stderr[-3000:]
@@ -74,3 +74,35 @@ def test_admission_resumes_exactly_and_exports_its_counts(data, tmp_path):
     user = counts["user_id"]
     assert (user[user > 0] < 3).sum() > 0  # some seen ids are rare: they share the row
     assert sb["model.ebc.embedding_bags.user_id.weight"].shape[0] == 200_001  # + the OOV row
+
+
+def test_l2_frequency_resumes_exactly_and_carries_its_counts(data, tmp_path):
+    """``model.embedding.l2_frequency`` on 2 ranks (through the sparse-dist pipeline): a run
+    killed mid-epoch resumes to the uninterrupted run's metrics and parameters; the exported
+    model holds every feature's counts and its mean count; the run differs from plain L2."""
+    from mtl_dist.checkpoint.store import latest_target
+    from mtl_dist.serve.export import export_checkpoint, load_exported
+
+    cfg = ROOT / "configs" / "default.toml"
+    extra = ["--model.embedding.l2", "1e-3", "--model.embedding.l2_frequency", "true"]
+    full, _ = train(data, cfg, tmp_path / "full", extra=extra)
+    cut = tmp_path / "cut"
+    train(data, cfg, cut, env={"MTL_CRASH_AT": "before_commit:40"}, ok=False, extra=extra)
+    resumed, proc = train(data, cfg, cut, extra=extra)
+    assert "step_00000020 at step 20" in proc.stdout
+    assert resumed["metrics"] == full["metrics"]
+    plain, _ = train(data, cfg, tmp_path / "plain", extra=extra[:2])
+    assert plain["metrics"] != full["metrics"]
+
+    def exported(run):
+        root = run / "checkpoints"
+        export_checkpoint(root / latest_target(root), run / "model.pt")
+        return load_exported(run / "model.pt")[1]
+
+    a, b = exported(tmp_path / "full"), exported(cut)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    ids = a.model.id_counts
+    assert len(ids.names) == 21 and int(ids.counts_0.sum()) == 24_000  # user_id: one a row
+    seen = int((ids.counts_0 > 0).sum())
+    assert ids.scale_0.item() == pytest.approx(24_000 / seen)

@@ -28,11 +28,20 @@ def admitted_features(features: list[SparseFeature]) -> list[SparseFeature]:
     return [f for f in features if f.admit_min_count > 0]
 
 
+def counted_features(cfg: JobConfig) -> list[SparseFeature]:
+    """The features whose ids are counted: every one under ``model.embedding.l2_frequency``,
+    else those with admission."""
+    if cfg.model.embedding.l2_frequency:
+        return list(cfg.features.sparse)
+    return admitted_features(cfg.features.sparse)
+
+
 def count_training_ids(cfg: JobConfig) -> dict[str, np.ndarray]:
-    """Per admitted feature, how often each row id occurs in ``data.train_path``: int64
-    ``[id_rows]`` (every id of a multi-hot list counts). ``{}`` without admission (nothing is
-    read). Raises ``ValueError`` naming the column for ids training would refuse."""
-    features = admitted_features(cfg.features.sparse)
+    """Per counted feature (:func:`counted_features`), how often each row id occurs in
+    ``data.train_path``: int64 ``[id_rows]`` (every id of a multi-hot list counts). ``{}``
+    when none is (nothing is read). Raises ``ValueError`` naming the column for ids training
+    would refuse."""
+    features = counted_features(cfg)
     if not features:
         return {}
     counts = {f.name: np.zeros(f.id_rows, np.int64) for f in features}
