@@ -13,7 +13,8 @@ processes × ``--batch`` rows, validating at each epoch's end. The rows of the t
 * ``none × E`` / ``meda × E``: the last epoch's validation of each run; ``none × E, best
   epoch``: the best epoch by click AUC (what ``train.best_metric`` keeps);
 * ``admit`` / ``admit+meda``: the same with ``admit_min_count = --admit`` on the three
-  large-vocabulary features (``admit, 1 epoch``: its first validation).
+  large-vocabulary features (``admit, 1 epoch``: its first validation);
+* ``l2`` / ``l2freq``: ``model.embedding.l2 = --l2``, flat or with ``l2_frequency``.
 
 Prints AUC mean ± std per task over the seeds and the mean samples/s of each row, with the
 CPU; writes ``multi_epoch.json`` (every run's history) and ``multi_epoch.md``. A difference is
@@ -31,7 +32,7 @@ from mtl_dist.tools.bench.e2e_runs import CONFIG, TASKS, dataset
 from mtl_dist.tools.bench.training import cpu_line, run_training
 
 VARIANTS = {"none": [], "meda": ["--train.multi_epoch", "meda"], "admit": [],
-            "admit+meda": ["--train.multi_epoch", "meda"]}  # fmt: skip
+            "admit+meda": ["--train.multi_epoch", "meda"], "l2": [], "l2freq": []}  # fmt: skip
 ADMITTED = ("user_id", "item_id", "author_id")  # the 200k / 100k / 50k-id features
 
 
@@ -56,6 +57,9 @@ def train_variant(args: argparse.Namespace, data: str, variant: str, seed: int) 
         "--train.epochs", str(args.epochs), "--checkpoint.at_end", "false",
         "--train.precision", "fp32", *VARIANTS[variant],
     ]  # fmt: skip
+    if variant in ("l2", "l2freq"):  # measured alone: the same λ, flat or by frequency
+        overrides += ["--model.embedding.l2", str(args.l2)]
+        overrides += ["--model.embedding.l2_frequency", "true"] if variant == "l2freq" else []
     config = admission_config(Path(args.out), args.admit) if "admit" in variant else CONFIG
     m = run_training(config, overrides, args.procs, 1, timeout=args.timeout)
     aucs = [[h["metrics"][t]["auc"] for t in TASKS] for h in m["history"]]
@@ -66,8 +70,9 @@ def rows_of(runs: list[dict], epochs: int) -> dict[str, list[tuple[list[float], 
     """Table rows → per seed ``([auc per task], samples/s)``."""
     out: dict[str, list[tuple[list[float], float]]] = {}
     for r in runs:
-        if r["variant"] == "admit":
-            out.setdefault("admit, 1 epoch", []).append((r["auc"][0], r["samples_per_s"]))
+        if r["variant"] in ("admit", "l2", "l2freq"):
+            row = f"{r['variant']}, 1 epoch"
+            out.setdefault(row, []).append((r["auc"][0], r["samples_per_s"]))
         if r["variant"] == "none":
             out.setdefault("1 epoch", []).append((r["auc"][0], r["samples_per_s"]))
             best = max(r["auc"], key=lambda a: a[0])
@@ -116,6 +121,7 @@ def main(argv: list[str] | None = None) -> None:
         default=2,
         help=f"admit variants: admit_min_count on {', '.join(ADMITTED)}",
     )
+    p.add_argument("--l2", type=float, default=1e-3, help="l2 / l2freq: model.embedding.l2")
     p.add_argument("--procs", type=int, default=2, help="torchrun processes (1 thread each)")
     p.add_argument("--batch", type=int, default=1024, help="per-rank batch")
     p.add_argument("--data-root", default="data/bench")
