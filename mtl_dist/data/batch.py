@@ -163,9 +163,7 @@ class ArrowBatchConverter:
         admitted: dict[str, np.ndarray] | None = None,
     ) -> None:
         self.sparse = sparse
-        # feature admission: per feature, which row ids keep their row ([id_rows] bool); the
-        # others read the shared row id_rows (mtl_dist.data.admission)
-        self.admitted = dict(admitted or {})
+        self.admitted = dict(admitted or {})  # admission: feature → [id_rows] bool (kept rows)
         self.dense = dense
         self.dense_nan = dense_nan
         self.tasks = tasks
@@ -221,8 +219,7 @@ class ArrowBatchConverter:
         """Flat ids and per-row bag lengths of one sparse column (see :func:`sparse_ids`), rare
         ids on the shared row where the feature has admission (:func:`admit`)."""
         ids, lengths = sparse_ids(f, col, self.hash_seed)
-        mask = self.admitted.get(f.name)
-        return (ids if mask is None else admit(ids, mask)), lengths
+        return (admit(ids, self.admitted[f.name]) if f.name in self.admitted else ids), lengths
 
     def decode(self, table: pa.Table) -> Columns:
         """Arrow rows → host :class:`Columns` (one pass per column; errors name the column)."""
