@@ -25,6 +25,7 @@ import torch
 from mtl_dist.checkpoint.checkpointer import Checkpointer, RunStart, States
 from mtl_dist.checkpoint.rundir import release_run_dirs
 from mtl_dist.config import JobConfig, load_config
+from mtl_dist.data.admission import admitted_masks, count_training_ids
 from mtl_dist.data.loaders import build_loader, build_readers, check_splits, validation_loader
 from mtl_dist.data.reader import ParquetBatchReader, describe
 from mtl_dist.data.source import check_filters
@@ -33,6 +34,7 @@ from mtl_dist.distributed.sharding import describe_plan, shard_model
 from mtl_dist.loop import preempt
 from mtl_dist.loop.guard import NonFiniteWatch
 from mtl_dist.loop.losses import ModelWithLoss, build_model_with_loss
+from mtl_dist.loop.multi_epoch import begin_epoch
 from mtl_dist.loop.optim import build_optimizer, dense_optimizer
 from mtl_dist.loop.polarization import react
 from mtl_dist.loop.precision import set_up_precision
@@ -91,12 +93,16 @@ class Job:
 def build_job(cfg: JobConfig, info: DistInfo, start: RunStart) -> Job:
     """Data → model → step → precision → sharding → optimizers → runner → checkpointer."""
     log = print if info.is_main else (lambda *a, **k: None)
-    # --- data: each rank reads its own contiguous share of the rows
-    train_reader, val_reader = build_readers(cfg, info)
+    # --- data: each rank reads its own contiguous share of the rows; feature admission's
+    # counts first (the whole training split, on every rank; {} without admission)
+    counts = count_training_ids(cfg)
+    train_reader, val_reader = build_readers(cfg, info, admitted_masks(cfg.features.sparse, counts))
     log(f"[data] train: {describe(train_reader)}\n[data] val:   {describe(val_reader)}")
     check_splits(cfg, val_reader, info)
     # --- model: tables on meta, sharded by the planner; dense part under DDP
     loss_module = build_model_with_loss(build_ranker(cfg, "meta", info.world_size), cfg)
+    if counts:  # travels in the model's state: checkpoints, export, scoring, serving
+        loss_module.model.id_counts.set(counts)
     step_fn = TrainStep(loss_module, cfg.train.on_nonfinite)  # the guard's gate goes in here
     precision = set_up_precision(cfg, loss_module.model, step_fn.switch, info.device)
     log(
@@ -186,6 +192,7 @@ def run_epochs(job: Job, state: LoopState, telemetry: Telemetry, total: int,
             break
         if epoch != state.epoch or not resumed:
             reader.start_pass()
+        begin_epoch(cfg, job.model, job.optimizer, state, epoch, job.log)  # train.multi_epoch
         pass_end = state.step + reader.steps_left()  # this epoch's last step
         epoch_end = min(pass_end, total)
         batches = iter(build_loader(reader, cfg.data))

@@ -157,7 +157,8 @@ class Checkpointer:
         """
         s = self._states()
         position = {} if epoch_done else s.reader.position(s.trained)
-        loop_state = {"best": state.tracker.state(), "history": state.history}
+        loop_state = {"best": state.tracker.state(), "history": state.history,
+                      "multi_epoch": {"reinit_epoch": state.reinit_epoch}}  # fmt: skip
         path = save_checkpoint(
             self.root, step=step, epoch=epoch, model=s.model, optimizer=s.optimizer,
             reader_position=position, cfg=self.cfg, keep=self.cfg.checkpoint.keep,
@@ -211,6 +212,9 @@ class Checkpointer:
         self.log(f"[data] train: {describe(s.reader)}")
         state.tracker.load(r.loop_state.get("best", {}))
         state.history = list(r.loop_state.get("history", []))
+        # a checkpoint of before train.multi_epoch: a mid-epoch one's epoch counts as begun
+        begun = state.epoch if any(r.positions) else 0
+        state.reinit_epoch = r.loop_state.get("multi_epoch", {}).get("reinit_epoch", begun)
         if self.start.finished.get("reason") == "early stop":  # continued: patience starts over
             state.tracker.since = 0
         return state

@@ -59,6 +59,16 @@ def _check_collision(f: SparseFeature, where: str, cfg: JobConfig) -> None:
         (f"{where}: collision", f.collision, COLLISIONS),
         (f"{where}: eviction", f.eviction, EVICTIONS),
     )
+    if f.admit_min_count and f.collision == "managed":
+        raise ConfigError(
+            f"{where}: admit_min_count = {f.admit_min_count} with collision = 'managed' (which "
+            "admits ids itself): set one of them"
+        )
+    if f.admit_min_count and cfg.data.train_filter:
+        raise ConfigError(
+            f"{where}: admit_min_count counts the whole training path, but data.train_filter = "
+            f"{cfg.data.train_filter!r} selects part of it: drop one of them"
+        )
     if f.collision != "managed":
         return
     if not f.hash_buckets:
@@ -94,8 +104,17 @@ def _check_shared_tables(cfg: JobConfig) -> None:
                 f"features.sparse: '{f.name}' and '{other.name}' share table '{f.table_name}' but differ "
                 f"in rows/dim/pooling/collision ({f.num_rows}x{f.embedding_dim} {f.pooling} "
                 f"{f.collision} vs {other.num_rows}x{other.embedding_dim} {other.pooling} "
-                f"{other.collision})"
+                f"{other.collision})" + _admission_note(f, other)
             )
+
+
+def _admission_note(f: SparseFeature, other: SparseFeature) -> str:
+    if bool(f.admit_min_count) == bool(other.admit_min_count):
+        return ""
+    return (
+        f"; admit_min_count ({f.admit_min_count} vs {other.admit_min_count}) adds the shared "
+        "OOV row: set it on both or neither"
+    )
 
 
 def check_features(cfg: JobConfig) -> None:
@@ -277,7 +296,7 @@ INT_RANGES: dict[str, tuple[int, int]] = {
 }  # fmt: skip
 SPARSE_INT_RANGES = {
     "vocab_size": (0, _I64), "hash_buckets": (0, _I64), "embedding_dim": (1, _I64),
-    "eviction_interval": (1, _I64),
+    "eviction_interval": (1, _I64), "admit_min_count": (0, _I64),
 }  # fmt: skip
 # list[int] keys: layer widths, each >= 1
 WIDTH_LISTS = ("model.experts.hidden", "model.shared_bottom.hidden", "model.tower.hidden",

@@ -78,14 +78,27 @@ class SparseFeature:
         "collision = managed: admit new ids (evicting others) every N training steps; in "
         "between, new ids read the miss row. Each admission costs about one step",
     )
+    admit_min_count: int = opt(
+        0,
+        "feature admission: ids (after hashing) seen fewer than N times in the training split "
+        "read one shared out-of-vocabulary row, the table's last (one row more); the counts "
+        "travel in checkpoints and exported models, so scoring and the served program map "
+        "ids alike (0: off)",
+    )
 
     @property
     def table_name(self) -> str:
         return self.table or self.name
 
     @property
-    def num_rows(self) -> int:
+    def id_rows(self) -> int:
+        """The rows ids map to before admission: ``hash_buckets`` or ``vocab_size``."""
         return self.hash_buckets or self.vocab_size
+
+    @property
+    def num_rows(self) -> int:
+        """The table's rows: :attr:`id_rows`, + the shared OOV row under admission."""
+        return self.id_rows + (1 if self.admit_min_count else 0)
 
 
 @dataclass

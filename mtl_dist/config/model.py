@@ -257,6 +257,13 @@ class ModelEmbeddingConfig:
         "l2/2 * mean over samples of the squared norm of the pooled embeddings to the "
         "loss (single-hot features: each looked-up row, as often as it occurs; 0: off)",
     )
+    l2_frequency: bool = opt(
+        False,
+        "with l2 > 0: scale each sample's term of a feature by mean_count / count(id), the "
+        "id's count in the training split (counted before training, kept in the model; a "
+        "multi-hot bag: the mean over its ids), so rare ids are held hardest and the weights "
+        "average 1 over the training lookups",
+    )
 
 
 def _section(cls: type):

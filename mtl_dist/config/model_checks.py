@@ -207,6 +207,19 @@ def check_embedding_regularisers(cfg: JobConfig) -> None:
         raise ConfigError(f"model.embedding.dropout must lie in [0, 1), got {m.dropout}")
     if m.l2 < 0:
         raise ConfigError(f"model.embedding.l2 must be >= 0, got {m.l2}")
+    if m.l2_frequency and not m.l2 > 0:
+        raise ConfigError(f"model.embedding.l2_frequency needs model.embedding.l2 > 0, got {m.l2}")
+    managed = [f.name for f in cfg.features.sparse if f.collision == "managed"]
+    if m.l2_frequency and managed:
+        raise ConfigError(
+            f"model.embedding.l2_frequency counts ids per row, but {managed} use collision = "
+            "'managed' (raw ids, no fixed rows): drop one of them"
+        )
+    if m.l2_frequency and cfg.data.train_filter:
+        raise ConfigError(
+            "model.embedding.l2_frequency counts the whole training path, but data.train_filter "
+            f"= {cfg.data.train_filter!r} selects part of it: drop one of them"
+        )
     check_choices(
         ("optim.embedding_weight_decay_mode", o.embedding_weight_decay_mode, WEIGHT_DECAY_MODES)
     )

@@ -27,6 +27,8 @@ Device = Literal["auto", "cpu", "cuda"]
 DEVICES = get_args(Device)
 PrecisionName = Literal["auto", "fp32", "bf16", "fp16"]
 PRECISIONS = get_args(PrecisionName)
+MultiEpoch = Literal["none", "meda"]
+MULTI_EPOCH = get_args(MultiEpoch)
 OnNonFinite = Literal["stop", "skip", "off"]
 ON_NONFINITE = get_args(OnNonFinite)
 # metrics train.best_metric may name, per task kind; the first ones are "higher is better"
@@ -132,6 +134,17 @@ class TrainConfig:
     batch_size: int = opt(2048, "per-rank batch size B")
     epochs: int = opt(1, "passes over the training data")
     max_steps: int = opt(0, "stop after this many steps (0: run all epochs)")
+    multi_epoch: MultiEpoch = opt(
+        "none",
+        "what happens between epochs: "
+        + one_of(
+            MULTI_EPOCH,
+            none="(nothing: every epoch trains on)",
+            meda="(Fan et al. 2024: at the start of every epoch after the first, every "
+            "embedding table is drawn anew from its build-time init, seeded by train.seed and "
+            "the epoch, and its optimizer state zeroed; the dense part and its optimizer kept)",
+        ),
+    )
     val_every: int = opt(0, "validate every N steps (0: at the end of each epoch)")
     val_max_batches: int = opt(0, "cap validation batches per rank (0: whole validation set)")
     log_every: int = opt(50, "write training scalars every N steps")

@@ -26,6 +26,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from torchrec.streamable import Pipelineable
 
 from mtl_dist.config import SparseFeature, TaskSpec
+from mtl_dist.data.admission import admit
 from mtl_dist.data.ids import is_ids, is_strings, sparse_ids
 
 
@@ -159,8 +160,10 @@ class ArrowBatchConverter:
         sample_weights: bool = True,
         truth: bool = True,
         hash_seed: int = 0,
+        admitted: dict[str, np.ndarray] | None = None,
     ) -> None:
         self.sparse = sparse
+        self.admitted = dict(admitted or {})  # admission: feature → [id_rows] bool (kept rows)
         self.dense = dense
         self.dense_nan = dense_nan
         self.tasks = tasks
@@ -213,8 +216,10 @@ class ArrowBatchConverter:
                 )
 
     def _ids(self, f: SparseFeature, col: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
-        """Flat ids and per-row bag lengths of one sparse column (see :func:`sparse_ids`)."""
-        return sparse_ids(f, col, self.hash_seed)
+        """Flat ids and per-row bag lengths of one sparse column (see :func:`sparse_ids`), rare
+        ids on the shared row where the feature has admission (:func:`admit`)."""
+        ids, lengths = sparse_ids(f, col, self.hash_seed)
+        return (admit(ids, self.admitted[f.name]) if f.name in self.admitted else ids), lengths
 
     def decode(self, table: pa.Table) -> Columns:
         """Arrow rows → host :class:`Columns` (one pass per column; errors name the column)."""

@@ -5,6 +5,7 @@ group read), each rank's contiguous share of the rows; and the start-up checks o
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
 
@@ -39,16 +40,20 @@ def validation_loader(reader: ParquetBatchReader, cfg: DataConfig) -> StatefulDa
     return build_loader(reader, cfg)
 
 
-def build_readers(cfg: JobConfig, info: DistInfo) -> tuple[ParquetBatchReader, ParquetBatchReader]:
+def build_readers(
+    cfg: JobConfig, info: DistInfo, admitted: dict[str, np.ndarray] | None = None
+) -> tuple[ParquetBatchReader, ParquetBatchReader]:
     """Training reader (drops ragged batches; reads sample weights, not the oracle's truth) and
     validation reader (pads them so every row counts; reads truth and the GAUC group column,
-    not sample weights). A file needs only the columns its reader uses."""
+    not sample weights). A file needs only the columns its reader uses. ``admitted``: feature
+    admission's masks (:func:`mtl_dist.data.admission.admitted_masks`), both readers map by."""
 
     def reader(path: str, training: bool) -> ParquetBatchReader:
         converter = ArrowBatchConverter(
             cfg.features.sparse, cfg.features.dense, cfg.tasks,
             group_by="" if training else cfg.train.gauc_by, dense_nan=cfg.data.dense_nan,
             sample_weights=training, truth=not training, hash_seed=cfg.data.hash_seed,
+            admitted=admitted,
         )  # fmt: skip
         return ParquetBatchReader(
             list_parquet_files(path), converter, cfg.train.batch_size, info.rank, info.world_size,

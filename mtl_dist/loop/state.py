@@ -20,3 +20,5 @@ class LoopState:
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     undefined: dict[str, dict[str, str]] = field(default_factory=dict)
     stop: bool = False
+    # train.multi_epoch: the last epoch whose start re-initialised the tables (0: none yet)
+    reinit_epoch: int = 0

@@ -19,6 +19,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from mtl_dist.config import JobConfig, ModelConfig, SparseFeature, task_parents
 from mtl_dist.data.batch import Batch
+from mtl_dist.models.admission import IdCounts
 from mtl_dist.models.collision import feature_remappings, managed_ebc, managed_rows
 from mtl_dist.models.dependent import DependentTowers
 from mtl_dist.models.experts import ExpertStyle
@@ -150,6 +151,9 @@ class Ranker(nn.Module):
         # ESCM2-DR (``model.esmm.escm2_dr``): a tower [B, Din] → [B, 1] imputing each exposure's
         # conversion; its logits of a training forward ([B]) feed the loss
         self.imputation: nn.Module | None = None
+        # feature admission's id counts (models/admission.py), set by build_ranker; no forward
+        self.id_counts: nn.Module | None = None
+        self.l2_frequency = False  # embedding_l2 weighted by inverse id frequency (id_counts)
         # the pooled embeddings' widths, in feature_order (the head input's column blocks)
         dims = {
             f: t.embedding_dim
@@ -175,7 +179,7 @@ class Ranker(nn.Module):
         x = self.grad_gate(torch.cat([pooled, self.dense_norm(batch.dense)], dim=1))  # [B, Din]
         penalty = imputation = None
         if self.embedding_l2 and self.training:  # L2 on the looked-up rows (ModelWithLoss adds it)
-            penalty = 0.5 * self.embedding_l2 * x[:, : pooled.shape[1]].square().sum(1).mean()
+            penalty = 0.5 * self.embedding_l2 * self._l2_terms(x[:, : pooled.shape[1]], batch)
         if self.imputation is not None and self.training:  # no gradient into the input
             imputation = self.imputation(x.detach())[:, 0]
         own = None
@@ -194,6 +198,17 @@ class Ranker(nn.Module):
         return RankerOutput(
             out[0], out[1], penalty, imputation, out[2], out[3], out[4], head_input
         )  # fmt: skip
+
+    def _l2_terms(self, emb: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """``mean_b Σ_f w_bf ||e_bf||²`` over the pooled embeddings ``[B, Σ w_f]``: ``w = 1``,
+        or with ``l2_frequency`` the ids' inverse-frequency weights ``[B, F]``."""
+        if not self.l2_frequency:
+            return emb.square().sum(1).mean()
+        # per-feature squared norms [B, F] (index_add, not a loop over split(): FX-traceable)
+        blocks = emb.new_zeros(emb.shape[0], len(self.feature_widths))
+        sq = blocks.index_add(1, self.feature_of_column, emb.square())
+        w = self.id_counts.frequency_weights(batch.sparse, self.feature_order)  # [B, F]
+        return (w * sq).sum(1).mean()
 
     def managed_lookup(self, sparse: KeyedJaggedTensor) -> KeyedTensor:
         """Pooled embeddings of the managed features. Training, or sharded: the MC-EBC (which
@@ -303,6 +318,13 @@ def build_ranker(
         interaction, dropout, cfg.model.embedding.l2,
     )  # fmt: skip
     model.dense_names = list(cfg.features.dense)
+    freq = cfg.model.embedding.l2_frequency
+    counted = [f for f in cfg.features.sparse if freq or f.admit_min_count]
+    if counted:  # the training split's id counts: admission, l2_frequency
+        model.id_counts = IdCounts(counted)
+        model.l2_frequency = freq
+        column_feature = [j for j, w in enumerate(widths) for _ in range(w)]  # [Σ w_f]
+        model.register_buffer("feature_of_column", torch.tensor(column_feature), persistent=False)
     if cfg.model.esmm.escm2_dr > 0:
         model.imputation = Towers(1, raw_dim, cfg.model.tower.hidden)  # reads x
     return model

@@ -6,6 +6,7 @@ run time.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
@@ -30,11 +31,16 @@ class IdRemap(nn.Module):
     and maps it with :func:`mtl_dist.models.collision.managed_rows` over its table's trained
     remapping (``managed``): a kept id its row, any other the miss row of the rank that owned it.
 
+    A feature with admission (``admit_min_count``) then maps each row id its trained counts
+    did not admit to the shared row ``V`` (its id rows; the padding row is ``V + 1``), as
+    training's :func:`mtl_dist.data.admission.admit` does.
+
     Args:
         features: the sparse features, in input order.
         pads: each feature's padding row (its table's trained row count).
         managed: per managed feature name, its table's ``(sorted raw ids [N], rows [N])``.
         buckets: the world size managed tables were trained at.
+        admitted: per admitted feature name, which of its ``[V]`` row ids keep their row.
 
     Example::
 
@@ -48,12 +54,16 @@ class IdRemap(nn.Module):
         pads: list[int],
         managed: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
         buckets: int = 1,
+        admitted: dict[str, np.ndarray] | None = None,
     ) -> None:
         super().__init__()
         self.rules = [id_rule(f) for f in features]
         self.pads = list(pads)
         self.buckets = buckets
+        self.admits = [f.name in (admitted or {}) for f in features]
         for i, f in enumerate(features):
+            if self.admits[i]:
+                self.register_buffer(f"admitted_{i}", torch.from_numpy(admitted[f.name]).clone())
             if f.collision == "managed":
                 sorted_raw, rows = (managed or {})[f.name]
                 self.register_buffer(f"sorted_raw_{i}", sorted_raw.clone())
@@ -73,6 +83,10 @@ class IdRemap(nn.Module):
                 out.append(v.clamp(0, n - 1))
             else:  # drop: out-of-range ids read the zero padding row, skipped by the pooling
                 out.append(torch.where((v >= 0) & (v < n), v, torch.full_like(v, pad)))
+            if self.admits[i]:  # rows [0, n) not admitted: the shared row n (pad stays pad)
+                rows = out[-1]
+                kept = getattr(self, f"admitted_{i}")[rows.clamp(0, n - 1)]
+                out[-1] = torch.where((rows < n) & ~kept, torch.full_like(rows, n), rows)
         return out
 
 

@@ -35,9 +35,10 @@ def score(model_path: Path, data: str, out: Path, keep: list[str], batch_size: i
     as ``<out>.partial`` and renamed when complete: a failed run leaves no ``out`` behind.
     """
     cfg, model = load_exported(model_path)
+    counts = model.model.id_counts  # feature admission: map ids by the trained counts
     conv = ArrowBatchConverter(
         cfg.features.sparse, cfg.features.dense, [], dense_nan=cfg.data.dense_nan,
-        hash_seed=cfg.data.hash_seed,
+        hash_seed=cfg.data.hash_seed, admitted=counts.masks() if counts is not None else None,
     )  # features only; the training run's hashing  # fmt: skip
     rows, writer = 0, None
     with written_whole(out) as partial:

@@ -107,7 +107,13 @@ def build_served(
         head.sparse = False
     ctcvr = model.esmm if model.esmm is not None and model.esmm_ctcvr_preds else None
     served = ServedRanker(
-        IdRemap(features, pads, _remappings(ranker), ranker.managed_buckets),
+        IdRemap(
+            features,
+            pads,
+            _remappings(ranker),
+            ranker.managed_buckets,
+            ranker.id_counts.masks() if ranker.id_counts is not None else None,
+        ),
         shared,
         per_task,
         copy.deepcopy(ranker.dense_norm).eval(),
