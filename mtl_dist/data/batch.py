@@ -25,8 +25,9 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from torchrec.streamable import Pipelineable
 
-from mtl_dist.config import SparseFeature, TaskSpec
+from mtl_dist.config import SequenceFeature, SparseFeature, TaskSpec
 from mtl_dist.data.ids import is_ids, is_strings, sparse_ids
+from mtl_dist.data.sequence import check_type, sequence_ids
 
 
 @dataclass
@@ -140,6 +141,7 @@ class ArrowBatchConverter:
     domain (binary not 0/1, an infinite target, log1p of a value ≤ -1) raises ``ValueError``
     naming the column, or is masked with ``on_invalid = "mask"``. A task with a ``condition``
     counts only where that task's label is 1; ``sample_weight`` scales the row's mask.
+    ``sequences``: list columns joining the KJT after the sparse features (data/sequence.py).
 
     Example::
 
@@ -159,8 +161,13 @@ class ArrowBatchConverter:
         sample_weights: bool = True,
         truth: bool = True,
         hash_seed: int = 0,
+        sequences: list[SequenceFeature] | None = None,
     ) -> None:
         self.sparse = sparse
+        self.sequences = list(sequences or [])
+        self.sequence_tables = [
+            next(f for f in sparse if f.table_name == s.table) for s in self.sequences
+        ]
         self.dense = dense
         self.dense_nan = dense_nan
         self.tasks = tasks
@@ -168,14 +175,15 @@ class ArrowBatchConverter:
         self.use_sample_weights = sample_weights
         self.use_truth = truth
         self.hash_seed = hash_seed
-        self.keys = [f.name for f in sparse]
+        self.keys = [f.name for f in sparse] + [s.name for s in self.sequences]
         names = [t.name for t in tasks]
         self.conditions = [names.index(t.condition) if t.condition else -1 for t in tasks]
 
     @property
     def columns(self) -> list[str]:
         """The Parquet columns this converter reads."""
-        cols = [f.name for f in self.sparse] + list(self.dense)
+        cols = [f.name for f in self.sparse] + [s.source for s in self.sequences]
+        cols += list(self.dense)
         for t in self.tasks:
             cols.append(t.label)
             cols += [t.truth] if t.truth and self.use_truth else []
@@ -201,7 +209,10 @@ class ArrowBatchConverter:
                     f"column '{f.name}': string ids need hash_buckets = N (each value maps to "
                     f"xxh3_64(its UTF-8 bytes, seed data.hash_seed) mod N), got {tp}"
                 )
-        numeric = [c for c in self.columns if c not in self.keys and c in schema.names]
+        for s in (s for s in self.sequences if s.source in schema.names):
+            check_type(s, schema.field(s.source).type)
+        lists = {s.source for s in self.sequences} | set(self.keys)
+        numeric = [c for c in self.columns if c not in lists and c in schema.names]
         for name in numeric:
             tp = schema.field(name).type
             integer = name == self.group_by
@@ -222,6 +233,10 @@ class ArrowBatchConverter:
         ids, offsets = [], []
         for f in self.sparse:
             flat, lens = self._ids(f, table.column(f.name))
+            ids.append(flat)
+            offsets.append(np.concatenate([[0], np.cumsum(lens, dtype=np.int64)]))
+        for s, of in zip(self.sequences, self.sequence_tables):
+            flat, lens = sequence_ids(s, of, table.column(s.source), self.hash_seed)
             ids.append(flat)
             offsets.append(np.concatenate([[0], np.cumsum(lens, dtype=np.int64)]))
         dense = np.zeros((n, len(self.dense)), dtype=np.float32)

@@ -49,6 +49,7 @@ def build_readers(cfg: JobConfig, info: DistInfo) -> tuple[ParquetBatchReader, P
             cfg.features.sparse, cfg.features.dense, cfg.tasks,
             group_by="" if training else cfg.train.gauc_by, dense_nan=cfg.data.dense_nan,
             sample_weights=training, truth=not training, hash_seed=cfg.data.hash_seed,
+            sequences=cfg.features.sequence,
         )  # fmt: skip
         return ParquetBatchReader(
             list_parquet_files(path), converter, cfg.train.batch_size, info.rank, info.world_size,
