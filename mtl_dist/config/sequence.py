@@ -7,6 +7,8 @@ from __future__ import annotations
 from mtl_dist.config.base import ConfigError, suggest
 from mtl_dist.config.data import MAX_SEQUENCE_LEN, SequenceFeature
 
+EC_TYPES = ("data_parallel", "table_wise", "column_wise", "row_wise")  # TorchRec's EC sharder's
+
 
 def sequence_query(s: SequenceFeature, sparse: list) -> str:
     """The name of the sparse feature whose embedding is ``s``'s query (see ``query``)."""
@@ -47,8 +49,6 @@ def check_sequences(cfg) -> None:
                 f"{where}: query {s.query!r} must name a sparse feature of table {s.table!r} "
                 f"({[f.name for f in sparse if f.table_name == s.table]})"
             )
-        if owner.multi_hot:
-            raise ConfigError(f"{where}: query {query!r} is multi_hot; it must be single-hot")
         if not 1 <= s.max_len <= MAX_SEQUENCE_LEN:
             raise ConfigError(
                 f"{where}: max_len = {s.max_len}: must lie in [1, {MAX_SEQUENCE_LEN}]"
@@ -56,6 +56,23 @@ def check_sequences(cfg) -> None:
         if any(h < 1 for h in s.din_hidden):
             raise ConfigError(f"{where}: din_hidden = {s.din_hidden}: widths must be >= 1")
         dim = tables[s.table].embedding_dim
+        multi = [f.name for f in sparse if f.table_name == s.table and f.multi_hot]
+        if multi:
+            raise ConfigError(
+                f"{where}: table {s.table!r} moves into the sequences' EmbeddingCollection, "
+                f"where its features must be single-hot; {multi} are multi_hot"
+            )
+        if cfg.sharding.force and cfg.sharding.force not in EC_TYPES:
+            raise ConfigError(
+                f"{where}: sharding.force = {cfg.sharding.force!r}, but the sequences' "
+                f"EmbeddingCollection shards {' | '.join(EC_TYPES)} only"
+            )
+        first = tables[cfg.features.sequence[0].table].embedding_dim
+        if dim != first:
+            raise ConfigError(
+                f"{where}: table {s.table!r} is {dim} wide, but the sequences' tables share one "
+                f"EmbeddingCollection, whose tables all have one width ({first})"
+            )
         if s.pooling == "mha" and (s.heads < 1 or dim % s.heads):
             raise ConfigError(
                 f"{where}: heads = {s.heads} must divide the table's embedding_dim {dim}"

@@ -28,6 +28,7 @@ from mtl_dist.models.interaction import FeatureDropout, build_interaction
 from mtl_dist.models.outputs import NO_PROBES, RankerOutput, model_body
 from mtl_dist.models.pepnet import PEPNet
 from mtl_dist.models.ple import MixedExperts
+from mtl_dist.models.sequence import SequenceLookup, build_sequence_lookup, sequence_tables
 
 
 def embedding_bag_configs(
@@ -78,6 +79,9 @@ class Ranker(nn.Module):
             ``penalty = λ/2 · mean_b ||pooled_b||²`` (:class:`RankerOutput`), which
             :class:`~mtl_dist.loop.losses.ModelWithLoss` adds to the loss. Taken after the
             gradient gate, so a skipped step (or fp16's loss scale) treats it as the task losses.
+        sequences: the behaviour sequences' EC and attention (``models/sequence.py``); its
+            blocks (the shared tables' candidates, then each sequence's pooled vector) follow
+            the EBCs' in the head input. None without ``[[features.sequence]]``.
 
     ``ranker.probes`` (:class:`~mtl_dist.models.outputs.Probes`, set from outside: the loop,
     the telemetry, attribution) says which extras the forwards return in their
@@ -101,14 +105,16 @@ class Ranker(nn.Module):
         interaction: nn.Module | None = None,
         embedding_dropout: nn.Module | None = None,
         embedding_l2: float = 0.0,
+        sequences: SequenceLookup | None = None,
     ) -> None:
         super().__init__()
         self.ebc = ebc
+        self.sequences = sequences
         self.mc_ebc = mc_ebc
         self.task_ebcs = task_ebcs
         # the head sees features in the unsharded collections' order: a sharded EBC returns them
         # grouped by sharding type, an order that changes with the plan (and the world size)
-        self.feature_order = feature_order(ebc, mc_ebc)
+        self.feature_order = feature_order(ebc, mc_ebc) + (sequences.names if sequences else [])
         # managed tables: the world size their remapping was trained at (its miss rows), which
         # the single-process path (scoring, export) reproduces; set from the checkpoint
         self.managed_buckets = 1
@@ -141,7 +147,17 @@ class Ranker(nn.Module):
             for t in e.embedding_bag_configs()
             for f in t.feature_names
         }
+        dims.update({f: sequences.dim for f in (sequences.names if sequences else [])})
         self.feature_widths = [dims[f] for f in self.feature_order]
+
+    @property
+    def pooled_order(self) -> list[str]:
+        """The EBCs' features in ``feature_order`` (the sequences' blocks follow them)."""
+        return self.feature_order[: len(self.feature_order) - len(self.sequence_names)]
+
+    @property
+    def sequence_names(self) -> list[str]:
+        return self.sequences.names if self.sequences is not None else []
 
     def input_blocks(self) -> tuple[list[str], list[int]]:
         """The column blocks of ``head_input`` ``[B, Din]``: feature names and widths (each
@@ -153,7 +169,10 @@ class Ranker(nn.Module):
         kts = [self.ebc(batch.sparse)] if self.ebc is not None else []
         if self.mc_ebc is not None:
             kts.append(self.managed_lookup(batch.sparse))
-        pooled = KeyedTensor.regroup(kts, [self.feature_order])[0]  # [B, Σ dims], fixed order
+        pooled = KeyedTensor.regroup(kts, [self.pooled_order])[0] if kts else None  # [B, Σ dims]
+        if self.sequences is not None:  # the EC's candidates and pooled sequences, [B, S·D]
+            seq = self.sequences(batch.sparse)
+            pooled = seq if pooled is None else torch.cat([pooled.float(), seq], dim=1)
         pooled = self.embedding_dropout(pooled.float())  # fp16 tables: fp32 from here
         x = self.grad_gate(torch.cat([pooled, self.dense_norm(batch.dense)], dim=1))  # [B, Din]
         penalty = imputation = None
@@ -225,7 +244,10 @@ def build_ranker(
     and moved by DMP. ``world_size``: the ranks managed-collision tables will be sharded over.
     """
     dtype = cfg.embedding.data_type
-    plain = [f for f in cfg.features.sparse if f.collision != "managed"]
+    shared = sequence_tables(cfg.features.sparse, cfg.features.sequence)  # into the EC
+    plain = [
+        f for f in cfg.features.sparse if f.collision != "managed" and f.table_name not in shared
+    ]
     managed = [f for f in cfg.features.sparse if f.collision == "managed"]
     ebc = (
         EmbeddingBagCollection(
@@ -244,9 +266,15 @@ def build_ranker(
         if managed
         else None
     )
+    sequences = (
+        build_sequence_lookup(cfg.features.sparse, cfg.features.sequence, device, data_type=dtype)
+        if cfg.features.sequence
+        else None
+    )
     # the pooled widths in the order the ranker concatenates them (its feature_order)
     dims = {f.name: f.embedding_dim for f in cfg.features.sparse}
-    order = feature_order(ebc, mc_ebc)
+    dims.update({n: sequences.dim for n in (sequences.names if sequences else [])})
+    order = feature_order(ebc, mc_ebc) + (sequences.names if sequences else [])
     widths = [dims[name] for name in order]
     raw_dim = sum(widths) + len(cfg.features.dense)  # x: the pooled embeddings, dense values
     interaction, in_dim = build_interaction(cfg.model.interaction, widths, len(cfg.features.dense))
@@ -283,7 +311,7 @@ def build_ranker(
     )
     model = Ranker(
         ebc, len(cfg.features.dense), head, cfg.model.dense_batch_norm, task_ebcs, mc_ebc,
-        interaction, dropout, cfg.model.embedding.l2,
+        interaction, dropout, cfg.model.embedding.l2, sequences,
     )  # fmt: skip
     model.dense_names = list(cfg.features.dense)
     if cfg.model.esmm.escm2_dr > 0:

@@ -1,0 +1,226 @@
+"""Behaviour sequences: un-pooled lookups in an ``EmbeddingCollection`` and target attention from
+the candidate's embedding over them, pooled to one vector per row that joins the head's input.
+
+- :class:`DINAttention`: DIN's local activation unit (Zhou et al., "Deep Interest Network for
+  Click-Through Rate Prediction", KDD 2018, §4.3): ``w_i = MLP([q, k_i, q − k_i, q ⊙ k_i])``,
+  not normalised by a softmax, 0 on padding; output ``Σ_i w_i · k_i``.
+- :class:`MultiHeadTargetAttention`: the candidate as the single query of multi-head scaled
+  dot-product attention (``torch.nn.functional.scaled_dot_product_attention``) with the padding
+  mask; an empty history gives 0.
+- :class:`MeanPooling`: the masked mean (the pooled baseline).
+- :class:`SequenceLookup`: the EC holding the shared tables (sharded by DMP from outside, like
+  the EBC), the candidates' rows taken from it, each sequence padded to ``max_len`` and pooled.
+
+Legend: ``B`` batch, ``L`` max_len, ``D`` the table's embedding width, ``N`` ids in a batch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchrec.modules.embedding_configs import DataType, EmbeddingConfig
+from torchrec.modules.embedding_modules import EmbeddingCollection
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from mtl_dist.config import SequenceFeature, SparseFeature
+from mtl_dist.config.sequence import sequence_query
+
+
+@torch.fx.wrap
+def padded(values: torch.Tensor, lengths: torch.Tensor, max_len: int):
+    """Jagged rows → ``(keys [B, L, D], mask [B, L] bool)``, each row's ids left-aligned and its
+    padding zero (lengths above ``L`` keep their first ``L``; the reader already clipped them).
+
+    Args:
+        values: ``[N, D]`` the ids' embeddings, row after row.
+        lengths: ``[B]`` ids per row.
+
+    Example::
+
+        keys, mask = padded(torch.ones(3, 2), torch.tensor([2, 0, 1]), 2)
+        mask  # [[True, True], [False, False], [True, False]]
+    """
+    lengths = lengths.long()
+    starts = torch.cumsum(lengths, 0) - lengths
+    pos = torch.arange(max_len, device=values.device)
+    mask = pos.unsqueeze(0) < lengths.unsqueeze(1)  # [B, L]
+    # index N (an appended zero row) for padding: no gather outside values, no grad to it
+    index = torch.where(mask, starts.unsqueeze(1) + pos, values.shape[0])
+    table = torch.cat([values, values.new_zeros(1, values.shape[1])])
+    return table[index], mask
+
+
+class DINAttention(nn.Module):
+    """DIN's local activation unit (KDD 2018): weights ``w [B, L]`` from an MLP over
+    ``[q, k, q − k, q ⊙ k]`` (hidden layers with one PReLU slope each, linear output), not softmax-normalised,
+    multiplied by the mask (padding: weight 0, gradient 0); output ``Σ_i w_i k_i`` ``[B, D]``.
+
+    Example::
+
+        att = DINAttention(8, [16])
+        out, w = att(torch.randn(4, 8), torch.randn(4, 5, 8), torch.ones(4, 5, dtype=torch.bool))
+        out.shape, w.shape  # [4, 8], [4, 5]
+    """
+
+    def __init__(self, dim: int, hidden: list[int]) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        width = 4 * dim
+        for h in hidden:
+            layers += [nn.Linear(width, h), nn.PReLU()]
+            width = h
+        self.mlp = nn.Sequential(*layers, nn.Linear(width, 1))
+
+    def forward(self, q: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor):
+        """``q [B, D]``, ``keys [B, L, D]``, ``mask [B, L]`` → ``(pooled [B, D], w [B, L])``."""
+        qe = q.unsqueeze(1).expand_as(keys)
+        w = self.mlp(torch.cat([qe, keys, qe - keys, qe * keys], dim=-1)).squeeze(-1)
+        w = w * mask.to(w.dtype)
+        return torch.einsum("bl,bld->bd", w, keys), w
+
+
+class MultiHeadTargetAttention(nn.Module):
+    """The candidate as one query over the sequence: ``heads`` heads of width ``D / heads``,
+    query / key / value / output projections, ``scaled_dot_product_attention`` with the padding
+    mask. An empty history (no valid key) gives 0 (not SDPA's NaN). ``w`` (the attention
+    weights averaged over heads, ``[B, L]``, rows summing to 1 or 0) only with
+    ``need_weights``: it costs a second softmax.
+    """
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.v, self.out = (nn.Linear(dim, dim) for _ in range(4))
+
+    def forward(self, q, keys, mask, need_weights: bool = False):
+        """``q [B, D]``, ``keys [B, L, D]``, ``mask [B, L]`` → ``(pooled [B, D], w | None)``."""
+        B, L, D = keys.shape
+        h = self.heads
+        any_ = mask.any(dim=1, keepdim=True)  # [B, 1]
+        first = torch.arange(L, device=mask.device).unsqueeze(0) == 0
+        ok = mask | (~any_ & first)  # an empty row attends to its padding; zeroed below
+        qh = self.q(q).view(B, h, 1, D // h)
+        kh = self.k(keys).view(B, L, h, D // h).transpose(1, 2)
+        vh = self.v(keys).view(B, L, h, D // h).transpose(1, 2)
+        att = ok.view(B, 1, 1, L)
+        o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=att)  # [B, h, 1, D/h]
+        pooled = self.out(o.reshape(B, D)) * any_.to(o.dtype)
+        w = None
+        if need_weights:
+            s = (qh @ kh.transpose(-1, -2)).squeeze(2) / (D // h) ** 0.5  # [B, h, L]
+            w = s.masked_fill(~ok.unsqueeze(1), float("-inf")).softmax(-1).mean(1)
+            w = w * mask.to(w.dtype)
+        return pooled, w
+
+
+class MeanPooling(nn.Module):
+    """The masked mean of the sequence ``[B, D]`` (0 for an empty history); ``w [B, L]`` is
+    ``1 / length`` on the true positions."""
+
+    def forward(self, q, keys, mask):
+        m = mask.to(keys.dtype)
+        w = m / m.sum(1, keepdim=True).clamp(min=1)
+        return torch.einsum("bl,bld->bd", w, keys), w
+
+
+def build_pooling(s: SequenceFeature, dim: int) -> nn.Module:
+    """The pooling ``s.pooling`` names over embeddings of width ``dim``."""
+    if s.pooling == "din":
+        return DINAttention(dim, s.din_hidden)
+    if s.pooling == "mha":
+        return MultiHeadTargetAttention(dim, s.heads)
+    return MeanPooling()
+
+
+class SequenceLookup(nn.Module):
+    """The shared tables' EC and the sequences' poolings: KJT → ``[B, Σ widths]``, the
+    candidates' embeddings (``candidates``, the single-hot features of those tables; 0 for an
+    empty bag) then each sequence's pooled vector, in the order of :attr:`names`.
+
+    Args:
+        ec: the EmbeddingCollection (plain, or sharded by DMP); its features are the
+            candidates and the sequences.
+        candidates: the sparse features looked up here (single-hot).
+        sequences: the sequences, each pooled by :func:`build_pooling`.
+        queries: per sequence, the candidate whose embedding is its query.
+
+    Example::
+
+        lookup = build_sequence_lookup(cfg.features.sparse, cfg.features.sequence, "cpu")
+        lookup(batch.sparse).shape  # [B, D · (candidates + sequences)]
+    """
+
+    def __init__(
+        self,
+        ec: EmbeddingCollection,
+        candidates: list[str],
+        sequences: list[SequenceFeature],
+        queries: list[str],
+        dim: int,
+    ) -> None:
+        super().__init__()
+        self.ec = ec
+        self.candidates = list(candidates)
+        self.sequences = list(sequences)
+        self.queries = list(queries)
+        self.dim = dim
+        self.poolings = nn.ModuleList([build_pooling(s, dim) for s in sequences])
+
+    @property
+    def names(self) -> list[str]:
+        """The output's blocks: the candidates, then the sequences (each ``dim`` wide)."""
+        return self.candidates + [s.name for s in self.sequences]
+
+    def forward(self, sparse: KeyedJaggedTensor) -> torch.Tensor:
+        """``sparse`` (a KJT with at least the EC's keys) → ``[B, len(names) · D]`` float32."""
+        jts = self.ec(sparse)
+        cand = {}
+        for name in self.candidates:
+            jt = jts.get(name)  # .get: a sharded EC's output is an awaitable of the dict
+            keys, mask = padded(jt.values().float(), jt.lengths(), 1)
+            cand[name] = keys[:, 0] * mask.to(keys.dtype)
+        out = [cand[name] for name in self.candidates]
+        for s, query, pool in zip(self.sequences, self.queries, self.poolings):
+            jt = jts.get(s.name)
+            keys, mask = padded(jt.values().float(), jt.lengths(), s.max_len)
+            out.append(pool(cand[query], keys, mask)[0])
+        return torch.cat(out, dim=1)
+
+
+def sequence_tables(sparse: list[SparseFeature], sequences: list[SequenceFeature]) -> set[str]:
+    """The tables the EC holds (those a sequence shares)."""
+    return {s.table for s in sequences}
+
+
+def build_sequence_lookup(
+    sparse: list[SparseFeature],
+    sequences: list[SequenceFeature],
+    device: torch.device | str = "meta",
+    init_scale: float = 0.05,
+    data_type: str = "fp32",
+) -> SequenceLookup:
+    """The EC of the sequences' tables (one ``EmbeddingConfig`` per table: its sparse features,
+    then the sequences sharing it) and the poolings, on ``device`` (``meta`` before sharding).
+    ``sparse`` / ``sequences``: a validated config's (``features.sparse`` / ``.sequence``)."""
+    tables = sequence_tables(sparse, sequences)
+    candidates = [f for f in sparse if f.table_name in tables]
+    configs = []
+    for table in sorted(tables):
+        fs = [f for f in candidates if f.table_name == table]
+        configs.append(
+            EmbeddingConfig(
+                name=table,
+                num_embeddings=fs[0].num_rows,
+                embedding_dim=fs[0].embedding_dim,
+                feature_names=[f.name for f in fs]
+                + [s.name for s in sequences if s.table == table],
+                weight_init_min=-init_scale,
+                weight_init_max=init_scale,
+                data_type=DataType.FP16 if data_type == "fp16" else DataType.FP32,
+            )
+        )
+    ec = EmbeddingCollection(tables=configs, device=torch.device(device))
+    order = [f for c in configs for f in c.feature_names if f in {x.name for x in candidates}]
+    queries = [sequence_query(s, sparse) for s in sequences]
+    return SequenceLookup(ec, order, sequences, queries, candidates[0].embedding_dim)
