@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-ITEMS, USERS, CLUSTERS, MAX_HIST = 2000, 1000, 50, 30
+ITEMS, USERS, CLUSTERS, MAX_HIST = 500, 1000, 20, 20
 
 
 def make_rows(n: int, rng: np.random.Generator, max_hist: int = MAX_HIST) -> pa.Table:
