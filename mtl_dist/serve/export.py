@@ -191,6 +191,7 @@ def table_check(
     conv = ArrowBatchConverter(
         cfg.features.sparse, cfg.features.dense, cfg.tasks, dense_nan=cfg.data.dense_nan,
         sample_weights=False, truth=False, hash_seed=cfg.data.hash_seed,
+        sequences=cfg.features.sequence,
     )  # fmt: skip
     text = cfg.data.val_filter
     reader = ParquetBatchReader(

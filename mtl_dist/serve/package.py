@@ -26,7 +26,7 @@ def metadata(cfg: JobConfig, embedding_dtype: str, compiled: str) -> dict[str, A
 
     ``compiled``: ``eager`` (a ``torch.export`` program) or ``aoti-cpu`` / ``aoti-cuda``.
     """
-    names = [f.name for f in cfg.features.sparse]
+    names = [f.name for f in cfg.features.sparse] + [q.name for q in cfg.features.sequence]
     return {
         "format": FORMAT,
         "torch": torch.__version__,
@@ -75,7 +75,29 @@ def metadata(cfg: JobConfig, embedding_dtype: str, compiled: str) -> dict[str, A
             }  # fmt: skip
             for f in cfg.features.sparse
         ],
+        "sequences": sequence_metadata(cfg),
     }
+
+
+def sequence_metadata(cfg: JobConfig) -> list[dict[str, Any]]:
+    """Per ``[[features.sequence]]`` (inputs after the sparse features): its list column, read
+    by the client as a multi-hot feature of its table (the keys of a ``sparse`` entry, ``name``
+    the column), and the ``max_len`` the program keeps of each list (the last ids)."""
+    tables = {f.table_name: f for f in cfg.features.sparse}
+    out = []
+    for q in cfg.features.sequence:
+        f = tables[q.table]
+        out.append({
+            "name": q.source, "sequence": q.name, "max_len": q.max_len, "table": q.table,
+            "multi_hot": True, "hash_buckets": f.hash_buckets, "vocab_size": f.vocab_size,
+            "invalid_ids": q.invalid_ids, "on_null": q.on_null, "string_id_mod": f.hash_buckets,
+            "client": "a list, oldest first; a null list is "
+            + ("refused" if q.on_null == "error" else "an empty history")
+            + ("; refuse nulls inside lists and ids outside [0, "
+               f"{f.vocab_size})" if q.invalid_ids == "error" and not f.hash_buckets
+               else "; drop nulls inside lists"),
+        })  # fmt: skip
+    return out
 
 
 def _served_value(t: TaskSpec) -> str:

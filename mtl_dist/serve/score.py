@@ -37,7 +37,7 @@ def score(model_path: Path, data: str, out: Path, keep: list[str], batch_size: i
     cfg, model = load_exported(model_path)
     conv = ArrowBatchConverter(
         cfg.features.sparse, cfg.features.dense, [], dense_nan=cfg.data.dense_nan,
-        hash_seed=cfg.data.hash_seed,
+        hash_seed=cfg.data.hash_seed, sequences=cfg.features.sequence,
     )  # features only; the training run's hashing  # fmt: skip
     rows, writer = 0, None
     with written_whole(out) as partial:
