@@ -4,12 +4,15 @@ resumes to the uninterrupted run's metrics, DIN learns the task that hangs on on
 better than mean pooling (same seed), and a bad list value stops the run naming file, column and
 row."""
 
+import csv
 import json
+import math
 import re
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from tests.conftest import ROOT, torchrun
 
@@ -30,7 +33,7 @@ def run(data, out, *extra, ok=True):
         "-m", "mtl_dist.train", "--config", "configs/sequences.toml",
         "--data.train_path", str(data / "train"), "--data.val_path", str(data / "val"),
         "--train.output_dir", str(out), "--train.progress_bar", "false",
-        "--monitor.attribution", "false", "--checkpoint.every", "40", *extra,
+        "--checkpoint.every", "40", "--monitor.gate_every", "10", *extra,
     ]  # fmt: skip
     proc = torchrun(args, nproc=2)
     assert (proc.returncode == 0) == ok, proc.stderr[-3000:]
@@ -54,6 +57,20 @@ def test_sequence_table_is_sharded_and_din_trains(din_run):
     m = metrics(out)
     assert m["steps"] == STEPS
     assert m["metrics"]["click"]["auc"] > 0.62 and m["metrics"]["like"]["auc"] > 0.7, m
+    # attention health, logged like gate health (every monitor.gate_every steps, each rank)
+    for rank in (0, 1):
+        acc = EventAccumulator(str(out / "tb" / f"rank_{rank}"))
+        acc.Reload()
+        tags = set(acc.Tags()["scalars"])
+        assert {f"attention/hist/{k}" for k in ("entropy", "entropy_ratio", "recent_share")} <= tags
+        entropy = [e.value for e in acc.Scalars("attention/hist/entropy")]
+        assert len(entropy) >= STEPS // 10 - 1 and all(0 < e < math.log(20) for e in entropy)
+    # attribution ranks the sequence like any other input: click hangs on it, like does not
+    with open(out / "attribution.csv") as fh:
+        rows = {r["feature"]: r for r in csv.DictReader(fh)}
+    assert set(rows) == {"user_id", "item_id", "hist", "dense_0", "dense_1"}
+    assert int(rows["hist"]["rank_click"]) <= 2, rows
+    assert int(rows["hist"]["rank_like"]) > int(rows["hist"]["rank_click"]), rows
 
 
 def test_resumed_mid_epoch_equals_the_uninterrupted_run(seq_data, din_run, tmp_path):

@@ -161,6 +161,7 @@ class SequenceFeature:
         "empty",
         "a null list: " + one_of(ON_NULLS, empty="(no history)", error="(names file, column, row)"),
     )
+    recent_k: int = opt(5, "monitoring: attention/<name>/recent_share is the weight on the last k")
     invalid_ids: InvalidIds = opt(
         "error",
         "ids outside the table's rows and nulls inside a list: "

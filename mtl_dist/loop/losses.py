@@ -150,6 +150,7 @@ class StepOutput:
     gates: dict[str, torch.Tensor] | None = None
     dead: dict[str, torch.Tensor] | None = None
     shared: torch.Tensor | None = None
+    attention: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
 class ModelWithLoss(nn.Module):
@@ -229,6 +230,7 @@ class ModelWithLoss(nn.Module):
             gates=ranked.gates,
             dead=ranked.dead,
             shared=ranked.shared,
+            attention=ranked.attention,
         )
         return TaskLosses(losses, aux, mask, ranked.penalty if self.training else None), out
 

@@ -167,11 +167,12 @@ class Ranker(nn.Module):
 
     def forward(self, batch: Batch) -> RankerOutput:
         kts = [self.ebc(batch.sparse)] if self.ebc is not None else []
+        attention = None
         if self.mc_ebc is not None:
             kts.append(self.managed_lookup(batch.sparse))
         pooled = KeyedTensor.regroup(kts, [self.pooled_order])[0] if kts else None  # [B, Σ dims]
         if self.sequences is not None:  # the EC's candidates and pooled sequences, [B, S·D]
-            seq = self.sequences(batch.sparse)
+            seq, attention = self.sequences(batch.sparse, self.probes.attention)
             pooled = seq if pooled is None else torch.cat([pooled.float(), seq], dim=1)
         pooled = self.embedding_dropout(pooled.float())  # fp16 tables: fp32 from here
         x = self.grad_gate(torch.cat([pooled, self.dense_norm(batch.dense)], dim=1))  # [B, Din]
@@ -194,7 +195,7 @@ class Ranker(nn.Module):
         head_input = x if self.probes.head_input else None
         # indexed, not unpacked: TorchRec's pipeline FX-traces this forward
         return RankerOutput(
-            out[0], out[1], penalty, imputation, out[2], out[3], out[4], head_input
+            out[0], out[1], penalty, imputation, out[2], out[3], out[4], head_input, attention
         )  # fmt: skip
 
     def managed_lookup(self, sparse: KeyedJaggedTensor) -> KeyedTensor:

@@ -72,7 +72,7 @@ class DINAttention(nn.Module):
             width = h
         self.mlp = nn.Sequential(*layers, nn.Linear(width, 1))
 
-    def forward(self, q: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor):
+    def forward(self, q: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor, need_weights=True):
         """``q [B, D]``, ``keys [B, L, D]``, ``mask [B, L]`` → ``(pooled [B, D], w [B, L])``."""
         qe = q.unsqueeze(1).expand_as(keys)
         w = self.mlp(torch.cat([qe, keys, qe - keys, qe * keys], dim=-1)).squeeze(-1)
@@ -118,7 +118,7 @@ class MeanPooling(nn.Module):
     """The masked mean of the sequence ``[B, D]`` (0 for an empty history); ``w [B, L]`` is
     ``1 / length`` on the true positions."""
 
-    def forward(self, q, keys, mask):
+    def forward(self, q, keys, mask, need_weights: bool = True):
         m = mask.to(keys.dtype)
         w = m / m.sum(1, keepdim=True).clamp(min=1)
         return torch.einsum("bl,bld->bd", w, keys), w
@@ -172,8 +172,9 @@ class SequenceLookup(nn.Module):
         """The output's blocks: the candidates, then the sequences (each ``dim`` wide)."""
         return self.candidates + [s.name for s in self.sequences]
 
-    def forward(self, sparse: KeyedJaggedTensor) -> torch.Tensor:
-        """``sparse`` (a KJT with at least the EC's keys) → ``[B, len(names) · D]`` float32."""
+    def forward(self, sparse: KeyedJaggedTensor, weights: bool = False):
+        """``sparse`` (a KJT with at least the EC's keys) → ``([B, len(names) · D]`` float32,
+        with ``weights`` ``{sequence: (w [B, L], lengths [B])}`` detached, else None)."""
         jts = self.ec(sparse)
         cand = {}
         for name in self.candidates:
@@ -181,11 +182,15 @@ class SequenceLookup(nn.Module):
             keys, mask = padded(jt.values().float(), jt.lengths(), 1)
             cand[name] = keys[:, 0] * mask.to(keys.dtype)
         out = [cand[name] for name in self.candidates]
+        seen = {}
         for s, query, pool in zip(self.sequences, self.queries, self.poolings):
             jt = jts.get(s.name)
             keys, mask = padded(jt.values().float(), jt.lengths(), s.max_len)
-            out.append(pool(cand[query], keys, mask)[0])
-        return torch.cat(out, dim=1)
+            pooled, w = pool(cand[query], keys, mask, need_weights=weights)
+            out.append(pooled)
+            if weights:
+                seen[s.name] = (w.detach(), jt.lengths().detach())
+        return torch.cat(out, dim=1), (seen if weights else None)
 
 
 def sequence_tables(sparse: list[SparseFeature], sequences: list[SequenceFeature]) -> set[str]:

@@ -77,7 +77,7 @@ class ServedSequences(nn.Module):
         for (at, t, max_len), q, pool in zip(self.seqs, self.queries, self.poolings):
             pad = self._table(t).shape[0] - 1
             ids, mask = _last(rows[at], offsets[at], max_len, pad)
-            out.append(pool(out[q], self._table(t)[ids], mask)[0])
+            out.append(pool(out[q], self._table(t)[ids], mask, need_weights=False)[0])
         return torch.cat(out, dim=1)
 
 
