@@ -4,12 +4,22 @@ EC sharing the candidate's table inside the ranker."""
 
 import dataclasses
 
+import numpy as np
 import pyarrow as pa
 import pytest
 import torch
 
-from mtl_dist.config import JobConfig, SequenceFeature, SparseFeature, TaskSpec, validate
+from mtl_dist.config import (
+    HEADS,
+    JobConfig,
+    SequenceFeature,
+    SparseFeature,
+    TaskSpec,
+    load_config,
+    validate,
+)
 from mtl_dist.data.batch import ArrowBatchConverter
+from mtl_dist.data.synth_sequences import make_rows
 from mtl_dist.models.ranker import build_ranker
 from mtl_dist.models.sequence import DINAttention, MeanPooling, MultiHeadTargetAttention, padded
 
@@ -157,3 +167,48 @@ def test_ranker_takes_candidate_and_history_from_one_table(pooling):
     used[1] = False
     assert torch.isfinite(rows.grad).all() and (rows.grad[~used] == 0).all()
     assert (rows.grad[[4, 5, 6]].abs().sum(1) > 0).all()
+
+
+HEAD_ARGS = {
+    "dbmtl": ["--model.dbmtl.parents", "like:click"],
+    "pepnet": [
+        "--model.pepnet.domain_features",
+        "user_id",
+        "--model.pepnet.prior_features",
+        "hist",
+    ],
+    "mmoe": ["--model.gate.top_k", "1"],  # the top-k path
+}
+
+
+@pytest.mark.parametrize("head", HEADS)
+def test_every_head_reads_the_pooled_sequence(head):
+    """Under every head (MMoE with a top-1 gate; PEPNet with the sequence as its prior), the
+    sequence's pooled block reaches the logits: its gradient is non-zero through the head."""
+    cfg = load_config(
+        ["--config", "configs/sequences.toml", "--model.head", head, *HEAD_ARGS.get(head, [])]
+    )
+    torch.manual_seed(0)
+    model = build_ranker(cfg, device="cpu")
+    table = make_rows(32, np.random.default_rng(0))
+    conv = ArrowBatchConverter(cfg.features.sparse, cfg.features.dense, cfg.tasks,
+                               sequences=cfg.features.sequence)  # fmt: skip
+    model.probes = dataclasses.replace(model.probes, head_input=True)
+    out = model(conv(table))
+    x = out.head_input
+    x.retain_grad()
+    out.logits.sum().backward()
+    names, widths = model.input_blocks()
+    at = sum(widths[: names.index("hist")])
+    assert x.grad[:, at : at + 16].abs().sum() > 0
+    assert out.logits.shape == (32, 2) and torch.isfinite(out.logits).all()
+
+
+def test_bf16_head_precision_keeps_the_attention_in_fp32():
+    cfg = load_config(["--config", "configs/sequences.toml", "--train.precision", "bf16"])
+    torch.manual_seed(0)
+    model = build_ranker(cfg, device="cpu")
+    conv = ArrowBatchConverter(cfg.features.sparse, cfg.features.dense, cfg.tasks,
+                               sequences=cfg.features.sequence)  # fmt: skip
+    out = model(conv(make_rows(16, np.random.default_rng(1))))
+    assert out.logits.dtype == torch.float32 and torch.isfinite(out.logits).all()
