@@ -5,6 +5,7 @@ better than mean pooling (same seed), and a bad list value stops the run naming 
 row."""
 
 import csv
+import importlib.util
 import json
 import math
 import re
@@ -118,3 +119,35 @@ def test_bad_sequence_value_stops_the_run_naming_file_column_and_row(seq_data, t
     assert "part-1.parquet: column 'hist_item_ids', row 777: id 9999 outside [0, 500)" in (
         proc.stdout + proc.stderr
     )
+
+
+def test_trained_checkpoint_exports_scores_and_serves_as_training_validated(
+    din_run, seq_data, tmp_path
+):
+    """The sharded run's checkpoint gathered into one process: score's click AUC equals the
+    run's validation AUC, and the .pt2 program equals score on the validation rows."""
+    import numpy as np
+    import torch
+    from sklearn.metrics import roc_auc_score
+
+    from mtl_dist.serve.export import export_checkpoint, export_package
+    from mtl_dist.serve.score import score
+
+    step = (din_run[0] / "checkpoints" / "latest").read_text()
+    checkpoint = din_run[0] / "checkpoints" / step
+    export_checkpoint(checkpoint, tmp_path / "model.pt")
+    val = seq_data / "val"
+    score(tmp_path / "model.pt", str(val), tmp_path / "preds.parquet", ["click"], 4096)
+    t = pq.read_table(tmp_path / "preds.parquet")
+    auc = roc_auc_score(t["click"].to_numpy(), t["pred_click"].to_numpy())
+    assert auc == pytest.approx(metrics(din_run[0])["metrics"]["click"]["auc"], abs=1e-5)
+    export_package(checkpoint, tmp_path / "m.pt2")
+    spec = importlib.util.spec_from_file_location("serve_example", ROOT / "examples" / "serve.py")
+    client = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(client)
+    client.main(str(tmp_path / "m.pt2"), str(val), str(tmp_path / "served.parquet"))
+    served = pq.read_table(tmp_path / "served.parquet")
+    np.testing.assert_allclose(
+        served["pred_click"].to_numpy(), t["pred_click"].to_numpy(), rtol=1e-5, atol=1e-6
+    )
+    assert torch.isfinite(torch.tensor(served["pred_like"].to_numpy())).all()
