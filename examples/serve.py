@@ -98,9 +98,13 @@ def inputs(meta: dict, t: pa.RecordBatch):
         if meta["dense"]["nonfinite"] == "error" and not pc.all(pc.is_finite(x)).as_py():
             raise ValueError(f"column '{c}': dense values not finite (dense_nan = error)")
         dense.append(T(x)[:, None])
-    for q in meta.get("sequences", []):
+    for q in meta.get("sequences", []):  # whole lists; side lists as long as their ids'
         if q["on_null"] == "error" and t[q["name"]].null_count:
             raise ValueError(f"column '{q['name']}': a null list (on_null = error)")
+        n = pc.fill_null(pc.list_value_length(t[q["name"]]), 0)
+        if q["aligned_with"] and not pc.all(pc.equal(n, pc.fill_null(
+                pc.list_value_length(t[q["aligned_with"]]), 0))).as_py():  # fmt: skip
+            raise ValueError(f"column '{q['name']}': lists not as long as '{q['aligned_with']}'")
     features = meta["sparse"] + meta.get("sequences", [])
     ids, offsets = zip(*[sparse(f, t, meta["hashing"]["seed"]) for f in features])
     return torch.cat(dense, 1), list(ids), list(offsets)

@@ -151,3 +151,20 @@ def test_trained_checkpoint_exports_scores_and_serves_as_training_validated(
         served["pred_click"].to_numpy(), t["pred_click"].to_numpy(), rtol=1e-5, atol=1e-6
     )
     assert torch.isfinite(torch.tensor(served["pred_like"].to_numpy())).all()
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--sharding.force", "table_wise", "--data.num_workers", "2"],
+        ["--sharding.force", "data_parallel", "--sharding.pipeline", "false"],
+    ],
+    ids=["table_wise_workers", "data_parallel_unpipelined"],
+)
+def test_other_plans_and_loaders_train_the_sequence(seq_data, din_run, tmp_path, extra):
+    """The EC under other sharding types, loader workers and the unpipelined step: it trains
+    to the pipelined row-wise run's quality."""
+    proc = run(seq_data, tmp_path, "--monitor.attribution", "false", *extra)
+    assert f"{extra[1]} on ranks" in proc.stdout
+    got, ref = metrics(tmp_path)["metrics"], metrics(din_run[0])["metrics"]
+    assert got["click"]["auc"] == pytest.approx(ref["click"]["auc"], abs=0.03), (got, ref)

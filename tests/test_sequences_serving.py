@@ -97,3 +97,34 @@ def test_examples_serve_scores_a_package_from_list_columns(tmp_path):
         np.testing.assert_allclose(
             a[f"pred_{t.name}"].to_numpy(), b[f"pred_{t.name}"].to_numpy(), 1e-5, 1e-6
         )
+
+
+@pytest.mark.parametrize("pooling", ["din", "mha"])
+def test_program_with_a_side_column_equals_score(tmp_path, pooling):
+    from tests.models.test_sequence import side_cfg
+
+    cfg = side_cfg(pooling)
+    model = build_unsharded(cfg).eval()
+    path = tmp_path / "model.pt"
+    torch.save({"format": FORMAT, "config": to_dict(cfg), "state_dict": model.state_dict()}, path)
+    table = make_rows(40, np.random.default_rng(5), max_hist=30)
+    pq.write_table(table, tmp_path / "rows.parquet")
+    score(path, str(tmp_path / "rows.parquet"), tmp_path / "preds.parquet", [], 16)
+    scored = pq.read_table(tmp_path / "preds.parquet")
+    meta = metadata(cfg, "fp32", "eager")
+    assert [q["input"] for q in meta["sequences"]] == ["hist", "hist/hist_category_ids"]
+    program = export_program(cfg, build_served(cfg, model)).module()
+    serve = client()
+    got = program(*serve.inputs(meta, table.to_batches()[0]))
+    for j, t in enumerate(cfg.tasks):
+        np.testing.assert_allclose(
+            got[:, j].numpy(), scored[f"pred_{t.name}"].to_numpy(), 1e-5, 1e-6
+        )
+    one = program(*serve.inputs(meta, table.to_batches()[0].slice(3, 1)))
+    torch.testing.assert_close(one, got[3:4], rtol=1e-5, atol=1e-6)
+    bad = table.set_column(
+        table.schema.get_field_index("hist_category_ids"), "hist_category_ids",
+        pa.array([[1]] * 40, pa.list_(pa.int64())),
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="lists not as long as 'hist_item_ids'"):
+        serve.inputs(meta, bad.to_batches()[0])

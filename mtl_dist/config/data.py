@@ -161,6 +161,16 @@ class SequenceFeature:
         "empty",
         "a null list: " + one_of(ON_NULLS, empty="(no history)", error="(names file, column, row)"),
     )
+    side_columns: list[str] = opt(
+        [],
+        "aligned list columns of ids, one per event as in column (e.g. each past item's "
+        "category); each looked up in its side_tables entry, joined to the item's embedding",
+    )
+    side_tables: list[str] = opt(
+        [],
+        "the [[features.sparse]] table of each side column (its one feature, e.g. the "
+        "candidate's category_id, extends the query)",
+    )
     recent_k: int = opt(5, "monitoring: attention/<name>/recent_share is the weight on the last k")
     invalid_ids: InvalidIds = opt(
         "error",

@@ -26,8 +26,9 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from torchrec.streamable import Pipelineable
 
 from mtl_dist.config import SequenceFeature, SparseFeature, TaskSpec
+from mtl_dist.config.sequence import sequence_parts
 from mtl_dist.data.ids import is_ids, is_strings, sparse_ids
-from mtl_dist.data.sequence import check_type, sequence_ids
+from mtl_dist.data.sequence import aligned_ids, check_type
 
 
 @dataclass
@@ -165,9 +166,8 @@ class ArrowBatchConverter:
     ) -> None:
         self.sparse = sparse
         self.sequences = list(sequences or [])
-        self.sequence_tables = [
-            next(f for f in sparse if f.table_name == s.table) for s in self.sequences
-        ]
+        self.tables = {f.table_name: f for f in reversed(sparse)}  # a table's first feature
+        self.parts = [sequence_parts(s, sparse) for s in self.sequences]
         self.dense = dense
         self.dense_nan = dense_nan
         self.tasks = tasks
@@ -175,14 +175,14 @@ class ArrowBatchConverter:
         self.use_sample_weights = sample_weights
         self.use_truth = truth
         self.hash_seed = hash_seed
-        self.keys = [f.name for f in sparse] + [s.name for s in self.sequences]
+        self.keys = [f.name for f in sparse] + [p.key for ps in self.parts for p in ps]
         names = [t.name for t in tasks]
         self.conditions = [names.index(t.condition) if t.condition else -1 for t in tasks]
 
     @property
     def columns(self) -> list[str]:
         """The Parquet columns this converter reads."""
-        cols = [f.name for f in self.sparse] + [s.source for s in self.sequences]
+        cols = [f.name for f in self.sparse] + [p.column for ps in self.parts for p in ps]
         cols += list(self.dense)
         for t in self.tasks:
             cols.append(t.label)
@@ -209,9 +209,10 @@ class ArrowBatchConverter:
                     f"column '{f.name}': string ids need hash_buckets = N (each value maps to "
                     f"xxh3_64(its UTF-8 bytes, seed data.hash_seed) mod N), got {tp}"
                 )
-        for s in (s for s in self.sequences if s.source in schema.names):
-            check_type(s, schema.field(s.source).type)
-        lists = {s.source for s in self.sequences} | set(self.keys)
+        for s, ps in zip(self.sequences, self.parts):
+            for c in (p.column for p in ps if p.column in schema.names):
+                check_type(s, schema.field(c).type, c)
+        lists = {p.column for ps in self.parts for p in ps} | set(self.keys)
         numeric = [c for c in self.columns if c not in lists and c in schema.names]
         for name in numeric:
             tp = schema.field(name).type
@@ -235,10 +236,10 @@ class ArrowBatchConverter:
             flat, lens = self._ids(f, table.column(f.name))
             ids.append(flat)
             offsets.append(np.concatenate([[0], np.cumsum(lens, dtype=np.int64)]))
-        for s, of in zip(self.sequences, self.sequence_tables):
-            flat, lens = sequence_ids(s, of, table.column(s.source), self.hash_seed)
-            ids.append(flat)
-            offsets.append(np.concatenate([[0], np.cumsum(lens, dtype=np.int64)]))
+        for s, ps in zip(self.sequences, self.parts):
+            for flat, lens in aligned_ids(s, ps, self.tables, table, self.hash_seed):
+                ids.append(flat)
+                offsets.append(np.concatenate([[0], np.cumsum(lens, dtype=np.int64)]))
         dense = np.zeros((n, len(self.dense)), dtype=np.float32)
         for j, name in enumerate(self.dense):
             dense[:, j] = _numbers(table.column(name), name, 0.0)

@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from mtl_dist.config import SequenceFeature, SparseFeature
+from mtl_dist.config.sequence import SequencePart
 from mtl_dist.data.ids import is_strings, sparse_ids
 
 
@@ -40,13 +41,14 @@ def as_sparse(s: SequenceFeature, table: SparseFeature) -> SparseFeature:
     )
 
 
-def check_type(s: SequenceFeature, tp: pa.DataType) -> None:
-    """Raise ``ValueError`` naming the column unless ``tp`` is a list of integer / string ids."""
+def check_type(s: SequenceFeature, tp: pa.DataType, column: str = "") -> None:
+    """Raise ``ValueError`` naming the column (``column``, default ``s``'s) unless ``tp`` is a
+    list of integer / string ids."""
     if not (pa.types.is_list(tp) or pa.types.is_large_list(tp)) or not (
         pa.types.is_integer(tp.value_type) or is_strings(tp.value_type)
     ):
         raise ValueError(
-            f"column '{s.source}' (sequence {s.name}): expected a list of integer or string "
+            f"column '{column or s.source}' (sequence {s.name}): expected a list of integer or string "
             f"ids, got {tp}"
         )
 
@@ -79,6 +81,45 @@ def sequence_ids(
         _check_ids(s, table, arr)
     flat, lengths = sparse_ids(as_sparse(s, table), arr, hash_seed)
     return keep_last(flat, lengths, s.max_len)
+
+
+def aligned_ids(
+    s: SequenceFeature,
+    parts: list[SequencePart],
+    tables: dict[str, SparseFeature],
+    table: pa.Table,
+    hash_seed: int = 0,
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """:func:`sequence_ids` of each of ``s``'s id lists (``parts``: its ids, then its side
+    columns), after checking that every side list holds as many ids as the ids list, row by row
+    (a null list counts as empty).
+
+    Raises:
+        RowError: naming the side column and the first row whose length differs."""
+    for p in parts:
+        check_type(s, table.column(p.column).type, p.column)
+    base = _lengths(table.column(s.source))
+    for p in parts[1:]:
+        lens = _lengths(table.column(p.column))
+        bad = np.flatnonzero(lens != base)
+        if bad.size:
+            r = int(bad[0])
+            raise RowError(
+                p.column,
+                r,
+                f"{lens[r]} ids where '{s.source}' has {base[r]} (side columns align with it, "
+                f"one id per event; {bad.size} rows differ in this read)",
+            )
+    out = []
+    for p in parts:
+        one = dataclasses.replace(s, name=p.key, column=p.column, table=p.table)
+        out.append(sequence_ids(one, tables[p.table], table.column(p.column), hash_seed))
+    return out
+
+
+def _lengths(col: pa.ChunkedArray) -> np.ndarray:
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    return pc.fill_null(pc.list_value_length(arr), 0).to_numpy()
 
 
 def _check_ids(s: SequenceFeature, table: SparseFeature, arr: pa.Array) -> None:

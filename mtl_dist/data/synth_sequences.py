@@ -9,7 +9,8 @@ similarity to the candidate, finds it. ``like`` depends on the candidate and the
 history): the control, where pooling and attention should tie.
 
 Columns: ``user_id`` (int64), ``item_id`` (int64), ``hist_item_ids`` (``list<int64>``, 0 to
-``max_hist`` items, oldest first; some rows empty), ``dense_0``, ``dense_1`` (float32 noise),
+``max_hist`` items, oldest first; some rows empty), ``category_id`` (the candidate's cluster)
+and ``hist_category_ids`` (each past item's: an aligned side column), ``dense_0``, ``dense_1`` (float32 noise),
 ``click``, ``like`` (int8) and their true probabilities ``p_click``, ``p_like`` (float32).
 ``configs/sequences.toml`` reads them. Deterministic in ``seed``.
 """
@@ -47,6 +48,10 @@ def make_rows(n: int, rng: np.random.Generator, max_hist: int = MAX_HIST) -> pa.
             "user_id": pa.array(user, pa.int64()),
             "item_id": pa.array(item, pa.int64()),
             "hist_item_ids": pa.ListArray.from_arrays(pa.array(offsets), pa.array(hist)),
+            "category_id": pa.array(item % CLUSTERS, pa.int64()),
+            "hist_category_ids": pa.ListArray.from_arrays(
+                pa.array(offsets), pa.array(hist % CLUSTERS)
+            ),
             "dense_0": pa.array(dense[0]),
             "dense_1": pa.array(dense[1]),
             "click": pa.array((rng.random(n) < p_click).astype(np.int8)),

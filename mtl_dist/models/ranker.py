@@ -147,7 +147,7 @@ class Ranker(nn.Module):
             for t in e.embedding_bag_configs()
             for f in t.feature_names
         }
-        dims.update({f: sequences.dim for f in (sequences.names if sequences else [])})
+        dims.update(dict(zip(sequences.names, sequences.widths)) if sequences else {})
         self.feature_widths = [dims[f] for f in self.feature_order]
 
     @property
@@ -274,7 +274,7 @@ def build_ranker(
     )
     # the pooled widths in the order the ranker concatenates them (its feature_order)
     dims = {f.name: f.embedding_dim for f in cfg.features.sparse}
-    dims.update({n: sequences.dim for n in (sequences.names if sequences else [])})
+    dims.update(dict(zip(sequences.names, sequences.widths)) if sequences else {})
     order = feature_order(ebc, mc_ebc) + (sequences.names if sequences else [])
     widths = [dims[name] for name in order]
     raw_dim = sum(widths) + len(cfg.features.dense)  # x: the pooled embeddings, dense values

@@ -24,7 +24,7 @@ from torchrec.modules.embedding_modules import EmbeddingCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from mtl_dist.config import SequenceFeature, SparseFeature
-from mtl_dist.config.sequence import sequence_query
+from mtl_dist.config.sequence import SequencePart, sequence_parts
 
 
 @torch.fx.wrap
@@ -156,25 +156,40 @@ class SequenceLookup(nn.Module):
         ec: EmbeddingCollection,
         candidates: list[str],
         sequences: list[SequenceFeature],
-        queries: list[str],
+        parts: list[list[SequencePart]],
         dim: int,
     ) -> None:
         super().__init__()
         self.ec = ec
         self.candidates = list(candidates)
         self.sequences = list(sequences)
-        self.queries = list(queries)
+        self.parts = [list(ps) for ps in parts]
         self.dim = dim
-        self.poolings = nn.ModuleList([build_pooling(s, dim) for s in sequences])
+        self.poolings = nn.ModuleList(
+            [build_pooling(s, dim * len(ps)) for s, ps in zip(sequences, parts)]
+        )
+
+    @property
+    def queries(self) -> list[str]:
+        """Each sequence's query feature (the candidate of its ids' table)."""
+        return [ps[0].query for ps in self.parts]
 
     @property
     def names(self) -> list[str]:
-        """The output's blocks: the candidates, then the sequences (each ``dim`` wide)."""
+        """The output's blocks: the candidates, then the sequences."""
         return self.candidates + [s.name for s in self.sequences]
 
+    @property
+    def widths(self) -> list[int]:
+        """Each block's width, in :attr:`names` order: ``D`` per candidate, ``D · (1 + side
+        columns)`` per sequence."""
+        return [self.dim] * len(self.candidates) + [self.dim * len(ps) for ps in self.parts]
+
     def forward(self, sparse: KeyedJaggedTensor, weights: bool = False):
-        """``sparse`` (a KJT with at least the EC's keys) → ``([B, len(names) · D]`` float32,
-        with ``weights`` ``{sequence: (w [B, L], lengths [B])}`` detached, else None)."""
+        """``sparse`` (a KJT with at least the EC's keys) → ``([B, Σ widths]`` float32, with
+        ``weights`` ``{sequence: (w [B, L], lengths [B])}`` detached, else None). A sequence
+        with side columns attends with keys ``[k_ids, k_side…]`` and query ``[q_ids, q_side…]``
+        (each part's embedding from its table, concatenated: ``[B, L, D · P]``)."""
         jts = self.ec(sparse)
         cand = {}
         for name in self.candidates:
@@ -183,19 +198,24 @@ class SequenceLookup(nn.Module):
             cand[name] = keys[:, 0] * mask.to(keys.dtype)
         out = [cand[name] for name in self.candidates]
         seen = {}
-        for s, query, pool in zip(self.sequences, self.queries, self.poolings):
-            jt = jts.get(s.name)
-            keys, mask = padded(jt.values().float(), jt.lengths(), s.max_len)
-            pooled, w = pool(cand[query], keys, mask, need_weights=weights)
+        for s, ps, pool in zip(self.sequences, self.parts, self.poolings):
+            blocks, mask, lengths = [], None, None
+            for p in ps:  # the side lists align with the ids: one mask (the ids')
+                jt = jts.get(p.key)
+                keys, m = padded(jt.values().float(), jt.lengths(), s.max_len)
+                blocks.append(keys)
+                mask, lengths = (m, jt.lengths()) if mask is None else (mask, lengths)
+            q = torch.cat([cand[p.query] for p in ps], dim=1)
+            pooled, w = pool(q, torch.cat(blocks, dim=2), mask, need_weights=weights)
             out.append(pooled)
             if weights:
-                seen[s.name] = (w.detach(), jt.lengths().detach())
+                seen[s.name] = (w.detach(), lengths.detach())
         return torch.cat(out, dim=1), (seen if weights else None)
 
 
 def sequence_tables(sparse: list[SparseFeature], sequences: list[SequenceFeature]) -> set[str]:
-    """The tables the EC holds (those a sequence shares)."""
-    return {s.table for s in sequences}
+    """The tables the EC holds: those a sequence's ids or side columns are looked up in."""
+    return {p.table for s in sequences for p in sequence_parts(s, sparse)}
 
 
 def build_sequence_lookup(
@@ -209,6 +229,7 @@ def build_sequence_lookup(
     then the sequences sharing it) and the poolings, on ``device`` (``meta`` before sharding).
     ``sparse`` / ``sequences``: a validated config's (``features.sparse`` / ``.sequence``)."""
     tables = sequence_tables(sparse, sequences)
+    parts = [sequence_parts(s, sparse) for s in sequences]
     candidates = [f for f in sparse if f.table_name in tables]
     configs = []
     for table in sorted(tables):
@@ -219,7 +240,7 @@ def build_sequence_lookup(
                 num_embeddings=fs[0].num_rows,
                 embedding_dim=fs[0].embedding_dim,
                 feature_names=[f.name for f in fs]
-                + [s.name for s in sequences if s.table == table],
+                + [p.key for ps in parts for p in ps if p.table == table],
                 weight_init_min=-init_scale,
                 weight_init_max=init_scale,
                 data_type=DataType.FP16 if data_type == "fp16" else DataType.FP32,
@@ -227,5 +248,4 @@ def build_sequence_lookup(
         )
     ec = EmbeddingCollection(tables=configs, device=torch.device(device))
     order = [f for c in configs for f in c.feature_names if f in {x.name for x in candidates}]
-    queries = [sequence_query(s, sparse) for s in sequences]
-    return SequenceLookup(ec, order, sequences, queries, candidates[0].embedding_dim)
+    return SequenceLookup(ec, order, sequences, parts, candidates[0].embedding_dim)

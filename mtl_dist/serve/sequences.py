@@ -13,11 +13,13 @@ Legend: ``B`` batch, ``L`` max_len, ``D`` the table width, ``N_f`` ids of input 
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import torch
 from torch import nn
 
 from mtl_dist.config import SequenceFeature, SparseFeature
+from mtl_dist.config.sequence import sequence_parts
 from mtl_dist.data.sequence import as_sparse
 from mtl_dist.models.sequence import SequenceLookup
 
@@ -25,10 +27,15 @@ from mtl_dist.models.sequence import SequenceLookup
 def served_features(
     sparse: list[SparseFeature], sequences: list[SequenceFeature]
 ) -> list[SparseFeature]:
-    """The program's id inputs in order: the sparse features, then each sequence read as a
-    multi-hot feature of its table (its id rules)."""
+    """The program's id inputs in order: the sparse features, then each sequence's id lists
+    (its ids, then its side columns: :func:`~mtl_dist.config.sequence.sequence_parts`), each
+    read as a multi-hot feature of its table (its id rules)."""
     tables = {f.table_name: f for f in sparse}
-    return list(sparse) + [as_sparse(s, tables[s.table]) for s in sequences]
+    return list(sparse) + [
+        dataclasses.replace(as_sparse(s, tables[p.table]), name=p.key)
+        for s in sequences
+        for p in sequence_parts(s, sparse)
+    ]
 
 
 def ec_rows(lookup: SequenceLookup | None, feature: str) -> int | None:
@@ -47,7 +54,8 @@ class ServedSequences(nn.Module):
         lookup: the trained (unsharded) lookup; its EC's tables are copied, one zero padding row
             appended to each (the row :class:`~mtl_dist.serve.lookups.IdRemap` maps dropped
             ids to).
-        inputs: the program's input names in order (:func:`served_features`, sequences by name).
+        inputs: the program's input names in order (:func:`served_features`' names: a
+            sequence's id lists by their KJT keys).
     """
 
     def __init__(self, lookup: SequenceLookup, inputs: list[str]) -> None:
@@ -61,9 +69,10 @@ class ServedSequences(nn.Module):
         self.candidates = [(inputs.index(c), self.table_of[c]) for c in lookup.candidates]
         self.cand_names = list(lookup.candidates)
         self.seqs = [
-            (inputs.index(s.name), self.table_of[s.name], s.max_len) for s in lookup.sequences
+            [(inputs.index(p.key), self.table_of[p.key], p.query) for p in ps]
+            for ps in lookup.parts
         ]
-        self.queries = [lookup.candidates.index(q) for q in lookup.queries]
+        self.max_lens = [s.max_len for s in lookup.sequences]
         self.poolings = copy.deepcopy(lookup.poolings).eval()
 
     def _table(self, i: int) -> torch.Tensor:
@@ -74,10 +83,15 @@ class ServedSequences(nn.Module):
         for at, t in self.candidates:  # single-hot: the bag's first id, or the padding row
             ids, _ = _last(rows[at], offsets[at], 1, self._table(t).shape[0] - 1)
             out.append(self._table(t)[ids[:, 0]])
-        for (at, t, max_len), q, pool in zip(self.seqs, self.queries, self.poolings):
-            pad = self._table(t).shape[0] - 1
-            ids, mask = _last(rows[at], offsets[at], max_len, pad)
-            out.append(pool(out[q], self._table(t)[ids], mask, need_weights=False)[0])
+        cand = dict(zip(self.cand_names, out))
+        for parts, max_len, pool in zip(self.seqs, self.max_lens, self.poolings):
+            keys, mask = [], None
+            for at, t, _ in parts:  # side lists align with the ids: the ids' mask
+                ids, m = _last(rows[at], offsets[at], max_len, self._table(t).shape[0] - 1)
+                keys.append(self._table(t)[ids])
+                mask = m if mask is None else mask
+            q = torch.cat([cand[query] for _, _, query in parts], dim=1)
+            out.append(pool(q, torch.cat(keys, dim=2), mask, need_weights=False)[0])
         return torch.cat(out, dim=1)
 
 

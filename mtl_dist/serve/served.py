@@ -17,6 +17,7 @@ from torch.overrides import TorchFunctionMode
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from mtl_dist.config import JobConfig
+from mtl_dist.config.sequence import sequence_parts
 from mtl_dist.data.batch import Batch
 from mtl_dist.loop.losses import ModelWithLoss, task_predictions
 from mtl_dist.models.collision import feature_remappings
@@ -100,7 +101,7 @@ def build_served(
     ranker = model.model
     features = served_features(cfg.features.sparse, cfg.features.sequence)
     ebcs = [e for e in (ranker.ebc, _managed_tables(ranker)) if e is not None]
-    names = [f.name for f in cfg.features.sparse] + [s.name for s in cfg.features.sequence]
+    names = [f.name for f in features]
     pads = [ec_rows(ranker.sequences, n) or _table_rows(ebcs, n) for n in names]
     shared = PooledEmbeddings(ebcs, features, ranker.pooled_order, embedding_dtype)
     per_task = None
@@ -163,11 +164,12 @@ def example_inputs(
         lengths = torch.randint(1, 4, (batch,), generator=g)
         offsets.append(torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]))
         values.append(torch.randint(0, f.num_rows, (int(lengths.sum()),), generator=g))
-    for s in cfg.features.sequence:  # 2 ... max_len + 2 ids: some clipped
+    for s in cfg.features.sequence:  # 2 ... max_len + 2 ids: some clipped; side lists aligned
         lengths = torch.randint(2, s.max_len + 3, (batch,), generator=g)
-        offsets.append(torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]))
-        rows = next(f.num_rows for f in cfg.features.sparse if f.table_name == s.table)
-        values.append(torch.randint(0, rows, (int(lengths.sum()),), generator=g))
+        for p in sequence_parts(s, cfg.features.sparse):
+            offsets.append(torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]))
+            rows = next(f.num_rows for f in cfg.features.sparse if f.table_name == p.table)
+            values.append(torch.randint(0, rows, (int(lengths.sum()),), generator=g))
     return dense, values, offsets
 
 
@@ -181,7 +183,7 @@ def export_program(cfg: JobConfig, served: ServedRanker) -> torch.export.Exporte
 
     args = example_inputs(cfg)
     batch = Dim("batch", min=1, max=1 << 24)
-    inputs = len(cfg.features.sparse) + len(cfg.features.sequence)
+    inputs = len(served_features(cfg.features.sparse, cfg.features.sequence))
     n = [Dim(f"n_{i}", min=0, max=1 << 30) for i in range(inputs)]
     shapes = {
         "dense": {0: batch},

@@ -129,7 +129,7 @@ def cfg(**kw) -> JobConfig:
 @pytest.mark.parametrize(
     ("kw", "match"),
     [
-        ({"table": "itm"}, r"features.sequence\[0\] \(hist\): table 'itm' .*did you mean 'item'"),
+        ({"table": "itm"}, r"features.sequence\[0\] \(hist\): table: 'itm' .*did you mean 'item'"),
         ({"max_len": 0}, r"\(hist\): max_len = 0: must lie in \[1, 4096\]"),
         ({"query": "user"}, r"\(hist\): query 'user' must name a sparse feature of table 'item'"),
         ({"pooling": "mha", "heads": 3}, r"\(hist\): heads = 3 must divide .* 16"),
@@ -140,3 +140,48 @@ def test_config_checks_name_the_key(kw, match):
     with pytest.raises(ConfigError, match=match):
         validate_cfg(cfg(**kw))
     validate_cfg(cfg())
+
+
+def side_conv(**kw) -> ArrowBatchConverter:
+    seq = SequenceFeature(
+        name="hist", column="hist_items", table="item", max_len=3,
+        side_columns=["hist_users"], side_tables=["user"], **kw,
+    )  # fmt: skip
+    return ArrowBatchConverter(SPARSE, ["rid"], TASKS, sequences=[seq])
+
+
+def test_side_column_joins_the_kjt_clipped_alike_and_unequal_lengths_name_the_row():
+    t = rows([[1, 2, 3, 4], [5], None]).append_column(
+        "hist_users", pa.array([[1, 2, 3, 4], [9], []], pa.list_(pa.int64()))
+    )
+    batch = side_conv()(t)
+    assert batch.sparse.keys() == ["item", "user", "hist", "hist/hist_users"]
+    assert bags(batch, "hist") == [[2, 3, 4], [5], []]
+    assert bags(batch, "hist/hist_users") == [[2, 3, 4], [9], []]
+    bad = rows([[1, 2], [5], [7, 8]]).append_column(
+        "hist_users", pa.array([[1, 2], [9], [1]], pa.list_(pa.int64()))
+    )
+    with pytest.raises(
+        RowError, match=r"column 'hist_users', row 2: 1 ids where 'hist_items' has 2"
+    ):
+        side_conv()(bad)
+    out_of_range = t.set_column(
+        5, "hist_users", pa.array([[1, 2, 3, 40], [9], []], pa.list_(pa.int64()))
+    )
+    with pytest.raises(RowError, match=r"column 'hist_users', row 0: id 40 outside \[0, 10\)"):
+        side_conv()(out_of_range)
+
+
+def test_side_column_config_checks():
+    c = cfg(side_columns=["hist_users"], side_tables=[])
+    with pytest.raises(
+        ConfigError, match=r"\(hist\): side_columns \['hist_users'\] and side_tables \[\]"
+    ):
+        validate_cfg(c)
+    c = cfg(side_columns=["hist_users"], side_tables=["user"], invalid_ids="drop")
+    with pytest.raises(ConfigError, match=r"\(hist\): invalid_ids = 'drop' would misalign"):
+        validate_cfg(c)
+    c = cfg(side_columns=["hist_users"], side_tables=["usr"])
+    with pytest.raises(ConfigError, match=r"\(hist\): side_tables: 'usr' .*did you mean 'user'"):
+        validate_cfg(c)
+    validate_cfg(cfg(side_columns=["hist_users"], side_tables=["user"]))

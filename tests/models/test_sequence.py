@@ -212,3 +212,37 @@ def test_bf16_head_precision_keeps_the_attention_in_fp32():
                                sequences=cfg.features.sequence)  # fmt: skip
     out = model(conv(make_rows(16, np.random.default_rng(1))))
     assert out.logits.dtype == torch.float32 and torch.isfinite(out.logits).all()
+
+
+def side_cfg(pooling: str = "din"):
+    """configs/sequences.toml with each past item's category as an aligned side column."""
+    cfg = load_config(["--config", "configs/sequences.toml"])
+    cfg.features.sparse.append(SparseFeature(name="category_id", vocab_size=20))
+    s = cfg.features.sequence[0]
+    s.side_columns, s.side_tables, s.pooling = ["hist_category_ids"], ["category_id"], pooling
+    validate(cfg)
+    return cfg
+
+
+@pytest.mark.parametrize("pooling", ["din", "mha", "mean"])
+def test_side_column_extends_keys_and_query(pooling):
+    """The sequence block is [item ⊕ category] wide; with mean pooling it is the mean of the
+    concatenated rows of the two tables."""
+    cfg = side_cfg(pooling)
+    torch.manual_seed(0)
+    model = build_ranker(cfg, device="cpu")
+    names, widths = model.input_blocks()
+    assert names == ["user_id", "category_id", "item_id", "hist", "dense_0", "dense_1"]
+    assert widths == [16, 16, 16, 32, 1, 1]
+    table = make_rows(8, np.random.default_rng(3))
+    conv = ArrowBatchConverter(cfg.features.sparse, cfg.features.dense, cfg.tasks,
+                               sequences=cfg.features.sequence)  # fmt: skip
+    model.probes = dataclasses.replace(model.probes, head_input=True)
+    x = model(conv(table)).head_input
+    if pooling == "mean":
+        items = model.sequences.ec.embeddings["item_id"].weight
+        cats = model.sequences.ec.embeddings["category_id"].weight
+        h = table.column("hist_item_ids").to_pylist()[0][-20:]
+        want = torch.cat([items[h], cats[[i % 20 for i in h]]], 1).mean(0)
+        at = sum(widths[:3])
+        torch.testing.assert_close(x[0, at : at + 32], want)
