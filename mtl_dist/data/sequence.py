@@ -95,7 +95,8 @@ def aligned_ids(
     (a null list counts as empty).
 
     Raises:
-        RowError: naming the side column and the first row whose length differs."""
+        RowError: naming the side column and the first row whose length differs (before, or
+            after ``clip`` / ``hash`` dropped a null inside a list)."""
     for p in parts:
         check_type(s, table.column(p.column).type, p.column)
     base = _lengths(table.column(s.source))
@@ -114,6 +115,12 @@ def aligned_ids(
     for p in parts:
         one = dataclasses.replace(s, name=p.key, column=p.column, table=p.table)
         out.append(sequence_ids(one, tables[p.table], table.column(p.column), hash_seed))
+        bad = np.flatnonzero(out[-1][1] != out[0][1])  # nulls inside lists dropped by clip / hash
+        if bad.size:
+            r = int(bad[0])
+            raise RowError(
+                p.column, r, f"a null id inside the list would misalign it with '{s.source}'"
+            )
     return out
 
 

@@ -185,3 +185,11 @@ def test_side_column_config_checks():
     with pytest.raises(ConfigError, match=r"\(hist\): side_tables: 'usr' .*did you mean 'user'"):
         validate_cfg(c)
     validate_cfg(cfg(side_columns=["hist_users"], side_tables=["user"]))
+
+
+def test_a_null_inside_a_side_list_under_clip_is_refused_not_misaligned():
+    t = rows([[1, 2], [3]]).append_column(
+        "hist_users", pa.array([[1, 2], [None]], pa.list_(pa.int64()))
+    )
+    with pytest.raises(RowError, match=r"column 'hist_users', row 1: a null id inside the list"):
+        side_conv(invalid_ids="clip")(t)
