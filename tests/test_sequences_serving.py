@@ -99,11 +99,13 @@ def test_examples_serve_scores_a_package_from_list_columns(tmp_path):
         )
 
 
-@pytest.mark.parametrize("pooling", ["din", "mha"])
+@pytest.mark.parametrize("pooling", ["din", "mha", "din_per_task"])
 def test_program_with_a_side_column_equals_score(tmp_path, pooling):
+    """A side column (and, din_per_task, each task its own query): the program equals score."""
     from tests.models.test_sequence import side_cfg
 
-    cfg = side_cfg(pooling)
+    cfg = side_cfg(pooling.removesuffix("_per_task"))
+    cfg.features.sequence[0].per_task = pooling.endswith("_per_task")
     model = build_unsharded(cfg).eval()
     path = tmp_path / "model.pt"
     torch.save({"format": FORMAT, "config": to_dict(cfg), "state_dict": model.state_dict()}, path)

@@ -171,6 +171,11 @@ class SequenceFeature:
         "the [[features.sparse]] table of each side column (its one feature, e.g. the "
         "candidate's category_id, extends the query)",
     )
+    per_task: bool = opt(
+        False,
+        "din / mha: each task its own query projection (the sequence block is then tasks x "
+        "wider, task by task)",
+    )
     recent_k: int = opt(5, "monitoring: attention/<name>/recent_share is the weight on the last k")
     invalid_ids: InvalidIds = opt(
         "error",

@@ -84,6 +84,8 @@ def check_sequences(cfg) -> None:
             raise ConfigError(
                 f"{where}: heads = {s.heads} must divide the table's embedding_dim {width}"
             )
+        if s.per_task and s.pooling == "mean":
+            raise ConfigError(f"{where}: per_task needs a query: pooling din | mha, not mean")
         if cfg.sharding.force and cfg.sharding.force not in EC_TYPES:
             raise ConfigError(
                 f"{where}: sharding.force = {cfg.sharding.force!r}, but the sequences' "

@@ -268,7 +268,13 @@ def build_ranker(
         else None
     )
     sequences = (
-        build_sequence_lookup(cfg.features.sparse, cfg.features.sequence, device, data_type=dtype)
+        build_sequence_lookup(
+            cfg.features.sparse,
+            cfg.features.sequence,
+            device,
+            [t.name for t in cfg.tasks],
+            data_type=dtype,
+        )  # fmt: skip
         if cfg.features.sequence
         else None
     )

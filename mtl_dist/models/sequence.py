@@ -124,13 +124,43 @@ class MeanPooling(nn.Module):
         return torch.einsum("bl,bld->bd", w, keys), w
 
 
-def build_pooling(s: SequenceFeature, dim: int) -> nn.Module:
-    """The pooling ``s.pooling`` names over embeddings of width ``dim``."""
+class PerTaskQueries(nn.Module):
+    """Per-task attention: each task ``t`` its own query ``q_t = q W_t + b_t`` (``W_t``
+    initialised to the identity) in front of one attention ``pool``, run once for all tasks on
+    the batch stacked ``T`` times. Output ``[B, T · D]`` (task by task), weights ``[T, B, L]``.
+    """
+
+    def __init__(self, pool: nn.Module, tasks: int, dim: int) -> None:
+        super().__init__()
+        self.pool, self.tasks = pool, tasks
+        self.weight = nn.Parameter(torch.eye(dim).repeat(tasks, 1, 1))  # [T, D, D]
+        self.bias = nn.Parameter(torch.zeros(tasks, 1, dim))
+
+    def forward(self, q, keys, mask, need_weights: bool = False):
+        B, L, D = keys.shape
+        T = self.tasks
+        # [T, B, D] as an elementwise product summed (no einsum: the export keeps B free)
+        qt = (q.unsqueeze(0).unsqueeze(-1) * self.weight.unsqueeze(1)).sum(2) + self.bias
+        reps = (T,) + (1,) * (keys.dim() - 1)  # repeat copies: no contiguity test on B
+        pooled, w = self.pool(
+            qt.view(T * B, D), keys.repeat(reps), mask.repeat(T, 1), need_weights=need_weights
+        )
+        W = pooled.shape[1]  # no -1 in the views, no permute: the export keeps B free
+        pooled = torch.cat(list(pooled.view(T, B, W).unbind(0)), dim=1)  # [B, T·W]
+        return pooled, (w.view(T, B, L) if w is not None else None)
+
+
+def build_pooling(s: SequenceFeature, dim: int, tasks: int = 1) -> nn.Module:
+    """The pooling ``s.pooling`` names over embeddings of width ``dim``; with ``s.per_task``,
+    behind :class:`PerTaskQueries` for ``tasks`` tasks (``mean`` has no query: refused at
+    parse)."""
     if s.pooling == "din":
-        return DINAttention(dim, s.din_hidden)
-    if s.pooling == "mha":
-        return MultiHeadTargetAttention(dim, s.heads)
-    return MeanPooling()
+        pool = DINAttention(dim, s.din_hidden)
+    elif s.pooling == "mha":
+        pool = MultiHeadTargetAttention(dim, s.heads)
+    else:
+        return MeanPooling()
+    return PerTaskQueries(pool, tasks, dim) if s.per_task else pool
 
 
 class SequenceLookup(nn.Module):
@@ -158,6 +188,7 @@ class SequenceLookup(nn.Module):
         sequences: list[SequenceFeature],
         parts: list[list[SequencePart]],
         dim: int,
+        tasks: list[str] | None = None,
     ) -> None:
         super().__init__()
         self.ec = ec
@@ -165,8 +196,9 @@ class SequenceLookup(nn.Module):
         self.sequences = list(sequences)
         self.parts = [list(ps) for ps in parts]
         self.dim = dim
+        self.tasks = list(tasks or [])
         self.poolings = nn.ModuleList(
-            [build_pooling(s, dim * len(ps)) for s, ps in zip(sequences, parts)]
+            [build_pooling(s, dim * len(ps), len(self.tasks)) for s, ps in zip(sequences, parts)]
         )
 
     @property
@@ -182,8 +214,11 @@ class SequenceLookup(nn.Module):
     @property
     def widths(self) -> list[int]:
         """Each block's width, in :attr:`names` order: ``D`` per candidate, ``D · (1 + side
-        columns)`` per sequence."""
-        return [self.dim] * len(self.candidates) + [self.dim * len(ps) for ps in self.parts]
+        columns)`` per sequence (times the tasks with ``per_task``)."""
+        return [self.dim] * len(self.candidates) + [
+            self.dim * len(ps) * (len(self.tasks) if s.per_task else 1)
+            for s, ps in zip(self.sequences, self.parts)
+        ]
 
     def forward(self, sparse: KeyedJaggedTensor, weights: bool = False):
         """``sparse`` (a KJT with at least the EC's keys) → ``([B, Σ widths]`` float32, with
@@ -208,7 +243,11 @@ class SequenceLookup(nn.Module):
             q = torch.cat([cand[p.query] for p in ps], dim=1)
             pooled, w = pool(q, torch.cat(blocks, dim=2), mask, need_weights=weights)
             out.append(pooled)
-            if weights:
+            if weights and s.per_task:  # one set per task: <sequence>/<task>
+                seen.update(
+                    {f"{s.name}/{t}": (w[i].detach(), lengths) for i, t in enumerate(self.tasks)}
+                )
+            elif weights:
                 seen[s.name] = (w.detach(), lengths.detach())
         return torch.cat(out, dim=1), (seen if weights else None)
 
@@ -222,6 +261,7 @@ def build_sequence_lookup(
     sparse: list[SparseFeature],
     sequences: list[SequenceFeature],
     device: torch.device | str = "meta",
+    tasks: list[str] | None = None,
     init_scale: float = 0.05,
     data_type: str = "fp32",
 ) -> SequenceLookup:
@@ -248,4 +288,4 @@ def build_sequence_lookup(
         )
     ec = EmbeddingCollection(tables=configs, device=torch.device(device))
     order = [f for c in configs for f in c.feature_names if f in {x.name for x in candidates}]
-    return SequenceLookup(ec, order, sequences, parts, candidates[0].embedding_dim)
+    return SequenceLookup(ec, order, sequences, parts, candidates[0].embedding_dim, tasks)

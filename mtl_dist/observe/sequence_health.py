@@ -14,7 +14,7 @@ Per sequence ``s`` (its weights ``w [B, L]`` over the left-aligned history, ``le
   ``min(k, length) / length``.
 
 Rows without a history, and rows whose weights are all 0, are left out (none left: no value).
-One set of figures per sequence: attention is shared by the tasks (no per-task query).
+One set of figures per sequence, or with ``per_task`` one per task (``attention/<s>/<task>/…``).
 """
 
 from __future__ import annotations
@@ -39,7 +39,8 @@ def attention_health(
         n = lengths[rows]
         entropy = -(p * torch.log(p.clamp_min(1e-30))).sum(1)
         pos = torch.arange(w.shape[1], device=w.device)
-        last = (pos[None] >= (n - recent.get(name, 5))[:, None]) & (pos[None] < n[:, None])
+        k = recent.get(name, recent.get(name.split("/")[0], 5))  # <sequence>/<task>: per task
+        last = (pos[None] >= (n - k)[:, None]) & (pos[None] < n[:, None])
         out[f"attention/{name}/entropy"] = entropy.mean().item()
         out[f"attention/{name}/entropy_ratio"] = (
             entropy.sum() / torch.log(n.float()).sum().clamp_min(1e-12)

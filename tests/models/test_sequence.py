@@ -11,6 +11,7 @@ import torch
 
 from mtl_dist.config import (
     HEADS,
+    ConfigError,
     JobConfig,
     SequenceFeature,
     SparseFeature,
@@ -246,3 +247,42 @@ def test_side_column_extends_keys_and_query(pooling):
         want = torch.cat([items[h], cats[[i % 20 for i in h]]], 1).mean(0)
         at = sum(widths[:3])
         torch.testing.assert_close(x[0, at : at + 32], want)
+
+
+@pytest.mark.parametrize("pooling", ["din", "mha"])
+def test_per_task_queries_equal_the_attention_with_each_task_s_projected_query(pooling):
+    from mtl_dist.models.sequence import PerTaskQueries
+
+    torch.manual_seed(2)
+    base = DINAttention(4, [8]) if pooling == "din" else MultiHeadTargetAttention(4, 2)
+    att = PerTaskQueries(base, 3, 4)
+    with torch.no_grad():
+        att.weight.add_(0.3 * torch.randn(3, 4, 4))
+        att.bias.normal_()
+    q, keys = torch.randn(5, 4), torch.randn(5, 6, 4)
+    mask = torch.arange(6) < torch.tensor([6, 3, 0, 1, 2])[:, None]
+    out, w = att(q, keys, mask, need_weights=True)
+    assert out.shape == (5, 12) and w.shape == (3, 5, 6)
+    for t in range(3):
+        want, want_w = base(q @ att.weight[t] + att.bias[t], keys, mask, need_weights=True)
+        torch.testing.assert_close(out[:, 4 * t : 4 * t + 4], want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(w[t], want_w, rtol=1e-5, atol=1e-6)
+
+
+def test_per_task_sequence_block_and_attention_probes_per_task():
+    cfg = load_config(["--config", "configs/sequences.toml"])
+    cfg.features.sequence[0].per_task = True
+    validate(cfg)
+    torch.manual_seed(0)
+    model = build_ranker(cfg, device="cpu")
+    names, widths = model.input_blocks()
+    assert widths[names.index("hist")] == 32  # 2 tasks x 16
+    conv = ArrowBatchConverter(cfg.features.sparse, cfg.features.dense, cfg.tasks,
+                               sequences=cfg.features.sequence)  # fmt: skip
+    model.probes = dataclasses.replace(model.probes, attention=True)
+    out = model(conv(make_rows(8, np.random.default_rng(0))))
+    assert set(out.attention) == {"hist/click", "hist/like"}
+    assert out.attention["hist/click"][0].shape == (8, 20)
+    cfg.features.sequence[0].pooling = "mean"
+    with pytest.raises(ConfigError, match=r"\(hist\): per_task needs a query"):
+        validate(cfg)

@@ -10,7 +10,9 @@ with the list column against without it.
 2. speed: the workload regenerated with histories of up to ``max_len`` items, one epoch per
    pooling (seed 0), samples/s and its ratio to mean pooling at the same ``max_len``;
 3. reader: the training files read in-process through :class:`ParquetBatchReader` at batch
-   2048, rows/s with and without the sequence column (best of 3).
+   2048, rows/s with and without the sequence column (best of 3);
+4. ops (``--ops-only`` alone): each pooling's forward + backward in-process at each
+   ``max_len``, best of 7 — the attention's own cost, less exposed to a shared machine's load.
 
 Prints the tables with the CPU model and writes them to ``--out/sequences.md`` and ``.json``.
 Speed figures come from this run only; nothing here asserts a speed.
@@ -72,6 +74,36 @@ def reader_rows_per_s(data: Path, with_sequence: bool, rounds: int = 3) -> float
     return best
 
 
+def op_cost(max_lens: list[int], batch: int = 256, rounds: int = 7) -> dict:
+    """Milliseconds of one forward + backward of each pooling over a batch of full histories
+    ``[B, L, 16]`` (in-process, one thread, best of ``rounds`` after a warm-up): the attention's
+    own cost, less exposed to a shared machine's load than whole training runs."""
+    import torch
+
+    from mtl_dist.config import SequenceFeature
+    from mtl_dist.models.sequence import build_pooling
+
+    torch.set_num_threads(1)
+    out: dict = {}
+    for max_len in max_lens:
+        out[max_len] = {}
+        for p in POOLINGS:
+            torch.manual_seed(0)
+            pool = build_pooling(SequenceFeature(name="s", pooling=p, din_hidden=[32]), 16)
+            q = torch.randn(batch, 16, requires_grad=True)
+            keys = torch.randn(batch, max_len, 16, requires_grad=True)
+            mask = torch.ones(batch, max_len, dtype=torch.bool)
+            best = float("inf")
+            for i in range(rounds + 1):
+                t0 = time.perf_counter()
+                pool(q, keys, mask)[0].sum().backward()
+                if i:  # the first is the warm-up
+                    best = min(best, time.perf_counter() - t0)
+            out[max_len][p] = best * 1e3
+        print(f"[ops] max_len {max_len}: {out[max_len]}", flush=True)
+    return out
+
+
 def measure(a: argparse.Namespace) -> dict:
     out = Path(a.out)
     base = out / "data_20"
@@ -98,7 +130,8 @@ def measure(a: argparse.Namespace) -> dict:
         print(f"[speed] max_len {max_len}: {speed[max_len]}", flush=True)
     reader = {"without": reader_rows_per_s(base, False), "with": reader_rows_per_s(base, True)}
     return {"cpu": cpu_line(), "nproc": a.nproc, "train_rows": a.train_rows,
-            "quality": quality, "speed": speed, "reader_rows_per_s": reader}  # fmt: skip
+            "quality": quality, "speed": speed, "reader_rows_per_s": reader,
+            "ops_ms": op_cost(a.max_lens)}  # fmt: skip
 
 
 def markdown(r: dict) -> str:
@@ -128,6 +161,17 @@ def markdown(r: dict) -> str:
             f"| {max_len} | " + " | ".join(f"{s[p]:.0f}" for p in POOLINGS)
             + f" | {s['din'] / s['mean']:.2f} | {s['mha'] / s['mean']:.2f} |"
         )  # fmt: skip
+    lines += [
+        "",
+        "| max_len | "
+        + " | ".join(f"{p} fwd+bwd ms (B=256, D=16, 1 thread)" for p in POOLINGS)
+        + " |",
+        "|---|" + "---|" * len(POOLINGS),
+        *[
+            f"| {L} | " + " | ".join(f"{ms[p]:.2f}" for p in POOLINGS) + " |"
+            for L, ms in r.get("ops_ms", {}).items()
+        ],
+    ]
     rd = r["reader_rows_per_s"]
     lines += [
         "",
@@ -147,7 +191,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--max-lens", type=int, nargs="+", default=[20, 50, 200])
     p.add_argument("--nproc", type=int, default=2)
+    p.add_argument("--ops-only", action="store_true", help="only the in-process attention costs")
     a = p.parse_args(argv)
+    if a.ops_only:
+        print(json.dumps({"cpu": cpu_line(), "ops_ms": op_cost(a.max_lens)}, indent=1))
+        return
     r = measure(a)
     text = markdown(r)
     print(text)
