@@ -157,9 +157,9 @@ def test_trained_checkpoint_exports_scores_and_serves_as_training_validated(
     "extra",
     [
         ["--sharding.force", "table_wise", "--data.num_workers", "2"],
-        ["--sharding.force", "data_parallel", "--sharding.pipeline", "false"],
+        ["--sharding.force", "column_wise", "--sharding.pipeline", "false"],
     ],
-    ids=["table_wise_workers", "data_parallel_unpipelined"],
+    ids=["table_wise_workers", "column_wise_unpipelined"],
 )
 def test_other_plans_and_loaders_train_the_sequence(seq_data, din_run, tmp_path, extra):
     """The EC under other sharding types, loader workers and the unpipelined step: it trains

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from mtl_dist.config.base import ConfigError, suggest
 from mtl_dist.config.data import MAX_SEQUENCE_LEN, SequenceFeature
 
-EC_TYPES = ("data_parallel", "table_wise", "column_wise", "row_wise")  # TorchRec's EC sharder's
+EC_TYPES = ("table_wise", "column_wise", "row_wise")  # the EC's (distributed/sharding.py)
 
 
 def sequence_query(s: SequenceFeature, sparse: list) -> str:

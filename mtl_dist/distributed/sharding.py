@@ -43,8 +43,10 @@ class ConfiguredEBCSharder(EmbeddingBagCollectionSharder):
 
 
 class ConfiguredECSharder(EmbeddingCollectionSharder):
-    """The sequences' EC sharder (``models/sequence.py``): the configured types TorchRec's EC
-    supports (data_parallel, table_wise, column_wise, row_wise), on any device."""
+    """The sequences' EC sharder (``models/sequence.py``): the configured types among
+    table_wise, column_wise, row_wise, on any device. Not data_parallel: TorchRec's
+    data-parallel EC takes the whole KJT the ranker passes (every feature's keys) as its own
+    and fails splitting it (``split_with_sizes``), where the sharded ones select their keys."""
 
     def __init__(self, sharding_types: list[str], **kwargs) -> None:
         super().__init__(**kwargs)
@@ -54,7 +56,7 @@ class ConfiguredECSharder(EmbeddingCollectionSharder):
         return list(self._types)
 
 
-EC_SHARDING_TYPES = ("data_parallel", "table_wise", "column_wise", "row_wise")
+EC_SHARDING_TYPES = ("table_wise", "column_wise", "row_wise")
 
 
 class RowWiseMCSharder(ManagedCollisionEmbeddingBagCollectionSharder):

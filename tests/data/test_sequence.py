@@ -193,3 +193,10 @@ def test_a_null_inside_a_side_list_under_clip_is_refused_not_misaligned():
     )
     with pytest.raises(RowError, match=r"column 'hist_users', row 1: a null id inside the list"):
         side_conv(invalid_ids="clip")(t)
+
+
+def test_sharding_force_data_parallel_is_refused_for_the_sequences_ec():
+    c = cfg()
+    c.sharding.force = "data_parallel"
+    with pytest.raises(ConfigError, match=r"sharding.force = 'data_parallel'.*table_wise"):
+        validate_cfg(c)
