@@ -90,20 +90,30 @@ def unsigned(f: dict, flat: pa.Array) -> torch.Tensor:
 
 
 def inputs(meta: dict, t: pa.RecordBatch):
-    """The program's inputs: dense [B, Dd], then ids and offsets per feature."""
+    """The program's inputs: dense [B, Dd], then ids and offsets per feature (the sparse
+    features, then each sequence's list column, whole: the program keeps its last max_len)."""
     dense = [torch.zeros(t.num_rows, 0)]
     for c in meta["dense"]["columns"]:
         x = pc.fill_null(t[c], 0).cast(pa.float32(), safe=False)
         if meta["dense"]["nonfinite"] == "error" and not pc.all(pc.is_finite(x)).as_py():
             raise ValueError(f"column '{c}': dense values not finite (dense_nan = error)")
         dense.append(T(x)[:, None])
-    ids, offsets = zip(*[sparse(f, t, meta["hashing"]["seed"]) for f in meta["sparse"]])
+    for q in meta.get("sequences", []):  # whole lists; side lists as long as their ids'
+        if q["on_null"] == "error" and t[q["name"]].null_count:
+            raise ValueError(f"column '{q['name']}': a null list (on_null = error)")
+        n = pc.fill_null(pc.list_value_length(t[q["name"]]), 0)
+        if q["aligned_with"] and not pc.all(pc.equal(n, pc.fill_null(
+                pc.list_value_length(t[q["aligned_with"]]), 0))).as_py():  # fmt: skip
+            raise ValueError(f"column '{q['name']}': lists not as long as '{q['aligned_with']}'")
+    features = meta["sparse"] + meta.get("sequences", [])
+    ids, offsets = zip(*[sparse(f, t, meta["hashing"]["seed"]) for f in features])
     return torch.cat(dense, 1), list(ids), list(offsets)
 
 
 def main(package: str, data: str, out: str, *keep: str) -> None:
     meta, model = load(package)
-    columns = sorted({*meta["dense"]["columns"], *(f["name"] for f in meta["sparse"]), *keep})
+    features = meta["sparse"] + meta.get("sequences", [])
+    columns = sorted({*meta["dense"]["columns"], *(f["name"] for f in features), *keep})
     files = sorted(Path(data).glob("**/*.parquet")) if Path(data).is_dir() else [Path(data)]
     if not files:
         raise ValueError(f"{data}: no Parquet file")

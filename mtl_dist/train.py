@@ -43,7 +43,7 @@ from mtl_dist.loop.schedule import LRSchedule
 from mtl_dist.loop.selection import fmt_metric
 from mtl_dist.loop.state import LoopState
 from mtl_dist.loop.step import StepRunner, TrainStep
-from mtl_dist.models.ranker import build_ranker
+from mtl_dist.models.build import build_ranker
 from mtl_dist.observe.summary import report, summarize
 from mtl_dist.observe.telemetry import Telemetry, quiet_third_party_logs
 from mtl_dist.observe.validation import evaluate, flat_metrics, report_attribution

@@ -91,7 +91,7 @@ def test_tables_load_across_storage_types(tmp_path):
     import torch.distributed.checkpoint as dcp
 
     from mtl_dist.config import load_config
-    from mtl_dist.models.ranker import build_ranker
+    from mtl_dist.models.build import build_ranker
 
     def ranker(dtype: str):
         cfg = load_config(["--config", "configs/default.toml", "--embedding.data_type", dtype])

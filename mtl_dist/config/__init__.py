@@ -36,10 +36,12 @@ from mtl_dist.config.data import (
     INVALID_IDS,
     ON_INVALID,
     POOLINGS,
+    SEQUENCE_POOLINGS,
     TASK_KINDS,
     TRANSFORMS,
     DataConfig,
     FeaturesConfig,
+    SequenceFeature,
     SparseFeature,
     TaskSpec,
 )
@@ -103,7 +105,8 @@ from mtl_dist.config.training import (
 
 __all__ = [
     # the tree
-    "JobConfig", "DataConfig", "FeaturesConfig", "SparseFeature", "TaskSpec", "ModelConfig",
+    "JobConfig", "DataConfig", "FeaturesConfig", "SparseFeature", "SequenceFeature", "TaskSpec",
+    "ModelConfig",
     "ExpertsConfig", "GateConfig", "TowerConfig", "SharedBottomConfig", "PLEConfig", "STEMConfig",
     "AITMConfig", "DBMTLConfig", "PEPNetConfig", "ESMMConfig", "InteractionConfig",
     "ModelEmbeddingConfig",
@@ -113,7 +116,8 @@ __all__ = [
     "ConfigError", "opt", "load_config", "load_toml", "apply_override", "help_text", "validate",
     "from_dict", "to_dict", "task_parents", "FLAT_MODEL_KEYS",
     # the allowed names of the choice keys
-    "POOLINGS", "INVALID_IDS", "COLLISIONS", "EVICTIONS", "TASK_KINDS", "TRANSFORMS",
+    "POOLINGS", "SEQUENCE_POOLINGS", "INVALID_IDS", "COLLISIONS", "EVICTIONS", "TASK_KINDS",
+    "TRANSFORMS",
     "ON_INVALID", "DENSE_NANS", "HEADS", "EXPERT_ACTIVATIONS", "EXPERT_NORMS", "DBMTL_BASES",
     "ESMM_CVR_LABELS", "INTERACTIONS", "INTERACTION_OUTPUTS", "OPTIMIZERS",
     "EMBEDDING_OPTIMIZERS", "WEIGHT_DECAY_MODES", "SCHEDULES", "DATA_TYPES", "BALANCERS",

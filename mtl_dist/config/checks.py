@@ -28,6 +28,7 @@ from mtl_dist.config.data import (
 from mtl_dist.config.job import JobConfig
 from mtl_dist.config.model_checks import MODEL_CHECKS
 from mtl_dist.config.runtime import ON_POLARIZATION, SHARDING_TYPES
+from mtl_dist.config.sequence import check_sequences
 from mtl_dist.config.training import (
     BALANCERS,
     BEST_METRICS,
@@ -352,6 +353,7 @@ SECTION_CHECKS = (
     check_literals,
     *MODEL_CHECKS.values(),
     check_features,
+    check_sequences,
     check_tasks,
     check_loss,
     check_monitor_and_checkpoint,

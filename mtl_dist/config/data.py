@@ -132,10 +132,84 @@ class TaskSpec:
     )
 
 
+SequencePooling = Literal["din", "mha", "mean"]
+SEQUENCE_POOLINGS = get_args(SequencePooling)
+OnNull = Literal["empty", "error"]
+ON_NULLS = get_args(OnNull)
+MAX_SEQUENCE_LEN = 4096
+
+
+@dataclass
+class SequenceFeature:
+    """A behaviour sequence (one row of ``[[features.sequence]]``): a Parquet ``list<int>``
+    column of item ids, oldest first (the most recent event last)."""
+
+    name: str = opt("", "feature name: the KJT key and the head input's block (attribution)")
+    column: str = opt("", "Parquet list<int> column of the ids, oldest first (default: name)")
+    table: str = opt(
+        "",
+        "the [[features.sparse]] table the ids are looked up in (e.g. the candidate's item "
+        "table); that table moves into an EmbeddingCollection shared by both",
+    )
+    query: str = opt(
+        "",
+        "the sparse feature whose embedding attends over the sequence (default: the one "
+        "feature of table)",
+    )
+    max_len: int = opt(50, "keep the most recent max_len ids of each list (the last ones)")
+    pooling: SequencePooling = opt(
+        "din",
+        "how the sequence becomes one vector [B, D]: "
+        + one_of(
+            SEQUENCE_POOLINGS,
+            din="(DIN local activation unit over [q, k, q-k, q*k], weights not softmax-"
+            "normalised, masked to the true length)",
+            mha="(multi-head scaled dot-product attention, query = the candidate)",
+            mean="(masked mean: the pooled baseline)",
+        ),
+    )
+    din_hidden: list[int] = opt([36], "pooling = din: the activation unit's hidden widths")
+    heads: int = opt(2, "pooling = mha: attention heads (the table's embedding_dim divides by it)")
+    on_null: OnNull = opt(
+        "empty",
+        "a null list: " + one_of(ON_NULLS, empty="(no history)", error="(names file, column, row)"),
+    )
+    side_columns: list[str] = opt(
+        [],
+        "aligned list columns of ids, one per event as in column (e.g. each past item's "
+        "category); each looked up in its side_tables entry, joined to the item's embedding",
+    )
+    side_tables: list[str] = opt(
+        [],
+        "the [[features.sparse]] table of each side column (its one feature, e.g. the "
+        "candidate's category_id, extends the query)",
+    )
+    per_task: bool = opt(
+        False,
+        "din / mha: each task its own query projection (the sequence block is then tasks x "
+        "wider, task by task)",
+    )
+    recent_k: int = opt(5, "monitoring: attention/<name>/recent_share is the weight on the last k")
+    invalid_ids: InvalidIds = opt(
+        "error",
+        "ids outside the table's rows and nulls inside a list: "
+        + one_of(INVALID_IDS, error="(names file, column, row)")
+        + " (as [[features.sparse]])",
+    )
+
+    @property
+    def source(self) -> str:
+        """The Parquet column read."""
+        return self.column or self.name
+
+
 @dataclass
 class FeaturesConfig:
     sparse: list[SparseFeature] = opt([], "sparse features ([[features.sparse]] tables in TOML)")
     dense: list[str] = opt([], "dense float columns fed beside the pooled embeddings")
+    sequence: list[SequenceFeature] = opt(
+        [], "behaviour sequences ([[features.sequence]] in TOML; docs/sequences.md)"
+    )
 
 
 @dataclass

@@ -21,7 +21,7 @@ import tomllib
 from mtl_dist.config.base import ConfigError, one_of, suggest
 from mtl_dist.config.checks import validate
 from mtl_dist.config.compat import nest_model_keys, nest_model_override
-from mtl_dist.config.data import SparseFeature, TaskSpec
+from mtl_dist.config.data import SequenceFeature, SparseFeature, TaskSpec
 from mtl_dist.config.job import JobConfig
 from mtl_dist.config.model import ModelConfig
 
@@ -210,7 +210,12 @@ def help_text(prog: str = "python -m mtl_dist.train") -> str:
     for key, tp, default, help_ in _walk(JobConfig):
         lines.append(f"  --{key:<36} {_type_name(tp):<12} default={default!r}")
         lines.append(f"      {help_}")
-    for cls, name in ((SparseFeature, "features.sparse[]"), (TaskSpec, "tasks[]")):
+    entries = (
+        (SparseFeature, "features.sparse[]"),
+        (SequenceFeature, "features.sequence[]"),
+        (TaskSpec, "tasks[]"),
+    )
+    for cls, name in entries:
         lines.append(f"\n  {name} entries (TOML only):")
         for key, tp, default, help_ in _walk(cls):
             lines.append(f"    {key:<18} {_type_name(tp):<8} default={default!r}  {help_}")

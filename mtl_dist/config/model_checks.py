@@ -80,6 +80,7 @@ def check_pepnet(cfg: JobConfig) -> None:
         return
     p = cfg.model.pepnet
     inputs = [f.name for f in cfg.features.sparse] + list(cfg.features.dense)
+    inputs += [s.name for s in cfg.features.sequence]  # a pooled sequence is an input too
     for key in ("domain_features", "prior_features"):
         for name in getattr(p, key):
             if name not in inputs:

@@ -25,9 +25,12 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from torchrec.streamable import Pipelineable
 
-from mtl_dist.config import SparseFeature, TaskSpec
+from mtl_dist.config import SequenceFeature, SparseFeature, TaskSpec
+from mtl_dist.config.sequence import sequence_parts
 from mtl_dist.data.admission import admit
-from mtl_dist.data.ids import is_ids, is_strings, sparse_ids
+from mtl_dist.data.ids import sparse_ids
+from mtl_dist.data.schema import check_schema
+from mtl_dist.data.sequence import aligned_ids
 
 
 @dataclass
@@ -141,6 +144,7 @@ class ArrowBatchConverter:
     domain (binary not 0/1, an infinite target, log1p of a value ≤ -1) raises ``ValueError``
     naming the column, or is masked with ``on_invalid = "mask"``. A task with a ``condition``
     counts only where that task's label is 1; ``sample_weight`` scales the row's mask.
+    ``sequences``: list columns joining the KJT after the sparse features (data/sequence.py).
 
     Example::
 
@@ -161,9 +165,13 @@ class ArrowBatchConverter:
         truth: bool = True,
         hash_seed: int = 0,
         admitted: dict[str, np.ndarray] | None = None,
+        sequences: list[SequenceFeature] | None = None,
     ) -> None:
         self.sparse = sparse
         self.admitted = dict(admitted or {})  # admission: feature → [id_rows] bool (kept rows)
+        self.sequences = list(sequences or [])
+        self.tables = {f.table_name: f for f in reversed(sparse)}  # a table's first feature
+        self.parts = [sequence_parts(s, sparse) for s in self.sequences]
         self.dense = dense
         self.dense_nan = dense_nan
         self.tasks = tasks
@@ -171,14 +179,15 @@ class ArrowBatchConverter:
         self.use_sample_weights = sample_weights
         self.use_truth = truth
         self.hash_seed = hash_seed
-        self.keys = [f.name for f in sparse]
+        self.keys = [f.name for f in sparse] + [p.key for ps in self.parts for p in ps]
         names = [t.name for t in tasks]
         self.conditions = [names.index(t.condition) if t.condition else -1 for t in tasks]
 
     @property
     def columns(self) -> list[str]:
         """The Parquet columns this converter reads."""
-        cols = [f.name for f in self.sparse] + list(self.dense)
+        cols = [f.name for f in self.sparse] + [p.column for ps in self.parts for p in ps]
+        cols += list(self.dense)
         for t in self.tasks:
             cols.append(t.label)
             cols += [t.truth] if t.truth and self.use_truth else []
@@ -187,33 +196,9 @@ class ArrowBatchConverter:
         return list(dict.fromkeys(cols))
 
     def check_schema(self, schema: pa.Schema) -> None:
-        """Raise ``ValueError`` naming the first column whose Arrow type this converter rejects.
-
-        Lets a reader fail on a wrong-typed file at start-up, from its footer, instead of when
-        (and on whichever rank) its rows are first decoded. Missing columns are not checked here.
-        """
-        for f in self.sparse:
-            tp = schema.field(f.name).type if f.name in schema.names else None
-            if tp is not None and not is_ids(tp):
-                raise ValueError(
-                    f"column '{f.name}': expected integer or string ids or a list of them, got {tp}"
-                )
-            item = tp.value_type if tp is not None and pa.types.is_list(tp) else tp
-            if item is not None and is_strings(item) and not f.hash_buckets:
-                raise ValueError(
-                    f"column '{f.name}': string ids need hash_buckets = N (each value maps to "
-                    f"xxh3_64(its UTF-8 bytes, seed data.hash_seed) mod N), got {tp}"
-                )
-        numeric = [c for c in self.columns if c not in self.keys and c in schema.names]
-        for name in numeric:
-            tp = schema.field(name).type
-            integer = name == self.group_by
-            if not (pa.types.is_integer(tp) or pa.types.is_boolean(tp)) and (
-                integer or not pa.types.is_floating(tp)
-            ):
-                raise ValueError(
-                    f"column '{name}': expected {'an integer' if integer else 'a number'}, got {tp}"
-                )
+        """Raise ``ValueError`` naming the first column whose Arrow type this converter rejects
+        (see :func:`mtl_dist.data.schema.check_schema`)."""
+        check_schema(self, schema)
 
     def _ids(self, f: SparseFeature, col: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
         """Flat ids and per-row bag lengths of one sparse column (see :func:`sparse_ids`), rare
@@ -229,6 +214,10 @@ class ArrowBatchConverter:
             flat, lens = self._ids(f, table.column(f.name))
             ids.append(flat)
             offsets.append(np.concatenate([[0], np.cumsum(lens, dtype=np.int64)]))
+        for s, ps in zip(self.sequences, self.parts):
+            for flat, lens in aligned_ids(s, ps, self.tables, table, self.hash_seed):
+                ids.append(flat)
+                offsets.append(np.concatenate([[0], np.cumsum(lens, dtype=np.int64)]))
         dense = np.zeros((n, len(self.dense)), dtype=np.float32)
         for j, name in enumerate(self.dense):
             dense[:, j] = _numbers(table.column(name), name, 0.0)

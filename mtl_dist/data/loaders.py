@@ -54,6 +54,7 @@ def build_readers(
             group_by="" if training else cfg.train.gauc_by, dense_nan=cfg.data.dense_nan,
             sample_weights=training, truth=not training, hash_seed=cfg.data.hash_seed,
             admitted=admitted,
+            sequences=cfg.features.sequence,
         )  # fmt: skip
         return ParquetBatchReader(
             list_parquet_files(path), converter, cfg.train.batch_size, info.rank, info.world_size,

@@ -47,6 +47,7 @@ from mtl_dist.data.selection import (
     overlap_warning,
     require_selected,
 )
+from mtl_dist.data.sequence import RowError, file_row
 from mtl_dist.data.source import list_parquet_files
 
 __all__ = [
@@ -262,7 +263,7 @@ class ParquetBatchReader(IterableDataset):
                 if g.keep is not None or self.partitions[g.file]:
                     table = self._table(g).slice(lo - g.start, hi - lo)
                     for at in range(0, table.num_rows, self.chunk_rows):
-                        yield self.converter.decode(table.slice(at, self.chunk_rows))
+                        yield self._decode(table.slice(at, self.chunk_rows), g, lo - g.start + at)
                     continue
                 pos = g.start
                 for rb in pq.ParquetFile(g.file).iter_batches(
@@ -270,12 +271,21 @@ class ParquetBatchReader(IterableDataset):
                 ):
                     b0, b1 = max(lo, pos), min(hi, pos + rb.num_rows)
                     if b0 < b1:
-                        yield self.converter.decode(
-                            pa.Table.from_batches([rb.slice(b0 - pos, b1 - b0)])
-                        )
+                        rows = pa.Table.from_batches([rb.slice(b0 - pos, b1 - b0)])
+                        yield self._decode(rows, g, b0 - g.start)
                     pos += rb.num_rows
                     if pos >= hi:
                         break
+
+    def _decode(self, table: pa.Table, g: RowGroup, first: int) -> Columns:
+        """Decode ``table``, whose first row is kept row ``first`` of group ``g``; a
+        :class:`RowError` comes out at the file's row."""
+        try:
+            return self.converter.decode(table)
+        except RowError as e:
+            at = first + e.row
+            row = int(g.keep[at]) if g.keep is not None else at
+            raise e.shifted(file_row(pq.ParquetFile(g.file).metadata, g.index, row)) from None
 
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()

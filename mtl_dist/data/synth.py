@@ -71,6 +71,7 @@ from mtl_dist.data.synth_model import (
     interaction_share,
     make_chunk,
 )
+from mtl_dist.data.synth_sequences import generate_sequences
 from mtl_dist.data.synth_stats import log_loss, oracle_metrics, roc_auc
 from mtl_dist.data.synth_workloads import (
     DENSE_FEATURES,
@@ -150,13 +151,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--task-correlation", type=float, default=0.6, help="rho in [0, 1]")
     ap.add_argument(
         "--workload",
-        choices=sorted(WORKLOADS),
+        choices=sorted([*WORKLOADS, "sequences"]),
         default="funnel",
         help="funnel (default: 21 sparse incl. multi-hot, 12 dense, click/conversion/watch_time), "
         "peers (16 single-hot, 8 dense, click and purchase on every row), interactions (the "
         "peers' columns, each task's logit dominated by pairwise products of feature effects) or "
         "strings (peers with user / item / author keys as strings and subcategory_id as a "
-        "Criteo-style hex token)",
+        "Criteo-style hex token), or sequences (a candidate item and the user's recent items as "
+        "a list column; click depends on a past item matching the candidate: "
+        "mtl_dist/data/synth_sequences.py, configs/sequences.toml)",
     )
     ap.add_argument(
         "--days",
@@ -167,6 +170,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     ap.add_argument("--force", action="store_true", help="regenerate even if meta.json matches")
     a = ap.parse_args(argv)
+    if a.workload == "sequences":
+        generate_sequences(a.out, a.train_rows, a.val_rows, a.files, a.row_group_size, a.seed)
+        return
     try:
         generate(
             a.out,

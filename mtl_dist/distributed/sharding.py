@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 from fbgemm_gpu.split_table_batched_embeddings_ops_training import WeightDecayMode
 from torch import nn
+from torchrec.distributed.embedding import EmbeddingCollectionSharder
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.mc_embeddingbag import ManagedCollisionEmbeddingBagCollectionSharder
 from torchrec.distributed.model_parallel import (
@@ -23,7 +24,7 @@ from torchrec.distributed.model_parallel import (
 )
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
 from torchrec.distributed.types import ModuleSharder, ShardingPlan
-from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 from torchrec.modules.mc_embedding_modules import ManagedCollisionEmbeddingBagCollection
 from torchrec.optim import RowWiseAdagrad
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
@@ -44,6 +45,23 @@ class ConfiguredEBCSharder(EmbeddingBagCollectionSharder):
         return list(self._types)
 
 
+class ConfiguredECSharder(EmbeddingCollectionSharder):
+    """The sequences' EC sharder (``models/sequence.py``): the configured types among
+    table_wise, column_wise, row_wise, on any device. Not data_parallel: TorchRec's
+    data-parallel EC takes the whole KJT the ranker passes (every feature's keys) as its own
+    and fails splitting it (``split_with_sizes``), where the sharded ones select their keys."""
+
+    def __init__(self, sharding_types: list[str], **kwargs) -> None:
+        super().__init__(**kwargs)
+        self._types = [t for t in sharding_types if t in EC_SHARDING_TYPES]
+
+    def sharding_types(self, compute_device_type: str) -> list[str]:
+        return list(self._types)
+
+
+EC_SHARDING_TYPES = ("table_wise", "column_wise", "row_wise")
+
+
 class RowWiseMCSharder(ManagedCollisionEmbeddingBagCollectionSharder):
     """The managed-collision EBC sharder on any device: row_wise with fbgemm's fused kernel (the
     only layout TorchRec's managed collision supports; the stock sharder offers it on CUDA only).
@@ -58,7 +76,11 @@ class RowWiseMCSharder(ManagedCollisionEmbeddingBagCollectionSharder):
 
 def sharders_for(cfg: ShardingConfig) -> list[ModuleSharder]:
     """The sharders of every embedding module kind the ranker holds."""
-    return [RowWiseMCSharder(), ConfiguredEBCSharder(cfg.sharding_types)]
+    return [
+        RowWiseMCSharder(),
+        ConfiguredEBCSharder(cfg.sharding_types),
+        ConfiguredECSharder(cfg.sharding_types),
+    ]
 
 
 def apply_embedding_optimizer(ebc: EmbeddingBagCollection, cfg: OptimConfig) -> None:
@@ -83,9 +105,10 @@ def apply_embedding_optimizer(ebc: EmbeddingBagCollection, cfg: OptimConfig) -> 
     apply_optimizer_in_backward(cls, ebc.parameters(), kwargs)
 
 
-def embedding_collections(model: nn.Module) -> list[EmbeddingBagCollection]:
-    """Every EBC in ``model`` (the shared one, and STEM's per-task ones)."""
-    return [m for m in model.modules() if isinstance(m, EmbeddingBagCollection)]
+def embedding_collections(model: nn.Module) -> list[EmbeddingBagCollection | EmbeddingCollection]:
+    """Every EBC in ``model`` (the shared one, and STEM's per-task ones) and the sequences' EC."""
+    kinds = (EmbeddingBagCollection, EmbeddingCollection)
+    return [m for m in model.modules() if isinstance(m, kinds)]
 
 
 def sharding_constraints(
@@ -97,7 +120,11 @@ def sharding_constraints(
     return {
         t.name: ParameterConstraints(sharding_types=[cfg.force])
         for ebc in embedding_collections(model)
-        for t in ebc.embedding_bag_configs()
+        for t in (
+            ebc.embedding_configs()
+            if isinstance(ebc, EmbeddingCollection)
+            else ebc.embedding_bag_configs()
+        )
     }
 
 

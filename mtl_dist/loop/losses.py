@@ -332,6 +332,7 @@ class ModelWithLoss(nn.Module):
             gates=ranked.gates,
             dead=ranked.dead,
             shared=ranked.shared,
+            attention=ranked.attention,
         )
         return TaskLosses(losses, aux, mask, ranked.penalty if self.training else None), out
 

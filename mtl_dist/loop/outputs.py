@@ -42,7 +42,8 @@ class StepOutput:
     What the model's probes (``ranker.probes``) asked for, else None: gates ``{gate: [B, E]}``
     and dead ``{set: [E]}`` (read by the telemetry's gate health) and shared, the head's shared
     representation (the one field with its graph: the representation balancers differentiate
-    the task losses on it). A dataclass, so DDP's output traversal leaves these alone (it would
+    the task losses on it), and attention ``{sequence: (weights [B, L], lengths [B])}``
+    (read by the telemetry's attention health; see :mod:`mtl_dist.models.sequence`). A dataclass, so DDP's output traversal leaves these alone (it would
     pass ``shared`` through its sink and cut it off the losses' graph).
     """
 
@@ -60,3 +61,4 @@ class StepOutput:
     gates: dict[str, torch.Tensor] | None = None
     dead: dict[str, torch.Tensor] | None = None
     shared: torch.Tensor | None = None
+    attention: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None

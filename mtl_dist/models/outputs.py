@@ -33,12 +33,15 @@ class Probes:
             differentiate the task losses on it); training forwards only.
         head_input: the ranker's head input ``[B, Din]`` before the interaction (with its
             graph: feature attribution differentiates the outputs on it).
+        attention: each behaviour sequence's attention weights and lengths
+            ``{sequence: (w [B, L], lengths [B])}`` (detached; see ``models/sequence.py``).
     """
 
     gates: bool = False
     dead_units: bool = False
     shared: bool = False
     head_input: bool = False
+    attention: bool = False
 
 
 NO_PROBES = Probes()
@@ -66,7 +69,8 @@ class RankerOutput(NamedTuple):
     (None otherwise): the head's ``gates`` ``{gate: [B, E]}``, ``dead`` ``{set: [E]}`` and
     ``shared`` representation (see :class:`~mtl_dist.models.outputs.HeadOutput`), and
     ``head_input`` ``[B, Din]``, the head's raw input before the interaction (its column blocks:
-    :meth:`~mtl_dist.models.ranker.Ranker.input_blocks`). :meth:`of_head` makes one of a bare head's output."""
+    :meth:`~mtl_dist.models.ranker.Ranker.input_blocks`); ``attention`` ``{sequence: (w [B, L],
+    lengths [B])}``. :meth:`of_head` makes one of a bare head's output."""
 
     logits: torch.Tensor
     aux: torch.Tensor
@@ -76,6 +80,7 @@ class RankerOutput(NamedTuple):
     dead: dict[str, torch.Tensor] | None = None
     shared: torch.Tensor | None = None
     head_input: torch.Tensor | None = None
+    attention: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
 
     @classmethod
     def of_head(cls, out: HeadOutput, **extra) -> RankerOutput:

@@ -39,6 +39,7 @@ from mtl_dist.models.outputs import NO_PROBES
 from mtl_dist.observe.gate_health import Alarm, GateHealth, heatmaps
 from mtl_dist.observe.metrics import write_json
 from mtl_dist.observe.profiling import format_profile, step_profile
+from mtl_dist.observe.sequence_health import attention_health
 
 PHASES = ("data", "forward", "backward", "optimizer")
 
@@ -237,6 +238,7 @@ class Telemetry:
             if cfg.monitor.gate_every and self.head.gate_experts
             else None
         )
+        self.recent = {s.name: s.recent_k for s in cfg.features.sequence}
         self._arm_probes(start_step)
         if self.gates is not None:
             self.monitor.layout(self.gates.layout())
@@ -294,6 +296,8 @@ class Telemetry:
             mon.scalars(step, across, main_only=True)
             for a in alarms:
                 self.log(a.message())
+        if out.attention:  # the sequences' attention health (observe/sequence_health.py)
+            mon.scalars(step, attention_health(out.attention, self.recent))
         self._arm_probes(step)
         every = cfg.monitor.heatmap_every
         if every and step % every == 0 and self.head.gate_experts and out.gates:
@@ -315,7 +319,10 @@ class Telemetry:
         health = self.gates is not None and (step + 1) % every == 0
         heatmap = bool(heat) and (step + 1) % heat == 0 and bool(self.head.gate_experts)
         probes = getattr(self.ranker, "probes", NO_PROBES)
-        self.ranker.probes = replace(probes, gates=health or heatmap, dead_units=health)
+        attention = bool(self.recent) and bool(every) and (step + 1) % every == 0
+        self.ranker.probes = replace(
+            probes, gates=health or heatmap, dead_units=health, attention=attention
+        )
 
     def _profile(self, step: int) -> None:
         """Start the profiler after ``profile_after`` steps; stop and report N steps later."""

@@ -34,7 +34,7 @@ from mtl_dist.data.reader import ParquetBatchReader
 from mtl_dist.data.source import RowFilter, list_parquet_files
 from mtl_dist.files import check_archive, written_whole
 from mtl_dist.loop.losses import ModelWithLoss, build_model_with_loss
-from mtl_dist.models.ranker import build_ranker
+from mtl_dist.models.build import build_ranker
 from mtl_dist.observe.metrics import task_metrics
 from mtl_dist.serve.program import (
     EMBEDDING_DTYPES,
@@ -191,6 +191,7 @@ def table_check(
     conv = ArrowBatchConverter(
         cfg.features.sparse, cfg.features.dense, cfg.tasks, dense_nan=cfg.data.dense_nan,
         sample_weights=False, truth=False, hash_seed=cfg.data.hash_seed,
+        sequences=cfg.features.sequence,
     )  # fmt: skip
     text = cfg.data.val_filter
     reader = ParquetBatchReader(

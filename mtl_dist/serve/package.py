@@ -13,6 +13,7 @@ from typing import Any, BinaryIO
 import torch
 
 from mtl_dist.config import JobConfig, SparseFeature, TaskSpec
+from mtl_dist.config.sequence import sequence_parts
 from mtl_dist.data.ids import RAW_ID_SPACE
 from mtl_dist.files import check_archive
 from mtl_dist.serve.lookups import id_rule
@@ -26,7 +27,9 @@ def metadata(cfg: JobConfig, embedding_dtype: str, compiled: str) -> dict[str, A
 
     ``compiled``: ``eager`` (a ``torch.export`` program) or ``aoti-cpu`` / ``aoti-cuda``.
     """
-    names = [f.name for f in cfg.features.sparse]
+    names = [f.name for f in cfg.features.sparse] + [
+        p.key for q in cfg.features.sequence for p in sequence_parts(q, cfg.features.sparse)
+    ]
     return {
         "format": FORMAT,
         "torch": torch.__version__,
@@ -75,7 +78,34 @@ def metadata(cfg: JobConfig, embedding_dtype: str, compiled: str) -> dict[str, A
             }  # fmt: skip
             for f in cfg.features.sparse
         ],
+        "sequences": sequence_metadata(cfg),
     }
+
+
+def sequence_metadata(cfg: JobConfig) -> list[dict[str, Any]]:
+    """Per id list of each ``[[features.sequence]]`` (inputs after the sparse features, a
+    sequence's ids then its side columns): its list column, read by the client as a multi-hot
+    feature of its table (the keys of a ``sparse`` entry, ``name`` the column), the input it
+    feeds (``input``), the column it aligns with (``aligned_with``: as many ids, row by row;
+    "" for the ids list) and the ``max_len`` the program keeps of each list (the last ids)."""
+    tables = {f.table_name: f for f in cfg.features.sparse}
+    out = []
+    for q in cfg.features.sequence:
+        for p in sequence_parts(q, cfg.features.sparse):
+            f = tables[p.table]
+            out.append({
+                "name": p.column, "input": p.key, "sequence": q.name, "max_len": q.max_len,
+                "table": p.table, "aligned_with": "" if p.key == q.name else q.source,
+                "multi_hot": True, "hash_buckets": f.hash_buckets, "vocab_size": f.vocab_size,
+                "invalid_ids": q.invalid_ids, "on_null": q.on_null,
+                "string_id_mod": f.hash_buckets,
+                "client": "a list, oldest first; a null list is "
+                + ("refused" if q.on_null == "error" else "an empty history")
+                + ("; refuse nulls inside lists and ids outside [0, "
+                   f"{f.vocab_size})" if q.invalid_ids == "error" and not f.hash_buckets
+                   else "; drop nulls inside lists"),
+            })  # fmt: skip
+    return out
 
 
 def _served_value(t: TaskSpec) -> str:

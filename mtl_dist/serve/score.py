@@ -39,6 +39,7 @@ def score(model_path: Path, data: str, out: Path, keep: list[str], batch_size: i
     conv = ArrowBatchConverter(
         cfg.features.sparse, cfg.features.dense, [], dense_nan=cfg.data.dense_nan,
         hash_seed=cfg.data.hash_seed, admitted=counts.masks() if counts is not None else None,
+        sequences=cfg.features.sequence,
     )  # features only; the training run's hashing  # fmt: skip
     rows, writer = 0, None
     with written_whole(out) as partial:

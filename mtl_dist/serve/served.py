@@ -17,12 +17,14 @@ from torch.overrides import TorchFunctionMode
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from mtl_dist.config import JobConfig
+from mtl_dist.config.sequence import sequence_parts
 from mtl_dist.data.batch import Batch
 from mtl_dist.loop.losses import ModelWithLoss, task_predictions
 from mtl_dist.models.collision import feature_remappings
 from mtl_dist.models.heads import MoE
 from mtl_dist.models.ranker import model_body
 from mtl_dist.serve.lookups import IdRemap, PooledEmbeddings
+from mtl_dist.serve.sequences import ServedSequences, ec_rows, served_features
 
 EMBEDDING_DTYPES = ("fp32", "fp16", "int8")
 
@@ -50,9 +52,11 @@ class ServedRanker(nn.Module):
         expm1: torch.Tensor,
         zero_nonfinite_dense: bool,
         interaction: nn.Module | None = None,
+        sequences: ServedSequences | None = None,
     ) -> None:
         super().__init__()
         self.remap = remap
+        self.sequences = sequences
         self.shared = shared
         self.per_task = per_task
         self.dense_norm = dense_norm
@@ -70,7 +74,10 @@ class ServedRanker(nn.Module):
         rows = self.remap(values)
         if self.zero_nonfinite_dense:  # data.dense_nan = "zero"
             dense = torch.where(torch.isfinite(dense), dense, torch.zeros_like(dense))
-        x = torch.cat([self.shared(rows, offsets), self.dense_norm(dense)], dim=1)  # [B, Din]
+        parts = [self.shared(rows, offsets)] if self.shared.order else []
+        if self.sequences is not None:  # the EC's candidates and pooled sequences
+            parts.append(self.sequences(rows, offsets))
+        x = torch.cat([*parts, self.dense_norm(dense)], dim=1)  # [B, Din]
         own = None
         if self.per_task is not None:  # STEM: each task's own tables, [T, B, Dt]
             own = torch.stack([lookup(rows, offsets) for lookup in self.per_task])
@@ -92,10 +99,11 @@ def build_served(
             f"embedding dtype must be one of {', '.join(EMBEDDING_DTYPES)}, got {embedding_dtype!r}"
         )
     ranker = model.model
-    features = cfg.features.sparse
+    features = served_features(cfg.features.sparse, cfg.features.sequence)
     ebcs = [e for e in (ranker.ebc, _managed_tables(ranker)) if e is not None]
-    pads = [_table_rows(ebcs, f.name) for f in features]
-    shared = PooledEmbeddings(ebcs, features, ranker.feature_order, embedding_dtype)
+    names = [f.name for f in features]
+    pads = [ec_rows(ranker.sequences, n) or _table_rows(ebcs, n) for n in names]
+    shared = PooledEmbeddings(ebcs, features, ranker.pooled_order, embedding_dtype)
     per_task = None
     if ranker.task_ebcs is not None:
         per_task = nn.ModuleList(
@@ -124,6 +132,7 @@ def build_served(
         torch.tensor([t.kind == "regression" and t.transform == "log1p" for t in cfg.tasks]),
         cfg.data.dense_nan == "zero",
         copy.deepcopy(ranker.interaction).eval(),
+        ServedSequences(ranker.sequences, names) if ranker.sequences is not None else None,
     )
     return served.eval().requires_grad_(False)
 
@@ -161,6 +170,12 @@ def example_inputs(
         lengths = torch.randint(1, 4, (batch,), generator=g)
         offsets.append(torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]))
         values.append(torch.randint(0, f.num_rows, (int(lengths.sum()),), generator=g))
+    for s in cfg.features.sequence:  # 2 ... max_len + 2 ids: some clipped; side lists aligned
+        lengths = torch.randint(2, s.max_len + 3, (batch,), generator=g)
+        for p in sequence_parts(s, cfg.features.sparse):
+            offsets.append(torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]))
+            rows = next(f.num_rows for f in cfg.features.sparse if f.table_name == p.table)
+            values.append(torch.randint(0, rows, (int(lengths.sum()),), generator=g))
     return dense, values, offsets
 
 
@@ -174,7 +189,8 @@ def export_program(cfg: JobConfig, served: ServedRanker) -> torch.export.Exporte
 
     args = example_inputs(cfg)
     batch = Dim("batch", min=1, max=1 << 24)
-    n = [Dim(f"n_{i}", min=0, max=1 << 30) for i in range(len(cfg.features.sparse))]
+    inputs = len(served_features(cfg.features.sparse, cfg.features.sequence))
+    n = [Dim(f"n_{i}", min=0, max=1 << 30) for i in range(inputs)]
     shapes = {
         "dense": {0: batch},
         "values": [{0: d} for d in n],

@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> None:
     conv = ArrowBatchConverter(
         cfg.features.sparse, cfg.features.dense, cfg.tasks, dense_nan=cfg.data.dense_nan,
         sample_weights=False, truth=False, hash_seed=cfg.data.hash_seed,
+        sequences=cfg.features.sequence,
     )  # fmt: skip
     reader = ParquetBatchReader(list_parquet_files(a.data), conv, a.batch_size, drop_last=False)
     batches = itertools.islice(iter(reader), a.batches)

@@ -35,7 +35,7 @@ from torchrec.distributed.types import ModuleSharder
 from mtl_dist.config import ConfigError, JobConfig, load_config
 from mtl_dist.data.source import check_filters
 from mtl_dist.distributed.sharding import sharders_for, sharding_constraints
-from mtl_dist.models.ranker import build_ranker
+from mtl_dist.models.build import build_ranker
 from mtl_dist.observe.telemetry import quiet_third_party_logs
 
 GB = 1024**3

@@ -18,7 +18,7 @@ from mtl_dist.distributed.setup import init_distributed
 from mtl_dist.distributed.sharding import shard_model
 from mtl_dist.loop.losses import ModelWithLoss
 from mtl_dist.loop.step import TrainStep
-from mtl_dist.models.ranker import build_ranker
+from mtl_dist.models.build import build_ranker
 from tests.distributed.sharding_worker import make_batch, make_cfg
 
 

@@ -34,7 +34,7 @@ from mtl_dist.distributed.table_init import (
 )
 from mtl_dist.loop.losses import ModelWithLoss
 from mtl_dist.loop.step import TrainStep
-from mtl_dist.models.ranker import build_ranker
+from mtl_dist.models.build import build_ranker
 from tests.distributed.sharding_worker import TYPES, make_batch, make_cfg
 
 SEED, EPOCH = 7, 2

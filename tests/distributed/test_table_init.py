@@ -33,7 +33,7 @@ def test_reinit_on_every_sharding_type_two_ranks(tmp_path):
     table (any sharding type), rows moved; the dense parameters and Adam's moments of the dense
     layers bit-identical; the fused optimizer's state (and a data-parallel table's Adam state,
     which the dense optimizer holds) zero, and filled again by the next step."""
-    proc = torchrun(["tests/distributed/table_init_worker.py", str(tmp_path)], nproc=2)
+    proc = torchrun(["-m", "tests.distributed.table_init_worker", str(tmp_path)], nproc=2)
     assert proc.returncode == 0
     for rank in (0, 1):
         results = json.loads((tmp_path / f"rank_{rank}.json").read_text())

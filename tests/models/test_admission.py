@@ -46,7 +46,7 @@ def test_frequency_weights_by_hand():
 def test_ranker_l2_frequency_term_by_hand():
     from mtl_dist.data.batch import ArrowBatchConverter
     from mtl_dist.loop.losses import build_model_with_loss
-    from mtl_dist.models.ranker import build_ranker
+    from mtl_dist.models.build import build_ranker
     from tests.models.test_ranker import random_table
 
     cfg = load_config(["--config", "configs/default.toml", "--model.experts.hidden", "16,8",

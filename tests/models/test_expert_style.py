@@ -82,7 +82,7 @@ def test_dead_activation_shows_what_normalisation_cures():
 @pytest.mark.parametrize("head", ["shared_bottom", "omoe", "mmoe", "ple", "stem"])
 def test_every_head_takes_the_style(head):
     from mtl_dist.config import load_config
-    from mtl_dist.models.ranker import build_head
+    from mtl_dist.models.build import build_head
 
     cfg = load_config(["--config", "configs/default.toml", "--model.head", head,
                        "--model.experts.activation", "swish", "--model.experts.norm", "layer",

@@ -23,7 +23,7 @@ from mtl_dist.models.interaction import (
     FMInteraction,
     build_interaction,
 )
-from mtl_dist.models.ranker import build_head
+from mtl_dist.models.build import build_head
 
 # 2 features of width 2, then 1 dense value; batch 3
 X = torch.tensor(
@@ -257,7 +257,7 @@ def test_embedding_l2_penalty_is_added_to_the_training_loss_only():
     from mtl_dist.data.batch import ArrowBatchConverter
     from mtl_dist.loop.losses import ModelWithLoss
     from mtl_dist.loop.step import TrainStep
-    from mtl_dist.models.ranker import build_ranker
+    from mtl_dist.models.build import build_ranker
     from tests.models.test_ranker import random_table
 
     args = ["--config", "configs/default.toml", "--model.experts.hidden", "16,8"]
@@ -300,7 +300,7 @@ def test_pepnet_reads_its_features_from_the_raw_input_before_the_interaction_col
     """The head's input layout (PEPNet's domain / prior columns): with concat the raw x comes
     first, so the features keep their columns; with replace they are gone, and building says so."""
     from mtl_dist.data.batch import ArrowBatchConverter
-    from mtl_dist.models.ranker import build_ranker
+    from mtl_dist.models.build import build_ranker
     from tests.models.test_ranker import random_table
 
     args = ["--config", "configs/default.toml", "--model.head", "pepnet",

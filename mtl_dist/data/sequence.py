@@ -1,0 +1,173 @@
+"""Behaviour sequences from Parquet list columns: the ids of each row's list, checked against the
+table they are looked up in, the most recent ``max_len`` kept (lists hold events oldest first).
+
+:func:`sequence_ids` returns what the converter puts into the batch's KJT under the sequence's
+name (flat ids and per-row lengths ≤ ``max_len``), so a sequence is sliced, concatenated, padded,
+sharded and resumed as any multi-hot feature is. Bad rows raise :class:`RowError`, which names
+the column and the row; the reader adds the file and turns the row into the file's row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from mtl_dist.config import SequenceFeature, SparseFeature
+from mtl_dist.config.sequence import SequencePart
+from mtl_dist.data.ids import is_strings, sparse_ids
+
+
+class RowError(ValueError):
+    """A bad value at ``row`` (of the decoded table; the reader shifts it to the file's row) of
+    ``column``: ``column 'c', row r: what``."""
+
+    def __init__(self, column: str, row: int, what: str) -> None:
+        super().__init__(f"column '{column}', row {row}: {what}")
+        self.column, self.row, self.what = column, row, what
+
+    def shifted(self, row: int) -> RowError:
+        """The same error at ``row`` instead."""
+        return RowError(self.column, row, self.what)
+
+
+def as_sparse(s: SequenceFeature, table: SparseFeature) -> SparseFeature:
+    """The multi-hot sparse feature reading ``s``'s column into ``table``'s rows under ``s``'s
+    ``invalid_ids``."""
+    return dataclasses.replace(
+        table, name=s.source, multi_hot=True, invalid_ids=s.invalid_ids, collision="modulo"
+    )
+
+
+def check_type(s: SequenceFeature, tp: pa.DataType, column: str = "") -> None:
+    """Raise ``ValueError`` naming the column (``column``, default ``s``'s) unless ``tp`` is a
+    list of integer / string ids."""
+    if not (pa.types.is_list(tp) or pa.types.is_large_list(tp)) or not (
+        pa.types.is_integer(tp.value_type) or is_strings(tp.value_type)
+    ):
+        raise ValueError(
+            f"column '{column or s.source}' (sequence {s.name}): expected a list of integer or string "
+            f"ids, got {tp}"
+        )
+
+
+def sequence_ids(
+    s: SequenceFeature, table: SparseFeature, col: pa.ChunkedArray, hash_seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Flat ids and per-row lengths ``[n]`` (int32, each ≤ ``max_len``) of sequence ``s``.
+
+    A null list is an empty history (``on_null = "empty"``) or an error; an empty list is an
+    empty history. Ids outside ``table``'s rows and nulls inside a list follow ``invalid_ids``
+    (as :func:`~mtl_dist.data.ids.sparse_ids`); ``table``'s ``hash_buckets`` hash them as it
+    does. Then each row keeps its last ``max_len`` ids.
+
+    Raises:
+        RowError: naming the column and the first bad row (a null list under ``on_null =
+            "error"``, a null or out-of-range id under ``invalid_ids = "error"``).
+        ValueError: the column is not a list of ids.
+    """
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    check_type(s, arr.type)
+    if arr.null_count and s.on_null == "error":
+        row = int(np.flatnonzero(~arr.is_valid().to_numpy(zero_copy_only=False))[0])
+        raise RowError(
+            s.source,
+            row,
+            f"null list ({arr.null_count} rows; write [] or set on_null = 'empty')",
+        )
+    if s.invalid_ids == "error":
+        _check_ids(s, table, arr)
+    flat, lengths = sparse_ids(as_sparse(s, table), arr, hash_seed)
+    return keep_last(flat, lengths, s.max_len)
+
+
+def aligned_ids(
+    s: SequenceFeature,
+    parts: list[SequencePart],
+    tables: dict[str, SparseFeature],
+    table: pa.Table,
+    hash_seed: int = 0,
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """:func:`sequence_ids` of each of ``s``'s id lists (``parts``: its ids, then its side
+    columns), after checking that every side list holds as many ids as the ids list, row by row
+    (a null list counts as empty).
+
+    Raises:
+        RowError: naming the side column and the first row whose length differs (before, or
+            after ``clip`` / ``hash`` dropped a null inside a list)."""
+    for p in parts:
+        check_type(s, table.column(p.column).type, p.column)
+    base = _lengths(table.column(s.source))
+    for p in parts[1:]:
+        lens = _lengths(table.column(p.column))
+        bad = np.flatnonzero(lens != base)
+        if bad.size:
+            r = int(bad[0])
+            raise RowError(
+                p.column,
+                r,
+                f"{lens[r]} ids where '{s.source}' has {base[r]} (side columns align with it, "
+                f"one id per event; {bad.size} rows differ in this read)",
+            )
+    out = []
+    for p in parts:
+        one = dataclasses.replace(s, name=p.key, column=p.column, table=p.table)
+        out.append(sequence_ids(one, tables[p.table], table.column(p.column), hash_seed))
+        bad = np.flatnonzero(out[-1][1] != out[0][1])  # nulls inside lists dropped by clip / hash
+        if bad.size:
+            r = int(bad[0])
+            raise RowError(
+                p.column, r, f"a null id inside the list would misalign it with '{s.source}'"
+            )
+    return out
+
+
+def _lengths(col: pa.ChunkedArray) -> np.ndarray:
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    return pc.fill_null(pc.list_value_length(arr), 0).to_numpy()
+
+
+def _check_ids(s: SequenceFeature, table: SparseFeature, arr: pa.Array) -> None:
+    """``invalid_ids = "error"``: the first null id or id outside ``table``'s rows, by row."""
+    flat = arr.flatten()
+    bad = ~flat.is_valid().to_numpy(zero_copy_only=False)
+    if not table.hash_buckets and pa.types.is_integer(flat.type):
+        ids = pc.fill_null(flat, 0).to_numpy(zero_copy_only=False)
+        bad |= (ids < 0) | (ids >= table.vocab_size)
+    if not bad.any():
+        return
+    lengths = pc.fill_null(pc.list_value_length(arr), 0).to_numpy()
+    at = int(np.flatnonzero(bad)[0])
+    row = int(np.searchsorted(np.cumsum(lengths), at, side="right"))
+    value = flat[at].as_py()
+    what = "a null id" if value is None else f"id {value} outside [0, {table.vocab_size})"
+    raise RowError(
+        s.source,
+        row,
+        f"{what} ({int(bad.sum())} bad ids in this read; table '{table.table_name}'; set "
+        "invalid_ids = 'clip' | 'hash' | 'drop')",
+    )
+
+
+def keep_last(flat: np.ndarray, lengths: np.ndarray, max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's last ``max_len`` ids: ``(flat ids, lengths [n] int32)``.
+
+    Example::
+
+        keep_last(np.array([1, 2, 3, 4]), np.array([3, 1]), 2)  # ([2, 3, 4], [2, 1])
+    """
+    if lengths.size == 0 or lengths.max(initial=0) <= max_len:
+        return flat, lengths.astype(np.int32, copy=False)
+    ends = np.cumsum(lengths, dtype=np.int64)
+    kept = np.minimum(lengths, max_len)
+    starts = ends - kept
+    index = np.repeat(starts - np.cumsum(kept) + kept, kept) + np.arange(int(kept.sum()))
+    return flat[index], kept.astype(np.int32)
+
+
+def file_row(metadata, group: int, row_in_group: int) -> int:
+    """The file's row of row ``row_in_group`` of row group ``group`` (``metadata``: the file's
+    ``pyarrow.parquet.FileMetaData``)."""
+    return sum(metadata.row_group(i).num_rows for i in range(group)) + row_in_group

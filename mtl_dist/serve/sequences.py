@@ -1,0 +1,109 @@
+"""The served program's behaviour sequences: the trained EC table as a plain tensor, the
+candidates' rows and each sequence taken as values + offsets, clipped to its last ``max_len``
+ids as training's reader clips it, padded and pooled by the trained attention (eval mode).
+
+What training sees and this module sees differ in one place: under ``invalid_ids = "drop"`` the
+reader removes an out-of-range id before keeping the last ``max_len``; the program (whose
+:class:`~mtl_dist.serve.lookups.IdRemap` maps it to the padding row) masks it after clipping. A
+list with at most ``max_len`` ids, or without out-of-range ids, is scored alike.
+
+Legend: ``B`` batch, ``L`` max_len, ``D`` the table width, ``N_f`` ids of input f.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import torch
+from torch import nn
+
+from mtl_dist.config import SequenceFeature, SparseFeature
+from mtl_dist.config.sequence import sequence_parts
+from mtl_dist.data.sequence import as_sparse
+from mtl_dist.models.sequence import SequenceLookup
+
+
+def served_features(
+    sparse: list[SparseFeature], sequences: list[SequenceFeature]
+) -> list[SparseFeature]:
+    """The program's id inputs in order: the sparse features, then each sequence's id lists
+    (its ids, then its side columns: :func:`~mtl_dist.config.sequence.sequence_parts`), each
+    read as a multi-hot feature of its table (its id rules)."""
+    tables = {f.table_name: f for f in sparse}
+    return list(sparse) + [
+        dataclasses.replace(as_sparse(s, tables[p.table]), name=p.key)
+        for s in sequences
+        for p in sequence_parts(s, sparse)
+    ]
+
+
+def ec_rows(lookup: SequenceLookup | None, feature: str) -> int | None:
+    """Rows of the EC table ``feature`` (a candidate or a sequence) reads; None if in none."""
+    for cfg in lookup.ec.embedding_configs() if lookup is not None else []:
+        if feature in cfg.feature_names:
+            return cfg.num_embeddings
+    return None
+
+
+class ServedSequences(nn.Module):
+    """``(rows, offsets)`` per program input → ``[B, (C + S) · D]``: the candidates' rows (0
+    for an empty bag), then each sequence pooled, as :class:`SequenceLookup` computes them.
+
+    Args:
+        lookup: the trained (unsharded) lookup; its EC's tables are copied, one zero padding row
+            appended to each (the row :class:`~mtl_dist.serve.lookups.IdRemap` maps dropped
+            ids to).
+        inputs: the program's input names in order (:func:`served_features`' names: a
+            sequence's id lists by their KJT keys).
+    """
+
+    def __init__(self, lookup: SequenceLookup, inputs: list[str]) -> None:
+        super().__init__()
+        tables = lookup.ec.embedding_configs()
+        self.table_of: dict[str, int] = {}
+        for i, cfg in enumerate(tables):
+            w = lookup.ec.embeddings[cfg.name].weight.detach().float()
+            self.register_buffer(f"w{i}", torch.cat([w, w.new_zeros(1, w.shape[1])]))
+            self.table_of.update({f: i for f in cfg.feature_names})
+        self.candidates = [(inputs.index(c), self.table_of[c]) for c in lookup.candidates]
+        self.cand_names = list(lookup.candidates)
+        self.seqs = [
+            [(inputs.index(p.key), self.table_of[p.key], p.query) for p in ps]
+            for ps in lookup.parts
+        ]
+        self.max_lens = [s.max_len for s in lookup.sequences]
+        self.poolings = copy.deepcopy(lookup.poolings).eval()
+
+    def _table(self, i: int) -> torch.Tensor:
+        return getattr(self, f"w{i}")
+
+    def forward(self, rows: list[torch.Tensor], offsets: list[torch.Tensor]) -> torch.Tensor:
+        out = []
+        for at, t in self.candidates:  # single-hot: the bag's first id, or the padding row
+            ids, _ = _last(rows[at], offsets[at], 1, self._table(t).shape[0] - 1)
+            out.append(self._table(t)[ids[:, 0]])
+        cand = dict(zip(self.cand_names, out))
+        for parts, max_len, pool in zip(self.seqs, self.max_lens, self.poolings):
+            keys, mask = [], None
+            for at, t, _ in parts:  # side lists align with the ids: the ids' mask
+                ids, m = _last(rows[at], offsets[at], max_len, self._table(t).shape[0] - 1)
+                keys.append(self._table(t)[ids])
+                mask = m if mask is None else mask
+            q = torch.cat([cand[query] for _, _, query in parts], dim=1)
+            out.append(pool(q, torch.cat(keys, dim=2), mask, need_weights=False)[0])
+        return torch.cat(out, dim=1)
+
+
+def _last(values: torch.Tensor, offsets: torch.Tensor, max_len: int, pad: int):
+    """Each bag's last ``max_len`` ids, left-aligned: ``(ids [B, L], mask [B, L])``; padding
+    (and ids equal to ``pad``) masked and read as ``pad``."""
+    lengths = offsets[1:] - offsets[:-1]
+    kept = lengths.clamp(max=max_len)
+    pos = torch.arange(max_len, device=values.device)
+    mask = pos.unsqueeze(0) < kept.unsqueeze(1)
+    index = torch.where(mask, (offsets[1:] - kept).unsqueeze(1) + pos, values.shape[0])
+    ext = torch.cat([values, values.new_full((1,), pad)])
+    ids = ext[index]
+    mask = mask & (ids != pad)
+    return ids, mask

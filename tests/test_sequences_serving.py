@@ -1,0 +1,132 @@
+"""Sequences in the served program: each sequence as values + offsets (whole lists: the program
+keeps the last max_len as the reader does), the export equal to ``mtl_dist.serve.score`` at
+B = 1, with empty histories and on lists longer than max_len, and ``examples/serve.py``
+building the inputs from Parquet list columns."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from mtl_dist.config import load_config, to_dict
+from mtl_dist.data.synth_sequences import make_rows
+from mtl_dist.serve.export import FORMAT, build_unsharded
+from mtl_dist.serve.program import build_served, export_program, metadata
+from mtl_dist.serve.score import score
+from tests.conftest import ROOT
+
+
+def client():
+    spec = importlib.util.spec_from_file_location("serve_example", ROOT / "examples" / "serve.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def rows(n: int, seed: int) -> pa.Table:
+    """Lists of 0..30 ids (max_len is 20: some clipped), a few null and empty ones."""
+    t = make_rows(n, np.random.default_rng(seed), max_hist=30)
+    hist = t.column("hist_item_ids").to_pylist()
+    hist[0], hist[min(1, n - 1)] = [], None
+    return t.set_column(2, "hist_item_ids", pa.array(hist, pa.list_(pa.int64())))
+
+
+@pytest.mark.parametrize("pooling", ["din", "mha", "mean"])
+def test_program_equals_score_at_b1_empty_histories_and_clipped_lists(tmp_path, pooling):
+    cfg = load_config(["--config", "configs/sequences.toml"])
+    cfg.features.sequence[0].pooling = pooling
+    model = build_unsharded(cfg).eval()
+    path = tmp_path / "model.pt"
+    torch.save({"format": FORMAT, "config": to_dict(cfg), "state_dict": model.state_dict()}, path)
+    table = rows(48, seed=1)
+    assert max(len(h or []) for h in table.column("hist_item_ids").to_pylist()) > 20
+    pq.write_table(table, tmp_path / "rows.parquet")
+    assert score(path, str(tmp_path / "rows.parquet"), tmp_path / "preds.parquet", [], 16) == 48
+    scored = pq.read_table(tmp_path / "preds.parquet")
+    expected = torch.stack(
+        [torch.tensor(scored[f"pred_{t.name}"].to_numpy()) for t in cfg.tasks], 1
+    )
+
+    program = export_program(cfg, build_served(cfg, model)).module()
+    meta = metadata(cfg, "fp32", "eager")
+    assert meta["inputs"][-1] == "offsets/hist" and meta["sequences"][0]["max_len"] == 20
+    serve = client()
+    batch = table.to_batches()[0]
+    whole = serve.inputs(meta, batch)  # whole lists, as a client sends them
+    assert int(whole[2][-1][-1]) == sum(len(h or []) for h in batch["hist_item_ids"].to_pylist())
+    torch.testing.assert_close(program(*whole), expected, rtol=1e-5, atol=1e-6)
+    for i in (0, 1, 5):  # B = 1: an empty, a null and a long history
+        one = serve.inputs(meta, batch.slice(i, 1))
+        torch.testing.assert_close(program(*one), expected[i : i + 1], rtol=1e-5, atol=1e-6)
+    # every history empty
+    empty = serve.inputs(meta, batch.slice(0, 1))
+    empty_all = batch.set_column(
+        2, "hist_item_ids", pa.array([[]] * batch.num_rows, pa.list_(pa.int64()))
+    )
+    pq.write_table(pa.Table.from_batches([empty_all]), tmp_path / "empty.parquet")
+    score(path, str(tmp_path / "empty.parquet"), tmp_path / "empty_preds.parquet", [], 16)
+    got = program(*serve.inputs(meta, empty_all))
+    want = pq.read_table(tmp_path / "empty_preds.parquet")
+    for j, t in enumerate(cfg.tasks):
+        np.testing.assert_allclose(got[:, j].numpy(), want[f"pred_{t.name}"].to_numpy(), 1e-5, 1e-6)
+    assert empty[2][-1].tolist() == [0, 0]
+
+
+def test_examples_serve_scores_a_package_from_list_columns(tmp_path):
+    from mtl_dist.serve.package import write_package
+
+    cfg = load_config(["--config", "configs/sequences.toml"])
+    model = build_unsharded(cfg).eval()
+    program = export_program(cfg, build_served(cfg, model))
+    with open(tmp_path / "m.pt2", "wb") as fh:
+        write_package(fh, program, metadata(cfg, "fp32", "eager"), False, {})
+    pq.write_table(rows(40, seed=2), tmp_path / "rows.parquet")
+    client().main(
+        str(tmp_path / "m.pt2"), str(tmp_path / "rows.parquet"), str(tmp_path / "p.parquet")
+    )
+    path = tmp_path / "model.pt"
+    torch.save({"format": FORMAT, "config": to_dict(cfg), "state_dict": model.state_dict()}, path)
+    score(path, str(tmp_path / "rows.parquet"), tmp_path / "s.parquet", [], 16)
+    a, b = pq.read_table(tmp_path / "p.parquet"), pq.read_table(tmp_path / "s.parquet")
+    for t in cfg.tasks:
+        np.testing.assert_allclose(
+            a[f"pred_{t.name}"].to_numpy(), b[f"pred_{t.name}"].to_numpy(), 1e-5, 1e-6
+        )
+
+
+@pytest.mark.parametrize("pooling", ["din", "mha", "din_per_task"])
+def test_program_with_a_side_column_equals_score(tmp_path, pooling):
+    """A side column (and, din_per_task, each task its own query): the program equals score."""
+    from tests.models.test_sequence import side_cfg
+
+    cfg = side_cfg(pooling.removesuffix("_per_task"))
+    cfg.features.sequence[0].per_task = pooling.endswith("_per_task")
+    model = build_unsharded(cfg).eval()
+    path = tmp_path / "model.pt"
+    torch.save({"format": FORMAT, "config": to_dict(cfg), "state_dict": model.state_dict()}, path)
+    table = make_rows(40, np.random.default_rng(5), max_hist=30)
+    pq.write_table(table, tmp_path / "rows.parquet")
+    score(path, str(tmp_path / "rows.parquet"), tmp_path / "preds.parquet", [], 16)
+    scored = pq.read_table(tmp_path / "preds.parquet")
+    meta = metadata(cfg, "fp32", "eager")
+    assert [q["input"] for q in meta["sequences"]] == ["hist", "hist/hist_category_ids"]
+    program = export_program(cfg, build_served(cfg, model)).module()
+    serve = client()
+    got = program(*serve.inputs(meta, table.to_batches()[0]))
+    for j, t in enumerate(cfg.tasks):
+        np.testing.assert_allclose(
+            got[:, j].numpy(), scored[f"pred_{t.name}"].to_numpy(), 1e-5, 1e-6
+        )
+    one = program(*serve.inputs(meta, table.to_batches()[0].slice(3, 1)))
+    torch.testing.assert_close(one, got[3:4], rtol=1e-5, atol=1e-6)
+    bad = table.set_column(
+        table.schema.get_field_index("hist_category_ids"), "hist_category_ids",
+        pa.array([[1]] * 40, pa.list_(pa.int64())),
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="lists not as long as 'hist_item_ids'"):
+        serve.inputs(meta, bad.to_batches()[0])
