@@ -48,3 +48,15 @@ def check_choices(*items: tuple[str, str, tuple[str, ...]]) -> None:
             raise ConfigError(
                 f"{label} must be {one_of(allowed)}, got {value!r}" + suggest(value, allowed)
             )
+
+
+def claim_name(names: set[str], name: str, where: str) -> None:
+    """A feature's ``name``: required, and not one already in ``names`` (added to them).
+
+    Raises:
+        ConfigError: naming ``where`` (e.g. ``features.sparse[2] (user_id)``)."""
+    if not name:
+        raise ConfigError(f"{where}: 'name' is required")
+    if name in names:
+        raise ConfigError(f"{where}: duplicate feature name")
+    names.add(name)

@@ -13,7 +13,7 @@ import functools
 import typing
 from typing import Any
 
-from mtl_dist.config.base import ConfigError, check_choices, one_of, suggest
+from mtl_dist.config.base import ConfigError, check_choices, claim_name, one_of, suggest
 from mtl_dist.config.data import (
     COLLISIONS,
     DENSE_NANS,
@@ -125,11 +125,7 @@ def check_features(cfg: JobConfig) -> None:
     names = set()
     for i, f in enumerate(cfg.features.sparse):
         where = f"features.sparse[{i}] ({f.name or '?'})"
-        if not f.name:
-            raise ConfigError(f"{where}: 'name' is required")
-        if f.name in names:
-            raise ConfigError(f"{where}: duplicate feature name")
-        names.add(f.name)
+        claim_name(names, f.name, where)
         if f.num_rows <= 0:
             raise ConfigError(f"{where}: set vocab_size or hash_buckets > 0")
         if f.embedding_dim <= 0:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mtl_dist.config.base import ConfigError, suggest
+from mtl_dist.config.base import ConfigError, claim_name, suggest
 from mtl_dist.config.data import MAX_SEQUENCE_LEN, SequenceFeature
 
 EC_TYPES = ("table_wise", "column_wise", "row_wise")  # the EC's (distributed/sharding.py)
@@ -55,11 +55,7 @@ def check_sequences(cfg) -> None:
     names = {f.name for f in sparse}
     for i, s in enumerate(cfg.features.sequence):
         where = f"features.sequence[{i}] ({s.name or '?'})"
-        if not s.name:
-            raise ConfigError(f"{where}: 'name' is required")
-        if s.name in names:
-            raise ConfigError(f"{where}: duplicate feature name")
-        names.add(s.name)
+        claim_name(names, s.name, where)
         if len(s.side_columns) != len(s.side_tables):
             raise ConfigError(
                 f"{where}: side_columns {s.side_columns} and side_tables {s.side_tables} pair "
