@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from mtl_dist.config import ConfigError, load_config, task_parents
+from mtl_dist.models.build import build_head
 from mtl_dist.models.dependent import DependentTowers
 from mtl_dist.models.heads import MoE, SharedBottom
-from mtl_dist.models.build import build_head
 
 
 def _set(towers: DependentTowers) -> None:

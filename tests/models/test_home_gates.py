@@ -4,11 +4,11 @@ import pytest
 import torch
 
 from mtl_dist.config import ConfigError, load_config
+from mtl_dist.models.build import build_ranker
 from mtl_dist.models.experts import ExpertStyle, StackedMLP, fused_first_layer
 from mtl_dist.models.gates import GateConfig
 from mtl_dist.models.heads import PLE, STEM, MoE
 from mtl_dist.models.ple import MixedExperts
-from mtl_dist.models.build import build_ranker
 
 
 def test_feature_gate_starts_as_identity_then_scales_each_group_by_hand():

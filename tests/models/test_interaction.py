@@ -16,6 +16,7 @@ from mtl_dist.config import (
     TowerConfig,
     load_config,
 )
+from mtl_dist.models.build import build_head
 from mtl_dist.models.interaction import (
     DotInteraction,
     FeatureDropout,
@@ -23,7 +24,6 @@ from mtl_dist.models.interaction import (
     FMInteraction,
     build_interaction,
 )
-from mtl_dist.models.build import build_head
 
 # 2 features of width 2, then 1 dense value; batch 3
 X = torch.tensor(

@@ -10,10 +10,10 @@ import torch
 from mtl_dist.config import LossConfig
 from mtl_dist.data.batch import ArrowBatchConverter
 from mtl_dist.loop.losses import ModelWithLoss
+from mtl_dist.models.build import build_ranker
 from mtl_dist.models.heads import MoE, SharedBottom
 from mtl_dist.models.outputs import NO_PROBES, HeadOutput, Probes, RankerOutput
 from mtl_dist.models.ple import PLE, STEM, MixedExperts
-from mtl_dist.models.build import build_ranker
 from tests.models.test_ranker import random_table, small_cfg
 
 ALL = Probes(gates=True, dead_units=True, shared=True, head_input=True)

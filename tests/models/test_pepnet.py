@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from mtl_dist.config import ConfigError, load_config
-from mtl_dist.models.pepnet import GateNU, PEPNet
 from mtl_dist.models.build import build_ranker, input_columns
+from mtl_dist.models.pepnet import GateNU, PEPNet
 
 
 def _randomise(module: torch.nn.Module) -> None:

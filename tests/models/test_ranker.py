@@ -7,8 +7,8 @@ from mtl_dist.config import load_config
 from mtl_dist.data.batch import ArrowBatchConverter
 from mtl_dist.loop.losses import ModelWithLoss, task_losses
 from mtl_dist.loop.step import TrainStep
-from mtl_dist.models.outputs import Probes
 from mtl_dist.models.build import build_ranker
+from mtl_dist.models.outputs import Probes
 
 
 def small_cfg():
