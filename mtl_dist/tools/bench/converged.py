@@ -1,7 +1,8 @@
 """Quality once every system has converged: ours and the peers each trained to their best by
 one rule, on a validation split that is not the test split (issue 30).
 
-``python -m mtl_dist.tools.bench.converged`` (defaults: the peers' workload, 1M train rows,
+``python -m mtl_dist.tools.bench.converged`` (defaults: the peers' workload (``--workload
+interactions``: pairwise feature products in the logits), 1M train rows,
 100k validation + 100k test rows, 3 seeds, up to 8 epochs, patience 2):
 
 * the workload is generated once (``mtl-datagen --workload peers``, seed 0); its validation
@@ -162,8 +163,8 @@ def markdown(result: dict) -> str:
     """The table: per system, the best epoch's test AUC and the first epoch's, per task."""
     head = [f"{t} AUC (best epoch)" for t in TASKS] + [f"{t} AUC (epoch 1)" for t in TASKS]
     lines = [
-        f"{result['cpu']}; {result['train_rows']:,} train rows, validation "
-        f"{result['files'][0]}, test {result['files'][1]}; up to {result['max_epochs']} epochs, "
+        f"{result['cpu']}; {result['workload']} workload, {result['train_rows']:,} train rows, "
+        f"validation {result['files'][0]}, test {result['files'][1]}; up to {result['max_epochs']} epochs, "
         f"patience {result['patience']}, {result['seeds']} seeds; oracle test AUC "
         + ", ".join(f"{t} {v:.4f}" for t, v in result["oracle_auc"].items()),
         "",
@@ -184,6 +185,8 @@ def markdown(result: dict) -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m mtl_dist.tools.bench.converged",
                                 description=__doc__.splitlines()[0])  # fmt: skip
+    p.add_argument("--workload", choices=("peers", "interactions"), default="peers",
+                   help="mtl-datagen --workload (both have the peers' columns)")  # fmt: skip
     p.add_argument("--rows", type=int, default=1_000_000, help="training rows")
     p.add_argument("--test-rows", type=int, default=200_000, help="validation + test rows")
     p.add_argument("--data-root", default="data/bench")
@@ -207,7 +210,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     a = parse_args(argv)
-    data, meta = dataset(a.data_root, a.rows, a.test_rows, 0)
+    data, meta = dataset(a.data_root, a.rows, a.test_rows, 0, a.workload)
     files = split_files(meta)
     installed = peers_installed()
     peers = [p for p in (PEERS if a.peers == "auto" else a.peers.split(",")) if p and p != "none"]
@@ -236,7 +239,8 @@ def report(a: argparse.Namespace, files: tuple[str, str], data: str, runs: dict[
            options: dict[str, str], peers: list[str]) -> dict:  # fmt: skip
     """The result of the runs so far, written as ``converged.json`` / ``converged.md``."""
     systems = {name: summarize(rs) for name, rs in runs.items()}
-    result = {"cpu": cpu_line(), "train_rows": a.rows, "files": files, "max_epochs": a.max_epochs,
+    result = {"cpu": cpu_line(), "workload": a.workload, "train_rows": a.rows, "files": files,
+              "max_epochs": a.max_epochs,
               "patience": a.patience, "seeds": a.seeds,
               "oracle_auc": oracle_aucs(os.path.join(data, files[1])),
               "systems": systems, "runs": runs}  # fmt: skip
