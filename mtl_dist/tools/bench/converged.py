@@ -115,6 +115,7 @@ def peer_to_best(system: str, data: str, files: tuple[str, str], seed: int,
     history = [h["val_auc"][TASKS[0]] for h in r["history"]]
     return {"epochs": r["epochs"], "best_epoch": r["best_epoch"], "val_auc_history": history,
             "test_auc_history": [h["test_auc"] for h in r["history"]],
+            "version": r["version"],
             "auc": r["auc"], "first_epoch_auc": r["first_epoch_auc"],
             "samples_per_s": r["samples_per_s"]}  # fmt: skip
 
