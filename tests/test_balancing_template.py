@@ -261,7 +261,9 @@ def test_weights_and_losses_as_before_the_template(name):
     assert name in EXPECTED, f"no numbers pinned for {name}"
     got = trace(name)
     for step, (row, want) in enumerate(zip(got, EXPECTED[name], strict=True)):
-        assert row == pytest.approx(want, rel=1e-6, abs=1e-7), (name, step)
+        # fp32 on another CPU (AVX-512 without AMX, another reduction order) drifts ~2e-6
+        # relative over the steps; a change of the method moves these by far more than 1e-5
+        assert row == pytest.approx(want, rel=1e-5, abs=1e-6), (name, step)
 
 
 if __name__ == "__main__":  # print the numbers to pin
