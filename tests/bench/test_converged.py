@@ -39,6 +39,15 @@ def test_train_to_best_runs_every_epoch_while_it_improves():
     assert best == 3 and len(history) == 3
 
 
+def test_converged_only_when_the_patience_rule_ended_the_run():
+    run = {"auc": dict.fromkeys(TASKS, 0.7), "first_epoch_auc": dict.fromkeys(TASKS, 0.7),
+           "samples_per_s": 1.0}  # fmt: skip
+    stopped = [{**run, "epochs": 4, "best_epoch": 2}]
+    out_of_epochs = [{**run, "epochs": 6, "best_epoch": 5}]  # best near the end: not done
+    assert converged.summarize(stopped, patience=2)["converged"]
+    assert not converged.summarize(out_of_epochs, patience=2)["converged"]
+
+
 def test_leads_need_a_gap_beyond_both_stds():
     ours = {"auc": {"click": (0.760, 0.002), "purchase": (0.800, 0.010)}}
     peer = {"auc": {"click": (0.750, 0.003), "purchase": (0.795, 0.001)}}

@@ -20,8 +20,8 @@ interactions``: pairwise feature products in the logits), 1M train rows,
 * ``--seeds`` training seeds (the data stay fixed): AUC mean ± std per task over seeds; ours
   leads a peer on a task only when the difference exceeds both stds.
 
-A system *converged* when early stopping ended it (its best epoch is before its last); one that
-ran all ``--max-epochs`` is marked "still improving". Writes ``converged.md`` and
+A system *converged* when early stopping ended it (``--patience`` epochs after its best); one
+that ran out of ``--max-epochs`` first is marked "still improving". Writes ``converged.md`` and
 ``converged.json`` under ``--out``, rewritten after every run (an interrupted benchmark keeps
 what it finished; ``--resume`` skips the runs ``converged.json`` already holds). Nothing here
 asserts a figure.
@@ -127,12 +127,13 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def summarize(runs: list[dict]) -> dict:
+def summarize(runs: list[dict], patience: int) -> dict:
     """One system's runs (one per seed) → AUC mean ± std per task (best and first epoch),
-    epochs, whether every run converged, mean samples/s."""
+    epochs, whether every run converged (the patience rule ended it: ``patience`` epochs after
+    its best, not ``--max-epochs``), mean samples/s."""
     out = {"seeds": len(runs), "epochs": [r["epochs"] for r in runs],
            "best_epoch": [r["best_epoch"] for r in runs],
-           "converged": all(r["best_epoch"] < r["epochs"] for r in runs),
+           "converged": all(r["epochs"] - r["best_epoch"] >= patience for r in runs),
            "samples_per_s": statistics.fmean(r["samples_per_s"] for r in runs)}  # fmt: skip
     for key in ("auc", "first_epoch_auc"):
         out[key] = {t: mean_std([r[key][t] for r in runs]) for t in TASKS}
@@ -239,7 +240,7 @@ def main(argv: list[str] | None = None) -> dict:
 def report(a: argparse.Namespace, files: tuple[str, str], data: str, runs: dict[str, list[dict]],
            options: dict[str, str], peers: list[str]) -> dict:  # fmt: skip
     """The result of the runs so far, written as ``converged.json`` / ``converged.md``."""
-    systems = {name: summarize(rs) for name, rs in runs.items()}
+    systems = {name: summarize(rs, a.patience) for name, rs in runs.items()}
     result = {"cpu": cpu_line(), "workload": a.workload, "train_rows": a.rows, "files": files,
               "max_epochs": a.max_epochs,
               "patience": a.patience, "seeds": a.seeds,
