@@ -43,11 +43,19 @@ def train(data, cfg, out, env=None, ok=True, extra=()):
     return (json.loads((out / "metrics.json").read_text()) if ok else None), proc
 
 
-def test_admission_resumes_exactly_and_exports_its_counts(data, tmp_path):
+def exported(run):
+    """The run's latest checkpoint exported and loaded back (the model with its id counts)."""
     from mtl_dist.checkpoint.store import latest_target
+    from mtl_dist.serve.export import export_checkpoint, load_exported
+
+    root = run / "checkpoints"
+    export_checkpoint(root / latest_target(root), run / "model.pt")
+    return load_exported(run / "model.pt")[1]
+
+
+def test_admission_resumes_exactly_and_exports_its_counts(data, tmp_path):
     from mtl_dist.config import load_config
     from mtl_dist.data.admission import count_training_ids
-    from mtl_dist.serve.export import export_checkpoint, load_exported
 
     cfg = _config(tmp_path / "admit.toml")
     full, _ = train(data, cfg, tmp_path / "full")
@@ -56,11 +64,6 @@ def test_admission_resumes_exactly_and_exports_its_counts(data, tmp_path):
     resumed, proc = train(data, cfg, cut)
     assert "step_00000020 at step 20" in proc.stdout
     assert resumed["metrics"] == full["metrics"]
-
-    def exported(run):
-        root = run / "checkpoints"
-        export_checkpoint(root / latest_target(root), run / "model.pt")
-        return load_exported(run / "model.pt")[1]
 
     a, b = exported(tmp_path / "full"), exported(cut)
     sa, sb = a.state_dict(), b.state_dict()
@@ -80,8 +83,6 @@ def test_l2_frequency_resumes_exactly_and_carries_its_counts(data, tmp_path):
     """``model.embedding.l2_frequency`` on 2 ranks (through the sparse-dist pipeline): a run
     killed mid-epoch resumes to the uninterrupted run's metrics and parameters; the exported
     model holds every feature's counts and its mean count; the run differs from plain L2."""
-    from mtl_dist.checkpoint.store import latest_target
-    from mtl_dist.serve.export import export_checkpoint, load_exported
 
     cfg = ROOT / "configs" / "default.toml"
     extra = ["--model.embedding.l2", "1e-3", "--model.embedding.l2_frequency", "true"]
@@ -93,11 +94,6 @@ def test_l2_frequency_resumes_exactly_and_carries_its_counts(data, tmp_path):
     assert resumed["metrics"] == full["metrics"]
     plain, _ = train(data, cfg, tmp_path / "plain", extra=extra[:2])
     assert plain["metrics"] != full["metrics"]
-
-    def exported(run):
-        root = run / "checkpoints"
-        export_checkpoint(root / latest_target(root), run / "model.pt")
-        return load_exported(run / "model.pt")[1]
 
     a, b = exported(tmp_path / "full"), exported(cut)
     sa, sb = a.state_dict(), b.state_dict()
