@@ -25,7 +25,9 @@ from mtl_dist.models.dependent import DependentTowers
 from mtl_dist.models.experts import ExpertStyle
 from mtl_dist.models.funnel import AITM
 from mtl_dist.models.gates import GateConfig
+from mtl_dist.models.head_parts import Probe
 from mtl_dist.models.heads import PLE, MoE, SharedBottom
+from mtl_dist.models.outputs import NO_PROBES
 from mtl_dist.models.pepnet import PEPNet
 from mtl_dist.models.ple import MixedExperts
 from mtl_dist.models.precision import Precision, resolve_precision, set_head_precision
@@ -247,7 +249,8 @@ def main(argv: list[str] | None = None) -> None:
     with torch.no_grad():
         weights, _ = sparse.gates(x)
     selected = (weights > 0).any(1)
-    fns["top-2 experts"] = lambda: sparse._sparse_mix(x, weights, selected).sum().backward()
+    probe = Probe(NO_PROBES, training=True)
+    fns["top-2 experts"] = lambda: sparse._sparse_mix(x, weights, selected, probe).sum().backward()
 
     secs = interleaved(fns, device, a.reps, a.rounds)
     mm_rate = 2 * n**3 / secs["matmul"] / 1e9
