@@ -156,6 +156,7 @@ def _in(head: nn.Module, precision: Precision, step: Callable[[], None]) -> Call
 def build_heads(D: int, names: list[str], E: int, hidden: list[int]) -> dict[str, nn.Module]:
     """Every head timed, by its row label: the loop MMoE baseline first."""
     T = len(names)
+    dom, prior = max(1, D // 16), max(2, D // 4)  # 16 domain, 48 prior columns at D = 256
     return {
         "loop MMoE (baseline)": LoopMMoE(D, T, E, hidden, [64]),
         "mmoe": MoE(D, names, E, hidden, [64]),
@@ -179,8 +180,8 @@ def build_heads(D: int, names: list[str], E: int, hidden: list[int]) -> dict[str
             [64],
             towers=DependentTowers(T, hidden[-1], [64], [32], {t: [t - 1] for t in range(1, T)}),
         ),  # fmt: skip
-        "pepnet (16 domain, 48 prior cols)": PEPNet(
-            D, names, list(range(16)), list(range(16, 64)), [64]
+        f"pepnet ({dom} domain, {prior - dom} prior cols)": PEPNet(
+            D, names, list(range(dom)), list(range(dom, prior)), [64]
         ),
         "ple + HoME feature (r 8) / self gates": PLE(
             D,
