@@ -27,14 +27,15 @@ def test_bench_heads_every_head_timed(capsys):
     assert "GFLOP/s" in out and "top-2 of 4" in out and "nan" not in out.lower()
 
 
-def test_bench_ops_before_and_now(capsys):
+def test_bench_ops_every_head_before_and_now(capsys):
     ops.main(
-        ["--heads", "mmoe,ple", "--precisions", "fp32", "--batch", "64", "--in-dim", "16"]
-        + ["--experts", "2", "--hidden", "16,8", "--rounds", "1"]
+        ["--heads", ",".join(ops.HEADS), "--precisions", "fp32", "--batch", "64"]
+        + ["--in-dim", "16", "--experts", "4", "--hidden", "16,8", "--rounds", "1"]
     )
     out = capsys.readouterr().out
-    for head in ("mmoe", "ple"):
-        row = next(line for line in out.splitlines() if line.strip().startswith(f"{head} fp32"))
-        before, now, ratio = numbers(row)[-3:]
+    for head in ops.HEADS:
+        rows = [line.split() for line in out.splitlines() if line.split()[:2] == [head, "fp32"]]
+        assert len(rows) == 1 and len(rows[0]) == 5, f"no before / now row for {head}"
+        before, now, ratio = numbers(" ".join(rows[0][2:]))
         assert before > 0 and now > 0 and math.isfinite(ratio)
     assert "matmul" in out and "nan" not in out.lower()

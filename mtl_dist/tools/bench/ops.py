@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> None:
     for k in steps:
         before, now = secs[f"{k} before"], secs[f"{k} now"]
         print(
-            f"  {k[0]:<6}{k[1]:<6}{a.batch / before:>12,.0f}{a.batch / now:>12,.0f}{before / now:>8.2f}x"
+            f"  {k[0]:<14}{k[1]:<6}{a.batch / before:>12,.0f}{a.batch / now:>12,.0f}{before / now:>8.2f}x"
         )
     for k, step in steps.items():
         print_table(f"{k[0]} {k[1]}", op_profile(step), op_profile(_variant(step, True)))
