@@ -130,3 +130,18 @@ def test_program_with_a_side_column_equals_score(tmp_path, pooling):
     )  # fmt: skip
     with pytest.raises(ValueError, match="lists not as long as 'hist_item_ids'"):
         serve.inputs(meta, bad.to_batches()[0])
+
+
+def test_score_reads_float_side_columns_and_export_refuses_them_by_name(tmp_path):
+    """mtl_dist.score reads hist_age_s from Parquet as training does; the .pt2 program does
+    not take float lists yet, so building it fails naming the sequence, not silently."""
+    cfg = load_config(["--config", "configs/sequences_recency.toml"])
+    model = build_unsharded(cfg).eval()
+    path = tmp_path / "model.pt"
+    torch.save({"format": FORMAT, "config": to_dict(cfg), "state_dict": model.state_dict()}, path)
+    pq.write_table(make_rows(24, np.random.default_rng(2)), tmp_path / "rows.parquet")
+    assert score(path, str(tmp_path / "rows.parquet"), tmp_path / "preds.parquet", [], 8) == 24
+    scored = pq.read_table(tmp_path / "preds.parquet")
+    assert np.isfinite(scored["pred_recent"].to_numpy()).all()
+    with pytest.raises(ValueError, match=r"sequences \['hist'\]: float_side_columns are not"):
+        build_served(cfg, model)

@@ -136,6 +136,8 @@ SequencePooling = Literal["din", "mha", "mean"]
 SEQUENCE_POOLINGS = get_args(SequencePooling)
 OnNull = Literal["empty", "error"]
 ON_NULLS = get_args(OnNull)
+FloatTransform = Literal["log1p", "none"]
+FLOAT_TRANSFORMS = get_args(FloatTransform)
 MAX_SEQUENCE_LEN = 4096
 
 
@@ -183,6 +185,21 @@ class SequenceFeature:
         [],
         "the [[features.sparse]] table of each side column (its one feature, e.g. the "
         "candidate's category_id, extends the query)",
+    )
+    float_side_columns: list[str] = opt(
+        [],
+        "aligned list<float> columns, one value per event as in column (e.g. seconds since "
+        "the event); projected to the keys' width and added to each past item's key",
+    )
+    float_transform: FloatTransform = opt(
+        "log1p",
+        "applied to every float side value before the projection: "
+        + one_of(
+            FLOAT_TRANSFORMS,
+            log1p="(log(1 + x), for values >= 0 such as seconds; a negative value names file, "
+            "column, row)",
+            none="(as stored)",
+        ),
     )
     per_task: bool = opt(
         False,

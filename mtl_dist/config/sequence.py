@@ -68,6 +68,7 @@ def check_sequences(cfg) -> None:
             )
         for part in sequence_parts(s, sparse):
             _check_part(cfg, where, s, part)
+        _check_floats(where, s)
         if not 1 <= s.max_len <= MAX_SEQUENCE_LEN:
             raise ConfigError(
                 f"{where}: max_len = {s.max_len}: must lie in [1, {MAX_SEQUENCE_LEN}]"
@@ -87,6 +88,32 @@ def check_sequences(cfg) -> None:
                 f"{where}: sharding.force = {cfg.sharding.force!r}, but the sequences' "
                 f"EmbeddingCollection shards {' | '.join(EC_TYPES)} only"
             )
+
+
+def _check_floats(where: str, s: SequenceFeature) -> None:
+    """``float_side_columns``: each named once, none an id column of ``s``, under a policy
+    that keeps them aligned with the ids (not ``invalid_ids = 'drop'``).
+
+    Raises:
+        ConfigError: naming ``where`` and the column."""
+    seen: set[str] = set()
+    ids = [s.source, *s.side_columns]
+    for col in s.float_side_columns:
+        if not col:
+            raise ConfigError(f"{where}: float_side_columns: an empty column name")
+        if col in seen:
+            raise ConfigError(f"{where}: float_side_columns: {col!r} is listed twice")
+        if col in ids:
+            raise ConfigError(
+                f"{where}: float_side_columns: {col!r} is also an id column of the sequence "
+                f"(column / side_columns: {ids})"
+            )
+        seen.add(col)
+    if s.float_side_columns and s.invalid_ids == "drop":
+        raise ConfigError(
+            f"{where}: invalid_ids = 'drop' would misalign float_side_columns with column; use "
+            "'error' | 'clip' | 'hash'"
+        )
 
 
 def _check_part(cfg, where: str, s: SequenceFeature, part: SequencePart) -> None:

@@ -9,6 +9,9 @@ Shapes (legend: B batch, Dd dense features, T tasks)::
                     the label counts, 0 for missing / invalid / unconditioned labels and padding
     truth   [B, T]  float32, the true probability / expected value where the data has it, else NaN
     group   [B]     int64, the GAUC group id (``train.gauc_by``), else 0
+    floats  [B, W]  float32, the sequences' float side columns (``float_side_columns``), each
+                    sequence's block ``L · C`` wide (position-major, left-aligned as its ids,
+                    0 on padding), in config order; None when no sequence has any
 
 :class:`ArrowBatchConverter` turns a ``pyarrow.Table`` of B rows into a :class:`Batch`, checking
 ids against the schema so bad data fails with the column named.
@@ -30,7 +33,7 @@ from mtl_dist.config.sequence import sequence_parts
 from mtl_dist.data.admission import admit
 from mtl_dist.data.ids import sparse_ids
 from mtl_dist.data.schema import check_schema
-from mtl_dist.data.sequence import aligned_ids
+from mtl_dist.data.sequence import aligned_floats, aligned_ids
 
 
 @dataclass
@@ -48,6 +51,7 @@ class Batch(Pipelineable):
     truth: torch.Tensor
     group: torch.Tensor
     position: tuple[int, int] = field(default=(0, 0))
+    floats: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -63,6 +67,7 @@ class Batch(Pipelineable):
             truth=fn(self.truth),
             group=fn(self.group),
             position=self.position,
+            floats=fn(self.floats) if self.floats is not None else None,
         )
 
     def to(self, device: torch.device, non_blocking: bool = False) -> Batch:
@@ -71,6 +76,8 @@ class Batch(Pipelineable):
     def record_stream(self, stream: torch.Stream) -> None:
         for t in (self.dense, self.sparse, self.labels, self.mask, self.truth, self.group):
             t.record_stream(stream)
+        if self.floats is not None:
+            self.floats.record_stream(stream)
 
     def pin_memory(self) -> Batch:
         return self._map(lambda t: t.pin_memory())
@@ -82,7 +89,8 @@ class Columns:
 
     ``ids[f]`` holds feature f's flat ids and ``offsets[f]`` ``[n + 1]`` indexes into it (row i's
     bag is ``ids[f][offsets[f][i]:offsets[f][i + 1]]``); dense ``[n, Dd]``; labels, mask, truth
-    ``[n, T]``; group ``[n]``. Decoding a chunk of many batches at once pays Arrow's per-call costs once.
+    ``[n, T]``; group ``[n]``; floats ``[n, W]`` (the sequences' float side columns, W = 0
+    without). Decoding a chunk of many batches at once pays Arrow's per-call costs once.
     """
 
     ids: list[np.ndarray]
@@ -92,6 +100,7 @@ class Columns:
     mask: np.ndarray
     truth: np.ndarray
     group: np.ndarray
+    floats: np.ndarray
 
     @property
     def num_rows(self) -> int:
@@ -107,6 +116,7 @@ class Columns:
             self.mask[start:stop],
             self.truth[start:stop],
             self.group[start:stop],
+            self.floats[start:stop],
         )
 
     @staticmethod
@@ -122,7 +132,9 @@ class Columns:
             offsets.append(np.concatenate([[0], np.cumsum(lens, dtype=np.int64)]))
         cat = lambda name: np.concatenate([getattr(p, name) for p in parts])  # noqa: E731
         return Columns(
-            ids, offsets, cat("dense"), cat("labels"), cat("mask"), cat("truth"), cat("group")
+            ids,
+            offsets,
+            *(cat(name) for name in ("dense", "labels", "mask", "truth", "group", "floats")),
         )
 
 
@@ -187,6 +199,7 @@ class ArrowBatchConverter:
     def columns(self) -> list[str]:
         """The Parquet columns this converter reads."""
         cols = [f.name for f in self.sparse] + [p.column for ps in self.parts for p in ps]
+        cols += [c for s in self.sequences for c in s.float_side_columns]
         cols += list(self.dense)
         for t in self.tasks:
             cols.append(t.label)
@@ -214,10 +227,13 @@ class ArrowBatchConverter:
             flat, lens = self._ids(f, table.column(f.name))
             ids.append(flat)
             offsets.append(np.concatenate([[0], np.cumsum(lens, dtype=np.int64)]))
+        floats = [np.zeros((n, 0), dtype=np.float32)]
         for s, ps in zip(self.sequences, self.parts):
             for flat, lens in aligned_ids(s, ps, self.tables, table, self.hash_seed):
                 ids.append(flat)
                 offsets.append(np.concatenate([[0], np.cumsum(lens, dtype=np.int64)]))
+            if s.float_side_columns:  # lens: the ids' kept lengths (the last part's equal them)
+                floats.append(aligned_floats(s, table, lens))
         dense = np.zeros((n, len(self.dense)), dtype=np.float32)
         for j, name in enumerate(self.dense):
             dense[:, j] = _numbers(table.column(name), name, 0.0)
@@ -251,7 +267,7 @@ class ArrowBatchConverter:
             if self.group_by
             else np.zeros(n, dtype=np.int64)
         )
-        return Columns(ids, offsets, dense, labels, mask, truth, group)
+        return Columns(ids, offsets, dense, labels, mask, truth, group, np.concatenate(floats, 1))
 
     @staticmethod
     def _labels(task: TaskSpec, col: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
@@ -352,6 +368,7 @@ class ArrowBatchConverter:
             truth=rows(cols.truth, np.nan),
             group=torch.from_numpy(np.pad(cols.group, (0, pad)) if pad else cols.group.copy()),
             position=position,
+            floats=rows(cols.floats, 0.0) if cols.floats.shape[1] else None,
         )
 
     def __call__(

@@ -8,7 +8,7 @@ from typing import Any
 import pyarrow as pa
 
 from mtl_dist.data.ids import is_ids, is_strings
-from mtl_dist.data.sequence import check_type
+from mtl_dist.data.sequence import check_float_type, check_type
 
 
 def check_schema(conv: Any, schema: pa.Schema) -> None:
@@ -34,7 +34,10 @@ def check_schema(conv: Any, schema: pa.Schema) -> None:
     for s, ps in zip(conv.sequences, conv.parts):
         for c in (p.column for p in ps if p.column in schema.names):
             check_type(s, schema.field(c).type, c)
+        for c in (c for c in s.float_side_columns if c in schema.names):
+            check_float_type(s, schema.field(c).type, c)
     lists = {p.column for ps in conv.parts for p in ps} | set(conv.keys)
+    lists |= {c for s in conv.sequences for c in s.float_side_columns}
     numeric = [c for c in conv.columns if c not in lists and c in schema.names]
     for name in numeric:
         tp = schema.field(name).type

@@ -124,6 +124,83 @@ def aligned_ids(
     return out
 
 
+def check_float_type(s: SequenceFeature, tp: pa.DataType, column: str) -> None:
+    """Raise ``ValueError`` naming the column unless ``tp`` is a list of floats or integers."""
+    if not (pa.types.is_list(tp) or pa.types.is_large_list(tp)) or not (
+        pa.types.is_floating(tp.value_type) or pa.types.is_integer(tp.value_type)
+    ):
+        raise ValueError(
+            f"column '{column}' (float side column of sequence {s.name}): expected a list of "
+            f"floats, got {tp}"
+        )
+
+
+def aligned_floats(s: SequenceFeature, table: pa.Table, lengths: np.ndarray) -> np.ndarray:
+    """``s``'s ``float_side_columns`` as ``[n, L · C]`` float32 (``L = max_len``, ``C`` the
+    columns; position-major: row i's value of column c at kept position j is at ``j · C + c``),
+    each row's last ``max_len`` values left-aligned as the ids are (oldest kept first), zeros
+    after its length. Values are stored as read (``float_transform`` applies in the model).
+
+    Args:
+        lengths: ``[n]`` the ids' kept lengths (after :func:`aligned_ids`).
+
+    Raises:
+        RowError: naming the float column and the first bad row: a null list (unless the ids'
+            list is null too and ``on_null = "empty"``), a null, NaN or infinite value, a value
+            below 0 under ``float_transform = "log1p"``, a length other than the ids', or an id
+            list that lost a null id to ``clip`` / ``hash`` (the values would misalign).
+        ValueError: a column is not a list of numbers.
+    """
+    n, L, C = table.num_rows, s.max_len, len(s.float_side_columns)
+    out = np.zeros((n, L, C), dtype=np.float32)
+    if not C:
+        return out.reshape(n, 0)
+    ids = table.column(s.source)
+    ids = ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids
+    base = _lengths(ids)
+    ids_null = ~ids.is_valid().to_numpy(zero_copy_only=False)
+    lost = np.flatnonzero(np.minimum(base, L) != lengths)
+    for c, name in enumerate(s.float_side_columns):
+        arr = table.column(name)
+        arr = arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
+        check_float_type(s, arr.type, name)
+        null = ~arr.is_valid().to_numpy(zero_copy_only=False)
+        bad = np.flatnonzero(null & ~(ids_null & (s.on_null == "empty")))
+        if bad.size:
+            raise RowError(name, int(bad[0]), f"null list ({bad.size} rows; write [])")
+        lens = _lengths(arr)
+        bad = np.flatnonzero(lens != base)
+        if bad.size:
+            r = int(bad[0])
+            raise RowError(
+                name,
+                r,
+                f"{lens[r]} values where '{s.source}' has {base[r]} (float side columns align "
+                f"with it, one value per event; {bad.size} rows differ in this read)",
+            )
+        if lost.size:
+            raise RowError(
+                name, int(lost[0]), f"a null id inside '{s.source}' would misalign the values"
+            )
+        flat = arr.flatten()
+        values = pc.fill_null(flat, np.nan).to_numpy(zero_copy_only=False).astype(np.float64)
+        wrong = ~np.isfinite(values) | ~np.isfinite(values.astype(np.float32))
+        what = "a null, NaN or infinite value (or beyond float32)"
+        if s.float_transform == "log1p":
+            wrong |= values < 0
+            what = "a null, NaN, infinite or negative value (float_transform = 'log1p')"
+        if wrong.any():
+            at = int(np.flatnonzero(wrong)[0])
+            row = int(np.searchsorted(np.cumsum(lens), at, side="right"))
+            raise RowError(name, row, f"{what}: {flat[at].as_py()!r}")
+        kept, kept_lens = keep_last(values.astype(np.float32), lens, L)
+        pos = np.arange(int(kept_lens.sum())) - np.repeat(
+            np.cumsum(kept_lens) - kept_lens, kept_lens
+        )
+        out[np.repeat(np.arange(n), kept_lens), pos, c] = kept
+    return out.reshape(n, L * C)
+
+
 def _lengths(col: pa.ChunkedArray) -> np.ndarray:
     arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
     return pc.fill_null(pc.list_value_length(arr), 0).to_numpy()

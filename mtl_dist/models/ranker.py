@@ -154,7 +154,7 @@ class Ranker(nn.Module):
             kts.append(self.managed_lookup(batch.sparse))
         pooled = KeyedTensor.regroup(kts, [self.pooled_order])[0] if kts else None  # [B, Σ dims]
         if self.sequences is not None:  # the EC's candidates and pooled sequences, [B, S·D]
-            seq, attention = self.sequences(batch.sparse, self.probes.attention)
+            seq, attention = self.sequences(batch.sparse, self.probes.attention, batch.floats)
             pooled = seq if pooled is None else torch.cat([pooled.float(), seq], dim=1)
         pooled = self.embedding_dropout(pooled.float())  # fp16 tables: fp32 from here
         x = self.grad_gate(torch.cat([pooled, self.dense_norm(batch.dense)], dim=1))  # [B, Din]

@@ -8,10 +8,13 @@ the candidate's embedding over them, pooled to one vector per row that joins the
   dot-product attention (``torch.nn.functional.scaled_dot_product_attention``) with the padding
   mask; an empty history gives 0.
 - :class:`MeanPooling`: the masked mean (the pooled baseline).
+- :class:`FloatSide`: a sequence's float side columns (``[B, L, C]``, e.g. seconds since the
+  event) transformed (``log1p``) and projected to the keys' width, added to the keys.
 - :class:`SequenceLookup`: the EC holding the shared tables (sharded by DMP from outside, like
   the EBC), the candidates' rows taken from it, each sequence padded to ``max_len`` and pooled.
 
-Legend: ``B`` batch, ``L`` max_len, ``D`` the table's embedding width, ``N`` ids in a batch.
+Legend: ``B`` batch, ``L`` max_len, ``D`` the table's embedding width, ``N`` ids in a batch,
+``C`` a sequence's float side columns, ``P`` its id lists (ids and side columns).
 """
 
 from __future__ import annotations
@@ -150,6 +153,30 @@ class PerTaskQueries(nn.Module):
         return pooled, (w.view(T, B, L) if w is not None else None)
 
 
+class FloatSide(nn.Module):
+    """A sequence's float side columns as a key offset: ``values [B, L, C]`` →
+    ``transform(values) W + b`` ``[B, L, D · P]`` (one ``Linear(C, D · P)``), times the mask, so
+    padded positions add 0 and their values get no gradient. Added to the keys (the ids' and
+    side ids' embeddings concatenated) before the pooling; the candidate's query is unchanged.
+
+    Example::
+
+        side = FloatSide(1, 8, "log1p")
+        side(torch.rand(4, 5, 1) * 3600, torch.ones(4, 5, dtype=torch.bool)).shape  # [4, 5, 8]
+    """
+
+    def __init__(self, columns: int, width: int, transform: str = "log1p") -> None:
+        super().__init__()
+        self.transform = transform
+        self.proj = nn.Linear(columns, width)
+
+    def forward(self, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``values [B, L, C]`` (as read: ``float_transform`` applies here), ``mask [B, L]``
+        bool → ``[B, L, width]``."""
+        x = torch.log1p(values) if self.transform == "log1p" else values
+        return self.proj(x) * mask.unsqueeze(-1).to(x.dtype)
+
+
 def build_pooling(s: SequenceFeature, dim: int, tasks: int = 1) -> nn.Module:
     """The pooling ``s.pooling`` names over embeddings of width ``dim``; with ``s.per_task``,
     behind :class:`PerTaskQueries` for ``tasks`` tasks (``mean`` has no query: refused at
@@ -200,6 +227,13 @@ class SequenceLookup(nn.Module):
         self.poolings = nn.ModuleList(
             [build_pooling(s, dim * len(ps), len(self.tasks)) for s, ps in zip(sequences, parts)]
         )
+        self.float_sides = nn.ModuleDict(
+            {
+                str(i): FloatSide(len(s.float_side_columns), dim * len(ps), s.float_transform)
+                for i, (s, ps) in enumerate(zip(sequences, parts))
+                if s.float_side_columns
+            }
+        )
 
     @property
     def queries(self) -> list[str]:
@@ -220,11 +254,21 @@ class SequenceLookup(nn.Module):
             for s, ps in zip(self.sequences, self.parts)
         ]
 
-    def forward(self, sparse: KeyedJaggedTensor, weights: bool = False):
+    def forward(
+        self,
+        sparse: KeyedJaggedTensor,
+        weights: bool = False,
+        floats: torch.Tensor | None = None,
+    ):
         """``sparse`` (a KJT with at least the EC's keys) → ``([B, Σ widths]`` float32, with
         ``weights`` ``{sequence: (w [B, L], lengths [B])}`` detached, else None). A sequence
         with side columns attends with keys ``[k_ids, k_side…]`` and query ``[q_ids, q_side…]``
-        (each part's embedding from its table, concatenated: ``[B, L, D · P]``)."""
+        (each part's embedding from its table, concatenated: ``[B, L, D · P]``); one with
+        float side columns adds :class:`FloatSide` of its block of ``floats`` (``[B, Σ L · C]``,
+        :class:`~mtl_dist.data.batch.Batch`'s ``floats``) to those keys.
+
+        Raises:
+            ValueError: a sequence has float side columns and ``floats`` is None."""
         jts = self.ec(sparse)
         cand = {}
         for name in self.candidates:
@@ -232,8 +276,8 @@ class SequenceLookup(nn.Module):
             keys, mask = padded(jt.values().float(), jt.lengths(), 1)
             cand[name] = keys[:, 0] * mask.to(keys.dtype)
         out = [cand[name] for name in self.candidates]
-        seen = {}
-        for s, ps, pool in zip(self.sequences, self.parts, self.poolings):
+        seen, at = {}, 0
+        for i, (s, ps, pool) in enumerate(zip(self.sequences, self.parts, self.poolings)):
             blocks, mask, lengths = [], None, None
             for p in ps:  # the side lists align with the ids: one mask (the ids')
                 jt = jts.get(p.key)
@@ -241,7 +285,19 @@ class SequenceLookup(nn.Module):
                 blocks.append(keys)
                 mask, lengths = (m, jt.lengths()) if mask is None else (mask, lengths)
             q = torch.cat([cand[p.query] for p in ps], dim=1)
-            pooled, w = pool(q, torch.cat(blocks, dim=2), mask, need_weights=weights)
+            keys = torch.cat(blocks, dim=2)
+            if s.float_side_columns:
+                if floats is None:
+                    raise ValueError(f"sequence {s.name}: float_side_columns need the floats")
+                step = s.max_len * len(s.float_side_columns)
+                block = (
+                    floats[:, at : at + step]
+                    .float()
+                    .unflatten(1, (s.max_len, len(s.float_side_columns)))
+                )
+                keys = keys + self.float_sides[str(i)](block, mask)
+                at += step
+            pooled, w = pool(q, keys, mask, need_weights=weights)
             out.append(pooled)
             if weights and s.per_task:  # one set per task: <sequence>/<task>
                 seen.update(

@@ -92,8 +92,16 @@ def build_served(
 ) -> ServedRanker:
     """The served program of a trained model (in eval mode, on the CPU; ``model`` is not changed).
 
-    Raises ``ValueError`` for an ``embedding_dtype`` not in fp32 | fp16 | int8.
+    Raises ``ValueError`` for an ``embedding_dtype`` not in fp32 | fp16 | int8, and for a
+    sequence with ``float_side_columns`` (the program takes no float lists yet; see
+    docs/sequences.md), rather than serve a model without them.
     """
+    floats = [s.name for s in cfg.features.sequence if s.float_side_columns]
+    if floats:
+        raise ValueError(
+            f"sequences {floats}: float_side_columns are not exported yet (the program takes "
+            "ids as values + offsets only); docs/sequences.md, 'Not done'"
+        )
     if embedding_dtype not in EMBEDDING_DTYPES:
         raise ValueError(
             f"embedding dtype must be one of {', '.join(EMBEDDING_DTYPES)}, got {embedding_dtype!r}"

@@ -1,10 +1,13 @@
 """Sequence features: list columns → the KJT's jagged ids, the last max_len kept, null / empty /
 bad-id rules with file, column and row named, resume exact through the real reader."""
 
+import re
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from mtl_dist.config import ConfigError, JobConfig, SequenceFeature, SparseFeature, TaskSpec
 from mtl_dist.config import validate as validate_cfg
@@ -200,3 +203,135 @@ def test_sharding_force_data_parallel_is_refused_for_the_sequences_ec():
     c.sharding.force = "data_parallel"
     with pytest.raises(ConfigError, match=r"sharding.force = 'data_parallel'.*table_wise"):
         validate_cfg(c)
+
+
+def float_conv(**kw) -> ArrowBatchConverter:
+    seq = SequenceFeature(
+        name="hist", column="hist_items", table="item", max_len=3,
+        float_side_columns=["hist_age"], **kw,
+    )  # fmt: skip
+    return ArrowBatchConverter(SPARSE, ["rid"], TASKS, sequences=[seq])
+
+
+FLOATS = pa.list_(pa.float64())
+
+
+def with_ages(hist: list, ages: list, tp: pa.DataType = FLOATS, start: int = 0) -> pa.Table:
+    return rows(hist, start).append_column("hist_age", pa.array(ages, tp))
+
+
+def test_float_side_column_is_clipped_like_the_ids_left_aligned_and_zero_padded():
+    t = with_ages([[1, 2, 3, 4], [5], None, []], [[40.0, 30.0, 20.0, 10.0], [7.5], None, []])
+    batch = float_conv()(t, pad_to=5)
+    assert bags(batch, "hist") == [[2, 3, 4], [5], [], [], []]
+    assert batch.floats.dtype == torch.float32 and batch.floats.shape == (5, 3)
+    assert batch.floats.tolist() == [[30, 20, 10], [7.5, 0, 0], [0, 0, 0], [0, 0, 0], [0, 0, 0]]
+    assert float_conv().columns[:5] == ["item", "user", "hist_items", "hist_age", "rid"]
+    assert conv()(rows([[1]])).floats is None  # no float column: no tensor
+
+
+def test_two_float_columns_interleave_position_major():
+    seq = SequenceFeature(name="hist", column="hist_items", table="item", max_len=2,
+                          float_side_columns=["a", "b"], float_transform="none")  # fmt: skip
+    c = ArrowBatchConverter(SPARSE, ["rid"], TASKS, sequences=[seq])
+    t = rows([[1, 2, 3], [4]])
+    t = t.append_column("a", pa.array([[1.0, 2.0, 3.0], [4.0]]))
+    t = t.append_column("b", pa.array([[-1.0, -2.0, -3.0], [-4.0]], pa.list_(pa.float32())))
+    assert c(t).floats.tolist() == [[2, -2, 3, -3], [4, -4, 0, 0]]
+
+
+@pytest.mark.parametrize(
+    ("hist", "ages", "match"),
+    [
+        ([[1], [2, 3]], [[1.0], None], r"row 1: null list"),
+        ([[1], [2, 3]], [[1.0], [2.0, None]], r"row 1: a null, NaN, infinite or negative value"),
+        ([[1], [2], [3]], [[1.0], [2.0], [float("nan")]], r"row 2: a null, NaN.*nan"),
+        ([[1], [2]], [[float("inf")], [2.0]], r"row 0: a null, NaN.*inf"),
+        ([[1], [2]], [[1.0], [-2.0]], r"row 1: .*negative value \(float_transform = 'log1p'\)"),
+        ([[1], [2, 3]], [[1.0], [2.0]], r"row 1: 1 values where 'hist_items' has 2"),
+    ],
+)
+def test_bad_float_values_name_column_and_row(hist, ages, match):
+    with pytest.raises(RowError, match=r"column 'hist_age', " + match):
+        float_conv()(with_ages(hist, ages))
+
+
+def test_float_null_list_beside_a_null_id_list_is_an_empty_history_and_none_keeps_negatives():
+    assert float_conv()(with_ages([None, [1]], [None, [3.0]])).floats.tolist()[1] == [3, 0, 0]
+    got = float_conv(float_transform="none")(with_ages([[1]], [[-5.0]], pa.list_(pa.float32())))
+    assert got.floats.tolist() == [[-5, 0, 0]]
+    with pytest.raises(RowError, match=r"column 'hist_age', row 1: a null id inside 'hist_items'"):
+        float_conv(invalid_ids="clip")(with_ages([[1], [2, None]], [[1.0], [2.0, 3.0]]))
+
+
+def test_float_wrong_type_and_bad_rows_name_the_file(tmp_path):
+    pq.write_table(with_ages([[1]], [["x"]], pa.list_(pa.string())), tmp_path / "a.parquet")
+    with pytest.raises(ValueError, match=r"a.parquet: column 'hist_age' \(float side column of "):
+        ParquetBatchReader([str(tmp_path / "a.parquet")], float_conv(), 1)
+    hist = [[i % 100] for i in range(2000)]
+    ages = [[float(i)] for i in range(2000)]
+    ages[1234] = [float("nan")]
+    (tmp_path / "b").mkdir()
+    pq.write_table(with_ages(hist, ages), tmp_path / "b" / "b.parquet", row_group_size=500)
+    paths = list_parquet_files(str(tmp_path / "b"))
+    reader = ParquetBatchReader(paths, float_conv(), 64, chunk_rows=100)
+    with pytest.raises(ValueError, match=r"b.parquet: column 'hist_age', row 1234: a null, NaN"):
+        list(reader)
+
+
+def test_float_side_column_resumes_mid_epoch_exactly(tmp_path):
+    rng = np.random.default_rng(0)
+    hist = [rng.integers(0, 100, rng.integers(0, 7)).tolist() for _ in range(900)]
+    ages = [np.sort(rng.random(len(h)))[::-1].tolist() for h in hist]
+    pq.write_table(with_ages(hist, ages), tmp_path / "c.parquet", row_group_size=128)
+    paths = list_parquet_files(str(tmp_path))
+
+    def reader():
+        return ParquetBatchReader(paths, float_conv(), 32, 0, 1, 1, drop_last=True, chunk_rows=96)
+
+    whole, first_reader = list(reader()), reader()
+    it = iter(first_reader)
+    first = [next(it) for _ in range(7)]
+    resumed = reader()
+    resumed.load_state_dict(first_reader.state_dict())
+    got = first + list(resumed)
+    assert len(got) == len(whole) == 900 // 32
+    for a, b in zip(got, whole):
+        assert bags(a, "hist") == bags(b, "hist") and torch.equal(a.floats, b.floats)
+    want = np.zeros((len(whole) * 32, 3), np.float32)
+    for i, a in enumerate(ages[: len(want)]):
+        want[i, : len(a[-3:])] = a[-3:]
+    np.testing.assert_array_equal(torch.cat([b.floats for b in whole]).numpy(), want)
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        ({"float_side_columns": ["age", "age"]}, r"\(hist\): float_side_columns: 'age' is listed"),
+        ({"float_side_columns": ["hist"]}, r"\(hist\): float_side_columns: 'hist' is also an id"),
+        (
+            {"float_side_columns": ["age"], "invalid_ids": "drop"},
+            r"\(hist\): invalid_ids = 'drop' would misalign float_side_columns",
+        ),
+    ],
+)
+def test_float_side_column_config_checks(kw, match):
+    with pytest.raises(ConfigError, match=match):
+        validate_cfg(cfg(**kw))
+    validate_cfg(cfg(float_side_columns=["age"], float_transform="none"))
+
+
+def test_float_keys_are_in_the_help_and_a_bad_transform_names_the_choices(tmp_path):
+    from mtl_dist.config import FLOAT_TRANSFORMS, help_text, load_config
+
+    text = help_text()
+    assert re.search(r"float_side_columns +list\[str\] +default=\[\]", text)
+    line = next(x for x in text.splitlines() if x.strip().startswith("float_transform "))
+    assert all(name in line for name in FLOAT_TRANSFORMS) and "default='log1p'" in line
+    from pathlib import Path
+
+    base = Path("configs/sequences.toml").read_text()
+    p = tmp_path / "bad.toml"
+    p.write_text(base.replace("din_hidden = [32]", 'din_hidden = [32]\nfloat_transform = "log2"'))
+    with pytest.raises(ConfigError, match=r"float_transform.*log1p \| none.*'log2'"):
+        load_config(["--config", str(p)])
