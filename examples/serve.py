@@ -89,16 +89,36 @@ def unsigned(f: dict, flat: pa.Array) -> torch.Tensor:
     return ids
 
 
+def floats(f: dict, t: pa.RecordBatch):
+    """Float side column f → (values [N] float32, offsets [B + 1] int64), whole lists; a null
+    value, one not finite in float32 or one below f["min"] refused (f["bad"]), as training's
+    reader refuses them."""
+    col, values = t[f["name"]], t[f["name"]].flatten()
+    if pc.any(pc.and_(col.is_null(), t[f["aligned_with"]].is_valid())).as_py():
+        raise ValueError(f"column '{f['name']}': a null list where '{f['aligned_with']}' has one")
+    x = values.cast(pa.float32(), safe=False)
+    bad = pc.invert(pc.fill_null(pc.is_finite(x), False))
+    if f["min"] is not None:
+        bad = pc.or_(bad, pc.fill_null(pc.less(x, f["min"]), False))
+    if pc.any(bad).as_py():
+        at = pc.indices_nonzero(bad)[0].as_py()
+        row = pc.list_parent_indices(col)[at].as_py()
+        raise ValueError(f"column '{f['name']}', row {row}: {f['bad']}: {values[at].as_py()!r}")
+    lengths = T(pc.fill_null(pc.list_value_length(col), 0).cast(pa.int64()))
+    return T(x), torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
+
+
 def inputs(meta: dict, t: pa.RecordBatch):
     """The program's inputs: dense [B, Dd], then ids and offsets per feature (the sparse
-    features, then each sequence's list column, whole: the program keeps its last max_len)."""
+    features, then each sequence's list column, whole: the program keeps its last max_len),
+    then values and offsets per sequence float side column (whole lists too)."""
     dense = [torch.zeros(t.num_rows, 0)]
     for c in meta["dense"]["columns"]:
         x = pc.fill_null(t[c], 0).cast(pa.float32(), safe=False)
         if meta["dense"]["nonfinite"] == "error" and not pc.all(pc.is_finite(x)).as_py():
             raise ValueError(f"column '{c}': dense values not finite (dense_nan = error)")
         dense.append(T(x)[:, None])
-    for q in meta.get("sequences", []):  # whole lists; side lists as long as their ids'
+    for q in meta.get("sequences", []) + meta.get("sequence_floats", []):  # side lists aligned
         if q["on_null"] == "error" and t[q["name"]].null_count:
             raise ValueError(f"column '{q['name']}': a null list (on_null = error)")
         n = pc.fill_null(pc.list_value_length(t[q["name"]]), 0)
@@ -106,13 +126,14 @@ def inputs(meta: dict, t: pa.RecordBatch):
                 pc.list_value_length(t[q["aligned_with"]]), 0))).as_py():  # fmt: skip
             raise ValueError(f"column '{q['name']}': lists not as long as '{q['aligned_with']}'")
     features = meta["sparse"] + meta.get("sequences", [])
-    ids, offsets = zip(*[sparse(f, t, meta["hashing"]["seed"]) for f in features])
-    return torch.cat(dense, 1), list(ids), list(offsets)
+    ids = [sparse(f, t, meta["hashing"]["seed"]) for f in features]
+    values, offsets = zip(*ids, *[floats(f, t) for f in meta.get("sequence_floats", [])])
+    return torch.cat(dense, 1), list(values), list(offsets)
 
 
 def main(package: str, data: str, out: str, *keep: str) -> None:
     meta, model = load(package)
-    features = meta["sparse"] + meta.get("sequences", [])
+    features = meta["sparse"] + meta.get("sequences", []) + meta.get("sequence_floats", [])
     columns = sorted({*meta["dense"]["columns"], *(f["name"] for f in features), *keep})
     files = sorted(Path(data).glob("**/*.parquet")) if Path(data).is_dir() else [Path(data)]
     if not files:

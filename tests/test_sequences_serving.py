@@ -6,6 +6,7 @@ building the inputs from Parquet list columns."""
 from __future__ import annotations
 
 import importlib.util
+import re
 
 import numpy as np
 import pyarrow as pa
@@ -132,16 +133,85 @@ def test_program_with_a_side_column_equals_score(tmp_path, pooling):
         serve.inputs(meta, bad.to_batches()[0])
 
 
-def test_score_reads_float_side_columns_and_export_refuses_them_by_name(tmp_path):
-    """mtl_dist.score reads hist_age_s from Parquet as training does; the .pt2 program does
-    not take float lists yet, so building it fails naming the sequence, not silently."""
+def recency_rows(n: int, seed: int) -> pa.Table:
+    """:func:`rows` with ``hist_age_s`` aligned: its empty and null histories empty / null."""
+    t = rows(n, seed)
+    ages = t.column("hist_age_s").to_pylist()
+    ages[0], ages[min(1, n - 1)] = [], None
+    return t.set_column(t.schema.get_field_index("hist_age_s"), "hist_age_s",
+                        pa.array(ages, pa.list_(pa.float32())))  # fmt: skip
+
+
+def test_program_with_float_side_columns_equals_score(tmp_path):
+    """configs/sequences_recency.toml: hist_age_s as values + offsets, clipped to the last
+    max_len and log1p'd in the program, equals mtl_dist.score and the model in eval (B = 1,
+    empty and null histories, lists past max_len, every history empty); the client names a
+    float list not as long as its ids and a bad value."""
+    from mtl_dist.data.batch import ArrowBatchConverter
+    from mtl_dist.serve.program import inputs_from_batch
+
     cfg = load_config(["--config", "configs/sequences_recency.toml"])
     model = build_unsharded(cfg).eval()
+    with torch.no_grad():  # a FloatSide that matters: the ages move the keys
+        model.model.sequences.float_sides["0"].proj.weight.mul_(40)
     path = tmp_path / "model.pt"
     torch.save({"format": FORMAT, "config": to_dict(cfg), "state_dict": model.state_dict()}, path)
-    pq.write_table(make_rows(24, np.random.default_rng(2)), tmp_path / "rows.parquet")
-    assert score(path, str(tmp_path / "rows.parquet"), tmp_path / "preds.parquet", [], 8) == 24
+    table = recency_rows(40, seed=3)
+    assert max(len(h or []) for h in table.column("hist_age_s").to_pylist()) > 20
+    pq.write_table(table, tmp_path / "rows.parquet")
+    assert score(path, str(tmp_path / "rows.parquet"), tmp_path / "preds.parquet", [], 16) == 40
     scored = pq.read_table(tmp_path / "preds.parquet")
-    assert np.isfinite(scored["pred_recent"].to_numpy()).all()
-    with pytest.raises(ValueError, match=r"sequences \['hist'\]: float_side_columns are not"):
-        build_served(cfg, model)
+    expected = torch.stack(
+        [torch.tensor(scored[f"pred_{t.name}"].to_numpy()) for t in cfg.tasks], 1
+    )
+    served = build_served(cfg, model)
+    program = export_program(cfg, served).module()
+    meta = metadata(cfg, "fp32", "eager")
+    assert meta["inputs"][-1] == "offsets/hist/hist_age_s"
+    assert meta["sequence_floats"][0]["aligned_with"] == "hist_item_ids"
+    serve = client()
+    batch = table.to_batches()[0]
+    got = program(*serve.inputs(meta, batch))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    no_ages = served(*serve.inputs(meta, batch.drop_columns(["hist_age_s"]).append_column(
+        "hist_age_s", pa.array([[0.0] * len(h or []) for h in batch["hist_item_ids"].to_pylist()],
+                               pa.list_(pa.float32())))))  # fmt: skip
+    assert (no_ages - got).abs().max() > 1e-4  # the ages are read
+    conv = ArrowBatchConverter(
+        cfg.features.sparse, cfg.features.dense, cfg.tasks, sequences=cfg.features.sequence
+    )
+    eval_batch = conv(table)
+    torch.testing.assert_close(
+        served(*inputs_from_batch(eval_batch, cfg.features.sequence)), expected, rtol=1e-5,
+        atol=1e-6,
+    )  # fmt: skip
+    for i in (0, 1, 5):  # B = 1: an empty, a null and a long history
+        one = program(*serve.inputs(meta, batch.slice(i, 1)))
+        torch.testing.assert_close(one, expected[i : i + 1], rtol=1e-5, atol=1e-6)
+    empty = pa.array([[]] * batch.num_rows, pa.list_(pa.int64()))
+    empty_all = batch.set_column(2, "hist_item_ids", empty).set_column(
+        batch.schema.get_field_index("hist_age_s"), "hist_age_s", empty.cast(pa.list_(pa.float32()))
+    )
+    pq.write_table(pa.Table.from_batches([empty_all]), tmp_path / "empty.parquet")
+    score(path, str(tmp_path / "empty.parquet"), tmp_path / "empty_preds.parquet", [], 16)
+    want = pq.read_table(tmp_path / "empty_preds.parquet")
+    got = program(*serve.inputs(meta, empty_all))
+    for j, t in enumerate(cfg.tasks):
+        np.testing.assert_allclose(got[:, j].numpy(), want[f"pred_{t.name}"].to_numpy(), 1e-5, 1e-6)
+
+    at = batch.schema.get_field_index("hist_age_s")
+    ages = batch["hist_age_s"].to_pylist()
+    short = [a[:-1] if a else a for a in ages]
+    with pytest.raises(ValueError, match="'hist_age_s': lists not as long as 'hist_item_ids'"):
+        serve.inputs(
+            meta, batch.set_column(at, "hist_age_s", pa.array(short, pa.list_(pa.float32())))
+        )
+    for value, shown in ((float("nan"), "nan"), (-1.0, "-1.0"), (1e39, "1e+39"), (None, "None")):
+        wrong = [list(a) if a else a for a in ages]
+        wrong[5][0] = value  # 1e39: beyond float32
+        bad = batch.set_column(at, "hist_age_s", pa.array(wrong, pa.list_(pa.float64())))
+        rule = r"a null, NaN, infinite or negative value \(float_transform = 'log1p'\)"
+        with pytest.raises(
+            ValueError, match=rf"column 'hist_age_s', row 5: {rule}: {re.escape(shown)}$"
+        ):
+            serve.inputs(meta, bad)

@@ -135,6 +135,16 @@ def check_float_type(s: SequenceFeature, tp: pa.DataType, column: str) -> None:
         )
 
 
+def float_rule(s: SequenceFeature) -> tuple[float | None, str]:
+    """What a value of ``s``'s float side columns must be, besides finite in float32: ``(the
+    lowest value allowed, or None; what a bad value is, as the errors name it)``. Under
+    ``float_transform = "log1p"`` the lowest is 0. The reader and the serving client (through
+    the package metadata) refuse the same values."""
+    if s.float_transform == "log1p":
+        return 0.0, "a null, NaN, infinite or negative value (float_transform = 'log1p')"
+    return None, "a null, NaN or infinite value (or beyond float32)"
+
+
 def aligned_floats(s: SequenceFeature, table: pa.Table, lengths: np.ndarray) -> np.ndarray:
     """``s``'s ``float_side_columns`` as ``[n, L · C]`` float32 (``L = max_len``, ``C`` the
     columns; position-major: row i's value of column c at kept position j is at ``j · C + c``),
@@ -185,10 +195,9 @@ def aligned_floats(s: SequenceFeature, table: pa.Table, lengths: np.ndarray) -> 
         flat = arr.flatten()
         values = pc.fill_null(flat, np.nan).to_numpy(zero_copy_only=False).astype(np.float64)
         wrong = ~np.isfinite(values) | ~np.isfinite(values.astype(np.float32))
-        what = "a null, NaN or infinite value (or beyond float32)"
-        if s.float_transform == "log1p":
-            wrong |= values < 0
-            what = "a null, NaN, infinite or negative value (float_transform = 'log1p')"
+        low, what = float_rule(s)
+        if low is not None:
+            wrong |= values < low
         if wrong.any():
             at = int(np.flatnonzero(wrong)[0])
             row = int(np.searchsorted(np.cumsum(lens), at, side="right"))

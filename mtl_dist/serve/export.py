@@ -201,7 +201,7 @@ def table_check(
     parts: list[tuple[torch.Tensor, ...]] = []
     seen = 0
     for batch in reader:
-        inputs = inputs_from_batch(batch)
+        inputs = inputs_from_batch(batch, cfg.features.sequence)
         parts.append((reference(*inputs), served(*inputs), batch.labels, batch.mask))
         seen += batch.batch_size
         if seen >= rows:

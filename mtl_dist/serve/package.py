@@ -15,8 +15,10 @@ import torch
 from mtl_dist.config import JobConfig, SparseFeature, TaskSpec
 from mtl_dist.config.sequence import sequence_parts
 from mtl_dist.data.ids import RAW_ID_SPACE
+from mtl_dist.data.sequence import float_rule
 from mtl_dist.files import check_archive
 from mtl_dist.serve.lookups import id_rule
+from mtl_dist.serve.sequences import served_floats
 
 FORMAT = "mtl-dist-serving/1"
 METADATA = "mtl_dist.json"  # stored as extra/mtl_dist.json in the .pt2 archive
@@ -30,6 +32,7 @@ def metadata(cfg: JobConfig, embedding_dtype: str, compiled: str) -> dict[str, A
     names = [f.name for f in cfg.features.sparse] + [
         p.key for q in cfg.features.sequence for p in sequence_parts(q, cfg.features.sparse)
     ]
+    names += [key for key, _, _ in served_floats(cfg.features.sequence)]
     return {
         "format": FORMAT,
         "torch": torch.__version__,
@@ -79,6 +82,7 @@ def metadata(cfg: JobConfig, embedding_dtype: str, compiled: str) -> dict[str, A
             for f in cfg.features.sparse
         ],
         "sequences": sequence_metadata(cfg),
+        "sequence_floats": float_metadata(cfg),
     }
 
 
@@ -105,6 +109,28 @@ def sequence_metadata(cfg: JobConfig) -> list[dict[str, Any]]:
                    f"{f.vocab_size})" if q.invalid_ids == "error" and not f.hash_buckets
                    else "; drop nulls inside lists"),
             })  # fmt: skip
+    return out
+
+
+def float_metadata(cfg: JobConfig) -> list[dict[str, Any]]:
+    """Per float side column of each ``[[features.sequence]]`` (inputs after every id list, in
+    this order): its list column (``name``), the input it feeds (``input``: values float32,
+    offsets int64, as an id list's), the ids column it aligns with (``aligned_with``: as many
+    values, row by row), the ``max_len`` the program keeps (the last values), the
+    ``float_transform`` the program applies, and the reader's value rule: ``min`` (the lowest
+    value allowed, None for none) and ``bad`` (what a refused value is: null, not finite in
+    float32, or below ``min``)."""
+    out = []
+    for key, column, q in served_floats(cfg.features.sequence):
+        low, bad = float_rule(q)
+        out.append({
+            "name": column, "input": key, "sequence": q.name, "max_len": q.max_len,
+            "aligned_with": q.source, "dtype": "float32", "transform": q.float_transform,
+            "min": low, "bad": bad, "on_null": q.on_null,
+            "client": "a list, oldest first, as long as its ids' list; a null list only where "
+            "the ids' list is null" + (" (an empty history)" if q.on_null == "empty" else "")
+            + f"; refuse {bad}",
+        })  # fmt: skip
     return out
 
 

@@ -7,7 +7,13 @@ reader removes an out-of-range id before keeping the last ``max_len``; the progr
 :class:`~mtl_dist.serve.lookups.IdRemap` maps it to the padding row) masks it after clipping. A
 list with at most ``max_len`` ids, or without out-of-range ids, is scored alike.
 
-Legend: ``B`` batch, ``L`` max_len, ``D`` the table width, ``N_f`` ids of input f.
+A sequence's ``float_side_columns`` are inputs too (after every id input, :func:`served_floats`):
+float32 values + int64 offsets each, clipped to the last ``max_len`` values as the ids are, then
+the trained :class:`~mtl_dist.models.sequence.FloatSide` (its ``float_transform``) added to the
+keys under the ids' mask, as training's model adds ``Batch.floats``.
+
+Legend: ``B`` batch, ``L`` max_len, ``D`` the table width, ``N_f`` ids (or values) of input f,
+``C`` a sequence's float side columns.
 """
 
 from __future__ import annotations
@@ -38,6 +44,13 @@ def served_features(
     ]
 
 
+def served_floats(sequences: list[SequenceFeature]) -> list[tuple[str, str, SequenceFeature]]:
+    """The program's float inputs in order (after every id input of :func:`served_features`):
+    ``(key, column, sequence)`` per float side column, sequence by sequence, the key
+    ``<sequence>/<column>``."""
+    return [(f"{s.name}/{c}", c, s) for s in sequences for c in s.float_side_columns]
+
+
 def ec_rows(lookup: SequenceLookup | None, feature: str) -> int | None:
     """Rows of the EC table ``feature`` (a candidate or a sequence) reads; None if in none."""
     for cfg in lookup.ec.embedding_configs() if lookup is not None else []:
@@ -54,11 +67,14 @@ class ServedSequences(nn.Module):
         lookup: the trained (unsharded) lookup; its EC's tables are copied, one zero padding row
             appended to each (the row :class:`~mtl_dist.serve.lookups.IdRemap` maps dropped
             ids to).
-        inputs: the program's input names in order (:func:`served_features`' names: a
+        inputs: the program's id input names in order (:func:`served_features`' names: a
             sequence's id lists by their KJT keys).
+        floats: the program's float input keys in order (:func:`served_floats`' keys).
     """
 
-    def __init__(self, lookup: SequenceLookup, inputs: list[str]) -> None:
+    def __init__(
+        self, lookup: SequenceLookup, inputs: list[str], floats: list[str] | None = None
+    ) -> None:
         super().__init__()
         tables = lookup.ec.embedding_configs()
         self.table_of: dict[str, int] = {}
@@ -74,36 +90,62 @@ class ServedSequences(nn.Module):
         ]
         self.max_lens = [s.max_len for s in lookup.sequences]
         self.poolings = copy.deepcopy(lookup.poolings).eval()
+        floats = floats or []
+        self.floats = [  # per sequence: its float inputs' indices, [] without float columns
+            [floats.index(f"{s.name}/{c}") for c in s.float_side_columns] for s in lookup.sequences
+        ]
+        self.float_sides = copy.deepcopy(lookup.float_sides).eval()
 
     def _table(self, i: int) -> torch.Tensor:
         return getattr(self, f"w{i}")
 
-    def forward(self, rows: list[torch.Tensor], offsets: list[torch.Tensor]) -> torch.Tensor:
+    def forward(
+        self,
+        rows: list[torch.Tensor],
+        offsets: list[torch.Tensor],
+        floats: list[torch.Tensor] | None = None,
+        float_offsets: list[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """``rows`` / ``offsets``: per id input ``[N_f]`` / ``[B + 1]``; ``floats`` /
+        ``float_offsets``: per float input ``[N_f]`` float32 / ``[B + 1]`` int64 (each list as
+        long as its sequence's ids, row by row) → ``[B, (C + S) · D]``."""
         out = []
         for at, t in self.candidates:  # single-hot: the bag's first id, or the padding row
-            ids, _ = _last(rows[at], offsets[at], 1, self._table(t).shape[0] - 1)
+            ids, _ = _ids(rows[at], offsets[at], 1, self._table(t).shape[0] - 1)
             out.append(self._table(t)[ids[:, 0]])
         cand = dict(zip(self.cand_names, out))
-        for parts, max_len, pool in zip(self.seqs, self.max_lens, self.poolings):
+        for i, (parts, max_len, pool) in enumerate(zip(self.seqs, self.max_lens, self.poolings)):
             keys, mask = [], None
             for at, t, _ in parts:  # side lists align with the ids: the ids' mask
-                ids, m = _last(rows[at], offsets[at], max_len, self._table(t).shape[0] - 1)
+                ids, m = _ids(rows[at], offsets[at], max_len, self._table(t).shape[0] - 1)
                 keys.append(self._table(t)[ids])
                 mask = m if mask is None else mask
             q = torch.cat([cand[query] for _, _, query in parts], dim=1)
-            out.append(pool(q, torch.cat(keys, dim=2), mask, need_weights=False)[0])
+            k = torch.cat(keys, dim=2)
+            if self.floats[i]:  # [B, L, C], zeros after each list (as Batch.floats)
+                block = torch.stack(
+                    [_last(floats[j], float_offsets[j], max_len, 0.0)[0] for j in self.floats[i]],
+                    dim=2,
+                )
+                k = k + self.float_sides[str(i)](block, mask)
+            out.append(pool(q, k, mask, need_weights=False)[0])
         return torch.cat(out, dim=1)
 
 
-def _last(values: torch.Tensor, offsets: torch.Tensor, max_len: int, pad: int):
-    """Each bag's last ``max_len`` ids, left-aligned: ``(ids [B, L], mask [B, L])``; padding
-    (and ids equal to ``pad``) masked and read as ``pad``."""
+def _last(values: torch.Tensor, offsets: torch.Tensor, max_len: int, fill: float):
+    """Each bag's last ``max_len`` values, left-aligned: ``(kept [B, L], mask [B, L])``, the
+    positions after a bag's length masked and read as ``fill``."""
     lengths = offsets[1:] - offsets[:-1]
     kept = lengths.clamp(max=max_len)
     pos = torch.arange(max_len, device=values.device)
     mask = pos.unsqueeze(0) < kept.unsqueeze(1)
     index = torch.where(mask, (offsets[1:] - kept).unsqueeze(1) + pos, values.shape[0])
-    ext = torch.cat([values, values.new_full((1,), pad)])
-    ids = ext[index]
-    mask = mask & (ids != pad)
-    return ids, mask
+    ext = torch.cat([values, values.new_full((1,), fill)])
+    return ext[index], mask
+
+
+def _ids(ids: torch.Tensor, offsets: torch.Tensor, max_len: int, pad: int):
+    """:func:`_last` of rows ``[N]``: ``(rows [B, L], mask [B, L])``, padding and rows equal to
+    ``pad`` (dropped ids) masked and read as ``pad``."""
+    rows, mask = _last(ids, offsets, max_len, pad)
+    return rows, mask & (rows != pad)

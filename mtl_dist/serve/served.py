@@ -16,7 +16,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
-from mtl_dist.config import JobConfig
+from mtl_dist.config import JobConfig, SequenceFeature
 from mtl_dist.config.sequence import sequence_parts
 from mtl_dist.data.batch import Batch
 from mtl_dist.loop.losses import ModelWithLoss, task_predictions
@@ -24,7 +24,7 @@ from mtl_dist.models.collision import feature_remappings
 from mtl_dist.models.heads import MoE
 from mtl_dist.models.ranker import model_body
 from mtl_dist.serve.lookups import IdRemap, PooledEmbeddings
-from mtl_dist.serve.sequences import ServedSequences, ec_rows, served_features
+from mtl_dist.serve.sequences import ServedSequences, ec_rows, served_features, served_floats
 
 EMBEDDING_DTYPES = ("fp32", "fp16", "int8")
 
@@ -32,8 +32,9 @@ EMBEDDING_DTYPES = ("fp32", "fp16", "int8")
 class ServedRanker(nn.Module):
     """Raw inputs → each task's served value ``[B, T]``: the trained ranker end to end.
 
-    ``forward(dense [B, Dd], values: [N_f] per feature, offsets: [B + 1] per feature)``: ids
-    through :class:`IdRemap`, the shared (and STEM's per-task) lookups, the dense normalisation,
+    ``forward(dense [B, Dd], values: [N_f] per input, offsets: [B + 1] per input)``, the inputs
+    the id lists (:func:`served_features`) then the sequences' float side columns (float32
+    values, :func:`served_floats`): ids through :class:`IdRemap`, the shared (and STEM's per-task) lookups, the dense normalisation,
     interaction and head in eval mode, then :func:`mtl_dist.loop.losses.task_predictions`
     (probabilities on the true scale, ESMM's product) and ``expm1`` for ``log1p`` tasks — the numbers
     ``mtl_dist.serve.score`` writes. Build it with :func:`build_served`.
@@ -71,12 +72,13 @@ class ServedRanker(nn.Module):
     def forward(
         self, dense: torch.Tensor, values: list[torch.Tensor], offsets: list[torch.Tensor]
     ) -> torch.Tensor:
-        rows = self.remap(values)
+        ids = len(self.remap.rules)  # the id inputs; the float side columns follow
+        rows = self.remap(values[:ids])
         if self.zero_nonfinite_dense:  # data.dense_nan = "zero"
             dense = torch.where(torch.isfinite(dense), dense, torch.zeros_like(dense))
         parts = [self.shared(rows, offsets)] if self.shared.order else []
         if self.sequences is not None:  # the EC's candidates and pooled sequences
-            parts.append(self.sequences(rows, offsets))
+            parts.append(self.sequences(rows, offsets, values[ids:], offsets[ids:]))
         x = torch.cat([*parts, self.dense_norm(dense)], dim=1)  # [B, Din]
         own = None
         if self.per_task is not None:  # STEM: each task's own tables, [T, B, Dt]
@@ -92,21 +94,13 @@ def build_served(
 ) -> ServedRanker:
     """The served program of a trained model (in eval mode, on the CPU; ``model`` is not changed).
 
-    Raises ``ValueError`` for an ``embedding_dtype`` not in fp32 | fp16 | int8, and for a
-    sequence with ``float_side_columns`` (the program takes no float lists yet; see
-    docs/sequences.md), rather than serve a model without them.
+    Raises ``ValueError`` for an ``embedding_dtype`` not in fp32 | fp16 | int8.
     """
-    floats = [s.name for s in cfg.features.sequence if s.float_side_columns]
-    if floats:
-        raise ValueError(
-            f"sequences {floats}: float_side_columns are not exported yet (the program takes "
-            "ids as values + offsets only); docs/sequences.md, 'Not done'"
-        )
     if embedding_dtype not in EMBEDDING_DTYPES:
         raise ValueError(
             f"embedding dtype must be one of {', '.join(EMBEDDING_DTYPES)}, got {embedding_dtype!r}"
         )
-    ranker = model.model
+    ranker, seqs = model.model, cfg.features.sequence
     features = served_features(cfg.features.sparse, cfg.features.sequence)
     ebcs = [e for e in (ranker.ebc, _managed_tables(ranker)) if e is not None]
     names = [f.name for f in features]
@@ -140,7 +134,9 @@ def build_served(
         torch.tensor([t.kind == "regression" and t.transform == "log1p" for t in cfg.tasks]),
         cfg.data.dense_nan == "zero",
         copy.deepcopy(ranker.interaction).eval(),
-        ServedSequences(ranker.sequences, names) if ranker.sequences is not None else None,
+        ServedSequences(ranker.sequences, names, [k for k, _, _ in served_floats(seqs)])
+        if ranker.sequences is not None
+        else None,
     )
     return served.eval().requires_grad_(False)
 
@@ -169,11 +165,12 @@ def _remappings(ranker: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor
 def example_inputs(
     cfg: JobConfig, batch: int = 4, seed: int = 0
 ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
-    """Random valid inputs of ``batch`` rows: dense ``[B, Dd]``, per feature ids ``[N_f]``
-    (bags of 1–3 ids, so every N_f > 1) and offsets ``[B + 1]``."""
+    """Random valid inputs of ``batch`` rows: dense ``[B, Dd]``, per id input ids ``[N_f]``
+    (bags of 1–3 ids, so every N_f > 1) and offsets ``[B + 1]``, then per float side column
+    values ``[N_f]`` float32 in [0, 1e4) as long as its sequence's ids, row by row."""
     g = torch.Generator().manual_seed(seed)
     dense = torch.randn(batch, len(cfg.features.dense), generator=g)
-    values, offsets = [], []
+    values, offsets, floats, float_offsets = [], [], [], []
     for f in cfg.features.sparse:
         lengths = torch.randint(1, 4, (batch,), generator=g)
         offsets.append(torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]))
@@ -184,7 +181,10 @@ def example_inputs(
             offsets.append(torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]))
             rows = next(f.num_rows for f in cfg.features.sparse if f.table_name == p.table)
             values.append(torch.randint(0, rows, (int(lengths.sum()),), generator=g))
-    return dense, values, offsets
+        for _ in s.float_side_columns:
+            floats.append(torch.rand(int(lengths.sum()), generator=g) * 1e4)
+            float_offsets.append(offsets[-1])
+    return dense, values + floats, offsets + float_offsets
 
 
 def export_program(cfg: JobConfig, served: ServedRanker) -> torch.export.ExportedProgram:
@@ -197,7 +197,9 @@ def export_program(cfg: JobConfig, served: ServedRanker) -> torch.export.Exporte
 
     args = example_inputs(cfg)
     batch = Dim("batch", min=1, max=1 << 24)
-    inputs = len(served_features(cfg.features.sparse, cfg.features.sequence))
+    inputs = len(served_features(cfg.features.sparse, cfg.features.sequence)) + len(
+        served_floats(cfg.features.sequence)
+    )
     n = [Dim(f"n_{i}", min=0, max=1 << 30) for i in range(inputs)]
     shapes = {
         "dense": {0: batch},
@@ -248,12 +250,27 @@ class _BatchedMixes(TorchFunctionMode):
 
 
 def inputs_from_batch(
-    batch: Batch,
+    batch: Batch, sequences: list[SequenceFeature] | None = None
 ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
     """A :class:`~mtl_dist.data.batch.Batch` as the program's inputs ``(dense [B, Dd], values
-    [N_f], offsets [B + 1])``, features in the KJT's (the config's) order. Its ids are already
-    mapped the way training maps them, which :class:`IdRemap` leaves as they are."""
+    [N_f], offsets [B + 1])``, features in the KJT's (the config's) order, then each float side
+    column of ``sequences`` (the config's ``features.sequence``: needed when one has
+    ``float_side_columns``) from ``batch.floats`` ``[B, Σ L · C]``: the kept values, the
+    sequence's ids' offsets. Its ids are already mapped the way training maps them, which
+    :class:`IdRemap` leaves as they are."""
     kjt = batch.sparse
-    names = kjt.keys()
+    names = kjt.keys()  # a KJT: not a dict
     jts = [kjt[k] for k in names]
-    return batch.dense, [jt.values() for jt in jts], [jt.offsets().long() for jt in jts]
+    values, offsets = [jt.values() for jt in jts], [jt.offsets().long() for jt in jts]
+    at = 0
+    for s in sequences or []:
+        if not s.float_side_columns:
+            continue
+        L, C = s.max_len, len(s.float_side_columns)
+        block = batch.floats[:, at : at + L * C].unflatten(1, (L, C))  # [B, L, C]
+        at += L * C
+        jt = kjt[s.name]
+        kept = torch.arange(L).unsqueeze(0) < jt.lengths().unsqueeze(1)  # [B, L]
+        values += [block[:, :, c][kept].float() for c in range(C)]
+        offsets += [jt.offsets().long()] * C
+    return batch.dense, values, offsets
