@@ -1,12 +1,14 @@
 """Sequences in the served program: each sequence as values + offsets (whole lists: the program
 keeps the last max_len as the reader does), the export equal to ``mtl_dist.serve.score`` at
-B = 1, with empty histories and on lists longer than max_len, and ``examples/serve.py``
-building the inputs from Parquet list columns."""
+B = 1, with empty histories and on lists longer than max_len (float side columns too), and
+``examples/serve.py`` building the inputs from Parquet list columns."""
 
 from __future__ import annotations
 
 import importlib.util
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pyarrow as pa
@@ -35,6 +37,15 @@ def rows(n: int, seed: int) -> pa.Table:
     hist = t.column("hist_item_ids").to_pylist()
     hist[0], hist[min(1, n - 1)] = [], None
     return t.set_column(2, "hist_item_ids", pa.array(hist, pa.list_(pa.int64())))
+
+
+def recency_rows(n: int, seed: int) -> pa.Table:
+    """:func:`rows` with ``hist_age_s`` aligned: its empty and null histories empty / null."""
+    t = rows(n, seed)
+    ages = t.column("hist_age_s").to_pylist()
+    ages[0], ages[min(1, n - 1)] = [], None
+    return t.set_column(t.schema.get_field_index("hist_age_s"), "hist_age_s",
+                        pa.array(ages, pa.list_(pa.float32())))  # fmt: skip
 
 
 @pytest.mark.parametrize("pooling", ["din", "mha", "mean"])
@@ -78,18 +89,34 @@ def test_program_equals_score_at_b1_empty_histories_and_clipped_lists(tmp_path, 
     assert empty[2][-1].tolist() == [0, 0]
 
 
-def test_examples_serve_scores_a_package_from_list_columns(tmp_path):
+@pytest.mark.parametrize(
+    "config, aoti",
+    [("sequences", False), ("sequences_recency", False), ("sequences_recency", True)],
+    ids=["ids", "float_side", "float_side_aoti"],
+)
+def test_examples_serve_scores_a_package_from_list_columns(tmp_path, config, aoti):
+    """examples/serve.py, a process where ``import mtl_dist`` fails, scores the package (eager,
+    or compiled by AOTInductor) from the list columns (sequences_recency: hist_age_s too) as
+    mtl_dist.score does."""
     from mtl_dist.serve.package import write_package
 
-    cfg = load_config(["--config", "configs/sequences.toml"])
+    cfg = load_config(["--config", f"configs/{config}.toml"])
     model = build_unsharded(cfg).eval()
     program = export_program(cfg, build_served(cfg, model))
     with open(tmp_path / "m.pt2", "wb") as fh:
-        write_package(fh, program, metadata(cfg, "fp32", "eager"), False, {})
-    pq.write_table(rows(40, seed=2), tmp_path / "rows.parquet")
-    client().main(
-        str(tmp_path / "m.pt2"), str(tmp_path / "rows.parquet"), str(tmp_path / "p.parquet")
+        meta = metadata(cfg, "fp32", "aoti-cpu" if aoti else "eager")
+        write_package(fh, program, meta, aoti, {"aot_inductor.compile_wrapper_opt_level": "O0"})
+    pq.write_table(recency_rows(40, seed=2), tmp_path / "rows.parquet")
+    args = [str(tmp_path / n) for n in ("m.pt2", "rows.parquet", "p.parquet")]
+    blocked = (
+        "import runpy, sys; sys.modules['mtl_dist'] = None; sys.argv = sys.argv[1:]; "
+        "runpy.run_path(sys.argv[0], run_name='__main__')"
     )
+    proc = subprocess.run(
+        [sys.executable, "-c", blocked, str(ROOT / "examples" / "serve.py"), *args],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
     path = tmp_path / "model.pt"
     torch.save({"format": FORMAT, "config": to_dict(cfg), "state_dict": model.state_dict()}, path)
     score(path, str(tmp_path / "rows.parquet"), tmp_path / "s.parquet", [], 16)
@@ -131,15 +158,6 @@ def test_program_with_a_side_column_equals_score(tmp_path, pooling):
     )  # fmt: skip
     with pytest.raises(ValueError, match="lists not as long as 'hist_item_ids'"):
         serve.inputs(meta, bad.to_batches()[0])
-
-
-def recency_rows(n: int, seed: int) -> pa.Table:
-    """:func:`rows` with ``hist_age_s`` aligned: its empty and null histories empty / null."""
-    t = rows(n, seed)
-    ages = t.column("hist_age_s").to_pylist()
-    ages[0], ages[min(1, n - 1)] = [], None
-    return t.set_column(t.schema.get_field_index("hist_age_s"), "hist_age_s",
-                        pa.array(ages, pa.list_(pa.float32())))  # fmt: skip
 
 
 def test_program_with_float_side_columns_equals_score(tmp_path):

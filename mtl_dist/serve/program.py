@@ -11,10 +11,12 @@ runs ``torch.export`` over it with a dynamic batch (and bag) size; :func:`write_
 the program (eager, or compiled with AOTInductor) with :func:`metadata` as
 ``extra/mtl_dist.json`` in one ``.pt2`` archive.
 
-Inputs of the program (flat, in this order; F sparse features in config order)::
+Inputs of the program (flat, in this order; F sparse features in config order, then each
+sequence's id lists, then each sequence's float side columns: metadata ``inputs``)::
 
     dense        [B, Dd] float32, the dense columns in metadata order
-    values[f]    [N_f] int64, feature f's ids, bag after bag (strings already hashed)
+    values[f]    [N_f] int64, feature f's ids, bag after bag (strings already hashed);
+                 float32 for a float side column (metadata ``sequence_floats``)
     offsets[f]   [B + 1] int64, bag i is values[f][offsets[f][i]:offsets[f][i + 1]]
 
 Output: ``[B, T]`` float32, task by task in metadata order.

@@ -34,8 +34,8 @@ class ServedRanker(nn.Module):
 
     ``forward(dense [B, Dd], values: [N_f] per input, offsets: [B + 1] per input)``, the inputs
     the id lists (:func:`served_features`) then the sequences' float side columns (float32
-    values, :func:`served_floats`): ids through :class:`IdRemap`, the shared (and STEM's per-task) lookups, the dense normalisation,
-    interaction and head in eval mode, then :func:`mtl_dist.loop.losses.task_predictions`
+    values, :func:`served_floats`): ids through :class:`IdRemap`, the shared (and STEM's
+    per-task) lookups, the sequences, the dense normalisation, interaction and head in eval mode, then :func:`mtl_dist.loop.losses.task_predictions`
     (probabilities on the true scale, ESMM's product) and ``expm1`` for ``log1p`` tasks — the numbers
     ``mtl_dist.serve.score`` writes. Build it with :func:`build_served`.
     """
@@ -101,7 +101,7 @@ def build_served(
             f"embedding dtype must be one of {', '.join(EMBEDDING_DTYPES)}, got {embedding_dtype!r}"
         )
     ranker, seqs = model.model, cfg.features.sequence
-    features = served_features(cfg.features.sparse, cfg.features.sequence)
+    features = served_features(cfg.features.sparse, seqs)
     ebcs = [e for e in (ranker.ebc, _managed_tables(ranker)) if e is not None]
     names = [f.name for f in features]
     pads = [ec_rows(ranker.sequences, n) or _table_rows(ebcs, n) for n in names]
@@ -183,7 +183,7 @@ def example_inputs(
             values.append(torch.randint(0, rows, (int(lengths.sum()),), generator=g))
         for _ in s.float_side_columns:
             floats.append(torch.rand(int(lengths.sum()), generator=g) * 1e4)
-            float_offsets.append(offsets[-1])
+            float_offsets.append(offsets[-1].clone())  # its own input, not an alias
     return dense, values + floats, offsets + float_offsets
 
 
