@@ -1,8 +1,8 @@
 """Behaviour sequences under torchrun, 2 ranks, real Parquet (``mtl-datagen --workload
 sequences``): the EC sharing the item table is sharded by the planner, a run stopped mid-epoch
-resumes to the uninterrupted run's metrics, DIN learns the task that hangs on one past item
-better than mean pooling (same seed), and a bad list value stops the run naming file, column and
-row."""
+(with the float side column hist_age_s) resumes to the uninterrupted run's metrics, DIN learns
+the task that hangs on one past item better than mean pooling (same seed), and a bad list value
+stops the run naming file, column and row."""
 
 import csv
 import importlib.util
@@ -29,9 +29,9 @@ def seq_data(tmp_path_factory):
     return out
 
 
-def run(data, out, *extra, ok=True):
+def run(data, out, *extra, ok=True, config="configs/sequences.toml"):
     args = [
-        "-m", "mtl_dist.train", "--config", "configs/sequences.toml",
+        "-m", "mtl_dist.train", "--config", config,
         "--data.train_path", str(data / "train"), "--data.val_path", str(data / "val"),
         "--train.output_dir", str(out), "--train.progress_bar", "false",
         "--checkpoint.every", "40", "--monitor.gate_every", "10", *extra,
@@ -74,11 +74,17 @@ def test_sequence_table_is_sharded_and_din_trains(din_run):
     assert int(rows["hist"]["rank_like"]) > int(rows["hist"]["rank_click"]), rows
 
 
-def test_resumed_mid_epoch_equals_the_uninterrupted_run(seq_data, din_run, tmp_path):
-    run(seq_data, tmp_path, "--train.max_steps", "50")
-    proc = run(seq_data, tmp_path)
+def test_resumed_mid_epoch_equals_the_uninterrupted_run(seq_data, tmp_path):
+    """With the float side column hist_age_s (configs/sequences_recency.toml): the ids and their
+    aligned ages resume exactly, so the metrics equal the uninterrupted run's."""
+    recency = {"config": "configs/sequences_recency.toml"}
+    run(seq_data, tmp_path / "whole", **recency)
+    run(seq_data, tmp_path / "cut", "--train.max_steps", "50", **recency)
+    proc = run(seq_data, tmp_path / "cut", **recency)
     assert "[resume]" in proc.stdout and "continuing each reader exactly" in proc.stdout
-    assert metrics(tmp_path)["metrics"] == metrics(din_run[0])["metrics"]
+    whole, cut = metrics(tmp_path / "whole"), metrics(tmp_path / "cut")
+    assert set(whole["metrics"]) == {"click", "recent"} and whole["steps"] == STEPS
+    assert cut["metrics"] == whole["metrics"]
 
 
 def test_attention_beats_mean_pooling_on_the_one_past_item_task(seq_data, din_run, tmp_path):
