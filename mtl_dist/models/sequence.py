@@ -190,6 +190,19 @@ def build_pooling(s: SequenceFeature, dim: int, tasks: int = 1) -> nn.Module:
     return PerTaskQueries(pool, tasks, dim) if s.per_task else pool
 
 
+def float_blocks(floats: torch.Tensor, sequences: list[SequenceFeature]) -> dict[str, torch.Tensor]:
+    """:class:`~mtl_dist.data.batch.Batch`'s ``floats`` ``[B, Σ L · C]`` split by sequence:
+    ``{name: [B, L, C]}`` (views, dtype kept) for each sequence with ``float_side_columns``, in
+    order (``L = max_len``, ``C`` its columns, position-major as the reader lays them out)."""
+    out, at = {}, 0
+    for s in sequences:
+        if s.float_side_columns:
+            L, C = s.max_len, len(s.float_side_columns)
+            out[s.name] = floats[:, at : at + L * C].unflatten(1, (L, C))
+            at += L * C
+    return out
+
+
 class SequenceLookup(nn.Module):
     """The shared tables' EC and the sequences' poolings: KJT → ``[B, Σ widths]``, the
     candidates' embeddings (``candidates``, the single-hot features of those tables; 0 for an
@@ -276,7 +289,8 @@ class SequenceLookup(nn.Module):
             keys, mask = padded(jt.values().float(), jt.lengths(), 1)
             cand[name] = keys[:, 0] * mask.to(keys.dtype)
         out = [cand[name] for name in self.candidates]
-        seen, at = {}, 0
+        seen = {}
+        blocks_of = float_blocks(floats, self.sequences) if floats is not None else {}
         for i, (s, ps, pool) in enumerate(zip(self.sequences, self.parts, self.poolings)):
             blocks, mask, lengths = [], None, None
             for p in ps:  # the side lists align with the ids: one mask (the ids')
@@ -289,14 +303,8 @@ class SequenceLookup(nn.Module):
             if s.float_side_columns:
                 if floats is None:
                     raise ValueError(f"sequence {s.name}: float_side_columns need the floats")
-                step = s.max_len * len(s.float_side_columns)
-                block = (
-                    floats[:, at : at + step]
-                    .float()
-                    .unflatten(1, (s.max_len, len(s.float_side_columns)))
-                )
+                block = blocks_of[s.name].float()  # [B, L, C]
                 keys = keys + self.float_sides[str(i)](block, mask)
-                at += step
             pooled, w = pool(q, keys, mask, need_weights=weights)
             out.append(pooled)
             if weights and s.per_task:  # one set per task: <sequence>/<task>

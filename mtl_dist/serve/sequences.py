@@ -69,12 +69,11 @@ class ServedSequences(nn.Module):
             ids to).
         inputs: the program's id input names in order (:func:`served_features`' names: a
             sequence's id lists by their KJT keys).
-        floats: the program's float input keys in order (:func:`served_floats`' keys).
+
+    The float inputs follow in :func:`served_floats`' order of ``lookup``'s sequences.
     """
 
-    def __init__(
-        self, lookup: SequenceLookup, inputs: list[str], floats: list[str] | None = None
-    ) -> None:
+    def __init__(self, lookup: SequenceLookup, inputs: list[str]) -> None:
         super().__init__()
         tables = lookup.ec.embedding_configs()
         self.table_of: dict[str, int] = {}
@@ -90,9 +89,9 @@ class ServedSequences(nn.Module):
         ]
         self.max_lens = [s.max_len for s in lookup.sequences]
         self.poolings = copy.deepcopy(lookup.poolings).eval()
-        floats = floats or []
+        order = [(q.name, c) for _, c, q in served_floats(lookup.sequences)]
         self.floats = [  # per sequence: its float inputs' indices, [] without float columns
-            [floats.index(f"{s.name}/{c}") for c in s.float_side_columns] for s in lookup.sequences
+            [order.index((s.name, c)) for c in s.float_side_columns] for s in lookup.sequences
         ]
         self.float_sides = copy.deepcopy(lookup.float_sides).eval()
 

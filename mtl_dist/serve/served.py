@@ -23,6 +23,7 @@ from mtl_dist.loop.losses import ModelWithLoss, task_predictions
 from mtl_dist.models.collision import feature_remappings
 from mtl_dist.models.heads import MoE
 from mtl_dist.models.ranker import model_body
+from mtl_dist.models.sequence import float_blocks
 from mtl_dist.serve.lookups import IdRemap, PooledEmbeddings
 from mtl_dist.serve.sequences import ServedSequences, ec_rows, served_features, served_floats
 
@@ -35,9 +36,10 @@ class ServedRanker(nn.Module):
     ``forward(dense [B, Dd], values: [N_f] per input, offsets: [B + 1] per input)``, the inputs
     the id lists (:func:`served_features`) then the sequences' float side columns (float32
     values, :func:`served_floats`): ids through :class:`IdRemap`, the shared (and STEM's
-    per-task) lookups, the sequences, the dense normalisation, interaction and head in eval mode, then :func:`mtl_dist.loop.losses.task_predictions`
-    (probabilities on the true scale, ESMM's product) and ``expm1`` for ``log1p`` tasks — the numbers
-    ``mtl_dist.serve.score`` writes. Build it with :func:`build_served`.
+    per-task) lookups, the sequences, the dense normalisation, interaction and head in eval
+    mode, then :func:`mtl_dist.loop.losses.task_predictions` (probabilities on the true scale,
+    ESMM's product) and ``expm1`` for ``log1p`` tasks — the numbers ``mtl_dist.serve.score``
+    writes. Build it with :func:`build_served`.
     """
 
     def __init__(
@@ -100,8 +102,8 @@ def build_served(
         raise ValueError(
             f"embedding dtype must be one of {', '.join(EMBEDDING_DTYPES)}, got {embedding_dtype!r}"
         )
-    ranker, seqs = model.model, cfg.features.sequence
-    features = served_features(cfg.features.sparse, seqs)
+    ranker = model.model
+    features = served_features(cfg.features.sparse, cfg.features.sequence)
     ebcs = [e for e in (ranker.ebc, _managed_tables(ranker)) if e is not None]
     names = [f.name for f in features]
     pads = [ec_rows(ranker.sequences, n) or _table_rows(ebcs, n) for n in names]
@@ -134,9 +136,7 @@ def build_served(
         torch.tensor([t.kind == "regression" and t.transform == "log1p" for t in cfg.tasks]),
         cfg.data.dense_nan == "zero",
         copy.deepcopy(ranker.interaction).eval(),
-        ServedSequences(ranker.sequences, names, [k for k, _, _ in served_floats(seqs)])
-        if ranker.sequences is not None
-        else None,
+        ServedSequences(ranker.sequences, names) if ranker.sequences is not None else None,
     )
     return served.eval().requires_grad_(False)
 
@@ -259,18 +259,13 @@ def inputs_from_batch(
     sequence's ids' offsets. Its ids are already mapped the way training maps them, which
     :class:`IdRemap` leaves as they are."""
     kjt = batch.sparse
-    names = kjt.keys()  # a KJT: not a dict
+    names = kjt.keys()
     jts = [kjt[k] for k in names]
     values, offsets = [jt.values() for jt in jts], [jt.offsets().long() for jt in jts]
-    at = 0
-    for s in sequences or []:
-        if not s.float_side_columns:
-            continue
-        L, C = s.max_len, len(s.float_side_columns)
-        block = batch.floats[:, at : at + L * C].unflatten(1, (L, C))  # [B, L, C]
-        at += L * C
-        jt = kjt[s.name]
-        kept = torch.arange(L).unsqueeze(0) < jt.lengths().unsqueeze(1)  # [B, L]
-        values += [block[:, :, c][kept].float() for c in range(C)]
-        offsets += [jt.offsets().long()] * C
+    blocks = float_blocks(batch.floats, sequences) if sequences else {}
+    for name, block in blocks.items():  # [B, L, C]
+        jt = kjt[name]
+        kept = torch.arange(block.shape[1]).unsqueeze(0) < jt.lengths().unsqueeze(1)  # [B, L]
+        values += [block[:, :, c][kept].float() for c in range(block.shape[2])]
+        offsets += [jt.offsets().long()] * block.shape[2]
     return batch.dense, values, offsets
