@@ -29,7 +29,7 @@ from mtl_dist.data.admission import admitted_masks, count_training_ids
 from mtl_dist.data.loaders import build_loader, build_readers, check_splits, validation_loader
 from mtl_dist.data.reader import ParquetBatchReader, describe
 from mtl_dist.data.source import check_filters
-from mtl_dist.distributed.setup import DistInfo, destroy, init_distributed
+from mtl_dist.distributed.setup import DistInfo, describe_binding, destroy, init_distributed
 from mtl_dist.distributed.sharding import describe_plan, shard_model
 from mtl_dist.loop import preempt
 from mtl_dist.loop.guard import NonFiniteWatch
@@ -115,7 +115,9 @@ def build_job(cfg: JobConfig, info: DistInfo, start: RunStart) -> Job:
         )
     model, plan = shard_model(loss_module, cfg.sharding, cfg.optim, info)
     log(
-        f"[model] world {info.world_size} on {info.device} ({info.backend}); sharding plan:\n{describe_plan(plan)}"
+        f"[model] world {info.world_size} on {info.device} ({info.backend}), "
+        f"{torch.get_num_threads()} threads per rank, {describe_binding(info)}; "
+        f"sharding plan:\n{describe_plan(plan)}"
     )
     optimizer = build_optimizer(cfg.optim, model, step_fn.switch)
     loss_module.balancer.attach(dense_optimizer(optimizer))
@@ -281,7 +283,9 @@ def main(argv: list[str] | None = None) -> None:
     ]
     cfg = check_filters(load_config(argv))  # every key checked before any process group
     preempt.install()  # SIGTERM: stop at a step every rank agrees on, save, exit 75
-    info = init_distributed(cfg.train.device, cfg.train.threads)
+    info = init_distributed(
+        cfg.train.device, cfg.train.threads, cpu_affinity=cfg.train.cpu_affinity
+    )
     code = 0
     try:
         train(cfg, info)

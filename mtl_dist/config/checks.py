@@ -32,6 +32,7 @@ from mtl_dist.config.sequence import check_sequences
 from mtl_dist.config.training import (
     BALANCERS,
     BEST_METRICS,
+    CPU_AFFINITIES,
     DATA_TYPES,
     DEVICES,
     EMBEDDING_OPTIMIZERS,
@@ -263,6 +264,7 @@ def check_train(cfg: JobConfig) -> None:
     if tr.max_nonfinite < 1:
         raise ConfigError(f"train.max_nonfinite must be >= 1, got {tr.max_nonfinite}")
     _expect("train.device", tr.device, DEVICES)
+    _expect("train.cpu_affinity", tr.cpu_affinity, CPU_AFFINITIES, close=True)
 
 
 # --------------------------------------------------------------------------- integer ranges

@@ -25,6 +25,8 @@ BALANCERS = [
 ]  # fmt: skip
 Device = Literal["auto", "cpu", "cuda"]
 DEVICES = get_args(Device)
+CpuAffinity = Literal["auto", "off"]
+CPU_AFFINITIES = get_args(CpuAffinity)
 PrecisionName = Literal["auto", "fp32", "bf16", "fp16"]
 PRECISIONS = get_args(PrecisionName)
 MultiEpoch = Literal["none", "meda"]
@@ -155,6 +157,17 @@ class TrainConfig:
     gauc_by: str = opt("", "validation: also report group AUC (GAUC) grouped by this id column")
     device: Device = opt("auto", one_of(DEVICES, auto="(cuda when present, else cpu)"))
     threads: int = opt(0, "torch intra-op threads per rank (0: cores / local ranks)")
+    cpu_affinity: CpuAffinity = opt(
+        "auto",
+        "binding of ranks to cores: "
+        + one_of(
+            CPU_AFFINITIES,
+            auto="(CPU, several ranks on a host: each local rank bound to its own block of the "
+            "allowed physical cores, with their hyperthreads; unbound when there are fewer cores "
+            "than local ranks)",
+            off="(the OS schedules every rank on any allowed core)",
+        ),
+    )
     progress_bar: bool = opt(True, "tqdm bar on rank 0")
     precision: PrecisionName = opt(
         "auto",
