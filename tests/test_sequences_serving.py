@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -280,3 +282,47 @@ def test_program_checks_its_float_inputs(tmp_path, aoti):
     assert torch.equal(offsets[ids], age_offsets)
     bad(ages, moved, "offsets/hist/hist_age_s: not the offsets of its ids' input")
     bad(ages[:-1], age_offsets, "offsets/hist/hist_age_s: its last offset is not the values' count")
+
+
+@pytest.mark.skipif(
+    shutil.which("g++") is None, reason="needs g++ to build examples/serve_aoti.cpp"
+)
+def test_serve_aoti_cpp_feeds_float_inputs_and_reports_a_refused_one(tmp_path):
+    """examples/serve_aoti.cpp (libtorch alone) runs the AOTInductor package of a model with a
+    float side column: its probe's output equals the served module's; a NaN or negative value
+    stops with the program's own message naming the input, exit code 4."""
+    from mtl_dist.serve.package import write_package
+    from mtl_dist.serve.sequences import served_features
+
+    cfg = load_config(["--config", "configs/sequences_recency.toml"])
+    model = build_unsharded(cfg).eval()
+    served = build_served(cfg, model)
+    with open(tmp_path / "m.pt2", "wb") as fh:
+        write_package(fh, export_program(cfg, served), metadata(cfg, "fp32", "aoti-cpu"), True,
+                      {"aot_inductor.compile_wrapper_opt_level": "O0"})  # fmt: skip
+    lib = Path(torch.__file__).parent
+    exe = tmp_path / "serve_aoti"
+    subprocess.run(
+        ["g++", "-std=c++17", "-O1", str(ROOT / "examples" / "serve_aoti.cpp"),
+         f"-I{lib / 'include'}", f"-I{lib / 'include/torch/csrc/api/include'}", f"-L{lib / 'lib'}",
+         "-ltorch", "-ltorch_cpu", "-lc10", "-lz", f"-Wl,-rpath,{lib / 'lib'}", "-o", str(exe)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    ids = len(served_features(cfg.features.sparse, cfg.features.sequence))
+    dense = len(cfg.features.dense)
+
+    def cpp(*value: str) -> subprocess.CompletedProcess:
+        argv = [str(exe), str(tmp_path / "m.pt2"), "3", str(dense), str(ids), "1", *value]
+        return subprocess.run(argv, capture_output=True, text=True, timeout=300)
+
+    ok = cpp("5")
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    got = torch.tensor([[float(v) for v in line.split()] for line in ok.stdout.splitlines()])
+    probe = (torch.full((3, dense), 0.5), [torch.zeros(3, dtype=torch.long)] * ids
+             + [torch.full((3,), 5.0)], [torch.arange(4)] * (ids + 1))  # fmt: skip
+    torch.testing.assert_close(got, served(*probe), rtol=1e-5, atol=1e-6)
+    for value, says in (("nan", "values/hist/hist_age_s: a NaN or infinite value"),
+                        ("-1", "values/hist/hist_age_s: a value below 0")):  # fmt: skip
+        bad = cpp(value)
+        assert bad.returncode == 4 and "the program refused its inputs" in bad.stderr, bad.stderr
+        assert says in bad.stderr, bad.stderr
