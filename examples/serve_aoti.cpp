@@ -4,12 +4,16 @@
 //   T=$(python -c "import torch, os; print(os.path.dirname(torch.__file__))")
 //   g++ -std=c++17 -O1 examples/serve_aoti.cpp -I$T/include -I$T/include/torch/csrc/api/include \
 //       -L$T/lib -ltorch -ltorch_cpu -lc10 -lz -Wl,-rpath,$T/lib -o serve_aoti
-//   ./serve_aoti model.pt2 BATCH NUM_DENSE NUM_SPARSE
+//   ./serve_aoti model.pt2 BATCH NUM_DENSE NUM_SPARSE [NUM_FLOAT [FLOAT_VALUE]]
 //
 // Inputs, in the package's order (extra/mtl_dist.json "inputs"): dense [B, Dd] float32, then per
-// sparse feature its ids [N_f] int64, then per feature its offsets [B + 1] int64. This probe
-// feeds dense 0.5 everywhere and id 0 as every row's single id, and prints the output [B, T]:
-// a client builds the real inputs as examples/serve.py does.
+// id input (sparse features, then each sequence's id lists: NUM_SPARSE in all) its ids [N_f]
+// int64, then per sequence float side column (NUM_FLOAT, default 0) its values [N_f] float32,
+// then every input's offsets [B + 1] int64 in the same order. This probe feeds dense 0.5
+// everywhere, id 0 as every row's single id and FLOAT_VALUE (default 0; "nan" reads as NaN) as
+// every float list's single value, and prints the output [B, T]: a client builds the real inputs
+// as examples/serve.py does. The program checks its float inputs (finite, aligned with their
+// ids): one it refuses stops with its message naming the input, exit code 4.
 //
 // Before loading, every member of the package (a zip archive) is checked against the CRC-32
 // its zip entry records (zlib's crc32): a damaged, empty or truncated package stops naming the
@@ -70,8 +74,8 @@ void verify_package(const std::string& path) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc != 5) {
-    std::cerr << "usage: serve_aoti model.pt2 BATCH NUM_DENSE NUM_SPARSE\n";
+  if (argc < 5 || argc > 7) {
+    std::cerr << "usage: serve_aoti model.pt2 BATCH NUM_DENSE NUM_SPARSE [NUM_FLOAT [FLOAT_VALUE]]\n";
     return 2;
   }
   try {
@@ -83,12 +87,20 @@ int main(int argc, char** argv) {
     return 3;
   }
   const int64_t batch = std::stoll(argv[2]), dense = std::stoll(argv[3]);
-  const int sparse = std::stoi(argv[4]);
+  const int sparse = std::stoi(argv[4]), floats = argc > 5 ? std::stoi(argv[5]) : 0;
+  const double value = argc > 6 ? std::stod(argv[6]) : 0.0;  // std::stod reads "nan" as NaN
   torch::inductor::AOTIModelPackageLoader loader(argv[1]);
   std::vector<at::Tensor> inputs{at::full({batch, dense}, 0.5, at::kFloat)};
   for (int f = 0; f < sparse; ++f) inputs.push_back(at::zeros({batch}, at::kLong));
-  for (int f = 0; f < sparse; ++f) inputs.push_back(at::arange(batch + 1, at::kLong));
-  std::vector<at::Tensor> out = loader.run(inputs);
+  for (int f = 0; f < floats; ++f) inputs.push_back(at::full({batch}, value, at::kFloat));
+  for (int f = 0; f < sparse + floats; ++f) inputs.push_back(at::arange(batch + 1, at::kLong));
+  std::vector<at::Tensor> out;
+  try {
+    out = loader.run(inputs);
+  } catch (const std::exception& e) {  // the program's own checks (its float inputs)
+    std::cerr << "serve_aoti: error: the program refused its inputs: " << e.what() << "\n";
+    return 4;
+  }
   std::cout.precision(9);
   for (int64_t b = 0; b < out[0].size(0); ++b) {
     for (int64_t t = 0; t < out[0].size(1); ++t) std::cout << out[0][b][t].item<float>() << " ";

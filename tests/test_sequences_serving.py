@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -233,3 +235,94 @@ def test_program_with_float_side_columns_equals_score(tmp_path):
             ValueError, match=rf"column 'hist_age_s', row 5: {rule}: {re.escape(shown)}$"
         ):
             serve.inputs(meta, bad)
+
+
+@pytest.mark.parametrize("aoti", [False, True], ids=["eager", "aoti"])
+def test_program_checks_its_float_inputs(tmp_path, aoti):
+    """The package's program (eager, or compiled by AOTInductor) refuses a NaN / infinite or
+    (log1p) negative float value, float offsets other than the ids' and a last offset other
+    than the values' count, naming the input; good inputs still equal mtl_dist.score."""
+    from mtl_dist.serve.package import load_package, write_package
+
+    cfg = load_config(["--config", "configs/sequences_recency.toml"])
+    model = build_unsharded(cfg).eval()
+    program = export_program(cfg, build_served(cfg, model))
+    meta = metadata(cfg, "fp32", "aoti-cpu" if aoti else "eager")
+    with open(tmp_path / "m.pt2", "wb") as fh:
+        write_package(fh, program, meta, aoti, {"aot_inductor.compile_wrapper_opt_level": "O0"})
+    served = load_package(tmp_path / "m.pt2")
+    table = recency_rows(24, seed=4)
+    pq.write_table(table, tmp_path / "rows.parquet")
+    path = tmp_path / "model.pt"
+    torch.save({"format": FORMAT, "config": to_dict(cfg), "state_dict": model.state_dict()}, path)
+    score(path, str(tmp_path / "rows.parquet"), tmp_path / "s.parquet", [], 16)
+    scored = pq.read_table(tmp_path / "s.parquet")
+    expected = torch.stack(
+        [torch.tensor(scored[f"pred_{t.name}"].to_numpy()) for t in cfg.tasks], 1
+    )
+    dense, values, offsets = client().inputs(meta, table.to_batches()[0])
+    torch.testing.assert_close(served(dense, values, offsets), expected, rtol=1e-5, atol=1e-6)
+
+    assert meta["inputs"][-1] == "offsets/hist/hist_age_s"  # the one float input: the last
+    ids = meta["inputs"].index("offsets/hist") - 1 - len(values)  # the ids' offsets
+
+    def bad(values_, offsets_, message):
+        with pytest.raises(RuntimeError, match=re.escape(message)):
+            served(dense, [*values[:-1], values_], [*offsets[:-1], offsets_])
+
+    ages, age_offsets = values[-1], offsets[-1]
+    for v in (float("nan"), float("inf")):
+        bad(ages.clone().index_fill_(0, torch.tensor([3]), v), age_offsets,
+            "values/hist/hist_age_s: a NaN or infinite value")  # fmt: skip
+    bad(ages.clone().index_fill_(0, torch.tensor([3]), -1.0), age_offsets,
+        "values/hist/hist_age_s: a value below 0 (float_transform = 'log1p')")  # fmt: skip
+    moved = age_offsets.clone()
+    row = int(torch.nonzero(age_offsets[1:] - age_offsets[:-1] > 0)[0]) + 1  # a non-empty row
+    moved[row] -= 1  # one value moved to the next row: as many in all, misaligned
+    assert torch.equal(offsets[ids], age_offsets)
+    bad(ages, moved, "offsets/hist/hist_age_s: not the offsets of its ids' input")
+    bad(ages[:-1], age_offsets, "offsets/hist/hist_age_s: its last offset is not the values' count")
+
+
+@pytest.mark.skipif(
+    shutil.which("g++") is None, reason="needs g++ to build examples/serve_aoti.cpp"
+)
+def test_serve_aoti_cpp_feeds_float_inputs_and_reports_a_refused_one(tmp_path):
+    """examples/serve_aoti.cpp (libtorch alone) runs the AOTInductor package of a model with a
+    float side column: its probe's output equals the served module's; a NaN or negative value
+    stops with the program's own message naming the input, exit code 4."""
+    from mtl_dist.serve.package import write_package
+    from mtl_dist.serve.sequences import served_features
+
+    cfg = load_config(["--config", "configs/sequences_recency.toml"])
+    model = build_unsharded(cfg).eval()
+    served = build_served(cfg, model)
+    with open(tmp_path / "m.pt2", "wb") as fh:
+        write_package(fh, export_program(cfg, served), metadata(cfg, "fp32", "aoti-cpu"), True,
+                      {"aot_inductor.compile_wrapper_opt_level": "O0"})  # fmt: skip
+    lib = Path(torch.__file__).parent
+    exe = tmp_path / "serve_aoti"
+    subprocess.run(
+        ["g++", "-std=c++17", "-O1", str(ROOT / "examples" / "serve_aoti.cpp"),
+         f"-I{lib / 'include'}", f"-I{lib / 'include/torch/csrc/api/include'}", f"-L{lib / 'lib'}",
+         "-ltorch", "-ltorch_cpu", "-lc10", "-lz", f"-Wl,-rpath,{lib / 'lib'}", "-o", str(exe)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    ids = len(served_features(cfg.features.sparse, cfg.features.sequence))
+    dense = len(cfg.features.dense)
+
+    def cpp(*value: str) -> subprocess.CompletedProcess:
+        argv = [str(exe), str(tmp_path / "m.pt2"), "3", str(dense), str(ids), "1", *value]
+        return subprocess.run(argv, capture_output=True, text=True, timeout=300)
+
+    ok = cpp("5")
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    got = torch.tensor([[float(v) for v in line.split()] for line in ok.stdout.splitlines()])
+    probe = (torch.full((3, dense), 0.5), [torch.zeros(3, dtype=torch.long)] * ids
+             + [torch.full((3,), 5.0)], [torch.arange(4)] * (ids + 1))  # fmt: skip
+    torch.testing.assert_close(got, served(*probe), rtol=1e-5, atol=1e-6)
+    for value, says in (("nan", "values/hist/hist_age_s: a NaN or infinite value"),
+                        ("-1", "values/hist/hist_age_s: a value below 0")):  # fmt: skip
+        bad = cpp(value)
+        assert bad.returncode == 4 and "the program refused its inputs" in bad.stderr, bad.stderr
+        assert says in bad.stderr, bad.stderr

@@ -5,7 +5,8 @@ label, clicks downsampled — over a hashed integer id, a hashed string key, mul
 one dropping out-of-range ids, one clipping them) and a ``log1p`` regression task are exported
 as ``.pt2`` packages (the MMoE one compiled with AOTInductor too) and scored by
 ``examples/serve.py`` in a fresh virtual environment that holds torch, pyarrow and xxhash only:
-its predictions equal ``mtl_dist.serve.score``'s. Row-wise int8 and fp16 tables keep the AUC.
+its predictions equal ``mtl_dist.serve.score``'s, and so do a behaviour sequence's with a float
+side column (eager and AOTInductor). Row-wise int8 and fp16 tables keep the AUC.
 """
 
 from __future__ import annotations
@@ -396,3 +397,57 @@ serve.main(f"{{d}}/model.pt2", f"{{d}}/wide.parquet", f"{{d}}/wide.client.parque
     ref = pq.read_table(tmp_path / "wide.score.parquet", page_checksum_verification=True)
     for c in ref.column_names:
         assert np.abs(ours[c].to_numpy() - ref[c].to_numpy()).max() <= 1e-5, c
+
+
+def test_client_without_mtl_dist_scores_float_side_columns(client_python, tmp_path):
+    """A sequence with a float side column (configs/sequences_recency.toml: hist_item_ids and
+    hist_age_s, lists past max_len, empty and null histories): its eager and AOTInductor
+    packages scored by examples/serve.py in the environment without mtl-dist equal
+    ``mtl_dist.serve.score``."""
+    from mtl_dist.config import load_config, to_dict
+    from mtl_dist.data.synth_sequences import make_rows
+    from mtl_dist.serve.export import FORMAT, build_unsharded
+    from mtl_dist.serve.package import write_package
+    from mtl_dist.serve.program import build_served, export_program, metadata
+    from mtl_dist.serve.score import score
+
+    cfg = load_config(["--config", str(ROOT / "configs" / "sequences_recency.toml")])
+    model = build_unsharded(cfg).eval()
+    program = export_program(cfg, build_served(cfg, model))
+    for name, aoti in (("eager", False), ("aoti", True)):
+        with open(tmp_path / f"{name}.pt2", "wb") as fh:
+            meta = metadata(cfg, "fp32", "aoti-cpu" if aoti else "eager")
+            write_package(fh, program, meta, aoti, {"aot_inductor.compile_wrapper_opt_level": "O0"})
+    t = make_rows(64, np.random.default_rng(5), max_hist=30)  # some lists past max_len 20
+    hist, ages = t["hist_item_ids"].to_pylist(), t["hist_age_s"].to_pylist()
+    hist[0], ages[0], hist[1], ages[1] = [], [], None, None
+    t = t.set_column(t.schema.get_field_index("hist_item_ids"), "hist_item_ids",
+                     pa.array(hist, pa.list_(pa.int64())))  # fmt: skip
+    t = t.set_column(t.schema.get_field_index("hist_age_s"), "hist_age_s",
+                     pa.array(ages, pa.list_(pa.float32())))  # fmt: skip
+    pq.write_table(t, tmp_path / "rows.parquet")
+    path = tmp_path / "model.pt"
+    torch.save({"format": FORMAT, "config": to_dict(cfg), "state_dict": model.state_dict()}, path)
+    assert score(path, str(tmp_path / "rows.parquet"), tmp_path / "s.parquet", [], 16) == 64
+    script = f"""
+import importlib.util, sys
+absent = [m for m in ("mtl_dist", "torchrec", "fbgemm_gpu", "numpy") if importlib.util.find_spec(m)]
+assert not absent, absent
+sys.path.insert(0, {str(ROOT / "examples")!r})
+import serve
+for name in ("eager", "aoti"):
+    serve.main({str(tmp_path)!r} + f"/{{name}}.pt2", {str(tmp_path / "rows.parquet")!r},
+               {str(tmp_path)!r} + f"/{{name}}.client.parquet")
+"""
+    proc = subprocess.run(
+        [str(client_python()), "-c", script], capture_output=True, text=True, timeout=600,
+        cwd=tmp_path, env={"PATH": os.environ["PATH"], "PYTHONWARNINGS": "ignore"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ref = pq.read_table(tmp_path / "s.parquet")
+    for name in ("eager", "aoti"):
+        ours = pq.read_table(tmp_path / f"{name}.client.parquet")
+        assert ours.num_rows == 64
+        for task in cfg.tasks:
+            c = f"pred_{task.name}"
+            np.testing.assert_allclose(ours[c].to_numpy(), ref[c].to_numpy(), 1e-5, 1e-6)

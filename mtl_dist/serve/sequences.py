@@ -10,7 +10,11 @@ list with at most ``max_len`` ids, or without out-of-range ids, is scored alike.
 A sequence's ``float_side_columns`` are inputs too (after every id input, :func:`served_floats`):
 float32 values + int64 offsets each, clipped to the last ``max_len`` values as the ids are, then
 the trained :class:`~mtl_dist.models.sequence.FloatSide` (its ``float_transform``) added to the
-keys under the ids' mask, as training's model adds ``Batch.floats``.
+keys under the ids' mask, as training's model adds ``Batch.floats``. The program checks those
+inputs itself (:meth:`ServedSequences.check_floats`: ``torch._assert_async``, kept by
+``torch.export`` and AOTInductor): every value finite (and not negative under ``log1p``: the
+reader's :func:`~mtl_dist.data.sequence.float_rule`), the offsets equal to the ids' offsets and
+as many values as the last offset; a bad input raises ``RuntimeError`` naming it.
 
 Legend: ``B`` batch, ``L`` max_len, ``D`` the table width, ``N_f`` ids (or values) of input f,
 ``C`` a sequence's float side columns.
@@ -26,7 +30,7 @@ from torch import nn
 
 from mtl_dist.config import SequenceFeature, SparseFeature
 from mtl_dist.config.sequence import sequence_parts
-from mtl_dist.data.sequence import as_sparse
+from mtl_dist.data.sequence import as_sparse, float_rule
 from mtl_dist.models.sequence import SequenceLookup
 
 
@@ -94,6 +98,40 @@ class ServedSequences(nn.Module):
             [order.index((s.name, c)) for c in s.float_side_columns] for s in lookup.sequences
         ]
         self.float_sides = copy.deepcopy(lookup.float_sides).eval()
+        # per float input (served_floats' order): its name, its ids' input, its lowest value
+        # (None: none) and float_transform
+        self.float_checks = [
+            (key, self.seqs[lookup.sequences.index(q)][0][0], float_rule(q)[0], q.float_transform)
+            for key, _, q in served_floats(lookup.sequences)
+        ]
+
+    def check_floats(self, offsets: list[torch.Tensor], floats: list[torch.Tensor],
+                     float_offsets: list[torch.Tensor]) -> None:  # fmt: skip
+        """Assert (in the program: ``torch._assert_async``) each float input as the reader
+        would have it: ``values/<key>`` all finite, and ``>= min`` where the sequence's
+        :func:`~mtl_dist.data.sequence.float_rule` has one (``log1p``: 0); ``offsets/<key>``
+        equal to its sequence's ids' offsets (``offsets`` ``[B + 1]``, row by row), its last
+        as many as the values.
+
+        Raises:
+            RuntimeError: at run time, the first failing check's message, naming the input
+                (e.g. ``values/hist/hist_age_s: a NaN or infinite value``).
+        """
+        for j, (key, ids_at, low, transform) in enumerate(self.float_checks):
+            v, o = floats[j], float_offsets[j]
+            torch._assert_async(torch.isfinite(v).all(), f"values/{key}: a NaN or infinite value")
+            if low is not None:
+                torch._assert_async(  # a NaN passes here: the check above names it
+                    ~(v < low).any(),
+                    f"values/{key}: a value below {low:g} (float_transform = '{transform}')",
+                )
+            torch._assert_async(
+                (o == offsets[ids_at]).all(),
+                f"offsets/{key}: not the offsets of its ids' input (lists as long as the ids')",
+            )
+            torch._assert_async(
+                o[-1] == v.shape[0], f"offsets/{key}: its last offset is not the values' count"
+            )
 
     def _table(self, i: int) -> torch.Tensor:
         return getattr(self, f"w{i}")
@@ -108,6 +146,8 @@ class ServedSequences(nn.Module):
         """``rows`` / ``offsets``: per id input ``[N_f]`` / ``[B + 1]``; ``floats`` /
         ``float_offsets``: per float input ``[N_f]`` float32 / ``[B + 1]`` int64 (each list as
         long as its sequence's ids, row by row) → ``[B, (C + S) · D]``."""
+        if self.float_checks:
+            self.check_floats(offsets, floats, float_offsets)
         out = []
         for at, t in self.candidates:  # single-hot: the bag's first id, or the padding row
             ids, _ = _ids(rows[at], offsets[at], 1, self._table(t).shape[0] - 1)

@@ -12,10 +12,15 @@
    same rows, sizes and batch (``mtl_dist.tools.bench.peers``);
 4. profiles a few of our steps per layout (data / embedding / dense / collectives / optimizer);
 5. with ``--memory-rows N``: ours again on an N-row dataset, to show per-process memory does
-   not grow with the data.
+   not grow with the data;
+6. with ``--sequences 20,50,200``: ours on the user-behaviour ``sequences`` workload
+   (``configs/sequences.toml``, DIN over the last ``max_len`` items; ``--rows`` / ``--test-rows``
+   regenerated at each ``max_len``) at ``--sequence-layout`` (1 × 2), each ``max_len`` against
+   the same model without its sequence on the same rows (docs/sequences.md).
 
 Prints one table — samples/s, its ratio to the best peer, peak RSS per process, test AUC per
-task next to the oracle's — and writes it as ``e2e.md`` and ``e2e.json`` under ``--out``.
+task next to the oracle's — then the sequence rows, and writes it all as ``e2e.md`` and
+``e2e.json`` under ``--out``.
 Speed figures come from this run only; nothing here asserts a speed.
 """
 
@@ -49,6 +54,7 @@ from mtl_dist.tools.bench.e2e_runs import (
     profile_ours,
     run_ours,
     run_peers,
+    sequence_rows,
     train_ours,
 )
 from mtl_dist.tools.bench.training import cpu_line
@@ -73,6 +79,7 @@ __all__ = [
     "profile_ours",
     "run_ours",
     "run_peers",
+    "sequence_rows",
     "steady",
     "train_ours",
     "with_ratios",
@@ -116,6 +123,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="ours at these precisions too, at the first --ours layout (default: fp32, and bf16 "
         "where this machine computes it natively)",
     )
+    p.add_argument(
+        "--sequences", default="", help="also ours on the sequences workload at these max_len, "
+        "comma-separated, e.g. 20,50,200 (default: none)",
+    )  # fmt: skip
+    p.add_argument(
+        "--sequence-poolings", default="din", help="--sequences: poolings, of mean,din,mha"
+    )
+    p.add_argument("--sequence-layout", default="1x2", help="--sequences: PROCSxTHREADS")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=1800, help="seconds per training run")
     p.add_argument("--out", default="runs/bench_e2e", help="e2e.md and e2e.json go here")
@@ -184,6 +199,8 @@ def measure(args: argparse.Namespace, layouts: list[tuple[int, int]]) -> dict[st
             {**by_layout[f"{procs}x{threads}"], "rows": args.rows},
             {**run_ours(Ours(big, procs, threads), args), "rows": args.memory_rows},
         ]
+    if args.sequences:
+        result["sequences"] = sequence_rows(args)
     return result
 
 

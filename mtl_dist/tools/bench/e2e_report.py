@@ -1,6 +1,6 @@
 """The end-to-end benchmark's report: each row's speed against the best peer and AUC gap to the
 oracle, the finite-figures check, and the Markdown of the table, roofline, scaling, levers,
-step profiles and memory."""
+step profiles, memory and the sequence rows."""
 
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ def markdown(result: dict[str, object]) -> str:
     """The table (and profiles, scaling, memory) as Markdown."""
     lines = _table_lines(result) + _roofline_lines(result) + _scaling_lines(result)
     lines += _lever_lines(result) + _profile_lines(result) + _memory_lines(result)
+    lines += _sequence_lines(result)
     return "\n".join(lines) + "\n"
 
 
@@ -146,6 +147,40 @@ def _memory_lines(result: dict[str, object]) -> list[str]:
     return lines
 
 
+def _sequence_lines(result: dict[str, object]) -> list[str]:
+    """Ours on the ``sequences`` workload at each ``max_len``, against the same model without
+    its sequence on the same rows (none without ``--sequences``)."""
+    rows = result.get("sequences")
+    if not rows:
+        return []
+    tasks = list(rows[0]["auc"])
+    r0 = rows[0]
+    lines = [
+        "",
+        f"Sequences: ours on the `sequences` workload ({result.get('train_rows', '?'):,} "
+        f"training rows regenerated with histories of up to `max_len` items, one epoch of "
+        f"`configs/sequences.toml` at `max_len`, {r0['precision']}, "
+        f"{r0['layout'].replace('x', ' × ')}, batch {result.get('batch', '?')} per process). "
+        "× no sequence: samples/s over the same config without its `[[features.sequence]]` "
+        "(pooling none) on the same rows — the history's whole cost (reader, lookups, pooling):",
+        "",
+        "| max_len | pooling | samples/s (epoch) | after 10 steps | × no sequence "
+        "| peak RSS / proc (MiB) | " + " | ".join(f"{t} AUC (oracle, gap)" for t in tasks) + " |",
+        "|---|" + "---|" * (5 + len(tasks)),
+    ]
+    for r in rows:
+        aucs = " | ".join(
+            f"{num(r['auc'][t])} ({num(r['oracle_auc'][t])}, "
+            f"{num(gap(r['oracle_auc'][t], r['auc'][t]), '+.4f')})"
+            for t in tasks
+        )
+        lines.append(
+            f"| {r['max_len']} | {r['pooling']} | {r['samples_per_s']:,.0f} | {steady(r)} "
+            f"| {r['speed_vs_no_sequence']:.2f}× | {r['peak_rss_mb']:,.0f} | {aucs} |"
+        )
+    return lines
+
+
 def gap(a: float | None, b: float | None) -> float | None:
     """``a - b``, None when either is undefined."""
     return None if a is None or b is None else a - b
@@ -159,9 +194,11 @@ def num(x: float | None, spec: str = ".4f") -> str:
 
 def check_finite(result: dict[str, object]) -> None:
     """Every speed and memory figure must be a finite number, every AUC finite or undefined
-    (None, printed as 'undefined'): the smoke test's contract."""
-    for r in result["table"]:
+    (None, printed as 'undefined'), in the table and the sequence rows: the smoke test's
+    contract. Raises ``RuntimeError`` naming the row."""
+    for r in [*result["table"], *result.get("sequences", [])]:
         figures = [r["samples_per_s"], r["peak_rss_mb"]]
         figures += [x for x in (*r["auc"].values(), *r["oracle_auc"].values()) if x is not None]
+        figures += [r["speed_vs_no_sequence"]] if "speed_vs_no_sequence" in r else []
         if not all(isinstance(x, (int, float)) and math.isfinite(x) for x in figures):
             raise RuntimeError(f"non-finite figure in the {r['system']} {r['layout']} row: {r}")

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mtl_dist.data.synth import generate
+from mtl_dist.tools.bench import sequences as seq
 from mtl_dist.tools.bench.peers import PEERS, peers_installed, run_peer
 from mtl_dist.tools.bench.training import run_training
 
@@ -43,7 +44,8 @@ def layout(spec: str) -> tuple[int, int]:
 @dataclass(frozen=True)
 class Ours:
     """One training of ours: where its data is, its layout (``procs`` processes × ``threads``
-    threads each), the overrides on top of the benchmark's, its precision and its config.
+    threads each), the overrides on top of the benchmark's, its precision, its config and the
+    config's task names (the AUCs of the row).
 
     Example::
 
@@ -57,6 +59,7 @@ class Ours:
     extra: tuple[str, ...] = ()
     precision: str = "fp32"
     config: str = CONFIG
+    tasks: tuple[str, ...] = TASKS
 
     @property
     def layout(self) -> str:
@@ -91,8 +94,8 @@ def run_ours(run: Ours, args: argparse.Namespace) -> dict[str, object]:
         "wall_s": time.perf_counter() - t0,
         "peak_rss_mb": max(m["peak_memory_mb_by_rank"]),
         # None where undefined (one class among the validated rows): 'undefined', never a number
-        "auc": {t: val.get(t, {}).get("auc") for t in TASKS},
-        "oracle_auc": {t: val.get(t, {}).get("oracle_auc") for t in TASKS},
+        "auc": {t: val.get(t, {}).get("auc") for t in run.tasks},
+        "oracle_auc": {t: val.get(t, {}).get("oracle_auc") for t in run.tasks},
     }
 
 
@@ -166,3 +169,50 @@ LEVERS = {  # name: overrides of our defaults, each measured alone against the d
     "DDP buckets of 1 MiB": ["--sharding.ddp_bucket_cap_mb", "1"],
     "DDP buckets of 4 MiB": ["--sharding.ddp_bucket_cap_mb", "4"],
 }
+
+
+def sequence_rows(args: argparse.Namespace) -> list[dict[str, object]]:
+    """Ours on the ``sequences`` workload at ``--sequence-layout``, for each ``max_len`` of
+    ``--sequences``: the data regenerated with histories of up to ``max_len`` items
+    (:func:`mtl_dist.tools.bench.sequences.sequence_data`, ``--rows`` / ``--test-rows``), then
+    one epoch of ``configs/sequences.toml`` without its sequence (pooling ``"none"``, the
+    baseline) and with it at each of ``--sequence-poolings``, taking turns over ``--repeats``
+    rounds; each row is its fastest round, with ``max_len``, ``pooling`` and
+    ``speed_vs_no_sequence`` (its samples/s over the baseline's on the same rows). Raises
+    ``ValueError`` on a malformed list, ``RuntimeError`` when a training fails."""
+    try:
+        max_lens = [int(x) for x in args.sequences.split(",") if x]
+    except ValueError:
+        raise ValueError(
+            f"--sequences: {args.sequences!r} is not a list of max_len, e.g. 20,50,200"
+        ) from None
+    poolings = ["none", *(p for p in args.sequence_poolings.split(",") if p)]
+    unknown = [p for p in poolings[1:] if p not in seq.POOLINGS]
+    if unknown or not max_lens or min(max_lens) < 1:
+        raise ValueError(f"--sequences {args.sequences!r} / --sequence-poolings "
+                         f"{args.sequence_poolings!r}: max_len >= 1, poolings of {seq.POOLINGS}")  # fmt: skip
+    procs, threads = layout(args.sequence_layout)
+    jobs = Path(args.out, "sequence_jobs")
+    jobs.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for max_len in max_lens:
+        name = f"sequences_{args.rows}_{args.test_rows}_L{max_len}_s{args.seed}"
+        data = seq.sequence_data(Path(args.data_root, name), args.rows, args.test_rows, max_len,
+                                 args.seed)  # fmt: skip
+        rounds: dict[str, list[dict[str, object]]] = {p: [] for p in poolings}
+        for _ in range(args.repeats):
+            for p in poolings:
+                config = jobs / f"{p}_{max_len}.toml"
+                config.write_text(seq.job_toml(p, max_len))
+                run = Ours(str(data), procs, threads, config=str(config), tasks=seq.TASKS)
+                rounds[p].append(run_ours(run, args))
+        best = {p: max(rs, key=lambda r: r["samples_per_s"]) for p, rs in rounds.items()}
+        for p, rs in rounds.items():
+            rows.append({
+                **best[p], "workload": "sequences", "max_len": max_len, "pooling": p,
+                "rounds": [r["samples_per_s"] for r in rs],
+                "speed_vs_no_sequence": best[p]["samples_per_s"] / best["none"]["samples_per_s"],
+            })  # fmt: skip
+        print(f"[e2e] sequences max_len {max_len}: "
+              + ", ".join(f"{p} {best[p]['samples_per_s']:,.0f}" for p in poolings), flush=True)  # fmt: skip
+    return rows

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -36,15 +37,38 @@ from mtl_dist.data.synth_sequences import generate_sequences
 from mtl_dist.tools.bench.training import cpu_line
 
 POOLINGS = ("mean", "din", "mha")
-CONFIG = "configs/sequences.toml"
+CONFIG = str(Path(__file__).resolve().parents[3] / "configs" / "sequences.toml")
+TASKS = ("click", "like")  # configs/sequences.toml's tasks
+
+
+def job_toml(pooling: str, max_len: int) -> str:
+    """``configs/sequences.toml`` with its sequence's ``pooling`` and ``max_len`` replaced;
+    ``pooling = "none"``: without its ``[[features.sequence]]`` block (the same model on the same
+    rows, no history: the baseline that prices the sequence whole — reader, lookups, pooling)."""
+    text = Path(CONFIG).read_text()
+    if pooling == "none":
+        text, n = re.subn(r"\[\[features\.sequence\]\].*?(?=\[\[tasks\]\])", "", text, flags=re.S)
+        if n != 1:
+            raise RuntimeError(f"{CONFIG}: expected one [[features.sequence]] block, found {n}")
+        return text
+    return text.replace('pooling = "din"', f'pooling = "{pooling}"').replace(
+        "max_len = 20", f"max_len = {max_len}"
+    )
+
+
+def sequence_data(path: Path, train_rows: int, val_rows: int, max_len: int, seed: int = 0) -> Path:
+    """The ``sequences`` workload with histories of up to ``max_len`` items under ``path``
+    (4 training files, generated once and reused when its ``meta.json`` is there); ``path``."""
+    if not (path / "meta.json").exists():
+        generate_sequences(path, train_rows, val_rows, files=4, seed=seed, max_hist=max_len)
+    return path
 
 
 def train(data: Path, out: Path, pooling: str, seed: int, max_len: int, nproc: int) -> dict:
-    """One epoch of ``configs/sequences.toml`` under torchrun; its metrics.json."""
-    text = Path(CONFIG).read_text().replace('pooling = "din"', f'pooling = "{pooling}"')
-    text = text.replace("max_len = 20", f"max_len = {max_len}")
+    """One epoch of :func:`job_toml` under torchrun; its metrics.json. Raises
+    ``RuntimeError`` when the training fails."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "job.toml").write_text(text)
+    (out / "job.toml").write_text(job_toml(pooling, max_len))
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
         "-m", "mtl_dist.train", "--config", str(out / "job.toml"),
@@ -106,23 +130,19 @@ def op_cost(max_lens: list[int], batch: int = 256, rounds: int = 7) -> dict:
 
 def measure(a: argparse.Namespace) -> dict:
     out = Path(a.out)
-    base = out / "data_20"
-    if not (base / "meta.json").exists():
-        generate_sequences(base, a.train_rows, a.val_rows, files=4, seed=0, max_hist=20)
+    base = sequence_data(out / "data_20", a.train_rows, a.val_rows, 20)
     quality = {}
     for pooling in POOLINGS:
         runs = [train(base, out / f"q_{pooling}_{s}", pooling, s, 20, a.nproc) for s in a.seeds]
         quality[pooling] = {
-            "auc": {t: [r["metrics"][t]["auc"] for r in runs] for t in ("click", "like")},
-            "oracle_auc": {t: runs[0]["metrics"][t]["oracle_auc"] for t in ("click", "like")},
+            "auc": {t: [r["metrics"][t]["auc"] for r in runs] for t in TASKS},
+            "oracle_auc": {t: runs[0]["metrics"][t]["oracle_auc"] for t in TASKS},
             "samples_per_s": [r["samples_per_s"] for r in runs],
         }
         print(f"[quality] {pooling}: {quality[pooling]}", flush=True)
     speed = {}
     for max_len in a.max_lens:
-        data = out / f"data_{max_len}"
-        if not (data / "meta.json").exists():
-            generate_sequences(data, a.train_rows, a.val_rows, files=4, seed=0, max_hist=max_len)
+        data = sequence_data(out / f"data_{max_len}", a.train_rows, a.val_rows, max_len)
         speed[max_len] = {
             p: train(data, out / f"s_{p}_{max_len}", p, 0, max_len, a.nproc)["samples_per_s"]
             for p in POOLINGS
