@@ -19,6 +19,19 @@ os.environ["OMP_NUM_THREADS"] = "1"
 torch.set_num_threads(1)
 
 
+def build_serve_aoti(out: Path) -> Path:
+    """Compile ``examples/serve_aoti.cpp`` against the installed libtorch alone; the binary."""
+    lib = Path(torch.__file__).parent
+    exe = out / "serve_aoti"
+    subprocess.run(
+        ["g++", "-std=c++17", "-O1", str(ROOT / "examples" / "serve_aoti.cpp"),
+         f"-I{lib / 'include'}", f"-I{lib / 'include/torch/csrc/api/include'}", f"-L{lib / 'lib'}",
+         "-ltorch", "-ltorch_cpu", "-lc10", "-lz", f"-Wl,-rpath,{lib / 'lib'}", "-o", str(exe)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return exe
+
+
 def torchrun(
     args: list[str], nproc: int = 2, timeout: int = 600, env: dict | None = None
 ) -> subprocess.CompletedProcess:

@@ -10,7 +10,6 @@ import re
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -23,7 +22,7 @@ from mtl_dist.data.synth_sequences import make_rows
 from mtl_dist.serve.export import FORMAT, build_unsharded
 from mtl_dist.serve.program import build_served, export_program, metadata
 from mtl_dist.serve.score import score
-from tests.conftest import ROOT
+from tests.conftest import ROOT, build_serve_aoti
 
 
 def client():
@@ -300,14 +299,7 @@ def test_serve_aoti_cpp_feeds_float_inputs_and_reports_a_refused_one(tmp_path):
     with open(tmp_path / "m.pt2", "wb") as fh:
         write_package(fh, export_program(cfg, served), metadata(cfg, "fp32", "aoti-cpu"), True,
                       {"aot_inductor.compile_wrapper_opt_level": "O0"})  # fmt: skip
-    lib = Path(torch.__file__).parent
-    exe = tmp_path / "serve_aoti"
-    subprocess.run(
-        ["g++", "-std=c++17", "-O1", str(ROOT / "examples" / "serve_aoti.cpp"),
-         f"-I{lib / 'include'}", f"-I{lib / 'include/torch/csrc/api/include'}", f"-L{lib / 'lib'}",
-         "-ltorch", "-ltorch_cpu", "-lc10", "-lz", f"-Wl,-rpath,{lib / 'lib'}", "-o", str(exe)],
-        check=True, capture_output=True,
-    )  # fmt: skip
+    exe = build_serve_aoti(tmp_path)
     ids = len(served_features(cfg.features.sparse, cfg.features.sequence))
     dense = len(cfg.features.dense)
 

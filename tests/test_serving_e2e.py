@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, build_serve_aoti
 
 CONFIG = """
 [data]
@@ -205,14 +205,7 @@ def test_client_without_mtl_dist_reproduces_score(runs, client_python, tmp_path)
             torch.testing.assert_close(program(*inputs), served(*inputs), rtol=1e-6, atol=1e-6)
 
     # the AOTInductor package from C++, libtorch alone (examples/serve_aoti.cpp)
-    lib = Path(torch.__file__).parent
-    exe = tmp_path / "serve_aoti"
-    subprocess.run(
-        ["g++", "-std=c++17", "-O1", str(ROOT / "examples" / "serve_aoti.cpp"),
-         f"-I{lib / 'include'}", f"-I{lib / 'include/torch/csrc/api/include'}", f"-L{lib / 'lib'}",
-         "-ltorch", "-ltorch_cpu", "-lc10", "-lz", f"-Wl,-rpath,{lib / 'lib'}", "-o", str(exe)],
-        check=True, capture_output=True,
-    )  # fmt: skip
+    exe = build_serve_aoti(tmp_path)
     n_dense, n_sparse = len(cfg.features.dense), len(cfg.features.sparse)
     cpp = subprocess.run([str(exe), str(tmp_path / "aoti.pt2"), "3", str(n_dense), str(n_sparse)],
                          check=True, capture_output=True, text=True)  # fmt: skip

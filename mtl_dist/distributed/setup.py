@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import datetime
+import itertools
 import os
 import sys
 from dataclasses import dataclass, field
@@ -136,9 +137,9 @@ def init_distributed(
 
     ``threads`` = 0 gives each local rank ``cores // local ranks`` intra-op threads, so ranks on one
     host do not oversubscribe the CPU. ``cpu_affinity`` = ``auto`` on CPU binds each local rank
-    to its own block of physical cores (:func:`cpu_blocks`): unbound, the OS moves the ranks and
-    their communication threads across cores, and every collective waits for the rank it slowed
-    (2 ranks × 1 thread on 2 cores, issue 28: 1.5–1.6× one rank unbound, up to 1.7× bound).
+    to its own block of physical cores (:func:`cpu_blocks`), so the OS does not move a rank or its
+    gloo threads onto another rank's core (2 ranks × 1 thread on 2 cores, issue 28: +3–8%
+    samples/s over unbound in three alternated rounds; docs/benchmarks.md).
     """
     rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -191,10 +192,8 @@ def describe_binding(info: DistInfo) -> str:
 
 def _ranges(cpus: list[int]) -> str:
     """``[0, 1, 2, 5, 8, 9]`` → ``0-2,5,8-9``."""
-    out: list[str] = []
-    for c in sorted(cpus):
-        if out and int(out[-1].split("-")[-1]) == c - 1:
-            out[-1] = f"{out[-1].split('-')[0]}-{c}"
-        else:
-            out.append(str(c))
-    return ",".join(out)
+    runs = [  # consecutive CPUs share ``cpu - position``
+        [c for _, c in run]
+        for _, run in itertools.groupby(enumerate(sorted(cpus)), key=lambda p: p[1] - p[0])
+    ]
+    return ",".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs)

@@ -93,7 +93,8 @@ class ServedSequences(nn.Module):
         ]
         self.max_lens = [s.max_len for s in lookup.sequences]
         self.poolings = copy.deepcopy(lookup.poolings).eval()
-        order = [(q.name, c) for _, c, q in served_floats(lookup.sequences)]
+        float_inputs = served_floats(lookup.sequences)
+        order = [(q.name, c) for _, c, q in float_inputs]
         self.floats = [  # per sequence: its float inputs' indices, [] without float columns
             [order.index((s.name, c)) for c in s.float_side_columns] for s in lookup.sequences
         ]
@@ -102,7 +103,7 @@ class ServedSequences(nn.Module):
         # (None: none) and float_transform
         self.float_checks = [
             (key, self.seqs[lookup.sequences.index(q)][0][0], float_rule(q)[0], q.float_transform)
-            for key, _, q in served_floats(lookup.sequences)
+            for key, _, q in float_inputs
         ]
 
     def check_floats(self, offsets: list[torch.Tensor], floats: list[torch.Tensor],

@@ -51,6 +51,9 @@ def job_toml(pooling: str, max_len: int) -> str:
         if n != 1:
             raise RuntimeError(f"{CONFIG}: expected one [[features.sequence]] block, found {n}")
         return text
+    for line in ('pooling = "din"', "max_len = 20"):
+        if text.count(line) != 1:
+            raise RuntimeError(f"{CONFIG}: expected one '{line}' line to replace")
     return text.replace('pooling = "din"', f'pooling = "{pooling}"').replace(
         "max_len = 20", f"max_len = {max_len}"
     )
